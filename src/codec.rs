@@ -1,0 +1,55 @@
+//! The one wire and disk format: bincode 2 (standard configuration) over serde.
+//!
+//! Everything that leaves the process goes through these functions, so the format can change in
+//! one place. Decoding is bounded by [`DECODE_LIMIT_BYTES`] so a corrupt length prefix cannot make
+//! the decoder allocate without bound. This module knows nothing about what it encodes.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::Error;
+
+/// The largest value [`decode`] accepts: 64 MiB.
+pub const DECODE_LIMIT_BYTES: usize = 64 << 20;
+
+/// Encodes `value` into a new buffer.
+pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, Error> {
+    bincode::serde::encode_to_vec(value, bincode::config::standard())
+        .map_err(|e| Error::Codec(format!("encode: {e}")))
+}
+
+/// Decodes a `T` from `bytes`, refusing anything that would need more than
+/// [`DECODE_LIMIT_BYTES`].
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
+    let config = bincode::config::standard().with_limit::<DECODE_LIMIT_BYTES>();
+    bincode::serde::decode_from_slice(bytes, config)
+        .map(|(value, _)| value)
+        .map_err(|e| Error::Codec(format!("decode: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn round_trips_any_value(v in proptest::collection::vec(any::<(u64, String, Option<i32>)>, 0..20)) {
+            let bytes = encode(&v).unwrap();
+            let back: Vec<(u64, String, Option<i32>)> = decode(&bytes).unwrap();
+            prop_assert_eq!(back, v);
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = decode::<Vec<(u64, String)>>(&bytes);
+        }
+    }
+
+    #[test]
+    fn huge_length_prefix_is_refused_not_allocated() {
+        // A varint length of 2^40 elements followed by nothing.
+        let bytes = [253u8, 0, 0, 0, 0, 1, 0, 0, 0];
+        assert!(decode::<Vec<u8>>(&bytes).is_err());
+    }
+}

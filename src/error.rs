@@ -1,0 +1,134 @@
+//! Errors at the public boundaries: [`Error`] for `send`, [`ConfigError`] for start-up.
+//!
+//! Each variant says what happened and what the caller can do next. This module owns no logic;
+//! the router and the shard actors decide which error applies.
+
+use std::time::Duration;
+
+use crate::shard_map::{Epoch, NodeId, ShardId};
+
+/// Why a node cannot serve a request right now (protocol rule 1: no map, no service).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub enum NotReadyReason {
+    /// The node is still starting and has not installed a shard map yet.
+    Starting,
+    /// No leader is known, so no shard map can be committed or confirmed.
+    NoLeader,
+    /// A leader exists but no shard map has been committed yet.
+    NoMap,
+    /// The node's lease expired; it stopped serving until the leader renews it.
+    LeaseExpired,
+}
+
+impl std::fmt::Display for NotReadyReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NotReadyReason::Starting => "the node is starting and has no shard map yet",
+            NotReadyReason::NoLeader => "no leader is known",
+            NotReadyReason::NoMap => "no shard map has been committed yet",
+            NotReadyReason::LeaseExpired => "the node's lease has expired",
+        })
+    }
+}
+
+/// The error of [`Node::send`](crate::Node::send) and [`ClusterHandle::send`](crate::ClusterHandle::send).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The node cannot serve yet or any more (no leader, no map, lease expired). Retry later,
+    /// or send through another node.
+    #[error("not ready: {reason}; retry shortly or send through another node")]
+    NotReady {
+        /// Why the node is not ready.
+        reason: NotReadyReason,
+    },
+    /// The shard's mailbox is full: the shard is receiving more than it handles. Back off and
+    /// retry, or raise `mailbox_capacity` if the bursts are expected.
+    #[error("shard {shard} is overloaded (mailbox full); back off and retry")]
+    Overloaded {
+        /// The shard whose mailbox was full.
+        shard: ShardId,
+    },
+    /// The handler panicked while handling this message (or an earlier one that was still in
+    /// flight). The shard was restarted with fresh state from the handler's constructor; the
+    /// message may or may not have taken effect.
+    #[error("shard {shard} failed: {reason}; it was restarted with fresh state")]
+    ShardFailed {
+        /// The shard that failed.
+        shard: ShardId,
+        /// The panic message or the cause.
+        reason: String,
+    },
+    /// The node is shutting down and takes no new messages. Send through another node.
+    #[error("the node is shutting down; send through another node")]
+    ShuttingDown,
+    /// No reply arrived in time. The message may or may not have taken effect.
+    #[error("no reply from shard {shard} within {after:?}; the message may or may not have taken effect")]
+    Timeout {
+        /// The shard the message was for.
+        shard: ShardId,
+        /// How long the sender waited.
+        after: Duration,
+    },
+    /// The handler has no method for this message type (only possible through the type-erased
+    /// [`ClusterHandle`](crate::ClusterHandle)). Add a method for it to the `#[shard_handler]` block.
+    #[error("the shard handler has no method for message `{tag}`; add one to its #[shard_handler] block")]
+    UnknownMessage {
+        /// The wire tag of the message.
+        tag: String,
+    },
+    /// A handler sent a message to a key of its own shard and would wait for itself forever.
+    /// Handle the key's work inline instead.
+    #[error("a handler of shard {shard} sent a message to its own shard, which would deadlock; handle it inline")]
+    Reentrant {
+        /// The shard that tried to send to itself.
+        shard: ShardId,
+    },
+    /// The shard is owned by another node in the newest map this node knows.
+    #[error("shard {shard} is owned by node {owner} at epoch {epoch}; send to that node")]
+    WrongOwner {
+        /// The shard the message was for.
+        shard: ShardId,
+        /// Its owner in the receiver's newest map.
+        owner: NodeId,
+        /// The receiver's newest map epoch.
+        epoch: Epoch,
+    },
+    /// A message or reply could not be encoded or decoded. Check that both sides run
+    /// compatible message types.
+    #[error("codec: {0}; check that sender and receiver use the same message types")]
+    Codec(String),
+}
+
+/// A configuration value out of range, found before the node starts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A numeric setting is outside its allowed range.
+    #[error("`{name}` is {value}, but it must be {expected}")]
+    OutOfRange {
+        /// The setting's name.
+        name: &'static str,
+        /// The value given.
+        value: String,
+        /// What the value must be.
+        expected: &'static str,
+    },
+    /// A setting was refused for the reason given.
+    #[error("`{name}` is invalid: {reason}")]
+    Invalid {
+        /// The setting's name.
+        name: &'static str,
+        /// Why it was refused and what to do.
+        reason: String,
+    },
+    /// A required setting was not given.
+    #[error("`{name}` is required: {hint}")]
+    Missing {
+        /// The setting's name.
+        name: &'static str,
+        /// How to give it.
+        hint: &'static str,
+    },
+}

@@ -1,0 +1,161 @@
+//! # clusterfunk
+//!
+//! A framework for sharded services. You implement a shard handler, send messages to keys, and
+//! clusterfunk routes each message to the one node that owns the key's shard.
+//!
+//! ```
+//! use std::collections::HashMap;
+//! use clusterfunk::prelude::*;
+//!
+//! #[derive(Serialize, Deserialize, ShardMessage)]
+//! #[reply(u64)]
+//! struct Incr { by: u64 }
+//!
+//! #[derive(Serialize, Deserialize, ShardMessage)]
+//! #[reply(u64)]
+//! struct Get;
+//!
+//! /// The state of one shard: the counters of every key that hashes to it.
+//! #[derive(Default)]
+//! struct Counters { values: HashMap<Key, u64> }
+//!
+//! #[shard_handler]
+//! impl Counters {
+//!     fn incr(&mut self, key: Key, msg: Incr, _ctx: &mut ShardContext) -> u64 {
+//!         let value = self.values.entry(key).or_default();
+//!         *value += msg.by;
+//!         *value
+//!     }
+//!
+//!     // Handler methods may be `async`; messages to one shard still run one at a time.
+//!     async fn get(&mut self, key: Key, _msg: Get, _ctx: &mut ShardContext) -> u64 {
+//!         self.values.get(&key).copied().unwrap_or(0)
+//!     }
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! actix::System::new().block_on(async {
+//!     let node = Cluster::builder()
+//!         .node_id(1)
+//!         .shards(64)
+//!         .handler::<Counters>()
+//!         .standalone()
+//!         .start()
+//!         .await?;
+//!     node.send("user-42", Incr { by: 2 }).await?;
+//!     let n: u64 = node.send("user-42", Incr { by: 1 }).await?;
+//!     assert_eq!(n, 3);
+//!     assert_eq!(node.send("user-42", Get).await?, 3);
+//!     node.shutdown().await;
+//!     Ok(())
+//! })
+//! # }
+//! ```
+//!
+//! ## Layout
+//! - [`shard_map`]: keys, the key → shard hash, the shard map and its allocator (pure code).
+//! - [`shard`]: the handler API ([`ShardHandler`], [`ShardMessage`], [`ShardContext`]) and the
+//!   actor hosting one shard.
+//! - [`router`]: key → shard → local shard actor.
+//! - [`cluster`]: the builder, the [`Node`] handle and [`ClusterHandle`].
+//! - [`codec`]: the one wire and disk format.
+//! - [`error`]: the errors of the public API.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+// Lets the macros name `::clusterfunk` also inside this crate's own tests.
+extern crate self as clusterfunk;
+
+pub mod cluster;
+pub mod codec;
+pub mod error;
+pub mod router;
+pub mod shard;
+pub mod shard_map;
+
+pub use cluster::{Cluster, ClusterBuilder, ClusterHandle, Node, NodeConfig, NodeStatus};
+pub use error::{ConfigError, Error, NotReadyReason};
+pub use shard::{Handoff, ShardActor, ShardContext, ShardHandler, ShardMessage};
+pub use shard_map::{Key, NodeId, ShardId};
+
+/// Derives [`ShardMessage`]: `#[derive(ShardMessage)] #[reply(T)] struct M { .. }`, with an
+/// optional `#[tag = "name"]` to pin the wire tag (default: the type's name).
+pub use clusterfunk_macros::ShardMessage;
+
+/// Implements [`ShardHandler`] for the type of an `impl` block whose methods each handle one
+/// message type: `fn name(&mut self, key: Key, msg: M, ctx: &mut ShardContext) -> M::Reply`,
+/// plain or `async`. Methods named `on_activate`, `on_deactivate` and `on_restore` override the
+/// lifecycle hooks. It generates the wire enum `<Type>Message` and the dispatch.
+pub use clusterfunk_macros::shard_handler;
+
+/// Everything a handler module needs: `use clusterfunk::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        shard_handler, Cluster, ClusterHandle, Error, Handoff, Key, Node, NodeId, ShardContext,
+        ShardHandler, ShardId, ShardMessage,
+    };
+    pub use serde::{Deserialize, Serialize};
+}
+
+/// Items the macros expand to. Not public API: may change in any release.
+#[doc(hidden)]
+pub mod __private {
+    use std::any::Any;
+    use std::sync::Arc;
+
+    pub use futures_util::future::{BoxFuture, LocalBoxFuture};
+
+    pub use crate::router::Router;
+    pub use crate::shard::{Handled, Handles, Slot};
+    use crate::{Error, Key, ShardHandler, ShardMessage};
+
+    /// The wire enum of a handler: one variant per message type.
+    pub trait WireMessage<H: ShardHandler>: Sized + Send + 'static {
+        /// The wire tags of the variants, in declaration order.
+        const TAGS: &'static [&'static str];
+        /// Recovers the variant from a boxed message, or hands the box back.
+        fn from_any(msg: Box<dyn Any + Send>) -> Result<Self, Box<dyn Any + Send>>;
+        /// Decodes the variant named by `tag` from its encoded payload.
+        fn decode(tag: &str, bytes: &[u8]) -> Result<Self, Error>;
+        /// Routes the message on `router`, boxing the reply.
+        fn route_any(self, router: &Arc<Router<H>>, key: Key) -> BoxFuture<'static, Result<Box<dyn Any + Send>, Error>>;
+        /// Routes the message on `router`, encoding the reply.
+        fn route_wire(self, router: &Arc<Router<H>>, key: Key) -> BoxFuture<'static, Result<Vec<u8>, Error>>;
+    }
+
+    /// Decodes one message type.
+    pub fn decode<M: ShardMessage>(bytes: &[u8]) -> Result<M, Error> {
+        crate::codec::decode(bytes)
+    }
+
+    /// The error for a tag no variant has.
+    pub fn unknown_tag(tag: &str) -> Error {
+        Error::UnknownMessage { tag: tag.to_string() }
+    }
+
+    /// Routes one typed message, boxing its reply.
+    pub fn route_any<H, M>(router: &Arc<Router<H>>, key: Key, msg: M) -> BoxFuture<'static, Result<Box<dyn Any + Send>, Error>>
+    where
+        H: Handles<M>,
+        M: ShardMessage,
+    {
+        let router = router.clone();
+        Box::pin(async move {
+            let reply = router.send(key, msg).await?;
+            Ok(Box::new(reply) as Box<dyn Any + Send>)
+        })
+    }
+
+    /// Routes one typed message, encoding its reply.
+    pub fn route_wire<H, M>(router: &Arc<Router<H>>, key: Key, msg: M) -> BoxFuture<'static, Result<Vec<u8>, Error>>
+    where
+        H: Handles<M>,
+        M: ShardMessage,
+    {
+        let router = router.clone();
+        Box::pin(async move {
+            let reply = router.send(key, msg).await?;
+            crate::codec::encode(&reply)
+        })
+    }
+}
