@@ -54,7 +54,11 @@ pub const MAILBOX_CAPACITY_MAX: usize = 1 << 20;
 impl NodeConfig {
     /// Checks every limit; the node refuses to start on the first one out of range.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn out_of_range(name: &'static str, value: impl std::fmt::Debug, expected: &'static str) -> ConfigError {
+        fn out_of_range(
+            name: &'static str,
+            value: impl std::fmt::Debug,
+            expected: &'static str,
+        ) -> ConfigError {
             ConfigError::OutOfRange {
                 name,
                 value: format!("{value:?}"),
@@ -62,16 +66,32 @@ impl NodeConfig {
             }
         }
         if self.shard_count == 0 || self.shard_count > SHARD_COUNT_MAX {
-            return Err(out_of_range("shard_count", self.shard_count, "between 1 and 1048576"));
+            return Err(out_of_range(
+                "shard_count",
+                self.shard_count,
+                "between 1 and 1048576",
+            ));
         }
         if self.mailbox_capacity == 0 || self.mailbox_capacity > MAILBOX_CAPACITY_MAX {
-            return Err(out_of_range("mailbox_capacity", self.mailbox_capacity, "between 1 and 1048576"));
+            return Err(out_of_range(
+                "mailbox_capacity",
+                self.mailbox_capacity,
+                "between 1 and 1048576",
+            ));
         }
         if self.request_timeout.is_zero() {
-            return Err(out_of_range("request_timeout", self.request_timeout, "more than zero"));
+            return Err(out_of_range(
+                "request_timeout",
+                self.request_timeout,
+                "more than zero",
+            ));
         }
         if self.deactivate_timeout.is_zero() {
-            return Err(out_of_range("deactivate_timeout", self.deactivate_timeout, "more than zero"));
+            return Err(out_of_range(
+                "deactivate_timeout",
+                self.deactivate_timeout,
+                "more than zero",
+            ));
         }
         Ok(())
     }
@@ -193,8 +213,13 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             None => spawn_system(),
         };
         let config = self.config;
-        let map = allocate(None, &[Member::new(config.node_id)], config.shard_count)
-            .map_err(|e| ConfigError::Invalid { name: "shard_count", reason: e.to_string() })?;
+        let map =
+            allocate(None, &[Member::new(config.node_id)], config.shard_count).map_err(|e| {
+                ConfigError::Invalid {
+                    name: "shard_count",
+                    reason: e.to_string(),
+                }
+            })?;
         let table = RoutingTable {
             map: Some(Arc::new(map)),
             not_ready: None,
@@ -204,8 +229,19 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             request_timeout: config.request_timeout,
             deactivate_timeout: config.deactivate_timeout,
         };
-        let router = Router::new(config.node_id, config.shard_count, table, arbiter, factory, limits);
-        tracing::info!(node_id = config.node_id, shards = config.shard_count, "standalone node started");
+        let router = Router::new(
+            config.node_id,
+            config.shard_count,
+            table,
+            arbiter,
+            factory,
+            limits,
+        );
+        tracing::info!(
+            node_id = config.node_id,
+            shards = config.shard_count,
+            "standalone node started"
+        );
         Ok(Node {
             inner: Arc::new(NodeInner { router, system }),
         })
@@ -303,7 +339,11 @@ impl<H: ShardHandler> Node<H> {
     /// [`Error::Overloaded`] when the shard's mailbox is full, [`Error::ShardFailed`] when the
     /// handler panicked, [`Error::Timeout`] when no reply came within `request_timeout`, and
     /// [`Error::ShuttingDown`] once [`shutdown`](Self::shutdown) began.
-    pub fn send<M>(&self, key: impl Into<Key>, msg: M) -> impl Future<Output = Result<M::Reply, Error>> + Send + '_
+    pub fn send<M>(
+        &self,
+        key: impl Into<Key>,
+        msg: M,
+    ) -> impl Future<Output = Result<M::Reply, Error>> + Send + '_
     where
         M: ShardMessage,
         H: Handles<M>,
@@ -391,7 +431,9 @@ impl ClusterHandle {
                     return Err(Error::Reentrant { shard: origin });
                 }
             }
-            let reply = router.send_any(key, M::TAG, Box::new(msg) as Box<dyn Any + Send>).await?;
+            let reply = router
+                .send_any(key, M::TAG, Box::new(msg) as Box<dyn Any + Send>)
+                .await?;
             reply
                 .downcast::<M::Reply>()
                 .map(|reply| *reply)

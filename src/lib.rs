@@ -118,9 +118,17 @@ pub mod __private {
         /// Decodes the variant named by `tag` from its encoded payload.
         fn decode(tag: &str, bytes: &[u8]) -> Result<Self, Error>;
         /// Routes the message on `router`, boxing the reply.
-        fn route_any(self, router: &Arc<Router<H>>, key: Key) -> BoxFuture<'static, Result<Box<dyn Any + Send>, Error>>;
+        fn route_any(
+            self,
+            router: &Arc<Router<H>>,
+            key: Key,
+        ) -> BoxFuture<'static, Result<Box<dyn Any + Send>, Error>>;
         /// Routes the message on `router`, encoding the reply.
-        fn route_wire(self, router: &Arc<Router<H>>, key: Key) -> BoxFuture<'static, Result<Vec<u8>, Error>>;
+        fn route_wire(
+            self,
+            router: &Arc<Router<H>>,
+            key: Key,
+        ) -> BoxFuture<'static, Result<Vec<u8>, Error>>;
     }
 
     /// Decodes one message type.
@@ -130,11 +138,17 @@ pub mod __private {
 
     /// The error for a tag no variant has.
     pub fn unknown_tag(tag: &str) -> Error {
-        Error::UnknownMessage { tag: tag.to_string() }
+        Error::UnknownMessage {
+            tag: tag.to_string(),
+        }
     }
 
     /// Routes one typed message, boxing its reply.
-    pub fn route_any<H, M>(router: &Arc<Router<H>>, key: Key, msg: M) -> BoxFuture<'static, Result<Box<dyn Any + Send>, Error>>
+    pub fn route_any<H, M>(
+        router: &Arc<Router<H>>,
+        key: Key,
+        msg: M,
+    ) -> BoxFuture<'static, Result<Box<dyn Any + Send>, Error>>
     where
         H: Handles<M>,
         M: ShardMessage,
@@ -147,7 +161,11 @@ pub mod __private {
     }
 
     /// Routes one typed message, encoding its reply.
-    pub fn route_wire<H, M>(router: &Arc<Router<H>>, key: Key, msg: M) -> BoxFuture<'static, Result<Vec<u8>, Error>>
+    pub fn route_wire<H, M>(
+        router: &Arc<Router<H>>,
+        key: Key,
+        msg: M,
+    ) -> BoxFuture<'static, Result<Vec<u8>, Error>>
     where
         H: Handles<M>,
         M: ShardMessage,

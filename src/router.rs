@@ -6,7 +6,7 @@
 //! code (shard actors do).
 
 use std::any::Any;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -17,11 +17,13 @@ use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
 use tokio::sync::oneshot;
 
+use crate::__private::WireMessage;
 use crate::cluster::ClusterHandle;
 use crate::error::{Error, NotReadyReason};
-use crate::shard::{Deactivate, Deliver, HandlerFactory, Handles, ShardActor, ShardHandler, ShardMessage};
+use crate::shard::{
+    Deactivate, Deliver, HandlerFactory, Handles, ShardActor, ShardHandler, ShardMessage,
+};
 use crate::shard_map::{Epoch, Key, NodeId, ShardId, ShardMap};
-use crate::__private::WireMessage;
 
 /// What the router routes by: the newest shard map this node has, and whether it may serve.
 #[derive(Debug, Clone)]
@@ -40,6 +42,25 @@ pub(crate) struct RouterLimits {
     pub(crate) deactivate_timeout: Duration,
 }
 
+/// A running shard actor and the count of messages waiting in its mailbox.
+///
+/// actix bounds a mailbox per sender (every `Addr` clone may queue past the capacity), so the
+/// router counts queued messages itself: incremented before a send, decremented by the actor
+/// when it takes the message out of its mailbox.
+struct ShardSlot<H: ShardHandler> {
+    actor: Addr<ShardActor<H>>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl<H: ShardHandler> Clone for ShardSlot<H> {
+    fn clone(&self) -> Self {
+        ShardSlot {
+            actor: self.actor.clone(),
+            queued: self.queued.clone(),
+        }
+    }
+}
+
 /// Routes messages to local shard actors. One per node; shared by every [`Node`](crate::Node)
 /// and [`ClusterHandle`] of that node.
 pub struct Router<H: ShardHandler> {
@@ -47,7 +68,7 @@ pub struct Router<H: ShardHandler> {
     shard_count: u32,
     table: ArcSwap<RoutingTable>,
     stopping: AtomicBool,
-    slots: Box<[Mutex<Option<Addr<ShardActor<H>>>>]>,
+    slots: Box<[Mutex<Option<ShardSlot<H>>>]>,
     arbiter: ArbiterHandle,
     factory: HandlerFactory<H>,
     limits: RouterLimits,
@@ -66,7 +87,9 @@ impl<H: ShardHandler> std::fmt::Debug for Router<H> {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding a slot lock cannot leave the slot half-written (it holds one
     // `Option<Addr>`), so a poisoned lock is safe to keep using.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl<H: ShardHandler> Router<H> {
@@ -125,17 +148,27 @@ impl<H: ShardHandler> Router<H> {
         H: Handles<M>,
     {
         let (shard, epoch) = self.route(&key)?;
-        let actor = self.shard_actor(shard, epoch)?;
+        let slot = self.shard_actor(shard, epoch)?;
+        if slot.queued.fetch_add(1, Ordering::AcqRel) >= self.limits.mailbox_capacity {
+            slot.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(Error::Overloaded { shard });
+        }
         let (reply, reply_rx) = oneshot::channel();
-        match actor.try_send(Deliver {
+        match slot.actor.try_send(Deliver {
             key,
             msg,
             epoch,
             reply,
         }) {
             Ok(()) => {}
-            Err(SendError::Full(_)) => return Err(Error::Overloaded { shard }),
-            Err(SendError::Closed(_)) => return Err(self.stopped_error(shard)),
+            Err(SendError::Full(_)) => {
+                slot.queued.fetch_sub(1, Ordering::AcqRel);
+                return Err(Error::Overloaded { shard });
+            }
+            Err(SendError::Closed(_)) => {
+                slot.queued.fetch_sub(1, Ordering::AcqRel);
+                return Err(self.stopped_error(shard));
+            }
         }
         match tokio::time::timeout(self.limits.request_timeout, reply_rx).await {
             Ok(Ok(result)) => result,
@@ -184,46 +217,54 @@ impl<H: ShardHandler> Router<H> {
     }
 
     /// The running actor of `shard`, started on first use.
-    fn shard_actor(&self, shard: ShardId, epoch: Epoch) -> Result<Addr<ShardActor<H>>, Error> {
+    fn shard_actor(&self, shard: ShardId, epoch: Epoch) -> Result<ShardSlot<H>, Error> {
         let slot = self
             .slots
             .get(shard as usize)
             .ok_or_else(|| Error::Codec(format!("shard {shard} is out of range")))?;
         let mut slot = lock(slot);
-        if let Some(actor) = slot.as_ref() {
-            if actor.connected() {
-                return Ok(actor.clone());
+        if let Some(running) = slot.as_ref() {
+            if running.actor.connected() {
+                return Ok(running.clone());
             }
         }
-        let actor = self.start_shard(shard, epoch)?;
-        *slot = Some(actor.clone());
-        Ok(actor)
+        let started = self.start_shard(shard, epoch)?;
+        *slot = Some(started.clone());
+        Ok(started)
     }
 
-    fn start_shard(&self, shard: ShardId, epoch: Epoch) -> Result<Addr<ShardActor<H>>, Error> {
+    fn start_shard(&self, shard: ShardId, epoch: Epoch) -> Result<ShardSlot<H>, Error> {
         // Built by hand rather than with `Actor::start_in_arbiter`, which creates the mailbox with
         // actix's default capacity (16) until the actor runs: a burst of first messages to a
         // fresh shard would then be refused as `Overloaded`.
         let (sender, receiver) = channel::channel(self.limits.mailbox_capacity);
         let actor = Addr::new(sender);
-        let (node_id, factory, cluster) = (self.node_id, self.factory.clone(), self.handle(Some(shard)));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (node_id, factory, cluster) =
+            (self.node_id, self.factory.clone(), self.handle(Some(shard)));
+        let actor_queued = queued.clone();
         let spawned = self.arbiter.spawn_fn(move || {
             let context = Context::with_receiver(receiver);
-            let shard_actor = ShardActor::new(shard, node_id, epoch, cluster, factory);
+            let shard_actor =
+                ShardActor::new(shard, node_id, epoch, cluster, factory, actor_queued);
             actix_rt::spawn(context.into_future(shard_actor));
         });
         if !spawned {
             return Err(Error::ShuttingDown);
         }
         tracing::debug!(shard, epoch, "shard activated");
-        Ok(actor)
+        Ok(ShardSlot { actor, queued })
     }
 
     /// Stops taking messages and deactivates every local shard (running `on_deactivate`).
     pub(crate) async fn shutdown(&self) {
         self.stopping.store(true, Ordering::Release);
-        let actors: Vec<_> = self.slots.iter().filter_map(|slot| lock(slot).take()).collect();
-        let deactivations = actors.into_iter().map(|actor| {
+        let actors: Vec<_> = self
+            .slots
+            .iter()
+            .filter_map(|slot| lock(slot).take())
+            .collect();
+        let deactivations = actors.into_iter().map(|ShardSlot { actor, .. }| {
             let timeout = self.limits.deactivate_timeout;
             async move {
                 // `send` (not `try_send`): deactivation waits its turn behind queued messages.
@@ -237,7 +278,11 @@ impl<H: ShardHandler> Router<H> {
     pub(crate) fn active_shards(&self) -> usize {
         self.slots
             .iter()
-            .filter(|slot| lock(slot).as_ref().is_some_and(|actor| actor.connected()))
+            .filter(|slot| {
+                lock(slot)
+                    .as_ref()
+                    .is_some_and(|running| running.actor.connected())
+            })
             .count()
     }
 }
@@ -268,7 +313,9 @@ impl<H: ShardHandler> RouteAny for Router<H> {
         };
         match H::Message::from_any(msg) {
             Ok(wire) => wire.route_any(&router, key),
-            Err(_) => Box::pin(std::future::ready(Err(Error::UnknownMessage { tag: tag.to_string() }))),
+            Err(_) => Box::pin(std::future::ready(Err(Error::UnknownMessage {
+                tag: tag.to_string(),
+            }))),
         }
     }
 

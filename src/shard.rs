@@ -8,6 +8,7 @@
 
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -105,7 +106,12 @@ pub struct ShardContext {
 }
 
 impl ShardContext {
-    pub(crate) fn new(shard: ShardId, node_id: NodeId, epoch: Epoch, cluster: ClusterHandle) -> Self {
+    pub(crate) fn new(
+        shard: ShardId,
+        node_id: NodeId,
+        epoch: Epoch,
+        cluster: ClusterHandle,
+    ) -> Self {
         ShardContext {
             shard,
             node_id,
@@ -208,6 +214,8 @@ pub struct ShardActor<H: ShardHandler> {
     factory: HandlerFactory<H>,
     slot: Option<Slot<H>>,
     restarts: u64,
+    /// Messages sent to this shard and not yet taken from the mailbox (shared with the router).
+    queued: Arc<AtomicUsize>,
 }
 
 impl<H: ShardHandler> ShardActor<H> {
@@ -217,6 +225,7 @@ impl<H: ShardHandler> ShardActor<H> {
         epoch: Epoch,
         cluster: ClusterHandle,
         factory: HandlerFactory<H>,
+        queued: Arc<AtomicUsize>,
     ) -> Self {
         ShardActor {
             shard,
@@ -226,6 +235,7 @@ impl<H: ShardHandler> ShardActor<H> {
             factory,
             slot: None,
             restarts: 0,
+            queued,
         }
     }
 
@@ -288,6 +298,7 @@ where
     type Result = ();
 
     fn handle(&mut self, deliver: Deliver<M>, ctx: &mut Self::Context) {
+        self.queued.fetch_sub(1, Ordering::AcqRel);
         let Deliver {
             key,
             msg,
@@ -319,17 +330,20 @@ where
             }
             Ok(Handled::Pending(future)) => {
                 // `wait` holds the mailbox until the future completes: one message at a time.
-                ctx.wait(AssertUnwindSafe(future).catch_unwind().into_actor(self).map(
-                    move |outcome, actor, _ctx| match outcome {
-                        Ok((slot, value)) => {
-                            actor.slot = Some(slot);
-                            let _ = reply.send(Ok(value));
-                        }
-                        Err(panic) => {
-                            let _ = reply.send(Err(actor.restart_after_panic(panic)));
-                        }
-                    },
-                ));
+                ctx.wait(
+                    AssertUnwindSafe(future)
+                        .catch_unwind()
+                        .into_actor(self)
+                        .map(move |outcome, actor, _ctx| match outcome {
+                            Ok((slot, value)) => {
+                                actor.slot = Some(slot);
+                                let _ = reply.send(Ok(value));
+                            }
+                            Err(panic) => {
+                                let _ = reply.send(Err(actor.restart_after_panic(panic)));
+                            }
+                        }),
+                );
             }
             Err(panic) => {
                 let _ = reply.send(Err(self.restart_after_panic(panic)));
