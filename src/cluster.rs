@@ -5,17 +5,26 @@
 //! does no routing itself (the router does) and holds no handler state (shard actors do).
 
 use std::any::Any;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::marker::PhantomData;
-use std::sync::{Arc, Weak};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use actix_rt::{Arbiter, ArbiterHandle, System};
 
-use crate::error::{ConfigError, Error};
+use crate::admin::{AdminError, AdminRequest, AdminResponse, NodeState, StatusReport};
+use crate::consensus::network::Network;
+use crate::consensus::{readiness, ClusterApp, Consensus, ConsensusConfig, NodeInfo, Raft};
+use crate::error::{ConfigError, Error, NotReadyReason, StartError};
 use crate::router::{RouteAny, Router, RouterLimits, RoutingTable};
+use crate::service::NodeService;
 use crate::shard::{HandlerFactory, Handles, ShardHandler, ShardMessage};
 use crate::shard_map::{allocate, Epoch, Key, Member, NodeId, ShardId};
+use crate::storage::{LmdbStore, StoreOptions};
+use crate::transport::{serve, Secret, ServerHandle, Transport, TransportConfig};
 
 /// Settings of one node. Build it with `..Default::default()` or through [`ClusterBuilder`];
 /// [`validate`](NodeConfig::validate) runs before the node starts.
@@ -32,6 +41,19 @@ pub struct NodeConfig {
     pub request_timeout: Duration,
     /// How long shutdown waits for each shard's `on_deactivate`. Default: 5 s.
     pub deactivate_timeout: Duration,
+    /// The cluster's name; nodes of differently named clusters refuse each other.
+    /// Default: `"clusterfunk"`.
+    pub cluster_name: String,
+    /// The address the node listens on for peers, clients and the admin tool (cluster mode).
+    /// Default: none (required unless standalone).
+    pub listen: Option<SocketAddr>,
+    /// The directory of the node's LMDB storage (cluster mode). Default: none (required unless
+    /// standalone or in-memory for tests).
+    pub data_dir: Option<PathBuf>,
+    /// The node's zone (failure domain), if any. Default: none.
+    pub zone: Option<String>,
+    /// Raft timing and log settings.
+    pub consensus: ConsensusConfig,
 }
 
 impl Default for NodeConfig {
@@ -42,6 +64,11 @@ impl Default for NodeConfig {
             mailbox_capacity: 1024,
             request_timeout: Duration::from_secs(5),
             deactivate_timeout: Duration::from_secs(5),
+            cluster_name: "clusterfunk".to_string(),
+            listen: None,
+            data_dir: None,
+            zone: None,
+            consensus: ConsensusConfig::default(),
         }
     }
 }
@@ -108,6 +135,7 @@ impl Cluster {
             config: NodeConfig::default(),
             factory: None,
             standalone: false,
+            cluster: ClusterOptions::default(),
             marker: PhantomData,
         }
     }
@@ -119,7 +147,18 @@ pub struct ClusterBuilder<H> {
     config: NodeConfig,
     factory: Option<HandlerFactory<H>>,
     standalone: bool,
+    cluster: ClusterOptions,
     marker: PhantomData<fn() -> H>,
+}
+
+/// The builder's cluster-mode settings that are not plain configuration.
+#[derive(Default)]
+struct ClusterOptions {
+    secret: Option<Secret>,
+    insecure: bool,
+    in_memory_for_tests: bool,
+    initial_members: Option<BTreeMap<NodeId, NodeInfo>>,
+    store: StoreOptions,
 }
 
 impl<H> std::fmt::Debug for ClusterBuilder<H> {
@@ -185,8 +224,77 @@ impl<H> ClusterBuilder<H> {
             config: self.config,
             factory: Some(Arc::new(factory)),
             standalone: self.standalone,
+            cluster: self.cluster,
             marker: PhantomData,
         }
+    }
+
+    /// The address to listen on, `IP:PORT` (cluster mode; required there). Default: none.
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.config.listen = Some(addr);
+        self
+    }
+
+    /// The directory of the node's durable storage (cluster mode; required there unless
+    /// [`in_memory_for_tests`](Self::in_memory_for_tests)). Default: none.
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.data_dir = Some(dir.into());
+        self
+    }
+
+    /// Keeps the raft log in memory. **For tests only**: a restarted node forgets its vote and
+    /// log, which raft's safety does not allow in production. Default: off.
+    pub fn in_memory_for_tests(mut self) -> Self {
+        self.cluster.in_memory_for_tests = true;
+        self
+    }
+
+    /// The cluster's name. Default: `"clusterfunk"`.
+    pub fn cluster_name(mut self, name: impl Into<String>) -> Self {
+        self.config.cluster_name = name.into();
+        self
+    }
+
+    /// This node's zone. Default: none.
+    pub fn zone(mut self, zone: impl Into<String>) -> Self {
+        self.config.zone = Some(zone.into());
+        self
+    }
+
+    /// The shared cluster secret that authenticates nodes and clients. Default: none, and a
+    /// node without a secret refuses to start unless [`insecure`](Self::insecure).
+    pub fn secret(mut self, secret: Secret) -> Self {
+        self.cluster.secret = Some(secret);
+        self
+    }
+
+    /// Runs without a secret: anyone who reaches the port can join or send. For local
+    /// experiments only. Default: off.
+    pub fn insecure(mut self) -> Self {
+        self.cluster.insecure = true;
+        self
+    }
+
+    /// Bootstraps a new cluster with these voters on first start (every initial node gets the
+    /// same list). A node whose storage already holds a cluster ignores it and rejoins from disk.
+    pub fn initial_members(
+        mut self,
+        members: impl IntoIterator<Item = (NodeId, NodeInfo)>,
+    ) -> Self {
+        self.cluster.initial_members = Some(members.into_iter().collect());
+        self
+    }
+
+    /// Raft timing and log settings. Default: [`ConsensusConfig::default`].
+    pub fn consensus(mut self, consensus: ConsensusConfig) -> Self {
+        self.config.consensus = consensus;
+        self
+    }
+
+    /// LMDB options (map size, fsync). Default: [`StoreOptions::default`].
+    pub fn store_options(mut self, options: StoreOptions) -> Self {
+        self.cluster.store = options;
+        self
     }
 }
 
@@ -195,19 +303,16 @@ impl<H: ShardHandler> ClusterBuilder<H> {
     ///
     /// Shard actors run on the current actix arbiter when called inside an actix `System` (the
     /// fast path: same-thread sends), otherwise on a thread of their own.
-    pub async fn start(self) -> Result<Node<H>, ConfigError> {
+    pub async fn start(self) -> Result<Node<H>, StartError> {
         self.config.validate()?;
-        let factory = self.factory.ok_or(ConfigError::Missing {
+        let factory = self.factory.clone().ok_or(ConfigError::Missing {
             name: "handler",
             hint: "call .handler::<YourHandler>() or .handler_with(|shard| ..) on the builder",
         })?;
-        if !self.standalone {
-            return Err(ConfigError::Missing {
-                name: "standalone",
-                hint: "this release runs nodes standalone only: call .standalone() on the builder",
-            });
-        }
         check_tags::<H>()?;
+        if !self.standalone {
+            return self.start_clustered(factory).await;
+        }
         let (arbiter, system) = match System::try_current() {
             Some(_) => (Arbiter::current(), None),
             None => spawn_system(),
@@ -243,8 +348,174 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             "standalone node started"
         );
         Ok(Node {
-            inner: Arc::new(NodeInner { router, system }),
+            inner: Arc::new(NodeInner {
+                router,
+                system,
+                consensus: None,
+                server: Mutex::new(None),
+            }),
         })
+    }
+
+    async fn start_clustered(self, factory: HandlerFactory<H>) -> Result<Node<H>, StartError> {
+        let config = self.config;
+        let options = self.cluster;
+        let listen = config.listen.ok_or(ConfigError::Missing {
+            name: "listen",
+            hint: "call .listen(addr) or use .standalone()",
+        })?;
+        if options.secret.is_none() && !options.insecure {
+            return Err(ConfigError::Missing {
+                name: "secret",
+                hint: "set CLUSTERFUNK_SECRET or pass a secret file; use insecure mode only for local experiments",
+            }
+            .into());
+        }
+        if options.secret.is_none() {
+            tracing::warn!(
+                %listen,
+                "INSECURE: this node runs without a cluster secret; anyone who reaches {listen} can join the cluster or send it messages"
+            );
+        }
+        let raft_config = config.consensus.raft_config(&config.cluster_name)?;
+        let (log_store, state_machine) = if options.in_memory_for_tests {
+            crate::storage::memory::in_memory_for_tests(ClusterApp)
+        } else {
+            let dir = config.data_dir.clone().ok_or(ConfigError::Missing {
+                name: "data_dir",
+                hint: "call .data_dir(path): raft logs must be persistent",
+            })?;
+            let store_options = options.store.clone();
+            // Opening maps the file and may create it: blocking work, off the async thread.
+            tokio::task::spawn_blocking(move || {
+                let store = LmdbStore::open(&dir, store_options)?;
+                let state_machine = store.state_machine(ClusterApp)?;
+                Ok::<_, crate::storage::StorageError>((store.log_store(), state_machine))
+            })
+            .await
+            .map_err(|e| StartError::Failed(format!("storage thread: {e}")))??
+        };
+        let applied = state_machine.subscribe();
+        let transport_config = TransportConfig {
+            cluster_name: config.cluster_name.clone(),
+            node_id: Some(config.node_id),
+            secret: options.secret.clone(),
+            ..TransportConfig::default()
+        };
+        let transport = Transport::new(transport_config.clone())
+            .map_err(|e| StartError::Failed(e.to_string()))?;
+        let network = Network::new(transport.clone());
+        let raft = Raft::new(
+            config.node_id,
+            raft_config,
+            network,
+            log_store,
+            state_machine,
+        )
+        .await
+        .map_err(|e| StartError::Failed(format!("raft: {e}")))?;
+        let consensus = Consensus::new(
+            config.node_id,
+            raft,
+            applied,
+            transport,
+            config.consensus.clone(),
+            config.shard_count,
+        );
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: listen,
+                source,
+            })?;
+        let (arbiter, system) = match System::try_current() {
+            Some(_) => (Arbiter::current(), None),
+            None => spawn_system(),
+        };
+        let table = RoutingTable {
+            map: None,
+            not_ready: Some(NotReadyReason::Starting),
+        };
+        let limits = RouterLimits {
+            mailbox_capacity: config.mailbox_capacity,
+            request_timeout: config.request_timeout,
+            deactivate_timeout: config.deactivate_timeout,
+        };
+        let router = Router::new(
+            config.node_id,
+            config.shard_count,
+            table,
+            arbiter,
+            factory,
+            limits,
+        );
+        let service = Arc::new(NodeService {
+            consensus: consensus.clone(),
+            router: router.clone(),
+        });
+        let server = serve(listener, transport_config, service)
+            .await
+            .map_err(|e| StartError::Failed(e.to_string()))?;
+        if let Some(members) = options.initial_members {
+            consensus
+                .bootstrap(members)
+                .await
+                .map_err(|e| StartError::Failed(e.to_string()))?;
+        }
+        tokio::spawn(follow_consensus(Arc::downgrade(&router), consensus.clone()));
+        tracing::info!(node_id = config.node_id, %listen, "node started");
+        Ok(Node {
+            inner: Arc::new(NodeInner {
+                router,
+                system,
+                consensus: Some(consensus),
+                server: Mutex::new(Some(server)),
+            }),
+        })
+    }
+}
+
+/// Installs every newly applied shard map, and every change of leadership, in the router: a
+/// node serves only with a committed map and a known leader (rule 1).
+async fn follow_consensus<H: ShardHandler>(router: Weak<Router<H>>, consensus: Consensus) {
+    let mut metrics = consensus.raft().metrics();
+    let mut applied = consensus.subscribe();
+    loop {
+        let Some(router) = router.upgrade() else {
+            return;
+        };
+        let current = router.table();
+        let next = {
+            let metrics = metrics.borrow_and_update();
+            let applied = applied.borrow_and_update();
+            let (state, _) = readiness(&metrics, &applied);
+            let not_ready = match state {
+                NodeState::Serving => None,
+                _ if metrics.current_leader.is_none() => Some(NotReadyReason::NoLeader),
+                _ => Some(NotReadyReason::NoMap),
+            };
+            let map = match (&applied.state.map, &current.map) {
+                (Some(new), Some(old)) if new.epoch == old.epoch => Some(old.clone()),
+                (Some(new), _) => Some(Arc::new(new.clone())),
+                (None, _) => None,
+            };
+            RoutingTable { map, not_ready }
+        };
+        let epoch_changed =
+            next.map.as_ref().map(|m| m.epoch) != current.map.as_ref().map(|m| m.epoch);
+        if epoch_changed || next.not_ready != current.not_ready {
+            tracing::info!(
+                epoch = next.map.as_ref().map(|m| m.epoch),
+                not_ready = ?next.not_ready,
+                "routing table updated"
+            );
+            router.set_table(next);
+        }
+        drop(router);
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return },
+            changed = applied.changed() => if changed.is_err() { return },
+        }
     }
 }
 
@@ -285,6 +556,8 @@ fn spawn_system() -> (ArbiterHandle, Option<System>) {
 struct NodeInner<H: ShardHandler> {
     router: Arc<Router<H>>,
     system: Option<System>,
+    consensus: Option<Consensus>,
+    server: Mutex<Option<ServerHandle>>,
 }
 
 impl<H: ShardHandler> Drop for NodeInner<H> {
@@ -351,6 +624,21 @@ impl<H: ShardHandler> Node<H> {
         self.inner.router.send(key.into(), msg)
     }
 
+    /// Runs an admin command on this node (as the `clusterfunk` tool does over the network).
+    pub async fn admin(&self, request: AdminRequest) -> Result<AdminResponse, AdminError> {
+        match &self.inner.consensus {
+            Some(consensus) => consensus.admin(request, false).await,
+            None => Err(AdminError::Invalid {
+                reason: "a standalone node has no cluster to administer".into(),
+            }),
+        }
+    }
+
+    /// The `status` report of this node (cluster mode), `None` when standalone.
+    pub fn cluster_status(&self) -> Option<StatusReport> {
+        self.inner.consensus.as_ref().map(|c| c.status(None))
+    }
+
     /// A type-erased handle to this node, for code that does not know the handler type.
     pub fn handle(&self) -> ClusterHandle {
         self.inner.router.handle(None)
@@ -386,6 +674,20 @@ impl<H: ShardHandler> Node<H> {
     /// after this fail with [`Error::ShuttingDown`].
     pub async fn shutdown(&self) {
         self.inner.router.shutdown().await;
+        let server = self
+            .inner
+            .server
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(server) = server {
+            server.shutdown().await;
+        }
+        if let Some(consensus) = &self.inner.consensus {
+            if let Err(e) = consensus.raft().shutdown().await {
+                tracing::warn!(error = %e, "raft did not shut down cleanly");
+            }
+        }
         tracing::info!(node_id = self.node_id(), "node stopped");
     }
 }

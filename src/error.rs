@@ -33,7 +33,7 @@ impl std::fmt::Display for NotReadyReason {
 }
 
 /// The error of [`Node::send`](crate::Node::send) and [`ClusterHandle::send`](crate::ClusterHandle::send).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum Error {
     /// The node cannot serve yet or any more (no leader, no map, lease expired). Retry later,
@@ -131,4 +131,27 @@ pub enum ConfigError {
         /// How to give it.
         hint: &'static str,
     },
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// A setting is out of range or missing.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The data dir could not be opened.
+    #[error("storage: {0}")]
+    Storage(#[from] crate::storage::StorageError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}; is another process using the port?")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Raft or the transport failed to start; the message says which.
+    #[error("start-up failed: {0}")]
+    Failed(String),
 }

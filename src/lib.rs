@@ -58,6 +58,11 @@
 //!   actor hosting one shard.
 //! - [`router`]: key → shard → local shard actor.
 //! - [`cluster`]: the builder, the [`Node`] handle and [`ClusterHandle`].
+//! - [`consensus`]: openraft replicating the cluster state; the consensus actor.
+//! - [`storage`]: the raft log and snapshots on LMDB.
+//! - [`transport`]: authenticated, multiplexed TCP between nodes and clients.
+//! - [`wire`]: the node protocol carried by the transport.
+//! - [`admin`]: operator commands and their reports; the admin client.
 //! - [`codec`]: the one wire and disk format.
 //! - [`error`]: the errors of the public API.
 
@@ -66,15 +71,21 @@
 // Lets the macros name `::clusterfunk` also inside this crate's own tests.
 extern crate self as clusterfunk;
 
+pub mod admin;
 pub mod cluster;
 pub mod codec;
+pub mod consensus;
 pub mod error;
 pub mod router;
+mod service;
 pub mod shard;
 pub mod shard_map;
+pub mod storage;
+pub mod transport;
+pub mod wire;
 
 pub use cluster::{Cluster, ClusterBuilder, ClusterHandle, Node, NodeConfig, NodeStatus};
-pub use error::{ConfigError, Error, NotReadyReason};
+pub use error::{ConfigError, Error, NotReadyReason, StartError};
 pub use shard::{Handoff, ShardActor, ShardContext, ShardHandler, ShardMessage};
 pub use shard_map::{Key, NodeId, ShardId};
 

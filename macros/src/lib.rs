@@ -10,8 +10,8 @@ use proc_macro2::{Span, TokenStream as TokenStream2};
 use quote::{format_ident, quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
 use syn::{
-    parse_macro_input, Data, DeriveInput, Expr, ExprLit, FnArg, Ident, ImplItem, ImplItemFn, ItemImpl, Lit, Meta,
-    Pat, ReturnType, Type,
+    parse_macro_input, Data, DeriveInput, Expr, ExprLit, FnArg, Ident, ImplItem, ImplItemFn,
+    ItemImpl, Lit, Meta, Pat, ReturnType, Type,
 };
 
 /// Derives `clusterfunk::ShardMessage` for a message type.
@@ -34,7 +34,10 @@ pub fn derive_shard_message(input: TokenStream) -> TokenStream {
 pub fn shard_handler(args: TokenStream, input: TokenStream) -> TokenStream {
     let args = TokenStream2::from(args);
     if !args.is_empty() {
-        return expand(Err(syn::Error::new(args.span(), "#[shard_handler] takes no arguments")));
+        return expand(Err(syn::Error::new(
+            args.span(),
+            "#[shard_handler] takes no arguments",
+        )));
     }
     let item = parse_macro_input!(input as ItemImpl);
     expand(handler(item))
@@ -52,25 +55,40 @@ fn derive_message(input: DeriveInput) -> syn::Result<TokenStream2> {
         ));
     }
     if let Data::Union(u) = &input.data {
-        return Err(syn::Error::new(u.union_token.span, "a ShardMessage must be a struct or an enum"));
+        return Err(syn::Error::new(
+            u.union_token.span,
+            "a ShardMessage must be a struct or an enum",
+        ));
     }
     let mut reply: Option<Type> = None;
     let mut tag: Option<String> = None;
     for attr in &input.attrs {
         if attr.path().is_ident("reply") {
             if reply.is_some() {
-                return Err(syn::Error::new(attr.span(), "duplicate #[reply(..)]: a message has one reply type"));
+                return Err(syn::Error::new(
+                    attr.span(),
+                    "duplicate #[reply(..)]: a message has one reply type",
+                ));
             }
             let ty: Type = attr.parse_args().map_err(|e| {
-                syn::Error::new(e.span(), "expected a reply type, as in #[reply(u64)] or #[reply(())]")
+                syn::Error::new(
+                    e.span(),
+                    "expected a reply type, as in #[reply(u64)] or #[reply(())]",
+                )
             })?;
             reply = Some(ty);
         } else if attr.path().is_ident("tag") {
             let Meta::NameValue(nv) = &attr.meta else {
                 return Err(syn::Error::new(attr.span(), "expected #[tag = \"name\"]"));
             };
-            let Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) = &nv.value else {
-                return Err(syn::Error::new(nv.value.span(), "the tag must be a string literal: #[tag = \"name\"]"));
+            let Expr::Lit(ExprLit {
+                lit: Lit::Str(s), ..
+            }) = &nv.value
+            else {
+                return Err(syn::Error::new(
+                    nv.value.span(),
+                    "the tag must be a string literal: #[tag = \"name\"]",
+                ));
             };
             if s.value().is_empty() {
                 return Err(syn::Error::new(s.span(), "the tag must not be empty"));
@@ -112,14 +130,23 @@ fn handler(mut item: ItemImpl) -> syn::Result<TokenStream2> {
         ));
     }
     if !item.generics.params.is_empty() {
-        return Err(syn::Error::new(item.generics.span(), "#[shard_handler] does not support generic handlers"));
+        return Err(syn::Error::new(
+            item.generics.span(),
+            "#[shard_handler] does not support generic handlers",
+        ));
     }
     let self_ty = item.self_ty.clone();
     let Type::Path(path) = &*self_ty else {
-        return Err(syn::Error::new(self_ty.span(), "#[shard_handler] needs a named type, as in `impl Counters`"));
+        return Err(syn::Error::new(
+            self_ty.span(),
+            "#[shard_handler] needs a named type, as in `impl Counters`",
+        ));
     };
     let Some(last) = path.path.segments.last() else {
-        return Err(syn::Error::new(self_ty.span(), "#[shard_handler] needs a named type"));
+        return Err(syn::Error::new(
+            self_ty.span(),
+            "#[shard_handler] needs a named type",
+        ));
     };
     let enum_name = format_ident!("{}Message", last.ident);
 
@@ -155,7 +182,10 @@ fn handler(mut item: ItemImpl) -> syn::Result<TokenStream2> {
     }
     item.items = kept;
 
-    let variants: Vec<Ident> = methods.iter().map(|m| format_ident!("{}", camel_case(&m.name.to_string()))).collect();
+    let variants: Vec<Ident> = methods
+        .iter()
+        .map(|m| format_ident!("{}", camel_case(&m.name.to_string())))
+        .collect();
     let messages: Vec<&Type> = methods.iter().map(|m| &m.message).collect();
     let handles = methods.iter().map(|m| handles_impl(&self_ty, m));
 
@@ -169,7 +199,7 @@ fn handler(mut item: ItemImpl) -> syn::Result<TokenStream2> {
 
         /// The wire enum of this handler: one variant per message type (generated by
         /// `#[shard_handler]`).
-        #[allow(dead_code)]
+        #[allow(dead_code, private_interfaces)]
         pub enum #enum_name {
             #(
                 #[allow(missing_docs)]
@@ -267,26 +297,46 @@ const SIGNATURE: &str = "a handler method takes `(&mut self, key: Key, msg: Your
 fn check_method(f: &ImplItemFn) -> syn::Result<Method> {
     let sig = &f.sig;
     if !sig.generics.params.is_empty() {
-        return Err(syn::Error::new(sig.generics.span(), "handler methods cannot be generic"));
+        return Err(syn::Error::new(
+            sig.generics.span(),
+            "handler methods cannot be generic",
+        ));
     }
     let mut inputs = sig.inputs.iter();
     match inputs.next() {
         Some(FnArg::Receiver(r)) if r.reference.is_some() && r.mutability.is_some() => {}
-        Some(other) => return Err(syn::Error::new(other.span(), format!("expected `&mut self`: {SIGNATURE}"))),
-        None => return Err(syn::Error::new(sig.span(), format!("missing `&mut self`: {SIGNATURE}"))),
+        Some(other) => {
+            return Err(syn::Error::new(
+                other.span(),
+                format!("expected `&mut self`: {SIGNATURE}"),
+            ))
+        }
+        None => {
+            return Err(syn::Error::new(
+                sig.span(),
+                format!("missing `&mut self`: {SIGNATURE}"),
+            ))
+        }
     }
     let rest: Vec<&FnArg> = inputs.collect();
     if rest.len() != 3 {
         return Err(syn::Error::new(
             sig.inputs.span(),
-            format!("`{}` takes {} argument(s) after `&mut self`, expected 3: {SIGNATURE}", sig.ident, rest.len()),
+            format!(
+                "`{}` takes {} argument(s) after `&mut self`, expected 3: {SIGNATURE}",
+                sig.ident,
+                rest.len()
+            ),
         ));
     }
     let typed = |arg: &FnArg| -> syn::Result<Type> {
         match arg {
             FnArg::Typed(t) => {
                 if !matches!(&*t.pat, Pat::Ident(_) | Pat::Wild(_)) {
-                    return Err(syn::Error::new(t.pat.span(), "use a plain name or `_` for handler arguments"));
+                    return Err(syn::Error::new(
+                        t.pat.span(),
+                        "use a plain name or `_` for handler arguments",
+                    ));
                 }
                 Ok((*t.ty).clone())
             }
@@ -295,11 +345,17 @@ fn check_method(f: &ImplItemFn) -> syn::Result<Method> {
     };
     let key_ty = typed(rest[0])?;
     if !ends_with(&key_ty, "Key") {
-        return Err(syn::Error::new(key_ty.span(), format!("the key argument must be of type `Key`: {SIGNATURE}")));
+        return Err(syn::Error::new(
+            key_ty.span(),
+            format!("the key argument must be of type `Key`: {SIGNATURE}"),
+        ));
     }
     let message = typed(rest[1])?;
     if matches!(message, Type::Reference(_)) {
-        return Err(syn::Error::new(message.span(), "take the message by value, not by reference"));
+        return Err(syn::Error::new(
+            message.span(),
+            "take the message by value, not by reference",
+        ));
     }
     let ctx_ty = typed(rest[2])?;
     let ctx_ok = matches!(&ctx_ty, Type::Reference(r) if r.mutability.is_some() && ends_with(&r.elem, "ShardContext"));

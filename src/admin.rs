@@ -1,0 +1,332 @@
+//! The admin API: the operator's commands (status, nodes, shards, add-node, remove-node,
+//! step-down), their reports, and [`AdminClient`], which the `clusterfunk` tool uses.
+//!
+//! Any node answers reads from its own view; writes go to the leader (a follower forwards them
+//! one hop). Membership changes only through these commands: the leader never adds or removes
+//! nodes by itself. This module holds the shapes and the client; the consensus actor carries the
+//! commands out.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec;
+use crate::shard_map::{Epoch, NodeId, ShardId};
+use crate::transport::{Secret, Transport, TransportConfig};
+use crate::wire::{Request, Response};
+
+/// An operator command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum AdminRequest {
+    /// The answering node's state.
+    Status,
+    /// Every member with its address, zone and role.
+    Nodes,
+    /// The shard map.
+    Shards,
+    /// Adds a node: as a learner first, promoted to voter once it caught up (unless `learner`).
+    AddNode {
+        /// The new node's id (unique in the cluster).
+        id: NodeId,
+        /// The address it listens on, `IP:PORT`.
+        addr: String,
+        /// Its zone, if any.
+        zone: Option<String>,
+        /// Keep it a non-voting learner (it still hosts shards).
+        learner: bool,
+    },
+    /// Removes a node from the cluster.
+    RemoveNode {
+        /// The node to remove.
+        id: NodeId,
+    },
+    /// Hands leadership to another voter.
+    StepDown,
+    /// Internal: asks a follower to start an election now (the second half of a step-down).
+    Elect,
+}
+
+impl AdminRequest {
+    /// Whether the command changes the cluster (and so must run on the leader).
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self,
+            AdminRequest::AddNode { .. } | AdminRequest::RemoveNode { .. } | AdminRequest::StepDown
+        )
+    }
+}
+
+/// Whether a node serves requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// It has a committed shard map and a leader: it serves its shards.
+    Serving,
+    /// It does not serve (no leader, no map); `reason` in the status says why.
+    NotReady,
+    /// It is shutting down.
+    ShuttingDown,
+}
+
+/// `status`: one node's view of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// The answering node.
+    pub node_id: NodeId,
+    /// Whether it serves.
+    pub state: NodeState,
+    /// Why it does not serve, when it does not.
+    pub reason: Option<String>,
+    /// The leader it knows of.
+    pub leader: Option<NodeId>,
+    /// Its raft term.
+    pub term: u64,
+    /// The epoch of its newest shard map (0: none yet).
+    pub epoch: Epoch,
+    /// The voting members.
+    pub voters: Vec<NodeId>,
+    /// The non-voting members (they host shards too).
+    pub learners: Vec<NodeId>,
+    /// Shards this node owns in its newest map.
+    pub shards_owned: u32,
+    /// The cluster's shard count, once fixed.
+    pub shard_count: Option<u32>,
+    /// The raft role: `leader`, `follower`, `candidate` or `learner`.
+    pub raft_state: String,
+    /// Index of the last entry in its raft log.
+    pub last_log_index: Option<u64>,
+    /// Index of the last entry applied to its state.
+    pub last_applied_index: Option<u64>,
+    /// How many voters may fail with a quorum left.
+    pub failures_tolerated: usize,
+}
+
+/// One member in `nodes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReport {
+    /// Its id.
+    pub id: NodeId,
+    /// Its address.
+    pub addr: String,
+    /// Its zone.
+    pub zone: Option<String>,
+    /// `voter` or `learner`.
+    pub role: String,
+    /// Whether it is the leader.
+    pub leader: bool,
+    /// Shards it owns.
+    pub shards: u32,
+}
+
+/// `nodes`: every member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodesReport {
+    /// The leader, if known.
+    pub leader: Option<NodeId>,
+    /// The members, by id.
+    pub nodes: Vec<NodeReport>,
+}
+
+/// One shard's owner in `shards`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardOwner {
+    /// The shard.
+    pub shard: ShardId,
+    /// Its owner.
+    pub node: NodeId,
+}
+
+/// `shards`: the shard map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardsReport {
+    /// The map's epoch (0: no map yet).
+    pub epoch: Epoch,
+    /// Every shard's owner, by shard.
+    pub shards: Vec<ShardOwner>,
+}
+
+/// The outcome of a membership command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeReport {
+    /// What happened, in one sentence.
+    pub message: String,
+    /// Warnings about the resulting layout (even voter counts, fewer than three voters).
+    pub warnings: Vec<String>,
+    /// The voters afterwards.
+    pub voters: Vec<NodeId>,
+    /// The learners afterwards.
+    pub learners: Vec<NodeId>,
+    /// How many voter failures the cluster now tolerates.
+    pub failures_tolerated: usize,
+    /// The leader afterwards, if known.
+    pub leader: Option<NodeId>,
+}
+
+/// A successful answer to an [`AdminRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum AdminResponse {
+    /// Answer to `Status`.
+    Status(StatusReport),
+    /// Answer to `Nodes`.
+    Nodes(NodesReport),
+    /// Answer to `Shards`.
+    Shards(ShardsReport),
+    /// Answer to `AddNode`, `RemoveNode`, `StepDown` and `Elect`.
+    Changed(ChangeReport),
+}
+
+/// Why an admin command failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminError {
+    /// The cluster has no leader now, so nothing can change. Wait for an election, or check
+    /// that a majority of voters is up.
+    #[error(
+        "no leader: the cluster cannot change now; check that a majority of voters is running"
+    )]
+    NoLeader,
+    /// This node is not the leader (and the command was already forwarded once).
+    #[error("node is not the leader (leader: {leader:?}); send the command to the leader")]
+    NotLeader {
+        /// The leader it knows of.
+        leader: Option<NodeId>,
+    },
+    /// The command makes no sense for this cluster (e.g. an unknown node id).
+    #[error("invalid request: {reason}")]
+    Invalid {
+        /// Why.
+        reason: String,
+    },
+    /// The command was accepted but did not finish; the reason says what to check.
+    #[error("failed: {reason}")]
+    Failed {
+        /// Why.
+        reason: String,
+    },
+    /// The node could not be reached or refused the connection.
+    #[error("cannot reach the node: {reason}")]
+    Unreachable {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// How many voter failures a cluster of `voters` voters tolerates with a quorum left.
+pub fn failures_tolerated(voters: usize) -> usize {
+    voters.saturating_sub(1) / 2
+}
+
+/// Warnings for a layout of `voters` voters: even counts and fewer than three.
+pub fn layout_warnings(voters: usize) -> Vec<String> {
+    let tolerated = failures_tolerated(voters);
+    let failures = if tolerated == 1 {
+        "failure"
+    } else {
+        "failures"
+    };
+    let mut warnings = Vec::new();
+    if voters < 3 {
+        warnings.push(format!(
+            "the cluster now has {voters} voter(s) and tolerates {tolerated} {failures}: run at least 3 voters"
+        ));
+    } else if voters % 2 == 0 {
+        warnings.push(format!(
+            "the cluster now has an even number of voters ({voters}) and tolerates {tolerated} {failures}, no more than {} voters would: use an odd count",
+            voters - 1
+        ));
+    }
+    warnings
+}
+
+/// Sends admin commands to one node. The `clusterfunk` tool is a thin layer over it.
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    transport: Transport,
+    node: SocketAddr,
+    timeout: Duration,
+}
+
+impl AdminClient {
+    /// A client for the node at `node`, authenticating with `secret` (`None`: insecure mode,
+    /// which only insecure clusters accept). `timeout` bounds each command.
+    pub fn new(
+        node: SocketAddr,
+        cluster_name: &str,
+        secret: Option<Secret>,
+        timeout: Duration,
+    ) -> Result<Self, AdminError> {
+        let transport = Transport::new(TransportConfig {
+            cluster_name: cluster_name.to_string(),
+            node_id: None,
+            secret,
+            ..TransportConfig::default()
+        })
+        .map_err(|e| AdminError::Invalid {
+            reason: e.to_string(),
+        })?;
+        Ok(AdminClient {
+            transport,
+            node,
+            timeout,
+        })
+    }
+
+    /// Sends `request` and waits for the answer.
+    pub async fn request(&self, request: AdminRequest) -> Result<AdminResponse, AdminError> {
+        let request = Request::Admin {
+            request,
+            forwarded: false,
+        };
+        call_admin(&self.transport, self.node, &request, self.timeout).await
+    }
+}
+
+/// Sends an admin request to `node` over `transport`.
+pub(crate) async fn call_admin(
+    transport: &Transport,
+    node: SocketAddr,
+    request: &Request,
+    timeout: Duration,
+) -> Result<AdminResponse, AdminError> {
+    let payload = codec::encode(request).map_err(|e| AdminError::Invalid {
+        reason: e.to_string(),
+    })?;
+    let answer = transport
+        .request(node, payload, timeout)
+        .await
+        .map_err(|e| AdminError::Unreachable {
+            reason: e.to_string(),
+        })?;
+    match codec::decode::<Response>(&answer) {
+        Ok(Response::Admin(result)) => result,
+        Ok(_) => Err(AdminError::Failed {
+            reason: "the node answered with an unexpected message".into(),
+        }),
+        Err(e) => Err(AdminError::Failed {
+            reason: format!("undecodable answer: {e}"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_tolerance_by_voter_count() {
+        let tolerated: Vec<_> = (0..=9).map(failures_tolerated).collect();
+        assert_eq!(tolerated, vec![0, 0, 0, 1, 1, 2, 2, 3, 3, 4]);
+    }
+
+    #[test]
+    fn even_and_small_layouts_warn() {
+        assert!(layout_warnings(3).is_empty());
+        assert!(layout_warnings(5).is_empty());
+        assert!(layout_warnings(4)[0].contains("tolerates 1 failure"));
+        assert!(layout_warnings(2)[0].contains("at least 3"));
+        assert!(layout_warnings(1)[0].contains("tolerates 0 failures"));
+    }
+}

@@ -1,0 +1,695 @@
+//! Consensus: the openraft instance that replicates the cluster state (members and the shard
+//! map), its start-up and bootstrap, and the consensus actor that carries out admin commands.
+//!
+//! The state and its transitions are pure code in [`state`]; raft RPCs travel over the
+//! transport ([`network`]); the log and snapshots live in [`storage`](crate::storage). This
+//! module does not route messages: it publishes applied states, and the node installs each new
+//! map in the router.
+
+pub mod network;
+pub mod state;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Cursor;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, LogId, Membership, RaftMetrics, ServerState};
+use tokio::sync::watch;
+
+pub use state::{ClusterState, Command, CommandResponse, MemberRecord, NodeInfo};
+
+use crate::admin::{
+    call_admin, failures_tolerated, layout_warnings, AdminError, AdminRequest, AdminResponse,
+    ChangeReport, NodeReport, NodeState, NodesReport, ShardOwner, ShardsReport, StatusReport,
+};
+use crate::error::ConfigError;
+use crate::shard_map::NodeId;
+use crate::storage::{Applied, StateMachineApp};
+use crate::transport::Transport;
+use crate::wire::Request;
+
+openraft::declare_raft_types!(
+    /// The raft types of clusterfunk: commands change the [`ClusterState`].
+    pub TypeConfig:
+        D = Command,
+        R = CommandResponse,
+        NodeId = NodeId,
+        Node = NodeInfo,
+);
+
+/// The raft instance of a node.
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// The applied cluster state as the storage layer publishes it.
+pub type AppliedState = Applied<TypeConfig, ClusterState>;
+
+/// The application side of the replicated state machine.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ClusterApp;
+
+impl StateMachineApp<TypeConfig> for ClusterApp {
+    type State = ClusterState;
+
+    fn apply(
+        &self,
+        state: &mut ClusterState,
+        _log_id: &LogId<NodeId>,
+        request: &Command,
+    ) -> CommandResponse {
+        state.apply(request)
+    }
+
+    fn empty_response(&self) -> CommandResponse {
+        CommandResponse::Applied { epoch: 0 }
+    }
+
+    fn apply_membership(
+        &self,
+        state: &mut ClusterState,
+        _log_id: &LogId<NodeId>,
+        membership: &Membership<NodeId, NodeInfo>,
+    ) {
+        state.apply_membership(
+            membership.nodes().map(|(id, node)| (*id, node)),
+            membership.voter_ids(),
+        );
+    }
+}
+
+/// Raft timing and log settings. Durations are validated at start-up.
+#[derive(Debug, Clone)]
+pub struct ConsensusConfig {
+    /// How often the leader sends heartbeats. Default: 50 ms.
+    pub heartbeat_interval: Duration,
+    /// The shortest election timeout. Default: 150 ms.
+    pub election_timeout_min: Duration,
+    /// The longest election timeout. Default: 300 ms.
+    pub election_timeout_max: Duration,
+    /// A snapshot is taken after this many log entries since the last one. Default: 1000.
+    pub snapshot_logs_since_last: u64,
+    /// How long add-node waits for a new node to catch up before giving up. Default: 30 s.
+    pub catch_up_timeout: Duration,
+    /// How long an admin command may take, including forwarding. Default: 60 s.
+    pub admin_timeout: Duration,
+}
+
+impl Default for ConsensusConfig {
+    fn default() -> Self {
+        ConsensusConfig {
+            heartbeat_interval: Duration::from_millis(50),
+            election_timeout_min: Duration::from_millis(150),
+            election_timeout_max: Duration::from_millis(300),
+            snapshot_logs_since_last: 1000,
+            catch_up_timeout: Duration::from_secs(30),
+            admin_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ConsensusConfig {
+    /// The openraft configuration, validated.
+    pub fn raft_config(&self, cluster_name: &str) -> Result<Arc<openraft::Config>, ConfigError> {
+        let invalid = |reason: String| ConfigError::Invalid {
+            name: "consensus",
+            reason,
+        };
+        if self.heartbeat_interval.is_zero() || self.heartbeat_interval >= self.election_timeout_min
+        {
+            return Err(invalid(format!(
+                "heartbeat_interval ({:?}) must be above zero and below election_timeout_min ({:?})",
+                self.heartbeat_interval, self.election_timeout_min
+            )));
+        }
+        let config = openraft::Config {
+            cluster_name: cluster_name.to_string(),
+            heartbeat_interval: self.heartbeat_interval.as_millis() as u64,
+            election_timeout_min: self.election_timeout_min.as_millis() as u64,
+            election_timeout_max: self.election_timeout_max.as_millis() as u64,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_logs_since_last),
+            max_in_snapshot_log_to_keep: 100,
+            ..Default::default()
+        };
+        config
+            .validate()
+            .map(Arc::new)
+            .map_err(|e| invalid(e.to_string()))
+    }
+}
+
+/// What the node needs of consensus: the raft handle, the applied state, and admin commands.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Consensus {
+    node_id: NodeId,
+    raft: Raft,
+    applied: watch::Receiver<Arc<AppliedState>>,
+    transport: Transport,
+    config: ConsensusConfig,
+    actor: Addr<ConsensusActor>,
+}
+
+impl std::fmt::Debug for Consensus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consensus")
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Consensus {
+    /// Wraps a started raft instance and starts the consensus actor and the task that writes the
+    /// shard count once this node leads a cluster that has none.
+    pub fn new(
+        node_id: NodeId,
+        raft: Raft,
+        applied: watch::Receiver<Arc<AppliedState>>,
+        transport: Transport,
+        config: ConsensusConfig,
+        shard_count: u32,
+    ) -> Self {
+        let actor = ConsensusActor { consensus: None }.start();
+        let consensus = Consensus {
+            node_id,
+            raft,
+            applied,
+            transport,
+            config,
+            actor,
+        };
+        consensus.actor.do_send(Attach(consensus.clone()));
+        tokio::spawn(write_shard_count_when_leading(
+            consensus.clone(),
+            shard_count,
+        ));
+        consensus
+    }
+
+    /// The raft handle.
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The newest applied state.
+    pub fn applied(&self) -> Arc<AppliedState> {
+        self.applied.borrow().clone()
+    }
+
+    /// A receiver of every newly applied state.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<AppliedState>> {
+        self.applied.clone()
+    }
+
+    /// Bootstraps a new cluster with `members` as voters, unless this node's storage already
+    /// holds a cluster (then it rejoins from disk and the list is ignored).
+    pub async fn bootstrap(&self, members: BTreeMap<NodeId, NodeInfo>) -> Result<bool, AdminError> {
+        let initialized = self.raft.is_initialized().await.map_err(failed)?;
+        if initialized {
+            tracing::info!("storage holds a cluster already: rejoining from disk, ignoring the initial member list");
+            return Ok(false);
+        }
+        if !members.contains_key(&self.node_id) {
+            return Err(AdminError::Invalid {
+                reason: format!(
+                    "the initial member list does not contain this node ({})",
+                    self.node_id
+                ),
+            });
+        }
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(true),
+            Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(false),
+            Err(e) => Err(failed(e)),
+        }
+    }
+
+    /// Answers an admin command: reads from this node's view, writes on the leader (forwarded
+    /// there once when this node is not the leader).
+    pub async fn admin(
+        &self,
+        request: AdminRequest,
+        forwarded: bool,
+    ) -> Result<AdminResponse, AdminError> {
+        match request {
+            AdminRequest::Status => Ok(AdminResponse::Status(self.status(None))),
+            AdminRequest::Nodes => Ok(AdminResponse::Nodes(self.nodes())),
+            AdminRequest::Shards => Ok(AdminResponse::Shards(self.shards())),
+            AdminRequest::Elect => {
+                self.raft.trigger().elect().await.map_err(failed)?;
+                Ok(AdminResponse::Changed(self.change_report(format!(
+                    "node {} started an election",
+                    self.node_id
+                ))))
+            }
+            write => {
+                let leader = self.raft.metrics().borrow().current_leader;
+                match leader {
+                    Some(leader) if leader == self.node_id => self
+                        .actor
+                        .send(Write(write))
+                        .await
+                        .map_err(|_| AdminError::Failed {
+                        reason: "the node is shutting down".into(),
+                    })?,
+                    Some(leader) if !forwarded => self.forward(leader, write).await,
+                    Some(leader) => Err(AdminError::NotLeader {
+                        leader: Some(leader),
+                    }),
+                    None => Err(AdminError::NoLeader),
+                }
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        leader: NodeId,
+        request: AdminRequest,
+    ) -> Result<AdminResponse, AdminError> {
+        let addr = self.address_of(leader)?;
+        let request = Request::Admin {
+            request,
+            forwarded: true,
+        };
+        call_admin(&self.transport, addr, &request, self.config.admin_timeout).await
+    }
+
+    fn address_of(&self, node: NodeId) -> Result<SocketAddr, AdminError> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let info = metrics
+            .membership_config
+            .membership()
+            .get_node(&node)
+            .cloned();
+        let info = info.ok_or_else(|| AdminError::Failed {
+            reason: format!("node {node} is not in this node's membership view yet; retry"),
+        })?;
+        info.addr.parse().map_err(|_| AdminError::Failed {
+            reason: format!("node {node} has an invalid address `{}`", info.addr),
+        })
+    }
+
+    /// This node's status, as `status` reports it. `router_state` overrides the readiness
+    /// computed from raft (the node passes its router's view).
+    pub fn status(&self, router_state: Option<(NodeState, Option<String>)>) -> StatusReport {
+        let metrics = self.raft.metrics().borrow().clone();
+        let applied = self.applied();
+        let (voters, learners) = roles(&metrics);
+        let map = applied.state.map.as_ref();
+        let (state, reason) = router_state.unwrap_or_else(|| readiness(&metrics, &applied));
+        StatusReport {
+            node_id: self.node_id,
+            state,
+            reason,
+            leader: metrics.current_leader,
+            term: metrics.current_term,
+            epoch: applied.state.epoch(),
+            failures_tolerated: failures_tolerated(voters.len()),
+            voters,
+            learners,
+            shards_owned: map.map_or(0, |m| m.shards_of(self.node_id).count() as u32),
+            shard_count: applied.state.shard_count,
+            raft_state: raft_state_name(metrics.state).to_string(),
+            last_log_index: metrics.last_log_index,
+            last_applied_index: metrics.last_applied.map(|l| l.index),
+        }
+    }
+
+    fn nodes(&self) -> NodesReport {
+        let metrics = self.raft.metrics().borrow().clone();
+        let applied = self.applied();
+        let voters: BTreeSet<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+        let counts = applied
+            .state
+            .map
+            .as_ref()
+            .map(|m| m.counts())
+            .unwrap_or_default();
+        let nodes = metrics
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, info)| NodeReport {
+                id: *id,
+                addr: info.addr.clone(),
+                zone: info.zone.clone(),
+                role: if voters.contains(id) {
+                    "voter"
+                } else {
+                    "learner"
+                }
+                .to_string(),
+                leader: metrics.current_leader == Some(*id),
+                shards: counts.get(id).copied().unwrap_or(0),
+            })
+            .collect();
+        NodesReport {
+            leader: metrics.current_leader,
+            nodes,
+        }
+    }
+
+    fn shards(&self) -> ShardsReport {
+        let applied = self.applied();
+        match applied.state.map.as_ref() {
+            Some(map) => ShardsReport {
+                epoch: map.epoch,
+                shards: map
+                    .shards
+                    .iter()
+                    .enumerate()
+                    .map(|(shard, node)| ShardOwner {
+                        shard: shard as u32,
+                        node: *node,
+                    })
+                    .collect(),
+            },
+            None => ShardsReport {
+                epoch: 0,
+                shards: Vec::new(),
+            },
+        }
+    }
+
+    fn change_report(&self, message: String) -> ChangeReport {
+        let metrics = self.raft.metrics().borrow().clone();
+        let (voters, learners) = roles(&metrics);
+        ChangeReport {
+            message,
+            warnings: layout_warnings(voters.len()),
+            failures_tolerated: failures_tolerated(voters.len()),
+            voters,
+            learners,
+            leader: metrics.current_leader,
+        }
+    }
+
+    async fn add_node(
+        &self,
+        id: NodeId,
+        addr: String,
+        zone: Option<String>,
+        learner: bool,
+    ) -> Result<AdminResponse, AdminError> {
+        let parsed: SocketAddr = addr.parse().map_err(|_| AdminError::Invalid {
+            reason: format!("`{addr}` is not an IP:PORT address"),
+        })?;
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        if let Some(existing) = membership.membership().get_node(&id) {
+            if existing.addr != parsed.to_string() {
+                return Err(AdminError::Invalid {
+                    reason: format!(
+                        "node {id} is already a member at {}; remove it first",
+                        existing.addr
+                    ),
+                });
+            }
+        }
+        let node = NodeInfo {
+            addr: parsed.to_string(),
+            zone,
+        };
+        let catch_up = tokio::time::timeout(
+            self.config.catch_up_timeout,
+            self.raft.add_learner(id, node, true),
+        )
+        .await;
+        match catch_up {
+            Ok(result) => {
+                result.map_err(write_error)?;
+            }
+            Err(_) => {
+                return Err(AdminError::Failed {
+                    reason: format!(
+                        "node {id} was added as a learner but did not catch up within {:?}: is it running at {addr} with the cluster's secret? It stays a learner until you retry or remove it",
+                        self.config.catch_up_timeout
+                    ),
+                })
+            }
+        }
+        if !learner {
+            self.raft
+                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                .await
+                .map_err(write_error)?;
+        }
+        let role = if learner { "learner" } else { "voter" };
+        Ok(AdminResponse::Changed(self.change_report(format!(
+            "node {id} at {addr} added as a {role}"
+        ))))
+    }
+
+    async fn remove_node(&self, id: NodeId) -> Result<AdminResponse, AdminError> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        if membership.get_node(&id).is_none() {
+            return Err(AdminError::Invalid {
+                reason: format!("node {id} is not a member"),
+            });
+        }
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        if voters.contains(&id) {
+            if voters.len() == 1 {
+                return Err(AdminError::Invalid {
+                    reason: format!("node {id} is the last voter; a cluster needs at least one"),
+                });
+            }
+            self.raft
+                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                .await
+                .map_err(write_error)?;
+        } else {
+            self.raft
+                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                .await
+                .map_err(write_error)?;
+        }
+        Ok(AdminResponse::Changed(
+            self.change_report(format!("node {id} removed")),
+        ))
+    }
+
+    /// Hands leadership to the most caught-up other voter.
+    ///
+    /// openraft 0.9 has no leadership transfer, and followers refuse votes while they hear from
+    /// a leader (its lease). So the leader pauses its heartbeats and its own elections, waits out
+    /// the longest election timeout, asks the chosen voter to campaign, and waits for a new
+    /// leader; it resumes heartbeats and elections in every case.
+    async fn step_down(&self) -> Result<AdminResponse, AdminError> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+        let replication = metrics.replication.clone().unwrap_or_default();
+        let target = voters
+            .iter()
+            .filter(|v| **v != self.node_id)
+            .max_by_key(|v| {
+                (
+                    replication.get(*v).cloned().flatten().map(|l| l.index),
+                    std::cmp::Reverse(**v),
+                )
+            })
+            .copied()
+            .ok_or_else(|| AdminError::Invalid {
+                reason: "there is no other voter to hand leadership to; add one first".into(),
+            })?;
+        let addr = self.address_of(target)?;
+        let runtime = self.raft.runtime_config();
+        runtime.heartbeat(false);
+        runtime.elect(false);
+        let outcome = async {
+            // Followers refuse to vote until the leader lease (the longest election timeout)
+            // has passed since they last heard from this leader.
+            tokio::time::sleep(self.config.election_timeout_max + self.config.heartbeat_interval)
+                .await;
+            let request = Request::Admin {
+                request: AdminRequest::Elect,
+                forwarded: true,
+            };
+            call_admin(&self.transport, addr, &request, self.config.admin_timeout).await?;
+            let mut metrics = self.raft.metrics();
+            let me = self.node_id;
+            let wait = tokio::time::timeout(self.config.election_timeout_max * 20, async move {
+                metrics
+                    .wait_for(|m| m.current_leader.is_some_and(|l| l != me))
+                    .await
+                    .map(|m| m.current_leader)
+            });
+            match wait.await {
+                Ok(Ok(leader)) => Ok(leader),
+                _ => Err(AdminError::Failed {
+                    reason: "no other voter took over in time; leadership stays here".into(),
+                }),
+            }
+        }
+        .await;
+        runtime.heartbeat(true);
+        runtime.elect(true);
+        let new_leader = outcome?;
+        Ok(AdminResponse::Changed(self.change_report(format!(
+            "node {} stepped down; node {} leads now",
+            self.node_id,
+            new_leader.map_or("?".to_string(), |l| l.to_string())
+        ))))
+    }
+}
+
+/// Whether a node with these raft metrics and this applied state may serve, and why not.
+pub fn readiness(
+    metrics: &RaftMetrics<NodeId, NodeInfo>,
+    applied: &AppliedState,
+) -> (NodeState, Option<String>) {
+    if metrics.current_leader.is_none() {
+        (
+            NodeState::NotReady,
+            Some(crate::NotReadyReason::NoLeader.to_string()),
+        )
+    } else if applied.state.map.is_none() {
+        (
+            NodeState::NotReady,
+            Some(crate::NotReadyReason::NoMap.to_string()),
+        )
+    } else {
+        (NodeState::Serving, None)
+    }
+}
+
+fn roles(metrics: &RaftMetrics<NodeId, NodeInfo>) -> (Vec<NodeId>, Vec<NodeId>) {
+    let membership = metrics.membership_config.membership();
+    (
+        membership.voter_ids().collect(),
+        membership.learner_ids().collect(),
+    )
+}
+
+fn raft_state_name(state: ServerState) -> &'static str {
+    match state {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+fn failed(error: impl std::fmt::Display) -> AdminError {
+    AdminError::Failed {
+        reason: error.to_string(),
+    }
+}
+
+fn write_error(error: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>) -> AdminError {
+    match error {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => AdminError::NotLeader {
+            leader: forward.leader_id,
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(change)) => {
+            AdminError::Invalid {
+                reason: change.to_string(),
+            }
+        }
+        other => failed(other),
+    }
+}
+
+/// Once this node leads a cluster without a shard count, writes the configured one (the first
+/// leader fixes it for the life of the cluster).
+async fn write_shard_count_when_leading(consensus: Consensus, shard_count: u32) {
+    let mut metrics = consensus.raft.metrics();
+    let mut applied = consensus.subscribe();
+    loop {
+        let leading = metrics.borrow().current_leader == Some(consensus.node_id);
+        if applied.borrow().state.shard_count.is_some() {
+            return;
+        }
+        if leading {
+            match consensus
+                .raft
+                .client_write(Command::Init { shard_count })
+                .await
+            {
+                Ok(_) => tracing::info!(shard_count, "cluster initialised with its shard count"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not write the shard count; retrying when leading")
+                }
+            }
+            continue;
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return },
+            changed = applied.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Carries out membership commands one at a time (a second waits for the first to finish).
+struct ConsensusActor {
+    consensus: Option<Consensus>,
+}
+
+impl Actor for ConsensusActor {
+    type Context = Context<Self>;
+}
+
+/// Gives the actor its consensus handle (which holds the actor's own address).
+struct Attach(Consensus);
+
+impl Message for Attach {
+    type Result = ();
+}
+
+impl Handler<Attach> for ConsensusActor {
+    type Result = ();
+
+    fn handle(&mut self, attach: Attach, _ctx: &mut Self::Context) {
+        self.consensus = Some(attach.0);
+    }
+}
+
+/// A membership command to run on the leader.
+struct Write(AdminRequest);
+
+impl Message for Write {
+    type Result = Result<AdminResponse, AdminError>;
+}
+
+impl Handler<Write> for ConsensusActor {
+    type Result = AtomicResponse<Self, Result<AdminResponse, AdminError>>;
+
+    fn handle(&mut self, Write(request): Write, _ctx: &mut Self::Context) -> Self::Result {
+        let consensus = self.consensus.clone();
+        AtomicResponse::new(Box::pin(
+            async move {
+                let Some(consensus) = consensus else {
+                    return Err(AdminError::Failed {
+                        reason: "consensus is still starting; retry".into(),
+                    });
+                };
+                let span = tracing::info_span!("membership", ?request);
+                let work = async move {
+                    match request {
+                        AdminRequest::AddNode {
+                            id,
+                            addr,
+                            zone,
+                            learner,
+                        } => consensus.add_node(id, addr, zone, learner).await,
+                        AdminRequest::RemoveNode { id } => consensus.remove_node(id).await,
+                        AdminRequest::StepDown => consensus.step_down().await,
+                        other => Err(AdminError::Invalid {
+                            reason: format!("{other:?} is not a membership command"),
+                        }),
+                    }
+                };
+                tracing::Instrument::instrument(work, span).await
+            }
+            .into_actor(self),
+        ))
+    }
+}
+
+// `declare_raft_types!` names `Cursor` for the snapshot data type.
+#[allow(dead_code)]
+type SnapshotData = Cursor<Vec<u8>>;

@@ -1,0 +1,312 @@
+//! The client side: [`Transport`] keeps one connection per peer address, opens it lazily,
+//! and reconnects with capped exponential backoff.
+//!
+//! This file does not own the wire format, the handshake or the multiplexing of requests over a
+//! connection (`connection.rs`).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::codec::{payload_fits, PAYLOAD_OVERHEAD_MAX};
+use super::connection::{raise_frame_limit, split, Connection};
+use super::{handshake, lock, Faults, TransportConfig, TransportError, PROTOCOL_VERSION};
+
+/// Sends requests to peers and waits for their responses. Clones share the connections: make
+/// one per node (or per client) and clone it freely.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use clusterfunk::transport::{Secret, Transport, TransportConfig};
+///
+/// let transport = Transport::new(TransportConfig {
+///     node_id: Some(1),
+///     secret: Secret::from_env()?,
+///     ..Default::default()
+/// })?;
+/// let peer = "127.0.0.1:7102".parse()?;
+/// let response = transport.request(peer, b"ping".to_vec(), Duration::from_secs(1)).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Transport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: TransportConfig,
+    peers: Mutex<HashMap<SocketAddr, Peer>>,
+    faults: Faults,
+}
+
+/// What the transport knows about one destination.
+struct Peer {
+    connection: Option<Arc<Connection>>,
+    /// Held while connecting, so that concurrent first requests open one connection, not many.
+    connecting: Arc<tokio::sync::Mutex<()>>,
+    /// Consecutive failed connection attempts.
+    failures: u32,
+    /// No attempt before this instant; requests fail fast until then.
+    retry_at: Option<Instant>,
+    /// Why the last attempt failed, for the fail-fast error.
+    last_error: String,
+}
+
+impl Peer {
+    fn new() -> Self {
+        Self {
+            connection: None,
+            connecting: Arc::new(tokio::sync::Mutex::new(())),
+            failures: 0,
+            retry_at: None,
+            last_error: String::new(),
+        }
+    }
+}
+
+/// What a request should do about its connection.
+enum Ready {
+    Open(Arc<Connection>),
+    Connect(Arc<tokio::sync::Mutex<()>>),
+}
+
+impl Transport {
+    /// Makes a transport after validating `config`. It opens no connection until the first
+    /// request to a peer; it must be used inside a tokio runtime.
+    pub fn new(config: TransportConfig) -> Result<Self, TransportError> {
+        config.validate()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                peers: Mutex::new(HashMap::new()),
+                faults: Faults::new(),
+            }),
+        })
+    }
+
+    /// The configuration this transport was built with.
+    pub fn config(&self) -> &TransportConfig {
+        &self.inner.config
+    }
+
+    /// The fault injection handle of this transport (for tests).
+    pub fn faults(&self) -> &Faults {
+        &self.inner.faults
+    }
+
+    /// Sends `payload` to the service at `addr` and waits at most `timeout` for its response.
+    ///
+    /// Connects first if there is no connection to `addr` (one per address, shared by all
+    /// concurrent requests). While `addr` is in reconnect backoff after a failed attempt, fails
+    /// at once with [`TransportError::Unreachable`]. The timeout covers connecting too.
+    pub async fn request(
+        &self,
+        addr: SocketAddr,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, TransportError> {
+        let frame_size_max = self.inner.config.frame_size_max;
+        if !payload_fits(payload.len(), frame_size_max) {
+            return Err(TransportError::FrameTooLarge {
+                len: payload.len() + PAYLOAD_OVERHEAD_MAX,
+                max: frame_size_max,
+            });
+        }
+        match tokio::time::timeout(timeout, self.exchange(addr, payload)).await {
+            Ok(result) => result,
+            Err(_) => Err(TransportError::Timeout {
+                addr,
+                after: timeout,
+            }),
+        }
+    }
+
+    /// Closes the connection to `addr`, if any, and forgets its backoff. Requests waiting on
+    /// it fail with [`TransportError::Closed`]; the next request reconnects.
+    pub fn close(&self, addr: SocketAddr) {
+        let peer = lock(&self.inner.peers).remove(&addr);
+        if let Some(connection) = peer.and_then(|peer| peer.connection) {
+            connection.close();
+        }
+    }
+
+    async fn exchange(
+        &self,
+        addr: SocketAddr,
+        payload: Vec<u8>,
+    ) -> Result<Vec<u8>, TransportError> {
+        let fault = self.inner.faults.get(addr);
+        if fault.blocked {
+            self.drop_blocked_connection(addr);
+            return Err(TransportError::Unreachable {
+                addr,
+                reason: "blocked by fault injection (Faults::block)".to_owned(),
+            });
+        }
+        if !fault.delay.is_zero() {
+            tokio::time::sleep(fault.delay).await;
+        }
+        let connection = self.connection(addr).await?;
+        connection.call(payload).await
+    }
+
+    fn drop_blocked_connection(&self, addr: SocketAddr) {
+        let connection = lock(&self.inner.peers)
+            .get_mut(&addr)
+            .and_then(|peer| peer.connection.take());
+        if let Some(connection) = connection {
+            connection.close_blocked();
+        }
+    }
+
+    /// The open connection to `addr`, connecting if there is none.
+    async fn connection(&self, addr: SocketAddr) -> Result<Arc<Connection>, TransportError> {
+        let connecting = match self.ready(addr)? {
+            Ready::Open(connection) => return Ok(connection),
+            Ready::Connect(connecting) => connecting,
+        };
+        let _turn = connecting.lock().await;
+        // Whoever held the lock before may have connected, or failed and started a backoff.
+        if let Ready::Open(connection) = self.ready(addr)? {
+            return Ok(connection);
+        }
+        let result = connect(&self.inner.config, addr, &self.inner.faults).await;
+        let mut peers = lock(&self.inner.peers);
+        let peer = peers.entry(addr).or_insert_with(Peer::new);
+        match result {
+            Ok(connection) => {
+                let connection = Arc::new(connection);
+                peer.connection = Some(connection.clone());
+                peer.failures = 0;
+                peer.retry_at = None;
+                debug!(peer = %addr, "connected");
+                Ok(connection)
+            }
+            Err(error) => {
+                peer.failures = peer.failures.saturating_add(1);
+                let wait = backoff(&self.inner.config, peer.failures);
+                peer.retry_at = Some(Instant::now() + wait);
+                peer.last_error = match &error {
+                    TransportError::Unreachable { reason, .. } => reason.clone(),
+                    other => other.to_string(),
+                };
+                debug!(peer = %addr, %error, failures = peer.failures, ?wait, "connecting failed");
+                Err(error)
+            }
+        }
+    }
+
+    fn ready(&self, addr: SocketAddr) -> Result<Ready, TransportError> {
+        let mut peers = lock(&self.inner.peers);
+        let peer = peers.entry(addr).or_insert_with(Peer::new);
+        if let Some(connection) = &peer.connection {
+            if connection.is_open() {
+                return Ok(Ready::Open(connection.clone()));
+            }
+            peer.connection = None;
+        }
+        if let Some(retry_at) = peer.retry_at {
+            let now = Instant::now();
+            if now < retry_at {
+                return Err(TransportError::Unreachable {
+                    addr,
+                    reason: format!(
+                        "{} connection attempt(s) failed, the next one in {:?}; last error: {}",
+                        peer.failures,
+                        retry_at - now,
+                        peer.last_error
+                    ),
+                });
+            }
+        }
+        Ok(Ready::Connect(peer.connecting.clone()))
+    }
+}
+
+impl fmt::Debug for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Transport")
+            .field("config", &self.inner.config)
+            .field("peers", &lock(&self.inner.peers).len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Wait before the next attempt after `failures` consecutive failures: the minimum, doubled
+/// per further failure, capped at the maximum.
+fn backoff(config: &TransportConfig, failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(30);
+    config
+        .reconnect_backoff_min
+        .saturating_mul(1 << doublings)
+        .min(config.reconnect_backoff_max)
+}
+
+/// Opens a TCP connection to `addr`, runs the handshake and starts the connection's tasks.
+async fn connect(
+    config: &TransportConfig,
+    addr: SocketAddr,
+    faults: &Faults,
+) -> Result<Connection, TransportError> {
+    let stream = match tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr)).await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            return Err(TransportError::Unreachable {
+                addr,
+                reason: format!("TCP connect failed: {error}"),
+            })
+        }
+        Err(_) => {
+            return Err(TransportError::Unreachable {
+                addr,
+                reason: format!("TCP connect timed out after {:?}", config.connect_timeout),
+            })
+        }
+    };
+    // Requests are small and latency-bound; the writer batches on its own.
+    stream.set_nodelay(true)?;
+    let (mut reader, mut writer) = split(stream);
+    let handshake = handshake::client(&mut reader, &mut writer, config, addr, PROTOCOL_VERSION);
+    match tokio::time::timeout(config.handshake_timeout, handshake).await {
+        Ok(Ok(_server_node_id)) => {}
+        Ok(Err(error)) => return Err(error),
+        Err(_) => {
+            return Err(TransportError::Unreachable {
+                addr,
+                reason: format!(
+                    "the handshake did not finish within {:?}; is a clusterfunk node of a compatible release listening there?",
+                    config.handshake_timeout
+                ),
+            })
+        }
+    }
+    raise_frame_limit(&mut reader, &mut writer, config.frame_size_max);
+    Ok(Connection::start(addr, reader, writer, faults.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_is_cheap_to_share_across_tasks() {
+        fn shareable<T: Clone + Send + Sync + 'static>() {}
+        shareable::<Transport>();
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let config = TransportConfig::default();
+        let waits: Vec<u128> = (1..=9).map(|n| backoff(&config, n).as_millis()).collect();
+        assert_eq!(waits, [10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        assert_eq!(backoff(&config, u32::MAX), config.reconnect_backoff_max);
+    }
+}

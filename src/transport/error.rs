@@ -1,0 +1,83 @@
+//! Errors of the transport boundary: what a request, a connection or a server start can fail
+//! with. Each message says what happened and what to do next.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Why a transport operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The peer could not be reached: connecting failed, the handshake did not finish, the
+    /// transport is backing off after earlier failures, or a test blocked the destination.
+    #[error("cannot reach {addr}: {reason}; check that a node is running at that address and reachable (while reconnecting with backoff, requests fail fast)")]
+    Unreachable {
+        /// The destination.
+        addr: SocketAddr,
+        /// What went wrong, in words.
+        reason: String,
+    },
+    /// No response arrived within the caller's timeout.
+    #[error("no response from {addr} within {after:?}; the peer may still process the request, so retry only if it is idempotent, or raise the timeout")]
+    Timeout {
+        /// The destination.
+        addr: SocketAddr,
+        /// The timeout that expired.
+        after: Duration,
+    },
+    /// A handshake refused the connection: wrong or missing secret, another cluster name or
+    /// another protocol version. The reason says which, and what to fix.
+    #[error("the handshake refused the connection: {reason}")]
+    Refused {
+        /// Why, in words, including what to fix.
+        reason: String,
+    },
+    /// The connection closed before the response arrived.
+    #[error("the connection to {addr} closed before the response arrived; the peer may or may not have processed the request, so retry only if it is idempotent (the next request reconnects)")]
+    Closed {
+        /// The destination.
+        addr: SocketAddr,
+    },
+    /// A frame was larger than `frame_size_max`.
+    #[error("a frame of {len} bytes exceeds the limit of {max} bytes; send smaller payloads, or raise frame_size_max on both sides")]
+    FrameTooLarge {
+        /// Size of the frame (or an upper bound of it), in bytes.
+        len: usize,
+        /// The configured limit, in bytes.
+        max: usize,
+    },
+    /// The remote service handled the request and returned an error; the network worked.
+    #[error("the remote service failed the request: {reason}; the network worked, so act on the service's reason (\"overloaded\" means retry later)")]
+    Remote {
+        /// The error string the service returned.
+        reason: String,
+    },
+    /// The peer broke the wire protocol (an undecodable or unexpected frame).
+    #[error("protocol violation: {reason}; the connection was closed, make sure both sides run compatible clusterfunk releases")]
+    Protocol {
+        /// What was wrong, in words.
+        reason: String,
+    },
+    /// The transport configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] TransportConfigError),
+    /// A network I/O operation failed.
+    #[error("network I/O failed: {0}; the connection was closed, the next request reconnects")]
+    Io(#[from] std::io::Error),
+}
+
+/// Why a [`TransportConfig`](super::TransportConfig) is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportConfigError {
+    /// One field holds a value outside its allowed range.
+    #[error(
+        "invalid transport configuration: `{field}` {problem}; fix the configuration and restart"
+    )]
+    Invalid {
+        /// The name of the field.
+        field: &'static str,
+        /// What is wrong with its value and what is allowed.
+        problem: String,
+    },
+}

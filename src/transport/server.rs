@@ -1,0 +1,326 @@
+//! The server side: accepts connections, runs the handshake, and hands each request to the
+//! [`Service`] concurrently, answering through the connection's writer task.
+//!
+//! This file does not own what requests mean: the service decodes its own payloads.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::codec::{payload_fits, Frame, Header};
+use super::connection::{raise_frame_limit, split, write_loop, QUEUE_CAPACITY};
+use super::{handshake, TransportConfig, TransportError, PROTOCOL_VERSION};
+
+/// The reason a request is failed with when its connection already has
+/// `in_flight_per_connection_max` requests in progress. Retrying later may succeed.
+pub const OVERLOADED: &str = "overloaded";
+
+/// Pause after a failed `accept` (for example when the process is out of file descriptors), so
+/// the loop does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// What handles requests on a server.
+pub trait Service: Send + Sync + 'static {
+    /// Handle one request from an authenticated peer; the returned bytes are the response
+    /// payload. An `Err` reaches the caller as [`TransportError::Remote`].
+    fn call(
+        &self,
+        peer: PeerInfo,
+        payload: Vec<u8>,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send>>;
+}
+
+/// Any `Fn(PeerInfo, Vec<u8>) -> impl Future<Output = Result<Vec<u8>, String>>` is a service.
+impl<F, Fut> Service for F
+where
+    F: Fn(PeerInfo, Vec<u8>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Vec<u8>, String>> + Send + 'static,
+{
+    fn call(
+        &self,
+        peer: PeerInfo,
+        payload: Vec<u8>,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send>> {
+        Box::pin(self(peer, payload))
+    }
+}
+
+/// Who sent a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The node id the peer announced in the handshake (authenticated by the cluster secret
+    /// in secure mode); `None` for external clients such as the command-line tool.
+    pub node_id: Option<u64>,
+    /// The peer's socket address (its outgoing port, not its listening address).
+    pub addr: SocketAddr,
+}
+
+/// Controls a running server. Dropping it stops the server too, without waiting.
+#[derive(Debug)]
+pub struct ServerHandle {
+    local_addr: SocketAddr,
+    shutdown: CancellationToken,
+    counters: Arc<Counters>,
+    accept_loop: Option<JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct Counters {
+    accepted: AtomicU64,
+    connection_permits: Arc<Semaphore>,
+    connections_max: usize,
+}
+
+impl ServerHandle {
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// How many TCP connections the server has accepted since it started (whether or not
+    /// their handshake succeeded).
+    pub fn connections_accepted(&self) -> u64 {
+        self.counters.accepted.load(Ordering::Relaxed)
+    }
+
+    /// How many connections are open now.
+    pub fn connections_open(&self) -> usize {
+        self.counters.connections_max - self.counters.connection_permits.available_permits()
+    }
+
+    /// Stops accepting, closes every connection and waits until the listening socket is
+    /// closed, so that the port can be bound again. Requests being handled run to completion,
+    /// but their responses are dropped.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        if let Some(accept_loop) = self.accept_loop.take() {
+            if let Err(error) = accept_loop.await {
+                warn!(%error, "the server's accept loop failed");
+            }
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Shared by all connections of one server.
+struct Context {
+    config: TransportConfig,
+    service: Arc<dyn Service>,
+}
+
+/// Serves `service` on `listener` until the returned handle is shut down or dropped. Fails
+/// only if `config` is invalid or the listener has no local address.
+pub async fn serve(
+    listener: TcpListener,
+    config: TransportConfig,
+    service: Arc<dyn Service>,
+) -> Result<ServerHandle, TransportError> {
+    config.validate()?;
+    let local_addr = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+    let counters = Arc::new(Counters {
+        accepted: AtomicU64::new(0),
+        connection_permits: Arc::new(Semaphore::new(config.connections_max)),
+        connections_max: config.connections_max,
+    });
+    let context = Arc::new(Context { config, service });
+    let accept_loop = tokio::spawn(accept_loop(
+        listener,
+        context,
+        counters.clone(),
+        shutdown.clone(),
+    ));
+    Ok(ServerHandle {
+        local_addr,
+        shutdown,
+        counters,
+        accept_loop: Some(accept_loop),
+    })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    context: Arc<Context>,
+    counters: Arc<Counters>,
+    shutdown: CancellationToken,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        // Take a connection slot before accepting: at the limit, new connections wait in the
+        // kernel's backlog instead of costing us memory.
+        let permit = match counters.connection_permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                warn!(
+                    connections_max = counters.connections_max,
+                    "connection limit reached; new connections wait until one closes"
+                );
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    permit = counters.connection_permits.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
+                }
+            }
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    warn!(%error, "accepting a connection failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
+                    }
+                }
+            },
+        };
+        counters.accepted.fetch_add(1, Ordering::Relaxed);
+        connections.spawn(serve_connection(
+            stream,
+            peer,
+            context.clone(),
+            shutdown.clone(),
+            permit,
+        ));
+        // Reap finished connections so the set does not grow with the server's history.
+        while let Some(finished) = connections.try_join_next() {
+            if let Err(error) = finished {
+                warn!(%error, "a connection task failed");
+            }
+        }
+    }
+    // Close the listening socket first, so the port is free once `shutdown` returns.
+    drop(listener);
+    connections.shutdown().await;
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    addr: SocketAddr,
+    context: Arc<Context>,
+    shutdown: CancellationToken,
+    _connection_permit: OwnedSemaphorePermit,
+) {
+    let config = &context.config;
+    if let Err(error) = stream.set_nodelay(true) {
+        debug!(peer = %addr, %error, "cannot set TCP_NODELAY");
+    }
+    let (mut reader, mut writer) = split(stream);
+    let handshake = tokio::time::timeout(
+        config.handshake_timeout,
+        handshake::server(&mut reader, &mut writer, config, addr, PROTOCOL_VERSION),
+    );
+    let node_id = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        result = handshake => match result {
+            Ok(Ok(node_id)) => node_id,
+            Ok(Err(TransportError::Io(error))) => {
+                debug!(peer = %addr, %error, "connection lost during the handshake");
+                return;
+            }
+            Ok(Err(error)) => {
+                warn!(peer = %addr, reason = %error, "refused connection");
+                return;
+            }
+            Err(_) => {
+                warn!(peer = %addr, timeout = ?config.handshake_timeout, "closing connection: handshake not finished in time");
+                return;
+            }
+        },
+    };
+    raise_frame_limit(&mut reader, &mut writer, config.frame_size_max);
+    let peer = PeerInfo { node_id, addr };
+    debug!(peer = %addr, ?node_id, "connection accepted");
+
+    let (queue, queue_receiver) = mpsc::channel(QUEUE_CAPACITY);
+    let mut writer_task = AbortOnDrop(tokio::spawn(write_loop(writer, queue_receiver, addr)));
+    let in_flight = Arc::new(Semaphore::new(config.in_flight_per_connection_max));
+    loop {
+        let frame = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = &mut writer_task.0 => break,
+            frame = reader.next() => frame,
+        };
+        let (id, payload) = match frame {
+            Some(Ok(Frame {
+                header: Header::Request { id },
+                payload,
+            })) => (id, payload),
+            Some(Ok(frame)) => {
+                warn!(peer = %addr, kind = frame.header.kind(), "closing connection: protocol violation, expected a request");
+                break;
+            }
+            Some(Err(TransportError::Io(error))) => {
+                debug!(peer = %addr, %error, "connection lost");
+                break;
+            }
+            Some(Err(error)) => {
+                warn!(peer = %addr, reason = %error, "closing connection: bad frame");
+                break;
+            }
+            None => {
+                debug!(peer = %addr, "connection closed by the peer");
+                break;
+            }
+        };
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            // Waiting for room here is backpressure on the peer, which is what overload needs.
+            if queue
+                .send(Frame::failed(id, OVERLOADED.to_owned()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            continue;
+        };
+        let response = context.service.call(peer, payload);
+        let queue = queue.clone();
+        let frame_size_max = config.frame_size_max;
+        tokio::spawn(async move {
+            let frame = match response.await {
+                Ok(payload) if payload_fits(payload.len(), frame_size_max) => {
+                    Frame::response(id, payload)
+                }
+                Ok(payload) => Frame::failed(
+                    id,
+                    format!(
+                        "the response of {} bytes exceeds the server's frame_size_max of {frame_size_max} bytes",
+                        payload.len()
+                    ),
+                ),
+                Err(reason) => Frame::failed(id, reason),
+            };
+            // The connection may be gone meanwhile; then nobody waits for the answer.
+            let _ = queue.send(frame).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Aborts the task when dropped, so that a connection's writer never outlives it.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,22 @@
+use clusterfunk::prelude::*;
+
+#[derive(Serialize, Deserialize, ShardMessage)]
+#[reply(u64)]
+struct Incr {
+    by: u64,
+}
+
+#[derive(Default)]
+struct Counter {
+    n: u64,
+}
+
+#[shard_handler]
+impl Counter {
+    fn incr(&mut self, _key: Key, msg: Incr, _ctx: &ShardContext) -> u64 {
+        self.n += msg.by;
+        self.n
+    }
+}
+
+fn main() {}

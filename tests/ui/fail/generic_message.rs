@@ -1,0 +1,9 @@
+use clusterfunk::prelude::*;
+
+#[derive(Serialize, Deserialize, ShardMessage)]
+#[reply(u64)]
+struct Incr<T> {
+    by: T,
+}
+
+fn main() {}

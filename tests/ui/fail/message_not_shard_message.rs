@@ -1,0 +1,30 @@
+use clusterfunk::prelude::*;
+
+#[derive(Serialize, Deserialize, ShardMessage)]
+#[reply(u64)]
+struct Incr {
+    by: u64,
+}
+
+#[derive(Default)]
+struct Counter {
+    n: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Reset;
+
+#[shard_handler]
+impl Counter {
+    fn incr(&mut self, _key: Key, msg: Incr, _ctx: &mut ShardContext) -> u64 {
+        self.n += msg.by;
+        self.n
+    }
+
+    fn reset(&mut self, _key: Key, _msg: Reset, _ctx: &mut ShardContext) -> u64 {
+        self.n = 0;
+        0
+    }
+}
+
+fn main() {}

@@ -1,0 +1,9 @@
+use clusterfunk::prelude::*;
+
+struct Opaque;
+
+#[derive(Serialize, Deserialize, ShardMessage)]
+#[reply(Opaque)]
+struct Get;
+
+fn main() {}
