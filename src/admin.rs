@@ -311,6 +311,22 @@ pub(crate) async fn call_admin(
     }
 }
 
+/// Resolves the cluster secret the way the binaries do: `--secret-file` first, then the
+/// `CLUSTERFUNK_SECRET` environment variable; neither is an error unless `insecure` is set.
+pub fn resolve_secret(
+    secret_file: Option<&std::path::Path>,
+    insecure: bool,
+) -> Result<Option<Secret>, String> {
+    if let Some(path) = secret_file {
+        return Secret::from_file(path).map(Some).map_err(|e| e.to_string());
+    }
+    match Secret::from_env().map_err(|e| e.to_string())? {
+        Some(secret) => Ok(Some(secret)),
+        None if insecure => Ok(None),
+        None => Err("no cluster secret: set CLUSTERFUNK_SECRET or pass --secret-file FILE (or --insecure for a cluster without one)".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -63,6 +63,7 @@
 //! - [`transport`]: authenticated, multiplexed TCP between nodes and clients.
 //! - [`wire`]: the node protocol carried by the transport.
 //! - [`admin`]: operator commands and their reports; the admin client.
+//! - [`client`]: sending to keys from outside the cluster.
 //! - [`codec`]: the one wire and disk format.
 //! - [`error`]: the errors of the public API.
 
@@ -72,6 +73,7 @@
 extern crate self as clusterfunk;
 
 pub mod admin;
+pub mod client;
 pub mod cluster;
 pub mod codec;
 pub mod consensus;

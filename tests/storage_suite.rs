@@ -13,6 +13,7 @@ use clusterfunk::storage::memory::in_memory_for_tests;
 use clusterfunk::storage::{
     LmdbStore, LogStore, StateMachineApp, StateMachineStore, StorageError, StoreOptions,
 };
+use futures_util::future::join_all;
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -441,7 +442,7 @@ async fn single_node_raft_on_lmdb_keeps_its_state_across_restart() {
                 by: 2,
             })
         });
-        for result in futures_join_all(writes).await {
+        for result in join_all(writes).await {
             result.expect("concurrent write");
         }
         // The state machine, not the metrics: metrics are published a moment after responses.
@@ -518,35 +519,6 @@ async fn single_node_raft_on_lmdb_keeps_its_state_across_restart() {
     raft.shutdown().await.expect("shutdown");
 }
 
-/// Awaits all futures concurrently on the current task (no extra dependency needed).
-async fn futures_join_all<F: std::future::Future>(
-    futures: impl IntoIterator<Item = F>,
-) -> Vec<F::Output> {
-    let mut set = Vec::new();
-    for future in futures {
-        set.push(Box::pin(future));
-    }
-    let mut outputs: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (future, output) in set.iter_mut().zip(outputs.iter_mut()) {
-            if output.is_none() {
-                match future.as_mut().poll(cx) {
-                    std::task::Poll::Ready(value) => *output = Some(value),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    outputs.into_iter().flatten().collect()
-}
-
 // Goal: measure what the LMDB log sustains, with fsync on, sequentially and with many writes in
 // flight (group commit). Not a pass/fail test: run with
 // `cargo test --test storage_suite -- --ignored --nocapture append_throughput`.
@@ -588,7 +560,7 @@ async fn append_throughput() {
                 by: 1,
             })
         });
-        for result in futures_join_all(batch).await {
+        for result in join_all(batch).await {
             result.expect("write");
         }
         let raft_rate = writes as f64 / started.elapsed().as_secs_f64();

@@ -158,7 +158,7 @@ impl Unflushed {
         batch
     }
 
-    /// Forgets the entries of `batch` at `indexes` once they are committed (or failed). An entry
+    /// Forgets the entries of `batch` in `first..=last` once they are committed (or failed). An entry
     /// that was replaced by a later append (after a truncate) has another batch number and stays.
     pub(crate) fn flushed(&mut self, batch: u64, first: u64, last: u64) {
         let done: Vec<u64> = self

@@ -22,17 +22,18 @@
 //!
 //! LMDB writes block (they end in an fsync), so they never run on an async executor thread: a
 //! dedicated thread named `clusterfunk-storage` owns the write side, takes jobs over a bounded
-//! channel in FIFO order, groups whatever is queued into one transaction (one fsync for many
-//! appends) and replies through a tokio oneshot or openraft's `LogFlushed` callback. A dedicated
+//! channel in FIFO order, groups whatever is queued into one transaction (one fsync for all of
+//! it) and replies through a tokio oneshot or openraft's `LogFlushed` callback. A dedicated
 //! thread rather than `spawn_blocking` because it keeps writes in call order, as raft requires,
 //! and makes group commit natural; the `lmdb` submodule explains this and why reads run inline.
 //!
 //! # Throughput
 //!
 //! openraft 0.9 appends each client write as its own entry and waits for its fsync before the
-//! next, so with `sync` on a node commits about one write per fsync: measured on the
-//! development VM, about 190 single-entry appends/s and 200 raft writes/s with 300 in flight
-//! (LMDB commits cost two `fdatasync`s); with `sync` off, about 37 000 appends/s and 40 000
+//! next, so with `sync` on a node commits about one write per fsync. Measured on the development
+//! VM (debug build, dependencies at opt-level 2; `append_throughput` in `tests/storage_suite.rs`):
+//! 150–200 single-entry appends/s and about as many raft writes/s with 300 in flight (an LMDB
+//! commit costs two `fdatasync`s); with `sync` off, 37 000–120 000 appends/s and 40 000–48 000
 //! raft writes/s. Commands that come in bursts (e.g. one `Released` per shard in a rebalance)
 //! should therefore be batched into one command by the proposer.
 //!

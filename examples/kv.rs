@@ -1,0 +1,316 @@
+//! `kv`: a sharded in-memory key-value service, and the process-level test vehicle.
+//!
+//! ```text
+//! kv serve --id N --listen IP:PORT --data-dir DIR [--init ID=IP:PORT[@ZONE],...] [--zone Z] [--shards S]
+//! kv put   --node IP:PORT KEY VALUE
+//! kv get   --node IP:PORT KEY          # prints the value; exit 3 when the key is absent
+//! kv owner --node IP:PORT KEY          # one JSON line {"key":..,"shard":S,"node":N,"epoch":E}
+//! ```
+//! The cluster secret comes from `CLUSTERFUNK_SECRET` or `--secret-file`; `--insecure` runs
+//! without one. The values live in memory: a shard's data moves with it on planned moves and is
+//! lost when its node crashes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use clusterfunk::admin::resolve_secret;
+use clusterfunk::client::{Client, ClientError};
+use clusterfunk::consensus::NodeInfo;
+use clusterfunk::prelude::*;
+
+/// Stores a value under the key.
+#[derive(Serialize, Deserialize, ShardMessage)]
+#[reply(())]
+#[tag = "kv.put"]
+struct Put {
+    value: String,
+}
+
+/// Reads the key's value.
+#[derive(Serialize, Deserialize, ShardMessage)]
+#[reply(Option<String>)]
+#[tag = "kv.get"]
+struct Get;
+
+/// Asks the shard actor that serves the key who it is.
+#[derive(Serialize, Deserialize, ShardMessage)]
+#[reply(Owner)]
+#[tag = "kv.owner"]
+struct WhoOwns;
+
+/// The answer to [`WhoOwns`], printed as the `owner` JSON line.
+#[derive(Serialize, Deserialize)]
+struct Owner {
+    key: String,
+    shard: ShardId,
+    node: NodeId,
+    epoch: u64,
+}
+
+/// One shard's keys and values.
+#[derive(Default)]
+struct Store {
+    values: HashMap<Key, String>,
+}
+
+#[shard_handler]
+impl Store {
+    fn put(&mut self, key: Key, msg: Put, _ctx: &mut ShardContext) {
+        self.values.insert(key, msg.value);
+    }
+
+    fn get(&mut self, key: Key, _msg: Get, _ctx: &mut ShardContext) -> Option<String> {
+        self.values.get(&key).cloned()
+    }
+
+    fn owner(&mut self, key: Key, _msg: WhoOwns, ctx: &mut ShardContext) -> Owner {
+        Owner {
+            key: key.to_string(),
+            shard: ctx.shard(),
+            node: ctx.node_id(),
+            epoch: ctx.epoch(),
+        }
+    }
+
+    fn on_deactivate(&mut self, _ctx: &mut ShardContext) -> Option<Handoff> {
+        let entries: Vec<(Vec<u8>, String)> = self
+            .values
+            .drain()
+            .map(|(k, v)| (k.into_bytes(), v))
+            .collect();
+        Handoff::encode(&entries).ok()
+    }
+
+    fn on_restore(&mut self, handoff: Handoff, _ctx: &mut ShardContext) {
+        if let Ok(entries) = handoff.decode::<Vec<(Vec<u8>, String)>>() {
+            self.values
+                .extend(entries.into_iter().map(|(k, v)| (Key::from(k), v)));
+        }
+    }
+}
+
+#[derive(Parser)]
+#[command(
+    name = "kv",
+    about = "A sharded in-memory key-value service on clusterfunk"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Auth {
+    /// File holding the cluster secret (default: CLUSTERFUNK_SECRET).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// Run or talk without a secret (local experiments only).
+    #[arg(long)]
+    insecure: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    Serve {
+        /// This node's id.
+        #[arg(long)]
+        id: u64,
+        /// Address to listen on, IP:PORT.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Directory of the node's durable raft storage.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Bootstrap a new cluster with these voters (ID=IP:PORT[@ZONE],...); ignored when the
+        /// data dir already holds a cluster.
+        #[arg(long)]
+        init: Option<String>,
+        /// This node's zone.
+        #[arg(long)]
+        zone: Option<String>,
+        /// Shard count of a new cluster.
+        #[arg(long, default_value_t = 1024)]
+        shards: u32,
+        #[command(flatten)]
+        auth: Auth,
+    },
+    /// Store VALUE under KEY.
+    Put {
+        #[arg(long)]
+        node: SocketAddr,
+        key: String,
+        value: String,
+        #[command(flatten)]
+        auth: Auth,
+    },
+    /// Print KEY's value; exit 3 when absent.
+    Get {
+        #[arg(long)]
+        node: SocketAddr,
+        key: String,
+        #[command(flatten)]
+        auth: Auth,
+    },
+    /// Print which shard, node and epoch serve KEY, as one JSON line.
+    Owner {
+        #[arg(long)]
+        node: SocketAddr,
+        key: String,
+        #[command(flatten)]
+        auth: Auth,
+    },
+}
+
+/// Parses `ID=IP:PORT[@ZONE],...`.
+fn parse_init(list: &str) -> Result<BTreeMap<NodeId, NodeInfo>, String> {
+    list.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|item| {
+            let (id, rest) = item
+                .split_once('=')
+                .ok_or(format!("`{item}`: expected ID=IP:PORT"))?;
+            let id: NodeId = id
+                .trim()
+                .parse()
+                .map_err(|_| format!("`{id}` is not a node id"))?;
+            let (addr, zone) = match rest.split_once('@') {
+                Some((addr, zone)) => (addr, Some(zone.to_string())),
+                None => (rest, None),
+            };
+            let addr: SocketAddr = addr
+                .trim()
+                .parse()
+                .map_err(|_| format!("`{addr}` is not IP:PORT"))?;
+            Ok((
+                id,
+                NodeInfo {
+                    addr: addr.to_string(),
+                    zone,
+                },
+            ))
+        })
+        .collect()
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve {
+            id,
+            listen,
+            data_dir,
+            init,
+            zone,
+            shards,
+            auth,
+        } => serve(id, listen, data_dir, init, zone, shards, auth).map(|()| ExitCode::SUCCESS),
+        Command::Put {
+            node,
+            key,
+            value,
+            auth,
+        } => request(node, &auth, |c| async move {
+            c.send(key, Put { value }).await.map(|()| ExitCode::SUCCESS)
+        }),
+        Command::Get { node, key, auth } => request(node, &auth, |c| async move {
+            Ok(match c.send(key, Get).await? {
+                Some(value) => {
+                    println!("{value}");
+                    ExitCode::SUCCESS
+                }
+                None => ExitCode::from(3),
+            })
+        }),
+        Command::Owner { node, key, auth } => request(node, &auth, |c| async move {
+            let owner = c.send(key, WhoOwns).await?;
+            println!(
+                "{}",
+                serde_json::json!({"key": owner.key, "shard": owner.shard, "node": owner.node, "epoch": owner.epoch})
+            );
+            Ok(ExitCode::SUCCESS)
+        }),
+    };
+    result.unwrap_or_else(|message| {
+        eprintln!("error: {message}");
+        ExitCode::from(1)
+    })
+}
+
+fn request<F, Fut>(node: SocketAddr, auth: &Auth, call: F) -> Result<ExitCode, String>
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<ExitCode, ClientError>>,
+{
+    let secret = resolve_secret(auth.secret_file.as_deref(), auth.insecure)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let client = Client::with_config([node], secret, "clusterfunk", Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+        call(client).await.map_err(|e| e.to_string())
+    })
+}
+
+fn serve(
+    id: NodeId,
+    listen: SocketAddr,
+    data_dir: PathBuf,
+    init: Option<String>,
+    zone: Option<String>,
+    shards: u32,
+    auth: Auth,
+) -> Result<(), String> {
+    let secret = resolve_secret(auth.secret_file.as_deref(), auth.insecure)?;
+    let initial = init.as_deref().map(parse_init).transpose()?;
+    actix::System::new().block_on(async move {
+        let mut builder = Cluster::builder()
+            .node_id(id)
+            .listen(listen)
+            .data_dir(data_dir)
+            .shards(shards)
+            .handler::<Store>();
+        if let Some(zone) = zone {
+            builder = builder.zone(zone);
+        }
+        if let Some(members) = initial {
+            builder = builder.initial_members(members);
+        }
+        builder = match secret {
+            Some(secret) => builder.secret(secret),
+            None => builder.insecure(),
+        };
+        let node = builder.start().await.map_err(|e| e.to_string())?;
+        wait_for_signal().await;
+        tracing::info!("stopping");
+        node.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
