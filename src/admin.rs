@@ -232,7 +232,7 @@ pub fn layout_warnings(voters: usize) -> Vec<String> {
         warnings.push(format!(
             "the cluster now has {voters} voter(s) and tolerates {tolerated} {failures}: run at least 3 voters"
         ));
-    } else if voters % 2 == 0 {
+    } else if voters.is_multiple_of(2) {
         warnings.push(format!(
             "the cluster now has an even number of voters ({voters}) and tolerates {tolerated} {failures}, no more than {} voters would: use an odd count",
             voters - 1

@@ -34,7 +34,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn round_trips_any_value(v in proptest::collection::vec(any::<(u64, String, Option<i32>)>, 0..20)) {
+        fn round_trips_any_value(v in proptest::collection::vec(any::<(u64, String, Option<i32>)>(), 0..20)) {
             let bytes = encode(&v).unwrap();
             let back: Vec<(u64, String, Option<i32>)> = decode(&bytes).unwrap();
             prop_assert_eq!(back, v);

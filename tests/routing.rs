@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clusterfunk::prelude::*;
 use clusterfunk::shard_map::shard_for;
-use clusterfunk::ConfigError;
+use clusterfunk::{ConfigError, StartError};
 use tokio::sync::{mpsc, Notify};
 
 #[derive(Serialize, Deserialize, ShardMessage)]
@@ -282,10 +282,10 @@ async fn bad_settings_are_refused_before_start() {
         .await;
     assert!(matches!(
         zero_shards,
-        Err(ConfigError::OutOfRange {
+        Err(StartError::Config(ConfigError::OutOfRange {
             name: "shard_count",
             ..
-        })
+        }))
     ));
     let zero_mailbox = Cluster::builder()
         .mailbox_capacity(0)
@@ -295,13 +295,16 @@ async fn bad_settings_are_refused_before_start() {
         .await;
     assert!(matches!(
         zero_mailbox,
-        Err(ConfigError::OutOfRange {
+        Err(StartError::Config(ConfigError::OutOfRange {
             name: "mailbox_capacity",
             ..
-        })
+        }))
     ));
     let clustered = Cluster::builder().handler::<Plain>().start().await;
-    assert!(matches!(clustered, Err(ConfigError::Missing { .. })));
+    assert!(matches!(
+        clustered,
+        Err(StartError::Config(ConfigError::Missing { .. }))
+    ));
 }
 
 #[derive(Default)]
