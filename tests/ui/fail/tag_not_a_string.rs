@@ -2,7 +2,7 @@ use clusterfunk::prelude::*;
 
 #[derive(Serialize, Deserialize, ShardMessage)]
 #[reply(u64)]
-#[tag = incr]
+#[tag = 42]
 struct Incr {
     by: u64,
 }

@@ -67,28 +67,62 @@ impl Counter {
         Outcome::of(sent, |n| n)
     }
 
-    async fn forward_not_handled(&mut self, _key: Key, msg: ForwardNotHandled, ctx: &mut ShardContext) -> Outcome {
+    async fn forward_not_handled(
+        &mut self,
+        _key: Key,
+        msg: ForwardNotHandled,
+        ctx: &mut ShardContext,
+    ) -> Outcome {
         Outcome::of(ctx.cluster().send(msg.to, NotHandled).await, |()| 0)
     }
 }
 
 fn main() {
     actix::System::new().block_on(async {
-        let node = Cluster::builder().shards(16).handler::<Counter>().standalone().start().await.unwrap();
+        let node = Cluster::builder()
+            .shards(16)
+            .handler::<Counter>()
+            .standalone()
+            .start()
+            .await
+            .unwrap();
         let origin = "origin";
         let keys: Vec<String> = (0..200).map(|i| format!("k{i}")).collect();
-        let other = keys.iter().find(|k| node.shard_for(*k) != node.shard_for(origin)).unwrap().clone();
-        let same = keys.iter().find(|k| node.shard_for(*k) == node.shard_for(origin)).unwrap().clone();
+        let other = keys
+            .iter()
+            .find(|k| node.shard_for(*k) != node.shard_for(origin))
+            .unwrap()
+            .clone();
+        let same = keys
+            .iter()
+            .find(|k| node.shard_for(*k) == node.shard_for(origin))
+            .unwrap()
+            .clone();
 
         // From inside an async handler, to a key of another shard.
-        let forward = |to: &str, by| Forward { to: to.to_string(), by };
-        assert_eq!(node.send(origin, forward(&other, 5)).await, Ok(Outcome::Replied(5)));
-        assert_eq!(node.send(origin, forward(&other, 2)).await, Ok(Outcome::Replied(7)));
+        let forward = |to: &str, by| Forward {
+            to: to.to_string(),
+            by,
+        };
+        assert_eq!(
+            node.send(origin, forward(&other, 5)).await,
+            Ok(Outcome::Replied(5))
+        );
+        assert_eq!(
+            node.send(origin, forward(&other, 2)).await,
+            Ok(Outcome::Replied(7))
+        );
         assert_eq!(node.send(other.as_str(), Incr { by: 0 }).await, Ok(7));
         // To its own shard: refused, whether the key is the same or only hashes alike.
         let shard = node.shard_for(origin);
-        assert_eq!(node.send(origin, forward(origin, 1)).await, Ok(Outcome::Reentrant(shard)));
-        assert_eq!(node.send(origin, forward(&same, 1)).await, Ok(Outcome::Reentrant(shard)));
+        assert_eq!(
+            node.send(origin, forward(origin, 1)).await,
+            Ok(Outcome::Reentrant(shard))
+        );
+        assert_eq!(
+            node.send(origin, forward(&same, 1)).await,
+            Ok(Outcome::Reentrant(shard))
+        );
         // The origin shard counted its four forwards and nothing else: the refused sends added
         // nothing (and `same`, on the same shard, shares the shard's one handler).
         assert_eq!(node.send(origin, Incr { by: 0 }).await, Ok(4));
@@ -97,13 +131,19 @@ fn main() {
         // The node's own type-erased handle has no origin shard: any key is fine.
         let handle: ClusterHandle = node.handle();
         assert_eq!(handle.send(origin, Incr { by: 10 }).await, Ok(14));
-        assert_eq!(handle.send(other.as_str(), forward(origin, 1)).await, Ok(Outcome::Replied(15)));
+        assert_eq!(
+            handle.send(other.as_str(), forward(origin, 1)).await,
+            Ok(Outcome::Replied(15))
+        );
 
         // A message type the handler has no method for.
-        let unknown = Error::UnknownMessage { tag: "NotHandled".to_string() };
+        let unknown = Error::UnknownMessage {
+            tag: "NotHandled".to_string(),
+        };
         assert_eq!(handle.send(origin, NotHandled).await, Err(unknown));
         assert_eq!(
-            node.send(origin, ForwardNotHandled { to: other.clone() }).await,
+            node.send(origin, ForwardNotHandled { to: other.clone() })
+                .await,
             Ok(Outcome::UnknownMessage("NotHandled".to_string()))
         );
         node.shutdown().await;

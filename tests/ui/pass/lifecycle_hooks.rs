@@ -31,7 +31,12 @@ impl Greeter {
         self.restored = handoff.decode().ok().flatten();
     }
 
-    async fn greeting(&mut self, _key: Key, _msg: Greeting, _ctx: &mut ShardContext) -> Option<String> {
+    async fn greeting(
+        &mut self,
+        _key: Key,
+        _msg: Greeting,
+        _ctx: &mut ShardContext,
+    ) -> Option<String> {
         // `restored` is only set after a planned move, which a standalone node never makes.
         self.restored.clone().or_else(|| self.greeting.clone())
     }
@@ -45,10 +50,19 @@ fn main() {
     let _ = restore::<Greeter>;
 
     actix::System::new().block_on(async {
-        let node = Cluster::builder().shards(4).handler::<Greeter>().standalone().start().await.unwrap();
+        let node = Cluster::builder()
+            .shards(4)
+            .handler::<Greeter>()
+            .standalone()
+            .start()
+            .await
+            .unwrap();
         let shard = node.shard_for("k");
         // `greeting` is set by `on_activate`, which ran before this first message.
-        assert_eq!(node.send("k", Greeting).await, Ok(Some(format!("hello from shard {shard}"))));
+        assert_eq!(
+            node.send("k", Greeting).await,
+            Ok(Some(format!("hello from shard {shard}")))
+        );
         assert_eq!(DEACTIVATED.load(Ordering::SeqCst), 0);
         node.shutdown().await;
         assert_eq!(DEACTIVATED.load(Ordering::SeqCst), 1);

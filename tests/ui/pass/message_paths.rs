@@ -46,7 +46,12 @@ mod handler {
             self.n
         }
 
-        async fn incr_by(&mut self, _key: Key, msg: crate::msgs::nested::Incr, _ctx: &mut ShardContext) -> u64 {
+        async fn incr_by(
+            &mut self,
+            _key: Key,
+            msg: crate::msgs::nested::Incr,
+            _ctx: &mut ShardContext,
+        ) -> u64 {
             self.n += msg.by;
             self.n
         }
@@ -66,7 +71,12 @@ mod handler {
             1
         }
 
-        fn nested_get(&mut self, _key: Key, _msg: msgs::nested::Get, _ctx: &mut ShardContext) -> u64 {
+        fn nested_get(
+            &mut self,
+            _key: Key,
+            _msg: msgs::nested::Get,
+            _ctx: &mut ShardContext,
+        ) -> u64 {
             2
         }
     }
@@ -79,15 +89,30 @@ fn main() {
     let _ = handler::CounterMessage::IncrOne(msgs::Incr);
     let _ = handler::CounterMessage::IncrBy(msgs::nested::Incr { by: 1 });
     actix::System::new().block_on(async {
-        let node = Cluster::builder().shards(1).handler::<handler::Counter>().standalone().start().await.unwrap();
+        let node = Cluster::builder()
+            .shards(1)
+            .handler::<handler::Counter>()
+            .standalone()
+            .start()
+            .await
+            .unwrap();
         assert_eq!(node.send("k", msgs::Incr).await, Ok(1));
         assert_eq!(node.send("k", msgs::nested::Incr { by: 10 }).await, Ok(11));
-        assert_eq!(node.handle().send("k", msgs::nested::Incr { by: 100 }).await, Ok(111));
+        assert_eq!(
+            node.handle()
+                .send("k", msgs::nested::Incr { by: 100 })
+                .await,
+            Ok(111)
+        );
         assert_eq!(node.send("k", msgs::Get).await, Ok(111));
         node.shutdown().await;
 
         // Messages whose tags clash cannot be told apart on the wire: `start` refuses them.
-        let clash = Cluster::builder().handler::<handler::Clash>().standalone().start().await;
+        let clash = Cluster::builder()
+            .handler::<handler::Clash>()
+            .standalone()
+            .start()
+            .await;
         assert!(clash.is_err());
     });
 }

@@ -51,7 +51,12 @@ impl Counters {
         self.values.get(&key).copied().unwrap_or(0)
     }
 
-    async fn op(&mut self, key: Key, mut msg: Op, _ctx: &mut clusterfunk::ShardContext) -> Result<i64, String> {
+    async fn op(
+        &mut self,
+        key: Key,
+        mut msg: Op,
+        _ctx: &mut clusterfunk::ShardContext,
+    ) -> Result<i64, String> {
         let value = self.values.entry(key).or_default();
         if let Op::Sub(by) = &mut msg {
             *by = -*by;
@@ -101,7 +106,10 @@ fn main() {
         assert_eq!(node.send("a", Op::Double).await, Ok(Ok(10)));
         assert_eq!(node.send("a", Op::Sub(4)).await, Ok(Ok(6)));
         assert_eq!(node.send("a", Op::Set { to: 40 }).await, Ok(Ok(40)));
-        assert_eq!(node.send("a", Op::Set { to: -1 }).await, Ok(Err("-1 is negative".to_string())));
+        assert_eq!(
+            node.send("a", Op::Set { to: -1 }).await,
+            Ok(Err("-1 is negative".to_string()))
+        );
         assert_eq!(node.send("a", Get).await, Ok(40));
         node.send("a", Reset).await.unwrap();
         assert_eq!(node.send("a", Get).await, Ok(0));

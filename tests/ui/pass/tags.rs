@@ -41,7 +41,13 @@ fn main() {
     assert_eq!(<Untagged as ShardMessage>::TAG, "Untagged");
     assert_eq!(<Either as ShardMessage>::TAG, "enum.tag");
     actix::System::new().block_on(async {
-        let node = Cluster::builder().shards(8).handler::<Echo>().standalone().start().await.unwrap();
+        let node = Cluster::builder()
+            .shards(8)
+            .handler::<Echo>()
+            .standalone()
+            .start()
+            .await
+            .unwrap();
         assert_eq!(node.send("k", Tagged(1)).await, Ok(2));
         assert_eq!(node.send("k", Untagged(1)).await, Ok(3));
         assert_eq!(node.handle().send("k", Tagged(10)).await, Ok(11));

@@ -28,7 +28,13 @@ impl Quiet {
 
 fn main() {
     actix::System::new().block_on(async {
-        let node = Cluster::builder().shards(2).handler::<Quiet>().standalone().start().await.unwrap();
+        let node = Cluster::builder()
+            .shards(2)
+            .handler::<Quiet>()
+            .standalone()
+            .start()
+            .await
+            .unwrap();
         assert_eq!(node.send(7u64, Ping).await.as_deref(), Ok("pong"));
         assert_eq!(node.send(7u64, Pong(0)).await, Ok(1));
         assert_eq!(node.send(7u64, Pong(0)).await, Ok(2));

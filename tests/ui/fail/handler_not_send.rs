@@ -1,0 +1,21 @@
+use clusterfunk::prelude::*;
+
+#[derive(Serialize, Deserialize, ShardMessage)]
+#[reply(u64)]
+struct Incr {
+    by: u64,
+}
+
+#[derive(Default)]
+struct Counter {
+    n: std::rc::Rc<u64>,
+}
+
+#[shard_handler]
+impl Counter {
+    fn incr(&mut self, _key: Key, msg: Incr, _ctx: &mut ShardContext) -> u64 {
+        *self.n + msg.by
+    }
+}
+
+fn main() {}

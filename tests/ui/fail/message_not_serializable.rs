@@ -1,0 +1,9 @@
+use clusterfunk::prelude::*;
+
+#[derive(ShardMessage)]
+#[reply(u64)]
+struct Incr {
+    by: u64,
+}
+
+fn main() {}
