@@ -44,6 +44,16 @@ pub enum AdminRequest {
     },
     /// Hands leadership to another voter.
     StepDown,
+    /// Moves every shard off a node (it stays a member); answers when it owns none.
+    Drain {
+        /// The node to drain.
+        id: NodeId,
+    },
+    /// Lets a drained node own shards again.
+    Undrain {
+        /// The node.
+        id: NodeId,
+    },
     /// Internal: asks a follower to start an election now (the second half of a step-down).
     Elect,
 }
@@ -53,7 +63,11 @@ impl AdminRequest {
     pub fn is_write(&self) -> bool {
         matches!(
             self,
-            AdminRequest::AddNode { .. } | AdminRequest::RemoveNode { .. } | AdminRequest::StepDown
+            AdminRequest::AddNode { .. }
+                | AdminRequest::RemoveNode { .. }
+                | AdminRequest::StepDown
+                | AdminRequest::Drain { .. }
+                | AdminRequest::Undrain { .. }
         )
     }
 }
@@ -101,6 +115,18 @@ pub struct StatusReport {
     pub last_applied_index: Option<u64>,
     /// How many voters may fail with a quorum left.
     pub failures_tolerated: usize,
+    /// How long the node's lease still runs, in milliseconds (absent without one).
+    #[serde(default)]
+    pub lease_remaining_ms: Option<u64>,
+    /// Members the leader marked down (their shards moved to live nodes).
+    #[serde(default)]
+    pub down: Vec<NodeId>,
+    /// Members being drained.
+    #[serde(default)]
+    pub draining: Vec<NodeId>,
+    /// Shards moving between nodes now.
+    #[serde(default)]
+    pub shards_moving: u32,
 }
 
 /// One member in `nodes`.
@@ -118,6 +144,12 @@ pub struct NodeReport {
     pub leader: bool,
     /// Shards it owns.
     pub shards: u32,
+    /// Whether the leader marked it down.
+    #[serde(default)]
+    pub down: bool,
+    /// Whether it is being drained.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// `nodes`: every member.

@@ -11,16 +11,19 @@ use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_rt::{Arbiter, ArbiterHandle, System};
 
-use crate::admin::{AdminError, AdminRequest, AdminResponse, NodeState, StatusReport};
+use crate::admin::{AdminError, AdminRequest, AdminResponse, StatusReport};
 use crate::consensus::network::Network;
-use crate::consensus::{readiness, ClusterApp, Consensus, ConsensusConfig, NodeInfo, Raft};
+use crate::consensus::{ClusterApp, ClusterState, Consensus, ConsensusConfig, NodeInfo, Raft};
 use crate::error::{ConfigError, Error, NotReadyReason, StartError};
+use crate::lease::LeaseConfig;
+use crate::router::{Origin, RouterParts};
 use crate::router::{RouteAny, Router, RouterLimits, RoutingTable};
 use crate::service::NodeService;
+use crate::shard::ServeObserver;
 use crate::shard::{HandlerFactory, Handles, ShardHandler, ShardMessage};
 use crate::shard_map::{allocate, Epoch, Key, Member, NodeId, ShardId};
 use crate::storage::{LmdbStore, StoreOptions};
@@ -54,6 +57,13 @@ pub struct NodeConfig {
     pub zone: Option<String>,
     /// Raft timing and log settings.
     pub consensus: ConsensusConfig,
+    /// Lease timing (rule 4).
+    pub lease: LeaseConfig,
+    /// How long a request waits for its shard to get a serving owner (during failover or
+    /// handoff) before `NotReady`. Default: 3 s.
+    pub unavailable_wait: Duration,
+    /// How many requests may wait at once before `Overloaded`. Default: 10 000.
+    pub waiting_max: usize,
 }
 
 impl Default for NodeConfig {
@@ -69,6 +79,9 @@ impl Default for NodeConfig {
             data_dir: None,
             zone: None,
             consensus: ConsensusConfig::default(),
+            lease: LeaseConfig::default(),
+            unavailable_wait: Duration::from_secs(3),
+            waiting_max: 10_000,
         }
     }
 }
@@ -113,6 +126,14 @@ impl NodeConfig {
                 "more than zero",
             ));
         }
+        if self.waiting_max == 0 {
+            return Err(out_of_range(
+                "waiting_max",
+                self.waiting_max,
+                "more than zero",
+            ));
+        }
+        self.lease.validate(self.consensus.election_timeout_max)?;
         if self.deactivate_timeout.is_zero() {
             return Err(out_of_range(
                 "deactivate_timeout",
@@ -121,6 +142,19 @@ impl NodeConfig {
             ));
         }
         Ok(())
+    }
+}
+
+impl NodeConfig {
+    pub(crate) fn router_limits(&self) -> RouterLimits {
+        RouterLimits {
+            mailbox_capacity: self.mailbox_capacity,
+            request_timeout: self.request_timeout,
+            deactivate_timeout: self.deactivate_timeout,
+            unavailable_wait: self.unavailable_wait,
+            waiting_max: self.waiting_max,
+            hops_max: 3,
+        }
     }
 }
 
@@ -136,6 +170,7 @@ impl Cluster {
             factory: None,
             standalone: false,
             cluster: ClusterOptions::default(),
+            observer: None,
             marker: PhantomData,
         }
     }
@@ -148,6 +183,7 @@ pub struct ClusterBuilder<H> {
     factory: Option<HandlerFactory<H>>,
     standalone: bool,
     cluster: ClusterOptions,
+    observer: Option<Arc<dyn ServeObserver>>,
     marker: PhantomData<fn() -> H>,
 }
 
@@ -225,6 +261,7 @@ impl<H> ClusterBuilder<H> {
             factory: Some(Arc::new(factory)),
             standalone: self.standalone,
             cluster: self.cluster,
+            observer: self.observer,
             marker: PhantomData,
         }
     }
@@ -285,6 +322,19 @@ impl<H> ClusterBuilder<H> {
         self
     }
 
+    /// Lease timing. Default: [`LeaseConfig::default`].
+    pub fn lease(mut self, lease: LeaseConfig) -> Self {
+        self.config.lease = lease;
+        self
+    }
+
+    /// Receives every activation, delivery and deactivation of a shard on this node: for tests
+    /// that check that no two nodes serve one shard at once. Default: none.
+    pub fn observer(mut self, observer: Arc<dyn ServeObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
     /// Raft timing and log settings. Default: [`ConsensusConfig::default`].
     pub fn consensus(mut self, consensus: ConsensusConfig) -> Self {
         self.config.consensus = consensus;
@@ -318,30 +368,22 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             None => spawn_system(),
         };
         let config = self.config;
-        let map =
-            allocate(None, &[Member::new(config.node_id)], config.shard_count).map_err(|e| {
-                ConfigError::Invalid {
-                    name: "shard_count",
-                    reason: e.to_string(),
-                }
-            })?;
+        let state = standalone_state(config.node_id, config.shard_count)?;
         let table = RoutingTable {
-            map: Some(Arc::new(map)),
+            state: Arc::new(state),
             not_ready: None,
+            leaderless_since: None,
         };
-        let limits = RouterLimits {
-            mailbox_capacity: config.mailbox_capacity,
-            request_timeout: config.request_timeout,
-            deactivate_timeout: config.deactivate_timeout,
-        };
-        let router = Router::new(
-            config.node_id,
-            config.shard_count,
+        let router = Router::new(RouterParts {
+            node_id: config.node_id,
+            shard_count: config.shard_count,
             table,
             arbiter,
             factory,
-            limits,
-        );
+            limits: config.router_limits(),
+            transport: None,
+            observer: self.observer,
+        });
         tracing::info!(
             node_id = config.node_id,
             shards = config.shard_count,
@@ -400,6 +442,9 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             cluster_name: config.cluster_name.clone(),
             node_id: Some(config.node_id),
             secret: options.secret.clone(),
+            // A restarted peer must be reachable again quickly: leases and failover run on
+            // sub-second timers.
+            reconnect_backoff_max: Duration::from_millis(250),
             ..TransportConfig::default()
         };
         let transport = Transport::new(transport_config.clone())
@@ -418,8 +463,9 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             config.node_id,
             raft,
             applied,
-            transport,
+            transport.clone(),
             config.consensus.clone(),
+            config.lease.clone(),
             config.shard_count,
         );
         let listener = tokio::net::TcpListener::bind(listen)
@@ -433,22 +479,20 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             None => spawn_system(),
         };
         let table = RoutingTable {
-            map: None,
+            state: Arc::new(ClusterState::default()),
             not_ready: Some(NotReadyReason::Starting),
+            leaderless_since: Some(Instant::now()),
         };
-        let limits = RouterLimits {
-            mailbox_capacity: config.mailbox_capacity,
-            request_timeout: config.request_timeout,
-            deactivate_timeout: config.deactivate_timeout,
-        };
-        let router = Router::new(
-            config.node_id,
-            config.shard_count,
+        let router = Router::new(RouterParts {
+            node_id: config.node_id,
+            shard_count: config.shard_count,
             table,
             arbiter,
             factory,
-            limits,
-        );
+            limits: config.router_limits(),
+            transport: Some(transport),
+            observer: self.observer,
+        });
         let service = Arc::new(NodeService {
             consensus: consensus.clone(),
             router: router.clone(),
@@ -463,6 +507,14 @@ impl<H: ShardHandler> ClusterBuilder<H> {
                 .map_err(|e| StartError::Failed(e.to_string()))?;
         }
         tokio::spawn(follow_consensus(Arc::downgrade(&router), consensus.clone()));
+        tokio::spawn(crate::lease_task::keep_lease(
+            Arc::downgrade(&router),
+            consensus.clone(),
+        ));
+        tokio::spawn(crate::handoff::hand_off(
+            Arc::downgrade(&router),
+            consensus.clone(),
+        ));
         tracing::info!(node_id = config.node_id, %listen, "node started");
         Ok(Node {
             inner: Arc::new(NodeInner {
@@ -475,41 +527,39 @@ impl<H: ShardHandler> ClusterBuilder<H> {
     }
 }
 
-/// Installs every newly applied shard map, and every change of leadership, in the router: a
-/// node serves only with a committed map and a known leader (rule 1).
+/// Installs every newly applied cluster state in the router, and tracks since when the node has
+/// known no leader (a node without a leader keeps serving while its lease lasts, rule 4; requests
+/// then fail fast instead of waiting once the outage is older than the wait bound).
 async fn follow_consensus<H: ShardHandler>(router: Weak<Router<H>>, consensus: Consensus) {
     let mut metrics = consensus.raft().metrics();
     let mut applied = consensus.subscribe();
+    let mut seen: Option<(Option<u64>, bool)> = None;
+    let mut leaderless_since = Some(Instant::now());
     loop {
         let Some(router) = router.upgrade() else {
             return;
         };
-        let current = router.table();
-        let next = {
-            let metrics = metrics.borrow_and_update();
-            let applied = applied.borrow_and_update();
-            let (state, _) = readiness(&metrics, &applied);
-            let not_ready = match state {
-                NodeState::Serving => None,
-                _ if metrics.current_leader.is_none() => Some(NotReadyReason::NoLeader),
-                _ => Some(NotReadyReason::NoMap),
+        let leader = metrics.borrow_and_update().current_leader;
+        match (leader, leaderless_since) {
+            (Some(_), _) => leaderless_since = None,
+            (None, None) => leaderless_since = Some(Instant::now()),
+            (None, Some(_)) => {}
+        }
+        let current = applied.borrow_and_update().clone();
+        let index = current.last_applied.as_ref().map(|l| l.index);
+        if seen != Some((index, leaderless_since.is_some())) {
+            seen = Some((index, leaderless_since.is_some()));
+            let state = Arc::new(current.state.clone());
+            let not_ready = if state.map.is_none() {
+                Some(NotReadyReason::NoMap)
+            } else {
+                None
             };
-            let map = match (&applied.state.map, &current.map) {
-                (Some(new), Some(old)) if new.epoch == old.epoch => Some(old.clone()),
-                (Some(new), _) => Some(Arc::new(new.clone())),
-                (None, _) => None,
-            };
-            RoutingTable { map, not_ready }
-        };
-        let epoch_changed =
-            next.map.as_ref().map(|m| m.epoch) != current.map.as_ref().map(|m| m.epoch);
-        if epoch_changed || next.not_ready != current.not_ready {
-            tracing::info!(
-                epoch = next.map.as_ref().map(|m| m.epoch),
-                not_ready = ?next.not_ready,
-                "routing table updated"
-            );
-            router.set_table(next);
+            router.set_table(RoutingTable {
+                state,
+                not_ready,
+                leaderless_since,
+            });
         }
         drop(router);
         tokio::select! {
@@ -517,6 +567,33 @@ async fn follow_consensus<H: ShardHandler>(router: Weak<Router<H>>, consensus: C
             changed = applied.changed() => if changed.is_err() { return },
         }
     }
+}
+
+/// The cluster state of a standalone node: one member owning every shard.
+fn standalone_state(node_id: NodeId, shard_count: u32) -> Result<ClusterState, ConfigError> {
+    let map =
+        allocate(None, &[Member::new(node_id)], shard_count).map_err(|e| ConfigError::Invalid {
+            name: "shard_count",
+            reason: e.to_string(),
+        })?;
+    let mut state = ClusterState {
+        shard_count: Some(shard_count),
+        epoch: 1,
+        map: Some(map.clone()),
+        target: Some(map),
+        ..ClusterState::default()
+    };
+    state.members.insert(
+        node_id,
+        crate::consensus::MemberRecord {
+            addr: String::new(),
+            zone: None,
+            voter: true,
+            draining: false,
+            down: false,
+        },
+    );
+    Ok(state)
 }
 
 /// Refuses a handler whose messages share a wire tag (they could not be told apart on the wire).
@@ -621,7 +698,7 @@ impl<H: ShardHandler> Node<H> {
         M: ShardMessage,
         H: Handles<M>,
     {
-        self.inner.router.send(key.into(), msg)
+        self.inner.router.send(key.into(), msg, Origin::Local)
     }
 
     /// Runs an admin command on this node (as the `clusterfunk` tool does over the network).
@@ -636,7 +713,19 @@ impl<H: ShardHandler> Node<H> {
 
     /// The `status` report of this node (cluster mode), `None` when standalone.
     pub fn cluster_status(&self) -> Option<StatusReport> {
-        self.inner.consensus.as_ref().map(|c| c.status(None))
+        self.inner
+            .consensus
+            .as_ref()
+            .map(|c| crate::service::status(c, &self.inner.router))
+    }
+
+    /// The fault injector of this node's outgoing connections (cluster mode): block or delay
+    /// peers to simulate partitions in tests.
+    pub fn faults(&self) -> Option<&crate::transport::Faults> {
+        self.inner
+            .consensus
+            .as_ref()
+            .map(|c| c.transport().faults())
     }
 
     /// A type-erased handle to this node, for code that does not know the handler type.
@@ -658,14 +747,14 @@ impl<H: ShardHandler> Node<H> {
     pub fn status(&self) -> NodeStatus {
         let table = self.inner.router.table();
         let node_id = self.node_id();
+        let map = table.state.map.as_ref();
         NodeStatus {
             node_id,
-            epoch: table.map.as_ref().map(|map| map.epoch),
-            serving: table.not_ready.is_none() && table.map.is_some(),
-            shards_owned: table
-                .map
-                .as_ref()
-                .map_or(0, |map| map.shards_of(node_id).count() as u32),
+            epoch: map.map(|map| map.epoch),
+            serving: table.not_ready.is_none()
+                && map.is_some()
+                && self.inner.router.lease_remaining().is_some(),
+            shards_owned: map.map_or(0, |map| map.shards_of(node_id).count() as u32),
             shards_active: self.inner.router.active_shards(),
         }
     }

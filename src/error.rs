@@ -19,6 +19,10 @@ pub enum NotReadyReason {
     NoMap,
     /// The node's lease expired; it stopped serving until the leader renews it.
     LeaseExpired,
+    /// The shard is being handed from one node to another.
+    ShardMoving,
+    /// The shard's owner cannot be reached; failover will move its shards.
+    OwnerUnreachable,
 }
 
 impl std::fmt::Display for NotReadyReason {
@@ -28,6 +32,8 @@ impl std::fmt::Display for NotReadyReason {
             NotReadyReason::NoLeader => "no leader is known",
             NotReadyReason::NoMap => "no shard map has been committed yet",
             NotReadyReason::LeaseExpired => "the node's lease has expired",
+            NotReadyReason::ShardMoving => "the shard is moving between nodes",
+            NotReadyReason::OwnerUnreachable => "the shard's owner cannot be reached",
         })
     }
 }
@@ -94,6 +100,15 @@ pub enum Error {
         owner: NodeId,
         /// The receiver's newest map epoch.
         epoch: Epoch,
+    },
+    /// The shard's owner could not be reached, or the connection failed after the message was
+    /// sent (it may or may not have taken effect).
+    #[error("node {node} unreachable: {reason}")]
+    Unreachable {
+        /// The node (0 when unknown).
+        node: NodeId,
+        /// What failed.
+        reason: String,
     },
     /// A message or reply could not be encoded or decoded. Check that both sides run
     /// compatible message types.

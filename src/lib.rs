@@ -78,6 +78,9 @@ pub mod cluster;
 pub mod codec;
 pub mod consensus;
 pub mod error;
+mod handoff;
+pub mod lease;
+mod lease_task;
 pub mod router;
 mod service;
 pub mod shard;
@@ -118,7 +121,7 @@ pub mod __private {
 
     pub use futures_util::future::{BoxFuture, LocalBoxFuture};
 
-    pub use crate::router::Router;
+    pub use crate::router::{Origin, Router};
     pub use crate::shard::{Handled, Handles, Slot};
     use crate::{Error, Key, ShardHandler, ShardMessage};
 
@@ -141,6 +144,7 @@ pub mod __private {
             self,
             router: &Arc<Router<H>>,
             key: Key,
+            origin: Origin,
         ) -> BoxFuture<'static, Result<Vec<u8>, Error>>;
     }
 
@@ -168,7 +172,7 @@ pub mod __private {
     {
         let router = router.clone();
         Box::pin(async move {
-            let reply = router.send(key, msg).await?;
+            let reply = router.send(key, msg, Origin::Local).await?;
             Ok(Box::new(reply) as Box<dyn Any + Send>)
         })
     }
@@ -178,6 +182,7 @@ pub mod __private {
         router: &Arc<Router<H>>,
         key: Key,
         msg: M,
+        origin: Origin,
     ) -> BoxFuture<'static, Result<Vec<u8>, Error>>
     where
         H: Handles<M>,
@@ -185,7 +190,7 @@ pub mod __private {
     {
         let router = router.clone();
         Box::pin(async move {
-            let reply = router.send(key, msg).await?;
+            let reply = router.send(key, msg, origin).await?;
             crate::codec::encode(&reply)
         })
     }

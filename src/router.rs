@@ -1,37 +1,60 @@
-//! The router: key → shard → the local shard actor, starting shard actors lazily.
+//! The router: key → shard → the node serving it, and on this node → its shard actor.
 //!
-//! It holds the current routing table (the shard map and whether the node may serve), swapped
-//! atomically so that the hot path reads it without a lock, and one slot per shard with the
-//! address of its actor. It does not decide the map (consensus does) and does not run handler
-//! code (shard actors do).
+//! It holds the current routing table (the replicated cluster state this node applied, and
+//! whether the node may serve), swapped atomically so the hot path reads it without a lock; the
+//! node's lease; one slot per shard with the address of its actor, started lazily; and the
+//! snapshots handed over for shards about to become this node's. A request for a shard this node
+//! serves goes to the local actor; one for another node's shard is forwarded to the owner; one
+//! for a shard that has no serving owner right now (lease lapsed, shard moving, owner
+//! unreachable, failover under way) waits here, bounded in count and time, until it has one.
+//! The router does not decide the map (consensus does) and does not run handler code (shard
+//! actors do).
 
 use std::any::Any;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::dev::channel;
 use actix::prelude::*;
 use actix_rt::ArbiterHandle;
 use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::__private::WireMessage;
 use crate::cluster::ClusterHandle;
+use crate::codec;
+use crate::consensus::ClusterState;
 use crate::error::{Error, NotReadyReason};
 use crate::shard::{
-    Deactivate, Deliver, HandlerFactory, Handles, ShardActor, ShardHandler, ShardMessage,
+    Deactivate, Deliver, HandlerFactory, Handles, Handoff, ServeEvent, ServeEventKind,
+    ServeObserver, ShardActor, ShardHandler, ShardMessage, Undelivered,
 };
-use crate::shard_map::{Epoch, Key, NodeId, ShardId, ShardMap};
+use crate::shard_map::{Epoch, Key, NodeId, ShardId};
+use crate::transport::{Transport, TransportError};
+use crate::wire::{Request, Response};
 
-/// What the router routes by: the newest shard map this node has, and whether it may serve.
+/// What the router routes by.
 #[derive(Debug, Clone)]
 pub(crate) struct RoutingTable {
-    /// The newest applied shard map, if any.
-    pub(crate) map: Option<Arc<ShardMap>>,
-    /// Why the node may not serve, or `None` when it may.
+    /// The newest cluster state this node applied (members, map, pending moves).
+    pub(crate) state: Arc<ClusterState>,
+    /// Why the node may not serve at all, or `None` when it may (subject to its lease).
     pub(crate) not_ready: Option<NotReadyReason>,
+    /// Since when the node has known no leader, if it knows none.
+    pub(crate) leaderless_since: Option<Instant>,
+}
+
+/// Where a message comes from: decides whether the router may forward it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Sent on this node or by a client: the router forwards it to the owner if needed.
+    Local,
+    /// Forwarded by another node: served here or answered with `WrongOwner` (one hop only).
+    Forwarded,
 }
 
 /// Limits and timeouts of the router.
@@ -40,6 +63,51 @@ pub(crate) struct RouterLimits {
     pub(crate) mailbox_capacity: usize,
     pub(crate) request_timeout: Duration,
     pub(crate) deactivate_timeout: Duration,
+    /// How long a request waits for its shard to get a serving owner.
+    pub(crate) unavailable_wait: Duration,
+    /// How many requests may wait at once.
+    pub(crate) waiting_max: usize,
+    /// How many times a request follows `WrongOwner` answers.
+    pub(crate) hops_max: u32,
+}
+
+/// The node's lease, readable without a lock: the nanoseconds since `base` until which it is
+/// valid (0: none; `u64::MAX`: forever, for standalone nodes).
+#[derive(Debug)]
+pub(crate) struct LeaseGate {
+    base: Instant,
+    until_nanos: AtomicU64,
+}
+
+impl LeaseGate {
+    fn new(forever: bool) -> Self {
+        LeaseGate {
+            base: Instant::now(),
+            until_nanos: AtomicU64::new(if forever { u64::MAX } else { 0 }),
+        }
+    }
+
+    fn set(&self, until: Instant) {
+        let nanos = until
+            .saturating_duration_since(self.base)
+            .as_nanos()
+            .min(u64::MAX as u128 - 1) as u64;
+        self.until_nanos.fetch_max(nanos, Ordering::AcqRel);
+    }
+
+    fn is_valid(&self) -> bool {
+        let until = self.until_nanos.load(Ordering::Acquire);
+        until == u64::MAX || (until != 0 && (self.base.elapsed().as_nanos() as u64) < until)
+    }
+
+    fn remaining(&self) -> Option<Duration> {
+        let until = self.until_nanos.load(Ordering::Acquire);
+        if until == u64::MAX {
+            return Some(Duration::MAX);
+        }
+        let now = self.base.elapsed().as_nanos() as u64;
+        (until > now).then(|| Duration::from_nanos(until - now))
+    }
 }
 
 /// A running shard actor and the count of messages waiting in its mailbox.
@@ -61,17 +129,32 @@ impl<H: ShardHandler> Clone for ShardSlot<H> {
     }
 }
 
-/// Routes messages to local shard actors. One per node; shared by every [`Node`](crate::Node)
-/// and [`ClusterHandle`] of that node.
+/// What to do with a message for a shard, now.
+enum Route {
+    Local,
+    Forward(NodeId, SocketAddr),
+    Wait(NotReadyReason),
+    Fail(Error),
+}
+
+/// Routes messages to local shard actors and to the owners of other shards. One per node.
 pub struct Router<H: ShardHandler> {
     node_id: NodeId,
     shard_count: u32,
     table: ArcSwap<RoutingTable>,
+    /// Bumped on every table or lease change; waiting requests watch it.
+    changes: watch::Sender<u64>,
+    lease: LeaseGate,
     stopping: AtomicBool,
+    waiting: AtomicUsize,
     slots: Box<[Mutex<Option<ShardSlot<H>>>]>,
+    /// Snapshots handed over, with the allocation epoch of their move, by shard.
+    restores: Mutex<HashMap<ShardId, (u64, Handoff)>>,
     arbiter: ArbiterHandle,
     factory: HandlerFactory<H>,
     limits: RouterLimits,
+    transport: Option<Transport>,
+    observer: Option<Arc<dyn ServeObserver>>,
     self_ref: Weak<Router<H>>,
 }
 
@@ -85,31 +168,44 @@ impl<H: ShardHandler> std::fmt::Debug for Router<H> {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding a slot lock cannot leave the slot half-written (it holds one
-    // `Option<Addr>`), so a poisoned lock is safe to keep using.
+    // Every critical section here is one map or slot operation, so a panic while holding the
+    // lock cannot leave the data half-written: a poisoned lock is safe to keep using.
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// The parts a router is built from.
+pub(crate) struct RouterParts<H: ShardHandler> {
+    pub(crate) node_id: NodeId,
+    pub(crate) shard_count: u32,
+    pub(crate) table: RoutingTable,
+    pub(crate) arbiter: ArbiterHandle,
+    pub(crate) factory: HandlerFactory<H>,
+    pub(crate) limits: RouterLimits,
+    /// `None` for a standalone node, which serves everything forever.
+    pub(crate) transport: Option<Transport>,
+    pub(crate) observer: Option<Arc<dyn ServeObserver>>,
+}
+
 impl<H: ShardHandler> Router<H> {
-    pub(crate) fn new(
-        node_id: NodeId,
-        shard_count: u32,
-        table: RoutingTable,
-        arbiter: ArbiterHandle,
-        factory: HandlerFactory<H>,
-        limits: RouterLimits,
-    ) -> Arc<Self> {
+    pub(crate) fn new(parts: RouterParts<H>) -> Arc<Self> {
+        let standalone = parts.transport.is_none();
         Arc::new_cyclic(|self_ref| Router {
-            node_id,
-            shard_count,
-            table: ArcSwap::from_pointee(table),
+            node_id: parts.node_id,
+            shard_count: parts.shard_count,
+            table: ArcSwap::from_pointee(parts.table),
+            changes: watch::channel(0).0,
+            lease: LeaseGate::new(standalone),
             stopping: AtomicBool::new(false),
-            slots: (0..shard_count).map(|_| Mutex::new(None)).collect(),
-            arbiter,
-            factory,
-            limits,
+            waiting: AtomicUsize::new(0),
+            slots: (0..parts.shard_count).map(|_| Mutex::new(None)).collect(),
+            restores: Mutex::new(HashMap::new()),
+            arbiter: parts.arbiter,
+            factory: parts.factory,
+            limits: parts.limits,
+            transport: parts.transport,
+            observer: parts.observer,
             self_ref: self_ref.clone(),
         })
     }
@@ -124,15 +220,86 @@ impl<H: ShardHandler> Router<H> {
         self.shard_count
     }
 
-    /// Installs a new routing table (a new map, or a change of readiness).
-    #[allow(dead_code)] // used by consensus mode
+    /// The current map epoch (0 before the first map).
+    pub(crate) fn map_epoch(&self) -> Epoch {
+        self.table.load().state.map_epoch()
+    }
+
+    /// Installs a new routing table and stops the actors of shards this node no longer owns
+    /// (those moving away are the handoff task's).
     pub(crate) fn set_table(&self, table: RoutingTable) {
+        let state = table.state.clone();
         self.table.store(Arc::new(table));
+        self.changes.send_modify(|v| *v += 1);
+        // A snapshot is for the move it came with: once the shard is neither ours nor coming
+        // to us, it is stale (the move was re-targeted) and must never be restored later.
+        lock(&self.restores).retain(|shard, (epoch, _)| {
+            let ours = state.map.as_ref().and_then(|m| m.owner(*shard)) == Some(self.node_id);
+            let coming = state
+                .pending
+                .get(shard)
+                .is_some_and(|p| p.to == self.node_id);
+            // Snapshots can arrive before this node applied the allocation that moves them.
+            let ahead = *epoch > state.epoch;
+            ours || coming || ahead
+        });
+        for (shard, slot) in self.slots.iter().enumerate() {
+            let shard = shard as ShardId;
+            let owner = state.map.as_ref().and_then(|m| m.owner(shard));
+            if owner == Some(self.node_id) {
+                continue;
+            }
+            if let Some(stale) = lock(slot).take() {
+                tracing::info!(
+                    shard,
+                    ?owner,
+                    "shard lost without handoff; stopping its actor"
+                );
+                stale.actor.do_send(Deactivate);
+            }
+        }
+    }
+
+    /// Extends the node's lease to `until`.
+    pub(crate) fn set_lease(&self, until: Instant) {
+        let was_valid = self.lease.is_valid();
+        self.lease.set(until);
+        if !was_valid {
+            self.changes.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// How long the lease still runs, if it is valid.
+    pub(crate) fn lease_remaining(&self) -> Option<Duration> {
+        self.lease.remaining()
     }
 
     /// The current routing table.
     pub(crate) fn table(&self) -> Arc<RoutingTable> {
         self.table.load_full()
+    }
+
+    /// Whether this node serves `shard` at this instant: it may serve, holds a valid lease, owns
+    /// the shard in its newest state and the shard is not moving away.
+    pub(crate) fn serves_now(&self, shard: ShardId) -> bool {
+        if self.stopping.load(Ordering::Acquire) || !self.lease.is_valid() {
+            return false;
+        }
+        let table = self.table.load();
+        table.not_ready.is_none() && table.state.serves(self.node_id, shard)
+    }
+
+    /// Passes an event to the observer, if any.
+    pub(crate) fn observe(&self, shard: ShardId, kind: ServeEventKind, epoch: Epoch) {
+        if let Some(observer) = &self.observer {
+            observer.observe(ServeEvent {
+                node: self.node_id,
+                shard,
+                epoch,
+                at: Instant::now(),
+                kind,
+            });
+        }
     }
 
     /// A type-erased handle for sending from inside shard `origin` (or from outside, `None`).
@@ -141,68 +308,262 @@ impl<H: ShardHandler> Router<H> {
         ClusterHandle::new(weak, origin)
     }
 
-    /// Sends `msg` to the shard owning `key` and waits for its reply.
-    pub(crate) async fn send<M>(&self, key: Key, msg: M) -> Result<M::Reply, Error>
+    fn route(&self, shard: ShardId) -> Route {
+        if self.stopping.load(Ordering::Acquire) {
+            return Route::Fail(Error::ShuttingDown);
+        }
+        let table = self.table.load();
+        if let Some(reason) = table.not_ready {
+            return Route::Wait(reason);
+        }
+        let Some(owner) = table.state.map.as_ref().and_then(|m| m.owner(shard)) else {
+            return Route::Wait(NotReadyReason::NoMap);
+        };
+        if owner == self.node_id {
+            if table.state.pending.contains_key(&shard) {
+                Route::Wait(NotReadyReason::ShardMoving)
+            } else if !self.lease.is_valid() {
+                Route::Wait(NotReadyReason::LeaseExpired)
+            } else {
+                Route::Local
+            }
+        } else {
+            let addr = table
+                .state
+                .members
+                .get(&owner)
+                .and_then(|m| m.addr.parse().ok());
+            match addr {
+                Some(addr) if self.transport.is_some() => Route::Forward(owner, addr),
+                _ => Route::Wait(NotReadyReason::NoMap),
+            }
+        }
+    }
+
+    /// Sends `msg` to the shard owning `key` and waits for its reply: locally, forwarded to the
+    /// owner (only when `origin` is local), or after waiting for the shard to get a serving
+    /// owner.
+    pub(crate) async fn send<M>(&self, key: Key, msg: M, origin: Origin) -> Result<M::Reply, Error>
     where
         M: ShardMessage,
         H: Handles<M>,
     {
-        let (shard, epoch) = self.route(&key)?;
-        let slot = self.shard_actor(shard, epoch)?;
-        if slot.queued.fetch_add(1, Ordering::AcqRel) >= self.limits.mailbox_capacity {
-            slot.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(Error::Overloaded { shard });
+        let shard = key.shard(self.shard_count);
+        // The fast path: served here, right now.
+        let msg = match self.route(shard) {
+            Route::Local => match self.deliver(shard, key.clone(), msg).await {
+                Ok(reply) => return reply,
+                Err(msg) => msg,
+            },
+            _ => msg,
+        };
+        self.send_slow(shard, key, msg, origin).await
+    }
+
+    async fn send_slow<M>(
+        &self,
+        shard: ShardId,
+        key: Key,
+        msg: M,
+        origin: Origin,
+    ) -> Result<M::Reply, Error>
+    where
+        M: ShardMessage,
+        H: Handles<M>,
+    {
+        let started = Instant::now();
+        let deadline = started + self.limits.request_timeout;
+        let wait_deadline = started
+            + self
+                .limits
+                .unavailable_wait
+                .min(self.limits.request_timeout);
+        let mut msg = Some(msg);
+        let mut encoded: Option<Vec<u8>> = None;
+        let mut hops = 0;
+        let mut _waiting: Option<WaitPermit<'_>> = None;
+        loop {
+            let mut changes = self.changes.subscribe();
+            let reason = match self.route(shard) {
+                Route::Fail(error) => return Err(error),
+                Route::Local => {
+                    let Some(m) = msg.take() else {
+                        return Err(Error::Codec("message lost in routing".into()));
+                    };
+                    match self.deliver(shard, key.clone(), m).await {
+                        Ok(reply) => return reply,
+                        Err(m) => {
+                            msg = Some(m);
+                            NotReadyReason::LeaseExpired
+                        }
+                    }
+                }
+                Route::Forward(owner, addr) => {
+                    let epoch = self.map_epoch();
+                    if origin == Origin::Forwarded {
+                        return Err(Error::WrongOwner {
+                            shard,
+                            owner,
+                            epoch,
+                        });
+                    }
+                    let Some(m) = msg.as_ref() else {
+                        return Err(Error::Codec("message lost in routing".into()));
+                    };
+                    let payload = match &encoded {
+                        Some(bytes) => bytes.clone(),
+                        None => {
+                            let bytes = codec::encode(m)?;
+                            encoded = Some(bytes.clone());
+                            bytes
+                        }
+                    };
+                    match self
+                        .forward(addr, &key, M::TAG, payload, epoch, deadline)
+                        .await
+                    {
+                        Forwarded::Reply(bytes) => return codec::decode(&bytes),
+                        Forwarded::Failed(Error::WrongOwner { epoch: theirs, .. }) => {
+                            hops += 1;
+                            if hops > self.limits.hops_max {
+                                return Err(Error::Unreachable {
+                                    node: owner,
+                                    reason: format!("gave up after {hops} wrong-owner answers"),
+                                });
+                            }
+                            if theirs <= epoch {
+                                // They are behind us: give them a moment to catch up.
+                                NotReadyReason::ShardMoving
+                            } else {
+                                NotReadyReason::NoMap
+                            }
+                        }
+                        Forwarded::Failed(Error::NotReady { reason }) => reason,
+                        Forwarded::Failed(error) => return Err(error),
+                        Forwarded::NotSent(reason) => {
+                            tracing::debug!(owner, %reason, "owner unreachable; waiting for failover");
+                            NotReadyReason::OwnerUnreachable
+                        }
+                    }
+                }
+                Route::Wait(reason) => reason,
+            };
+            // No serving owner now: wait (bounded) for the table, the lease or the owner.
+            let now = Instant::now();
+            if now >= wait_deadline || now >= deadline {
+                return Err(Error::NotReady { reason });
+            }
+            let table = self.table.load();
+            if let Some(since) = table.leaderless_since {
+                // A cluster that lost its leader before this request arrived is down, not
+                // failing over: answer at once instead of making every caller wait.
+                if since + self.limits.unavailable_wait <= started {
+                    return Err(Error::NotReady { reason });
+                }
+            }
+            if _waiting.is_none() {
+                _waiting = Some(
+                    WaitPermit::take(&self.waiting, self.limits.waiting_max)
+                        .ok_or(Error::Overloaded { shard })?,
+                );
+            }
+            // Wake on any change of table or lease, or after a short pause (an unreachable owner
+            // or a remote lease renewal changes nothing here).
+            let pause = Duration::from_millis(if hops > 0 { 2 } else { 10 });
+            let until = wait_deadline.min(now + pause);
+            let _ = tokio::time::timeout_at(until.into(), changes.changed()).await;
         }
-        let (reply, reply_rx) = oneshot::channel();
-        match slot.actor.try_send(Deliver {
-            key,
-            msg,
+    }
+
+    /// Forwards an encoded message to `addr`.
+    async fn forward(
+        &self,
+        addr: SocketAddr,
+        key: &Key,
+        tag: &str,
+        payload: Vec<u8>,
+        epoch: Epoch,
+        deadline: Instant,
+    ) -> Forwarded {
+        let Some(transport) = &self.transport else {
+            return Forwarded::NotSent("standalone node".into());
+        };
+        let request = Request::Forward {
+            key: key.as_bytes().to_vec(),
+            tag: tag.to_string(),
+            payload,
             epoch,
-            reply,
-        }) {
-            Ok(()) => {}
-            Err(SendError::Full(_)) => {
-                slot.queued.fetch_sub(1, Ordering::AcqRel);
-                return Err(Error::Overloaded { shard });
+        };
+        let bytes = match codec::encode(&request) {
+            Ok(bytes) => bytes,
+            Err(error) => return Forwarded::Failed(error),
+        };
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        match transport.request(addr, bytes, timeout).await {
+            Ok(answer) => match codec::decode::<Response>(&answer) {
+                Ok(Response::Shard(Ok(reply))) => Forwarded::Reply(reply),
+                Ok(Response::Shard(Err(error))) => Forwarded::Failed(error),
+                Ok(_) => Forwarded::Failed(Error::Codec(
+                    "unexpected answer to a forwarded message".into(),
+                )),
+                Err(error) => Forwarded::Failed(error),
+            },
+            // Never sent: safe to try again once the shard has an owner we can reach.
+            Err(error @ (TransportError::Unreachable { .. } | TransportError::Refused { .. })) => {
+                Forwarded::NotSent(error.to_string())
             }
-            Err(SendError::Closed(_)) => {
-                slot.queued.fetch_sub(1, Ordering::AcqRel);
-                return Err(self.stopped_error(shard));
-            }
-        }
-        match tokio::time::timeout(self.limits.request_timeout, reply_rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(self.stopped_error(shard)),
-            Err(_) => Err(Error::Timeout {
-                shard,
-                after: self.limits.request_timeout,
+            Err(TransportError::Timeout { after, .. }) => Forwarded::Failed(Error::Timeout {
+                shard: key.shard(self.shard_count),
+                after,
+            }),
+            // Sent, maybe handled, no answer: the caller must decide.
+            Err(error) => Forwarded::Failed(Error::Unreachable {
+                node: 0,
+                reason: error.to_string(),
             }),
         }
     }
 
-    /// The shard of `key` and the epoch to serve it under, if this node serves it now.
-    fn route(&self, key: &Key) -> Result<(ShardId, Epoch), Error> {
-        if self.stopping.load(Ordering::Acquire) {
-            return Err(Error::ShuttingDown);
-        }
-        let table = self.table.load();
-        if let Some(reason) = table.not_ready {
-            return Err(Error::NotReady { reason });
-        }
-        let Some(map) = table.map.as_ref() else {
-            return Err(Error::NotReady {
-                reason: NotReadyReason::NoMap,
-            });
+    /// Delivers to the local actor. `Err(msg)` when the actor does not serve the shard after all
+    /// (the message comes back to be routed again).
+    async fn deliver<M>(
+        &self,
+        shard: ShardId,
+        key: Key,
+        msg: M,
+    ) -> Result<Result<M::Reply, Error>, M>
+    where
+        M: ShardMessage,
+        H: Handles<M>,
+    {
+        let slot = match self.shard_actor(shard) {
+            Ok(slot) => slot,
+            Err(error) => return Ok(Err(error)),
         };
-        let (shard, owner) = map.owner_of_key(key.as_bytes());
-        if owner != self.node_id {
-            return Err(Error::WrongOwner {
-                shard,
-                owner,
-                epoch: map.epoch,
-            });
+        if slot.queued.fetch_add(1, Ordering::AcqRel) >= self.limits.mailbox_capacity {
+            slot.queued.fetch_sub(1, Ordering::AcqRel);
+            return Ok(Err(Error::Overloaded { shard }));
         }
-        Ok((shard, map.epoch))
+        let (reply, reply_rx) = oneshot::channel();
+        match slot.actor.try_send(Deliver { key, msg, reply }) {
+            Ok(()) => {}
+            Err(SendError::Full(deliver) | SendError::Closed(deliver)) => {
+                // A full actix channel cannot happen below our own count; a closed one means the
+                // actor just retired: route again.
+                slot.queued.fetch_sub(1, Ordering::AcqRel);
+                return Err(deliver.msg);
+            }
+        }
+        match tokio::time::timeout(self.limits.request_timeout, reply_rx).await {
+            Ok(Ok(Ok(value))) => Ok(Ok(value)),
+            Ok(Ok(Err(Undelivered::NotServing(msg)))) => Err(msg),
+            Ok(Ok(Err(Undelivered::Failed(error)))) => Ok(Err(error)),
+            Ok(Err(_)) => Ok(Err(self.stopped_error(shard))),
+            Err(_) => Ok(Err(Error::Timeout {
+                shard,
+                after: self.limits.request_timeout,
+            })),
+        }
     }
 
     fn stopped_error(&self, shard: ShardId) -> Error {
@@ -217,7 +578,7 @@ impl<H: ShardHandler> Router<H> {
     }
 
     /// The running actor of `shard`, started on first use.
-    fn shard_actor(&self, shard: ShardId, epoch: Epoch) -> Result<ShardSlot<H>, Error> {
+    fn shard_actor(&self, shard: ShardId) -> Result<ShardSlot<H>, Error> {
         let slot = self
             .slots
             .get(shard as usize)
@@ -228,37 +589,69 @@ impl<H: ShardHandler> Router<H> {
                 return Ok(running.clone());
             }
         }
-        let started = self.start_shard(shard, epoch)?;
+        let started = self.start_shard(shard)?;
         *slot = Some(started.clone());
         Ok(started)
     }
 
-    fn start_shard(&self, shard: ShardId, epoch: Epoch) -> Result<ShardSlot<H>, Error> {
+    fn start_shard(&self, shard: ShardId) -> Result<ShardSlot<H>, Error> {
         // Built by hand rather than with `Actor::start_in_arbiter`, which creates the mailbox with
-        // actix's default capacity (16) until the actor runs: a burst of first messages to a
-        // fresh shard would then be refused as `Overloaded`.
+        // actix's default capacity (16) until the actor runs.
         let (sender, receiver) = channel::channel(self.limits.mailbox_capacity);
         let actor = Addr::new(sender);
         let queued = Arc::new(AtomicUsize::new(0));
-        let (node_id, factory, cluster) =
-            (self.node_id, self.factory.clone(), self.handle(Some(shard)));
+        let restore = lock(&self.restores)
+            .remove(&shard)
+            .map(|(_, handoff)| handoff);
+        let router = self.self_ref.clone();
+        let (factory, cluster) = (self.factory.clone(), self.handle(Some(shard)));
         let actor_queued = queued.clone();
         let spawned = self.arbiter.spawn_fn(move || {
             let context = Context::with_receiver(receiver);
             let shard_actor =
-                ShardActor::new(shard, node_id, epoch, cluster, factory, actor_queued);
+                ShardActor::new(shard, router, cluster, factory, actor_queued, restore);
             actix_rt::spawn(context.into_future(shard_actor));
         });
         if !spawned {
             return Err(Error::ShuttingDown);
         }
-        tracing::debug!(shard, epoch, "shard activated");
         Ok(ShardSlot { actor, queued })
+    }
+
+    /// Retires the local actor of `shard` (after its in-flight messages) and returns its
+    /// snapshot; `None` when the shard was not active here.
+    pub(crate) async fn deactivate(&self, shard: ShardId) -> Option<Handoff> {
+        let running = self
+            .slots
+            .get(shard as usize)
+            .and_then(|slot| lock(slot).take())?;
+        match tokio::time::timeout(
+            self.limits.deactivate_timeout,
+            running.actor.send(Deactivate),
+        )
+        .await
+        {
+            Ok(Ok(handoff)) => handoff,
+            _ => {
+                tracing::warn!(
+                    shard,
+                    "shard did not deactivate in time; handing over no state"
+                );
+                None
+            }
+        }
+    }
+
+    /// Keeps a snapshot handed over by the previous owner (for the move of allocation `epoch`)
+    /// until the shard starts here.
+    pub(crate) fn accept_handoff(&self, shard: ShardId, epoch: u64, handoff: Handoff) {
+        lock(&self.restores).insert(shard, (epoch, handoff));
     }
 
     /// Stops taking messages and deactivates every local shard (running `on_deactivate`).
     pub(crate) async fn shutdown(&self) {
         self.stopping.store(true, Ordering::Release);
+        self.changes.send_modify(|v| *v += 1);
         let actors: Vec<_> = self
             .slots
             .iter()
@@ -284,6 +677,33 @@ impl<H: ShardHandler> Router<H> {
                     .is_some_and(|running| running.actor.connected())
             })
             .count()
+    }
+}
+
+/// The outcome of forwarding a message.
+enum Forwarded {
+    Reply(Vec<u8>),
+    Failed(Error),
+    /// Not sent at all (connection refused or in backoff): safe to retry.
+    NotSent(String),
+}
+
+/// A place among the requests waiting at the router.
+struct WaitPermit<'a>(&'a AtomicUsize);
+
+impl<'a> WaitPermit<'a> {
+    fn take(counter: &'a AtomicUsize, max: usize) -> Option<Self> {
+        if counter.fetch_add(1, Ordering::AcqRel) >= max {
+            counter.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(WaitPermit(counter))
+    }
+}
+
+impl Drop for WaitPermit<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

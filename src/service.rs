@@ -1,5 +1,5 @@
 //! The node's request handler: decodes each [`Request`] that arrives over the transport and
-//! hands it to raft, the admin API or the router.
+//! hands it to raft, the admin API, the lease granter or the router.
 //!
 //! It owns no state and makes no decisions: it only dispatches.
 
@@ -8,14 +8,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::__private::WireMessage;
+use crate::admin::{AdminRequest, AdminResponse, NodeState, StatusReport};
 use crate::codec;
-use crate::consensus::Consensus;
+use crate::consensus::{Command, Consensus};
 use crate::error::Error;
-use crate::router::Router;
+use crate::router::{Origin, Router};
 use crate::shard::ShardHandler;
 use crate::shard_map::Key;
 use crate::transport::{PeerInfo, Service};
-use crate::wire::{Request, Response};
+use crate::wire::{Request, Response, RoutingInfo};
 
 /// Serves one node's requests.
 pub(crate) struct NodeService<H: ShardHandler> {
@@ -44,15 +45,76 @@ impl<H: ShardHandler> Service for NodeService<H> {
                 Request::InstallSnapshot(rpc) => {
                     Response::InstallSnapshot(consensus.raft().install_snapshot(rpc).await)
                 }
+                Request::Admin {
+                    request: AdminRequest::Status,
+                    ..
+                } => Response::Admin(Ok(AdminResponse::Status(status(&consensus, &router)))),
                 Request::Admin { request, forwarded } => {
                     Response::Admin(consensus.admin(request, forwarded).await)
                 }
                 Request::Shard { key, tag, payload } => {
-                    Response::Shard(route_wire(&router, key, &tag, &payload).await)
+                    Response::Shard(route_wire(&router, key, &tag, &payload, Origin::Local).await)
                 }
+                Request::Forward {
+                    key, tag, payload, ..
+                } => Response::Shard(
+                    route_wire(&router, key, &tag, &payload, Origin::Forwarded).await,
+                ),
+                Request::RenewLease(renew) => Response::Lease(consensus.renew(renew).await),
+                Request::Handoff {
+                    from,
+                    epoch,
+                    shards,
+                } => {
+                    tracing::info!(from, epoch, count = shards.len(), "shards handed over");
+                    for (shard, snapshot) in shards {
+                        if let Some(snapshot) = snapshot {
+                            router.accept_handoff(shard, epoch, snapshot);
+                        }
+                    }
+                    Response::HandoffAccepted
+                }
+                Request::Propose(command @ Command::Released { .. }) => {
+                    Response::Proposed(consensus.propose(command, true).await)
+                }
+                Request::Propose(_) => Response::Proposed(Err(crate::admin::AdminError::Invalid {
+                    reason: "only releases may be proposed by peers".into(),
+                })),
+                Request::Routing => Response::Routing(routing(&consensus)),
             };
             codec::encode(&response).map_err(|e| e.to_string())
         })
+    }
+}
+
+/// The `status` report with this node's serving state as its router sees it (lease included).
+pub(crate) fn status<H: ShardHandler>(consensus: &Consensus, router: &Router<H>) -> StatusReport {
+    let mut report = consensus.status(None);
+    let remaining = router.lease_remaining();
+    report.lease_remaining_ms = remaining.map(|d| d.as_millis().min(u64::MAX as u128) as u64);
+    if report.state == NodeState::Serving && remaining.is_none() {
+        report.state = NodeState::NotReady;
+        report.reason = Some(crate::NotReadyReason::LeaseExpired.to_string());
+    }
+    report
+}
+
+fn routing(consensus: &Consensus) -> RoutingInfo {
+    let applied = consensus.applied();
+    RoutingInfo {
+        epoch: applied.state.map_epoch(),
+        owners: applied
+            .state
+            .map
+            .as_ref()
+            .map(|m| m.shards.clone())
+            .unwrap_or_default(),
+        addrs: applied
+            .state
+            .members
+            .iter()
+            .map(|(id, m)| (*id, m.addr.clone()))
+            .collect(),
     }
 }
 
@@ -61,7 +123,8 @@ async fn route_wire<H: ShardHandler>(
     key: Vec<u8>,
     tag: &str,
     payload: &[u8],
+    origin: Origin,
 ) -> Result<Vec<u8>, Error> {
     let message = H::Message::decode(tag, payload)?;
-    message.route_wire(router, Key::from(key)).await
+    message.route_wire(router, Key::from(key), origin).await
 }

@@ -9,7 +9,7 @@
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use actix::prelude::*;
 use futures_util::future::LocalBoxFuture;
@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 
 use crate::cluster::ClusterHandle;
 use crate::error::Error;
+use crate::router::Router;
 use crate::shard_map::{Epoch, Key, NodeId, ShardId};
 
 /// A message that can be sent to a key, with its reply type and a stable wire tag.
@@ -182,19 +183,28 @@ pub trait Handles<M: ShardMessage>: ShardHandler {
 /// Builds a handler value for a shard; called on activation and after a panic.
 pub(crate) type HandlerFactory<H> = Arc<dyn Fn(ShardId) -> H + Send + Sync>;
 
+/// Why a shard actor did not handle a message.
+pub(crate) enum Undelivered<M> {
+    /// The node does not serve the shard now (lease lapsed, shard moving, actor retired): the
+    /// message comes back untouched so the router can route it again.
+    NotServing(M),
+    /// The handler failed on it.
+    Failed(Error),
+}
+
 /// One message for a shard, with the channel its reply goes back on.
 pub(crate) struct Deliver<M: ShardMessage> {
     pub(crate) key: Key,
     pub(crate) msg: M,
-    pub(crate) epoch: Epoch,
-    pub(crate) reply: oneshot::Sender<Result<M::Reply, Error>>,
+    pub(crate) reply: oneshot::Sender<Result<M::Reply, Undelivered<M>>>,
 }
 
 impl<M: ShardMessage> Message for Deliver<M> {
     type Result = ();
 }
 
-/// Stops the shard: runs `on_deactivate` and answers with its snapshot.
+/// Retires the shard: runs `on_deactivate` and answers with its snapshot. A retired actor
+/// hands every later message back to the router, and stops once the router dropped it.
 pub(crate) struct Deactivate;
 
 impl Message for Deactivate {
@@ -203,16 +213,19 @@ impl Message for Deactivate {
 
 /// The actix actor hosting one shard's [`ShardHandler`].
 ///
-/// Its mailbox is bounded (`mailbox_capacity`); a panic in a handler method answers that message
-/// with [`Error::ShardFailed`] and restarts the shard in place with a fresh handler from the
-/// factory (the supervisor role), keeping the mailbox and its queued messages.
+/// Its mailbox is bounded (`mailbox_capacity`, counted by the router); it handles a message only
+/// while its node serves the shard (checked for every message: a lapsed lease stops intake at
+/// once); a panic in a handler method answers that message with [`Error::ShardFailed`] and
+/// restarts the shard in place with a fresh handler from the factory (the supervisor role),
+/// keeping the mailbox and its queued messages.
 pub struct ShardActor<H: ShardHandler> {
     shard: ShardId,
-    node_id: NodeId,
-    epoch: Epoch,
+    router: Weak<Router<H>>,
     cluster: ClusterHandle,
     factory: HandlerFactory<H>,
     slot: Option<Slot<H>>,
+    restore: Option<Handoff>,
+    retired: bool,
     restarts: u64,
     /// Messages sent to this shard and not yet taken from the mailbox (shared with the router).
     queued: Arc<AtomicUsize>,
@@ -221,41 +234,64 @@ pub struct ShardActor<H: ShardHandler> {
 impl<H: ShardHandler> ShardActor<H> {
     pub(crate) fn new(
         shard: ShardId,
-        node_id: NodeId,
-        epoch: Epoch,
+        router: Weak<Router<H>>,
         cluster: ClusterHandle,
         factory: HandlerFactory<H>,
         queued: Arc<AtomicUsize>,
+        restore: Option<Handoff>,
     ) -> Self {
         ShardActor {
             shard,
-            node_id,
-            epoch,
+            router,
             cluster,
             factory,
             slot: None,
+            restore,
+            retired: false,
             restarts: 0,
             queued,
         }
     }
 
-    /// Builds a fresh handler and runs `on_activate`; a panic in either leaves the shard without
-    /// a handler, and the next message tries again.
+    /// The node id and map epoch of the router, or `None` when the node is gone.
+    fn node_and_epoch(&self) -> Option<(NodeId, Epoch)> {
+        self.router.upgrade().map(|r| (r.node_id(), r.map_epoch()))
+    }
+
+    /// Builds a fresh handler, restores the previous owner's snapshot if one was handed over,
+    /// and runs `on_activate`; a panic leaves the shard without a handler, and the next message
+    /// tries again.
     fn activate(&mut self) {
+        let Some((node_id, epoch)) = self.node_and_epoch() else {
+            return;
+        };
         let factory = self.factory.clone();
         let shard = self.shard;
-        let mut context = ShardContext::new(shard, self.node_id, self.epoch, self.cluster.clone());
+        let restore = self.restore.take();
+        let mut context = ShardContext::new(shard, node_id, epoch, self.cluster.clone());
         let built = std::panic::catch_unwind(AssertUnwindSafe(move || {
             let mut handler = factory(shard);
+            if let Some(handoff) = restore {
+                handler.on_restore(handoff, &mut context);
+            }
             handler.on_activate(&mut context);
             Slot { handler, context }
         }));
         match built {
-            Ok(slot) => self.slot = Some(slot),
+            Ok(slot) => {
+                self.slot = Some(slot);
+                self.observe(ServeEventKind::Activated, epoch);
+            }
             Err(panic) => {
                 tracing::error!(shard, reason = %panic_message(&*panic), "shard activation panicked");
                 self.slot = None;
             }
+        }
+    }
+
+    fn observe(&self, kind: ServeEventKind, epoch: Epoch) {
+        if let Some(router) = self.router.upgrade() {
+            router.observe(self.shard, kind, epoch);
         }
     }
 
@@ -284,10 +320,6 @@ fn panic_message(panic: &(dyn Any + Send)) -> String {
 
 impl<H: ShardHandler> Actor for ShardActor<H> {
     type Context = Context<Self>;
-
-    fn started(&mut self, _ctx: &mut Self::Context) {
-        self.activate();
-    }
 }
 
 impl<H, M> Handler<Deliver<M>> for ShardActor<H>
@@ -299,30 +331,39 @@ where
 
     fn handle(&mut self, deliver: Deliver<M>, ctx: &mut Self::Context) {
         self.queued.fetch_sub(1, Ordering::AcqRel);
-        let Deliver {
-            key,
-            msg,
-            epoch,
-            reply,
-        } = deliver;
+        let Deliver { key, msg, reply } = deliver;
         // A sender that gave up (timed out or dropped its future) gets nothing from us: skipping
         // its message keeps an overloaded shard from working for nobody.
         if reply.is_closed() {
+            return;
+        }
+        // Serve only while the node serves the shard *now*: a lease may have lapsed, or the
+        // shard started moving, since the router queued this message.
+        let serving = !self.retired
+            && self
+                .router
+                .upgrade()
+                .is_some_and(|r| r.serves_now(self.shard));
+        if !serving {
+            let _ = reply.send(Err(Undelivered::NotServing(msg)));
             return;
         }
         if self.slot.is_none() {
             self.activate();
         }
         let Some(mut slot) = self.slot.take() else {
-            let _ = reply.send(Err(Error::ShardFailed {
+            let _ = reply.send(Err(Undelivered::Failed(Error::ShardFailed {
                 shard: self.shard,
                 reason: "the shard's handler could not be activated (its constructor or on_activate panicked)".into(),
-            }));
+            })));
             return;
         };
-        self.epoch = self.epoch.max(epoch);
-        slot.context.epoch = self.epoch;
+        let epoch = self
+            .node_and_epoch()
+            .map_or(slot.context.epoch, |(_, epoch)| epoch);
+        slot.context.epoch = epoch;
         slot.context.key = key.clone();
+        self.observe(ServeEventKind::Delivered, epoch);
         match std::panic::catch_unwind(AssertUnwindSafe(move || H::handle(slot, key, msg))) {
             Ok(Handled::Ready(slot, value)) => {
                 self.slot = Some(slot);
@@ -340,13 +381,15 @@ where
                                 let _ = reply.send(Ok(value));
                             }
                             Err(panic) => {
-                                let _ = reply.send(Err(actor.restart_after_panic(panic)));
+                                let _ = reply.send(Err(Undelivered::Failed(
+                                    actor.restart_after_panic(panic),
+                                )));
                             }
                         }),
                 );
             }
             Err(panic) => {
-                let _ = reply.send(Err(self.restart_after_panic(panic)));
+                let _ = reply.send(Err(Undelivered::Failed(self.restart_after_panic(panic))));
             }
         }
     }
@@ -355,10 +398,11 @@ where
 impl<H: ShardHandler> Handler<Deactivate> for ShardActor<H> {
     type Result = Option<Handoff>;
 
-    fn handle(&mut self, _: Deactivate, ctx: &mut Self::Context) -> Option<Handoff> {
-        ctx.stop();
+    fn handle(&mut self, _: Deactivate, _ctx: &mut Self::Context) -> Option<Handoff> {
+        self.retired = true;
         let mut slot = self.slot.take()?;
-        match std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let epoch = slot.context.epoch;
+        let handoff = match std::panic::catch_unwind(AssertUnwindSafe(|| {
             slot.handler.on_deactivate(&mut slot.context)
         })) {
             Ok(handoff) => handoff,
@@ -366,6 +410,42 @@ impl<H: ShardHandler> Handler<Deactivate> for ShardActor<H> {
                 tracing::error!(shard = self.shard, reason = %panic_message(&*panic), "on_deactivate panicked; no handoff");
                 None
             }
-        }
+        };
+        self.observe(ServeEventKind::Deactivated, epoch);
+        handoff
     }
+}
+
+/// What a shard actor did, for tests that check the single-owner rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServeEventKind {
+    /// The node started serving the shard (a handler was built).
+    Activated,
+    /// The node handled a message for the shard.
+    Delivered,
+    /// The node stopped serving the shard (planned handoff or shutdown).
+    Deactivated,
+}
+
+/// One observed event of a shard on a node, with the node's map epoch and the monotonic time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeEvent {
+    /// The node.
+    pub node: NodeId,
+    /// The shard.
+    pub shard: ShardId,
+    /// The node's map epoch at the event.
+    pub epoch: Epoch,
+    /// When it happened.
+    pub at: std::time::Instant,
+    /// What happened.
+    pub kind: ServeEventKind,
+}
+
+/// Receives every [`ServeEvent`] of a node (set with
+/// [`ClusterBuilder::observer`](crate::ClusterBuilder::observer)); used by tests to check that no
+/// two nodes ever serve one shard at once. Called on the shard's thread: keep it quick.
+pub trait ServeObserver: Send + Sync + 'static {
+    /// Records one event.
+    fn observe(&self, event: ServeEvent);
 }

@@ -12,9 +12,11 @@ use openraft::raft::{
 use serde::{Deserialize, Serialize};
 
 use crate::admin::{AdminError, AdminRequest, AdminResponse};
-use crate::consensus::TypeConfig;
+use crate::consensus::{Command, CommandResponse, TypeConfig};
 use crate::error::Error;
-use crate::shard_map::NodeId;
+use crate::lease::{LeaseGrant, LeaseRefusal, RenewLease};
+use crate::shard::Handoff;
+use crate::shard_map::{NodeId, ShardId};
 
 /// A request to a node.
 #[derive(Debug, Serialize, Deserialize)]
@@ -34,8 +36,35 @@ pub enum Request {
         /// Whether another node forwarded it.
         forwarded: bool,
     },
-    /// A message for the shard owning `key`: `tag` names the message type, `payload` is the
-    /// encoded message.
+    /// A message forwarded by another node, which routed it here under its map `epoch`: served
+    /// here or answered with `WrongOwner`, never forwarded again.
+    Forward {
+        /// The routing key.
+        key: Vec<u8>,
+        /// The message's wire tag.
+        tag: String,
+        /// The encoded message.
+        payload: Vec<u8>,
+        /// The sender's map epoch.
+        epoch: u64,
+    },
+    /// A lease renewal, to the leader.
+    RenewLease(RenewLease),
+    /// The state of shards handed over by their previous owner (planned moves).
+    Handoff {
+        /// The previous owner.
+        from: NodeId,
+        /// The allocation epoch of the moves.
+        epoch: u64,
+        /// Each shard with its snapshot (none when the shard was never active there).
+        shards: Vec<(ShardId, Option<Handoff>)>,
+    },
+    /// A command for the leader to propose (a release, from the node that released).
+    Propose(Command),
+    /// The routing information clients need: shard count, owners and addresses.
+    Routing,
+    /// A message for the shard owning `key`, from a client: the node forwards it to the owner if
+    /// needed. `tag` names the message type, `payload` is the encoded message.
     Shard {
         /// The routing key.
         key: Vec<u8>,
@@ -59,6 +88,25 @@ pub enum Response {
     ),
     /// Answer to [`Request::Admin`].
     Admin(Result<AdminResponse, AdminError>),
-    /// Answer to [`Request::Shard`]: the encoded reply.
+    /// Answer to [`Request::Shard`] and [`Request::Forward`]: the encoded reply.
     Shard(Result<Vec<u8>, Error>),
+    /// Answer to [`Request::RenewLease`].
+    Lease(Result<LeaseGrant, LeaseRefusal>),
+    /// Answer to [`Request::Handoff`]: the snapshots are kept.
+    HandoffAccepted,
+    /// Answer to [`Request::Propose`].
+    Proposed(Result<CommandResponse, AdminError>),
+    /// Answer to [`Request::Routing`].
+    Routing(RoutingInfo),
+}
+
+/// What a client needs to route: the shard count, each shard's owner, each owner's address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutingInfo {
+    /// The map epoch.
+    pub epoch: u64,
+    /// Each shard's owner, by shard (empty before the first map).
+    pub owners: Vec<NodeId>,
+    /// Each member's address.
+    pub addrs: Vec<(NodeId, String)>,
 }

@@ -272,7 +272,7 @@ fn handler(mut item: ItemImpl) -> syn::Result<TokenStream2> {
     let handles = methods.iter().map(|m| handles_impl(&self_ty, m));
     // The message type's spans on the calls that need it to be a `ShardMessage` (the callee and
     // the argument), so that a type that is not one is reported there, not at the attribute.
-    let routes = |route: &str| -> Vec<TokenStream2> {
+    let routes = |route: &str, extra: TokenStream2| -> Vec<TokenStream2> {
         let route = format_ident!("{route}");
         messages
             .iter()
@@ -281,11 +281,14 @@ fn handler(mut item: ItemImpl) -> syn::Result<TokenStream2> {
                 let spans = span_range(message);
                 let callee = respan(quote!(::clusterfunk::__private::#route), spans);
                 let m = Ident::new("m", spans.0);
-                quote!(Self::#variant(#m) => #callee(router, key, #m),)
+                quote!(Self::#variant(#m) => #callee(router, key, #m #extra),)
             })
             .collect()
     };
-    let (route_any, route_wire) = (routes("route_any"), routes("route_wire"));
+    let (route_any, route_wire) = (
+        routes("route_any", quote!()),
+        routes("route_wire", quote!(, origin)),
+    );
     // The handler type's spans on the impls that need it to be `Send`, `Unpin` and `'static`.
     let self_spans = span_range(&self_ty);
     let impl_handler = respan(quote!(impl ::clusterfunk::ShardHandler for), self_spans);
@@ -351,6 +354,7 @@ fn handler(mut item: ItemImpl) -> syn::Result<TokenStream2> {
                 self,
                 router: &::std::sync::Arc<::clusterfunk::__private::Router<#self_ty>>,
                 key: ::clusterfunk::Key,
+                origin: ::clusterfunk::__private::Origin,
             ) -> ::clusterfunk::__private::BoxFuture<'static, ::std::result::Result<::std::vec::Vec<u8>, ::clusterfunk::Error>> {
                 match self {
                     #(#route_wire)*

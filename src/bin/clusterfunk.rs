@@ -68,6 +68,18 @@ enum Command {
     },
     /// Hand leadership to another voter.
     StepDown,
+    /// Move every shard off a node (it stays a member); returns when it owns none. For upgrades.
+    Drain {
+        /// The node to drain.
+        #[arg(long)]
+        id: u64,
+    },
+    /// Let a drained node own shards again.
+    Undrain {
+        /// The node.
+        #[arg(long)]
+        id: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -108,6 +120,8 @@ fn run(cli: Cli) -> Result<(), String> {
         },
         Command::RemoveNode { id } => AdminRequest::RemoveNode { id },
         Command::StepDown => AdminRequest::StepDown,
+        Command::Drain { id } => AdminRequest::Drain { id },
+        Command::Undrain { id } => AdminRequest::Undrain { id },
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -147,6 +161,10 @@ fn print(response: &AdminResponse, json: bool) -> Result<(), String> {
                 ("failures_tolerated", s.failures_tolerated.to_string()),
                 ("shards_owned", s.shards_owned.to_string()),
                 ("shard_count", opt(s.shard_count.map(u64::from))),
+                ("lease_remaining_ms", opt(s.lease_remaining_ms)),
+                ("shards_moving", s.shards_moving.to_string()),
+                ("down", join(&s.down)),
+                ("draining", join(&s.draining)),
                 ("last_log_index", opt(s.last_log_index)),
                 ("last_applied_index", opt(s.last_applied_index)),
             ];
@@ -159,7 +177,7 @@ fn print(response: &AdminResponse, json: bool) -> Result<(), String> {
         }
         AdminResponse::Nodes(nodes) if json => println!("{}", to_json(nodes)?),
         AdminResponse::Nodes(nodes) => table(
-            &["ID", "ADDR", "ZONE", "ROLE", "LEADER", "SHARDS"],
+            &["ID", "ADDR", "ZONE", "ROLE", "LEADER", "SHARDS", "STATE"],
             nodes
                 .nodes
                 .iter()
@@ -171,6 +189,13 @@ fn print(response: &AdminResponse, json: bool) -> Result<(), String> {
                         n.role.clone(),
                         if n.leader { "*".into() } else { String::new() },
                         n.shards.to_string(),
+                        if n.down {
+                            "down".into()
+                        } else if n.draining {
+                            "draining".into()
+                        } else {
+                            "up".into()
+                        },
                     ]
                 })
                 .collect(),

@@ -12,8 +12,8 @@ pub mod state;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use openraft::error::{ClientWriteError, RaftError};
@@ -27,6 +27,7 @@ use crate::admin::{
     ChangeReport, NodeReport, NodeState, NodesReport, ShardOwner, ShardsReport, StatusReport,
 };
 use crate::error::ConfigError;
+use crate::lease::{Decision, LeaseConfig, LeaseGrant, LeaseGranter, LeaseRefusal, RenewLease};
 use crate::shard_map::NodeId;
 use crate::storage::{Applied, StateMachineApp};
 use crate::transport::Transport;
@@ -95,6 +96,8 @@ pub struct ConsensusConfig {
     pub catch_up_timeout: Duration,
     /// How long an admin command may take, including forwarding. Default: 60 s.
     pub admin_timeout: Duration,
+    /// How long drain and remove-node wait for a node to hand all its shards over. Default: 50 s.
+    pub drain_timeout: Duration,
 }
 
 impl Default for ConsensusConfig {
@@ -106,6 +109,7 @@ impl Default for ConsensusConfig {
             snapshot_logs_since_last: 1000,
             catch_up_timeout: Duration::from_secs(30),
             admin_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(50),
         }
     }
 }
@@ -149,7 +153,10 @@ pub struct Consensus {
     applied: watch::Receiver<Arc<AppliedState>>,
     transport: Transport,
     config: ConsensusConfig,
+    lease: LeaseConfig,
     actor: Addr<ConsensusActor>,
+    /// The lease granter while this node leads, with the term it leads in.
+    granter: Arc<Mutex<Option<(u64, LeaseGranter)>>>,
 }
 
 impl std::fmt::Debug for Consensus {
@@ -169,6 +176,7 @@ impl Consensus {
         applied: watch::Receiver<Arc<AppliedState>>,
         transport: Transport,
         config: ConsensusConfig,
+        lease: LeaseConfig,
         shard_count: u32,
     ) -> Self {
         let actor = ConsensusActor { consensus: None }.start();
@@ -178,14 +186,139 @@ impl Consensus {
             applied,
             transport,
             config,
+            lease,
             actor,
+            granter: Arc::new(Mutex::new(None)),
         };
         consensus.actor.do_send(Attach(consensus.clone()));
         tokio::spawn(write_shard_count_when_leading(
             consensus.clone(),
             shard_count,
         ));
+        tokio::spawn(lead(consensus.clone()));
         consensus
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// The lease settings.
+    pub fn lease_config(&self) -> &LeaseConfig {
+        &self.lease
+    }
+
+    /// The transport to the other nodes.
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    /// The address of a member, from this node's applied state.
+    pub fn member_addr(&self, node: NodeId) -> Option<SocketAddr> {
+        self.applied()
+            .state
+            .members
+            .get(&node)
+            .and_then(|m| m.addr.parse().ok())
+    }
+
+    /// Answers a lease renewal (on the leader): grants only after an entry of this leader's
+    /// term is committed and applied and a quorum round begun after the request arrived
+    /// confirmed the leadership (`ensure_linearizable`), and only for the newest allocation.
+    pub async fn renew(&self, request: RenewLease) -> Result<LeaseGrant, LeaseRefusal> {
+        let leader = self.raft.metrics().borrow().current_leader;
+        if leader != Some(self.node_id) {
+            return Err(LeaseRefusal::NotLeader { leader });
+        }
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => {}
+            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
+                forward,
+            ))) => {
+                return Err(LeaseRefusal::NotLeader {
+                    leader: forward.leader_id,
+                })
+            }
+            Err(error) => {
+                return Err(LeaseRefusal::NoQuorum {
+                    reason: error.to_string(),
+                })
+            }
+        }
+        let state = self.applied();
+        let term = self.raft.metrics().borrow().current_term;
+        let decision = {
+            let mut granter = lock(&self.granter);
+            match granter.as_mut() {
+                Some((granter_term, granter)) if *granter_term == term => {
+                    granter.decide(&request, &state.state, Instant::now())
+                }
+                _ => return Err(LeaseRefusal::NotLeader { leader: None }),
+            }
+        };
+        match decision {
+            Decision::Grant(grant) => Ok(grant),
+            Decision::Refuse(refusal) => Err(refusal),
+            Decision::RefuseAndMarkUp => {
+                let consensus = self.clone();
+                let node = request.node;
+                tokio::spawn(async move {
+                    if let Err(error) = consensus.raft.client_write(Command::MarkUp { node }).await
+                    {
+                        tracing::warn!(node, %error, "could not mark the node up");
+                        if let Some((_, granter)) = lock(&consensus.granter).as_mut() {
+                            granter.proposal_failed(node, false);
+                        }
+                    } else {
+                        tracing::info!(node, "node renewed again: marked up");
+                    }
+                });
+                Err(LeaseRefusal::Down)
+            }
+        }
+    }
+
+    /// Proposes a command through the leader (this node, or forwarded to it once).
+    pub async fn propose(
+        &self,
+        command: Command,
+        forwarded: bool,
+    ) -> Result<CommandResponse, AdminError> {
+        let leader = self.raft.metrics().borrow().current_leader;
+        match leader {
+            Some(leader) if leader == self.node_id => self
+                .raft
+                .client_write(command)
+                .await
+                .map(|r| r.data)
+                .map_err(write_error),
+            Some(leader) if !forwarded => {
+                let addr = self.address_of(leader)?;
+                let payload = crate::codec::encode(&Request::Propose(command)).map_err(|e| {
+                    AdminError::Invalid {
+                        reason: e.to_string(),
+                    }
+                })?;
+                let answer = self
+                    .transport
+                    .request(addr, payload, self.config.admin_timeout)
+                    .await
+                    .map_err(|e| AdminError::Unreachable {
+                        reason: e.to_string(),
+                    })?;
+                match crate::codec::decode::<crate::wire::Response>(&answer) {
+                    Ok(crate::wire::Response::Proposed(result)) => result,
+                    _ => Err(AdminError::Failed {
+                        reason: "unexpected answer to a proposal".into(),
+                    }),
+                }
+            }
+            Some(leader) => Err(AdminError::NotLeader {
+                leader: Some(leader),
+            }),
+            None => Err(AdminError::NoLeader),
+        }
     }
 
     /// The raft handle.
@@ -306,7 +439,7 @@ impl Consensus {
             reason,
             leader: metrics.current_leader,
             term: metrics.current_term,
-            epoch: applied.state.epoch(),
+            epoch: applied.state.map_epoch(),
             failures_tolerated: failures_tolerated(voters.len()),
             voters,
             learners,
@@ -315,6 +448,22 @@ impl Consensus {
             raft_state: raft_state_name(metrics.state).to_string(),
             last_log_index: metrics.last_log_index,
             last_applied_index: metrics.last_applied.map(|l| l.index),
+            lease_remaining_ms: None,
+            down: applied
+                .state
+                .members
+                .iter()
+                .filter(|(_, m)| m.down)
+                .map(|(id, _)| *id)
+                .collect(),
+            draining: applied
+                .state
+                .members
+                .iter()
+                .filter(|(_, m)| m.draining)
+                .map(|(id, _)| *id)
+                .collect(),
+            shards_moving: applied.state.pending.len() as u32,
         }
     }
 
@@ -343,6 +492,8 @@ impl Consensus {
                 }
                 .to_string(),
                 leader: metrics.current_leader == Some(*id),
+                down: applied.state.members.get(id).is_some_and(|m| m.down),
+                draining: applied.state.members.get(id).is_some_and(|m| m.draining),
                 shards: counts.get(id).copied().unwrap_or(0),
             })
             .collect();
@@ -442,6 +593,67 @@ impl Consensus {
         ))))
     }
 
+    /// Drains (or undrains) a node and waits until it owns no shards and hands none over.
+    async fn drain(&self, id: NodeId, draining: bool) -> Result<AdminResponse, AdminError> {
+        if !self.applied().state.members.contains_key(&id) {
+            return Err(AdminError::Invalid {
+                reason: format!("node {id} is not a member"),
+            });
+        }
+        let owned_before = self
+            .applied()
+            .state
+            .map
+            .as_ref()
+            .map_or(0, |m| m.shards_of(id).count());
+        self.raft
+            .client_write(Command::SetDraining { node: id, draining })
+            .await
+            .map_err(write_error)?;
+        if !draining {
+            return Ok(AdminResponse::Changed(self.change_report(format!(
+                "node {id} undrained: it gets its share of shards back by handoff"
+            ))));
+        }
+        self.wait_drained(id).await?;
+        Ok(AdminResponse::Changed(self.change_report(format!(
+            "node {id} drained: {owned_before} shard(s) handed over, it owns none"
+        ))))
+    }
+
+    /// Waits until `id` owns no shard and hands none over (or is marked down).
+    async fn wait_drained(&self, id: NodeId) -> Result<(), AdminError> {
+        let mut applied = self.subscribe();
+        let drained = |state: &ClusterState| {
+            let down = state.members.get(&id).is_none_or(|m| m.down);
+            let owns = state
+                .map
+                .as_ref()
+                .is_some_and(|m| m.shards_of(id).next().is_some());
+            down || !owns
+        };
+        let wait = async {
+            loop {
+                if drained(&applied.borrow_and_update().state) {
+                    return;
+                }
+                if applied.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(self.config.drain_timeout, wait)
+            .await
+            .map_err(|_| AdminError::Failed {
+                reason: format!(
+                    "node {id} still owns shards after {:?}: is it running? Its shards move once it hands them over or the leader marks it down",
+                    self.config.drain_timeout
+                ),
+            })
+    }
+
+    /// Removes a node: a live one is drained first (its shards handed over), then raft
+    /// membership changes; a node marked down is removed at once.
     async fn remove_node(&self, id: NodeId) -> Result<AdminResponse, AdminError> {
         let metrics = self.raft.metrics().borrow().clone();
         let membership = metrics.membership_config.membership();
@@ -451,22 +663,36 @@ impl Consensus {
             });
         }
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        if voters.contains(&id) {
-            if voters.len() == 1 {
-                return Err(AdminError::Invalid {
-                    reason: format!("node {id} is the last voter; a cluster needs at least one"),
-                });
-            }
-            self.raft
-                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
-                .await
-                .map_err(write_error)?;
-        } else {
-            self.raft
-                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
-                .await
-                .map_err(write_error)?;
+        if voters.contains(&id) && voters.len() == 1 {
+            return Err(AdminError::Invalid {
+                reason: format!("node {id} is the last voter; a cluster needs at least one"),
+            });
         }
+        let down = self
+            .applied()
+            .state
+            .members
+            .get(&id)
+            .is_some_and(|m| m.down);
+        if !down {
+            self.raft
+                .client_write(Command::SetDraining {
+                    node: id,
+                    draining: true,
+                })
+                .await
+                .map_err(write_error)?;
+            self.wait_drained(id).await?;
+        }
+        let change = if voters.contains(&id) {
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        };
+        self.raft
+            .change_membership(change, false)
+            .await
+            .map_err(write_error)?;
         Ok(AdminResponse::Changed(
             self.change_report(format!("node {id} removed")),
         ))
@@ -624,6 +850,77 @@ async fn write_shard_count_when_leading(consensus: Consensus, shard_count: u32) 
     }
 }
 
+/// The leader's lease duties: keeps a [`LeaseGranter`] while this node leads (a new one per
+/// term, started when the leadership is seen), and marks down members whose leases have
+/// certainly expired (rule 3: only shards move; membership stays).
+async fn lead(consensus: Consensus) {
+    let mut metrics = consensus.raft.metrics();
+    let mut applied = consensus.subscribe();
+    let tick = consensus.lease.renew_period / 2;
+    loop {
+        let (leading, term) = {
+            let m = metrics.borrow_and_update();
+            (
+                m.current_leader == Some(consensus.node_id) && m.state == ServerState::Leader,
+                m.current_term,
+            )
+        };
+        let state = applied.borrow_and_update().clone();
+        let now = Instant::now();
+        let due = {
+            let mut granter = lock(&consensus.granter);
+            if !leading {
+                *granter = None;
+                Vec::new()
+            } else {
+                if granter.as_ref().is_none_or(|(t, _)| *t != term) {
+                    tracing::info!(term, "leading: lease granter started");
+                    let mut fresh =
+                        LeaseGranter::new(consensus.lease.clone(), consensus.node_id, now);
+                    fresh.on_applied(&state.state, now);
+                    *granter = Some((term, fresh));
+                }
+                match granter.as_mut() {
+                    Some((_, granter)) => {
+                        granter.on_applied(&state.state, now);
+                        granter.markdowns_due(&state.state, now)
+                    }
+                    None => Vec::new(),
+                }
+            }
+        };
+        for node in due {
+            let consensus = consensus.clone();
+            tokio::spawn(async move {
+                tracing::warn!(node, "node stopped renewing its lease; marking it down (its shards move, its membership stays)");
+                if let Err(error) = consensus
+                    .raft
+                    .client_write(Command::MarkDown { node })
+                    .await
+                {
+                    tracing::warn!(node, %error, "could not mark the node down");
+                    if let Some((_, granter)) = lock(&consensus.granter).as_mut() {
+                        granter.proposal_failed(node, true);
+                    }
+                }
+            });
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return },
+            changed = applied.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(tick) => {}
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The granter is replaced or updated in single statements: a panic cannot leave it
+    // half-written, so a poisoned lock is safe to keep using.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Carries out membership commands one at a time (a second waits for the first to finish).
 struct ConsensusActor {
     consensus: Option<Consensus>,
@@ -677,6 +974,8 @@ impl Handler<Write> for ConsensusActor {
                             learner,
                         } => consensus.add_node(id, addr, zone, learner).await,
                         AdminRequest::RemoveNode { id } => consensus.remove_node(id).await,
+                        AdminRequest::Drain { id } => consensus.drain(id, true).await,
+                        AdminRequest::Undrain { id } => consensus.drain(id, false).await,
                         AdminRequest::StepDown => consensus.step_down().await,
                         other => Err(AdminError::Invalid {
                             reason: format!("{other:?} is not a membership command"),

@@ -103,7 +103,17 @@ impl PeerClient {
     }
 }
 
+/// The pause before retrying an unreachable peer. openraft's default is 500 ms, as long as a
+/// follower's election timeout: a peer restarted meanwhile hears no heartbeat, campaigns and
+/// deposes a healthy leader. Retrying at the heartbeat pace avoids that; the transport's own
+/// reconnect backoff still keeps a dead peer from being hammered.
+const UNREACHABLE_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
+
 impl RaftNetwork<TypeConfig> for PeerClient {
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(std::iter::repeat(UNREACHABLE_RETRY))
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::shard_map::{allocate, Member, NodeId, ShardMap};
+use crate::shard_map::{allocate, Member, NodeId, ShardId, ShardMap};
 
 /// What the cluster knows of one member.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +21,30 @@ pub struct MemberRecord {
     pub zone: Option<String>,
     /// Whether the node votes in raft (a learner does not, but still hosts shards).
     pub voter: bool,
+    /// Whether the operator is draining it: it keeps its membership but owns no shards.
+    #[serde(default)]
+    pub draining: bool,
+    /// Whether the leader saw its lease expire: its shards moved to live nodes until it renews.
+    #[serde(default)]
+    pub down: bool,
+}
+
+impl MemberRecord {
+    /// Whether the allocator may give the node shards.
+    pub fn eligible(&self) -> bool {
+        !self.draining && !self.down
+    }
+}
+
+/// A planned move of one shard that waits for the old owner's release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingMove {
+    /// The owner handing the shard over; it keeps `owner` until it releases.
+    pub from: NodeId,
+    /// The node the shard goes to.
+    pub to: NodeId,
+    /// The allocation epoch that started the move; a release must name it.
+    pub epoch: u64,
 }
 
 /// The raft node record: what openraft stores of each member in its membership config.
@@ -51,6 +75,33 @@ pub enum Command {
         /// The number of shards keys are hashed into.
         shard_count: u32,
     },
+    /// Starts (true) or ends (false) draining a node: a draining node keeps its membership and
+    /// hands all its shards to others.
+    SetDraining {
+        /// The node.
+        node: NodeId,
+        /// Drain or undrain.
+        draining: bool,
+    },
+    /// The leader saw `node`'s lease expire (rule 3): its shards go straight to live nodes.
+    MarkDown {
+        /// The node.
+        node: NodeId,
+    },
+    /// A node marked down renewed again: it becomes eligible and gets shards back by handoff.
+    MarkUp {
+        /// The node.
+        node: NodeId,
+    },
+    /// `from` handed these shards over for the move started at allocation epoch `epoch`.
+    Released {
+        /// The shards.
+        shards: Vec<ShardId>,
+        /// The allocation epoch of the moves.
+        epoch: u64,
+        /// The old owner.
+        from: NodeId,
+    },
 }
 
 /// The result of applying a [`Command`].
@@ -62,6 +113,13 @@ pub enum CommandResponse {
         /// The map epoch after the command.
         epoch: u64,
     },
+    /// A release: these shards changed owner (others named in it were not pending any more).
+    Released {
+        /// The shards released.
+        shards: Vec<ShardId>,
+        /// The map epoch after the command.
+        epoch: u64,
+    },
     /// Not applied, for the reason given (e.g. the cluster was already initialised).
     Ignored {
         /// Why.
@@ -70,20 +128,94 @@ pub enum CommandResponse {
 }
 
 /// The replicated state of the cluster.
+///
+/// `map` says who serves each shard now; `target` is where the allocator wants each shard. They
+/// differ exactly at the `pending` moves: a planned move keeps the old owner in `map` until it
+/// releases the shard. `epoch` counts allocations (leases are granted only to nodes that applied
+/// the newest one); `map.epoch` counts every change of owners, releases included, and is the
+/// fencing token handlers see.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
     /// The shard count, once the first leader wrote [`Command::Init`].
     pub shard_count: Option<u32>,
     /// Every member (voter or learner), by id.
     pub members: BTreeMap<NodeId, MemberRecord>,
-    /// The current shard map, once the cluster has a shard count and members.
+    /// The allocation epoch: bumped by every re-allocation.
+    pub epoch: u64,
+    /// Who serves each shard now, once the cluster has a shard count and members.
     pub map: Option<ShardMap>,
+    /// Where the allocator places each shard.
+    pub target: Option<ShardMap>,
+    /// Planned moves waiting for the old owner's release, by shard.
+    pub pending: BTreeMap<ShardId, PendingMove>,
 }
 
 impl ClusterState {
     /// Applies a normal log entry.
     pub fn apply(&mut self, command: &Command) -> CommandResponse {
         match command {
+            Command::SetDraining { node, draining } => {
+                let Some(member) = self.members.get_mut(node) else {
+                    return ignored(format!("node {node} is not a member"));
+                };
+                if member.draining != *draining {
+                    member.draining = *draining;
+                    self.reallocate();
+                }
+                self.applied()
+            }
+            Command::MarkDown { node } => {
+                let Some(member) = self.members.get_mut(node) else {
+                    return ignored(format!("node {node} is not a member"));
+                };
+                if !member.down {
+                    member.down = true;
+                    self.reallocate();
+                }
+                self.applied()
+            }
+            Command::MarkUp { node } => {
+                let Some(member) = self.members.get_mut(node) else {
+                    return ignored(format!("node {node} is not a member"));
+                };
+                if member.down {
+                    member.down = false;
+                    self.reallocate();
+                }
+                self.applied()
+            }
+            Command::Released {
+                shards,
+                epoch,
+                from,
+            } => {
+                let mut released = Vec::new();
+                for shard in shards {
+                    if let Some(pending) = self.pending.get(shard) {
+                        if pending.from == *from && pending.epoch == *epoch {
+                            released.push((*shard, pending.to));
+                        }
+                    }
+                }
+                if released.is_empty() {
+                    return ignored(
+                        "no matching pending move (superseded or already released)".into(),
+                    );
+                }
+                if let Some(map) = self.map.as_mut() {
+                    for (shard, to) in &released {
+                        self.pending.remove(shard);
+                        if let Some(owner) = map.shards.get_mut(*shard as usize) {
+                            *owner = *to;
+                        }
+                    }
+                    map.epoch += 1;
+                }
+                CommandResponse::Released {
+                    shards: released.into_iter().map(|(shard, _)| shard).collect(),
+                    epoch: self.map_epoch(),
+                }
+            }
             Command::Init { shard_count } => {
                 if let Some(existing) = self.shard_count {
                     return CommandResponse::Ignored {
@@ -113,12 +245,15 @@ impl ClusterState {
         let members: BTreeMap<NodeId, MemberRecord> = nodes
             .into_iter()
             .map(|(id, info)| {
+                let previous = self.members.get(&id);
                 (
                     id,
                     MemberRecord {
                         addr: info.addr.clone(),
                         zone: info.zone.clone(),
                         voter: voters.contains(&id),
+                        draining: previous.is_some_and(|m| m.draining),
+                        down: previous.is_some_and(|m| m.down),
                     },
                 )
             })
@@ -138,8 +273,10 @@ impl ClusterState {
         eligible_of(&self.members)
     }
 
-    /// Recomputes the map from the previous one (minimal movement) when there is anything to
-    /// allocate; without eligible members the previous map stays.
+    /// Re-allocates: the allocator places shards over the eligible members, starting from the
+    /// previous placement (minimal movement). A shard whose owner is down or gone moves at once;
+    /// one whose owner is alive becomes a pending move until the owner releases it. Without
+    /// eligible members nothing moves.
     fn reallocate(&mut self) {
         let Some(shard_count) = self.shard_count else {
             return;
@@ -148,28 +285,85 @@ impl ClusterState {
         if eligible.is_empty() {
             return;
         }
-        // Members and shard count are validated above, so allocation cannot fail; if it did,
-        // keeping the previous map is the safe choice (no shard changes owner).
-        if let Ok(map) = allocate(self.map.as_ref(), &eligible, shard_count) {
-            self.map = Some(map);
+        // Members and shard count are validated, so allocation cannot fail; if it did, keeping
+        // the previous placement is the safe choice (no shard changes owner).
+        let Ok(target) = allocate(self.target.as_ref(), &eligible, shard_count) else {
+            return;
+        };
+        self.epoch += 1;
+        let epoch = self.epoch;
+        let Some(map) = self.map.as_mut() else {
+            self.map = Some(ShardMap {
+                epoch: 1,
+                ..target.clone()
+            });
+            self.target = Some(target);
+            return;
+        };
+        let mut owners_changed = false;
+        for (shard, (owner, wanted)) in map.shards.iter_mut().zip(&target.shards).enumerate() {
+            let shard = shard as ShardId;
+            let owner_alive = self.members.get(owner).is_some_and(|m| !m.down);
+            if owner == wanted {
+                self.pending.remove(&shard);
+            } else if !owner_alive {
+                // The old owner's lease is known to have expired (or it left): move now.
+                *owner = *wanted;
+                self.pending.remove(&shard);
+                owners_changed = true;
+            } else if self.pending.get(&shard).is_none_or(|p| p.to != *wanted) {
+                self.pending.insert(
+                    shard,
+                    PendingMove {
+                        from: *owner,
+                        to: *wanted,
+                        epoch,
+                    },
+                );
+            }
         }
+        map.members = target.members.clone();
+        // Every allocation bumps the map's version too: pending moves change what each node may
+        // serve, and handlers' fencing tokens must move with it.
+        map.epoch += 1;
+        let _ = owners_changed;
+        self.target = Some(target);
+    }
+
+    /// Whether `node` serves `shard` by this state: it owns it and it is not moving away.
+    pub fn serves(&self, node: NodeId, shard: ShardId) -> bool {
+        self.map.as_ref().and_then(|m| m.owner(shard)) == Some(node)
+            && !self.pending.contains_key(&shard)
+    }
+
+    /// The shards `node` must hand over: pending moves away from it.
+    pub fn moving_away(&self, node: NodeId) -> impl Iterator<Item = (ShardId, PendingMove)> + '_ {
+        self.pending
+            .iter()
+            .filter(move |(_, p)| p.from == node)
+            .map(|(s, p)| (*s, *p))
     }
 
     fn applied(&self) -> CommandResponse {
         CommandResponse::Applied {
-            epoch: self.map.as_ref().map_or(0, |m| m.epoch),
+            epoch: self.map_epoch(),
         }
     }
 
-    /// The current map epoch, 0 before the first map.
-    pub fn epoch(&self) -> u64 {
+    /// The current map version (the fencing token), 0 before the first map.
+    pub fn map_epoch(&self) -> u64 {
         self.map.as_ref().map_or(0, |m| m.epoch)
     }
+}
+
+fn ignored(reason: String) -> CommandResponse {
+    CommandResponse::Ignored { reason }
 }
 
 fn eligible_of(members: &BTreeMap<NodeId, MemberRecord>) -> Vec<Member> {
     members
         .iter()
+        .filter(|(_, record)| record.eligible())
         .map(|(id, record)| Member {
             id: *id,
             zone: record.zone.clone(),
@@ -214,37 +408,136 @@ mod tests {
         assert_eq!(state.shard_count, Some(12));
     }
 
+    fn nodes(ids: &[u64]) -> Vec<(u64, NodeInfo)> {
+        ids.iter()
+            .map(|i| (*i, info(&format!("a:{i}"), None)))
+            .collect()
+    }
+
+    fn members(state: &mut ClusterState, all: &[u64], voters: &[u64]) {
+        let list = nodes(all);
+        state.apply_membership(list.iter().map(|(i, n)| (*i, n)), voters.iter().copied());
+    }
+
     #[test]
-    fn membership_changes_bump_the_epoch_and_move_only_what_they_must() {
+    fn a_join_moves_shards_only_after_the_old_owners_release_them() {
         let mut state = ClusterState::default();
         state.apply(&Command::Init { shard_count: 30 });
-        let three = [
-            (1, info("a:1", None)),
-            (2, info("a:2", None)),
-            (3, info("a:3", None)),
-        ];
-        state.apply_membership(three.iter().map(|(i, n)| (*i, n)), [1, 2, 3]);
+        members(&mut state, &[1, 2, 3], &[1, 2, 3]);
         let before = state.map.clone().unwrap();
-        // A learner joins: it gets shards too.
-        let four = [three.to_vec(), vec![(4, info("a:4", None))]].concat();
-        state.apply_membership(four.iter().map(|(i, n)| (*i, n)), [1, 2, 3]);
-        let after = state.map.clone().unwrap();
-        assert_eq!(after.epoch, before.epoch + 1);
-        assert!(after.moved_from(&before).iter().all(|(_, _, to)| *to == 4));
-        assert!(!state.members[&4].voter);
-        // Promoting it to voter changes no shard.
-        state.apply_membership(four.iter().map(|(i, n)| (*i, n)), [1, 2, 3, 4]);
-        assert_eq!(state.map.as_ref().unwrap().epoch, after.epoch);
-        assert!(state.members[&4].voter);
-        // Removing node 2 moves only node 2's shards.
-        let without_two: Vec<_> = four.iter().filter(|(i, _)| *i != 2).cloned().collect();
-        state.apply_membership(without_two.iter().map(|(i, n)| (*i, n)), [1, 3, 4]);
-        let last = state.map.clone().unwrap();
-        assert!(last
-            .moved_from(&after)
+        members(&mut state, &[1, 2, 3, 4], &[1, 2, 3]);
+        assert!(!state.members[&4].voter, "a learner hosts shards too");
+        assert_eq!(
+            state.pending.len(),
+            30 / 4,
+            "the new node's share is pending"
+        );
+        assert!(state
+            .pending
+            .values()
+            .all(|p| p.to == 4 && p.epoch == state.epoch));
+        assert_eq!(
+            state.map.as_ref().unwrap().shards,
+            before.shards,
+            "owners keep serving until released"
+        );
+        for (shard, pending) in state.pending.clone() {
+            assert!(
+                !state.serves(pending.from, shard),
+                "a shard moving away is not served"
+            );
+        }
+        // Node 1 releases its pending shards; a stale release (wrong epoch) is ignored.
+        let from_one: Vec<ShardId> = state.moving_away(1).map(|(s, _)| s).collect();
+        let stale = Command::Released {
+            shards: from_one.clone(),
+            epoch: state.epoch - 1,
+            from: 1,
+        };
+        assert!(matches!(
+            state.apply(&stale),
+            CommandResponse::Ignored { .. }
+        ));
+        let version = state.map_epoch();
+        state.apply(&Command::Released {
+            shards: from_one.clone(),
+            epoch: state.epoch,
+            from: 1,
+        });
+        assert_eq!(
+            state.map_epoch(),
+            version + 1,
+            "a release changes the fencing token"
+        );
+        for shard in from_one {
+            assert!(state.serves(4, shard));
+        }
+        assert!(state.pending.values().all(|p| p.from != 1));
+    }
+
+    #[test]
+    fn a_down_node_loses_its_shards_at_once_and_gets_them_back_by_handoff() {
+        let mut state = ClusterState::default();
+        state.apply(&Command::Init { shard_count: 30 });
+        members(&mut state, &[1, 2, 3], &[1, 2, 3]);
+        let owned_by_2: Vec<ShardId> = state.map.as_ref().unwrap().shards_of(2).collect();
+        state.apply(&Command::MarkDown { node: 2 });
+        let map = state.map.clone().unwrap();
+        assert_eq!(
+            map.shards_of(2).count(),
+            0,
+            "no release is possible from a dead node"
+        );
+        assert!(state.pending.is_empty());
+        assert!(owned_by_2.iter().all(|s| map.owner(*s) != Some(2)));
+        state.apply(&Command::MarkUp { node: 2 });
+        assert!(state.members[&2].eligible());
+        assert_eq!(
+            state.pending.values().filter(|p| p.to == 2).count(),
+            10,
+            "its share comes back by planned moves"
+        );
+    }
+
+    #[test]
+    fn draining_hands_every_shard_away_and_membership_stays() {
+        let mut state = ClusterState::default();
+        state.apply(&Command::Init { shard_count: 12 });
+        members(&mut state, &[1, 2, 3], &[1, 2, 3]);
+        state.apply(&Command::SetDraining {
+            node: 3,
+            draining: true,
+        });
+        assert_eq!(state.moving_away(3).count(), 4);
+        assert!(state.members.contains_key(&3));
+        let shards: Vec<ShardId> = state.moving_away(3).map(|(s, _)| s).collect();
+        state.apply(&Command::Released {
+            shards,
+            epoch: state.epoch,
+            from: 3,
+        });
+        assert_eq!(state.map.as_ref().unwrap().shards_of(3).count(), 0);
+        // Undrain: shards come back as pending moves to node 3.
+        state.apply(&Command::SetDraining {
+            node: 3,
+            draining: false,
+        });
+        assert_eq!(state.pending.values().filter(|p| p.to == 3).count(), 4);
+    }
+
+    #[test]
+    fn removing_a_member_moves_only_its_shards() {
+        let mut state = ClusterState::default();
+        state.apply(&Command::Init { shard_count: 30 });
+        members(&mut state, &[1, 2, 3, 4], &[1, 2, 3, 4]);
+        let before = state.target.clone().unwrap();
+        members(&mut state, &[1, 3, 4], &[1, 3, 4]);
+        let after = state.target.clone().unwrap();
+        assert!(after
+            .moved_from(&before)
             .iter()
             .all(|(_, from, _)| *from == 2));
-        assert_eq!(last.shards_of(2).count(), 0);
+        assert_eq!(after.shards_of(2).count(), 0);
     }
 
     #[test]
