@@ -1,0 +1,673 @@
+//! Process-level tests of a whole cluster: real `kv serve` nodes on 127.0.0.1, killed,
+//! paused, restarted and reconfigured through the `clusterfunk` and `kv` tools, checking leader
+//! election, agreement on the shard map, durability across restarts, membership changes and
+//! refusal of bad clients.
+//!
+//! Every wait polls node status with a generous deadline (see `common::DEADLINE`); no test
+//! asserts how long anything takes. Needs the `kv` example built: `cargo test --workspace` does
+//! that, `cargo test --test cluster` alone does not (run `cargo build --examples` first).
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use clusterfunk::shard_map::shard_for;
+use common::{id_list, Cluster, ShardMap, DEADLINE, SHARD_COUNT};
+use serde_json::Value;
+
+/// Checks that exactly `members` own shards, each ⌊count/members⌋ or ⌈count/members⌉ of them.
+fn assert_balanced(map: &ShardMap, members: &[u64]) {
+    assert_eq!(map.owners.len(), SHARD_COUNT, "the map covers every shard");
+    assert_eq!(map.owners(), members, "exactly the members own shards");
+    let low = SHARD_COUNT / members.len();
+    let high = SHARD_COUNT.div_ceil(members.len());
+    for &node in members {
+        let count = map.count(node);
+        assert!(
+            (low..=high).contains(&count),
+            "node {node} owns {count} shards, expected {low}..={high} (epoch {})",
+            map.epoch
+        );
+    }
+}
+
+/// A key whose shard `node` owns in `map`.
+fn key_owned_by(map: &ShardMap, node: u64, prefix: &str) -> String {
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|key| map.owners[shard_for(key.as_bytes(), SHARD_COUNT as u32) as usize] == node)
+        .expect("some key hashes to a shard of every owner")
+}
+
+/// Node `id`'s status, which it must give.
+fn status(cluster: &Cluster, id: u64) -> Value {
+    cluster
+        .status(id)
+        .unwrap_or_else(|| panic!("node {id} does not answer status\n{}", cluster.report()))
+}
+
+/// Stores `value` under `key` through `node` and reads it back there.
+fn put_and_get(cluster: &Cluster, node: u64, key: &str, value: &str) {
+    let (code, _, stderr) = cluster.kv(node, &["put", key, value]);
+    assert_eq!(code, 0, "kv put {key} through node {node}: {stderr}");
+    let (code, stdout, stderr) = cluster.kv(node, &["get", key]);
+    assert_eq!(code, 0, "kv get {key} through node {node}: {stderr}");
+    assert_eq!(stdout.trim(), value, "kv get {key} through node {node}");
+}
+
+/// Checks that `kv owner` answers only on `key`'s owner in `map`, with that owner and epoch,
+/// and that the other nodes of `ids` refuse with a "wrong owner" error naming it.
+fn assert_owner(cluster: &Cluster, ids: &[u64], map: &ShardMap, key: &str) {
+    let shard = shard_for(key.as_bytes(), SHARD_COUNT as u32);
+    let owner = map.owners[shard as usize];
+    for &id in ids {
+        let (code, stdout, stderr) = cluster.kv(id, &["owner", key]);
+        if id == owner {
+            assert_eq!(code, 0, "kv owner {key} on its owner {id}: {stderr}");
+            let answer: Value = serde_json::from_str(stdout.trim()).expect("owner prints JSON");
+            assert_eq!(answer["node"], owner, "owner of {key}: {answer}");
+            assert_eq!(answer["shard"], shard, "shard of {key}: {answer}");
+            assert_eq!(answer["epoch"], map.epoch, "epoch of {key}: {answer}");
+        } else {
+            assert_ne!(
+                code, 0,
+                "kv owner {key} on non-owner {id} answered: {stdout}"
+            );
+            assert!(
+                stderr.contains(&format!("owned by node {owner}")),
+                "kv owner {key} on non-owner {id} should name owner {owner}: {stderr}"
+            );
+        }
+    }
+}
+
+/// Checks every node's `nodes --json` against the map and membership, waiting out a leader
+/// change (a busy machine may see one): all `members` with their address, role and shards,
+/// and exactly the reported leader flagged as such.
+fn assert_nodes_reports(cluster: &Cluster, ids: &[u64], map: &ShardMap, voters: &[u64]) {
+    for &id in ids {
+        cluster.wait_until(
+            &format!("node {id}'s `nodes --json` matches the map and names one leader"),
+            DEADLINE,
+            || {
+                let report = cluster.nodes(id)?;
+                let leader = report["leader"].as_u64()?;
+                let entries = report["nodes"].as_array()?;
+                let listed: Vec<u64> = entries.iter().filter_map(|n| n["id"].as_u64()).collect();
+                assert_eq!(
+                    listed,
+                    map.owners(),
+                    "node {id} lists the members: {report}"
+                );
+                for entry in entries {
+                    let member = entry["id"].as_u64().expect("member id");
+                    let role = if voters.contains(&member) {
+                        "voter"
+                    } else {
+                        "learner"
+                    };
+                    assert_eq!(entry["addr"], cluster.addr(member), "{report}");
+                    assert_eq!(entry["role"], role, "node {id} on {member}: {report}");
+                    assert_eq!(entry["shards"], map.count(member), "{report}");
+                    if entry["leader"] != (member == leader) {
+                        return None;
+                    }
+                }
+                Some(())
+            },
+        );
+    }
+}
+
+/// The shared body of the N-node election tests.
+fn elect_one_leader_and_agree_on_the_map(name: &str, nodes: usize) {
+    let cluster = Cluster::new(name, nodes);
+    cluster.start_all_with_init();
+    let ids = cluster.ids();
+    let (agreement, map) = cluster.wait_for_one_map(&ids);
+    assert_eq!(agreement.voters, ids, "every node is a voter");
+    assert!(agreement.learners.is_empty(), "no learners");
+    assert!(agreement.epoch >= 1, "a bootstrapped cluster has a map");
+    assert_balanced(&map, &ids);
+    for &id in &ids {
+        let status = status(&cluster, id);
+        assert_eq!(status["shard_count"], SHARD_COUNT, "node {id}: {status}");
+        assert_eq!(status["shards_owned"], map.count(id), "node {id}: {status}");
+        assert_eq!(
+            status["failures_tolerated"],
+            (nodes - 1) / 2,
+            "node {id}: {status}"
+        );
+    }
+    assert_nodes_reports(&cluster, &ids, &map, &ids);
+    let key = key_owned_by(&map, ids[nodes - 1], "election");
+    assert_owner(&cluster, &ids, &map, &key);
+    put_and_get(&cluster, ids[nodes - 1], &key, "elected");
+}
+
+// Goal: a freshly bootstrapped 3-node cluster elects exactly one leader, and every node serves
+// with the same balanced shard map. Method: start 3 nodes with `--init`, wait until all agree,
+// then compare every node's `status`, `shards` and `nodes` output and route one key.
+#[test]
+fn three_nodes_elect_one_leader_and_agree_on_the_map() {
+    elect_one_leader_and_agree_on_the_map("three_nodes_elect_one_leader", 3);
+}
+
+// Goal: the same with 5 nodes, which tolerate 2 failures. Method: as for 3 nodes.
+#[test]
+fn five_nodes_elect_one_leader_and_agree_on_the_map() {
+    elect_one_leader_and_agree_on_the_map("five_nodes_elect_one_leader", 5);
+}
+
+// Goal: when the leader dies, the others elect another one, and the old leader rejoins from
+// its data dir as a follower with the same map, ignoring `--init`. Method: kill -9 the leader,
+// wait for the survivors to agree on a new leader in a higher term, restart the old one with
+// its original arguments (including `--init`), wait for one map on all three, then route keys,
+// one owned by the rejoined node.
+#[test]
+fn killed_leader_is_replaced_and_rejoins_from_disk() {
+    let cluster = Cluster::new("killed_leader_is_replaced", 3);
+    cluster.start_all_with_init();
+    let ids = cluster.ids();
+    let (before, map) = cluster.wait_for_one_map(&ids);
+    let old = before.leader;
+    let survivors: Vec<u64> = ids.iter().copied().filter(|&id| id != old).collect();
+    // A value on a survivor outlives the leader's crash (values live in their owner's memory).
+    let kept_key = key_owned_by(&map, survivors[0], "kept");
+    put_and_get(&cluster, survivors[0], &kept_key, "kept");
+
+    cluster.kill9(old);
+    let after = cluster.wait_until(
+        &format!("nodes {survivors:?} agree on a leader other than {old} in a later term"),
+        DEADLINE,
+        || {
+            let agreement = cluster.agreement(&survivors)?;
+            (agreement.leader != old && agreement.term > before.term).then_some(agreement)
+        },
+    );
+    assert_eq!(
+        after.epoch, before.epoch,
+        "an election does not change the map"
+    );
+    assert_eq!(
+        after.voters, ids,
+        "a dead voter stays a member until removed"
+    );
+
+    cluster.restart(old);
+    let (rejoined, map_after) = cluster.wait_for_one_map_where(
+        &ids,
+        &format!("under the new leader {}", after.leader),
+        |agreement, _| agreement.leader == after.leader,
+    );
+    let old_status = status(&cluster, old);
+    assert_eq!(old_status["raft_state"], "follower", "{old_status}");
+    assert_eq!(
+        rejoined.epoch, before.epoch,
+        "the restart did not re-bootstrap"
+    );
+    assert_eq!(rejoined.voters, ids);
+    assert_eq!(map_after, map, "the rejoined node holds the same map");
+
+    let (code, stdout, stderr) = cluster.kv(survivors[0], &["get", &kept_key]);
+    assert_eq!((code, stdout.trim()), (0, "kept"), "{stderr}");
+    let key = key_owned_by(&map, old, "rejoined");
+    assert_owner(&cluster, &ids, &map, &key);
+    put_and_get(&cluster, old, &key, "after the restart");
+}
+
+// Goal: a cluster killed as a whole comes back with the membership and map it had, read from
+// disk rather than rebuilt from `--init`. Method: bootstrap 3 nodes, add a 4th as a learner
+// (so the membership differs from `--init`), record `status`, `shards` and `nodes`; kill -9
+// all four, restart them with their original arguments, and compare once they agree.
+#[test]
+fn whole_cluster_restarts_with_membership_and_map_intact() {
+    let cluster = Cluster::with_initial_members("whole_cluster_restarts", 4, 3);
+    cluster.start_all_with_init();
+    cluster.wait_for_one_map(&[1, 2, 3]);
+    cluster.start(4);
+    let (code, _, stderr) = cluster.cf_at(
+        1,
+        &[
+            "add-node",
+            "--id",
+            "4",
+            "--addr",
+            &cluster.addr(4),
+            "--learner",
+        ],
+    );
+    assert_eq!(code, 0, "add-node 4 --learner: {stderr}");
+    let ids = cluster.ids();
+    let (before, map) = cluster.wait_for_one_map_where(&ids, "with learner 4", |agreement, _| {
+        agreement.learners == [4]
+    });
+    assert_eq!(before.voters, [1, 2, 3]);
+    let members_before: Vec<Value> = ids.iter().map(|&id| members(&cluster, id)).collect();
+
+    for &id in &ids {
+        cluster.kill9(id);
+    }
+    for &id in &ids {
+        cluster.restart(id);
+    }
+    let (after, map_after) = cluster.wait_for_one_map(&ids);
+    assert_eq!(after.voters, before.voters, "voters survive the restart");
+    assert_eq!(
+        after.learners, before.learners,
+        "learners survive the restart"
+    );
+    assert_eq!(after.epoch, before.epoch, "the epoch survives the restart");
+    assert!(after.term >= before.term, "terms never go back");
+    assert_eq!(map_after, map, "the assignment survives the restart");
+    for (&id, before) in ids.iter().zip(&members_before) {
+        assert_eq!(&members(&cluster, id), before, "node {id}'s `nodes --json`");
+    }
+    let key = key_owned_by(&map, 4, "restarted");
+    put_and_get(&cluster, 4, &key, "after the restart");
+}
+
+/// Node `id`'s `nodes --json` without the leader fields, which an election may change.
+fn members(cluster: &Cluster, id: u64) -> Value {
+    let mut report = cluster
+        .nodes(id)
+        .unwrap_or_else(|| panic!("node {id} does not answer nodes\n{}", cluster.report()));
+    report["leader"] = Value::Null;
+    for entry in report["nodes"].as_array_mut().expect("a member list") {
+        entry["leader"] = Value::Null;
+    }
+    report
+}
+
+// Goal: the CLI's membership commands do what they say: a 4th voter (with a warning about the
+// even count) and a learner both receive shards; a removed node loses all of them; an unknown
+// node cannot be removed. Method: bootstrap 3 nodes, start nodes 4 and 5 empty, then
+// `add-node`, `add-node --learner` and `remove-node` through different nodes, waiting each
+// time until every member holds the new map, and checking membership, epoch and balance.
+#[test]
+fn add_node_learner_and_remove_node_through_the_cli() {
+    let cluster = Cluster::with_initial_members("add_node_learner_and_remove_node", 5, 3);
+    cluster.start_all_with_init();
+    let (initial, _) = cluster.wait_for_one_map(&[1, 2, 3]);
+    cluster.start(4);
+    cluster.start(5);
+    let empty = status(&cluster, 4);
+    assert_eq!(empty["state"], "not_ready", "a node not yet added: {empty}");
+
+    // A 4th voter: allowed, with a warning that 4 voters tolerate no more failures than 3.
+    let (code, _, stderr) =
+        cluster.cf_at(1, &["add-node", "--id", "4", "--addr", &cluster.addr(4)]);
+    assert_eq!(code, 0, "add-node 4: {stderr}");
+    assert!(
+        stderr.contains("warning") && stderr.contains("even number of voters (4)"),
+        "add-node 4 should warn about the even voter count: {stderr}"
+    );
+    let (four, map) =
+        cluster.wait_for_one_map_where(&[1, 2, 3, 4], "with voters 1-4", |agreement, _| {
+            agreement.voters == [1, 2, 3, 4]
+        });
+    assert!(four.epoch > initial.epoch, "adding a node makes a new map");
+    assert!(map.count(4) > 0, "node 4 owns shards");
+    assert_balanced(&map, &[1, 2, 3, 4]);
+    for id in 1..=4 {
+        let status = status(&cluster, id);
+        assert_eq!(
+            status["failures_tolerated"], 1,
+            "4 voters tolerate 1: {status}"
+        );
+    }
+
+    // A learner: it hosts shards but does not vote.
+    let (code, _, stderr) = cluster.cf_at(
+        3,
+        &[
+            "add-node",
+            "--id",
+            "5",
+            "--addr",
+            &cluster.addr(5),
+            "--learner",
+        ],
+    );
+    assert_eq!(code, 0, "add-node 5 --learner: {stderr}");
+    let ids = cluster.ids();
+    let (five, map) = cluster.wait_for_one_map_where(&ids, "with learner 5", |agreement, _| {
+        agreement.learners == [5]
+    });
+    assert_eq!(five.voters, [1, 2, 3, 4], "a learner does not vote");
+    assert!(five.epoch > four.epoch, "adding a learner makes a new map");
+    assert!(map.count(5) > 0, "learner 5 owns shards");
+    assert_balanced(&map, &ids);
+    let learner = status(&cluster, 5);
+    assert_eq!(learner["raft_state"], "learner", "{learner}");
+    assert_nodes_reports(&cluster, &ids, &map, &[1, 2, 3, 4]);
+
+    // Removing node 4: every remaining member's map gives its shards to the others.
+    let (code, _, stderr) = cluster.cf_at(2, &["remove-node", "--id", "4"]);
+    assert_eq!(code, 0, "remove-node 4: {stderr}");
+    assert!(
+        !stderr.contains("warning"),
+        "3 voters deserve no warning: {stderr}"
+    );
+    let remaining = [1, 2, 3, 5];
+    let (three, map) =
+        cluster.wait_for_one_map_where(&remaining, "without node 4", |agreement, _| {
+            agreement.voters == [1, 2, 3]
+        });
+    assert_eq!(three.learners, [5]);
+    assert!(three.epoch > five.epoch, "removing a node makes a new map");
+    assert_eq!(map.count(4), 0, "node 4 owns no shards");
+    assert_balanced(&map, &remaining);
+    let exit = cluster.stop(4);
+    assert!(
+        exit.success(),
+        "the removed node stops cleanly on SIGTERM: {exit}"
+    );
+
+    // An unknown node: refused, with a message that names it.
+    let (code, stdout, stderr) = cluster.cf_at(1, &["remove-node", "--id", "42"]);
+    assert_ne!(code, 0, "removing unknown node 42 succeeded: {stdout}");
+    assert!(
+        stderr.starts_with("error:") && stderr.contains("42") && stderr.trim().lines().count() == 1,
+        "one error line naming node 42: {stderr}"
+    );
+    let (after, _) = cluster.wait_for_one_map(&remaining);
+    assert_eq!(
+        after.epoch, three.epoch,
+        "a refused command changes nothing"
+    );
+}
+
+// Goal: `step-down` moves leadership to another voter, and nothing else changes. Method: send
+// `step-down --json` to a follower (so it is forwarded to the leader), check the reported new
+// leader, then wait until all nodes agree on a different leader in a later term, same map.
+#[test]
+fn step_down_hands_leadership_to_another_voter() {
+    let cluster = Cluster::new("step_down_hands_leadership", 3);
+    cluster.start_all_with_init();
+    let ids = cluster.ids();
+    let (before, map) = cluster.wait_for_one_map(&ids);
+    let follower = *ids
+        .iter()
+        .find(|&&id| id != before.leader)
+        .expect("a follower");
+
+    let (code, stdout, stderr) = cluster.cf_at(follower, &["step-down", "--json"]);
+    assert_eq!(code, 0, "step-down through node {follower}: {stderr}");
+    let change: Value = serde_json::from_str(stdout.trim()).expect("step-down --json prints JSON");
+    let reported = change["leader"].as_u64();
+    assert!(
+        reported.is_some_and(|leader| leader != before.leader),
+        "step-down reports another leader than {}: {change}",
+        before.leader
+    );
+    assert_eq!(id_list(&change["voters"]), ids, "{change}");
+
+    let (after, map_after) = cluster.wait_for_one_map_where(
+        &ids,
+        &format!("under a leader other than {}", before.leader),
+        |agreement, _| agreement.leader != before.leader,
+    );
+    assert!(after.term > before.term, "a new leader means a new term");
+    assert_eq!(
+        after.epoch, before.epoch,
+        "a step-down does not change the map"
+    );
+    assert_eq!(map_after, map);
+}
+
+// Goal: clients without the secret and peers speaking garbage are refused, while correct
+// clients keep being served. Method: run `clusterfunk status` and `kv get` with a wrong
+// secret; open raw TCP connections that send garbage and check that each node closes them;
+// then check that every node still serves and a key can be written and read.
+#[test]
+fn unauthenticated_client_and_garbage_are_refused_while_the_cluster_works() {
+    let cluster = Cluster::new("unauthenticated_client_and_garbage", 3);
+    cluster.start_all_with_init();
+    let ids = cluster.ids();
+    let (_, map) = cluster.wait_for_one_map(&ids);
+    let wrong_secret = "this-is-not-the-cluster-secret";
+    assert_ne!(wrong_secret, cluster.secret());
+
+    let mut command = cluster.cf_command(&["--node", &cluster.addr(1), "status"]);
+    command.env("CLUSTERFUNK_SECRET", wrong_secret);
+    let (code, stdout, stderr) = cluster.run(command);
+    assert_ne!(code, 0, "status with a wrong secret succeeded: {stdout}");
+    assert!(stdout.is_empty(), "nothing on stdout: {stdout}");
+    assert!(
+        stderr.contains("secret"),
+        "the error mentions the secret: {stderr}"
+    );
+
+    let mut command = cluster.kv_command(2, &["get", "anything"]);
+    command.env("CLUSTERFUNK_SECRET", wrong_secret);
+    let (code, _, stderr) = cluster.run(command);
+    assert!(
+        code != 0 && code != 3,
+        "kv get with a wrong secret: {code}, {stderr}"
+    );
+    assert!(
+        stderr.contains("secret"),
+        "the error mentions the secret: {stderr}"
+    );
+
+    let garbage: [&[u8]; 3] = [
+        b"GET / HTTP/1.1\r\nHost: clusterfunk\r\n\r\n",
+        &[0xff, 0xff, 0xff, 0xff, 1, 2, 3],
+        &[
+            0, 0, 0, 16, 0xde, 0xad, 0xbe, 0xef, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+        ],
+    ];
+    for &id in &ids {
+        for bytes in garbage {
+            assert_connection_closed(&cluster, id, bytes);
+        }
+    }
+
+    for &id in &ids {
+        let status = status(&cluster, id);
+        assert_eq!(
+            status["state"], "serving",
+            "node {id} after the garbage: {status}"
+        );
+    }
+    cluster.wait_for_one_map(&ids);
+    let key = key_owned_by(&map, 3, "after-garbage");
+    put_and_get(&cluster, 3, &key, "still works");
+}
+
+/// Sends `bytes` to node `id` on a raw TCP connection and fails unless the node closes it
+/// (a read returns 0 or an error other than a timeout) within [`DEADLINE`].
+fn assert_connection_closed(cluster: &Cluster, id: u64, bytes: &[u8]) {
+    let mut stream = TcpStream::connect(cluster.addr(id)).expect("connect to the node");
+    stream.write_all(bytes).expect("send garbage");
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("set a read timeout");
+    let deadline = Instant::now() + DEADLINE;
+    let mut buffer = [0_u8; 1024];
+    loop {
+        match stream.read(&mut buffer) {
+            // An error frame may come first; the end of the stream is what counts.
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {id} kept a connection open after {bytes:?}\n{}",
+            cluster.report()
+        );
+    }
+}
+
+// Goal: a node that knows no leader says so and refuses requests instead of serving or
+// hanging. Method: in a 3-node cluster kill -9 the leader and one follower, wait until the
+// surviving follower's status is no longer "serving", then `kv get` a key of its own shards
+// (bounded by the harness) and run `step-down`: both must fail.
+#[test]
+fn no_leader_means_not_ready() {
+    let cluster = Cluster::new("no_leader_means_not_ready", 3);
+    cluster.start_all_with_init();
+    let ids = cluster.ids();
+    let (agreement, map) = cluster.wait_for_one_map(&ids);
+    let survivor = *ids
+        .iter()
+        .find(|&&id| id != agreement.leader)
+        .expect("a follower");
+    for &id in &ids {
+        if id != survivor {
+            cluster.kill9(id);
+        }
+    }
+
+    let status = cluster.wait_until(
+        &format!("node {survivor} stops serving without a quorum"),
+        DEADLINE,
+        || cluster.status(survivor).filter(|s| s["state"] != "serving"),
+    );
+    assert_eq!(status["state"], "not_ready", "{status}");
+    assert!(status["reason"].is_string(), "it says why: {status}");
+
+    let key = key_owned_by(&map, survivor, "leaderless");
+    let (code, stdout, stderr) = cluster.kv(survivor, &["get", &key]);
+    assert!(
+        code != 0 && code != 3,
+        "kv get without a leader exited {code}: {stdout} {stderr}"
+    );
+    assert!(stderr.contains("not ready"), "kv get says why: {stderr}");
+    let (code, _, stderr) = cluster.cf_at(survivor, &["step-down"]);
+    assert_ne!(code, 0, "step-down without a leader succeeded");
+    assert!(stderr.contains("no leader"), "step-down says why: {stderr}");
+}
+
+// Goal: talking to an address where no node listens fails at once with one clear line.
+// Method: allocate a port but start nothing; run `clusterfunk status` and `kv get` at it.
+#[test]
+fn status_against_a_closed_port_fails_cleanly() {
+    let cluster = Cluster::new("status_against_a_closed_port", 1);
+    let addr = cluster.addr(1);
+    let (code, stdout, stderr) = cluster.cf_at(1, &["status"]);
+    assert_ne!(code, 0, "status against a closed port succeeded: {stdout}");
+    assert!(stdout.is_empty(), "nothing on stdout: {stdout}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one error line: {stderr}");
+    assert!(
+        stderr.starts_with("error:") && stderr.contains("cannot reach") && stderr.contains(&addr),
+        "the error says what it could not reach: {stderr}"
+    );
+    assert!(cluster.status(1).is_none());
+    let (code, _, stderr) = cluster.kv(1, &["get", "key"]);
+    assert!(
+        code != 0 && code != 3,
+        "kv get against a closed port: {code}"
+    );
+    assert!(
+        stderr.contains(&addr),
+        "the error names the address: {stderr}"
+    );
+}
+
+// Goal: a leader frozen for a while (a long GC pause, a stopped VM) is replaced, and once it
+// runs again it follows the new leader instead of disrupting it. Method: SIGSTOP the leader,
+// wait for the others to agree on a new one in a later term, SIGCONT it, and wait until all
+// three agree on one map with the frozen node as a follower.
+#[test]
+fn paused_leader_is_replaced_and_follows_after_it_resumes() {
+    let cluster = Cluster::new("paused_leader_is_replaced", 3);
+    cluster.start_all_with_init();
+    let ids = cluster.ids();
+    let (before, map) = cluster.wait_for_one_map(&ids);
+    let paused = before.leader;
+    let others: Vec<u64> = ids.iter().copied().filter(|&id| id != paused).collect();
+
+    cluster.pause(paused);
+    let during = cluster.wait_until(
+        &format!("nodes {others:?} agree on a leader other than the paused {paused}"),
+        DEADLINE,
+        || {
+            let agreement = cluster.agreement(&others)?;
+            (agreement.leader != paused && agreement.term > before.term).then_some(agreement)
+        },
+    );
+    cluster.resume(paused);
+    let (after, map_after) = cluster.wait_for_one_map_where(
+        &ids,
+        &format!("with {paused} following again"),
+        |agreement, _| agreement.leader != paused,
+    );
+    assert!(after.term >= during.term);
+    assert_eq!(after.epoch, before.epoch, "elections do not change the map");
+    assert_eq!(map_after, map);
+    let resumed = status(&cluster, paused);
+    assert_eq!(resumed["raft_state"], "follower", "{resumed}");
+}
+
+// Goal (regression, open bug): a leader cut off from its quorum must stop serving, as the
+// status contract says ("serving" needs a leader). Method: in a 3-node cluster kill -9 both
+// followers and wait for the leader's status to leave "serving". Today it stays "serving" as
+// leader indefinitely (openraft does not step a leader down when its quorum is gone).
+#[test]
+#[ignore = "open bug: a leader without quorum keeps reporting itself leader and serving"]
+fn leader_without_quorum_stops_serving() {
+    let cluster = Cluster::new("leader_without_quorum_stops_serving", 3);
+    cluster.start_all_with_init();
+    let ids = cluster.ids();
+    let (agreement, _) = cluster.wait_for_one_map(&ids);
+    for &id in &ids {
+        if id != agreement.leader {
+            cluster.kill9(id);
+        }
+    }
+    cluster.wait_until(
+        &format!("the isolated leader {} stops serving", agreement.leader),
+        DEADLINE,
+        || {
+            cluster
+                .status(agreement.leader)
+                .filter(|s| s["state"] != "serving")
+        },
+    );
+}
+
+// Goal (regression, open bug): a node removed from the cluster must stop serving the shards it
+// owned, which the remaining members have given to others. Method: bootstrap 3 nodes, add
+// node 4 as a learner, remove it, and wait until node 4 no longer answers `kv owner` for a key
+// that its last map gave it. Today the removed learner keeps "serving" under its stale map, so
+// two nodes answer for one shard.
+#[test]
+#[ignore = "open bug: a removed learner keeps serving its shards under a stale map"]
+fn removed_learner_stops_serving_its_old_shards() {
+    let cluster = Cluster::with_initial_members("removed_learner_stops_serving", 4, 3);
+    cluster.start_all_with_init();
+    cluster.wait_for_one_map(&[1, 2, 3]);
+    cluster.start(4);
+    let (code, _, stderr) = cluster.cf_at(
+        1,
+        &[
+            "add-node",
+            "--id",
+            "4",
+            "--addr",
+            &cluster.addr(4),
+            "--learner",
+        ],
+    );
+    assert_eq!(code, 0, "add-node 4 --learner: {stderr}");
+    let (_, map) =
+        cluster.wait_for_one_map_where(&cluster.ids(), "with learner 4", |a, _| a.learners == [4]);
+    let key = key_owned_by(&map, 4, "removed");
+    let (code, _, stderr) = cluster.cf_at(1, &["remove-node", "--id", "4"]);
+    assert_eq!(code, 0, "remove-node 4: {stderr}");
+    let (_, map_after) =
+        cluster.wait_for_one_map_where(&[1, 2, 3], "without node 4", |a, _| a.learners.is_empty());
+    let new_owner = map_after.owners[shard_for(key.as_bytes(), SHARD_COUNT as u32) as usize];
+    assert_owner(&cluster, &[1, 2, 3], &map_after, &key);
+    cluster.wait_until(
+        &format!("removed node 4 stops answering for {key}, now node {new_owner}'s"),
+        DEADLINE,
+        || (cluster.kv(4, &["owner", &key]).0 != 0).then_some(()),
+    );
+}
