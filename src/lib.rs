@@ -59,6 +59,7 @@
 //! - [`router`]: key → shard → local shard actor.
 //! - [`cluster`]: the builder, the [`Node`] handle and [`ClusterHandle`].
 //! - [`consensus`]: openraft replicating the cluster state; the consensus actor.
+//! - [`lease`]: the lease rules (who may serve, when a silent node's shards may move), pure.
 //! - [`storage`]: the raft log and snapshots on LMDB.
 //! - [`transport`]: authenticated, multiplexed TCP between nodes and clients.
 //! - [`wire`]: the node protocol carried by the transport.
@@ -90,8 +91,13 @@ pub mod transport;
 pub mod wire;
 
 pub use cluster::{Cluster, ClusterBuilder, ClusterHandle, Node, NodeConfig, NodeStatus};
+pub use consensus::ConsensusConfig;
 pub use error::{ConfigError, Error, NotReadyReason, StartError};
-pub use shard::{Handoff, ShardActor, ShardContext, ShardHandler, ShardMessage};
+pub use lease::LeaseConfig;
+pub use shard::{
+    Handoff, ServeEvent, ServeEventKind, ServeObserver, ShardActor, ShardContext, ShardHandler,
+    ShardMessage,
+};
 pub use shard_map::{Key, NodeId, ShardId};
 
 /// Derives [`ShardMessage`]: `#[derive(ShardMessage)] #[reply(T)] struct M { .. }`, with an
