@@ -1,28 +1,31 @@
 //! [`Client`]: sends messages to keys from programs outside the cluster.
 //!
-//! It talks to the cluster's nodes over the authenticated transport and fails over between the
-//! seed nodes it was given. This version sends each message to the first seed that answers; a
-//! node that does not own the key's shard answers [`Error::WrongOwner`] naming the owner.
-//! It holds no shard state.
+//! The client learns the shard map (owners and their addresses) from any node, sends each
+//! message straight to its shard's owner, and refreshes the map when the answer says it is stale
+//! (`WrongOwner`), when the owner is not ready or unreachable, failing over between the seed
+//! nodes it was given. A node that receives a message for another node's shard forwards it, so a
+//! stale map costs a hop, never a wrong answer. The client holds no shard state.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::codec;
 use crate::error::Error;
 use crate::shard::ShardMessage;
-use crate::shard_map::Key;
+use crate::shard_map::{shard_for, Key, NodeId};
 use crate::transport::{Secret, Transport, TransportConfig, TransportError};
-use crate::wire::{Request, Response};
+use crate::wire::{Request, Response, RoutingInfo};
 
 /// Why a [`Client`] call failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
-    /// The cluster answered with an error (not ready, wrong owner, overloaded, ...).
+    /// The cluster answered with an error (not ready, overloaded, a handler failure, ...).
     #[error(transparent)]
     Cluster(#[from] Error),
-    /// No seed could be reached; the last failure is given.
+    /// No node could be reached; the last failure is given.
     #[error("no node reachable: {0}; check the addresses and that CLUSTERFUNK_SECRET matches the cluster's")]
     Unreachable(TransportError),
     /// The client was built without seeds or with a bad configuration.
@@ -30,21 +33,30 @@ pub enum ClientError {
     Invalid(String),
 }
 
-/// A client of a clusterfunk cluster. Cheap to clone.
+/// The routing information the client holds.
+#[derive(Debug)]
+struct Routing {
+    epoch: u64,
+    owners: Vec<NodeId>,
+    addrs: HashMap<NodeId, SocketAddr>,
+}
+
+/// How many times a request is retried after a stale map or an unreachable owner.
+const ATTEMPTS_MAX: usize = 4;
+
+/// A client of a clusterfunk cluster. Cheap to clone; clones share the map.
 #[derive(Debug, Clone)]
 pub struct Client {
     transport: Transport,
-    seeds: Vec<SocketAddr>,
+    seeds: Arc<Vec<SocketAddr>>,
     timeout: Duration,
+    routing: Arc<RwLock<Option<Arc<Routing>>>>,
 }
 
 impl Client {
     /// A client for the cluster reachable at `seeds`, authenticating with `secret` (`None`
-    /// only for insecure clusters). Connections open lazily on first use.
-    pub fn connect(
-        seeds: impl IntoIterator<Item = SocketAddr>,
-        secret: Option<Secret>,
-    ) -> Result<Self, ClientError> {
+    /// only for insecure clusters). Nothing is sent until the first request.
+    pub fn connect(seeds: impl IntoIterator<Item = SocketAddr>, secret: Option<Secret>) -> Result<Self, ClientError> {
         Self::with_config(seeds, secret, "clusterfunk", Duration::from_secs(10))
     }
 
@@ -57,60 +69,114 @@ impl Client {
     ) -> Result<Self, ClientError> {
         let seeds: Vec<SocketAddr> = seeds.into_iter().collect();
         if seeds.is_empty() {
-            return Err(ClientError::Invalid(
-                "give at least one seed address".into(),
-            ));
+            return Err(ClientError::Invalid("give at least one seed address".into()));
         }
         let transport = Transport::new(TransportConfig {
             cluster_name: cluster_name.to_string(),
             node_id: None,
             secret,
+            reconnect_backoff_max: Duration::from_millis(250),
             ..TransportConfig::default()
         })
         .map_err(|e| ClientError::Invalid(e.to_string()))?;
         Ok(Client {
             transport,
-            seeds,
+            seeds: Arc::new(seeds),
             timeout,
+            routing: Arc::new(RwLock::new(None)),
         })
     }
 
-    /// Sends `msg` to the shard owning `key` and returns the reply.
-    pub async fn send<M: ShardMessage>(
-        &self,
-        key: impl Into<Key>,
-        msg: M,
-    ) -> Result<M::Reply, ClientError> {
-        let request = Request::Shard {
-            key: key.into().into_bytes(),
-            tag: M::TAG.to_string(),
-            payload: codec::encode(&msg)?,
-        };
-        let payload = codec::encode(&request)?;
+    /// The map epoch the client routes by, once it has one.
+    pub fn epoch(&self) -> Option<u64> {
+        self.current().map(|r| r.epoch)
+    }
+
+    fn current(&self) -> Option<Arc<Routing>> {
+        self.routing.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Fetches the map from the first seed (or known node) that answers.
+    pub async fn refresh(&self) -> Result<(), ClientError> {
+        let known: Vec<SocketAddr> = self.current().map(|r| r.addrs.values().copied().collect()).unwrap_or_default();
         let mut last = None;
-        for seed in &self.seeds {
-            match self
-                .transport
-                .request(*seed, payload.clone(), self.timeout)
-                .await
-            {
-                Ok(answer) => {
-                    return match codec::decode::<Response>(&answer)? {
-                        Response::Shard(Ok(reply)) => Ok(codec::decode(&reply)?),
-                        Response::Shard(Err(error)) => Err(error.into()),
-                        _ => Err(Error::Codec(
-                            "the node answered with an unexpected message".into(),
-                        )
-                        .into()),
-                    }
+        for addr in self.seeds.iter().chain(known.iter()) {
+            match self.call(*addr, &Request::Routing).await {
+                Ok(Response::Routing(info)) if !info.owners.is_empty() => {
+                    self.install(info);
+                    return Ok(());
+                }
+                Ok(_) => {
+                    last = Some(TransportError::Protocol {
+                        reason: format!("{addr} has no shard map yet"),
+                    })
                 }
                 Err(error) => last = Some(error),
             }
         }
-        Err(ClientError::Unreachable(last.unwrap_or(
-            TransportError::Protocol {
-                reason: "no seeds".into(),
-            },
-        )))
+        Err(ClientError::Unreachable(last.unwrap_or(TransportError::Protocol {
+            reason: "no seeds".into(),
+        })))
+    }
+
+    fn install(&self, info: RoutingInfo) {
+        let addrs = info.addrs.iter().filter_map(|(id, addr)| Some((*id, addr.parse().ok()?))).collect();
+        let routing = Arc::new(Routing {
+            epoch: info.epoch,
+            owners: info.owners,
+            addrs,
+        });
+        let mut current = self.routing.write().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().is_none_or(|c| c.epoch <= routing.epoch) {
+            *current = Some(routing);
+        }
+    }
+
+    /// Sends `msg` to the shard owning `key` and returns the reply.
+    pub async fn send<M: ShardMessage>(&self, key: impl Into<Key>, msg: M) -> Result<M::Reply, ClientError> {
+        let key = key.into();
+        let request = Request::Shard {
+            key: key.as_bytes().to_vec(),
+            tag: M::TAG.to_string(),
+            payload: codec::encode(&msg)?,
+        };
+        let mut last: Option<ClientError> = None;
+        for attempt in 0..ATTEMPTS_MAX {
+            if attempt > 0 || self.current().is_none() {
+                // A failed refresh leaves the old map; the request below says what is wrong.
+                let _ = self.refresh().await;
+            }
+            // The owner by the client's map, else any seed (it forwards).
+            let target = self
+                .current()
+                .and_then(|r| {
+                    let shard = shard_for(key.as_bytes(), r.owners.len() as u32);
+                    r.owners.get(shard as usize).and_then(|owner| r.addrs.get(owner)).copied()
+                })
+                .unwrap_or(self.seeds[attempt % self.seeds.len()]);
+            match self.call(target, &request).await {
+                Ok(Response::Shard(Ok(reply))) => return Ok(codec::decode(&reply)?),
+                Ok(Response::Shard(Err(error @ (Error::WrongOwner { .. } | Error::NotReady { .. })))) => {
+                    last = Some(error.into());
+                }
+                Ok(Response::Shard(Err(error))) => return Err(error.into()),
+                Ok(_) => return Err(Error::Codec("the node answered with an unexpected message".into()).into()),
+                // Never sent: another node may serve it (after a refresh).
+                Err(error @ (TransportError::Unreachable { .. } | TransportError::Closed { .. })) => {
+                    last = Some(ClientError::Unreachable(error));
+                }
+                Err(error) => return Err(ClientError::Unreachable(error)),
+            }
+            if attempt + 1 < ATTEMPTS_MAX {
+                tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+            }
+        }
+        Err(last.unwrap_or(ClientError::Invalid("no attempt made".into())))
+    }
+
+    async fn call(&self, addr: SocketAddr, request: &Request) -> Result<Response, TransportError> {
+        let payload = codec::encode(request).map_err(|e| TransportError::Protocol { reason: e.to_string() })?;
+        let answer = self.transport.request(addr, payload, self.timeout).await?;
+        codec::decode(&answer).map_err(|e| TransportError::Protocol { reason: e.to_string() })
     }
 }
