@@ -56,7 +56,10 @@ pub struct Client {
 impl Client {
     /// A client for the cluster reachable at `seeds`, authenticating with `secret` (`None`
     /// only for insecure clusters). Nothing is sent until the first request.
-    pub fn connect(seeds: impl IntoIterator<Item = SocketAddr>, secret: Option<Secret>) -> Result<Self, ClientError> {
+    pub fn connect(
+        seeds: impl IntoIterator<Item = SocketAddr>,
+        secret: Option<Secret>,
+    ) -> Result<Self, ClientError> {
         Self::with_config(seeds, secret, "clusterfunk", Duration::from_secs(10))
     }
 
@@ -69,7 +72,9 @@ impl Client {
     ) -> Result<Self, ClientError> {
         let seeds: Vec<SocketAddr> = seeds.into_iter().collect();
         if seeds.is_empty() {
-            return Err(ClientError::Invalid("give at least one seed address".into()));
+            return Err(ClientError::Invalid(
+                "give at least one seed address".into(),
+            ));
         }
         let transport = Transport::new(TransportConfig {
             cluster_name: cluster_name.to_string(),
@@ -93,12 +98,18 @@ impl Client {
     }
 
     fn current(&self) -> Option<Arc<Routing>> {
-        self.routing.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.routing
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Fetches the map from the first seed (or known node) that answers.
     pub async fn refresh(&self) -> Result<(), ClientError> {
-        let known: Vec<SocketAddr> = self.current().map(|r| r.addrs.values().copied().collect()).unwrap_or_default();
+        let known: Vec<SocketAddr> = self
+            .current()
+            .map(|r| r.addrs.values().copied().collect())
+            .unwrap_or_default();
         let mut last = None;
         for addr in self.seeds.iter().chain(known.iter()) {
             match self.call(*addr, &Request::Routing).await {
@@ -114,13 +125,19 @@ impl Client {
                 Err(error) => last = Some(error),
             }
         }
-        Err(ClientError::Unreachable(last.unwrap_or(TransportError::Protocol {
-            reason: "no seeds".into(),
-        })))
+        Err(ClientError::Unreachable(last.unwrap_or(
+            TransportError::Protocol {
+                reason: "no seeds".into(),
+            },
+        )))
     }
 
     fn install(&self, info: RoutingInfo) {
-        let addrs = info.addrs.iter().filter_map(|(id, addr)| Some((*id, addr.parse().ok()?))).collect();
+        let addrs = info
+            .addrs
+            .iter()
+            .filter_map(|(id, addr)| Some((*id, addr.parse().ok()?)))
+            .collect();
         let routing = Arc::new(Routing {
             epoch: info.epoch,
             owners: info.owners,
@@ -133,50 +150,81 @@ impl Client {
     }
 
     /// Sends `msg` to the shard owning `key` and returns the reply.
-    pub async fn send<M: ShardMessage>(&self, key: impl Into<Key>, msg: M) -> Result<M::Reply, ClientError> {
+    ///
+    /// The message goes to the owner by the client's map. If the owner cannot be reached (it
+    /// may have crashed) the message goes to another node instead, which forwards it and waits
+    /// at its router, bounded, for the failover to give the shard a live owner. A `WrongOwner`
+    /// answer refreshes the map and retries.
+    pub async fn send<M: ShardMessage>(
+        &self,
+        key: impl Into<Key>,
+        msg: M,
+    ) -> Result<M::Reply, ClientError> {
         let key = key.into();
         let request = Request::Shard {
             key: key.as_bytes().to_vec(),
             tag: M::TAG.to_string(),
             payload: codec::encode(&msg)?,
         };
+        if self.current().is_none() {
+            // Without a map any node will do: it forwards.
+            let _ = self.refresh().await;
+        }
+        let mut unreachable: Vec<SocketAddr> = Vec::new();
         let mut last: Option<ClientError> = None;
         for attempt in 0..ATTEMPTS_MAX {
-            if attempt > 0 || self.current().is_none() {
-                // A failed refresh leaves the old map; the request below says what is wrong.
-                let _ = self.refresh().await;
-            }
-            // The owner by the client's map, else any seed (it forwards).
-            let target = self
-                .current()
-                .and_then(|r| {
-                    let shard = shard_for(key.as_bytes(), r.owners.len() as u32);
-                    r.owners.get(shard as usize).and_then(|owner| r.addrs.get(owner)).copied()
-                })
+            let routing = self.current();
+            let owner_addr = routing.as_ref().and_then(|r| {
+                let shard = shard_for(key.as_bytes(), r.owners.len() as u32);
+                r.owners
+                    .get(shard as usize)
+                    .and_then(|owner| r.addrs.get(owner))
+                    .copied()
+            });
+            // The owner if reachable, else any other node (seeds first) not known to be down.
+            let others = self
+                .seeds
+                .iter()
+                .copied()
+                .chain(routing.iter().flat_map(|r| r.addrs.values().copied()));
+            let target = owner_addr
+                .into_iter()
+                .chain(others)
+                .find(|addr| !unreachable.contains(addr))
                 .unwrap_or(self.seeds[attempt % self.seeds.len()]);
             match self.call(target, &request).await {
                 Ok(Response::Shard(Ok(reply))) => return Ok(codec::decode(&reply)?),
-                Ok(Response::Shard(Err(error @ (Error::WrongOwner { .. } | Error::NotReady { .. })))) => {
+                Ok(Response::Shard(Err(error @ Error::WrongOwner { .. }))) => {
                     last = Some(error.into());
+                    let _ = self.refresh().await;
                 }
+                // Any other answer (NotReady included: the node already waited) is final.
                 Ok(Response::Shard(Err(error))) => return Err(error.into()),
-                Ok(_) => return Err(Error::Codec("the node answered with an unexpected message".into()).into()),
-                // Never sent: another node may serve it (after a refresh).
-                Err(error @ (TransportError::Unreachable { .. } | TransportError::Closed { .. })) => {
+                Ok(_) => {
+                    return Err(
+                        Error::Codec("the node answered with an unexpected message".into()).into(),
+                    )
+                }
+                // Never sent: try another node, which waits for the failover if needed.
+                Err(
+                    error @ (TransportError::Unreachable { .. } | TransportError::Refused { .. }),
+                ) => {
+                    unreachable.push(target);
                     last = Some(ClientError::Unreachable(error));
                 }
                 Err(error) => return Err(ClientError::Unreachable(error)),
-            }
-            if attempt + 1 < ATTEMPTS_MAX {
-                tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
             }
         }
         Err(last.unwrap_or(ClientError::Invalid("no attempt made".into())))
     }
 
     async fn call(&self, addr: SocketAddr, request: &Request) -> Result<Response, TransportError> {
-        let payload = codec::encode(request).map_err(|e| TransportError::Protocol { reason: e.to_string() })?;
+        let payload = codec::encode(request).map_err(|e| TransportError::Protocol {
+            reason: e.to_string(),
+        })?;
         let answer = self.transport.request(addr, payload, self.timeout).await?;
-        codec::decode(&answer).map_err(|e| TransportError::Protocol { reason: e.to_string() })
+        codec::decode(&answer).map_err(|e| TransportError::Protocol {
+            reason: e.to_string(),
+        })
     }
 }

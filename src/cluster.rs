@@ -420,6 +420,14 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             );
         }
         let raft_config = config.consensus.raft_config(&config.cluster_name)?;
+        let advised = config.lease.renew_period + config.consensus.election_timeout_max * 2;
+        if config.lease.lease < advised {
+            tracing::warn!(
+                lease = ?config.lease.lease,
+                advised = ?advised,
+                "the lease is shorter than the renew period plus two election timeouts: a leader election may briefly pause healthy shards (requests wait, they do not fail)"
+            );
+        }
         let (log_store, state_machine) = if options.in_memory_for_tests {
             crate::storage::memory::in_memory_for_tests(ClusterApp)
         } else {

@@ -100,6 +100,16 @@ impl LeaseGate {
         until == u64::MAX || (until != 0 && (self.base.elapsed().as_nanos() as u64) < until)
     }
 
+    /// Whether the lease ended (or never began) at least `duration` ago.
+    fn expired_for(&self, duration: Duration) -> bool {
+        let until = self.until_nanos.load(Ordering::Acquire);
+        if until == u64::MAX {
+            return false;
+        }
+        let now = self.base.elapsed().as_nanos() as u64;
+        now.saturating_sub(until) >= duration.as_nanos() as u64
+    }
+
     fn remaining(&self) -> Option<Duration> {
         let until = self.until_nanos.load(Ordering::Acquire);
         if until == u64::MAX {
@@ -460,6 +470,13 @@ impl<H: ShardHandler> Router<H> {
                 if since + self.limits.unavailable_wait <= started {
                     return Err(Error::NotReady { reason });
                 }
+            }
+            if reason == NotReadyReason::LeaseExpired
+                && self.lease.expired_for(self.limits.unavailable_wait)
+            {
+                // A node that could not renew for that long is cut off (even a leader that still
+                // believes it leads): answer at once.
+                return Err(Error::NotReady { reason });
             }
             if _waiting.is_none() {
                 _waiting = Some(

@@ -655,9 +655,23 @@ fn removed_learner_stops_serving_its_old_shards() {
         cluster.wait_for_one_map_where(&[1, 2, 3], "without node 4", |a, _| a.learners.is_empty());
     let new_owner = map_after.owners[shard_for(key.as_bytes(), SHARD_COUNT as u32) as usize];
     assert_owner(&cluster, &[1, 2, 3], &map_after, &key);
+    // The removed node may still forward requests it receives, but it never serves them itself:
+    // every answer through it comes from the shard's new owner, and its own status says so.
     cluster.wait_until(
-        &format!("removed node 4 stops answering for {key}, now node {new_owner}'s"),
+        &format!("removed node 4 serves nothing and no longer answers as {key}'s owner"),
         DEADLINE,
-        || (cluster.kv(4, &["owner", &key]).0 != 0).then_some(()),
+        || {
+            let status = cluster.status(4)?;
+            if status["state"] == "serving" || status["shards_owned"] != 0 {
+                return None;
+            }
+            let (code, stdout, _) = cluster.kv(4, &["owner", &key]);
+            if code == 0 {
+                let answer: Value = serde_json::from_str(stdout.trim()).ok()?;
+                (answer["node"] == new_owner).then_some(())
+            } else {
+                Some(())
+            }
+        },
     );
 }

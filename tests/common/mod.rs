@@ -589,6 +589,47 @@ impl Cluster {
     }
 }
 
+/// Helpers of the failover tests (`tests/failover.rs`); other test files need not use them.
+#[allow(dead_code)]
+impl Cluster {
+    /// Node `id`'s shard map from `shards --json`, or `None` when it does not answer or holds
+    /// no map yet.
+    pub fn shard_map(&self, id: u64) -> Option<ShardMap> {
+        let json = self.shards(id)?;
+        if json["epoch"].as_u64().unwrap_or(0) == 0 {
+            return None;
+        }
+        Some(ShardMap::from_json(&json))
+    }
+
+    /// Whether node `id`'s process runs (started, not killed, stopped or exited by itself).
+    pub fn is_running(&self, id: u64) -> bool {
+        lock(&self.node(id).child)
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
+    /// Appends `=== harness: TEXT` to every node's log, so the log tails of a failure show when
+    /// the test did what.
+    pub fn mark(&self, text: &str) {
+        for node in &self.nodes {
+            if let Ok(mut log) = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.log_path(node.id))
+            {
+                let _ = writeln!(log, "=== harness: {text}");
+            }
+        }
+    }
+
+    /// Runs `command` to its end like [`Cluster::run`], but bounded by `limit`: `None` when it
+    /// ran longer (it is killed). For tests whose point is that a command does not hang.
+    pub fn run_within(&self, command: Command, limit: Duration) -> Option<Outcome> {
+        run_bounded(command, limit)
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for node in &self.nodes {

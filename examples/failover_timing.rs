@@ -1,0 +1,1701 @@
+//! `failover_timing`: how long a dead node's shards stay unavailable, how many requests fail
+//! meanwhile, and what a planned move (a drain) costs, on a local `kv` cluster under load.
+//!
+//! ```text
+//! cargo build --release --examples --bins      # once: builds `kv`
+//! cargo run --release --example failover_timing -- [--kills 20] [--json FILE]
+//! ```
+//!
+//! It starts 3 `kv serve` processes on 127.0.0.1 (a temporary directory, `RUST_LOG=warn`, one
+//! log file per node) sharing a fresh `CLUSTERFUNK_SECRET`, and drives them through the library:
+//! [`Client`] with copies of `kv`'s `Put` and `Get` messages (same wire tags) and [`AdminClient`].
+//!
+//! - **Load**, all along: `--clients` tasks, each with its own [`Client`], write a key and read
+//!   it back, over and over, each task covering its own quarter of the shards (one key per
+//!   shard, so the load touches every shard). Every request is recorded: start, latency,
+//!   outcome. A read that returns something else than the write before it stored counts as
+//!   *lost*, not failed: the owner may have died in between (values live in memory).
+//! - **Follower kills**, `--kills` times: SIGKILL a follower (the two take turns), then probe
+//!   one key of each of its shards through a client seeded with the survivors, every
+//!   `--probe-ms` until it answers. A shard's *unavailability* is the time from the kill to its
+//!   first successful answer (the probe's reply time, so it includes one round trip; a probe
+//!   that fails is retried after `--probe-ms`, so a sample can be late by that much). Status
+//!   polls of the survivors meanwhile give *kill → marked down* (and, for leader kills, *kill →
+//!   new leader*), and `--survivor-probes` shards of each survivor, probed continuously from
+//!   before the kill, give the longest pause of shards that did not move (a leader election can
+//!   let the survivors' leases lapse). Then the node restarts from its data dir, and the next
+//!   kill waits until it owns its share again and nothing moves.
+//! - **Leader kills**, `--kills` times: the same for the leader.
+//! - **Drain**: with the load on, probe every shard of a follower every `--probe-ms` for a
+//!   second, drain the node (`Drain` answers once it owns no shard), keep probing until nothing
+//!   moves and a second more, and record for each moving shard the longest gap between
+//!   consecutive successful answers (the *pause*), next to the longest gap before the drain (the
+//!   probing's own granularity); then undrain it and wait until it owns its share again.
+//! - Prints a table and, with `--json FILE`, writes every figure (`--requests-csv FILE` also
+//!   writes every load request).
+//!
+//! The `kv` binary is taken from next to this program (`target/release/examples/kv`); `cargo
+//! run --example` does not rebuild it. Every child process and the temporary directory are
+//! removed on exit, on error and on Ctrl-C.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::future::Future;
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use clusterfunk::admin::{AdminClient, AdminRequest, AdminResponse, NodeState, StatusReport};
+use clusterfunk::client::Client;
+use clusterfunk::shard_map::shard_for;
+use clusterfunk::transport::{Secret, SECRET_ENV_VAR};
+use clusterfunk::{ConsensusConfig, LeaseConfig, NodeId, ShardMessage};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// `kv`'s write (`examples/kv.rs`): stores `value` under the key.
+#[derive(Serialize, Deserialize, ShardMessage)]
+#[reply(())]
+#[tag = "kv.put"]
+struct Put {
+    value: String,
+}
+
+/// `kv`'s read: the key's value, if any.
+#[derive(Serialize, Deserialize, ShardMessage)]
+#[reply(Option<String>)]
+#[tag = "kv.get"]
+struct Get;
+
+/// The cluster's size.
+const NODES: u64 = 3;
+/// The shard count `kv serve` bootstraps with.
+const SHARD_COUNT: u32 = 1024;
+/// Nodes listen on ports from this range, below Linux's ephemeral range, so that no outgoing
+/// connection can take a killed node's port before it restarts.
+const PORT_RANGE: std::ops::Range<u16> = 20_000..32_000;
+/// Lines of each node log printed when something fails.
+const LOG_TAIL_LINES: usize = 25;
+/// How long one status poll may take.
+const POLL_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a load or probe request may take (the `kv` tool's own timeout).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `Drain` may take (the node's own drain timeout is below this).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the drain's probes run before the drain and after it settled.
+const DRAIN_MARGIN: Duration = Duration::from_secs(1);
+/// How long the survivors' shards are probed before a kill.
+const SURVIVOR_LEAD: Duration = Duration::from_millis(300);
+
+/// Set by the Ctrl-C watcher; every wait checks it and unwinds, so the guard cleans up.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Command-line options.
+#[derive(Parser, Debug)]
+#[command(
+    name = "failover_timing",
+    about = "Times shard failover after kill -9 and planned moves of a local kv cluster under load"
+)]
+struct Options {
+    /// Follower kills to time; as many leader kills follow.
+    #[arg(long, default_value_t = 20)]
+    kills: usize,
+    /// Write the figures to this JSON file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write every load request (start, latency, outcome) to this CSV file.
+    #[arg(long)]
+    requests_csv: Option<PathBuf>,
+    /// Load tasks.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Pause of each load task between two requests, in ms (0: back to back).
+    #[arg(long, default_value_t = 1)]
+    client_pause_ms: u64,
+    /// Probe interval per shard, in ms.
+    #[arg(long, default_value_t = 5)]
+    probe_ms: u64,
+    /// Shards of each surviving node probed continuously around each kill (0: none), for the
+    /// pause the failover causes to shards that did not move.
+    #[arg(long, default_value_t = 32)]
+    survivor_probes: usize,
+    /// Skip the drain measurement.
+    #[arg(long)]
+    no_drain: bool,
+    /// Seconds a failover, or a wait for the cluster, may take before it counts as failed.
+    #[arg(long, default_value_t = 30)]
+    deadline_secs: u64,
+    /// `RUST_LOG` of the nodes.
+    #[arg(long, default_value = "warn")]
+    rust_log: String,
+    /// Keep the temporary directory (data dirs and node logs) and print its path.
+    #[arg(long)]
+    keep_dir: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+/// One `kv serve` slot: its identity, its files and, while it runs, its process.
+struct NodeProc {
+    id: NodeId,
+    addr: SocketAddr,
+    data_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl NodeProc {
+    /// Appends a marker line to the node's log.
+    fn note(&self, text: &str) {
+        if let Ok(mut log) = OpenOptions::new().append(true).open(&self.log) {
+            let _ = writeln!(log, "==== failover_timing {}: {text} ====", utc_now());
+        }
+    }
+
+    /// Kills the process, if any, and reaps it.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The cluster under test. Dropping it kills every node and removes the directory.
+struct Harness {
+    kv: PathBuf,
+    secret: String,
+    rust_log: String,
+    dir: Option<tempfile::TempDir>,
+    keep_dir: bool,
+    nodes: Vec<NodeProc>,
+}
+
+impl Harness {
+    /// Makes the directory and picks a port for each node; nothing starts.
+    fn new(kv: PathBuf, secret: String, options: &Options) -> Result<Self, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("failover_timing.")
+            .tempdir()
+            .map_err(|e| format!("cannot make a temporary directory: {e}"))?;
+        let ports = free_ports(NODES as usize, &secret)?;
+        let nodes = (1..=NODES)
+            .zip(ports)
+            .map(|(id, port)| NodeProc {
+                id,
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                data_dir: dir.path().join(format!("node-{id}")),
+                log: dir.path().join(format!("node-{id}.log")),
+                child: None,
+            })
+            .collect();
+        Ok(Harness {
+            kv,
+            secret,
+            rust_log: options.rust_log.clone(),
+            dir: Some(dir),
+            keep_dir: options.keep_dir,
+            nodes,
+        })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.as_ref().map_or(Path::new("."), |d| d.path())
+    }
+
+    fn node(&self, id: NodeId) -> &NodeProc {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    fn node_mut(&mut self, id: NodeId) -> &mut NodeProc {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    fn ids(&self) -> Vec<NodeId> {
+        self.nodes.iter().map(|n| n.id).collect()
+    }
+
+    /// Starts (or restarts) node `id` with `--init`, which a node with a cluster on disk
+    /// ignores.
+    fn start(&mut self, id: NodeId) -> Result<(), String> {
+        let init = self
+            .nodes
+            .iter()
+            .map(|n| format!("{}={}", n.id, n.addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        let (kv, secret, rust_log) = (self.kv.clone(), self.secret.clone(), self.rust_log.clone());
+        let node = self.node_mut(id);
+        if node.child.is_some() {
+            return Err(format!("node {id} is already running"));
+        }
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .map_err(|e| format!("cannot open {}: {e}", node.log.display()))?;
+        let _ = writeln!(
+            log,
+            "==== failover_timing {}: starting node {id} on {} ====",
+            utc_now(),
+            node.addr
+        );
+        let stderr = log
+            .try_clone()
+            .map_err(|e| format!("cannot share {}: {e}", node.log.display()))?;
+        let child = Command::new(&kv)
+            .arg("serve")
+            .args(["--id", &id.to_string(), "--listen", &node.addr.to_string()])
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .args(["--init", &init])
+            .env(SECRET_ENV_VAR, &secret)
+            .env("RUST_LOG", &rust_log)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", kv.display()))?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILLs node `id` and returns the moment right after; it is reaped later.
+    fn kill(&mut self, id: NodeId) -> Result<Instant, String> {
+        let node = self.node_mut(id);
+        let child = node
+            .child
+            .as_mut()
+            .ok_or(format!("node {id} is not running"))?;
+        child
+            .kill()
+            .map_err(|e| format!("cannot kill node {id}: {e}"))?;
+        let at = Instant::now();
+        node.note("killed with SIGKILL");
+        Ok(at)
+    }
+
+    /// Waits for a killed node's process to exit.
+    fn reap(&mut self, id: NodeId) {
+        if let Some(mut child) = self.node_mut(id).child.take() {
+            let _ = child.wait();
+        }
+    }
+
+    fn secret(&self) -> Result<Secret, String> {
+        Secret::new(self.secret.clone()).map_err(|e| e.to_string())
+    }
+
+    /// An admin client for node `id`.
+    fn admin(&self, id: NodeId, timeout: Duration) -> Result<AdminClient, String> {
+        AdminClient::new(
+            self.node(id).addr,
+            "clusterfunk",
+            Some(self.secret()?),
+            timeout,
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    /// A shard client seeded with nodes `ids`.
+    fn client(&self, ids: &[NodeId]) -> Result<Client, String> {
+        let seeds: Vec<SocketAddr> = ids.iter().map(|&id| self.node(id).addr).collect();
+        Client::with_config(seeds, Some(self.secret()?), "clusterfunk", REQUEST_TIMEOUT)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Prints the last lines of every node log.
+    fn print_log_tails(&self) {
+        for node in &self.nodes {
+            let text = std::fs::read_to_string(&node.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("---- node {} log ({}):", node.id, node.log.display());
+            for line in &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..] {
+                eprintln!("   {line}");
+            }
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.stop();
+        }
+        if let Some(dir) = self.dir.take() {
+            if self.keep_dir {
+                eprintln!("failover_timing: kept {}", dir.keep().display());
+            }
+        }
+    }
+}
+
+/// Finds `kv` next to this program, or says how to build it.
+fn locate_kv() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    let kv = exe
+        .parent()
+        .ok_or("this program has no parent directory")?
+        .join("kv");
+    if kv.is_file() {
+        Ok(kv)
+    } else {
+        Err(format!(
+            "missing {}: run `cargo build --release --examples --bins` first",
+            kv.display()
+        ))
+    }
+}
+
+/// `count` ports of [`PORT_RANGE`] that were free a moment ago, from a spot picked by `seed`.
+fn free_ports(count: usize, seed: &str) -> Result<Vec<u16>, String> {
+    let span = PORT_RANGE.end - PORT_RANGE.start;
+    let mut offset = seed
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+        % u32::from(span);
+    let mut ports = Vec::new();
+    for _ in 0..span {
+        let port = PORT_RANGE.start + offset as u16;
+        offset = (offset + 1) % u32::from(span);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+            if ports.len() == count {
+                return Ok(ports);
+            }
+        }
+    }
+    Err(format!("no {count} free ports in {PORT_RANGE:?}"))
+}
+
+/// A fresh random cluster secret (hex of 24 bytes from /dev/urandom).
+fn make_secret() -> Result<String, String> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 24];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Waiting for the cluster
+
+/// Starts a thread that sets [`INTERRUPTED`] on Ctrl-C.
+fn watch_interrupt() {
+    std::thread::spawn(|| {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                INTERRUPTED.store(true, Ordering::SeqCst);
+                eprintln!("failover_timing: interrupted; stopping the nodes");
+            }
+        });
+    });
+}
+
+fn check_interrupt() -> Result<(), String> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        Err("interrupted".into())
+    } else {
+        Ok(())
+    }
+}
+
+/// Calls `probe` every `every` until it succeeds, for at most `limit`.
+async fn wait_for<T, F, Fut>(
+    what: &str,
+    every: Duration,
+    limit: Duration,
+    mut probe: F,
+) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        check_interrupt()?;
+        let last = match probe().await {
+            Ok(value) => return Ok(value),
+            Err(e) => e,
+        };
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "timed out after {limit:?} waiting for {what}: {last}"
+            ));
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+async fn status(client: &AdminClient) -> Result<StatusReport, String> {
+    match client.request(AdminRequest::Status).await {
+        Ok(AdminResponse::Status(status)) => Ok(status),
+        Ok(other) => Err(format!("unexpected answer: {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Every shard's owner, from node `id`'s `Shards`.
+async fn shard_owners(harness: &Harness, id: NodeId) -> Result<Vec<NodeId>, String> {
+    match harness
+        .admin(id, POLL_TIMEOUT)?
+        .request(AdminRequest::Shards)
+        .await
+    {
+        Ok(AdminResponse::Shards(report)) if report.shards.len() == SHARD_COUNT as usize => {
+            Ok(report.shards.iter().map(|s| s.node).collect())
+        }
+        Ok(other) => Err(format!("unexpected answer to Shards: {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The cluster at rest, as [`wait_settled`] found it.
+struct Settled {
+    leader: NodeId,
+    term: u64,
+    /// Every shard's owner.
+    owners: Vec<NodeId>,
+}
+
+/// Waits until every node serves, names one leader (which says it leads), holds one map epoch,
+/// marks nobody down, moves no shard, and `draining` (if any) is the only node drained and owns
+/// nothing while the others own balanced shares.
+async fn wait_settled(
+    harness: &Harness,
+    draining: Option<NodeId>,
+    limit: Duration,
+) -> Result<Settled, String> {
+    let ids = &harness.ids();
+    let clients: Vec<(NodeId, AdminClient)> = ids
+        .iter()
+        .map(|&id| Ok((id, harness.admin(id, POLL_TIMEOUT)?)))
+        .collect::<Result<_, String>>()?;
+    let clients = &clients;
+    let what = match draining {
+        Some(id) => format!("the cluster to settle with node {id} drained"),
+        None => "the cluster to settle with balanced shares".to_string(),
+    };
+    let owners_of = |count: usize| {
+        let low = SHARD_COUNT / count as u32;
+        low..=SHARD_COUNT.div_ceil(count as u32)
+    };
+    let (leader, term) = wait_for(&what, Duration::from_millis(10), limit, || async move {
+        let answers = futures_util::future::join_all(
+            clients
+                .iter()
+                .map(|(id, c)| async move { (*id, status(c).await) }),
+        )
+        .await;
+        let mut statuses = BTreeMap::new();
+        for (id, answer) in answers {
+            let s = answer.map_err(|e| format!("node {id}: {e}"))?;
+            if s.state != NodeState::Serving {
+                return Err(format!("node {id}: {:?} {:?}", s.state, s.reason));
+            }
+            statuses.insert(id, s);
+        }
+        let first = statuses.values().next().ok_or("no nodes")?;
+        let leader = first.leader.ok_or("no leader")?;
+        let (term, epoch) = (first.term, first.epoch);
+        let active = if draining.is_some() { ids.len() - 1 } else { ids.len() };
+        for (id, s) in &statuses {
+            if s.leader != Some(leader) || s.term != term || s.epoch != epoch {
+                return Err(format!(
+                    "node {id} names leader {:?} in term {} at epoch {}, node {} names {leader} in {term} at {epoch}",
+                    s.leader, s.term, s.epoch, first.node_id
+                ));
+            }
+            if !s.down.is_empty() || s.shards_moving != 0 {
+                return Err(format!(
+                    "node {id}: down {:?}, {} shard(s) moving",
+                    s.down, s.shards_moving
+                ));
+            }
+            if s.draining != draining.into_iter().collect::<Vec<_>>() {
+                return Err(format!("node {id}: draining {:?}", s.draining));
+            }
+            let fair = if Some(*id) == draining {
+                s.shards_owned == 0
+            } else {
+                owners_of(active).contains(&s.shards_owned)
+            };
+            if !fair {
+                return Err(format!("node {id} owns {} shards", s.shards_owned));
+            }
+        }
+        match statuses.get(&leader) {
+            Some(s) if s.raft_state == "leader" => Ok((leader, term)),
+            _ => Err(format!("node {leader} does not say it leads")),
+        }
+    })
+    .await?;
+    let owners = shard_owners(harness, leader).await?;
+    Ok(Settled {
+        leader,
+        term,
+        owners,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load
+
+/// What a load request was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Put,
+    Get,
+}
+
+/// How a load request ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    Ok,
+    /// A read after a successful write returned something else (the owner died in between).
+    Lost,
+    Failed(String),
+}
+
+/// One load request.
+#[derive(Debug, Clone)]
+struct Record {
+    client: usize,
+    op: Op,
+    shard: u32,
+    start: Instant,
+    latency: Duration,
+    outcome: Outcome,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One key per shard: `keys[s]` hashes to shard `s`.
+fn key_per_shard() -> Vec<String> {
+    let mut keys: Vec<Option<String>> = vec![None; SHARD_COUNT as usize];
+    let mut missing = SHARD_COUNT as usize;
+    let mut i = 0u64;
+    while missing > 0 {
+        let key = format!("key-{i}");
+        let slot = &mut keys[shard_for(key.as_bytes(), SHARD_COUNT) as usize];
+        if slot.is_none() {
+            *slot = Some(key);
+            missing -= 1;
+        }
+        i += 1;
+    }
+    keys.into_iter().flatten().collect()
+}
+
+/// One load task: writes and reads back the keys of shards `index`, `index + clients`, ...
+async fn load(
+    client: Client,
+    index: usize,
+    clients: usize,
+    keys: Arc<Vec<String>>,
+    pause: Duration,
+    records: Arc<Mutex<Vec<Record>>>,
+    stop: Arc<AtomicBool>,
+) {
+    let shards: Vec<u32> = (0..SHARD_COUNT)
+        .filter(|s| *s as usize % clients == index)
+        .collect();
+    let mut round = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        for &shard in &shards {
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let key = keys[shard as usize].as_str();
+            let value = format!("{index}-{round}");
+            let start = Instant::now();
+            let put = client
+                .send(
+                    key,
+                    Put {
+                        value: value.clone(),
+                    },
+                )
+                .await;
+            let mut record = Record {
+                client: index,
+                op: Op::Put,
+                shard,
+                start,
+                latency: start.elapsed(),
+                outcome: match &put {
+                    Ok(()) => Outcome::Ok,
+                    Err(e) => Outcome::Failed(e.to_string()),
+                },
+            };
+            lock(&records).push(record.clone());
+            if put.is_ok() {
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+                let start = Instant::now();
+                let got = client.send(key, Get).await;
+                record.op = Op::Get;
+                record.start = start;
+                record.latency = start.elapsed();
+                record.outcome = match got {
+                    Ok(Some(v)) if v == value => Outcome::Ok,
+                    Ok(_) => Outcome::Lost,
+                    Err(e) => Outcome::Failed(e.to_string()),
+                };
+                lock(&records).push(record);
+            }
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+        round += 1;
+    }
+}
+
+/// The load's requests that started in `[from, to)`.
+struct Window {
+    requests: usize,
+    failed: usize,
+    lost: usize,
+    /// The longest latency of a request in the window, in ms.
+    worst_latency_ms: f64,
+    /// Failure messages, counted.
+    errors: BTreeMap<String, usize>,
+}
+
+fn window(records: &[Record], from: Instant, to: Instant) -> Window {
+    let mut w = Window {
+        requests: 0,
+        failed: 0,
+        lost: 0,
+        worst_latency_ms: 0.0,
+        errors: BTreeMap::new(),
+    };
+    for r in records.iter().filter(|r| r.start >= from && r.start < to) {
+        w.requests += 1;
+        w.worst_latency_ms = w.worst_latency_ms.max(ms(r.latency));
+        match &r.outcome {
+            Outcome::Ok => {}
+            Outcome::Lost => w.lost += 1,
+            Outcome::Failed(e) => {
+                w.failed += 1;
+                *w.errors.entry(error_kind(e)).or_default() += 1;
+            }
+        }
+    }
+    w
+}
+
+/// A failure message without addresses and numbers that differ from one request to the next.
+fn error_kind(message: &str) -> String {
+    let kind: String = message
+        .split_whitespace()
+        .map(|word| {
+            if word.chars().any(|c| c.is_ascii_digit()) {
+                "#"
+            } else {
+                word
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    kind.chars().take(160).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurements
+
+/// Samples of one figure, in ms.
+#[derive(Debug, Clone, Default)]
+struct Series {
+    values: Vec<f64>,
+    failures: usize,
+}
+
+impl Series {
+    fn push(&mut self, value: Option<f64>) {
+        match value {
+            Some(v) => self.values.push(v),
+            None => self.failures += 1,
+        }
+    }
+
+    /// The `p`-quantile, interpolated linearly between closest ranks.
+    fn quantile(&self, p: f64) -> Option<f64> {
+        let mut sorted = self.values.clone();
+        sorted.sort_by(f64::total_cmp);
+        let last = sorted.len().checked_sub(1)?;
+        let rank = p.clamp(0.0, 1.0) * last as f64;
+        let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+        Some(sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64))
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "median": self.quantile(0.5).map(round3),
+            "p90": self.quantile(0.9).map(round3),
+            "max": self.quantile(1.0).map(round3),
+            "min": self.quantile(0.0).map(round3),
+            "samples": self.values.len(),
+            "failures": self.failures,
+        })
+    }
+}
+
+/// Which node a kill took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Follower,
+    Leader,
+}
+
+/// One timed kill.
+#[derive(Debug, Clone)]
+struct Kill {
+    number: usize,
+    role: Role,
+    node: NodeId,
+    /// The raft term before the kill.
+    term: u64,
+    killed_at_utc: String,
+    /// Each of the node's shards: kill → first successful answer, ms (`None`: not in time).
+    unavailable_ms: Vec<Option<f64>>,
+    /// Failed probe attempts (each retried after the probe interval).
+    probe_errors: usize,
+    /// Survivors' shards probed continuously.
+    survivor_shards: usize,
+    /// The longest gap between successful answers of a probed survivor shard, overlapping
+    /// the time from the kill until the dead node's shards were back.
+    survivor_pause_ms: Option<f64>,
+    /// Failed probes of survivors' shards.
+    survivor_probe_errors: usize,
+    /// The last probe failure seen.
+    probe_error: Option<String>,
+    /// Kill → a survivor reports the node down.
+    marked_down_ms: Option<f64>,
+    /// Kill → a survivor names another leader (leader kills).
+    new_leader_ms: Option<f64>,
+    t_kill: Instant,
+    /// When the last probed shard answered (or the probes gave up).
+    t_back: Instant,
+    t_restart: Instant,
+    t_settled: Instant,
+    /// Restart → it owns its share again and nothing moves.
+    rejoin_ms: Option<f64>,
+    error: Option<String>,
+}
+
+impl Kill {
+    fn series(&self) -> Series {
+        let mut series = Series::default();
+        for v in &self.unavailable_ms {
+            series.push(*v);
+        }
+        series
+    }
+}
+
+/// The drain measurement.
+#[derive(Debug, Clone)]
+struct Drain {
+    node: NodeId,
+    shards: usize,
+    /// Each moving shard's longest gap between successful answers that overlaps the drain.
+    pause_ms: Series,
+    /// Each moving shard's longest gap before the drain (the probing's granularity).
+    baseline_gap_ms: Series,
+    probe_errors: usize,
+    probe_error: Option<String>,
+    /// `Drain` sent → answered.
+    drain_ms: f64,
+    /// `Drain` sent → the cluster settled with the node drained.
+    settle_ms: f64,
+    /// `Undrain` sent → the node owns its share again and nothing moves.
+    undrain_settle_ms: Option<f64>,
+    t_start: Instant,
+    t_settled: Instant,
+    t_undrain: Instant,
+    t_undrained: Instant,
+}
+
+/// Probes one key until it answers; returns kill → answer and the failures before it.
+async fn probe_until_served(
+    client: Client,
+    key: String,
+    t_kill: Instant,
+    every: Duration,
+    deadline: Instant,
+) -> (Option<f64>, usize, Option<String>) {
+    let mut errors = 0;
+    let mut last = None;
+    loop {
+        match client.send(key.as_str(), Get).await {
+            Ok(_) => return (Some(ms(t_kill.elapsed())), errors, last),
+            Err(e) => {
+                errors += 1;
+                last = Some(e.to_string());
+            }
+        }
+        if Instant::now() >= deadline || INTERRUPTED.load(Ordering::SeqCst) {
+            return (None, errors, last);
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Polls `node`'s status every `every`, noting the first time it reports `victim` down and the
+/// first time it names a leader other than `victim`.
+async fn watch_status(
+    client: AdminClient,
+    victim: NodeId,
+    every: Duration,
+    marks: Arc<Mutex<(Option<Instant>, Option<Instant>)>>,
+) {
+    loop {
+        if let Ok(s) = status(&client).await {
+            let now = Instant::now();
+            let mut marks = lock(&marks);
+            if marks.0.is_none() && s.down.contains(&victim) {
+                marks.0 = Some(now);
+            }
+            if marks.1.is_none() && s.leader.is_some_and(|l| l != victim) {
+                marks.1 = Some(now);
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Kills one node (the leader, or a follower), times its shards' return, restarts it and
+/// waits until it owns its share again.
+async fn time_kill(
+    harness: &mut Harness,
+    options: &Options,
+    keys: &Arc<Vec<String>>,
+    number: usize,
+    role: Role,
+) -> Result<Kill, String> {
+    let limit = Duration::from_secs(options.deadline_secs);
+    let every = Duration::from_millis(options.probe_ms.max(1));
+    let settled = wait_settled(harness, None, limit).await?;
+    let node = match role {
+        Role::Leader => settled.leader,
+        Role::Follower => {
+            let followers: Vec<NodeId> = harness
+                .ids()
+                .into_iter()
+                .filter(|&id| id != settled.leader)
+                .collect();
+            followers[number % followers.len()]
+        }
+    };
+    let survivors: Vec<NodeId> = harness.ids().into_iter().filter(|&id| id != node).collect();
+    let shards: Vec<u32> = (0..SHARD_COUNT)
+        .filter(|&s| settled.owners[s as usize] == node)
+        .collect();
+
+    // A probe client in steady state: connected to the survivors, holding the current map.
+    let probe = harness.client(&survivors)?;
+    for &id in &survivors {
+        let shard = settled
+            .owners
+            .iter()
+            .position(|&owner| owner == id)
+            .ok_or(format!("node {id} owns no shard"))?;
+        probe
+            .send(keys[shard].as_str(), Get)
+            .await
+            .map_err(|e| format!("warming up the probe client: {e}"))?;
+    }
+    // Shards that do not move, probed from before the kill: does the failover pause them too?
+    let survivor_stop = Arc::new(AtomicBool::new(false));
+    let survivor_probes: Vec<_> = survivors
+        .iter()
+        .flat_map(|&id| {
+            let owned: Vec<u32> = (0..SHARD_COUNT)
+                .filter(|&s| settled.owners[s as usize] == id)
+                .collect();
+            let step = (owned.len() / options.survivor_probes.max(1)).max(1);
+            owned
+                .into_iter()
+                .step_by(step)
+                .take(options.survivor_probes)
+                .collect::<Vec<_>>()
+        })
+        .map(|s| {
+            tokio::spawn(probe_continuously(
+                probe.clone(),
+                keys[s as usize].clone(),
+                every,
+                survivor_stop.clone(),
+            ))
+        })
+        .collect();
+    if !survivor_probes.is_empty() {
+        tokio::time::sleep(SURVIVOR_LEAD).await;
+    }
+    let marks = Arc::new(Mutex::new((None, None)));
+    let watchers: Vec<_> = survivors
+        .iter()
+        .map(|&id| {
+            Ok(tokio::spawn(watch_status(
+                harness.admin(id, POLL_TIMEOUT)?,
+                node,
+                every,
+                marks.clone(),
+            )))
+        })
+        .collect::<Result<_, String>>()?;
+
+    let t_kill = harness.kill(node)?;
+    let killed_at_utc = utc_now();
+    let deadline = t_kill + limit;
+    let probes: Vec<_> = shards
+        .iter()
+        .map(|&s| {
+            tokio::spawn(probe_until_served(
+                probe.clone(),
+                keys[s as usize].clone(),
+                t_kill,
+                every,
+                deadline,
+            ))
+        })
+        .collect();
+    let mut unavailable_ms = Vec::with_capacity(probes.len());
+    let (mut probe_errors, mut probe_error) = (0, None);
+    for probe in probes {
+        let (back, errors, last) = probe.await.map_err(|e| e.to_string())?;
+        unavailable_ms.push(back);
+        probe_errors += errors;
+        probe_error = last.or(probe_error);
+    }
+    let t_back = Instant::now();
+    for watcher in &watchers {
+        watcher.abort();
+    }
+    survivor_stop.store(true, Ordering::SeqCst);
+    let survivor_shards = survivor_probes.len();
+    let (mut survivor_pause_ms, mut survivor_probe_errors) = (None, 0);
+    for probe in survivor_probes {
+        let (successes, errors, _) = probe.await.map_err(|e| e.to_string())?;
+        survivor_probe_errors += errors;
+        let gap = longest_gap(&successes, Instant::now(), t_kill, t_back);
+        if let Some(gap) = gap {
+            survivor_pause_ms = Some(survivor_pause_ms.map_or(gap, |p: f64| p.max(gap)));
+        }
+    }
+    let (down_at, leader_at) = *lock(&marks);
+    harness.reap(node);
+    check_interrupt()?;
+
+    let t_restart = Instant::now();
+    harness.start(node)?;
+    let rejoined = wait_settled(harness, None, limit).await;
+    let t_settled = Instant::now();
+    let error = match (&rejoined, unavailable_ms.iter().any(Option::is_none)) {
+        (Err(e), _) => Some(e.clone()),
+        (Ok(_), true) => Some(format!(
+            "{} shard(s) not back within {limit:?}",
+            unavailable_ms.iter().filter(|v| v.is_none()).count()
+        )),
+        _ => None,
+    };
+    if error.is_some() {
+        harness.print_log_tails();
+    }
+    Ok(Kill {
+        number,
+        role,
+        node,
+        term: settled.term,
+        killed_at_utc,
+        unavailable_ms,
+        probe_errors,
+        probe_error,
+        survivor_shards,
+        survivor_pause_ms,
+        survivor_probe_errors,
+        marked_down_ms: down_at.map(|t| ms(t - t_kill)),
+        // A follower kill leaves the leader in place: nothing to time.
+        new_leader_ms: leader_at
+            .filter(|_| role == Role::Leader)
+            .map(|t| ms(t - t_kill)),
+        t_kill,
+        t_back,
+        t_restart,
+        t_settled,
+        rejoin_ms: rejoined.is_ok().then(|| ms(t_settled - t_restart)),
+        error,
+    })
+}
+
+/// The longest gap, in ms, between consecutive successes (and from the last one to `end`, when
+/// the probing stopped) that overlaps `[from, to)`.
+fn longest_gap(successes: &[Instant], end: Instant, from: Instant, to: Instant) -> Option<f64> {
+    successes
+        .iter()
+        .zip(successes.iter().skip(1).chain([&end]))
+        .filter(|(a, b)| **b > from && **a < to)
+        .map(|(a, b)| ms(*b - *a))
+        .fold(None, |longest: Option<f64>, gap| {
+            Some(longest.map_or(gap, |l| l.max(gap)))
+        })
+}
+
+/// Probes one key every `every` until `stop`; returns the reply times of its successes, the
+/// failures and the last failure.
+async fn probe_continuously(
+    client: Client,
+    key: String,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> (Vec<Instant>, usize, Option<String>) {
+    let (mut successes, mut errors, mut last) = (Vec::new(), 0, None);
+    while !stop.load(Ordering::SeqCst) {
+        match client.send(key.as_str(), Get).await {
+            Ok(_) => successes.push(Instant::now()),
+            Err(e) => {
+                errors += 1;
+                last = Some(e.to_string());
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+    (successes, errors, last)
+}
+
+/// Drains a follower under load, timing each of its shards' pause; then undrains it.
+async fn time_drain(
+    harness: &Harness,
+    options: &Options,
+    keys: &Arc<Vec<String>>,
+) -> Result<Drain, String> {
+    let limit = Duration::from_secs(options.deadline_secs);
+    let every = Duration::from_millis(options.probe_ms.max(1));
+    let settled = wait_settled(harness, None, limit).await?;
+    let node = harness
+        .ids()
+        .into_iter()
+        .find(|&id| id != settled.leader)
+        .ok_or("no follower")?;
+    let shards: Vec<u32> = (0..SHARD_COUNT)
+        .filter(|&s| settled.owners[s as usize] == node)
+        .collect();
+    let client = harness.client(&harness.ids())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let probes: Vec<_> = shards
+        .iter()
+        .map(|&s| {
+            tokio::spawn(probe_continuously(
+                client.clone(),
+                keys[s as usize].clone(),
+                every,
+                stop.clone(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(DRAIN_MARGIN).await;
+
+    let admin = harness.admin(settled.leader, DRAIN_TIMEOUT)?;
+    harness.node(node).note("drain");
+    let t_start = Instant::now();
+    let drained = admin.request(AdminRequest::Drain { id: node }).await;
+    let drain_ms = ms(t_start.elapsed());
+    let drained = match drained {
+        Ok(AdminResponse::Changed(_)) => Ok(()),
+        Ok(other) => Err(format!("unexpected answer to Drain: {other:?}")),
+        Err(e) => Err(format!("Drain of node {node} failed: {e}")),
+    };
+    let settle = match drained {
+        Ok(()) => wait_settled(harness, Some(node), limit).await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    let t_settled = Instant::now();
+    tokio::time::sleep(DRAIN_MARGIN).await;
+    stop.store(true, Ordering::SeqCst);
+    let end = Instant::now();
+    let mut drain = Drain {
+        node,
+        shards: shards.len(),
+        pause_ms: Series::default(),
+        baseline_gap_ms: Series::default(),
+        probe_errors: 0,
+        probe_error: None,
+        drain_ms,
+        settle_ms: ms(t_settled - t_start),
+        undrain_settle_ms: None,
+        t_start,
+        t_settled,
+        t_undrain: t_settled,
+        t_undrained: t_settled,
+    };
+    for probe in probes {
+        let (successes, errors, last) = probe.await.map_err(|e| e.to_string())?;
+        drain.probe_errors += errors;
+        drain.probe_error = last.or(drain.probe_error.take());
+        let baseline = longest_gap(&successes, end, t_start - DRAIN_MARGIN, t_start);
+        drain.baseline_gap_ms.push(baseline);
+        drain
+            .pause_ms
+            .push(longest_gap(&successes, end, t_start, t_settled));
+    }
+    settle?;
+
+    harness.node(node).note("undrain");
+    let t_undrain = Instant::now();
+    drain.t_undrain = t_undrain;
+    match admin.request(AdminRequest::Undrain { id: node }).await {
+        Ok(AdminResponse::Changed(_)) => {}
+        Ok(other) => return Err(format!("unexpected answer to Undrain: {other:?}")),
+        Err(e) => return Err(format!("Undrain of node {node} failed: {e}")),
+    }
+    wait_settled(harness, None, limit).await?;
+    drain.t_undrained = Instant::now();
+    drain.undrain_settle_ms = Some(ms(drain.t_undrained - t_undrain));
+    Ok(drain)
+}
+
+/// Everything measured.
+#[derive(Default)]
+struct Results {
+    startup_ms: Option<f64>,
+    kills: Vec<Kill>,
+    drain: Option<Drain>,
+    error: Option<String>,
+}
+
+/// Runs the measurements, filling `results` as it goes (a run that stops early still reports).
+async fn measure(
+    harness: &mut Harness,
+    options: &Options,
+    results: &mut Results,
+    records: &Arc<Mutex<Vec<Record>>>,
+) -> Result<(), String> {
+    let limit = Duration::from_secs(options.deadline_secs);
+    let started = Instant::now();
+    for id in harness.ids() {
+        harness.start(id)?;
+    }
+    wait_settled(harness, None, limit * 2)
+        .await
+        .inspect_err(|_| harness.print_log_tails())?;
+    results.startup_ms = Some(ms(started.elapsed()));
+    println!(
+        "cluster up in {} ms; starting {} load clients",
+        fmt_ms(results.startup_ms),
+        options.clients
+    );
+
+    let keys = Arc::new(key_per_shard());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load_tasks = Vec::new();
+    for index in 0..options.clients {
+        // Each client starts from a different node, as clients spread over a cluster would.
+        let mut seeds = harness.ids();
+        let turn = index % seeds.len();
+        seeds.rotate_left(turn);
+        load_tasks.push(tokio::spawn(load(
+            harness.client(&seeds)?,
+            index,
+            options.clients,
+            keys.clone(),
+            Duration::from_millis(options.client_pause_ms),
+            records.clone(),
+            stop.clone(),
+        )));
+    }
+    // Let the load reach every shard once, so every client holds a map.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let outcome = async {
+        for role in [Role::Follower, Role::Leader] {
+            println!();
+            println!(
+                "{} kills (kill -9; ms from the kill; unavailable = kill → a shard's first successful answer):",
+                match role {
+                    Role::Follower => "follower",
+                    Role::Leader => "leader",
+                }
+            );
+            println!(
+                "{:>4} {:>5} {:>6} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>5} {:>8} {:>10} {:>7}",
+                "kill", "node", "shards", "leader@", "down@", "first", "median", "p90", "worst",
+                "prb-err", "failed", "lost", "max-lat", "surv-pause", "rejoin"
+            );
+            for number in 1..=options.kills {
+                check_interrupt()?;
+                let kill = time_kill(harness, options, &keys, number, role).await?;
+                let series = kill.series();
+                let w = window(&lock(records), kill.t_kill, kill.t_back);
+                println!(
+                    "{:>4} {:>5} {:>6} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>5} {:>8} {:>10} {:>7}{}",
+                    number,
+                    kill.node,
+                    kill.unavailable_ms.len(),
+                    if role == Role::Leader { fmt_ms(kill.new_leader_ms) } else { "-".into() },
+                    fmt_ms(kill.marked_down_ms),
+                    fmt_ms(series.quantile(0.0)),
+                    fmt_ms(series.quantile(0.5)),
+                    fmt_ms(series.quantile(0.9)),
+                    fmt_ms(series.quantile(1.0)),
+                    kill.probe_errors,
+                    w.failed,
+                    w.lost,
+                    format!("{:.1}", w.worst_latency_ms),
+                    fmt_ms(kill.survivor_pause_ms),
+                    fmt_ms(kill.rejoin_ms),
+                    kill.error.as_ref().map_or(String::new(), |e| format!("  ERROR: {e}")),
+                );
+                let failed = kill.error.clone();
+                results.kills.push(kill);
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+            }
+        }
+        if !options.no_drain {
+            check_interrupt()?;
+            println!();
+            println!("planned move: drain of a follower under load ...");
+            let drain = time_drain(harness, options, &keys).await?;
+            results.drain = Some(drain);
+        }
+        Ok(())
+    }
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for task in load_tasks {
+        let _ = task.await;
+    }
+    outcome
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reporting
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+fn fmt_ms(v: Option<f64>) -> String {
+    v.map_or("-".to_string(), |v| format!("{v:.1}"))
+}
+
+/// All shards of all kills of one role, and each kill's worst shard.
+fn pooled(kills: &[Kill], role: Role) -> (Series, Series) {
+    let (mut all, mut worst) = (Series::default(), Series::default());
+    for kill in kills.iter().filter(|k| k.role == role) {
+        for v in &kill.unavailable_ms {
+            all.push(*v);
+        }
+        worst.push(kill.series().quantile(1.0));
+    }
+    (all, worst)
+}
+
+fn series_of(kills: &[Kill], role: Role, figure: impl Fn(&Kill) -> Option<f64>) -> Series {
+    let mut series = Series::default();
+    for kill in kills.iter().filter(|k| k.role == role) {
+        series.push(figure(kill));
+    }
+    series
+}
+
+/// The load's figures over the kills of one role: (kill → back) and (restart → settled).
+fn load_windows(records: &[Record], kills: &[Kill], role: Role) -> (Window, Window) {
+    let mut failover = window(&[], Instant::now(), Instant::now());
+    let mut rejoin = window(&[], Instant::now(), Instant::now());
+    for kill in kills.iter().filter(|k| k.role == role) {
+        for (total, w) in [
+            (&mut failover, window(records, kill.t_kill, kill.t_back)),
+            (&mut rejoin, window(records, kill.t_restart, kill.t_settled)),
+        ] {
+            total.requests += w.requests;
+            total.failed += w.failed;
+            total.lost += w.lost;
+            total.worst_latency_ms = total.worst_latency_ms.max(w.worst_latency_ms);
+            for (e, n) in w.errors {
+                *total.errors.entry(e).or_default() += n;
+            }
+        }
+    }
+    (failover, rejoin)
+}
+
+fn window_json(w: &Window) -> Value {
+    json!({
+        "requests": w.requests,
+        "failed": w.failed,
+        "lost": w.lost,
+        "worst_latency_ms": round3(w.worst_latency_ms),
+        "errors": w.errors,
+    })
+}
+
+fn print_summary(results: &Results, records: &[Record], options: &Options) {
+    println!();
+    println!(
+        "summary (3 nodes, {} shards; {} load clients, pause {} ms; probes every {} ms; ms):",
+        SHARD_COUNT, options.clients, options.client_pause_ms, options.probe_ms
+    );
+    println!(
+        "{:<52} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "figure", "samples", "failures", "median", "p90", "max", "min"
+    );
+    let row = |name: &str, s: &Series| {
+        if s.values.is_empty() && s.failures == 0 {
+            return;
+        }
+        println!(
+            "{:<52} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            name,
+            s.values.len(),
+            s.failures,
+            fmt_ms(s.quantile(0.5)),
+            fmt_ms(s.quantile(0.9)),
+            fmt_ms(s.quantile(1.0)),
+            fmt_ms(s.quantile(0.0)),
+        );
+    };
+    for (role, label) in [(Role::Follower, "follower"), (Role::Leader, "leader")] {
+        let (all, worst) = pooled(&results.kills, role);
+        row(
+            &format!("{label} kill: shard unavailable (every shard)"),
+            &all,
+        );
+        row(&format!("{label} kill: worst shard of each kill"), &worst);
+        if role == Role::Leader {
+            row(
+                "leader kill: kill → a survivor names a new leader",
+                &series_of(&results.kills, role, |k| k.new_leader_ms),
+            );
+        }
+        row(
+            &format!("{label} kill: kill → a survivor reports it down"),
+            &series_of(&results.kills, role, |k| k.marked_down_ms),
+        );
+        row(
+            &format!("{label} kill: longest pause of a survivor's shard"),
+            &series_of(&results.kills, role, |k| k.survivor_pause_ms),
+        );
+        row(
+            &format!("{label} kill: restart → share back, nothing moving"),
+            &series_of(&results.kills, role, |k| k.rejoin_ms),
+        );
+    }
+    if let Some(drain) = &results.drain {
+        row(
+            &format!("drain: pause of each moving shard ({})", drain.shards),
+            &drain.pause_ms,
+        );
+        row(
+            "drain: longest gap of each shard before the drain",
+            &drain.baseline_gap_ms,
+        );
+        println!(
+            "drain of node {}: answered after {:.1} ms, settled after {:.1} ms; undrain settled after {} ms; {} failed probe(s){}",
+            drain.node,
+            drain.drain_ms,
+            drain.settle_ms,
+            fmt_ms(drain.undrain_settle_ms),
+            drain.probe_errors,
+            drain.probe_error.as_ref().map_or(String::new(), |e| format!(" (last: {e})"))
+        );
+    }
+    println!();
+    println!("load requests (a put and its read back; failed = an error answer):");
+    let print_window = |name: &str, w: &Window| {
+        println!(
+            "  {name:<44} {:>8} requests {:>6} failed {:>5} lost   worst latency {:>8.1} ms",
+            w.requests, w.failed, w.lost, w.worst_latency_ms
+        );
+        for (e, n) in &w.errors {
+            println!("      {n:>6} × {e}");
+        }
+    };
+    for (role, label) in [(Role::Follower, "follower"), (Role::Leader, "leader")] {
+        let (failover, rejoin) = load_windows(records, &results.kills, role);
+        print_window(&format!("{label} kills: kill → shards back"), &failover);
+        print_window(&format!("{label} kills: restart → settled"), &rejoin);
+        let probe_errors: usize = results
+            .kills
+            .iter()
+            .filter(|k| k.role == role)
+            .map(|k| k.probe_errors)
+            .sum();
+        let last = results
+            .kills
+            .iter()
+            .filter(|k| k.role == role)
+            .filter_map(|k| k.probe_error.clone())
+            .next_back();
+        println!(
+            "  {label} kills: failed probe attempts {probe_errors}{}",
+            last.map_or(String::new(), |e| format!(" (last: {e})"))
+        );
+    }
+    if let Some(drain) = &results.drain {
+        print_window(
+            "drain: Drain sent → settled",
+            &window(records, drain.t_start, drain.t_settled),
+        );
+        print_window(
+            "undrain: Undrain sent → settled",
+            &window(records, drain.t_undrain, drain.t_undrained),
+        );
+    }
+    if let (Some(first), Some(last)) = (records.first(), records.last()) {
+        print_window(
+            "whole run",
+            &window(records, first.start, last.start + Duration::from_nanos(1)),
+        );
+    }
+}
+
+fn to_json(results: &Results, records: &[Record], options: &Options) -> Value {
+    let lease = LeaseConfig::default();
+    let raft = ConsensusConfig::default();
+    let mut figures = serde_json::Map::new();
+    for (role, label) in [(Role::Follower, "follower"), (Role::Leader, "leader")] {
+        let (all, worst) = pooled(&results.kills, role);
+        let (failover, rejoin) = load_windows(records, &results.kills, role);
+        figures.insert(
+            format!("{label}_kills"),
+            json!({
+                "shard_unavailable_ms": all.to_json(),
+                "worst_shard_per_kill_ms": worst.to_json(),
+                "new_leader_ms": series_of(&results.kills, role, |k| k.new_leader_ms).to_json(),
+                "marked_down_ms": series_of(&results.kills, role, |k| k.marked_down_ms).to_json(),
+                "rejoin_ms": series_of(&results.kills, role, |k| k.rejoin_ms).to_json(),
+                "survivor_shard_pause_ms": series_of(&results.kills, role, |k| k.survivor_pause_ms).to_json(),
+                "survivor_probe_errors": results.kills.iter().filter(|k| k.role == role).map(|k| k.survivor_probe_errors).sum::<usize>(),
+                "load_kill_to_back": window_json(&failover),
+                "load_restart_to_settled": window_json(&rejoin),
+                "probe_errors": results.kills.iter().filter(|k| k.role == role).map(|k| k.probe_errors).sum::<usize>(),
+            }),
+        );
+    }
+    let kills: Vec<Value> = results
+        .kills
+        .iter()
+        .map(|k| {
+            let s = k.series();
+            let w = window(records, k.t_kill, k.t_back);
+            json!({
+                "kill": k.number,
+                "role": format!("{:?}", k.role).to_lowercase(),
+                "node": k.node,
+                "term_before": k.term,
+                "killed_at_utc": k.killed_at_utc,
+                "shards": k.unavailable_ms.len(),
+                "unavailable_ms": {
+                    "min": s.quantile(0.0).map(round3),
+                    "median": s.quantile(0.5).map(round3),
+                    "p90": s.quantile(0.9).map(round3),
+                    "max": s.quantile(1.0).map(round3),
+                    "not_back": s.failures,
+                },
+                "new_leader_ms": k.new_leader_ms.map(round3),
+                "marked_down_ms": k.marked_down_ms.map(round3),
+                "probe_errors": k.probe_errors,
+                "probe_error": k.probe_error,
+                "survivor_shards_probed": k.survivor_shards,
+                "survivor_shard_pause_ms": k.survivor_pause_ms.map(round3),
+                "survivor_probe_errors": k.survivor_probe_errors,
+                "load": window_json(&w),
+                "rejoin_ms": k.rejoin_ms.map(round3),
+                "error": k.error,
+            })
+        })
+        .collect();
+    let drain = results.drain.as_ref().map(|d| {
+        json!({
+            "node": d.node,
+            "shards": d.shards,
+            "pause_ms": d.pause_ms.to_json(),
+            "baseline_gap_ms": d.baseline_gap_ms.to_json(),
+            "probe_errors": d.probe_errors,
+            "probe_error": d.probe_error,
+            "drain_answered_ms": round3(d.drain_ms),
+            "drain_settled_ms": round3(d.settle_ms),
+            "undrain_settled_ms": d.undrain_settle_ms.map(round3),
+            "load_drain": window_json(&window(records, d.t_start, d.t_settled)),
+            "load_undrain": window_json(&window(records, d.t_undrain, d.t_undrained)),
+        })
+    });
+    let whole = match (records.first(), records.last()) {
+        (Some(first), Some(last)) => Some(window_json(&window(
+            records,
+            first.start,
+            last.start + Duration::from_nanos(1),
+        ))),
+        _ => None,
+    };
+    json!({
+        "figures": figures,
+        "drain": drain,
+        "load_whole_run": whole,
+        "kills": kills,
+        "startup_ms": results.startup_ms.map(round3),
+        "stopped_early": results.error,
+        "config": {
+            "kills_per_role": options.kills,
+            "clients": options.clients,
+            "client_pause_ms": options.client_pause_ms,
+            "probe_interval_ms": options.probe_ms,
+            "survivor_probes_per_node": options.survivor_probes,
+            "deadline_s": options.deadline_secs,
+            "rust_log": options.rust_log,
+            "shard_count": SHARD_COUNT,
+            "lease_ms": ms(lease.lease),
+            "lease_renew_ms": ms(lease.renew_period),
+            "clock_drift_max": lease.clock_drift_max,
+            "markdown_wait_ms": ms(lease.markdown_wait()),
+            "heartbeat_ms": ms(raft.heartbeat_interval),
+            "election_timeout_min_ms": ms(raft.election_timeout_min),
+            "election_timeout_max_ms": ms(raft.election_timeout_max),
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
+            "load_average": load_average(),
+            "quantiles": "linear interpolation between closest ranks",
+        },
+    })
+}
+
+/// Writes every load request as CSV: ms since the first request, latency, and the outcome.
+fn write_csv(path: &Path, records: &[Record]) -> Result<(), String> {
+    let Some(first) = records.iter().map(|r| r.start).min() else {
+        return Ok(());
+    };
+    let mut text = String::from("start_ms,latency_ms,client,op,shard,outcome,error\n");
+    for r in records {
+        let (outcome, error) = match &r.outcome {
+            Outcome::Ok => ("ok", String::new()),
+            Outcome::Lost => ("lost", String::new()),
+            Outcome::Failed(e) => ("failed", format!("\"{}\"", e.replace('"', "'"))),
+        };
+        text.push_str(&format!(
+            "{:.3},{:.3},{},{:?},{},{outcome},{error}\n",
+            ms(r.start - first),
+            ms(r.latency),
+            r.client,
+            r.op,
+            r.shard
+        ));
+    }
+    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn load_average() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    Some(
+        text.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
+/// The current UTC time as RFC 3339 with microseconds, like the node logs.
+fn utc_now() -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs();
+    let days = (secs / 86_400) as i64;
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let rem = secs % 86_400;
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        now.subsec_micros()
+    )
+}
+
+fn run(options: Options) -> Result<(), String> {
+    let kv = locate_kv()?;
+    watch_interrupt();
+    let mut harness = Harness::new(kv, make_secret()?, &options)?;
+    println!(
+        "failover_timing: 3 nodes, {} follower kills and {} leader kills{}; nodes in {} (RUST_LOG={}); load average {}",
+        options.kills,
+        options.kills,
+        if options.no_drain { "" } else { ", one drain" },
+        harness.path().display(),
+        options.rust_log,
+        load_average().as_deref().unwrap_or("?")
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let records = Arc::new(Mutex::new(Vec::new()));
+    let mut results = Results::default();
+    let outcome = runtime.block_on(measure(&mut harness, &options, &mut results, &records));
+    if let Err(e) = &outcome {
+        eprintln!("failover_timing: stopped early: {e}");
+        results.error = Some(e.clone());
+    }
+    let records = std::mem::take(&mut *lock(&records));
+    print_summary(&results, &records, &options);
+    println!(
+        "load average after: {}",
+        load_average().as_deref().unwrap_or("?")
+    );
+    if let Some(path) = &options.json {
+        let text = serde_json::to_string_pretty(&to_json(&results, &records, &options))
+            .map_err(|e| e.to_string())?;
+        std::fs::write(path, text + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &options.requests_csv {
+        write_csv(path, &records)?;
+        println!("wrote {} ({} requests)", path.display(), records.len());
+    }
+    drop(harness);
+    outcome
+}
+
+fn main() -> ExitCode {
+    match run(Options::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("failover_timing: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
