@@ -433,7 +433,15 @@ impl<H: ShardHandler> Router<H> {
                         .await
                     {
                         Forwarded::Reply(bytes) => return codec::decode(&bytes),
-                        Forwarded::Failed(Error::WrongOwner { epoch: theirs, .. }) => {
+                        Forwarded::Failed(Error::WrongOwner { epoch: theirs, .. }) if theirs > epoch => {
+                            // Our map is behind theirs: catch up, then route again.
+                            while self.map_epoch() < theirs && Instant::now() < wait_deadline {
+                                let _ = tokio::time::timeout_at(wait_deadline.into(), changes.changed()).await;
+                            }
+                            continue;
+                        }
+                        Forwarded::Failed(Error::WrongOwner { .. }) => {
+                            // They are behind us: give them a moment to catch up.
                             hops += 1;
                             if hops > self.limits.hops_max {
                                 return Err(Error::Unreachable {
@@ -441,12 +449,7 @@ impl<H: ShardHandler> Router<H> {
                                     reason: format!("gave up after {hops} wrong-owner answers"),
                                 });
                             }
-                            if theirs <= epoch {
-                                // They are behind us: give them a moment to catch up.
-                                NotReadyReason::ShardMoving
-                            } else {
-                                NotReadyReason::NoMap
-                            }
+                            NotReadyReason::ShardMoving
                         }
                         Forwarded::Failed(Error::NotReady { reason }) => reason,
                         Forwarded::Failed(error) => return Err(error),
