@@ -153,7 +153,6 @@ impl NodeConfig {
             deactivate_timeout: self.deactivate_timeout,
             unavailable_wait: self.unavailable_wait,
             waiting_max: self.waiting_max,
-            hops_max: 8,
         }
     }
 }

@@ -67,8 +67,6 @@ pub(crate) struct RouterLimits {
     pub(crate) unavailable_wait: Duration,
     /// How many requests may wait at once.
     pub(crate) waiting_max: usize,
-    /// How many times a request follows `WrongOwner` answers.
-    pub(crate) hops_max: u32,
 }
 
 /// The node's lease, readable without a lock: the nanoseconds since `base` until which it is
@@ -291,12 +289,13 @@ impl<H: ShardHandler> Router<H> {
 
     /// Whether this node serves `shard` at this instant: it may serve, holds a valid lease, owns
     /// the shard in its newest state and the shard is not moving away.
-    pub(crate) fn serves_now(&self, shard: ShardId) -> bool {
+    pub(crate) fn serves_now(&self, shard: ShardId) -> Option<Epoch> {
         if self.stopping.load(Ordering::Acquire) || !self.lease.is_valid() {
-            return false;
+            return None;
         }
         let table = self.table.load();
-        table.not_ready.is_none() && table.state.serves(self.node_id, shard)
+        (table.not_ready.is_none() && table.state.serves(self.node_id, shard))
+            .then(|| table.state.map_epoch())
     }
 
     /// Passes an event to the observer, if any.
@@ -390,7 +389,6 @@ impl<H: ShardHandler> Router<H> {
                 .min(self.limits.request_timeout);
         let mut msg = Some(msg);
         let mut encoded: Option<Vec<u8>> = None;
-        let mut hops = 0;
         let mut _waiting: Option<WaitPermit<'_>> = None;
         loop {
             let mut changes = self.changes.subscribe();
@@ -429,28 +427,26 @@ impl<H: ShardHandler> Router<H> {
                         }
                     };
                     match self
-                        .forward(addr, &key, M::TAG, payload, epoch, deadline)
+                        .forward(owner, addr, &key, M::TAG, payload, epoch, deadline)
                         .await
                     {
                         Forwarded::Reply(bytes) => return codec::decode(&bytes),
-                        Forwarded::Failed(Error::WrongOwner { epoch: theirs, .. }) if theirs > epoch => {
+                        Forwarded::Failed(Error::WrongOwner { epoch: theirs, .. })
+                            if theirs > epoch =>
+                        {
                             // Our map is behind theirs: catch up, then route again.
                             while self.map_epoch() < theirs && Instant::now() < wait_deadline {
-                                let _ = tokio::time::timeout_at(wait_deadline.into(), changes.changed()).await;
+                                let _ = tokio::time::timeout_at(
+                                    wait_deadline.into(),
+                                    changes.changed(),
+                                )
+                                .await;
                             }
                             continue;
                         }
-                        Forwarded::Failed(Error::WrongOwner { .. }) => {
-                            // They are behind us: give them a moment to catch up.
-                            hops += 1;
-                            if hops > self.limits.hops_max {
-                                return Err(Error::Unreachable {
-                                    node: owner,
-                                    reason: format!("gave up after {hops} wrong-owner answers"),
-                                });
-                            }
-                            NotReadyReason::ShardMoving
-                        }
+                        // They are behind us (the new owner has not applied the map that names
+                        // it yet): wait, bounded, like for any shard without a serving owner.
+                        Forwarded::Failed(Error::WrongOwner { .. }) => NotReadyReason::ShardMoving,
                         Forwarded::Failed(Error::NotReady { reason }) => reason,
                         Forwarded::Failed(error) => return Err(error),
                         Forwarded::NotSent(reason) => {
@@ -489,15 +485,17 @@ impl<H: ShardHandler> Router<H> {
             }
             // Wake on any change of table or lease, or after a short pause (an unreachable owner
             // or a remote lease renewal changes nothing here).
-            let pause = Duration::from_millis(if hops > 0 { 2 } else { 10 });
+            let pause = Duration::from_millis(10);
             let until = wait_deadline.min(now + pause);
             let _ = tokio::time::timeout_at(until.into(), changes.changed()).await;
         }
     }
 
     /// Forwards an encoded message to `addr`.
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
+        owner: NodeId,
         addr: SocketAddr,
         key: &Key,
         tag: &str,
@@ -538,7 +536,7 @@ impl<H: ShardHandler> Router<H> {
             }),
             // Sent, maybe handled, no answer: the caller must decide.
             Err(error) => Forwarded::Failed(Error::Unreachable {
-                node: 0,
+                node: owner,
                 reason: error.to_string(),
             }),
         }

@@ -339,15 +339,14 @@ where
         }
         // Serve only while the node serves the shard *now*: a lease may have lapsed, or the
         // shard started moving, since the router queued this message.
-        let serving = !self.retired
-            && self
-                .router
-                .upgrade()
-                .is_some_and(|r| r.serves_now(self.shard));
-        if !serving {
+        let serving = match self.retired {
+            true => None,
+            false => self.router.upgrade().and_then(|r| r.serves_now(self.shard)),
+        };
+        let Some(epoch) = serving else {
             let _ = reply.send(Err(Undelivered::NotServing(msg)));
             return;
-        }
+        };
         if self.slot.is_none() {
             self.activate();
         }
@@ -358,9 +357,6 @@ where
             })));
             return;
         };
-        let epoch = self
-            .node_and_epoch()
-            .map_or(slot.context.epoch, |(_, epoch)| epoch);
         slot.context.epoch = epoch;
         slot.context.key = key.clone();
         self.observe(ServeEventKind::Delivered, epoch);

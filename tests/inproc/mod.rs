@@ -1,0 +1,1266 @@
+//! The in-process test harness: a [`TestCluster`] of real clusterfunk nodes inside the test
+//! process, each on its own OS thread running its own actix `System`, with its own LMDB data dir
+//! in a temporary directory and its own loopback address.
+//!
+//! The harness can kill a node (stop its `System` without any graceful shutdown, as a crash
+//! would), restart it from its own disk, and partition nodes with the transport's fault injector
+//! (`Node::faults`). A shared [`Recorder`] receives every node's [`ServeEvent`]s, and the
+//! checks run at the end of each test: single owner ([`TestCluster::check_single_owner`]),
+//! liveness ([`TestCluster::check_liveness`]) and convergence
+//! ([`TestCluster::wait_converged`]). Every wait polls with a deadline and prints every node's
+//! status when it runs out; nothing here asserts how long anything takes.
+//!
+//! Environment: `CLUSTERFUNK_TEST_LOG=<filter>` turns the nodes' tracing on (default: off).
+//! It does not own the fault schedules or the test assertions: those live in the test files.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use actix_rt::{ArbiterHandle, System};
+use clusterfunk::admin::{AdminRequest, AdminResponse, StatusReport};
+use clusterfunk::consensus::NodeInfo;
+use clusterfunk::prelude::*;
+use clusterfunk::shard_map::{shard_for, Epoch};
+use clusterfunk::storage::StoreOptions;
+use clusterfunk::{
+    ConsensusConfig, LeaseConfig, NodeConfig, ServeEvent, ServeEventKind, ServeObserver, StartError,
+};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+/// Shards of every test cluster: few, so that checking every shard stays cheap.
+pub const SHARD_COUNT: u32 = 64;
+
+/// How long a node waits for a reply before `Error::Timeout` (its `request_timeout`).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the harness waits for a `send` before it calls the request hung: the node's own
+/// bound plus a margin for a busy machine. A request that takes longer broke its bound.
+pub const SEND_BOUND: Duration = Duration::from_secs(15);
+
+/// Bound on waits for the cluster to reach a state (elections, failover, handoff). Far above
+/// what a passing test needs, because CI is a busy 2-core machine.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Bound on the liveness check: every shard must be served again within this after a heal.
+pub const LIVENESS_BOUND: Duration = Duration::from_secs(20);
+
+/// How often [`TestCluster::wait_until`] polls.
+const POLL_INTERVAL: Duration = Duration::from_millis(15);
+
+/// Bound on starting one node (including retries while the old incarnation releases its data
+/// dir and port).
+const START_BOUND: Duration = Duration::from_secs(20);
+
+/// Ports for test clusters. Every node of a cluster listens on the same port, each on its own
+/// address `127.0.0.<node id>`, so a cluster takes one port number. The range lies below Linux's
+/// ephemeral range (32768–60999), so the kernel never hands the port to an outgoing connection
+/// while a node is down between a kill and its restart, and below the range of the
+/// process-level harness in `tests/common` (20000–32000). A cluster starts looking at a spot
+/// hashed from its name and the process id, so parallel tests and parallel test binaries start
+/// far apart; a port is taken only if every node's address binds on it, and a process never
+/// hands out one port twice while a cluster holds it ([`PORTS_IN_USE`]).
+const PORT_RANGE: std::ops::Range<u16> = 10_000..20_000;
+
+/// Ports held by live clusters of this process.
+static PORTS_IN_USE: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
+// ---------------------------------------------------------------------------------------------
+// The handler
+// ---------------------------------------------------------------------------------------------
+
+/// What every handler method answers: who served the message, under which map epoch, and the
+/// key's value after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Served {
+    /// The node that ran the handler.
+    pub node: NodeId,
+    /// The map epoch it served under (the fencing token).
+    pub epoch: Epoch,
+    /// The shard of the key.
+    pub shard: ShardId,
+    /// The key's value after the message (`None`: never written on this shard's state).
+    pub value: Option<u64>,
+}
+
+/// Adds one to the key's counter.
+#[derive(Debug, Serialize, Deserialize, ShardMessage)]
+#[reply(Served)]
+pub struct Incr;
+
+/// Sets the key's value.
+#[derive(Debug, Serialize, Deserialize, ShardMessage)]
+#[reply(Served)]
+pub struct Put {
+    /// The new value.
+    pub value: u64,
+}
+
+/// Reads the key's value.
+#[derive(Debug, Serialize, Deserialize, ShardMessage)]
+#[reply(Served)]
+pub struct Get;
+
+/// The test handler: a register per key. Its state moves with a planned handoff
+/// (`on_deactivate` → `on_restore`) and is lost on failover, as the design says.
+#[derive(Default)]
+pub struct Registers {
+    /// The values of this shard's keys.
+    values: HashMap<Key, u64>,
+}
+
+impl Registers {
+    fn served(&self, key: &Key, ctx: &ShardContext) -> Served {
+        Served {
+            node: ctx.node_id(),
+            epoch: ctx.epoch(),
+            shard: ctx.shard(),
+            value: self.values.get(key).copied(),
+        }
+    }
+}
+
+#[shard_handler]
+impl Registers {
+    fn incr(&mut self, key: Key, _msg: Incr, ctx: &mut ShardContext) -> Served {
+        *self.values.entry(key.clone()).or_default() += 1;
+        self.served(&key, ctx)
+    }
+
+    fn put(&mut self, key: Key, msg: Put, ctx: &mut ShardContext) -> Served {
+        self.values.insert(key.clone(), msg.value);
+        self.served(&key, ctx)
+    }
+
+    fn get(&mut self, key: Key, _msg: Get, ctx: &mut ShardContext) -> Served {
+        self.served(&key, ctx)
+    }
+
+    fn on_deactivate(&mut self, _ctx: &mut ShardContext) -> Option<Handoff> {
+        let entries: Vec<(Vec<u8>, u64)> = self
+            .values
+            .drain()
+            .map(|(key, value)| (key.into_bytes(), value))
+            .collect();
+        Handoff::encode(&entries).ok()
+    }
+
+    fn on_restore(&mut self, handoff: Handoff, _ctx: &mut ShardContext) {
+        if let Ok(entries) = handoff.decode::<Vec<(Vec<u8>, u64)>>() {
+            self.values.extend(
+                entries
+                    .into_iter()
+                    .map(|(key, value)| (Key::from(key), value)),
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The recorder and the single-owner checker
+// ---------------------------------------------------------------------------------------------
+
+/// Collects every [`ServeEvent`] of every node of a cluster (all nodes share the process, so
+/// their `Instant`s are comparable).
+pub struct Recorder {
+    /// When the recorder was made; events print as milliseconds since then.
+    base: Instant,
+    /// Every event, in arrival order.
+    events: Mutex<Vec<ServeEvent>>,
+}
+
+impl ServeObserver for Recorder {
+    fn observe(&self, event: ServeEvent) {
+        lock(&self.events).push(event);
+    }
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Recorder::new()
+    }
+}
+
+impl Recorder {
+    /// An empty recorder; its clock starts now.
+    pub fn new() -> Self {
+        Recorder {
+            base: Instant::now(),
+            events: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// How many events were recorded so far.
+    pub fn count(&self) -> usize {
+        lock(&self.events).len()
+    }
+
+    /// A copy of every event so far.
+    pub fn events(&self) -> Vec<ServeEvent> {
+        lock(&self.events).clone()
+    }
+
+    /// Milliseconds from the recorder's start to `at`, for messages.
+    pub fn millis(&self, at: Instant) -> f64 {
+        at.saturating_duration_since(self.base).as_secs_f64() * 1000.0
+    }
+
+    /// The violations of the single-owner rule among `events` (see
+    /// [`TestCluster::check_single_owner`]), described with the offending events.
+    pub fn violations(&self, events: &[ServeEvent]) -> Vec<String> {
+        single_owner_violations(self, events).1
+    }
+
+    /// The first delivery for `shard` by a node other than `node`, at or after `since`.
+    pub fn first_delivery_by_other(
+        &self,
+        shard: ShardId,
+        node: NodeId,
+        since: Instant,
+    ) -> Option<ServeEvent> {
+        lock(&self.events)
+            .iter()
+            .filter(|e| {
+                e.kind == ServeEventKind::Delivered
+                    && e.shard == shard
+                    && e.node != node
+                    && e.at >= since
+            })
+            .min_by_key(|e| e.at)
+            .copied()
+    }
+
+    fn describe(&self, event: &ServeEvent) -> String {
+        format!(
+            "{:>10.3} ms  node {} shard {} epoch {} {:?}",
+            self.millis(event.at),
+            event.node,
+            event.shard,
+            event.epoch,
+            event.kind
+        )
+    }
+
+    /// Every event of `shard` between `from` and `to`, one per line.
+    fn shard_history(
+        &self,
+        events: &[ServeEvent],
+        shard: ShardId,
+        from: Instant,
+        to: Instant,
+    ) -> String {
+        let mut lines: Vec<&ServeEvent> = events
+            .iter()
+            .filter(|e| e.shard == shard && e.at >= from && e.at <= to)
+            .collect();
+        lines.sort_by_key(|e| e.at);
+        let shown = 60;
+        let mut text: String = lines
+            .iter()
+            .take(shown)
+            .map(|e| format!("      {}\n", self.describe(e)))
+            .collect();
+        if lines.len() > shown {
+            text.push_str(&format!("      ... {} more\n", lines.len() - shown));
+        }
+        text
+    }
+}
+
+/// What the single-owner check saw.
+#[derive(Debug, Default, Clone)]
+pub struct CheckSummary {
+    /// Deliveries checked.
+    pub deliveries: usize,
+    /// Deliveries per node.
+    pub by_node: BTreeMap<NodeId, usize>,
+    /// Activations per node.
+    pub activations: BTreeMap<NodeId, usize>,
+    /// The highest map epoch any delivery was made under.
+    pub epoch_max: Epoch,
+}
+
+/// Finds the violations of the single-owner rule in `events`: for one shard, (a) a node
+/// delivering under an older epoch after another node delivered under a newer one, and (b) two
+/// nodes delivering under the same epoch. Returns a description of each (at most a few).
+fn single_owner_violations(
+    recorder: &Recorder,
+    events: &[ServeEvent],
+) -> (CheckSummary, Vec<String>) {
+    let mut summary = CheckSummary::default();
+    let mut by_shard: BTreeMap<ShardId, Vec<ServeEvent>> = BTreeMap::new();
+    for event in events {
+        match event.kind {
+            ServeEventKind::Delivered => {
+                summary.deliveries += 1;
+                *summary.by_node.entry(event.node).or_default() += 1;
+                summary.epoch_max = summary.epoch_max.max(event.epoch);
+                by_shard.entry(event.shard).or_default().push(*event);
+            }
+            ServeEventKind::Activated => *summary.activations.entry(event.node).or_default() += 1,
+            ServeEventKind::Deactivated => {}
+        }
+    }
+    let mut violations = Vec::new();
+    let context = Duration::from_millis(1500);
+    for (shard, deliveries) in &mut by_shard {
+        deliveries.sort_by_key(|e| e.at);
+        // (a) The delivery with the highest epoch so far, per node.
+        let mut newest: BTreeMap<NodeId, ServeEvent> = BTreeMap::new();
+        // (b) The first delivery per (epoch, node).
+        let mut first_at_epoch: BTreeMap<Epoch, BTreeMap<NodeId, ServeEvent>> = BTreeMap::new();
+        let mut found_a = false;
+        for later in deliveries.iter() {
+            if !found_a {
+                if let Some(earlier) = newest
+                    .iter()
+                    .filter(|(node, e)| {
+                        **node != later.node && e.epoch > later.epoch && e.at < later.at
+                    })
+                    .map(|(_, e)| *e)
+                    .max_by_key(|e| e.epoch)
+                {
+                    found_a = true;
+                    violations.push(format!(
+                        "shard {shard}: node {} delivered under epoch {} at {:.3} ms, after node {} had delivered under the newer epoch {} at {:.3} ms\n    offending events:\n      {}\n      {}\n    history of the shard around them:\n{}",
+                        later.node,
+                        later.epoch,
+                        recorder.millis(later.at),
+                        earlier.node,
+                        earlier.epoch,
+                        recorder.millis(earlier.at),
+                        recorder.describe(&earlier),
+                        recorder.describe(later),
+                        recorder.shard_history(events, *shard, earlier.at.checked_sub(context).unwrap_or(earlier.at), later.at + context),
+                    ));
+                }
+            }
+            let entry = newest.entry(later.node).or_insert(*later);
+            if later.epoch > entry.epoch {
+                *entry = *later;
+            }
+            first_at_epoch
+                .entry(later.epoch)
+                .or_default()
+                .entry(later.node)
+                .or_insert(*later);
+        }
+        for (epoch, nodes) in first_at_epoch {
+            if nodes.len() > 1 {
+                let firsts: Vec<&ServeEvent> = nodes.values().collect();
+                let from = firsts.iter().map(|e| e.at).min().unwrap_or(recorder.base);
+                let to = firsts.iter().map(|e| e.at).max().unwrap_or(recorder.base);
+                violations.push(format!(
+                    "shard {shard}: nodes {:?} all delivered under the same epoch {epoch}\n    first delivery of each:\n{}    history of the shard around them:\n{}",
+                    nodes.keys().collect::<Vec<_>>(),
+                    firsts
+                        .iter()
+                        .map(|e| format!("      {}\n", recorder.describe(e)))
+                        .collect::<String>(),
+                    recorder.shard_history(events, *shard, from.checked_sub(context).unwrap_or(from), to + context),
+                ));
+                break;
+            }
+        }
+        if violations.len() >= 6 {
+            break;
+        }
+    }
+    (summary, violations)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The cluster
+// ---------------------------------------------------------------------------------------------
+
+/// A running incarnation of a node.
+struct Running {
+    /// The node handle (cloned out of the node's thread).
+    node: Node<Registers>,
+    /// The node's actix `System`: stopping it kills the node.
+    system: System,
+    /// The node's arbiter: requests are spawned there, so they run on the node's own thread.
+    arbiter: ArbiterHandle,
+    /// The node's thread; it ends when the `System` stops.
+    thread: JoinHandle<()>,
+}
+
+/// One node of a [`TestCluster`], running or not.
+struct Slot {
+    /// Its node id.
+    id: NodeId,
+    /// Its address `127.0.0.<id>:<cluster port>`.
+    addr: SocketAddr,
+    /// Its LMDB data dir.
+    data_dir: PathBuf,
+    /// The running incarnation, if any.
+    running: Mutex<Option<Running>>,
+    /// How often it was started.
+    starts: AtomicU32,
+}
+
+/// Why [`TestCluster::send`] got no reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendError {
+    /// The node answered with this error.
+    Node(Error),
+    /// The node is not running (killed, or killed while the request was in flight).
+    NotRunning,
+    /// No answer within [`SEND_BOUND`]: the request broke its own time bound.
+    Hung,
+}
+
+/// N real nodes in this process, their recorder, and the faults injected between them.
+pub struct TestCluster {
+    /// The test's name, for messages.
+    name: String,
+    /// Holds the data dirs; kept on disk when the test fails.
+    dir: Option<TempDir>,
+    /// The port every node listens on (each on its own address).
+    port: u16,
+    /// The nodes, node id `i` at index `i - 1`.
+    slots: Vec<Slot>,
+    /// Receives every node's serve events.
+    recorder: Arc<Recorder>,
+    /// The blocked directed links `(from, to)`: `from`'s requests to `to` fail. Re-applied to a
+    /// node when it restarts (its fault injector starts empty).
+    blocked: Mutex<BTreeSet<(NodeId, NodeId)>>,
+    /// The slowed directed links: `from`'s requests to `to` wait this long before they are
+    /// sent. Re-applied on restart like `blocked`.
+    delayed: Mutex<BTreeMap<(NodeId, NodeId), Duration>>,
+    /// A key of each shard, by shard.
+    keys: Vec<String>,
+}
+
+impl TestCluster {
+    /// Starts `nodes` nodes (ids `1..=nodes`) that bootstrap one cluster together, and waits
+    /// until they all serve under one map ([`TestCluster::wait_ready`]).
+    pub async fn start(name: &str, nodes: usize) -> Arc<TestCluster> {
+        init_logging();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("clusterfunk-{name}-"))
+            .tempdir()
+            .expect("create the cluster's temporary directory");
+        let port = allocate_port(name, nodes);
+        let slots = (1..=nodes as NodeId)
+            .map(|id| Slot {
+                id,
+                addr: node_addr(id, port),
+                data_dir: dir.path().join(format!("node-{id}")),
+                running: Mutex::new(None),
+                starts: AtomicU32::new(0),
+            })
+            .collect();
+        let keys = (0..SHARD_COUNT)
+            .map(|shard| key_of_shard("probe", shard))
+            .collect();
+        let cluster = Arc::new(TestCluster {
+            name: name.to_string(),
+            dir: Some(dir),
+            port,
+            slots,
+            recorder: Arc::new(Recorder::new()),
+            blocked: Mutex::new(BTreeSet::new()),
+            delayed: Mutex::new(BTreeMap::new()),
+            keys,
+        });
+        println!(
+            "{name}: {nodes} nodes on 127.0.0.1..={nodes}:{port}, data in {}",
+            cluster.dir().display()
+        );
+        for id in cluster.ids() {
+            cluster.launch(id).await;
+        }
+        cluster.wait_ready().await;
+        cluster
+    }
+
+    /// The node ids, ascending.
+    pub fn ids(&self) -> Vec<NodeId> {
+        self.slots.iter().map(|slot| slot.id).collect()
+    }
+
+    /// The ids of the running nodes.
+    pub fn running_ids(&self) -> Vec<NodeId> {
+        self.slots
+            .iter()
+            .filter(|slot| lock(&slot.running).is_some())
+            .map(|slot| slot.id)
+            .collect()
+    }
+
+    /// The recorder every node reports to.
+    pub fn recorder(&self) -> &Recorder {
+        &self.recorder
+    }
+
+    /// A key of `shard` (the same one every time).
+    pub fn key_of(&self, shard: ShardId) -> &str {
+        &self.keys[shard as usize]
+    }
+
+    /// The handle of node `id`, if it runs.
+    pub fn node(&self, id: NodeId) -> Option<Node<Registers>> {
+        lock(&self.slot(id).running)
+            .as_ref()
+            .map(|r| r.node.clone())
+    }
+
+    /// Node `id`'s status report, if it runs.
+    pub fn status(&self, id: NodeId) -> Option<StatusReport> {
+        self.node(id)?.cluster_status()
+    }
+
+    /// Sends `msg` to `key` through node `id`. The request runs on the node's own thread (as a
+    /// client of that node would be served), and the harness waits at most [`SEND_BOUND`].
+    pub async fn send<M>(&self, id: NodeId, key: &str, msg: M) -> Result<M::Reply, SendError>
+    where
+        M: ShardMessage,
+        Registers: clusterfunk::shard::Handles<M>,
+    {
+        let (node, arbiter) = {
+            let running = lock(&self.slot(id).running);
+            let Some(running) = running.as_ref() else {
+                return Err(SendError::NotRunning);
+            };
+            (running.node.clone(), running.arbiter.clone())
+        };
+        let (reply, answer) = oneshot::channel();
+        let key = key.to_string();
+        let spawned = arbiter.spawn(async move {
+            let result = node.send(key.as_str(), msg).await;
+            let _ = reply.send(result);
+        });
+        if !spawned {
+            return Err(SendError::NotRunning);
+        }
+        match tokio::time::timeout(SEND_BOUND, answer).await {
+            Ok(Ok(Ok(reply))) => Ok(reply),
+            Ok(Ok(Err(error))) => Err(SendError::Node(error)),
+            // The node's runtime dropped the request: it was killed meanwhile.
+            Ok(Err(_)) => Err(SendError::NotRunning),
+            Err(_) => Err(SendError::Hung),
+        }
+    }
+
+    /// Node `id`'s shard map (epoch and owner of every shard), if it runs and has one.
+    pub async fn shards(&self, id: NodeId) -> Option<(Epoch, Vec<NodeId>)> {
+        let node = self.node(id)?;
+        match node.admin(AdminRequest::Shards).await {
+            Ok(AdminResponse::Shards(report)) if report.epoch > 0 => Some((
+                report.epoch,
+                report.shards.iter().map(|owner| owner.node).collect(),
+            )),
+            _ => None,
+        }
+    }
+
+    /// Kills node `id`: stops its `System` (dropping every task, connection and shard actor on
+    /// it) and drops its handle, without calling anything on the node, as a crash would. The
+    /// data dir stays for a restart.
+    pub async fn kill(&self, id: NodeId) {
+        let running = lock(&self.slot(id).running)
+            .take()
+            .unwrap_or_else(|| panic!("{}: kill: node {id} is not running", self.name));
+        running.system.stop();
+        let deadline = Instant::now() + DEADLINE;
+        while !running.thread.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "{}: node {id}'s System did not stop within {DEADLINE:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _ = running.thread.join();
+        drop(running.node);
+    }
+
+    /// Starts node `id` again from its data dir after [`TestCluster::kill`], on the same address,
+    /// re-applying the faults of the links from it (blocks and delays). The fault injector only
+    /// exists once the node has started, so the node may exchange a few messages before they
+    /// apply: partitions leak for a moment at a restart, which safety must survive anyway.
+    pub async fn restart(&self, id: NodeId) {
+        assert!(
+            lock(&self.slot(id).running).is_none(),
+            "{}: restart: node {id} is running",
+            self.name
+        );
+        self.launch(id).await;
+    }
+
+    /// Blocks `from`'s requests to `to` (one direction only: `to` can still reach `from`).
+    pub fn block(&self, from: NodeId, to: NodeId) {
+        lock(&self.blocked).insert((from, to));
+        if let Some(node) = self.node(from) {
+            node.faults()
+                .expect("a clustered node has a fault injector")
+                .block(self.slot(to).addr);
+        }
+    }
+
+    /// Delays `from`'s requests to `to` by `delay` (one direction only; `Duration::ZERO` ends
+    /// it).
+    pub fn slow(&self, from: NodeId, to: NodeId, delay: Duration) {
+        lock(&self.delayed).insert((from, to), delay);
+        if let Some(node) = self.node(from) {
+            node.faults()
+                .expect("a clustered node has a fault injector")
+                .set_delay(self.slot(to).addr, delay);
+        }
+    }
+
+    /// Cuts every link between the sets `a` and `b`, both ways.
+    pub fn partition(&self, a: &[NodeId], b: &[NodeId]) {
+        for &x in a {
+            for &y in b {
+                self.block(x, y);
+                self.block(y, x);
+            }
+        }
+    }
+
+    /// Cuts node `id` off from every other node.
+    pub fn isolate(&self, id: NodeId) {
+        let others: Vec<NodeId> = self.ids().into_iter().filter(|&o| o != id).collect();
+        self.partition(&[id], &others);
+    }
+
+    /// Unblocks every link and removes every delay, on every running node.
+    pub fn heal(&self) {
+        lock(&self.blocked).clear();
+        lock(&self.delayed).clear();
+        for id in self.running_ids() {
+            if let Some(node) = self.node(id) {
+                let faults = node
+                    .faults()
+                    .expect("a clustered node has a fault injector");
+                faults.unblock_all();
+                for slot in &self.slots {
+                    faults.set_delay(slot.addr, Duration::ZERO);
+                }
+            }
+        }
+    }
+
+    /// Polls `probe` every ~15 ms until it returns `Some`, and returns that. When `timeout`
+    /// passes first, fails the test with `description` and every node's status.
+    pub async fn wait_until<T, F, Fut>(
+        &self,
+        description: &str,
+        timeout: Duration,
+        mut probe: F,
+    ) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(value) = probe().await {
+                return value;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{}: timed out after {timeout:?} waiting until {description}\n{}",
+                    self.name,
+                    self.report()
+                );
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Waits until the running nodes agree: each serves (holds a lease), names the same leader
+    /// (one of them, which says it leads), in the same term, with the same map epoch, no member
+    /// marked down and no shard moving. Returns the leader.
+    pub async fn wait_ready(&self) -> NodeId {
+        self.wait_until(
+            "the running nodes serve under one leader and one map",
+            DEADLINE,
+            move || async move { self.agreement() },
+        )
+        .await
+    }
+
+    /// One look at [`TestCluster::wait_ready`]'s condition.
+    fn agreement(&self) -> Option<NodeId> {
+        let ids = self.running_ids();
+        let mut leader = None;
+        let mut first: Option<(u64, Epoch)> = None;
+        for &id in &ids {
+            let node = self.node(id)?;
+            let status = node.cluster_status()?;
+            if !node.status().serving
+                || status.leader.is_none()
+                || !status.down.is_empty()
+                || status.shards_moving != 0
+                || status.epoch == 0
+            {
+                return None;
+            }
+            if leader.is_some_and(|l| Some(l) != status.leader) {
+                return None;
+            }
+            leader = status.leader;
+            let view = (status.term, status.epoch);
+            if first.is_some_and(|f| f != view) {
+                return None;
+            }
+            first = Some(view);
+        }
+        let leader = leader?;
+        (ids.contains(&leader) && self.status(leader)?.raft_state == "leader").then_some(leader)
+    }
+
+    /// Checks that every shard is served again: a `Get` for a key of every shard, through every
+    /// running node, must succeed within [`LIVENESS_BOUND`] (retrying on errors).
+    pub async fn check_liveness(&self) {
+        let started = Instant::now();
+        let deadline = started + LIVENESS_BOUND;
+        let probes = self.running_ids().into_iter().flat_map(|id| {
+            (0..SHARD_COUNT).map(move |shard| async move {
+                let key = self.key_of(shard);
+                let mut last = None;
+                let mut attempts = 0u32;
+                while Instant::now() < deadline && attempts < 10_000 {
+                    attempts += 1;
+                    match self.send(id, key, Get).await {
+                        Ok(served) => {
+                            assert_eq!(served.shard, shard, "key {key} served by the wrong shard");
+                            return Ok(());
+                        }
+                        Err(error) => last = Some(error),
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(format!(
+                    "shard {shard} (key {key}) through node {id}: {attempts} attempts, last error {last:?}"
+                ))
+            })
+        });
+        let failures: Vec<String> = futures_util::future::join_all(probes)
+            .await
+            .into_iter()
+            .filter_map(Result::err)
+            .collect();
+        assert!(
+            failures.is_empty(),
+            "{}: liveness: {} (node, shard) pairs were not served within {LIVENESS_BOUND:?} after the faults healed:\n  {}\n{}",
+            self.name,
+            failures.len(),
+            failures.iter().take(20).cloned().collect::<Vec<_>>().join("\n  "),
+            self.report()
+        );
+        println!(
+            "{}: liveness: every shard served through every node after {:?}",
+            self.name,
+            started.elapsed()
+        );
+    }
+
+    /// Waits until every running node holds the same map (epoch and owners), they agree on the
+    /// leader, and no member is down and no shard moving; returns the map.
+    pub async fn wait_converged(&self) -> (Epoch, Vec<NodeId>) {
+        let map = self
+            .wait_until(
+                "the running nodes converge on one map (same epoch and owners, none down, nothing moving)",
+                DEADLINE,
+                move || self.converged_once(),
+            )
+            .await;
+        let owners: BTreeSet<NodeId> = map.1.iter().copied().collect();
+        println!(
+            "{}: converged on map epoch {} with owners {owners:?}",
+            self.name, map.0
+        );
+        map
+    }
+
+    /// One look at [`TestCluster::wait_converged`]'s condition: the common map, if there is one.
+    pub async fn converged_once(&self) -> Option<(Epoch, Vec<NodeId>)> {
+        self.agreement()?;
+        let mut maps = Vec::new();
+        for id in self.running_ids() {
+            maps.push(self.shards(id).await?);
+        }
+        let first = maps.first()?.clone();
+        maps.iter().all(|m| *m == first).then_some(first)
+    }
+
+    /// Checks the single-owner rule over every event recorded so far; fails the test with the
+    /// offending events (and `context`, e.g. the seed) if it is broken.
+    pub fn check_single_owner(&self, context: &str) -> CheckSummary {
+        let events = self.recorder.events();
+        let (summary, violations) = single_owner_violations(&self.recorder, &events);
+        assert!(
+            violations.is_empty(),
+            "{}: single owner broken ({context}); {} violation(s):\n{}",
+            self.name,
+            violations.len(),
+            violations.join("\n")
+        );
+        println!(
+            "{}: single owner holds over {} deliveries (by node {:?}, activations {:?}, newest epoch {})",
+            self.name, summary.deliveries, summary.by_node, summary.activations, summary.epoch_max
+        );
+        summary
+    }
+
+    /// The end of every test: heals every link, restarts every killed node, then checks
+    /// liveness, convergence and the single-owner rule. Returns the converged map.
+    pub async fn heal_and_check(&self, context: &str) -> (Epoch, Vec<NodeId>) {
+        self.heal();
+        for id in self.ids() {
+            if lock(&self.slot(id).running).is_none() {
+                self.restart(id).await;
+            }
+        }
+        self.check_liveness().await;
+        let map = self.wait_converged().await;
+        // Once more under the final map, so the checker also sees every shard served there.
+        self.check_liveness().await;
+        self.check_single_owner(context);
+        map
+    }
+
+    /// Every node's state and the blocked links, for failure messages.
+    pub fn report(&self) -> String {
+        let mut report = format!(
+            "  blocked links (from -> to): {:?}\n  slowed links: {:?}\n",
+            lock(&self.blocked).iter().collect::<Vec<_>>(),
+            lock(&self.delayed)
+        );
+        for slot in &self.slots {
+            let starts = slot.starts.load(Ordering::Relaxed);
+            match self.node(slot.id) {
+                None => report.push_str(&format!(
+                    "--- node {} at {}: not running (started {starts} times)\n",
+                    slot.id, slot.addr
+                )),
+                Some(node) => report.push_str(&format!(
+                    "--- node {} at {} (start #{starts}): {:?}\n  status: {:?}\n",
+                    slot.id,
+                    slot.addr,
+                    node.status(),
+                    node.cluster_status()
+                )),
+            }
+        }
+        report
+    }
+
+    fn slot(&self, id: NodeId) -> &Slot {
+        self.slots
+            .iter()
+            .find(|slot| slot.id == id)
+            .unwrap_or_else(|| panic!("{}: no node {id}", self.name))
+    }
+
+    fn dir(&self) -> &std::path::Path {
+        self.dir
+            .as_ref()
+            .expect("the directory lives as long as the cluster")
+            .path()
+    }
+
+    /// Starts node `id` on its own thread and `System`, retrying while the previous incarnation
+    /// still holds the data dir or the port, then re-applies the faults of the links from it.
+    async fn launch(&self, id: NodeId) {
+        let slot = self.slot(id);
+        let members: Vec<(NodeId, NodeInfo)> = self
+            .slots
+            .iter()
+            .map(|s| {
+                (
+                    s.id,
+                    NodeInfo {
+                        addr: s.addr.to_string(),
+                        zone: None,
+                    },
+                )
+            })
+            .collect();
+        let deadline = Instant::now() + START_BOUND;
+        let mut attempt = 0u32;
+        let mut refusals = Vec::new();
+        let running = loop {
+            attempt += 1;
+            match spawn_node(
+                id,
+                slot.addr,
+                slot.data_dir.clone(),
+                members.clone(),
+                self.recorder.clone(),
+            )
+            .await
+            {
+                Ok(running) => break running,
+                Err(error) => {
+                    // The killed incarnation's LMDB environment and listener close when its
+                    // runtime finished dropping; until then opening or binding fails.
+                    assert!(
+                        Instant::now() < deadline && attempt < 1000,
+                        "{}: node {id} did not start within {START_BOUND:?} ({attempt} attempts): {error}",
+                        self.name
+                    );
+                    if refusals.len() < 3 {
+                        refusals.push(error);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        if attempt > 1 {
+            println!(
+                "{}: node {id} started at attempt {attempt}; earlier attempts failed: {refusals:?}",
+                self.name
+            );
+        }
+        slot.starts.fetch_add(1, Ordering::Relaxed);
+        let faults = running
+            .node
+            .faults()
+            .expect("a clustered node has a fault injector")
+            .clone();
+        *lock(&slot.running) = Some(running);
+        for (from, to) in lock(&self.blocked).iter() {
+            if *from == id {
+                faults.block(self.slot(*to).addr);
+            }
+        }
+        for ((from, to), delay) in lock(&self.delayed).iter() {
+            if *from == id {
+                faults.set_delay(self.slot(*to).addr, *delay);
+            }
+        }
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for slot in &self.slots {
+            if let Some(running) = lock(&slot.running).take() {
+                running.system.stop();
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !running.thread.is_finished() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+        lock(&PORTS_IN_USE).remove(&self.port);
+        if std::thread::panicking() {
+            if let Some(dir) = self.dir.take() {
+                eprintln!(
+                    "{}: kept the data dirs in {}",
+                    self.name,
+                    dir.keep().display()
+                );
+            }
+        }
+    }
+}
+
+/// Starts one node on a new thread with its own `System` and returns its handles once started.
+async fn spawn_node(
+    id: NodeId,
+    addr: SocketAddr,
+    data_dir: PathBuf,
+    members: Vec<(NodeId, NodeInfo)>,
+    recorder: Arc<Recorder>,
+) -> Result<Running, String> {
+    let (started, started_rx) =
+        oneshot::channel::<Result<(Node<Registers>, System, ArbiterHandle), StartError>>();
+    let thread = std::thread::Builder::new()
+        .name(format!("node-{id}"))
+        .spawn(move || {
+            let runner = System::new();
+            let node = runner.block_on(async move {
+                let config = NodeConfig {
+                    node_id: id,
+                    shard_count: SHARD_COUNT,
+                    request_timeout: REQUEST_TIMEOUT,
+                    consensus: ConsensusConfig {
+                        heartbeat_interval: Duration::from_millis(50),
+                        election_timeout_min: Duration::from_millis(150),
+                        election_timeout_max: Duration::from_millis(300),
+                        ..ConsensusConfig::default()
+                    },
+                    lease: LeaseConfig {
+                        lease: Duration::from_millis(500),
+                        renew_period: Duration::from_millis(125),
+                        ..LeaseConfig::default()
+                    },
+                    ..NodeConfig::default()
+                };
+                Cluster::builder()
+                    .config(config)
+                    .listen(addr)
+                    .data_dir(data_dir)
+                    // A crash of this process loses nothing without fsync (the kernel keeps the
+                    // pages); only an OS crash would, and tests never have one.
+                    .store_options(StoreOptions {
+                        map_size_bytes: 64 << 20,
+                        sync: false,
+                    })
+                    .insecure()
+                    .initial_members(members)
+                    .observer(recorder)
+                    .handler::<Registers>()
+                    .start()
+                    .await
+            });
+            match node {
+                Ok(node) => {
+                    let system = System::current();
+                    let arbiter = system.arbiter().clone();
+                    if started.send(Ok((node, system, arbiter))).is_ok() {
+                        let _ = runner.run();
+                    }
+                }
+                Err(error) => {
+                    let _ = started.send(Err(error));
+                }
+            }
+        })
+        .map_err(|e| format!("spawn the node's thread: {e}"))?;
+    match tokio::time::timeout(START_BOUND, started_rx).await {
+        Ok(Ok(Ok((node, system, arbiter)))) => Ok(Running {
+            node,
+            system,
+            arbiter,
+            thread,
+        }),
+        Ok(Ok(Err(error))) => {
+            let _ = thread.join();
+            Err(error.to_string())
+        }
+        Ok(Err(_)) => Err("the node's thread ended without starting it".into()),
+        Err(_) => Err(format!("the node did not start within {START_BOUND:?}")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client traffic
+// ---------------------------------------------------------------------------------------------
+
+/// Counts of the outcomes of client requests.
+#[derive(Debug, Default, Clone)]
+pub struct TrafficStats {
+    /// Requests answered.
+    pub ok: u64,
+    /// `NotReady` answers.
+    pub not_ready: u64,
+    /// `Timeout` answers.
+    pub timeout: u64,
+    /// Other errors, by their debug text.
+    pub other: BTreeMap<String, u64>,
+    /// The first few other errors with when and through which node they happened.
+    pub other_samples: Vec<String>,
+    /// Requests to a node that was not running.
+    pub not_running: u64,
+    /// Requests that broke their time bound: what, when.
+    pub hung: Vec<String>,
+}
+
+impl TrafficStats {
+    fn add(&mut self, other: &TrafficStats) {
+        self.ok += other.ok;
+        self.not_ready += other.not_ready;
+        self.timeout += other.timeout;
+        for (error, count) in &other.other {
+            *self.other.entry(error.clone()).or_default() += count;
+        }
+        self.other_samples
+            .extend(other.other_samples.iter().cloned());
+        self.not_running += other.not_running;
+        self.hung.extend(other.hung.iter().cloned());
+    }
+}
+
+/// Client traffic running in the background: one task per node sending `Incr` to random keys
+/// through that node until stopped.
+pub struct Traffic {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<TrafficStats>>,
+}
+
+/// Keys the traffic writes to (disjoint from the probe keys of [`TestCluster::key_of`]).
+const TRAFFIC_KEYS: u64 = 256;
+
+/// Bound on one traffic task's requests.
+const TRAFFIC_REQUESTS_MAX: u64 = 200_000;
+
+/// Bound on how long traffic runs.
+const TRAFFIC_TIME_MAX: Duration = Duration::from_secs(300);
+
+impl Traffic {
+    /// Starts one sender per node of `cluster`, seeded by `seed`.
+    pub fn start(cluster: &Arc<TestCluster>, seed: u64) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = cluster
+            .ids()
+            .into_iter()
+            .map(|id| {
+                let cluster = cluster.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let mut rng = SplitMix64::new(seed ^ id.wrapping_mul(0x9e37_79b9));
+                    let mut stats = TrafficStats::default();
+                    let started = Instant::now();
+                    for _ in 0..TRAFFIC_REQUESTS_MAX {
+                        if stop.load(Ordering::Acquire) || started.elapsed() > TRAFFIC_TIME_MAX {
+                            break;
+                        }
+                        let key = format!("traffic-{}", rng.below(TRAFFIC_KEYS));
+                        let sent = Instant::now();
+                        match cluster.send(id, &key, Incr).await {
+                            Ok(_) => stats.ok += 1,
+                            Err(SendError::Node(Error::NotReady { .. })) => stats.not_ready += 1,
+                            Err(SendError::Node(Error::Timeout { .. })) => stats.timeout += 1,
+                            Err(SendError::Node(error)) => {
+                                let text = format!("{error:?}");
+                                if stats.other_samples.len() < 5 {
+                                    stats.other_samples.push(format!(
+                                        "Incr {key} (shard {}) through node {id}, sent at {:.3} ms, failed after {:?}: {text}",
+                                        shard_for(key.as_bytes(), SHARD_COUNT),
+                                        cluster.recorder().millis(sent),
+                                        sent.elapsed()
+                                    ));
+                                }
+                                let text = text.chars().take(120).collect::<String>();
+                                *stats.other.entry(text).or_default() += 1;
+                            }
+                            Err(SendError::NotRunning) => {
+                                stats.not_running += 1;
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            Err(SendError::Hung) => stats.hung.push(format!(
+                                "Incr {key} through node {id}, sent at {:.3} ms",
+                                cluster.recorder().millis(sent)
+                            )),
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    stats
+                })
+            })
+            .collect();
+        Traffic { stop, tasks }
+    }
+
+    /// Stops the senders and returns their combined counts.
+    pub async fn stop(self) -> TrafficStats {
+        self.stop.store(true, Ordering::Release);
+        let mut total = TrafficStats::default();
+        for task in self.tasks {
+            let stats = task.await.expect("a traffic task panicked");
+            total.add(&stats);
+        }
+        total
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------------------------
+
+/// A small deterministic random number generator (splitmix64): a seed fully determines the
+/// fault schedule, without a dependency.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    /// A generator seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..bound` (`bound` > 0).
+    pub fn below(&mut self, bound: u64) -> u64 {
+        self.next_u64() % bound
+    }
+
+    /// A duration between `low` and `high` milliseconds.
+    pub fn millis(&mut self, low: u64, high: u64) -> Duration {
+        Duration::from_millis(low + self.below(high - low + 1))
+    }
+
+    /// True with probability `percent` / 100.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// The first key `"{prefix}-{i}"` that hashes to `shard`.
+pub fn key_of_shard(prefix: &str, shard: ShardId) -> String {
+    (0..100_000)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|key| shard_for(key.as_bytes(), SHARD_COUNT) == shard)
+        .expect("some key hashes to every shard")
+}
+
+/// Node `id`'s address: `127.0.0.<id>:<port>`.
+fn node_addr(id: NodeId, port: u16) -> SocketAddr {
+    let last = u8::try_from(id).expect("node ids of test clusters fit an address byte");
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, last), port))
+}
+
+/// Hands out a port on which every node address of a cluster of `nodes` binds (see
+/// [`PORT_RANGE`] for the scheme).
+fn allocate_port(name: &str, nodes: usize) -> u16 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (name, std::process::id()).hash(&mut hasher);
+    let span = PORT_RANGE.end - PORT_RANGE.start;
+    let offset = (hasher.finish() % u64::from(span)) as u16;
+    let mut in_use = lock(&PORTS_IN_USE);
+    for step in 0..span {
+        let port = PORT_RANGE.start + (offset + step) % span;
+        if in_use.contains(&port) {
+            continue;
+        }
+        // The probe listeners close at once; only this process's table keeps the port.
+        let free = (1..=nodes as NodeId).all(|id| TcpListener::bind(node_addr(id, port)).is_ok());
+        if free {
+            in_use.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port in {PORT_RANGE:?} for {name}");
+}
+
+/// Turns on the nodes' tracing when `CLUSTERFUNK_TEST_LOG` is set (once per process).
+fn init_logging() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        if let Ok(filter) = std::env::var("CLUSTERFUNK_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
+/// Locks `mutex`, ignoring poisoning: a failed test must still clean up in `Drop`.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
