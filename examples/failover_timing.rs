@@ -38,25 +38,29 @@
 //! run --example` does not rebuild it. Every child process and the temporary directory are
 //! removed on exit, on error and on Ctrl-C.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
-use std::future::Future;
-use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use clap::Parser;
-use clusterfunk::admin::{AdminClient, AdminRequest, AdminResponse, NodeState, StatusReport};
+use clusterfunk::admin::{AdminClient, AdminRequest, AdminResponse, NodeState};
 use clusterfunk::client::Client;
 use clusterfunk::shard_map::shard_for;
-use clusterfunk::transport::{Secret, SECRET_ENV_VAR};
 use clusterfunk::{ConsensusConfig, LeaseConfig, NodeId, ShardMessage};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use support::{
+    check_interrupt, exit_code, fmt_ms, interrupted, lib_status, lib_statuses, load_average, ms,
+    round3, runtime, stopped_early, utc_now, wait_for, watch_interrupt, write_json, Binaries,
+    Harness, Launch, NodeOptions, Series, SummaryTable, POLL_TIMEOUT,
+};
 
 /// `kv`'s write (`examples/kv.rs`): stores `value` under the key.
 #[derive(Serialize, Deserialize, ShardMessage)]
@@ -72,6 +76,8 @@ struct Put {
 #[tag = "kv.get"]
 struct Get;
 
+/// This program's name, in its messages and the node logs.
+const PROGRAM: &str = "failover_timing";
 /// The cluster's size.
 const NODES: u64 = 3;
 /// The shard count `kv serve` bootstraps with.
@@ -79,10 +85,6 @@ const SHARD_COUNT: u32 = 1024;
 /// Nodes listen on ports from this range, below Linux's ephemeral range, so that no outgoing
 /// connection can take a killed node's port before it restarts.
 const PORT_RANGE: std::ops::Range<u16> = 20_000..32_000;
-/// Lines of each node log printed when something fails.
-const LOG_TAIL_LINES: usize = 25;
-/// How long one status poll may take.
-const POLL_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a load or probe request may take (the `kv` tool's own timeout).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `Drain` may take (the node's own drain timeout is below this).
@@ -92,13 +94,10 @@ const DRAIN_MARGIN: Duration = Duration::from_secs(1);
 /// How long the survivors' shards are probed before a kill.
 const SURVIVOR_LEAD: Duration = Duration::from_millis(300);
 
-/// Set by the Ctrl-C watcher; every wait checks it and unwinds, so the guard cleans up.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
 /// Command-line options.
 #[derive(Parser, Debug)]
 #[command(
-    name = "failover_timing",
+    name = PROGRAM,
     about = "Times shard failover after kill -9 and planned moves of a local kv cluster under load"
 )]
 struct Options {
@@ -130,229 +129,13 @@ struct Options {
     /// Seconds a failover, or a wait for the cluster, may take before it counts as failed.
     #[arg(long, default_value_t = 30)]
     deadline_secs: u64,
-    /// `RUST_LOG` of the nodes.
-    #[arg(long, default_value = "warn")]
-    rust_log: String,
-    /// Keep the temporary directory (data dirs and node logs) and print its path.
-    #[arg(long)]
-    keep_dir: bool,
+    /// The node processes.
+    #[command(flatten)]
+    node: NodeOptions,
 }
 
 // ---------------------------------------------------------------------------------------------
 // Processes
-
-/// One `kv serve` slot: its identity, its files and, while it runs, its process.
-struct NodeProc {
-    id: NodeId,
-    addr: SocketAddr,
-    data_dir: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl NodeProc {
-    /// Appends a marker line to the node's log.
-    fn note(&self, text: &str) {
-        if let Ok(mut log) = OpenOptions::new().append(true).open(&self.log) {
-            let _ = writeln!(log, "==== failover_timing {}: {text} ====", utc_now());
-        }
-    }
-
-    /// Kills the process, if any, and reaps it.
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// The cluster under test. Dropping it kills every node and removes the directory.
-struct Harness {
-    kv: PathBuf,
-    secret: String,
-    rust_log: String,
-    dir: Option<tempfile::TempDir>,
-    keep_dir: bool,
-    nodes: Vec<NodeProc>,
-}
-
-impl Harness {
-    /// Makes the directory and picks a port for each node; nothing starts.
-    fn new(kv: PathBuf, secret: String, options: &Options) -> Result<Self, String> {
-        let dir = tempfile::Builder::new()
-            .prefix("failover_timing.")
-            .tempdir()
-            .map_err(|e| format!("cannot make a temporary directory: {e}"))?;
-        let ports = free_ports(NODES as usize, &secret)?;
-        let nodes = (1..=NODES)
-            .zip(ports)
-            .map(|(id, port)| NodeProc {
-                id,
-                addr: SocketAddr::from(([127, 0, 0, 1], port)),
-                data_dir: dir.path().join(format!("node-{id}")),
-                log: dir.path().join(format!("node-{id}.log")),
-                child: None,
-            })
-            .collect();
-        Ok(Harness {
-            kv,
-            secret,
-            rust_log: options.rust_log.clone(),
-            dir: Some(dir),
-            keep_dir: options.keep_dir,
-            nodes,
-        })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.as_ref().map_or(Path::new("."), |d| d.path())
-    }
-
-    fn node(&self, id: NodeId) -> &NodeProc {
-        &self.nodes[(id - 1) as usize]
-    }
-
-    fn node_mut(&mut self, id: NodeId) -> &mut NodeProc {
-        &mut self.nodes[(id - 1) as usize]
-    }
-
-    fn ids(&self) -> Vec<NodeId> {
-        self.nodes.iter().map(|n| n.id).collect()
-    }
-
-    /// Starts (or restarts) node `id` with `--init`, which a node with a cluster on disk
-    /// ignores.
-    fn start(&mut self, id: NodeId) -> Result<(), String> {
-        let init = self
-            .nodes
-            .iter()
-            .map(|n| format!("{}={}", n.id, n.addr))
-            .collect::<Vec<_>>()
-            .join(",");
-        let (kv, secret, rust_log) = (self.kv.clone(), self.secret.clone(), self.rust_log.clone());
-        let node = self.node_mut(id);
-        if node.child.is_some() {
-            return Err(format!("node {id} is already running"));
-        }
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log)
-            .map_err(|e| format!("cannot open {}: {e}", node.log.display()))?;
-        let _ = writeln!(
-            log,
-            "==== failover_timing {}: starting node {id} on {} ====",
-            utc_now(),
-            node.addr
-        );
-        let stderr = log
-            .try_clone()
-            .map_err(|e| format!("cannot share {}: {e}", node.log.display()))?;
-        let child = Command::new(&kv)
-            .arg("serve")
-            .args(["--id", &id.to_string(), "--listen", &node.addr.to_string()])
-            .arg("--data-dir")
-            .arg(&node.data_dir)
-            .args(["--init", &init])
-            .env(SECRET_ENV_VAR, &secret)
-            .env("RUST_LOG", &rust_log)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(stderr)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", kv.display()))?;
-        node.child = Some(child);
-        Ok(())
-    }
-
-    /// SIGKILLs node `id` and returns the moment right after; it is reaped later.
-    fn kill(&mut self, id: NodeId) -> Result<Instant, String> {
-        let node = self.node_mut(id);
-        let child = node
-            .child
-            .as_mut()
-            .ok_or(format!("node {id} is not running"))?;
-        child
-            .kill()
-            .map_err(|e| format!("cannot kill node {id}: {e}"))?;
-        let at = Instant::now();
-        node.note("killed with SIGKILL");
-        Ok(at)
-    }
-
-    /// Waits for a killed node's process to exit.
-    fn reap(&mut self, id: NodeId) {
-        if let Some(mut child) = self.node_mut(id).child.take() {
-            let _ = child.wait();
-        }
-    }
-
-    fn secret(&self) -> Result<Secret, String> {
-        Secret::new(self.secret.clone()).map_err(|e| e.to_string())
-    }
-
-    /// An admin client for node `id`.
-    fn admin(&self, id: NodeId, timeout: Duration) -> Result<AdminClient, String> {
-        AdminClient::new(
-            self.node(id).addr,
-            "clusterfunk",
-            Some(self.secret()?),
-            timeout,
-        )
-        .map_err(|e| e.to_string())
-    }
-
-    /// A shard client seeded with nodes `ids`.
-    fn client(&self, ids: &[NodeId]) -> Result<Client, String> {
-        let seeds: Vec<SocketAddr> = ids.iter().map(|&id| self.node(id).addr).collect();
-        Client::with_config(seeds, Some(self.secret()?), "clusterfunk", REQUEST_TIMEOUT)
-            .map_err(|e| e.to_string())
-    }
-
-    /// Prints the last lines of every node log.
-    fn print_log_tails(&self) {
-        for node in &self.nodes {
-            let text = std::fs::read_to_string(&node.log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            eprintln!("---- node {} log ({}):", node.id, node.log.display());
-            for line in &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..] {
-                eprintln!("   {line}");
-            }
-        }
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        for node in &mut self.nodes {
-            node.stop();
-        }
-        if let Some(dir) = self.dir.take() {
-            if self.keep_dir {
-                eprintln!("failover_timing: kept {}", dir.keep().display());
-            }
-        }
-    }
-}
-
-/// Finds `kv` next to this program, or says how to build it.
-fn locate_kv() -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
-    let kv = exe
-        .parent()
-        .ok_or("this program has no parent directory")?
-        .join("kv");
-    if kv.is_file() {
-        Ok(kv)
-    } else {
-        Err(format!(
-            "missing {}: run `cargo build --release --examples --bins` first",
-            kv.display()
-        ))
-    }
-}
 
 /// `count` ports of [`PORT_RANGE`] that were free a moment ago, from a spot picked by `seed`.
 fn free_ports(count: usize, seed: &str) -> Result<Vec<u16>, String> {
@@ -375,79 +158,16 @@ fn free_ports(count: usize, seed: &str) -> Result<Vec<u16>, String> {
     Err(format!("no {count} free ports in {PORT_RANGE:?}"))
 }
 
-/// A fresh random cluster secret (hex of 24 bytes from /dev/urandom).
-fn make_secret() -> Result<String, String> {
-    use std::io::Read as _;
-    let mut bytes = [0u8; 24];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+/// A shard client seeded with nodes `ids`.
+fn shard_client(harness: &Harness, ids: &[NodeId]) -> Result<Client, String> {
+    let seeds: Vec<SocketAddr> = ids.iter().map(|&id| harness.node(id).addr).collect();
+    let secret = harness.launch.secret()?;
+    Client::with_config(seeds, Some(secret), "clusterfunk", REQUEST_TIMEOUT)
+        .map_err(|e| e.to_string())
 }
 
 // ---------------------------------------------------------------------------------------------
 // Waiting for the cluster
-
-/// Starts a thread that sets [`INTERRUPTED`] on Ctrl-C.
-fn watch_interrupt() {
-    std::thread::spawn(|| {
-        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return;
-        };
-        runtime.block_on(async {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                INTERRUPTED.store(true, Ordering::SeqCst);
-                eprintln!("failover_timing: interrupted; stopping the nodes");
-            }
-        });
-    });
-}
-
-fn check_interrupt() -> Result<(), String> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        Err("interrupted".into())
-    } else {
-        Ok(())
-    }
-}
-
-/// Calls `probe` every `every` until it succeeds, for at most `limit`.
-async fn wait_for<T, F, Fut>(
-    what: &str,
-    every: Duration,
-    limit: Duration,
-    mut probe: F,
-) -> Result<T, String>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        check_interrupt()?;
-        let last = match probe().await {
-            Ok(value) => return Ok(value),
-            Err(e) => e,
-        };
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "timed out after {limit:?} waiting for {what}: {last}"
-            ));
-        }
-        tokio::time::sleep(every).await;
-    }
-}
-
-async fn status(client: &AdminClient) -> Result<StatusReport, String> {
-    match client.request(AdminRequest::Status).await {
-        Ok(AdminResponse::Status(status)) => Ok(status),
-        Ok(other) => Err(format!("unexpected answer: {other:?}")),
-        Err(e) => Err(e.to_string()),
-    }
-}
 
 /// Every shard's owner, from node `id`'s `Shards`.
 async fn shard_owners(harness: &Harness, id: NodeId) -> Result<Vec<NodeId>, String> {
@@ -481,11 +201,7 @@ async fn wait_settled(
     limit: Duration,
 ) -> Result<Settled, String> {
     let ids = &harness.ids();
-    let clients: Vec<(NodeId, AdminClient)> = ids
-        .iter()
-        .map(|&id| Ok((id, harness.admin(id, POLL_TIMEOUT)?)))
-        .collect::<Result<_, String>>()?;
-    let clients = &clients;
+    let clients = &harness.admin_clients(POLL_TIMEOUT)?;
     let what = match draining {
         Some(id) => format!("the cluster to settle with node {id} drained"),
         None => "the cluster to settle with balanced shares".to_string(),
@@ -495,12 +211,7 @@ async fn wait_settled(
         low..=SHARD_COUNT.div_ceil(count as u32)
     };
     let (leader, term) = wait_for(&what, Duration::from_millis(10), limit, || async move {
-        let answers = futures_util::future::join_all(
-            clients
-                .iter()
-                .map(|(id, c)| async move { (*id, status(c).await) }),
-        )
-        .await;
+        let answers = lib_statuses(clients).await;
         let mut statuses = BTreeMap::new();
         for (id, answer) in answers {
             let s = answer.map_err(|e| format!("node {id}: {e}"))?;
@@ -722,43 +433,6 @@ fn error_kind(message: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // Measurements
 
-/// Samples of one figure, in ms.
-#[derive(Debug, Clone, Default)]
-struct Series {
-    values: Vec<f64>,
-    failures: usize,
-}
-
-impl Series {
-    fn push(&mut self, value: Option<f64>) {
-        match value {
-            Some(v) => self.values.push(v),
-            None => self.failures += 1,
-        }
-    }
-
-    /// The `p`-quantile, interpolated linearly between closest ranks.
-    fn quantile(&self, p: f64) -> Option<f64> {
-        let mut sorted = self.values.clone();
-        sorted.sort_by(f64::total_cmp);
-        let last = sorted.len().checked_sub(1)?;
-        let rank = p.clamp(0.0, 1.0) * last as f64;
-        let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
-        Some(sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64))
-    }
-
-    fn to_json(&self) -> Value {
-        json!({
-            "median": self.quantile(0.5).map(round3),
-            "p90": self.quantile(0.9).map(round3),
-            "max": self.quantile(1.0).map(round3),
-            "min": self.quantile(0.0).map(round3),
-            "samples": self.values.len(),
-            "failures": self.failures,
-        })
-    }
-}
-
 /// Which node a kill took.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
@@ -806,7 +480,7 @@ impl Kill {
     fn series(&self) -> Series {
         let mut series = Series::default();
         for v in &self.unavailable_ms {
-            series.push(*v);
+            series.push_option(*v);
         }
         series
     }
@@ -853,7 +527,7 @@ async fn probe_until_served(
                 last = Some(e.to_string());
             }
         }
-        if Instant::now() >= deadline || INTERRUPTED.load(Ordering::SeqCst) {
+        if Instant::now() >= deadline || interrupted() {
             return (None, errors, last);
         }
         tokio::time::sleep(every).await;
@@ -869,7 +543,7 @@ async fn watch_status(
     marks: Arc<Mutex<(Option<Instant>, Option<Instant>)>>,
 ) {
     loop {
-        if let Ok(s) = status(&client).await {
+        if let Ok(s) = lib_status(&client).await {
             let now = Instant::now();
             let mut marks = lock(&marks);
             if marks.0.is_none() && s.down.contains(&victim) {
@@ -912,7 +586,7 @@ async fn time_kill(
         .collect();
 
     // A probe client in steady state: connected to the survivors, holding the current map.
-    let probe = harness.client(&survivors)?;
+    let probe = shard_client(harness, &survivors)?;
     for &id in &survivors {
         let shard = settled
             .owners
@@ -1007,7 +681,7 @@ async fn time_kill(
     check_interrupt()?;
 
     let t_restart = Instant::now();
-    harness.start(node)?;
+    harness.start(node, true)?;
     let rejoined = wait_settled(harness, None, limit).await;
     let t_settled = Instant::now();
     let error = match (&rejoined, unavailable_ms.iter().any(Option::is_none)) {
@@ -1019,7 +693,7 @@ async fn time_kill(
         _ => None,
     };
     if error.is_some() {
-        harness.print_log_tails();
+        harness.print_log_tails(&[]);
     }
     Ok(Kill {
         number,
@@ -1099,7 +773,7 @@ async fn time_drain(
     let shards: Vec<u32> = (0..SHARD_COUNT)
         .filter(|&s| settled.owners[s as usize] == node)
         .collect();
-    let client = harness.client(&harness.ids())?;
+    let client = shard_client(harness, &harness.ids())?;
     let stop = Arc::new(AtomicBool::new(false));
     let probes: Vec<_> = shards
         .iter()
@@ -1115,7 +789,7 @@ async fn time_drain(
     tokio::time::sleep(DRAIN_MARGIN).await;
 
     let admin = harness.admin(settled.leader, DRAIN_TIMEOUT)?;
-    harness.node(node).note("drain");
+    harness.note(node, "drain");
     let t_start = Instant::now();
     let drained = admin.request(AdminRequest::Drain { id: node }).await;
     let drain_ms = ms(t_start.elapsed());
@@ -1152,14 +826,14 @@ async fn time_drain(
         drain.probe_errors += errors;
         drain.probe_error = last.or(drain.probe_error.take());
         let baseline = longest_gap(&successes, end, t_start - DRAIN_MARGIN, t_start);
-        drain.baseline_gap_ms.push(baseline);
+        drain.baseline_gap_ms.push_option(baseline);
         drain
             .pause_ms
-            .push(longest_gap(&successes, end, t_start, t_settled));
+            .push_option(longest_gap(&successes, end, t_start, t_settled));
     }
     settle?;
 
-    harness.node(node).note("undrain");
+    harness.note(node, "undrain");
     let t_undrain = Instant::now();
     drain.t_undrain = t_undrain;
     match admin.request(AdminRequest::Undrain { id: node }).await {
@@ -1191,12 +865,10 @@ async fn measure(
 ) -> Result<(), String> {
     let limit = Duration::from_secs(options.deadline_secs);
     let started = Instant::now();
-    for id in harness.ids() {
-        harness.start(id)?;
-    }
+    harness.start_all()?;
     wait_settled(harness, None, limit * 2)
         .await
-        .inspect_err(|_| harness.print_log_tails())?;
+        .inspect_err(|_| harness.print_log_tails(&[]))?;
     results.startup_ms = Some(ms(started.elapsed()));
     println!(
         "cluster up in {} ms; starting {} load clients",
@@ -1213,7 +885,7 @@ async fn measure(
         let turn = index % seeds.len();
         seeds.rotate_left(turn);
         load_tasks.push(tokio::spawn(load(
-            harness.client(&seeds)?,
+            shard_client(harness, &seeds)?,
             index,
             options.clients,
             keys.clone(),
@@ -1291,26 +963,13 @@ async fn measure(
 // ---------------------------------------------------------------------------------------------
 // Reporting
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn round3(v: f64) -> f64 {
-    (v * 1000.0).round() / 1000.0
-}
-
-fn fmt_ms(v: Option<f64>) -> String {
-    v.map_or("-".to_string(), |v| format!("{v:.1}"))
-}
-
-/// All shards of all kills of one role, and each kill's worst shard.
 fn pooled(kills: &[Kill], role: Role) -> (Series, Series) {
     let (mut all, mut worst) = (Series::default(), Series::default());
     for kill in kills.iter().filter(|k| k.role == role) {
         for v in &kill.unavailable_ms {
-            all.push(*v);
+            all.push_option(*v);
         }
-        worst.push(kill.series().quantile(1.0));
+        worst.push_option(kill.series().quantile(1.0));
     }
     (all, worst)
 }
@@ -1318,7 +977,7 @@ fn pooled(kills: &[Kill], role: Role) -> (Series, Series) {
 fn series_of(kills: &[Kill], role: Role, figure: impl Fn(&Kill) -> Option<f64>) -> Series {
     let mut series = Series::default();
     for kill in kills.iter().filter(|k| k.role == role) {
-        series.push(figure(kill));
+        series.push_option(figure(kill));
     }
     series
 }
@@ -1360,25 +1019,13 @@ fn print_summary(results: &Results, records: &[Record], options: &Options) {
         "summary (3 nodes, {} shards; {} load clients, pause {} ms; probes every {} ms; ms):",
         SHARD_COUNT, options.clients, options.client_pause_ms, options.probe_ms
     );
-    println!(
-        "{:<52} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8}",
-        "figure", "samples", "failures", "median", "p90", "max", "min"
-    );
-    let row = |name: &str, s: &Series| {
-        if s.values.is_empty() && s.failures == 0 {
-            return;
-        }
-        println!(
-            "{:<52} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8}",
-            name,
-            s.values.len(),
-            s.failures,
-            fmt_ms(s.quantile(0.5)),
-            fmt_ms(s.quantile(0.9)),
-            fmt_ms(s.quantile(1.0)),
-            fmt_ms(s.quantile(0.0)),
-        );
+    let table = SummaryTable {
+        name_width: 52,
+        figure_width: 8,
+        gap: " ",
     };
+    table.header("figure");
+    let row = |name: &str, s: &Series| table.row(name, s);
     for (role, label) in [(Role::Follower, "follower"), (Role::Leader, "leader")] {
         let (all, worst) = pooled(&results.kills, role);
         row(
@@ -1484,12 +1131,12 @@ fn to_json(results: &Results, records: &[Record], options: &Options) -> Value {
         figures.insert(
             format!("{label}_kills"),
             json!({
-                "shard_unavailable_ms": all.to_json(),
-                "worst_shard_per_kill_ms": worst.to_json(),
-                "new_leader_ms": series_of(&results.kills, role, |k| k.new_leader_ms).to_json(),
-                "marked_down_ms": series_of(&results.kills, role, |k| k.marked_down_ms).to_json(),
-                "rejoin_ms": series_of(&results.kills, role, |k| k.rejoin_ms).to_json(),
-                "survivor_shard_pause_ms": series_of(&results.kills, role, |k| k.survivor_pause_ms).to_json(),
+                "shard_unavailable_ms": all.to_json(false),
+                "worst_shard_per_kill_ms": worst.to_json(false),
+                "new_leader_ms": series_of(&results.kills, role, |k| k.new_leader_ms).to_json(false),
+                "marked_down_ms": series_of(&results.kills, role, |k| k.marked_down_ms).to_json(false),
+                "rejoin_ms": series_of(&results.kills, role, |k| k.rejoin_ms).to_json(false),
+                "survivor_shard_pause_ms": series_of(&results.kills, role, |k| k.survivor_pause_ms).to_json(false),
                 "survivor_probe_errors": results.kills.iter().filter(|k| k.role == role).map(|k| k.survivor_probe_errors).sum::<usize>(),
                 "load_kill_to_back": window_json(&failover),
                 "load_restart_to_settled": window_json(&rejoin),
@@ -1515,7 +1162,7 @@ fn to_json(results: &Results, records: &[Record], options: &Options) -> Value {
                     "median": s.quantile(0.5).map(round3),
                     "p90": s.quantile(0.9).map(round3),
                     "max": s.quantile(1.0).map(round3),
-                    "not_back": s.failures,
+                    "not_back": s.failures.len(),
                 },
                 "new_leader_ms": k.new_leader_ms.map(round3),
                 "marked_down_ms": k.marked_down_ms.map(round3),
@@ -1534,8 +1181,8 @@ fn to_json(results: &Results, records: &[Record], options: &Options) -> Value {
         json!({
             "node": d.node,
             "shards": d.shards,
-            "pause_ms": d.pause_ms.to_json(),
-            "baseline_gap_ms": d.baseline_gap_ms.to_json(),
+            "pause_ms": d.pause_ms.to_json(false),
+            "baseline_gap_ms": d.baseline_gap_ms.to_json(false),
             "probe_errors": d.probe_errors,
             "probe_error": d.probe_error,
             "drain_answered_ms": round3(d.drain_ms),
@@ -1567,7 +1214,7 @@ fn to_json(results: &Results, records: &[Record], options: &Options) -> Value {
             "probe_interval_ms": options.probe_ms,
             "survivor_probes_per_node": options.survivor_probes,
             "deadline_s": options.deadline_secs,
-            "rust_log": options.rust_log,
+            "rust_log": options.node.rust_log,
             "shard_count": SHARD_COUNT,
             "lease_ms": ms(lease.lease),
             "lease_renew_ms": ms(lease.renew_period),
@@ -1607,68 +1254,28 @@ fn write_csv(path: &Path, records: &[Record]) -> Result<(), String> {
     std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-/// The 1, 5 and 15 minute load averages.
-fn load_average() -> Option<String> {
-    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
-    Some(
-        text.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" "),
-    )
-}
-
-/// The current UTC time as RFC 3339 with microseconds, like the node logs.
-fn utc_now() -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = now.as_secs();
-    let days = (secs / 86_400) as i64;
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let rem = secs % 86_400;
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        now.subsec_micros()
-    )
-}
-
 fn run(options: Options) -> Result<(), String> {
-    let kv = locate_kv()?;
-    watch_interrupt();
-    let mut harness = Harness::new(kv, make_secret()?, &options)?;
+    let bins = Binaries::locate(false)?;
+    watch_interrupt(PROGRAM);
+    let launch = Launch::new(PROGRAM, bins, &options.node)?;
+    let addrs = free_ports(NODES as usize, &launch.secret)?
+        .into_iter()
+        .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
+        .collect();
+    let mut harness = Harness::new(launch, addrs, options.node.keep_dir)?;
     println!(
         "failover_timing: 3 nodes, {} follower kills and {} leader kills{}; nodes in {} (RUST_LOG={}); load average {}",
         options.kills,
         options.kills,
         if options.no_drain { "" } else { ", one drain" },
         harness.path().display(),
-        options.rust_log,
+        options.node.rust_log,
         load_average().as_deref().unwrap_or("?")
     );
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))?;
     let records = Arc::new(Mutex::new(Vec::new()));
     let mut results = Results::default();
-    let outcome = runtime.block_on(measure(&mut harness, &options, &mut results, &records));
-    if let Err(e) = &outcome {
-        eprintln!("failover_timing: stopped early: {e}");
-        results.error = Some(e.clone());
-    }
+    let outcome = runtime()?.block_on(measure(&mut harness, &options, &mut results, &records));
+    results.error = stopped_early(PROGRAM, &outcome);
     let records = std::mem::take(&mut *lock(&records));
     print_summary(&results, &records, &options);
     println!(
@@ -1676,11 +1283,7 @@ fn run(options: Options) -> Result<(), String> {
         load_average().as_deref().unwrap_or("?")
     );
     if let Some(path) = &options.json {
-        let text = serde_json::to_string_pretty(&to_json(&results, &records, &options))
-            .map_err(|e| e.to_string())?;
-        std::fs::write(path, text + "\n")
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        println!("wrote {}", path.display());
+        write_json(path, &to_json(&results, &records, &options))?;
     }
     if let Some(path) = &options.requests_csv {
         write_csv(path, &records)?;
@@ -1691,11 +1294,5 @@ fn run(options: Options) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    match run(Options::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("failover_timing: error: {message}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code(PROGRAM, run(Options::parse()))
 }

@@ -29,43 +29,43 @@
 //! `target/release/clusterfunk`); `cargo run --example` does not rebuild them. Every child
 //! process and the temporary directory are removed on exit, on error and on Ctrl-C too.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::OpenOptions;
-use std::future::Future;
-use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use clusterfunk::admin::{AdminClient, AdminRequest, AdminResponse, NodeState, StatusReport};
 use clusterfunk::consensus::ConsensusConfig;
-use clusterfunk::transport::{Secret, SECRET_ENV_VAR};
+use clusterfunk::transport::SECRET_ENV_VAR;
 use clusterfunk::NodeId;
 use serde_json::{json, Value};
+use support::{
+    check_interrupt, exit_code, fmt_ms, lib_status, lib_statuses, load_average, ms, round3,
+    runtime, stopped_early, utc_now, wait_for, watch_interrupt, write_json, Binaries, Harness,
+    Launch, NodeOptions, Series, SummaryTable, POLL_TIMEOUT,
+};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+/// This program's name, in its messages and the node logs.
+const PROGRAM: &str = "raft_timing";
 /// Id of the first node started for membership changes (the voters are 1..=N).
 const FIRST_EXTRA_ID: NodeId = 100;
-/// Lines of each node log printed when something times out or fails.
-const LOG_TAIL_LINES: usize = 25;
-/// How long one library status call may take before it counts as a failed poll.
-const POLL_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a membership command may take (the node's own admin timeout is 60 s).
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(70);
 /// After the library poller saw the new leader, how much longer the CLI poller may take.
 const CLI_GRACE: Duration = Duration::from_secs(5);
 
-/// Set by the Ctrl-C watcher; every wait loop checks it and unwinds, so the guard cleans up.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
 /// Command-line options.
 #[derive(Parser, Debug)]
 #[command(
-    name = "raft_timing",
+    name = PROGRAM,
     about = "Times leader failover and membership changes of a local kv cluster"
 )]
 struct Options {
@@ -95,283 +95,9 @@ struct Options {
     /// Seconds one failover, or one wait for the cluster, may take before it counts as failed.
     #[arg(long, default_value_t = 30)]
     deadline_secs: u64,
-    /// `RUST_LOG` of the nodes.
-    #[arg(long, default_value = "warn")]
-    rust_log: String,
-    /// Keep the temporary directory (data dirs and node logs) and print its path.
-    #[arg(long)]
-    keep_dir: bool,
-}
-
-/// The two programs this one drives.
-#[derive(Debug, Clone)]
-struct Binaries {
-    /// `target/release/examples/kv`.
-    kv: PathBuf,
-    /// `target/release/clusterfunk`.
-    cli: PathBuf,
-}
-
-impl Binaries {
-    /// Finds `kv` and `clusterfunk` next to this executable, or says how to build them.
-    fn locate() -> Result<Self, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
-        let examples = exe.parent().ok_or("this program has no parent directory")?;
-        let profile = examples
-            .parent()
-            .ok_or("this program is not inside target/<profile>/examples")?;
-        let bins = Binaries {
-            kv: examples.join("kv"),
-            cli: profile.join("clusterfunk"),
-        };
-        let missing: Vec<String> = [&bins.kv, &bins.cli]
-            .into_iter()
-            .filter(|p| !p.is_file())
-            .map(|p| p.display().to_string())
-            .collect();
-        if missing.is_empty() {
-            Ok(bins)
-        } else {
-            Err(format!(
-                "missing {}: run `cargo build --release --examples --bins` first",
-                missing.join(" and ")
-            ))
-        }
-    }
-}
-
-/// What every node process shares: the binaries, the secret and the log level.
-struct Launch {
-    /// The programs.
-    bins: Binaries,
-    /// The cluster secret, passed as `CLUSTERFUNK_SECRET`.
-    secret: String,
-    /// `RUST_LOG` of the nodes.
-    rust_log: String,
-}
-
-impl Launch {
-    /// Starts `kv serve` for `node`, appending its output to the node's log file.
-    fn start(&self, node: &mut NodeProc, init: Option<&str>) -> Result<(), String> {
-        if node.child.is_some() {
-            return Err(format!("node {} is already running", node.id));
-        }
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log)
-            .map_err(|e| format!("cannot open {}: {e}", node.log.display()))?;
-        let _ = writeln!(
-            log,
-            "==== raft_timing {}: starting node {} on {}{} ====",
-            utc_now(),
-            node.id,
-            node.addr,
-            if init.is_some() { " with --init" } else { "" }
-        );
-        let stderr = log
-            .try_clone()
-            .map_err(|e| format!("cannot share {}: {e}", node.log.display()))?;
-        let mut command = Command::new(&self.bins.kv);
-        command
-            .arg("serve")
-            .arg("--id")
-            .arg(node.id.to_string())
-            .arg("--listen")
-            .arg(node.addr.to_string())
-            .arg("--data-dir")
-            .arg(&node.data_dir);
-        if let Some(init) = init {
-            command.arg("--init").arg(init);
-        }
-        let child = command
-            .env(SECRET_ENV_VAR, &self.secret)
-            .env("RUST_LOG", &self.rust_log)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(stderr)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", self.bins.kv.display()))?;
-        node.child = Some(child);
-        Ok(())
-    }
-
-    /// A library admin client for the node at `addr`, each call bounded by `timeout`.
-    fn admin(&self, addr: SocketAddr, timeout: Duration) -> Result<AdminClient, String> {
-        let secret = Secret::new(self.secret.clone()).map_err(|e| e.to_string())?;
-        AdminClient::new(addr, "clusterfunk", Some(secret), timeout).map_err(|e| e.to_string())
-    }
-}
-
-/// One `kv serve` slot: its identity, its files and, while it runs, its process.
-struct NodeProc {
-    /// The node id.
-    id: NodeId,
-    /// Where it listens.
-    addr: SocketAddr,
-    /// Its raft storage.
-    data_dir: PathBuf,
-    /// Its stdout and stderr, across restarts.
-    log: PathBuf,
-    /// The process, while running (or killed and not yet reaped).
-    child: Option<Child>,
-}
-
-impl NodeProc {
-    /// Sends SIGKILL and returns the moment right after; the process is reaped by [`Self::reap`].
-    fn kill(&mut self) -> Result<Instant, String> {
-        let child = self
-            .child
-            .as_mut()
-            .ok_or(format!("node {} is not running", self.id))?;
-        child
-            .kill()
-            .map_err(|e| format!("cannot kill node {}: {e}", self.id))?;
-        let at = Instant::now();
-        self.note(&format!(
-            "killed with SIGKILL by raft_timing at {}",
-            utc_now()
-        ));
-        Ok(at)
-    }
-
-    /// Waits for a killed process to exit and forgets it.
-    fn reap(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.wait();
-        }
-    }
-
-    /// Kills the process, if any, and reaps it.
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Appends a marker line to the node's log.
-    fn note(&self, text: &str) {
-        if let Ok(mut log) = OpenOptions::new().append(true).open(&self.log) {
-            let _ = writeln!(log, "==== raft_timing: node {} {text} ====", self.id);
-        }
-    }
-}
-
-/// The cluster under test. Dropping it kills every child process and removes the directory.
-struct Harness {
-    /// How nodes are started.
-    launch: Launch,
-    /// The temporary directory (data dirs and logs); `None` once handed over.
-    dir: Option<tempfile::TempDir>,
-    /// Keep the directory on drop.
-    keep_dir: bool,
-    /// The voters, node `i + 1` at index `i`.
-    voters: Vec<NodeProc>,
-    /// Nodes started for membership changes.
-    extra: Vec<NodeProc>,
-}
-
-impl Harness {
-    /// Makes the directory and picks a free port for each of `nodes` voters (nothing starts).
-    fn new(launch: Launch, nodes: usize, keep_dir: bool) -> Result<Self, String> {
-        let dir = tempfile::Builder::new()
-            .prefix("raft_timing.")
-            .tempdir()
-            .map_err(|e| format!("cannot make a temporary directory: {e}"))?;
-        let mut harness = Harness {
-            launch,
-            dir: Some(dir),
-            keep_dir,
-            voters: Vec::new(),
-            extra: Vec::new(),
-        };
-        for id in 1..=nodes as NodeId {
-            let node = harness.slot(id)?;
-            harness.voters.push(node);
-        }
-        Ok(harness)
-    }
-
-    /// The temporary directory.
-    fn path(&self) -> &Path {
-        self.dir.as_ref().map_or(Path::new("."), |d| d.path())
-    }
-
-    /// A new node slot with a free port, its data dir and log path.
-    fn slot(&self, id: NodeId) -> Result<NodeProc, String> {
-        Ok(NodeProc {
-            id,
-            addr: free_port()?,
-            data_dir: self.path().join(format!("node-{id}")),
-            log: self.path().join(format!("node-{id}.log")),
-            child: None,
-        })
-    }
-
-    /// `--init` for the voters: `1=IP:PORT,2=IP:PORT,...`.
-    fn init_list(&self) -> String {
-        self.voters
-            .iter()
-            .map(|n| format!("{}={}", n.id, n.addr))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    /// The voter ids.
-    fn voter_ids(&self) -> Vec<NodeId> {
-        self.voters.iter().map(|n| n.id).collect()
-    }
-
-    /// The voter with this id.
-    fn voter(&self, id: NodeId) -> &NodeProc {
-        &self.voters[(id - 1) as usize]
-    }
-
-    /// Starts every voter with `--init`.
-    fn start_voters(&mut self) -> Result<(), String> {
-        let init = self.init_list();
-        for node in &mut self.voters {
-            self.launch.start(node, Some(&init))?;
-        }
-        Ok(())
-    }
-
-    /// Prints the last lines of the logs of these nodes (all when `ids` is empty).
-    fn print_log_tails(&self, ids: &[NodeId]) {
-        for node in self.voters.iter().chain(&self.extra) {
-            if !ids.is_empty() && !ids.contains(&node.id) {
-                continue;
-            }
-            let text = std::fs::read_to_string(&node.log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            let from = lines.len().saturating_sub(LOG_TAIL_LINES);
-            eprintln!(
-                "---- node {} log ({}), last lines:",
-                node.id,
-                node.log.display()
-            );
-            for line in &lines[from..] {
-                eprintln!("   {line}");
-            }
-        }
-    }
-}
-
-/// The cleanup guard: runs on every way out of `run`, errors and Ctrl-C included.
-impl Drop for Harness {
-    /// Kills and reaps every node, then removes the directory (unless `--keep-dir`).
-    fn drop(&mut self) {
-        for node in self.voters.iter_mut().chain(self.extra.iter_mut()) {
-            node.stop();
-        }
-        if let Some(dir) = self.dir.take() {
-            if self.keep_dir {
-                eprintln!("raft_timing: kept {}", dir.keep().display());
-            }
-        }
-    }
+    /// The node processes.
+    #[command(flatten)]
+    node: NodeOptions,
 }
 
 /// Which poller produced a report.
@@ -571,56 +297,6 @@ impl Failover {
     }
 }
 
-/// Samples of one figure, with the failures that gave none.
-#[derive(Debug, Clone, Default)]
-struct Series {
-    /// Milliseconds.
-    values: Vec<f64>,
-    /// Why some attempts gave no sample.
-    failures: Vec<String>,
-}
-
-impl Series {
-    /// Adds a sample or a failure.
-    fn push(&mut self, sample: Result<f64, String>) {
-        match sample {
-            Ok(v) => self.values.push(v),
-            Err(e) => self.failures.push(e),
-        }
-    }
-
-    /// The values sorted.
-    fn sorted(&self) -> Vec<f64> {
-        let mut sorted = self.values.clone();
-        sorted.sort_by(f64::total_cmp);
-        sorted
-    }
-
-    /// The `p`-quantile (0..=1), interpolated linearly between closest ranks.
-    fn quantile(&self, p: f64) -> Option<f64> {
-        let sorted = self.sorted();
-        let last = sorted.len().checked_sub(1)?;
-        let rank = p.clamp(0.0, 1.0) * last as f64;
-        let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
-        Some(sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64))
-    }
-
-    /// `{"median","p90","max","min","mean","samples","failures"}`, in ms (null without samples).
-    fn to_json(&self) -> Value {
-        let mean = (!self.values.is_empty())
-            .then(|| self.values.iter().sum::<f64>() / self.values.len() as f64);
-        json!({
-            "median": self.quantile(0.5).map(round3),
-            "p90": self.quantile(0.9).map(round3),
-            "max": self.quantile(1.0).map(round3),
-            "min": self.quantile(0.0).map(round3),
-            "mean": mean.map(round3),
-            "samples": self.values.len(),
-            "failures": self.failures.len(),
-        })
-    }
-}
-
 /// Everything measured.
 #[derive(Debug, Default)]
 struct Results {
@@ -650,52 +326,6 @@ struct Results {
     error: Option<String>,
 }
 
-/// Milliseconds of a duration.
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// Rounds to three decimals (µs) for JSON.
-fn round3(v: f64) -> f64 {
-    (v * 1000.0).round() / 1000.0
-}
-
-/// Formats an optional millisecond figure.
-fn fmt_ms(v: Option<f64>) -> String {
-    v.map_or("-".to_string(), |v| format!("{v:.1}"))
-}
-
-/// The current UTC time as RFC 3339 with microseconds, like the node logs.
-fn utc_now() -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = now.as_secs();
-    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
-    let rem = secs % 86_400;
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        now.subsec_micros()
-    )
-}
-
-/// Year, month and day of a count of days since 1970-01-01 (H. Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 /// A port on 127.0.0.1 that was free a moment ago.
 fn free_port() -> Result<SocketAddr, String> {
     let listener =
@@ -703,94 +333,6 @@ fn free_port() -> Result<SocketAddr, String> {
     listener
         .local_addr()
         .map_err(|e| format!("cannot find a free port: {e}"))
-}
-
-/// A fresh random cluster secret (hex of 24 bytes from /dev/urandom).
-fn make_secret() -> Result<String, String> {
-    use std::io::Read as _;
-    let mut bytes = [0u8; 24];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// The 1, 5 and 15 minute load averages, when the system tells.
-fn load_average() -> Option<String> {
-    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
-    Some(
-        text.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" "),
-    )
-}
-
-/// Starts a thread that sets [`INTERRUPTED`] on Ctrl-C.
-fn watch_interrupt() {
-    std::thread::spawn(|| {
-        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return;
-        };
-        runtime.block_on(async {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                INTERRUPTED.store(true, Ordering::SeqCst);
-                eprintln!("raft_timing: interrupted; stopping the nodes");
-            }
-        });
-    });
-}
-
-/// Fails once Ctrl-C was pressed.
-fn check_interrupt() -> Result<(), String> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        Err("interrupted".into())
-    } else {
-        Ok(())
-    }
-}
-
-/// Calls `probe` every `every` until it succeeds, at most for `limit` (and as many attempts as
-/// fit); the error names `what` and the last reason.
-async fn wait_for<T, F, Fut>(
-    what: &str,
-    every: Duration,
-    limit: Duration,
-    mut probe: F,
-) -> Result<T, String>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + limit;
-    let attempts = limit.as_millis() / every.as_millis().max(1) + 1;
-    let mut last = "no attempt".to_string();
-    for _ in 0..attempts {
-        check_interrupt()?;
-        match probe().await {
-            Ok(value) => return Ok(value),
-            Err(e) => last = e,
-        }
-        if Instant::now() >= deadline {
-            break;
-        }
-        tokio::time::sleep(every).await;
-    }
-    Err(format!(
-        "timed out after {limit:?} waiting for {what}: {last}"
-    ))
-}
-
-/// One node's status through the library.
-async fn lib_status(client: &AdminClient) -> Result<StatusReport, String> {
-    match client.request(AdminRequest::Status).await {
-        Ok(AdminResponse::Status(status)) => Ok(status),
-        Ok(other) => Err(format!("unexpected answer: {other:?}")),
-        Err(e) => Err(e.to_string()),
-    }
 }
 
 /// One node's status through `clusterfunk --node ADDR --json status` (one process spawn).
@@ -812,7 +354,7 @@ fn cli_status(cli: &Path, addr: SocketAddr, secret: &str) -> Result<StatusReport
 
 /// The leader that every voter names, found with the command-line tool.
 async fn find_leader_cli(harness: &Harness, limit: Duration) -> Result<(NodeId, u64), String> {
-    let ids = harness.voter_ids();
+    let ids = harness.ids();
     wait_for(
         "a leader that every voter names",
         Duration::from_millis(50),
@@ -823,7 +365,7 @@ async fn find_leader_cli(harness: &Harness, limit: Duration) -> Result<(NodeId, 
                 .filter_map(|&id| {
                     let status = cli_status(
                         &harness.launch.bins.cli,
-                        harness.voter(id).addr,
+                        harness.node(id).addr,
                         &harness.launch.secret,
                     );
                     status.ok().map(|s| (id, s))
@@ -862,12 +404,7 @@ async fn wait_settled(
         None => "every voter to follow one leader with its whole log applied".to_string(),
     };
     wait_for(&what, Duration::from_millis(10), limit, || async move {
-        let answers = futures_util::future::join_all(
-            clients
-                .iter()
-                .map(|(id, c)| async move { (*id, lib_status(c).await) }),
-        )
-        .await;
+        let answers = lib_statuses(clients).await;
         let mut statuses = BTreeMap::new();
         let mut problems = Vec::new();
         for (id, answer) in answers {
@@ -903,15 +440,6 @@ async fn wait_settled(
         }
     })
     .await
-}
-
-/// Library admin clients for every voter.
-fn voter_clients(harness: &Harness) -> Result<BTreeMap<NodeId, AdminClient>, String> {
-    harness
-        .voters
-        .iter()
-        .map(|n| Ok((n.id, harness.launch.admin(n.addr, POLL_TIMEOUT)?)))
-        .collect()
 }
 
 /// Polls one survivor through the library every `every` until aborted.
@@ -999,8 +527,8 @@ impl Pollers {
             rx,
         };
         for &id in survivors {
-            let addr = harness.voter(id).addr;
-            let client = harness.launch.admin(addr, POLL_TIMEOUT)?;
+            let addr = harness.node(id).addr;
+            let client = harness.admin(id, POLL_TIMEOUT)?;
             pollers
                 .tasks
                 .push(tokio::spawn(poll_library(client, id, every, tx.clone())));
@@ -1042,7 +570,7 @@ async fn time_failover(
     let cli_on = !cli_every.is_zero();
     let (leader, old_term) = find_leader_cli(harness, limit).await?;
     let survivors: Vec<NodeId> = harness
-        .voter_ids()
+        .ids()
         .into_iter()
         .filter(|&id| id != leader)
         .collect();
@@ -1085,8 +613,7 @@ async fn time_failover(
         ));
     }
 
-    let index = (leader - 1) as usize;
-    let t_kill = harness.voters[index].kill()?;
+    let t_kill = harness.kill(leader)?;
     let killed_at_utc = utc_now();
     let mut lib = Detector::new(leader, survivors.clone(), t_kill);
     let mut cli = Detector::new(leader, survivors.clone(), t_kill);
@@ -1099,7 +626,7 @@ async fn time_failover(
         if lib.elected.is_some() && done_cli {
             break;
         }
-        if INTERRUPTED.load(Ordering::SeqCst) {
+        if support::interrupted() {
             interrupted = true;
             break;
         }
@@ -1118,7 +645,7 @@ async fn time_failover(
         }
     }
     pollers.stop();
-    harness.voters[index].reap();
+    harness.reap(leader);
     if interrupted {
         return Err("interrupted".into());
     }
@@ -1179,13 +706,10 @@ async fn time_failover(
     // Restart the killed node from its data dir and wait until it follows the new leader.
     tokio::time::sleep(Duration::from_millis(options.restart_delay_ms)).await;
     harness
-        .launch
-        .start(&mut harness.voters[index], None)
+        .start(leader, false)
         .map_err(|e| format!("restarting node {leader}: {e}"))?;
     let restarted = Instant::now();
-    let client = harness
-        .launch
-        .admin(harness.voters[index].addr, POLL_TIMEOUT)?;
+    let client = harness.admin(leader, POLL_TIMEOUT)?;
     let (want, want_term) = match new_leader {
         Some(found) => found,
         None => find_leader_cli(harness, limit).await?,
@@ -1213,7 +737,7 @@ async fn time_failover(
     let settled = match rejoin {
         Ok(()) => {
             failover.rejoin_ms = Some(ms(restarted.elapsed()));
-            wait_settled(&voter_clients(harness)?, None, limit).await
+            wait_settled(&harness.admin_clients(POLL_TIMEOUT)?, None, limit).await
         }
         Err(e) => Err(e),
     };
@@ -1240,7 +764,7 @@ async fn time_change(
     learner: bool,
 ) -> Result<(Result<f64, String>, Result<f64, String>), String> {
     let limit = Duration::from_secs(options.deadline_secs);
-    let mut node = harness.slot(id)?;
+    let mut node = harness.slot(id, free_port()?);
     let started = harness.launch.start(&mut node, None);
     let addr = node.addr;
     harness.extra.push(node);
@@ -1255,10 +779,8 @@ async fn time_change(
         || lib_status(&fresh),
     )
     .await?;
-    let (leader, _) = wait_settled(&voter_clients(harness)?, None, limit).await?;
-    let admin = harness
-        .launch
-        .admin(harness.voter(leader).addr, CHANGE_TIMEOUT)?;
+    let (leader, _) = wait_settled(&harness.admin_clients(POLL_TIMEOUT)?, None, limit).await?;
+    let admin = harness.admin(leader, CHANGE_TIMEOUT)?;
     lib_status(&admin).await?; // opens the connection, so the timing below excludes it
 
     let role = if learner { "learner" } else { "voter" };
@@ -1322,8 +844,8 @@ async fn measure(
     let limit = Duration::from_secs(options.deadline_secs);
 
     let started = Instant::now();
-    harness.start_voters()?;
-    let startup = wait_settled(&voter_clients(harness)?, None, limit * 2).await;
+    harness.start_all()?;
+    let startup = wait_settled(&harness.admin_clients(POLL_TIMEOUT)?, None, limit * 2).await;
     let (leader, term) = startup.inspect_err(|_| {
         if check_interrupt().is_ok() {
             harness.print_log_tails(&[]);
@@ -1470,24 +992,14 @@ fn print_summary(results: &Results, options: &Options) {
         },
         options.restart_delay_ms
     );
-    println!(
-        "{:<44}  {:>7}  {:>8}  {:>9}  {:>9}  {:>9}  {:>9}",
-        "figure (ms)", "samples", "failures", "median", "p90", "max", "min"
-    );
+    let table = SummaryTable {
+        name_width: 44,
+        figure_width: 9,
+        gap: "  ",
+    };
+    table.header("figure (ms)");
     for (name, series) in rows {
-        if series.values.is_empty() && series.failures.is_empty() {
-            continue;
-        }
-        println!(
-            "{:<44}  {:>7}  {:>8}  {:>9}  {:>9}  {:>9}  {:>9}",
-            name,
-            series.values.len(),
-            series.failures.len(),
-            fmt_ms(series.quantile(0.5)),
-            fmt_ms(series.quantile(0.9)),
-            fmt_ms(series.quantile(1.0)),
-            fmt_ms(series.quantile(0.0)),
-        );
+        table.row(name, series);
     }
     if !results.failovers.is_empty() {
         let jumps = multi_round_elections(&results.failovers);
@@ -1563,15 +1075,15 @@ fn to_json(
 ) -> Value {
     let raft = ConsensusConfig::default();
     json!({
-        "leader_failover_ms": results.failover_lib.to_json(),
-        "leader_failover_cli_ms": results.failover_cli.to_json(),
-        "leader_detect_ms": results.detect.to_json(),
-        "rejoin_ms": results.rejoin.to_json(),
-        "settle_ms": results.settle.to_json(),
-        "add_learner_ms": results.add_learner.to_json(),
-        "remove_node_ms": results.remove_learner.to_json(),
-        "add_voter_ms": results.add_voter.to_json(),
-        "remove_voter_ms": results.remove_voter.to_json(),
+        "leader_failover_ms": results.failover_lib.to_json(true),
+        "leader_failover_cli_ms": results.failover_cli.to_json(true),
+        "leader_detect_ms": results.detect.to_json(true),
+        "rejoin_ms": results.rejoin.to_json(true),
+        "settle_ms": results.settle.to_json(true),
+        "add_learner_ms": results.add_learner.to_json(true),
+        "remove_node_ms": results.remove_learner.to_json(true),
+        "add_voter_ms": results.add_voter.to_json(true),
+        "remove_voter_ms": results.remove_voter.to_json(true),
         "startup_ms": results.startup_ms.map(round3),
         "stopped_early": results.error,
         "multi_round_elections": multi_round_elections(&results.failovers),
@@ -1591,7 +1103,7 @@ fn to_json(
             "cli_poll_interval_ms": options.cli_poll_ms,
             "restart_delay_ms": options.restart_delay_ms,
             "deadline_s": options.deadline_secs,
-            "rust_log": options.rust_log,
+            "rust_log": options.node.rust_log,
             "quantiles": "linear interpolation between closest ranks",
             "raft_defaults": {
                 "heartbeat_ms": ms(raft.heartbeat_interval),
@@ -1612,14 +1124,13 @@ fn run(options: Options) -> Result<(), String> {
     if options.nodes < 3 {
         return Err("--nodes must be at least 3 (a leader kill needs a quorum left)".into());
     }
-    let bins = Binaries::locate()?;
-    watch_interrupt();
-    let launch = Launch {
-        bins: bins.clone(),
-        secret: make_secret()?,
-        rust_log: options.rust_log.clone(),
-    };
-    let mut harness = Harness::new(launch, options.nodes, options.keep_dir)?;
+    let bins = Binaries::locate(true)?;
+    watch_interrupt(PROGRAM);
+    let launch = Launch::new(PROGRAM, bins.clone(), &options.node)?;
+    let addrs = (0..options.nodes)
+        .map(|_| free_port())
+        .collect::<Result<_, _>>()?;
+    let mut harness = Harness::new(launch, addrs, options.node.keep_dir)?;
     let load_before = load_average();
     println!(
         "raft_timing: {} voters, {} kills, {} membership changes; nodes in {} (RUST_LOG={}); load average {}",
@@ -1627,19 +1138,12 @@ fn run(options: Options) -> Result<(), String> {
         options.kills,
         options.changes,
         harness.path().display(),
-        options.rust_log,
+        options.node.rust_log,
         load_before.as_deref().unwrap_or("?")
     );
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))?;
     let mut results = Results::default();
-    let outcome = runtime.block_on(measure(&mut harness, &options, &mut results));
-    if let Err(e) = &outcome {
-        eprintln!("raft_timing: stopped early: {e}");
-        results.error = Some(e.clone());
-    }
+    let outcome = runtime()?.block_on(measure(&mut harness, &options, &mut results));
+    results.error = stopped_early(PROGRAM, &outcome);
     let load_after = load_average();
     print_summary(&results, &options);
     println!(
@@ -1648,10 +1152,7 @@ fn run(options: Options) -> Result<(), String> {
     );
     if let Some(path) = &options.json {
         let document = to_json(&results, &options, &bins, [load_before, load_after]);
-        let text = serde_json::to_string_pretty(&document).map_err(|e| e.to_string())?;
-        std::fs::write(path, text + "\n")
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        println!("wrote {}", path.display());
+        write_json(path, &document)?;
     }
     drop(harness);
     outcome
@@ -1659,11 +1160,5 @@ fn run(options: Options) -> Result<(), String> {
 
 /// Runs the measurements; exit code 1 on any error (the cause is printed).
 fn main() -> ExitCode {
-    match run(Options::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("raft_timing: error: {message}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code(PROGRAM, run(Options::parse()))
 }

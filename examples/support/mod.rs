@@ -1,0 +1,684 @@
+//! What the measuring tools `raft_timing` and `failover_timing` share: finding the binaries next
+//! to the running program, a cluster of `kv serve` processes on 127.0.0.1 in a temporary
+//! directory (start, SIGKILL, restart, clean-up on drop), Ctrl-C handling, polling with a
+//! deadline, series of millisecond samples with their quantiles, summary table and JSON, and the
+//! plumbing of `main` (runtime, JSON file, exit code).
+//!
+//! Each tool includes it with `#[path = "support/mod.rs"] mod support;`; cargo does not take
+//! `examples/support/` for an example of its own, since it has no `main.rs`.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::future::Future;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clusterfunk::admin::{AdminClient, AdminRequest, AdminResponse, StatusReport};
+use clusterfunk::transport::{Secret, SECRET_ENV_VAR};
+use clusterfunk::NodeId;
+use serde_json::{json, Value};
+
+/// Lines of each node log printed when something times out or fails.
+const LOG_TAIL_LINES: usize = 25;
+/// How long one library status call may take before it counts as a failed poll.
+pub const POLL_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Set by the Ctrl-C watcher; every wait loop checks it and unwinds, so the guard cleans up.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+/// The programs the tools drive.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// `target/<profile>/examples/kv`.
+    pub kv: PathBuf,
+    /// `target/<profile>/clusterfunk` (present only when asked for).
+    // `failover_timing` drives `kv` alone and never reads this.
+    #[allow(dead_code)]
+    pub cli: PathBuf,
+}
+
+impl Binaries {
+    /// Finds `kv` next to this executable and, with `need_cli`, `clusterfunk` in the profile
+    /// directory above it, or says how to build what is missing.
+    pub fn locate(need_cli: bool) -> Result<Self, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+        let examples = exe.parent().ok_or("this program has no parent directory")?;
+        let profile = match examples.parent() {
+            Some(profile) => profile,
+            None if need_cli => {
+                return Err("this program is not inside target/<profile>/examples".into())
+            }
+            None => examples,
+        };
+        let bins = Binaries {
+            kv: examples.join("kv"),
+            cli: profile.join("clusterfunk"),
+        };
+        let wanted: &[&PathBuf] = if need_cli {
+            &[&bins.kv, &bins.cli]
+        } else {
+            &[&bins.kv]
+        };
+        let missing: Vec<String> = wanted
+            .iter()
+            .filter(|p| !p.is_file())
+            .map(|p| p.display().to_string())
+            .collect();
+        if missing.is_empty() {
+            Ok(bins)
+        } else {
+            Err(format!(
+                "missing {}: run `cargo build --release --examples --bins` first",
+                missing.join(" and ")
+            ))
+        }
+    }
+}
+
+/// The command-line options of the node processes, the same in every tool (flattened into its
+/// options, after the tool's own).
+#[derive(clap::Args, Debug)]
+pub struct NodeOptions {
+    /// `RUST_LOG` of the nodes.
+    #[arg(long, default_value = "warn")]
+    pub rust_log: String,
+    /// Keep the temporary directory (data dirs and node logs) and print its path.
+    #[arg(long)]
+    pub keep_dir: bool,
+}
+
+/// What every node process shares: the binaries, the secret and the log level.
+pub struct Launch {
+    /// The measuring tool's name, for its messages and the markers in the node logs.
+    pub program: &'static str,
+    /// The programs.
+    pub bins: Binaries,
+    /// The cluster secret, passed as `CLUSTERFUNK_SECRET`.
+    pub secret: String,
+    /// `RUST_LOG` of the nodes.
+    pub rust_log: String,
+}
+
+impl Launch {
+    /// The launch of nodes of `program`, with a fresh secret.
+    pub fn new(
+        program: &'static str,
+        bins: Binaries,
+        options: &NodeOptions,
+    ) -> Result<Self, String> {
+        Ok(Launch {
+            program,
+            bins,
+            secret: make_secret()?,
+            rust_log: options.rust_log.clone(),
+        })
+    }
+
+    /// Starts `kv serve` for `node` (with `--init` when given), appending its output to the
+    /// node's log file.
+    pub fn start(&self, node: &mut NodeProc, init: Option<&str>) -> Result<(), String> {
+        if node.child.is_some() {
+            return Err(format!("node {} is already running", node.id));
+        }
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .map_err(|e| format!("cannot open {}: {e}", node.log.display()))?;
+        let _ = writeln!(
+            log,
+            "==== {} {}: starting node {} on {}{} ====",
+            self.program,
+            utc_now(),
+            node.id,
+            node.addr,
+            if init.is_some() { " with --init" } else { "" }
+        );
+        let stderr = log
+            .try_clone()
+            .map_err(|e| format!("cannot share {}: {e}", node.log.display()))?;
+        let mut command = Command::new(&self.bins.kv);
+        command
+            .arg("serve")
+            .arg("--id")
+            .arg(node.id.to_string())
+            .arg("--listen")
+            .arg(node.addr.to_string())
+            .arg("--data-dir")
+            .arg(&node.data_dir);
+        if let Some(init) = init {
+            command.arg("--init").arg(init);
+        }
+        let child = command
+            .env(SECRET_ENV_VAR, &self.secret)
+            .env("RUST_LOG", &self.rust_log)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", self.bins.kv.display()))?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// The cluster secret for the library's clients.
+    pub fn secret(&self) -> Result<Secret, String> {
+        Secret::new(self.secret.clone()).map_err(|e| e.to_string())
+    }
+
+    /// A library admin client for the node at `addr`, each call bounded by `timeout`.
+    pub fn admin(&self, addr: SocketAddr, timeout: Duration) -> Result<AdminClient, String> {
+        AdminClient::new(addr, "clusterfunk", Some(self.secret()?), timeout)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// One `kv serve` slot: its identity, its files and, while it runs, its process.
+pub struct NodeProc {
+    /// The node id.
+    pub id: NodeId,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its raft storage.
+    pub data_dir: PathBuf,
+    /// Its stdout and stderr, across restarts.
+    pub log: PathBuf,
+    /// The process, while running (or killed and not yet reaped).
+    pub child: Option<Child>,
+}
+
+impl NodeProc {
+    /// Kills the process, if any, and reaps it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The cluster under test. Dropping it kills every child process and removes the directory.
+pub struct Harness {
+    /// How nodes are started.
+    pub launch: Launch,
+    /// The temporary directory (data dirs and logs); `None` once handed over.
+    dir: Option<tempfile::TempDir>,
+    /// Keep the directory on drop.
+    keep_dir: bool,
+    /// The initial members, node `i + 1` at index `i`.
+    pub nodes: Vec<NodeProc>,
+    /// Nodes started later (for membership changes).
+    pub extra: Vec<NodeProc>,
+}
+
+impl Harness {
+    /// Makes the directory and a slot for node `i + 1` on each of `addrs` (nothing starts).
+    pub fn new(launch: Launch, addrs: Vec<SocketAddr>, keep_dir: bool) -> Result<Self, String> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{}.", launch.program))
+            .tempdir()
+            .map_err(|e| format!("cannot make a temporary directory: {e}"))?;
+        let mut harness = Harness {
+            launch,
+            dir: Some(dir),
+            keep_dir,
+            nodes: Vec::new(),
+            extra: Vec::new(),
+        };
+        for (id, addr) in (1..).zip(addrs) {
+            let node = harness.slot(id, addr);
+            harness.nodes.push(node);
+        }
+        Ok(harness)
+    }
+
+    /// The temporary directory.
+    pub fn path(&self) -> &Path {
+        self.dir.as_ref().map_or(Path::new("."), |d| d.path())
+    }
+
+    /// A new node slot listening on `addr`, with its data dir and log path.
+    pub fn slot(&self, id: NodeId, addr: SocketAddr) -> NodeProc {
+        NodeProc {
+            id,
+            addr,
+            data_dir: self.path().join(format!("node-{id}")),
+            log: self.path().join(format!("node-{id}.log")),
+            child: None,
+        }
+    }
+
+    /// The ids of the initial members.
+    pub fn ids(&self) -> Vec<NodeId> {
+        self.nodes.iter().map(|n| n.id).collect()
+    }
+
+    /// The initial member with this id.
+    pub fn node(&self, id: NodeId) -> &NodeProc {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    /// The initial member with this id, to change.
+    fn node_mut(&mut self, id: NodeId) -> &mut NodeProc {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    /// `--init` for the initial members: `1=IP:PORT,2=IP:PORT,...`.
+    fn init_list(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("{}={}", n.id, n.addr))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Starts (or restarts) initial member `id`, with `--init` when `init` is set (a node with
+    /// a cluster on disk ignores it).
+    pub fn start(&mut self, id: NodeId, init: bool) -> Result<(), String> {
+        let init = init.then(|| self.init_list());
+        let index = (id - 1) as usize;
+        self.launch.start(&mut self.nodes[index], init.as_deref())
+    }
+
+    /// Starts every initial member with `--init`.
+    pub fn start_all(&mut self) -> Result<(), String> {
+        for id in self.ids() {
+            self.start(id, true)?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs initial member `id`, marks it in its log and returns the moment right after
+    /// the kill; the process is reaped by [`Self::reap`].
+    pub fn kill(&mut self, id: NodeId) -> Result<Instant, String> {
+        let child = self
+            .node_mut(id)
+            .child
+            .as_mut()
+            .ok_or(format!("node {id} is not running"))?;
+        child
+            .kill()
+            .map_err(|e| format!("cannot kill node {id}: {e}"))?;
+        let at = Instant::now();
+        self.note(id, "killed with SIGKILL");
+        Ok(at)
+    }
+
+    /// Waits for a killed member's process to exit and forgets it.
+    pub fn reap(&mut self, id: NodeId) {
+        if let Some(mut child) = self.node_mut(id).child.take() {
+            let _ = child.wait();
+        }
+    }
+
+    /// Appends a marker line about initial member `id` to its log.
+    pub fn note(&self, id: NodeId, text: &str) {
+        let node = self.node(id);
+        if let Ok(mut log) = OpenOptions::new().append(true).open(&node.log) {
+            let _ = writeln!(
+                log,
+                "==== {} {}: node {id} {text} ====",
+                self.launch.program,
+                utc_now()
+            );
+        }
+    }
+
+    /// A library admin client for initial member `id`, each call bounded by `timeout`.
+    pub fn admin(&self, id: NodeId, timeout: Duration) -> Result<AdminClient, String> {
+        self.launch.admin(self.node(id).addr, timeout)
+    }
+
+    /// Library admin clients for every initial member, each call bounded by `timeout`.
+    pub fn admin_clients(
+        &self,
+        timeout: Duration,
+    ) -> Result<BTreeMap<NodeId, AdminClient>, String> {
+        self.nodes
+            .iter()
+            .map(|n| Ok((n.id, self.launch.admin(n.addr, timeout)?)))
+            .collect()
+    }
+
+    /// Prints the last lines of the logs of these nodes (all when `ids` is empty).
+    pub fn print_log_tails(&self, ids: &[NodeId]) {
+        for node in self.nodes.iter().chain(&self.extra) {
+            if !ids.is_empty() && !ids.contains(&node.id) {
+                continue;
+            }
+            let text = std::fs::read_to_string(&node.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(LOG_TAIL_LINES);
+            eprintln!(
+                "---- node {} log ({}), last lines:",
+                node.id,
+                node.log.display()
+            );
+            for line in &lines[from..] {
+                eprintln!("   {line}");
+            }
+        }
+    }
+}
+
+/// The cleanup guard: runs on every way out of a tool's `run`, errors and Ctrl-C included.
+impl Drop for Harness {
+    /// Kills and reaps every node, then removes the directory (unless `--keep-dir`).
+    fn drop(&mut self) {
+        for node in self.nodes.iter_mut().chain(self.extra.iter_mut()) {
+            node.stop();
+        }
+        if let Some(dir) = self.dir.take() {
+            if self.keep_dir {
+                eprintln!("{}: kept {}", self.launch.program, dir.keep().display());
+            }
+        }
+    }
+}
+
+/// A fresh random cluster secret (hex of 24 bytes from /dev/urandom).
+fn make_secret() -> Result<String, String> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 24];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ctrl-C and waiting
+
+/// Starts a thread that notes Ctrl-C (see [`interrupted`]) and says so as `program`.
+pub fn watch_interrupt(program: &'static str) {
+    std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                INTERRUPTED.store(true, Ordering::SeqCst);
+                eprintln!("{program}: interrupted; stopping the nodes");
+            }
+        });
+    });
+}
+
+/// Whether Ctrl-C was pressed.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// Fails once Ctrl-C was pressed.
+pub fn check_interrupt() -> Result<(), String> {
+    if interrupted() {
+        Err("interrupted".into())
+    } else {
+        Ok(())
+    }
+}
+
+/// Calls `probe` every `every` until it succeeds, at most for `limit` (and as many attempts as
+/// fit); the error names `what` and the last reason.
+pub async fn wait_for<T, F, Fut>(
+    what: &str,
+    every: Duration,
+    limit: Duration,
+    mut probe: F,
+) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + limit;
+    let attempts = limit.as_millis() / every.as_millis().max(1) + 1;
+    let mut last = "no attempt".to_string();
+    for _ in 0..attempts {
+        check_interrupt()?;
+        match probe().await {
+            Ok(value) => return Ok(value),
+            Err(e) => last = e,
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(every).await;
+    }
+    Err(format!(
+        "timed out after {limit:?} waiting for {what}: {last}"
+    ))
+}
+
+/// One node's status through the library.
+pub async fn lib_status(client: &AdminClient) -> Result<StatusReport, String> {
+    match client.request(AdminRequest::Status).await {
+        Ok(AdminResponse::Status(status)) => Ok(status),
+        Ok(other) => Err(format!("unexpected answer: {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Every client's node status, asked all at once, in the order of the node ids.
+pub async fn lib_statuses(
+    clients: &BTreeMap<NodeId, AdminClient>,
+) -> Vec<(NodeId, Result<StatusReport, String>)> {
+    futures_util::future::join_all(
+        clients
+            .iter()
+            .map(|(id, c)| async move { (*id, lib_status(c).await) }),
+    )
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Figures
+
+/// Samples of one figure, in ms, with the failures that gave none.
+#[derive(Debug, Clone, Default)]
+pub struct Series {
+    /// Milliseconds.
+    pub values: Vec<f64>,
+    /// Why some attempts gave no sample.
+    pub failures: Vec<String>,
+}
+
+impl Series {
+    /// Adds a sample or a failure.
+    pub fn push(&mut self, sample: Result<f64, String>) {
+        match sample {
+            Ok(v) => self.values.push(v),
+            Err(e) => self.failures.push(e),
+        }
+    }
+
+    /// Adds a sample, or a failure without a reason for `None`.
+    // `raft_timing` always has a reason and uses `push`.
+    #[allow(dead_code)]
+    pub fn push_option(&mut self, sample: Option<f64>) {
+        self.push(sample.ok_or_else(|| "no sample".to_string()));
+    }
+
+    /// The `p`-quantile (0..=1), interpolated linearly between closest ranks.
+    pub fn quantile(&self, p: f64) -> Option<f64> {
+        let mut sorted = self.values.clone();
+        sorted.sort_by(f64::total_cmp);
+        let last = sorted.len().checked_sub(1)?;
+        let rank = p.clamp(0.0, 1.0) * last as f64;
+        let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+        Some(sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64))
+    }
+
+    /// `{"median","p90","max","min"[,"mean"],"samples","failures"}`, in ms (null without
+    /// samples); `"mean"` only `with_mean`.
+    pub fn to_json(&self, with_mean: bool) -> Value {
+        let mut figures = serde_json::Map::new();
+        for (key, p) in [("median", 0.5), ("p90", 0.9), ("max", 1.0), ("min", 0.0)] {
+            figures.insert(key.into(), json!(self.quantile(p).map(round3)));
+        }
+        if with_mean {
+            let mean = (!self.values.is_empty())
+                .then(|| self.values.iter().sum::<f64>() / self.values.len() as f64);
+            figures.insert("mean".into(), json!(mean.map(round3)));
+        }
+        figures.insert("samples".into(), json!(self.values.len()));
+        figures.insert("failures".into(), json!(self.failures.len()));
+        Value::Object(figures)
+    }
+}
+
+/// The layout of a summary table: a figure's name, its samples and failures, then its median,
+/// p90, max and min in ms.
+pub struct SummaryTable {
+    /// Width of the name column (left-aligned).
+    pub name_width: usize,
+    /// Width of each of the four figure columns (right-aligned).
+    pub figure_width: usize,
+    /// What separates two columns.
+    pub gap: &'static str,
+}
+
+impl SummaryTable {
+    /// Prints one line of cells, the first left-aligned and the others right-aligned.
+    fn line(&self, name: &str, cells: [&str; 6]) {
+        let fw = self.figure_width;
+        let mut text = format!("{name:<width$}", width = self.name_width);
+        for (cell, width) in cells.into_iter().zip([7, 8, fw, fw, fw, fw]) {
+            text.push_str(self.gap);
+            text.push_str(&format!("{cell:>width$}"));
+        }
+        println!("{text}");
+    }
+
+    /// Prints the header line, `first` over the names.
+    pub fn header(&self, first: &str) {
+        self.line(
+            first,
+            ["samples", "failures", "median", "p90", "max", "min"],
+        );
+    }
+
+    /// Prints the row of `series`, unless it holds neither samples nor failures.
+    pub fn row(&self, name: &str, series: &Series) {
+        if series.values.is_empty() && series.failures.is_empty() {
+            return;
+        }
+        let [median, p90, max, min] = [0.5, 0.9, 1.0, 0.0].map(|p| fmt_ms(series.quantile(p)));
+        self.line(
+            name,
+            [
+                &series.values.len().to_string(),
+                &series.failures.len().to_string(),
+                &median,
+                &p90,
+                &max,
+                &min,
+            ],
+        );
+    }
+}
+
+/// Milliseconds of a duration.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Rounds to three decimals (µs) for JSON.
+pub fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+/// Formats an optional millisecond figure.
+pub fn fmt_ms(v: Option<f64>) -> String {
+    v.map_or("-".to_string(), |v| format!("{v:.1}"))
+}
+
+/// The current UTC time as RFC 3339 with microseconds, like the node logs.
+pub fn utc_now() -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs();
+    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        now.subsec_micros()
+    )
+}
+
+/// Year, month and day of a count of days since 1970-01-01 (H. Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// The 1, 5 and 15 minute load averages, when the system tells.
+pub fn load_average() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    Some(
+        text.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running
+
+/// The single-threaded runtime the measurements run on.
+pub fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+/// Says, as `program`, why the measurements stopped early, and returns that reason.
+pub fn stopped_early(program: &str, outcome: &Result<(), String>) -> Option<String> {
+    let error = outcome.as_ref().err()?;
+    eprintln!("{program}: stopped early: {error}");
+    Some(error.clone())
+}
+
+/// Writes `document` pretty-printed to `path` and says so.
+pub fn write_json(path: &Path, document: &Value) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(document).map_err(|e| e.to_string())?;
+    std::fs::write(path, text + "\n")
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+/// The exit code of a tool's run: 1 on an error, printed as `program: error: ...`.
+pub fn exit_code(program: &str, outcome: Result<(), String>) -> ExitCode {
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("{program}: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
