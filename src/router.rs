@@ -442,6 +442,11 @@ impl<H: ShardHandler> Router<H> {
                                 )
                                 .await;
                             }
+                            if self.map_epoch() < theirs {
+                                return Err(Error::NotReady {
+                                    reason: NotReadyReason::ShardMoving,
+                                });
+                            }
                             continue;
                         }
                         // They are behind us (the new owner has not applied the map that names
