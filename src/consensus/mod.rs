@@ -606,19 +606,27 @@ impl Consensus {
             .map
             .as_ref()
             .map_or(0, |m| m.shards_of(id).count());
-        self.raft
-            .client_write(Command::SetDraining { node: id, draining })
-            .await
-            .map_err(write_error)?;
+        self.set_draining(id, draining).await?;
         if !draining {
             return Ok(AdminResponse::Changed(self.change_report(format!(
                 "node {id} undrained: it gets its share of shards back by handoff"
             ))));
         }
-        self.wait_drained(id).await?;
         Ok(AdminResponse::Changed(self.change_report(format!(
             "node {id} drained: {owned_before} shard(s) handed over, it owns none"
         ))))
+    }
+
+    /// Writes `SetDraining`; when draining, waits until the node owns no shard (or is down).
+    async fn set_draining(&self, id: NodeId, draining: bool) -> Result<(), AdminError> {
+        self.raft
+            .client_write(Command::SetDraining { node: id, draining })
+            .await
+            .map_err(write_error)?;
+        if draining {
+            self.wait_drained(id).await?;
+        }
+        Ok(())
     }
 
     /// Waits until `id` owns no shard and hands none over (or is marked down).
@@ -675,14 +683,7 @@ impl Consensus {
             .get(&id)
             .is_some_and(|m| m.down);
         if !down {
-            self.raft
-                .client_write(Command::SetDraining {
-                    node: id,
-                    draining: true,
-                })
-                .await
-                .map_err(write_error)?;
-            self.wait_drained(id).await?;
+            self.set_draining(id, true).await?;
         }
         let change = if voters.contains(&id) {
             ChangeMembers::RemoveVoters(BTreeSet::from([id]))
