@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! kv serve --id N --listen IP:PORT --data-dir DIR [--init ID=IP:PORT[@ZONE],...] [--zone Z] [--shards S]
+//!          [--metrics IP:PORT] [--drain-timeout SECS]
 //! kv put   --node IP:PORT KEY VALUE
 //! kv get   --node IP:PORT KEY          # prints the value; exit 3 when the key is absent
 //! kv owner --node IP:PORT KEY          # one JSON line {"key":..,"shard":S,"node":N,"epoch":E}
@@ -9,6 +10,11 @@
 //! The cluster secret comes from `CLUSTERFUNK_SECRET` or `--secret-file`; `--insecure` runs
 //! without one. The values live in memory: a shard's data moves with it on planned moves and is
 //! lost when its node crashes.
+//!
+//! SIGTERM or Ctrl-C stops a node gracefully: it drains its shards to the other nodes (bounded by
+//! `--drain-timeout`, default 30 s), hands over leadership if it leads, and exits 0 (2 when the
+//! drain did not finish). Started again from the same data dir, it undrains itself once it has
+//! rejoined. `RUST_LOG` filters the log (default `info`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -21,6 +27,7 @@ use clusterfunk::admin::resolve_secret;
 use clusterfunk::client::{Client, ClientError};
 use clusterfunk::consensus::NodeInfo;
 use clusterfunk::prelude::*;
+use clusterfunk::GracefulShutdown;
 
 /// Stores a value under the key.
 #[derive(Serialize, Deserialize, ShardMessage)]
@@ -136,6 +143,13 @@ enum Command {
         /// Shard count of a new cluster.
         #[arg(long, default_value_t = 1024)]
         shards: u32,
+        /// Serve Prometheus metrics at http://IP:PORT/metrics.
+        #[arg(long)]
+        metrics: Option<SocketAddr>,
+        /// On SIGTERM or Ctrl-C, how many seconds the node may spend handing its shards to the
+        /// others (and leadership, if it leads) before it stops anyway.
+        #[arg(long, default_value_t = 30)]
+        drain_timeout: u64,
         #[command(flatten)]
         auth: Auth,
     },
@@ -213,8 +227,20 @@ fn main() -> ExitCode {
             init,
             zone,
             shards,
+            metrics,
+            drain_timeout,
             auth,
-        } => serve(id, listen, data_dir, init, zone, shards, auth).map(|()| ExitCode::SUCCESS),
+        } => serve(Serve {
+            id,
+            listen,
+            data_dir,
+            init,
+            zone,
+            shards,
+            metrics,
+            drain_timeout: Duration::from_secs(drain_timeout),
+            auth,
+        }),
         Command::Put {
             node,
             key,
@@ -264,29 +290,39 @@ where
     })
 }
 
-fn serve(
+/// The settings of `kv serve`.
+struct Serve {
     id: NodeId,
     listen: SocketAddr,
     data_dir: PathBuf,
     init: Option<String>,
     zone: Option<String>,
     shards: u32,
+    metrics: Option<SocketAddr>,
+    drain_timeout: Duration,
     auth: Auth,
-) -> Result<(), String> {
-    let secret = resolve_secret(auth.secret_file.as_deref(), auth.insecure)?;
-    let initial = init.as_deref().map(parse_init).transpose()?;
+}
+
+/// Runs a node until SIGTERM or Ctrl-C, then leaves gracefully: exit 0 when every shard was
+/// handed over, 2 when the drain did not finish in time.
+fn serve(settings: Serve) -> Result<ExitCode, String> {
+    let secret = resolve_secret(settings.auth.secret_file.as_deref(), settings.auth.insecure)?;
+    let initial = settings.init.as_deref().map(parse_init).transpose()?;
     actix::System::new().block_on(async move {
         let mut builder = Cluster::builder()
-            .node_id(id)
-            .listen(listen)
-            .data_dir(data_dir)
-            .shards(shards)
+            .node_id(settings.id)
+            .listen(settings.listen)
+            .data_dir(settings.data_dir)
+            .shards(settings.shards)
             .handler::<Store>();
-        if let Some(zone) = zone {
+        if let Some(zone) = settings.zone {
             builder = builder.zone(zone);
         }
         if let Some(members) = initial {
             builder = builder.initial_members(members);
+        }
+        if let Some(addr) = settings.metrics {
+            builder = builder.metrics(addr);
         }
         builder = match secret {
             Some(secret) => builder.secret(secret),
@@ -294,9 +330,13 @@ fn serve(
         };
         let node = builder.start().await.map_err(|e| e.to_string())?;
         wait_for_signal().await;
-        tracing::info!("stopping");
-        node.shutdown().await;
-        Ok(())
+        tracing::info!("stopping: handing shards over first");
+        Ok(
+            match node.shutdown_gracefully(settings.drain_timeout).await {
+                GracefulShutdown::Drained => ExitCode::SUCCESS,
+                _ => ExitCode::from(2),
+            },
+        )
     })
 }
 

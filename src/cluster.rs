@@ -20,6 +20,7 @@ use crate::consensus::network::Network;
 use crate::consensus::{ClusterApp, ClusterState, Consensus, ConsensusConfig, NodeInfo, Raft};
 use crate::error::{ConfigError, Error, NotReadyReason, StartError};
 use crate::lease::LeaseConfig;
+use crate::metrics::RouteLabel;
 use crate::router::{Origin, RouterParts};
 use crate::router::{RouteAny, Router, RouterLimits, RoutingTable};
 use crate::service::NodeService;
@@ -64,6 +65,8 @@ pub struct NodeConfig {
     pub unavailable_wait: Duration,
     /// How many requests may wait at once before `Overloaded`. Default: 10 000.
     pub waiting_max: usize,
+    /// Where to serve Prometheus metrics (`http://ADDR/metrics`), process-wide. Default: none.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Default for NodeConfig {
@@ -82,6 +85,7 @@ impl Default for NodeConfig {
             lease: LeaseConfig::default(),
             unavailable_wait: Duration::from_secs(3),
             waiting_max: 10_000,
+            metrics: None,
         }
     }
 }
@@ -340,6 +344,14 @@ impl<H> ClusterBuilder<H> {
         self
     }
 
+    /// Serves Prometheus metrics at `http://addr/metrics` (see the guide's metrics reference).
+    /// The endpoint is process-wide: every node of one process must name the same address.
+    /// Default: none.
+    pub fn metrics(mut self, addr: SocketAddr) -> Self {
+        self.config.metrics = Some(addr);
+        self
+    }
+
     /// LMDB options (map size, fsync). Default: [`StoreOptions::default`].
     pub fn store_options(mut self, options: StoreOptions) -> Self {
         self.cluster.store = options;
@@ -359,6 +371,9 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             hint: "call .handler::<YourHandler>() or .handler_with(|shard| ..) on the builder",
         })?;
         check_tags::<H>()?;
+        if let Some(addr) = self.config.metrics {
+            crate::metrics::install(addr)?;
+        }
         if !self.standalone {
             return self.start_clustered(factory).await;
         }
@@ -394,6 +409,7 @@ impl<H: ShardHandler> ClusterBuilder<H> {
                 system,
                 consensus: None,
                 server: Mutex::new(None),
+                undrain_marker: None,
             }),
         })
     }
@@ -522,6 +538,22 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             Arc::downgrade(&router),
             consensus.clone(),
         ));
+        if crate::metrics::enabled() {
+            tokio::spawn(crate::metrics::sample(
+                Arc::downgrade(&router),
+                consensus.clone(),
+            ));
+        }
+        let undrain_marker = (!options.in_memory_for_tests)
+            .then(|| config.data_dir.as_ref().map(|dir| dir.join(UNDRAIN_MARKER)))
+            .flatten();
+        if let Some(marker) = undrain_marker.clone().filter(|m| m.exists()) {
+            tokio::spawn(undrain_after_restart(
+                Arc::downgrade(&router),
+                consensus.clone(),
+                marker,
+            ));
+        }
         tracing::info!(node_id = config.node_id, %listen, "node started");
         Ok(Node {
             inner: Arc::new(NodeInner {
@@ -529,6 +561,7 @@ impl<H: ShardHandler> ClusterBuilder<H> {
                 system,
                 consensus: Some(consensus),
                 server: Mutex::new(Some(server)),
+                undrain_marker,
             }),
         })
     }
@@ -573,6 +606,70 @@ async fn follow_consensus<H: ShardHandler>(router: Weak<Router<H>>, consensus: C
             changed = metrics.changed() => if changed.is_err() { return },
             changed = applied.changed() => if changed.is_err() { return },
         }
+    }
+}
+
+/// The file in the data dir that marks a node drained by its own graceful shutdown.
+const UNDRAIN_MARKER: &str = "drained-by-shutdown";
+
+/// Undrains a node that a graceful shutdown drained, once it has rejoined (it knows a leader and
+/// sees itself as a draining member), then removes the marker. An operator's undrain (or
+/// removal) meanwhile also ends it.
+async fn undrain_after_restart<H: ShardHandler>(
+    router: Weak<Router<H>>,
+    consensus: Consensus,
+    marker: PathBuf,
+) {
+    let me = consensus.node_id();
+    let mut applied = consensus.subscribe();
+    let mut metrics = consensus.raft().metrics();
+    loop {
+        let Some(leased) = router.upgrade().map(|r| r.lease_remaining().is_some()) else {
+            return;
+        };
+        // A lease is granted only for the newest allocation: with one the node has caught up.
+        let caught_up = leased && metrics.borrow_and_update().current_leader.is_some();
+        let draining = applied
+            .borrow_and_update()
+            .state
+            .members
+            .get(&me)
+            .map(|m| m.draining);
+        match (caught_up, draining) {
+            (true, Some(false)) | (true, None) => {
+                // Undrained already, or no longer a member: nothing left to do.
+                break;
+            }
+            (true, Some(true)) => {
+                match consensus
+                    .admin(AdminRequest::Undrain { id: me }, false)
+                    .await
+                {
+                    Ok(_) => {
+                        tracing::info!(
+                            node = me,
+                            "rejoined after a graceful shutdown; undrained, shards come back"
+                        );
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot undrain yet; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                }
+            }
+            (false, _) => {}
+        }
+        // Lease renewals are not announced on these channels: look again every so often.
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return },
+            changed = applied.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+    if let Err(error) = std::fs::remove_file(&marker) {
+        tracing::warn!(%error, path = %marker.display(), "cannot remove the shutdown marker");
     }
 }
 
@@ -642,6 +739,9 @@ struct NodeInner<H: ShardHandler> {
     system: Option<System>,
     consensus: Option<Consensus>,
     server: Mutex<Option<ServerHandle>>,
+    /// The file that says "drained by a graceful shutdown: undrain on restart" (persistent
+    /// nodes only).
+    undrain_marker: Option<PathBuf>,
 }
 
 impl<H: ShardHandler> Drop for NodeInner<H> {
@@ -705,7 +805,9 @@ impl<H: ShardHandler> Node<H> {
         M: ShardMessage,
         H: Handles<M>,
     {
-        self.inner.router.send(key.into(), msg, Origin::Local)
+        self.inner
+            .router
+            .send_counted(key.into(), msg, Origin::Local, RouteLabel::Local)
     }
 
     /// Runs an admin command on this node (as the `clusterfunk` tool does over the network).
@@ -766,6 +868,79 @@ impl<H: ShardHandler> Node<H> {
         }
     }
 
+    /// Leaves gracefully, for rolling upgrades: drains this node's shards to the other members
+    /// (their state moves by handoff and requests wait instead of failing), hands leadership to
+    /// another voter if this node leads, then [`shutdown`](Self::shutdown)s. `timeout` bounds the
+    /// drain and the hand-over; after it the node shuts down anyway (its remaining shards then
+    /// fail over as after a crash).
+    ///
+    /// A node drained this way (and not by an operator) undrains itself when it starts again
+    /// from the same data dir and has rejoined. Standalone nodes just shut down.
+    pub async fn shutdown_gracefully(&self, timeout: Duration) -> GracefulShutdown {
+        let Some(consensus) = self.inner.consensus.clone() else {
+            self.shutdown().await;
+            return GracefulShutdown::Drained;
+        };
+        let me = self.node_id();
+        let started = Instant::now();
+        let already_draining = consensus
+            .applied()
+            .state
+            .members
+            .get(&me)
+            .is_some_and(|m| m.draining);
+        if !already_draining {
+            if let Some(marker) = &self.inner.undrain_marker {
+                // Written before the drain: if the process dies midway the restart still undrains.
+                if let Err(error) = std::fs::write(marker, b"drained by a graceful shutdown\n") {
+                    tracing::warn!(%error, path = %marker.display(), "cannot record the shutdown drain; undrain the node by hand after restarting it");
+                }
+            }
+        }
+        let span = tracing::info_span!("graceful_shutdown", node = me);
+        let outcome = tracing::Instrument::instrument(
+            async {
+                tracing::info!(?timeout, "draining before shutdown");
+                let drained = tokio::time::timeout(
+                    timeout,
+                    consensus.admin(AdminRequest::Drain { id: me }, false),
+                )
+                .await;
+                let outcome = match drained {
+                    Ok(Ok(_)) => GracefulShutdown::Drained,
+                    Ok(Err(error)) => GracefulShutdown::NotDrained {
+                        reason: error.to_string(),
+                    },
+                    Err(_) => GracefulShutdown::NotDrained {
+                        reason: format!("the drain did not finish within {timeout:?}"),
+                    },
+                };
+                let leading = consensus.raft().metrics().borrow().current_leader == Some(me);
+                let left = timeout.saturating_sub(started.elapsed());
+                if leading && !left.is_zero() {
+                    match tokio::time::timeout(left, consensus.admin(AdminRequest::StepDown, false))
+                        .await
+                    {
+                        Ok(Ok(_)) => tracing::info!("leadership handed over"),
+                        Ok(Err(error)) => tracing::warn!(%error, "could not hand over leadership"),
+                        Err(_) => tracing::warn!("leadership hand-over timed out"),
+                    }
+                }
+                outcome
+            },
+            span,
+        )
+        .await;
+        match &outcome {
+            GracefulShutdown::Drained => tracing::info!(node = me, "drained; shutting down"),
+            GracefulShutdown::NotDrained { reason } => {
+                tracing::warn!(node = me, %reason, "shutting down without a complete drain")
+            }
+        }
+        self.shutdown().await;
+        outcome
+    }
+
     /// Stops taking messages, runs `on_deactivate` on every active shard and stops them. Sends
     /// after this fail with [`Error::ShuttingDown`].
     pub async fn shutdown(&self) {
@@ -786,6 +961,19 @@ impl<H: ShardHandler> Node<H> {
         }
         tracing::info!(node_id = self.node_id(), "node stopped");
     }
+}
+
+/// How a [`Node::shutdown_gracefully`] went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GracefulShutdown {
+    /// Every shard was handed over before the node stopped.
+    Drained,
+    /// The node stopped with shards left; they fail over as after a crash.
+    NotDrained {
+        /// Why the drain did not finish.
+        reason: String,
+    },
 }
 
 /// A type-erased handle to a node, used by handlers through

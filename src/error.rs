@@ -166,6 +166,9 @@ pub enum StartError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The metrics endpoint could not start.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     /// Raft or the transport failed to start; the message says which.
     #[error("start-up failed: {0}")]
     Failed(String),

@@ -12,6 +12,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Weak;
 use std::time::Duration;
 
+use tracing::Instrument;
+
 use crate::codec;
 use crate::consensus::{Command, CommandResponse, Consensus};
 use crate::router::Router;
@@ -64,53 +66,58 @@ pub(crate) async fn hand_off<H: ShardHandler>(router: Weak<Router<H>>, consensus
         let mut failed = false;
         for ((to, epoch), shards) in groups {
             for chunk in shards.chunks(SHARDS_PER_BATCH) {
-                let span = tracing::info_span!("handoff", to, epoch, shards = chunk.len());
-                let _entered = span.enter();
-                let mut batch = Vec::with_capacity(chunk.len());
-                for shard in chunk {
-                    let snapshot = match held.remove(shard) {
-                        Some(snapshot) => snapshot,
-                        None => router.deactivate(*shard).await,
-                    };
-                    batch.push((*shard, snapshot));
-                }
-                match send(&consensus, me, to, epoch, &batch).await {
-                    Ok(()) => {
-                        let command = Command::Released {
-                            shards: chunk.to_vec(),
-                            epoch,
-                            from: me,
+                let span =
+                    tracing::info_span!("handoff", from = me, to, epoch, shards = chunk.len());
+                async {
+                    let mut batch = Vec::with_capacity(chunk.len());
+                    for shard in chunk {
+                        let snapshot = match held.remove(shard) {
+                            Some(snapshot) => snapshot,
+                            None => router.deactivate(*shard).await,
                         };
-                        match consensus.propose(command, false).await {
-                            Ok(CommandResponse::Released { shards, .. }) => {
-                                released.extend(shards.iter().map(|s| (*s, epoch)));
-                                tracing::info!(released = shards.len(), "shards released");
-                                // A shard whose move was re-targeted before this release keeps
-                                // its snapshot here, for the new target.
-                                for (shard, snapshot) in batch {
-                                    if !shards.contains(&shard) {
-                                        held.insert(shard, snapshot);
+                        batch.push((*shard, snapshot));
+                    }
+                    match send(&consensus, me, to, epoch, &batch).await {
+                        Ok(()) => {
+                            let command = Command::Released {
+                                shards: chunk.to_vec(),
+                                epoch,
+                                from: me,
+                            };
+                            match consensus.propose(command, false).await {
+                                Ok(CommandResponse::Released { shards, .. }) => {
+                                    released.extend(shards.iter().map(|s| (*s, epoch)));
+                                    tracing::info!(released = shards.len(), "shards released");
+                                    crate::metrics::handoffs_completed("out", shards.len());
+                                    // A shard whose move was re-targeted before this release keeps
+                                    // its snapshot here, for the new target.
+                                    for (shard, snapshot) in batch {
+                                        if !shards.contains(&shard) {
+                                            held.insert(shard, snapshot);
+                                        }
                                     }
                                 }
-                            }
-                            Ok(_) => {
-                                tracing::info!("moves superseded before their release; retrying");
-                                held.extend(batch);
-                            }
-                            Err(error) => {
-                                tracing::warn!(%error, "release not committed; retrying");
-                                failed = true;
-                                // The new owner holds the snapshots; keep copies for a retry.
-                                held.extend(batch);
+                                Ok(_) => {
+                                    tracing::info!("moves superseded before their release; retrying");
+                                    held.extend(batch);
+                                }
+                                Err(error) => {
+                                    tracing::warn!(%error, "release not committed; retrying");
+                                    failed = true;
+                                    // The new owner holds the snapshots; keep copies for a retry.
+                                    held.extend(batch);
+                                }
                             }
                         }
-                    }
-                    Err(reason) => {
-                        tracing::warn!(%reason, "handoff failed; keeping the snapshots and retrying");
-                        failed = true;
-                        held.extend(batch);
+                        Err(reason) => {
+                            tracing::warn!(%reason, "handoff failed; keeping the snapshots and retrying");
+                            failed = true;
+                            held.extend(batch);
+                        }
                     }
                 }
+                .instrument(span)
+                .await;
             }
         }
         drop(router);

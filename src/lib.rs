@@ -67,6 +67,7 @@
 //! - [`client`]: sending to keys from outside the cluster.
 //! - [`codec`]: the one wire and disk format.
 //! - [`error`]: the errors of the public API.
+//! - [`metrics`]: the Prometheus endpoint and what it reports.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -82,6 +83,7 @@ pub mod error;
 mod handoff;
 pub mod lease;
 mod lease_task;
+pub mod metrics;
 pub mod router;
 mod service;
 pub mod shard;
@@ -90,7 +92,9 @@ pub mod storage;
 pub mod transport;
 pub mod wire;
 
-pub use cluster::{Cluster, ClusterBuilder, ClusterHandle, Node, NodeConfig, NodeStatus};
+pub use cluster::{
+    Cluster, ClusterBuilder, ClusterHandle, GracefulShutdown, Node, NodeConfig, NodeStatus,
+};
 pub use consensus::ConsensusConfig;
 pub use error::{ConfigError, Error, NotReadyReason, StartError};
 pub use lease::LeaseConfig;

@@ -29,6 +29,7 @@ use crate::cluster::ClusterHandle;
 use crate::codec;
 use crate::consensus::ClusterState;
 use crate::error::{Error, NotReadyReason};
+use crate::metrics::{RequestMetrics, RouteLabel};
 use crate::shard::{
     Deactivate, Deliver, HandlerFactory, Handles, Handoff, ServeEvent, ServeEventKind,
     ServeObserver, ShardActor, ShardHandler, ShardMessage, Undelivered,
@@ -163,6 +164,8 @@ pub struct Router<H: ShardHandler> {
     limits: RouterLimits,
     transport: Option<Transport>,
     observer: Option<Arc<dyn ServeObserver>>,
+    /// Request counters and histograms; `None` without a metrics endpoint.
+    metrics: Option<RequestMetrics>,
     self_ref: Weak<Router<H>>,
 }
 
@@ -214,6 +217,7 @@ impl<H: ShardHandler> Router<H> {
             limits: parts.limits,
             transport: parts.transport,
             observer: parts.observer,
+            metrics: RequestMetrics::new(),
             self_ref: self_ref.clone(),
         })
     }
@@ -366,7 +370,44 @@ impl<H: ShardHandler> Router<H> {
             },
             _ => msg,
         };
-        self.send_slow(shard, key, msg, origin).await
+        // Only the slow path (forwarding, waiting) gets a span: the fast path stays lean.
+        let span = tracing::debug_span!("route", shard, origin = ?origin);
+        tracing::Instrument::instrument(self.send_slow(shard, key, msg, origin), span).await
+    }
+
+    /// [`send`](Self::send), counted in the request metrics under `route`.
+    pub(crate) async fn send_counted<M>(
+        &self,
+        key: Key,
+        msg: M,
+        origin: Origin,
+        route: RouteLabel,
+    ) -> Result<M::Reply, Error>
+    where
+        M: ShardMessage,
+        H: Handles<M>,
+    {
+        match &self.metrics {
+            None => self.send(key, msg, origin).await,
+            Some(metrics) => {
+                let started = Instant::now();
+                let result = self.send(key, msg, origin).await;
+                metrics.record(route, result.as_ref().err(), started);
+                result
+            }
+        }
+    }
+
+    /// Counts a request that entered by `route` and began at `started`.
+    pub(crate) fn record(&self, route: RouteLabel, error: Option<&Error>, started: Instant) {
+        if let Some(metrics) = &self.metrics {
+            metrics.record(route, error, started);
+        }
+    }
+
+    /// Whether requests are counted (the process serves metrics).
+    pub(crate) fn counts_requests(&self) -> bool {
+        self.metrics.is_some()
     }
 
     async fn send_slow<M>(
@@ -690,6 +731,23 @@ impl<H: ShardHandler> Router<H> {
         futures_util::future::join_all(deactivations).await;
     }
 
+    /// Messages queued in this node's shard mailboxes.
+    pub(crate) fn queue_depth(&self) -> usize {
+        self.slots
+            .iter()
+            .filter_map(|slot| {
+                lock(slot)
+                    .as_ref()
+                    .map(|s| s.queued.load(Ordering::Relaxed))
+            })
+            .sum()
+    }
+
+    /// Requests waiting for a serving owner.
+    pub(crate) fn waiting_requests(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
     /// The number of shard actors running on this node.
     pub(crate) fn active_shards(&self) -> usize {
         self.slots
@@ -755,6 +813,15 @@ impl<H: ShardHandler> RouteAny for Router<H> {
             return Box::pin(std::future::ready(Err(Error::ShuttingDown)));
         };
         match H::Message::from_any(msg) {
+            Ok(wire) if router.counts_requests() => {
+                let started = Instant::now();
+                let routed = wire.route_any(&router, key);
+                Box::pin(async move {
+                    let result = routed.await;
+                    router.record(RouteLabel::Local, result.as_ref().err(), started);
+                    result
+                })
+            }
             Ok(wire) => wire.route_any(&router, key),
             Err(_) => Box::pin(std::future::ready(Err(Error::UnknownMessage {
                 tag: tag.to_string(),

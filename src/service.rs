@@ -6,12 +6,14 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::__private::WireMessage;
 use crate::admin::{AdminRequest, AdminResponse, NodeState, StatusReport};
 use crate::codec;
 use crate::consensus::{Command, Consensus};
 use crate::error::Error;
+use crate::metrics::RouteLabel;
 use crate::router::{Origin, Router};
 use crate::shard::ShardHandler;
 use crate::shard_map::Key;
@@ -53,13 +55,19 @@ impl<H: ShardHandler> Service for NodeService<H> {
                     Response::Admin(consensus.admin(request, forwarded).await)
                 }
                 Request::Shard { key, tag, payload } => {
-                    Response::Shard(route_wire(&router, key, &tag, &payload, Origin::Local).await)
+                    let started = Instant::now();
+                    let result = route_wire(&router, key, &tag, &payload, Origin::Local).await;
+                    router.record(RouteLabel::Client, result.as_ref().err(), started);
+                    Response::Shard(result)
                 }
                 Request::Forward {
                     key, tag, payload, ..
-                } => Response::Shard(
-                    route_wire(&router, key, &tag, &payload, Origin::Forwarded).await,
-                ),
+                } => {
+                    let started = Instant::now();
+                    let result = route_wire(&router, key, &tag, &payload, Origin::Forwarded).await;
+                    router.record(RouteLabel::Forwarded, result.as_ref().err(), started);
+                    Response::Shard(result)
+                }
                 Request::RenewLease(renew) => Response::Lease(consensus.renew(renew).await),
                 Request::Handoff {
                     from,
@@ -67,6 +75,7 @@ impl<H: ShardHandler> Service for NodeService<H> {
                     shards,
                 } => {
                     tracing::info!(from, epoch, count = shards.len(), "shards handed over");
+                    crate::metrics::handoffs_completed("in", shards.len());
                     for (shard, snapshot) in shards {
                         if let Some(snapshot) = snapshot {
                             router.accept_handoff(shard, epoch, snapshot);

@@ -284,6 +284,7 @@ impl<H: ShardHandler> ShardActor<H> {
             }
             Err(panic) => {
                 tracing::error!(shard, reason = %panic_message(&*panic), "shard activation panicked");
+                crate::metrics::shard_failure();
                 self.slot = None;
             }
         }
@@ -298,6 +299,7 @@ impl<H: ShardHandler> ShardActor<H> {
     /// Replaces the handler after a panic and returns the error for the failed message.
     fn restart_after_panic(&mut self, panic: Box<dyn Any + Send>) -> Error {
         let reason = panic_message(&*panic);
+        crate::metrics::shard_failure();
         self.restarts += 1;
         tracing::error!(shard = self.shard, restarts = self.restarts, %reason, "shard handler panicked; restarting the shard");
         self.activate();

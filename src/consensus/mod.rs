@@ -966,6 +966,14 @@ impl Handler<Write> for ConsensusActor {
                     });
                 };
                 let span = tracing::info_span!("membership", ?request);
+                let change = match &request {
+                    AdminRequest::AddNode { .. } => Some("add_node"),
+                    AdminRequest::RemoveNode { .. } => Some("remove_node"),
+                    AdminRequest::Drain { .. } => Some("drain"),
+                    AdminRequest::Undrain { .. } => Some("undrain"),
+                    AdminRequest::StepDown => Some("step_down"),
+                    _ => None,
+                };
                 let work = async move {
                     match request {
                         AdminRequest::AddNode {
@@ -983,7 +991,11 @@ impl Handler<Write> for ConsensusActor {
                         }),
                     }
                 };
-                tracing::Instrument::instrument(work, span).await
+                let result = tracing::Instrument::instrument(work, span).await;
+                if let Some(change) = change {
+                    crate::metrics::membership_change(change, result.is_ok());
+                }
+                result
             }
             .into_actor(self),
         ))
