@@ -16,7 +16,7 @@
 //! drain did not finish). Started again from the same data dir, it undrains itself once it has
 //! rejoined. `RUST_LOG` filters the log (default `info`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -180,37 +180,6 @@ enum Command {
     },
 }
 
-/// Parses `ID=IP:PORT[@ZONE],...`.
-fn parse_init(list: &str) -> Result<BTreeMap<NodeId, NodeInfo>, String> {
-    list.split(',')
-        .filter(|s| !s.is_empty())
-        .map(|item| {
-            let (id, rest) = item
-                .split_once('=')
-                .ok_or(format!("`{item}`: expected ID=IP:PORT"))?;
-            let id: NodeId = id
-                .trim()
-                .parse()
-                .map_err(|_| format!("`{id}` is not a node id"))?;
-            let (addr, zone) = match rest.split_once('@') {
-                Some((addr, zone)) => (addr, Some(zone.to_string())),
-                None => (rest, None),
-            };
-            let addr: SocketAddr = addr
-                .trim()
-                .parse()
-                .map_err(|_| format!("`{addr}` is not IP:PORT"))?;
-            Ok((
-                id,
-                NodeInfo {
-                    addr: addr.to_string(),
-                    zone,
-                },
-            ))
-        })
-        .collect()
-}
-
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -307,7 +276,11 @@ struct Serve {
 /// handed over, 2 when the drain did not finish in time.
 fn serve(settings: Serve) -> Result<ExitCode, String> {
     let secret = resolve_secret(settings.auth.secret_file.as_deref(), settings.auth.insecure)?;
-    let initial = settings.init.as_deref().map(parse_init).transpose()?;
+    let initial = settings
+        .init
+        .as_deref()
+        .map(NodeInfo::parse_members)
+        .transpose()?;
     actix::System::new().block_on(async move {
         let mut builder = Cluster::builder()
             .node_id(settings.id)

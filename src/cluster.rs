@@ -590,10 +590,19 @@ async fn follow_consensus<H: ShardHandler>(router: Weak<Router<H>>, consensus: C
         if seen != Some((index, leaderless_since.is_some())) {
             seen = Some((index, leaderless_since.is_some()));
             let state = Arc::new(current.state.clone());
-            let not_ready = if state.map.is_none() {
-                Some(NotReadyReason::NoMap)
-            } else {
-                None
+            let not_ready = match state.shard_count {
+                Some(cluster) if cluster != router.shard_count() => {
+                    tracing::error!(
+                        node = router.node_id(),
+                        configured = router.shard_count(),
+                        cluster,
+                        "this node was started with {} shards but the cluster has {cluster}: it answers NotReady until restarted with {cluster}",
+                        router.shard_count()
+                    );
+                    Some(NotReadyReason::ShardCountMismatch)
+                }
+                _ if state.map.is_none() => Some(NotReadyReason::NoMap),
+                _ => None,
             };
             router.set_table(RoutingTable {
                 state,
@@ -883,6 +892,19 @@ impl<H: ShardHandler> Node<H> {
         };
         let me = self.node_id();
         let started = Instant::now();
+        let others = consensus
+            .applied()
+            .state
+            .members
+            .iter()
+            .filter(|(id, m)| **id != me && !m.draining && !m.down)
+            .count();
+        if others == 0 {
+            self.shutdown().await;
+            return GracefulShutdown::NotDrained {
+                reason: "no other member can take the shards".into(),
+            };
+        }
         let already_draining = consensus
             .applied()
             .state

@@ -23,6 +23,8 @@ pub enum NotReadyReason {
     ShardMoving,
     /// The shard's owner cannot be reached; failover will move its shards.
     OwnerUnreachable,
+    /// This node was started with a shard count other than the cluster's: it cannot route.
+    ShardCountMismatch,
 }
 
 impl std::fmt::Display for NotReadyReason {
@@ -34,6 +36,9 @@ impl std::fmt::Display for NotReadyReason {
             NotReadyReason::LeaseExpired => "the node's lease has expired",
             NotReadyReason::ShardMoving => "the shard is moving between nodes",
             NotReadyReason::OwnerUnreachable => "the shard's owner cannot be reached",
+            NotReadyReason::ShardCountMismatch => {
+                "this node was started with a shard count other than the cluster's; restart it with the cluster's shard count"
+            }
         })
     }
 }

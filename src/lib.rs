@@ -68,6 +68,7 @@
 //! - [`codec`]: the one wire and disk format.
 //! - [`error`]: the errors of the public API.
 //! - [`metrics`]: the Prometheus endpoint and what it reports.
+//! - [`recover`]: forming a new cluster from a survivor after a quorum was lost for good.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -84,6 +85,7 @@ mod handoff;
 pub mod lease;
 mod lease_task;
 pub mod metrics;
+pub mod recover;
 pub mod router;
 mod service;
 pub mod shard;

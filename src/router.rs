@@ -327,6 +327,10 @@ impl<H: ShardHandler> Router<H> {
         }
         let table = self.table.load();
         if let Some(reason) = table.not_ready {
+            if reason == NotReadyReason::ShardCountMismatch {
+                // Waiting cannot help: only a restart with the right count does.
+                return Route::Fail(Error::NotReady { reason });
+            }
             return Route::Wait(reason);
         }
         let Some(owner) = table.state.map.as_ref().and_then(|m| m.owner(shard)) else {

@@ -101,6 +101,10 @@ pub(crate) fn status<H: ShardHandler>(consensus: &Consensus, router: &Router<H>)
     let mut report = consensus.status(None);
     let remaining = router.lease_remaining();
     report.lease_remaining_ms = remaining.map(|d| d.as_millis().min(u64::MAX as u128) as u64);
+    if let (NodeState::Serving, Some(reason)) = (report.state, router.table().not_ready) {
+        report.state = NodeState::NotReady;
+        report.reason = Some(reason.to_string());
+    }
     if report.state == NodeState::Serving && remaining.is_none() {
         report.state = NodeState::NotReady;
         report.reason = Some(crate::NotReadyReason::LeaseExpired.to_string());

@@ -80,6 +80,27 @@ enum Command {
         #[arg(long)]
         id: u64,
     },
+    /// Offline: make a stopped survivor of a lost quorum form a new cluster from its own log
+    /// (like etcd's --force-new-cluster). Run with --inspect on each survivor first and recover
+    /// the one with the most advanced log; then start it and add fresh nodes.
+    Recover {
+        /// The stopped node's data dir.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The node's id (required unless --inspect).
+        #[arg(long, required_unless_present = "inspect")]
+        id: Option<u64>,
+        /// The new cluster's voters, ID=IP:PORT[@ZONE],...; normally only this node.
+        #[arg(long, required_unless_present = "inspect")]
+        members: Option<String>,
+        /// Only print the node's raft state (last log entry, committed index, membership).
+        #[arg(long)]
+        inspect: bool,
+        /// Confirm: entries only the lost nodes had may be lost, and they must never run again
+        /// with their old data dirs. Without it the command prints what it would do.
+        #[arg(long)]
+        i_understand_this_may_lose_data: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -101,6 +122,23 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), String> {
+    if let Command::Recover {
+        data_dir,
+        id,
+        members,
+        inspect,
+        i_understand_this_may_lose_data,
+    } = &cli.command
+    {
+        return recover::run(recover::Args {
+            data_dir,
+            id: *id,
+            members: members.as_deref(),
+            inspect: *inspect,
+            confirmed: *i_understand_this_may_lose_data,
+            json: cli.json,
+        });
+    }
     let node = cli.node.ok_or("--node IP:PORT is required")?;
     let secret = resolve_secret(cli.secret_file.as_deref(), cli.insecure)?;
     let request = match cli.command {
@@ -122,6 +160,7 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::StepDown => AdminRequest::StepDown,
         Command::Drain { id } => AdminRequest::Drain { id },
         Command::Undrain { id } => AdminRequest::Undrain { id },
+        Command::Recover { .. } => return Err("recover runs offline".into()),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -263,6 +302,114 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
     line(header.iter().map(|h| h.to_string()).collect());
     for row in rows {
         line(row);
+    }
+}
+
+/// `clusterfunk recover`: offline, on a survivor's data dir.
+mod recover {
+    use std::path::Path;
+
+    use clusterfunk::consensus::NodeInfo;
+    use clusterfunk::recover::{force_new_cluster, inspect, Inspection};
+
+    /// What the subcommand was given.
+    pub struct Args<'a> {
+        pub data_dir: &'a Path,
+        pub id: Option<u64>,
+        pub members: Option<&'a str>,
+        pub inspect: bool,
+        pub confirmed: bool,
+        pub json: bool,
+    }
+
+    /// Exit status when the confirmation flag is missing (nothing was written).
+    pub const NOT_CONFIRMED: &str = "not confirmed: nothing was written";
+
+    pub fn run(args: Args<'_>) -> Result<(), String> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the runtime: {e}"))?;
+        let before = runtime
+            .block_on(inspect(args.data_dir))
+            .map_err(|e| e.to_string())?;
+        if args.inspect {
+            return show(&before, args.json);
+        }
+        let (Some(id), Some(members)) = (args.id, args.members) else {
+            return Err("--id and --members are required to recover".into());
+        };
+        let members = NodeInfo::parse_members(members).map_err(|e| format!("--members: {e}"))?;
+        if !members.contains_key(&id) {
+            return Err(format!(
+                "--members must include this node ({id}), the survivor being recovered"
+            ));
+        }
+        let listed: Vec<String> = members
+            .iter()
+            .map(|(id, info)| format!("{id}={info}"))
+            .collect();
+        if !args.confirmed {
+            eprintln!("This would make node {id} form a NEW cluster from its own log:");
+            show(&before, false)?;
+            eprintln!("  new voters: {}", listed.join(", "));
+            eprintln!(
+                "Entries that only the lost nodes held may be lost, and the lost nodes must never \
+                 run again with their old data dirs (wipe them, then add them as new nodes)."
+            );
+            eprintln!("Re-run with --i-understand-this-may-lose-data to do it.");
+            return Err(NOT_CONFIRMED.into());
+        }
+        let recovered = runtime
+            .block_on(force_new_cluster(args.data_dir, id, members))
+            .map_err(|e| e.to_string())?;
+        if args.json {
+            let json = serde_json::to_string(&recovered).map_err(|e| e.to_string())?;
+            println!("{json}");
+        } else {
+            println!(
+                "node {id} recovered: membership entry {} in term {} names voters {}",
+                recovered.index,
+                recovered.term,
+                listed.join(", ")
+            );
+            println!(
+                "next: start the node from {} (without --init); once it serves, add fresh nodes with `clusterfunk add-node`",
+                args.data_dir.display()
+            );
+        }
+        Ok(())
+    }
+
+    fn show(state: &Inspection, json: bool) -> Result<(), String> {
+        if json {
+            let json = serde_json::to_string(state).map_err(|e| e.to_string())?;
+            println!("{json}");
+            return Ok(());
+        }
+        let last = state.last_log.map_or("-".to_string(), |(term, index)| {
+            format!("index {index}, term {term}")
+        });
+        let members: Vec<String> = state
+            .members
+            .iter()
+            .map(|(id, info)| {
+                let role = if state.voters.contains(id) {
+                    "voter"
+                } else {
+                    "learner"
+                };
+                format!("{id}={info} ({role})")
+            })
+            .collect();
+        println!("  last log entry: {last}");
+        println!(
+            "  committed: {}",
+            state.committed.map_or("-".to_string(), |c| c.to_string())
+        );
+        println!("  vote: term {}", state.vote_term);
+        println!("  membership: {}", members.join(", "));
+        Ok(())
     }
 }
 

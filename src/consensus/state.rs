@@ -56,6 +56,45 @@ pub struct NodeInfo {
     pub zone: Option<String>,
 }
 
+impl NodeInfo {
+    /// Parses a member list `ID=IP:PORT[@ZONE],...` (as `kv serve --init` and `clusterfunk
+    /// recover --members` take it). Errors say which item is wrong.
+    pub fn parse_members(list: &str) -> Result<BTreeMap<NodeId, NodeInfo>, String> {
+        let mut members = BTreeMap::new();
+        for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (id, rest) = item
+                .split_once('=')
+                .ok_or(format!("`{item}`: expected ID=IP:PORT[@ZONE]"))?;
+            let id: NodeId = id
+                .trim()
+                .parse()
+                .map_err(|_| format!("`{id}` is not a node id (a positive integer)"))?;
+            let (addr, zone) = match rest.split_once('@') {
+                Some((addr, zone)) if !zone.trim().is_empty() => {
+                    (addr, Some(zone.trim().to_string()))
+                }
+                Some(_) => return Err(format!("`{item}`: the zone after `@` is empty")),
+                None => (rest, None),
+            };
+            let addr: std::net::SocketAddr = addr
+                .trim()
+                .parse()
+                .map_err(|_| format!("`{addr}` is not IP:PORT"))?;
+            let info = NodeInfo {
+                addr: addr.to_string(),
+                zone,
+            };
+            if members.insert(id, info).is_some() {
+                return Err(format!("node {id} is listed twice"));
+            }
+        }
+        if members.is_empty() {
+            return Err("the list is empty: expected ID=IP:PORT[@ZONE],...".into());
+        }
+        Ok(members)
+    }
+}
+
 impl std::fmt::Display for NodeInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.zone {
@@ -555,5 +594,24 @@ mod tests {
             state
         };
         assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn member_lists_parse_and_refuse_bad_items() {
+        let members = NodeInfo::parse_members("1=127.0.0.1:7001@a, 2=127.0.0.2:7002").unwrap();
+        assert_eq!(members.len(), 2);
+        assert_eq!(members[&1].zone.as_deref(), Some("a"));
+        assert_eq!(members[&2].addr, "127.0.0.2:7002");
+        assert_eq!(members[&2].zone, None);
+        for bad in [
+            "",
+            "1",
+            "x=127.0.0.1:1",
+            "1=nowhere",
+            "1=127.0.0.1:1@",
+            "1=127.0.0.1:1,1=127.0.0.1:2",
+        ] {
+            assert!(NodeInfo::parse_members(bad).is_err(), "{bad:?} parsed");
+        }
     }
 }
