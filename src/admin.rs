@@ -238,6 +238,12 @@ pub enum AdminError {
         /// Why.
         reason: String,
     },
+    /// The command names a node that is not a member of the cluster.
+    #[error("invalid request: node {node} is not a member")]
+    NotAMember {
+        /// The node named.
+        node: NodeId,
+    },
     /// The node could not be reached or refused the connection.
     #[error("cannot reach the node: {reason}")]
     Unreachable {

@@ -929,7 +929,8 @@ impl<H: ShardHandler> Node<H> {
                 )
                 .await;
                 let outcome = match drained {
-                    Ok(Ok(_)) => GracefulShutdown::Drained,
+                    // A removed node owns nothing: there is nothing to hand over.
+                    Ok(Ok(_)) | Ok(Err(AdminError::NotAMember { .. })) => GracefulShutdown::Drained,
                     Ok(Err(error)) => GracefulShutdown::NotDrained {
                         reason: error.to_string(),
                     },

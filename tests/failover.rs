@@ -658,3 +658,192 @@ fn full_outage_answers_not_ready_quickly() {
     problems.extend(outage_answers_not_ready("full_outage_follower_left", false));
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+// Goal: SIGTERM makes a node leave gracefully — it hands its shards (with their data) and its
+// leadership to the others before it exits 0, so a rolling restart fails no request — and it
+// takes its share back by itself when it starts again. Method: 3 nodes; write keys of the
+// leader's shards; 3 clients write and read their own keys continuously through the two other
+// nodes; SIGTERM the leader: it must exit 0 (drained); the other two agree on a new leader and
+// own all shards, with the old leader draining; its keys read back through both. Restart it:
+// the shards are balanced over all three again (it undrained itself). Then stop the clients: no
+// request failed, every last value reads back through every node.
+#[test]
+fn sigterm_drains_the_node_and_a_restart_takes_its_share_back() {
+    let cluster = Cluster::new("graceful_shutdown", 3);
+    cluster.start_all_with_init();
+    let (agreement, map) = wait_until_balanced(&cluster, &[1, 2, 3], &[1, 2, 3], &[]);
+    let leaving = agreement.leader;
+    let staying: Vec<u64> = [1, 2, 3].into_iter().filter(|&id| id != leaving).collect();
+    let keys = keys_owned_by(&map, leaving, "graceful", 6);
+    for key in &keys {
+        put(&cluster, staying[0], key, &format!("{key}-value"));
+    }
+    let clients = 3;
+    let stop = AtomicBool::new(false);
+    let progress = AtomicUsize::new(0);
+    let reports: Vec<LoadReport> = thread::scope(|scope| {
+        let handles: Vec<_> = (0..clients)
+            .map(|client| {
+                let (cluster, stop, progress, via) = (&cluster, &stop, &progress, &staying);
+                scope.spawn(move || load(cluster, client, via, stop, progress, 100_000))
+            })
+            .collect();
+        let steady = || {
+            let seen = progress.load(Ordering::SeqCst);
+            cluster.wait_until("the clients make progress", DEADLINE, || {
+                (progress.load(Ordering::SeqCst) >= seen + 2 * clients).then_some(())
+            });
+        };
+        steady();
+        cluster.mark(&format!("SIGTERM node {leaving}"));
+        let exit = cluster.stop(leaving);
+        assert!(
+            exit.success(),
+            "node {leaving} drained before exiting: {exit}\n{}",
+            cluster.report()
+        );
+        cluster.wait_for_one_map_where(
+            &staying,
+            &format!("node {leaving} drained and {staying:?} own every shard"),
+            |_, map| {
+                is_balanced(map, &staying)
+                    && cluster.status(staying[0]).is_some_and(|status| {
+                        id_list(&status["draining"]) == [leaving]
+                            && id_list(&status["down"]).is_empty()
+                    })
+            },
+        );
+        steady();
+        for key in &keys {
+            for &via in &staying {
+                assert_value(&cluster, via, key, &format!("{key}-value"));
+            }
+        }
+        cluster.mark(&format!("restart node {leaving}"));
+        cluster.restart(leaving);
+        wait_until_balanced(&cluster, &[1, 2, 3], &[1, 2, 3], &[]);
+        steady();
+        stop.store(true, Ordering::SeqCst);
+        handles
+            .into_iter()
+            .map(|handle| handle.join().expect("a load client panicked"))
+            .collect()
+    });
+    let requests: usize = reports.iter().map(|report| report.requests).sum();
+    let failures: Vec<&String> = reports.iter().flat_map(|r| &r.failures).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {requests} requests failed around the graceful restart:\n  {}\n{}",
+        failures.len(),
+        failures
+            .iter()
+            .map(|f| f.as_str())
+            .collect::<Vec<_>>()
+            .join("\n  "),
+        cluster.report()
+    );
+    let status = cluster.status(leaving).expect("the restarted node answers");
+    assert!(
+        id_list(&status["draining"]).is_empty(),
+        "the restarted node undrained itself: {status}"
+    );
+    for via in [1, 2, 3] {
+        for key in &keys {
+            assert_value(&cluster, via, key, &format!("{key}-value"));
+        }
+        for report in &reports {
+            for (key, value) in &report.last_values {
+                assert_value(&cluster, via, key, value);
+            }
+        }
+    }
+}
+
+// Goal: a cluster that lost a majority for good comes back from one survivor's disk with
+// `clusterfunk recover`, and grows again with fresh nodes. Method: 5 node slots, 3 bootstrap;
+// kill -9 nodes 2 and 3 for good; node 1 alone answers not ready. Stop it (kill -9); `recover`
+// without the confirmation flag refuses and writes nothing (`--inspect` shows the same state
+// before and after); with it, node 1's membership becomes {1}. Restart node 1 from its data
+// dir: it leads and owns every shard; keys route and store through it. Start nodes 4 and 5
+// empty and `add-node` them: the three agree on a map balanced over 1, 4 and 5, and keys of
+// every owner store and read back through every node.
+#[test]
+fn lost_quorum_recovers_from_a_survivor_and_grows_again() {
+    let cluster = Cluster::with_initial_members("recover_lost_quorum", 5, 3);
+    cluster.start_all_with_init();
+    wait_until_balanced(&cluster, &[1, 2, 3], &[1, 2, 3], &[]);
+    put(&cluster, 1, "before-the-loss", "x");
+    cluster.mark("kill -9 nodes 2 and 3 for good");
+    cluster.kill9(2);
+    cluster.kill9(3);
+    cluster.wait_until("node 1 alone is not ready", DEADLINE, || {
+        let status = cluster.status(1)?;
+        (status["state"] == "not_ready").then_some(())
+    });
+    cluster.kill9(1);
+
+    let data_dir = cluster.data_dir(1);
+    let data_dir = data_dir.to_str().expect("a UTF-8 temporary path");
+    let inspect = || {
+        let (code, stdout, stderr) =
+            cluster.cf(&["recover", "--data-dir", data_dir, "--inspect", "--json"]);
+        assert_eq!(code, 0, "recover --inspect: {stderr}");
+        serde_json::from_str::<Value>(stdout.trim()).expect("inspect prints JSON")
+    };
+    let before = inspect();
+    assert_eq!(id_list(&before["voters"]), [1, 2, 3], "{before}");
+    let members = format!("1={}", cluster.addr(1));
+    let recover = [
+        "recover",
+        "--data-dir",
+        data_dir,
+        "--id",
+        "1",
+        "--members",
+        &members,
+    ];
+    let (code, _, stderr) = cluster.cf(&recover);
+    assert_ne!(code, 0, "recover without confirmation must refuse");
+    assert!(
+        stderr.contains("--i-understand-this-may-lose-data"),
+        "{stderr}"
+    );
+    assert_eq!(inspect(), before, "an unconfirmed recover writes nothing");
+    let mut confirmed = recover.to_vec();
+    confirmed.extend(["--i-understand-this-may-lose-data", "--json"]);
+    let (code, stdout, stderr) = cluster.cf(&confirmed);
+    assert_eq!(code, 0, "recover: {stderr}");
+    let recovered: Value = serde_json::from_str(stdout.trim()).expect("recover prints JSON");
+    assert_eq!(id_list(&recovered["voters"]), [1], "{recovered}");
+    let after = inspect();
+    assert_eq!(id_list(&after["voters"]), [1], "{after}");
+    assert!(
+        after["vote_term"].as_u64() > before["vote_term"].as_u64(),
+        "the new membership is in a newer term: {before} → {after}"
+    );
+
+    cluster.mark("restart node 1 after recover");
+    cluster.restart(1);
+    wait_until_balanced(&cluster, &[1], &[1], &[]);
+    put(&cluster, 1, "after-the-recovery", "y");
+    assert_value(&cluster, 1, "after-the-recovery", "y");
+
+    cluster.start(4);
+    cluster.start(5);
+    for id in [4, 5] {
+        let addr = cluster.addr(id);
+        let (code, _, stderr) =
+            cluster.cf_at(1, &["add-node", "--id", &id.to_string(), "--addr", &addr]);
+        assert_eq!(code, 0, "add-node {id}: {stderr}");
+    }
+    let (agreement, map) = wait_until_balanced(&cluster, &[1, 4, 5], &[1, 4, 5], &[]);
+    assert_eq!(agreement.voters, [1, 4, 5]);
+    for owner in [1, 4, 5] {
+        for key in keys_owned_by(&map, owner, &format!("grown-{owner}"), 3) {
+            put(&cluster, 4, &key, &key);
+            for via in [1, 4, 5] {
+                assert_value(&cluster, via, &key, &key);
+            }
+        }
+    }
+}

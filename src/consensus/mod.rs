@@ -596,9 +596,7 @@ impl Consensus {
     /// Drains (or undrains) a node and waits until it owns no shards and hands none over.
     async fn drain(&self, id: NodeId, draining: bool) -> Result<AdminResponse, AdminError> {
         if !self.applied().state.members.contains_key(&id) {
-            return Err(AdminError::Invalid {
-                reason: format!("node {id} is not a member"),
-            });
+            return Err(AdminError::NotAMember { node: id });
         }
         let owned_before = self
             .applied()
@@ -666,9 +664,7 @@ impl Consensus {
         let metrics = self.raft.metrics().borrow().clone();
         let membership = metrics.membership_config.membership();
         if membership.get_node(&id).is_none() {
-            return Err(AdminError::Invalid {
-                reason: format!("node {id} is not a member"),
-            });
+            return Err(AdminError::NotAMember { node: id });
         }
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         if voters.contains(&id) && voters.len() == 1 {

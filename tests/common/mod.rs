@@ -92,6 +92,8 @@ pub struct Cluster {
     kv: PathBuf,
     /// The `clusterfunk` binary.
     clusterfunk: PathBuf,
+    /// The metrics port of each node (`--metrics`), when enabled.
+    metrics_ports: Option<Vec<u16>>,
 }
 
 /// What a set of nodes agrees on, from their `status --json`.
@@ -192,7 +194,25 @@ impl Cluster {
             nodes,
             kv,
             clusterfunk,
+            metrics_ports: None,
         }
+    }
+
+    /// Gives every node a Prometheus endpoint (`kv serve --metrics`) on a port of its own; see
+    /// [`Cluster::metrics_addr`].
+    pub fn with_metrics(mut self) -> Cluster {
+        let ports = allocate_ports(&format!("{}-metrics", self.name), self.nodes.len());
+        self.metrics_ports = Some(ports);
+        self
+    }
+
+    /// Where node `id` serves metrics (after [`Cluster::with_metrics`]).
+    pub fn metrics_addr(&self, id: u64) -> String {
+        let ports = self
+            .metrics_ports
+            .as_ref()
+            .expect("the cluster was built with_metrics");
+        format!("127.0.0.1:{}", ports[(id - 1) as usize])
     }
 
     /// The node ids, ascending.
@@ -519,6 +539,9 @@ impl Cluster {
             .args(["serve", "--id", &id.to_string(), "--listen", &self.addr(id)])
             .arg("--data-dir")
             .arg(&data_dir);
+        if self.metrics_ports.is_some() {
+            command.args(["--metrics", &self.metrics_addr(id)]);
+        }
         if id as usize <= self.initial_members {
             command.args(["--init", &self.init_list()]);
         }
@@ -602,6 +625,12 @@ impl Cluster {
         Some(ShardMap::from_json(&json))
     }
 
+    /// Node `id`'s data dir.
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.node(id);
+        self.dir().join(format!("node-{id}"))
+    }
+
     /// Whether node `id`'s process runs (started, not killed, stopped or exited by itself).
     pub fn is_running(&self, id: u64) -> bool {
         lock(&self.node(id).child)
@@ -641,6 +670,9 @@ impl Drop for Cluster {
         let mut ports = lock(&PORTS_IN_USE);
         for node in &self.nodes {
             ports.remove(&node.port);
+        }
+        for port in self.metrics_ports.iter().flatten() {
+            ports.remove(port);
         }
         drop(ports);
         if thread::panicking() {
