@@ -91,7 +91,9 @@ fn voter_count_problem(voters: usize) -> Option<(WarningKind, String)> {
     if voters < 3 {
         Some((
             WarningKind::FewVoters,
-            format!("{voters} voter(s) and tolerates {tolerated} {failures}: run at least 3 voters"),
+            format!(
+                "{voters} voter(s) and tolerates {tolerated} {failures}: run at least 3 voters"
+            ),
         ))
     } else if voters.is_multiple_of(2) {
         Some((
@@ -276,7 +278,9 @@ impl Layout {
 
     /// Every zone with its nodes, in name order.
     pub fn zones(&self) -> impl Iterator<Item = (&str, ZoneNodes)> + '_ {
-        self.zones.iter().map(|(zone, nodes)| (zone.as_str(), *nodes))
+        self.zones
+            .iter()
+            .map(|(zone, nodes)| (zone.as_str(), *nodes))
     }
 
     /// The nodes of one zone, if the layout has it.
@@ -306,8 +310,13 @@ impl Layout {
 
     /// The learners as a spec, `a=1`; `None` without learners.
     pub fn learners_spec(&self) -> Option<String> {
-        (self.learners() > 0)
-            .then(|| spec(self.zones.iter().map(|(zone, nodes)| (zone, nodes.learners))))
+        (self.learners() > 0).then(|| {
+            spec(
+                self.zones
+                    .iter()
+                    .map(|(zone, nodes)| (zone, nodes.learners)),
+            )
+        })
     }
 
     fn validate(&self) -> Result<(), LayoutError> {
@@ -871,12 +880,13 @@ fn suggest(layout: &Layout) -> Option<Suggestion> {
     let mut placed: usize = targets.iter().map(|(_, voters, _)| voters).sum();
     while placed > target {
         // Remove from the biggest zone; the first in name order among equals.
-        let biggest = targets
-            .iter_mut()
-            .fold(None::<&mut (String, usize, bool)>, |best, zone| match best {
+        let biggest = targets.iter_mut().fold(
+            None::<&mut (String, usize, bool)>,
+            |best, zone| match best {
                 Some(best) if best.1 >= zone.1 => Some(best),
                 _ => Some(zone),
-            })?;
+            },
+        )?;
         biggest.1 -= 1;
         placed -= 1;
     }
@@ -885,10 +895,13 @@ fn suggest(layout: &Layout) -> Option<Suggestion> {
         let smallest = targets
             .iter_mut()
             .filter(|(_, voters, _)| *voters < zone_max)
-            .fold(None::<&mut (String, usize, bool)>, |best, zone| match best {
-                Some(best) if best.1 <= zone.1 => Some(best),
-                _ => Some(zone),
-            });
+            .fold(
+                None::<&mut (String, usize, bool)>,
+                |best, zone| match best {
+                    Some(best) if best.1 <= zone.1 => Some(best),
+                    _ => Some(zone),
+                },
+            );
         match smallest {
             Some(zone) => {
                 zone.1 += 1;
@@ -1036,4 +1049,889 @@ fn step_on(name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admin::NodeReport;
+
+    fn layout(spec: &str) -> Layout {
+        spec.parse()
+            .unwrap_or_else(|e| panic!("`{spec}` should parse: {e}"))
+    }
+
+    fn plan(spec: &str) -> Plan {
+        Plan::of(&layout(spec))
+    }
+
+    /// The rows of one failure kind as (description, voters left, shards served).
+    fn rows(plan: &Plan, failure: Failure) -> Vec<(&str, usize, bool)> {
+        plan.scenarios
+            .iter()
+            .filter(|s| s.failure == failure)
+            .map(|s| (s.description.as_str(), s.voters_left, s.shards_served))
+            .collect()
+    }
+
+    fn kinds(plan: &Plan) -> Vec<(WarningKind, Option<&str>)> {
+        plan.warnings
+            .iter()
+            .map(|w| (w.kind, w.zone.as_deref()))
+            .collect()
+    }
+
+    fn suggested(plan: &Plan) -> Option<&str> {
+        plan.suggestion.as_ref().map(|s| s.spec.as_str())
+    }
+
+    fn changes(plan: &Plan) -> Vec<String> {
+        plan.suggestion
+            .iter()
+            .flat_map(|s| &s.changes)
+            .map(Change::to_string)
+            .collect()
+    }
+
+    /// Tolerated node and zone failures, and whether single node and zone failures pass.
+    fn verdict(plan: &Plan) -> (usize, usize, bool, bool) {
+        (
+            plan.node_failures_tolerated,
+            plan.zone_failures_tolerated,
+            plan.survives_node_failure,
+            plan.survives_zone_failure,
+        )
+    }
+
+    #[test]
+    fn failure_tolerance_and_quorum_by_voter_count() {
+        let tolerated: Vec<_> = (0..=9).map(failures_tolerated).collect();
+        assert_eq!(tolerated, vec![0, 0, 0, 1, 1, 2, 2, 3, 3, 4]);
+        let quorums: Vec<_> = (1..=9).map(quorum).collect();
+        assert_eq!(quorums, vec![1, 2, 2, 3, 3, 4, 4, 5, 5]);
+    }
+
+    #[test]
+    fn change_reports_warn_about_even_and_small_voter_counts() {
+        assert!(layout_warnings(3).is_empty());
+        assert!(layout_warnings(5).is_empty());
+        assert_eq!(
+            layout_warnings(4),
+            ["the cluster now has an even number of voters (4) and tolerates 1 failure, no more than 3 voters would: use an odd count"]
+        );
+        assert!(layout_warnings(2)[0].contains("at least 3"));
+        assert!(layout_warnings(1)[0].contains("tolerates 0 failures"));
+    }
+
+    // The seed document: "a three-node cluster can lose one node, five can lose two, seven can
+    // lose three", placed as one per zone, 2 + 2 + 1, 2 + 2 + 3 and 3 + 3 + 3 over three zones.
+    #[test]
+    fn seed_three_nodes_one_per_zone_survive_any_node_or_zone() {
+        let plan = plan("a=1,b=1,c=1");
+        assert_eq!((plan.voters, plan.quorum), (3, 2));
+        assert_eq!(
+            rows(&plan, Failure::Node),
+            [
+                ("one voter in zone a", 2, true),
+                ("one voter in zone b", 2, true),
+                ("one voter in zone c", 2, true)
+            ]
+        );
+        assert_eq!(
+            rows(&plan, Failure::Zone),
+            [
+                ("zone a", 2, true),
+                ("zone b", 2, true),
+                ("zone c", 2, true)
+            ]
+        );
+        assert_eq!(
+            rows(&plan, Failure::TwoZones),
+            [
+                ("zones a and b", 1, false),
+                ("zones a and c", 1, false),
+                ("zones b and c", 1, false)
+            ]
+        );
+        assert_eq!(verdict(&plan), (1, 1, true, true));
+        assert!(plan.survives);
+        assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+        assert_eq!(plan.suggestion, None);
+    }
+
+    #[test]
+    fn seed_five_nodes_two_two_one_survive_any_node_or_zone() {
+        let plan = plan("a=2,b=2,c=1");
+        assert_eq!((plan.voters, plan.quorum), (5, 3));
+        assert_eq!(
+            rows(&plan, Failure::Node),
+            [
+                ("one voter in zone a", 4, true),
+                ("one voter in zone b", 4, true),
+                ("one voter in zone c", 4, true)
+            ]
+        );
+        assert_eq!(
+            rows(&plan, Failure::Zone),
+            [
+                ("zone a", 3, true),
+                ("zone b", 3, true),
+                ("zone c", 4, true)
+            ]
+        );
+        assert_eq!(
+            rows(&plan, Failure::TwoZones),
+            [
+                ("zones a and b", 1, false),
+                ("zones a and c", 2, false),
+                ("zones b and c", 2, false)
+            ]
+        );
+        assert_eq!(verdict(&plan), (2, 1, true, true));
+        assert!(plan.survives);
+        assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+        assert_eq!(plan.suggestion, None);
+    }
+
+    #[test]
+    fn seed_seven_nodes_two_two_three_survive_any_node_or_zone() {
+        let plan = plan("a=2,b=2,c=3");
+        assert_eq!((plan.voters, plan.quorum), (7, 4));
+        assert_eq!(
+            rows(&plan, Failure::Zone),
+            [
+                ("zone a", 5, true),
+                ("zone b", 5, true),
+                ("zone c", 4, true)
+            ]
+        );
+        assert_eq!(
+            rows(&plan, Failure::TwoZones),
+            [
+                ("zones a and b", 3, false),
+                ("zones a and c", 2, false),
+                ("zones b and c", 2, false)
+            ]
+        );
+        assert_eq!(verdict(&plan), (3, 1, true, true));
+        assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+        assert_eq!(plan.suggestion, None);
+    }
+
+    #[test]
+    fn seed_nine_nodes_three_per_zone_survive_any_node_or_zone() {
+        let plan = plan("a=3,b=3,c=3");
+        assert_eq!((plan.voters, plan.quorum), (9, 5));
+        assert_eq!(
+            rows(&plan, Failure::Node),
+            [
+                ("one voter in zone a", 8, true),
+                ("one voter in zone b", 8, true),
+                ("one voter in zone c", 8, true)
+            ]
+        );
+        assert_eq!(
+            rows(&plan, Failure::Zone),
+            [
+                ("zone a", 6, true),
+                ("zone b", 6, true),
+                ("zone c", 6, true)
+            ]
+        );
+        assert!(rows(&plan, Failure::TwoZones)
+            .iter()
+            .all(|&(_, left, served)| left == 3 && !served));
+        assert_eq!(verdict(&plan), (4, 1, true, true));
+        assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+        assert_eq!(plan.suggestion, None);
+    }
+
+    // The seed document's worst case: an even number of nodes over two zones.
+    #[test]
+    fn seed_even_count_over_two_zones_loses_quorum_with_either_zone() {
+        let plan = plan("a=2,b=2");
+        assert_eq!((plan.voters, plan.quorum), (4, 3));
+        assert_eq!(
+            rows(&plan, Failure::Node),
+            [
+                ("one voter in zone a", 3, true),
+                ("one voter in zone b", 3, true)
+            ]
+        );
+        assert_eq!(
+            rows(&plan, Failure::Zone),
+            [("zone a", 2, false), ("zone b", 2, false)]
+        );
+        assert!(
+            rows(&plan, Failure::TwoZones).is_empty(),
+            "two zones make no pair rows"
+        );
+        assert_eq!(verdict(&plan), (1, 0, true, false));
+        assert!(!plan.survives);
+        assert_eq!(
+            kinds(&plan),
+            [
+                (WarningKind::EvenVoters, None),
+                (WarningKind::TwoZones, Some("a"))
+            ]
+        );
+        assert_eq!(
+            plan.warnings[1].message,
+            "the voters are in two zones only: losing zone a (2 of 4 voters) leaves 2, fewer than the 3 a quorum takes; use three zones"
+        );
+        assert_eq!(suggested(&plan), Some("a=2,b=2,c=1"));
+        assert_eq!(changes(&plan), ["add 1 voter in new zone c"]);
+        let suggestion = plan.suggestion.as_ref().expect("a suggestion");
+        assert_eq!(
+            (
+                suggestion.voters_added,
+                suggestion.voters_moved,
+                suggestion.voters_removed
+            ),
+            (1, 0, 0)
+        );
+        assert_eq!(
+            (
+                suggestion.node_failures_tolerated,
+                suggestion.zone_failures_tolerated
+            ),
+            (2, 1)
+        );
+    }
+
+    #[test]
+    fn three_and_three_over_two_zones_gain_a_third_zone() {
+        let plan = plan("a=3,b=3");
+        assert_eq!(
+            rows(&plan, Failure::Zone),
+            [("zone a", 3, false), ("zone b", 3, false)]
+        );
+        assert_eq!(verdict(&plan), (2, 0, true, false));
+        assert_eq!(
+            kinds(&plan),
+            [
+                (WarningKind::EvenVoters, None),
+                (WarningKind::TwoZones, Some("a"))
+            ]
+        );
+        // 3 + 3 + 1: seven voters, no zone above three, a single addition.
+        assert_eq!(suggested(&plan), Some("a=3,b=3,c=1"));
+        assert_eq!(changes(&plan), ["add 1 voter in new zone c"]);
+    }
+
+    #[test]
+    fn one_and_one_over_two_zones_tolerate_nothing() {
+        let plan = plan("a=1,b=1");
+        assert_eq!(plan.quorum, 2);
+        assert_eq!(
+            rows(&plan, Failure::Node),
+            [
+                ("one voter in zone a", 1, false),
+                ("one voter in zone b", 1, false)
+            ]
+        );
+        assert_eq!(verdict(&plan), (0, 0, false, false));
+        assert_eq!(
+            kinds(&plan),
+            [
+                (WarningKind::FewVoters, None),
+                (WarningKind::TwoZones, Some("a"))
+            ]
+        );
+        assert_eq!(suggested(&plan), Some("a=1,b=1,c=1"));
+        assert_eq!(changes(&plan), ["add 1 voter in new zone c"]);
+    }
+
+    // The seed document: an odd count can be split over two zones, but losing the bigger one
+    // loses a large part of the cluster (here: the quorum).
+    #[test]
+    fn seed_odd_count_over_two_zones_survives_only_the_smaller_zone() {
+        let plan = plan("a=2,b=1");
+        assert_eq!(
+            rows(&plan, Failure::Node),
+            [
+                ("one voter in zone a", 2, true),
+                ("one voter in zone b", 2, true)
+            ]
+        );
+        assert_eq!(
+            rows(&plan, Failure::Zone),
+            [("zone a", 1, false), ("zone b", 2, true)]
+        );
+        assert_eq!(verdict(&plan), (1, 0, true, false));
+        assert_eq!(kinds(&plan), [(WarningKind::TwoZones, Some("a"))]);
+        assert_eq!(suggested(&plan), Some("a=1,b=1,c=1"));
+        assert_eq!(changes(&plan), ["move 1 voter from zone a to new zone c"]);
+
+        let plan = super::tests::plan("a=3,b=2");
+        assert_eq!(
+            rows(&plan, Failure::Zone),
+            [("zone a", 2, false), ("zone b", 3, true)]
+        );
+        assert_eq!(verdict(&plan), (2, 0, true, false));
+        assert_eq!(kinds(&plan), [(WarningKind::TwoZones, Some("a"))]);
+        assert_eq!(suggested(&plan), Some("a=2,b=2,c=1"));
+        assert_eq!(changes(&plan), ["move 1 voter from zone a to new zone c"]);
+    }
+
+    #[test]
+    fn seven_and_nine_over_two_zones_move_one_voter_to_a_third() {
+        let seven = plan("a=4,b=3");
+        assert_eq!(
+            rows(&seven, Failure::Zone),
+            [("zone a", 3, false), ("zone b", 4, true)]
+        );
+        assert_eq!(verdict(&seven), (3, 0, true, false));
+        assert_eq!(suggested(&seven), Some("a=3,b=3,c=1"));
+        assert_eq!(changes(&seven), ["move 1 voter from zone a to new zone c"]);
+
+        let nine = plan("a=5,b=4");
+        assert_eq!(
+            rows(&nine, Failure::Zone),
+            [("zone a", 4, false), ("zone b", 5, true)]
+        );
+        assert_eq!(verdict(&nine), (4, 0, true, false));
+        assert_eq!(suggested(&nine), Some("a=4,b=4,c=1"));
+        assert_eq!(changes(&nine), ["move 1 voter from zone a to new zone c"]);
+    }
+
+    #[test]
+    fn three_in_one_zone_survive_a_node_but_not_the_zone() {
+        let plan = plan("a=3");
+        assert_eq!(
+            rows(&plan, Failure::Node),
+            [("one voter in zone a", 2, true)]
+        );
+        assert_eq!(rows(&plan, Failure::Zone), [("zone a", 0, false)]);
+        assert_eq!(verdict(&plan), (1, 0, true, false));
+        assert_eq!(kinds(&plan), [(WarningKind::SingleZone, Some("a"))]);
+        assert_eq!(suggested(&plan), Some("a=1,b=1,c=1"));
+        assert_eq!(
+            changes(&plan),
+            [
+                "move 1 voter from zone a to new zone b",
+                "move 1 voter from zone a to new zone c"
+            ]
+        );
+    }
+
+    #[test]
+    fn four_in_one_zone_become_five_over_three_zones() {
+        let plan = plan("a=4");
+        assert_eq!(verdict(&plan), (1, 0, true, false));
+        assert_eq!(
+            kinds(&plan),
+            [
+                (WarningKind::EvenVoters, None),
+                (WarningKind::SingleZone, Some("a"))
+            ]
+        );
+        // 1 + 1 + 1 (two moves, one removal) is as near as 2 + 2 + 1 (two moves, one
+        // addition); the planner prefers the one that tolerates more.
+        assert_eq!(suggested(&plan), Some("a=2,b=2,c=1"));
+        assert_eq!(
+            changes(&plan),
+            [
+                "move 2 voters from zone a to new zone b",
+                "add 1 voter in new zone c"
+            ]
+        );
+    }
+
+    #[test]
+    fn five_in_one_zone_spread_as_two_two_one() {
+        let plan = plan("a=5");
+        assert_eq!(verdict(&plan), (2, 0, true, false));
+        assert_eq!(suggested(&plan), Some("a=2,b=2,c=1"));
+        assert_eq!(
+            changes(&plan),
+            [
+                "move 2 voters from zone a to new zone b",
+                "move 1 voter from zone a to new zone c"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_single_voter_tolerates_nothing() {
+        let plan = plan("a=1");
+        assert_eq!(plan.quorum, 1);
+        assert_eq!(
+            rows(&plan, Failure::Node),
+            [("one voter in zone a", 0, false)]
+        );
+        assert_eq!(verdict(&plan), (0, 0, false, false));
+        assert_eq!(
+            kinds(&plan),
+            [
+                (WarningKind::FewVoters, None),
+                (WarningKind::SingleZone, Some("a"))
+            ]
+        );
+        assert_eq!(suggested(&plan), Some("a=1,b=1,c=1"));
+        assert_eq!(
+            changes(&plan),
+            ["add 1 voter in new zone b", "add 1 voter in new zone c"]
+        );
+    }
+
+    #[test]
+    fn even_count_over_three_zones_survives_but_wastes_a_voter() {
+        let plan = plan("a=2,b=2,c=2");
+        assert_eq!(plan.quorum, 4);
+        assert_eq!(
+            rows(&plan, Failure::Zone),
+            [
+                ("zone a", 4, true),
+                ("zone b", 4, true),
+                ("zone c", 4, true)
+            ]
+        );
+        assert_eq!(verdict(&plan), (2, 1, true, true));
+        assert!(plan.survives);
+        assert_eq!(kinds(&plan), [(WarningKind::EvenVoters, None)]);
+        // Adding one (3 + 2 + 2) ties with removing one (2 + 2 + 1); adding tolerates more.
+        assert_eq!(suggested(&plan), Some("a=3,b=2,c=2"));
+        assert_eq!(changes(&plan), ["add 1 voter in zone a"]);
+    }
+
+    #[test]
+    fn even_count_with_a_half_zone_fills_the_smallest_zone() {
+        let plan = plan("a=2,b=1,c=1");
+        assert_eq!(
+            rows(&plan, Failure::Zone),
+            [
+                ("zone a", 2, false),
+                ("zone b", 3, true),
+                ("zone c", 3, true)
+            ]
+        );
+        assert_eq!(verdict(&plan), (1, 0, true, false));
+        assert_eq!(
+            kinds(&plan),
+            [
+                (WarningKind::EvenVoters, None),
+                (WarningKind::ZoneMajority, Some("a"))
+            ]
+        );
+        assert_eq!(suggested(&plan), Some("a=2,b=2,c=1"));
+        assert_eq!(changes(&plan), ["add 1 voter in zone b"]);
+    }
+
+    #[test]
+    fn a_zone_holding_a_majority_over_three_zones_is_flagged() {
+        let plan = plan("a=3,b=1,c=1");
+        assert_eq!(
+            rows(&plan, Failure::Zone),
+            [
+                ("zone a", 2, false),
+                ("zone b", 4, true),
+                ("zone c", 4, true)
+            ]
+        );
+        assert_eq!(verdict(&plan), (2, 0, true, false));
+        assert_eq!(kinds(&plan), [(WarningKind::ZoneMajority, Some("a"))]);
+        assert_eq!(
+            plan.warnings[0].message,
+            "zone a holds 3 of 5 voters: losing it leaves 2, fewer than the 3 a quorum takes; move voters out of it"
+        );
+        assert_eq!(suggested(&plan), Some("a=2,b=2,c=1"));
+        assert_eq!(changes(&plan), ["move 1 voter from zone a to zone b"]);
+    }
+
+    #[test]
+    fn nodes_without_zones_count_as_one_zone() {
+        let layout = Layout::from_members([
+            (None, Role::Voter),
+            (Some(""), Role::Voter),
+            (None, Role::Voter),
+        ])
+        .expect("three voters");
+        assert_eq!(layout.voters_spec(), "-=3");
+        let plan = Plan::of(&layout);
+        assert_eq!(rows(&plan, Failure::Zone), [("zone -", 0, false)]);
+        assert_eq!(verdict(&plan), (1, 0, true, false));
+        assert_eq!(kinds(&plan), [(WarningKind::NoZones, Some("-"))]);
+        assert_eq!(suggested(&plan), Some("-=1,a=1,b=1"));
+        assert_eq!(
+            changes(&plan),
+            [
+                "move 1 voter from zone - to new zone a",
+                "move 1 voter from zone - to new zone b"
+            ]
+        );
+    }
+
+    #[test]
+    fn learners_host_shards_but_do_not_vote() {
+        let layout = layout("a=1,b=1,c=1")
+            .with_learners("c=1,d=2")
+            .expect("learners");
+        assert_eq!(layout.to_string(), "a=1,b=1,c=1 (learners: c=1,d=2)");
+        assert_eq!(
+            layout.zone("c"),
+            Some(ZoneNodes {
+                voters: 1,
+                learners: 1
+            })
+        );
+        let plan = Plan::of(&layout);
+        assert_eq!((plan.voters, plan.learners, plan.quorum), (3, 3, 2));
+        assert_eq!(
+            rows(&plan, Failure::Node),
+            [
+                ("one voter in zone a", 2, true),
+                ("one voter in zone b", 2, true),
+                ("one voter in zone c", 2, true),
+                ("one learner in zone d", 3, true)
+            ]
+        );
+        let zone_d = plan
+            .scenarios
+            .iter()
+            .find(|s| s.failure == Failure::Zone && s.zones == ["d"])
+            .expect("a row for zone d");
+        assert_eq!((zone_d.voters_left, zone_d.nodes_left), (3, 4));
+        // Losing zone d and one voter zone still leaves a quorum; two voter zones do not.
+        assert_eq!(
+            rows(&plan, Failure::TwoZones)
+                .iter()
+                .filter(|&&(_, _, served)| served)
+                .count(),
+            3
+        );
+        assert_eq!(verdict(&plan), (1, 1, true, true));
+        assert!(plan.warnings.is_empty());
+        assert_eq!(plan.suggestion, None);
+    }
+
+    #[test]
+    fn suggestions_keep_learners_in_place() {
+        let plan = Plan::of(&layout("a=2,b=2").with_learners("a=1").expect("learners"));
+        let suggestion = plan.suggestion.expect("a suggestion");
+        assert_eq!(suggestion.layout.to_string(), "a=2,b=2,c=1 (learners: a=1)");
+    }
+
+    #[test]
+    fn layout_from_a_nodes_report_counts_roles_by_zone() {
+        let node = |id: u64, zone: Option<&str>, role: &str| NodeReport {
+            id,
+            addr: format!("127.0.0.1:{}", 7100 + id),
+            zone: zone.map(str::to_string),
+            role: role.to_string(),
+            leader: id == 1,
+            shards: 8,
+            down: false,
+            draining: false,
+        };
+        let report = NodesReport {
+            leader: Some(1),
+            nodes: vec![
+                node(1, Some("a"), "voter"),
+                node(2, Some("b"), "voter"),
+                node(3, Some("c"), "voter"),
+                node(4, Some("a"), "learner"),
+                node(5, None, "learner"),
+            ],
+        };
+        let layout = Layout::from_nodes(&report).expect("a layout");
+        assert_eq!(layout.to_string(), "a=1,b=1,c=1 (learners: -=1,a=1)");
+        let plan = Plan::of(&layout);
+        assert!(plan.survives);
+        assert_eq!(kinds(&plan), [(WarningKind::NoZones, Some("-"))]);
+        assert!(plan.warnings[0]
+            .message
+            .starts_with("1 node(s) have no zone"));
+
+        let mut odd = report.clone();
+        odd.nodes[0].role = "witness".into();
+        assert_eq!(
+            Layout::from_nodes(&odd),
+            Err(LayoutError::UnknownRole {
+                id: 1,
+                role: "witness".into()
+            })
+        );
+        let learners_only = NodesReport {
+            leader: None,
+            nodes: vec![node(4, Some("a"), "learner")],
+        };
+        assert_eq!(
+            Layout::from_nodes(&learners_only),
+            Err(LayoutError::NoVoters)
+        );
+    }
+
+    #[test]
+    fn specs_parse_with_spaces_in_any_order() {
+        let layout = layout(" c=1 , a = 2,b=2 ");
+        assert_eq!(layout.voters_spec(), "a=2,b=2,c=1");
+        assert_eq!(
+            (layout.voters(), layout.learners(), layout.zone_count()),
+            (5, 0, 3)
+        );
+        assert_eq!(layout.learners_spec(), None);
+        assert_eq!(
+            layout.zones().collect::<Vec<_>>(),
+            [
+                (
+                    "a",
+                    ZoneNodes {
+                        voters: 2,
+                        learners: 0
+                    }
+                ),
+                (
+                    "b",
+                    ZoneNodes {
+                        voters: 2,
+                        learners: 0
+                    }
+                ),
+                (
+                    "c",
+                    ZoneNodes {
+                        voters: 1,
+                        learners: 0
+                    }
+                )
+            ]
+        );
+        assert_eq!(self::layout("eu-west-1a=1,rack_2.x:y=2").voters(), 3);
+    }
+
+    #[test]
+    fn bad_specs_are_refused_with_what_to_write() {
+        let error = |spec: &str| {
+            spec.parse::<Layout>()
+                .expect_err(&format!("`{spec}` should not parse"))
+        };
+        assert_eq!(error(""), LayoutError::Empty);
+        assert_eq!(error("  "), LayoutError::Empty);
+        assert_eq!(error("a=2,"), LayoutError::EmptyEntry { position: 2 });
+        assert_eq!(error("a=2,,b=1"), LayoutError::EmptyEntry { position: 2 });
+        assert_eq!(error("a"), LayoutError::MissingCount { entry: "a".into() });
+        assert_eq!(error("=2"), LayoutError::MissingZone { entry: "=2".into() });
+        assert_eq!(error("a=0"), LayoutError::ZeroCount { zone: "a".into() });
+        assert_eq!(
+            error("a=-1"),
+            LayoutError::BadCount {
+                zone: "a".into(),
+                count: "-1".into()
+            }
+        );
+        assert_eq!(
+            error("a=two"),
+            LayoutError::BadCount {
+                zone: "a".into(),
+                count: "two".into()
+            }
+        );
+        assert_eq!(
+            error("a=2=3"),
+            LayoutError::BadCount {
+                zone: "a".into(),
+                count: "2=3".into()
+            }
+        );
+        assert_eq!(
+            error("a=2,b=1,a=1"),
+            LayoutError::DuplicateZone { zone: "a".into() }
+        );
+        assert_eq!(
+            error("zone a=1"),
+            LayoutError::BadZoneName {
+                zone: "zone a".into()
+            }
+        );
+        assert_eq!(
+            error(&format!("{}=1", "z".repeat(65))),
+            LayoutError::BadZoneName {
+                zone: "z".repeat(65)
+            }
+        );
+        assert_eq!(
+            error("a=60,b=60"),
+            LayoutError::TooMany {
+                what: "voters",
+                count: 120,
+                max: VOTERS_MAX
+            }
+        );
+        assert_eq!(
+            error("a=99999999999999999999999"),
+            LayoutError::BadCount {
+                zone: "a".into(),
+                count: "99999999999999999999999".into()
+            }
+        );
+        let many: Vec<String> = (0..=ZONES_MAX).map(|i| format!("z{i}=1")).collect();
+        assert_eq!(
+            error(&many.join(",")),
+            LayoutError::TooManyZones {
+                zones: ZONES_MAX + 1,
+                max: ZONES_MAX
+            }
+        );
+        assert_eq!(
+            layout("a=1").with_learners("b=0"),
+            Err(LayoutError::ZeroCount { zone: "b".into() })
+        );
+        // Every message says what to write instead.
+        assert_eq!(
+            error("a=0").to_string(),
+            "zone a has 0 nodes: leave the zone out, or give it at least 1, e.g. `a=1`"
+        );
+        assert_eq!(
+            error("a").to_string(),
+            "`a` has no count: write ZONE=COUNT, e.g. `a=1`"
+        );
+    }
+
+    #[test]
+    fn new_zones_continue_the_naming_of_the_old_ones() {
+        assert_eq!(
+            suggested(&plan("eu-west-1a=2,eu-west-1b=2")),
+            Some("eu-west-1a=2,eu-west-1b=2,eu-west-1c=1")
+        );
+        assert_eq!(
+            suggested(&plan("rack1=2,rack2=1")),
+            Some("rack1=1,rack2=1,rack3=1")
+        );
+        // Nothing to step on after `z`: numbered zones instead.
+        assert_eq!(suggested(&plan("y=2,z=2")), Some("y=2,z=2,zone-1=1"));
+        assert_eq!(step_on("a"), Some("b".into()));
+        assert_eq!(step_on("Z"), None);
+        assert_eq!(step_on("rack9"), None);
+        assert_eq!(step_on(""), None);
+    }
+
+    #[test]
+    fn every_suggestion_is_sound_and_no_sound_layout_is_nearer() {
+        // All layouts of up to 9 voters over up to 3 zones, against a brute force over every
+        // layout of up to 11 voters over up to 5 zones (the three old ones, then new ones).
+        let mut targets: Vec<Vec<usize>> = vec![vec![]];
+        for _ in 0..5 {
+            targets = targets
+                .into_iter()
+                .flat_map(|t| {
+                    (0..=11).map(move |c| {
+                        let mut t = t.clone();
+                        t.push(c);
+                        t
+                    })
+                })
+                .filter(|t: &Vec<usize>| t.iter().sum::<usize>() <= 11)
+                .collect();
+        }
+        let sound_targets: Vec<&Vec<usize>> = targets.iter().filter(|t| sound(t)).collect();
+        for a in 1..=9usize {
+            for b in 0..=9 - a {
+                for c in 0..=9 - a - b {
+                    let counts: Vec<usize> = [a, b, c].into_iter().filter(|&n| n > 0).collect();
+                    let spec = ["a", "b", "c"]
+                        .iter()
+                        .zip(&counts)
+                        .map(|(zone, count)| format!("{zone}={count}"))
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    let plan = plan(&spec);
+                    let current = [a, b, c];
+                    let nearest = sound_targets
+                        .iter()
+                        .map(|t| {
+                            let (mut surplus, mut deficit) = (0, 0);
+                            for (index, &wanted) in t.iter().enumerate() {
+                                let have = current.get(index).copied().unwrap_or(0);
+                                surplus += have.saturating_sub(wanted);
+                                deficit += wanted.saturating_sub(have);
+                            }
+                            surplus.max(deficit)
+                        })
+                        .min()
+                        .expect("sound layouts exist");
+                    let Some(suggestion) = &plan.suggestion else {
+                        assert!(
+                            sound(&counts),
+                            "{spec}: no suggestion for an unsound layout"
+                        );
+                        continue;
+                    };
+                    let by_zone: Vec<usize> =
+                        suggestion.layout.zones().map(|(_, z)| z.voters).collect();
+                    assert!(sound(&by_zone), "{spec} → {} is not sound", suggestion.spec);
+                    let cost = suggestion.voters_added.max(suggestion.voters_removed)
+                        + suggestion.voters_moved;
+                    assert_eq!(cost, nearest, "{spec} → {}", suggestion.spec);
+                    let voters: usize = by_zone.iter().sum();
+                    assert_eq!(
+                        voters,
+                        plan.voters + suggestion.voters_added - suggestion.voters_removed,
+                        "{spec} → {}",
+                        suggestion.spec
+                    );
+                    assert_eq!(Plan::of(&suggestion.layout).suggestion, None);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tolerated_counts_agree_with_the_scenario_rows() {
+        for spec in [
+            "a=1,b=1,c=1",
+            "a=2,b=2,c=1",
+            "a=2,b=2",
+            "a=3",
+            "a=3,b=1,c=1",
+            "a=1",
+        ] {
+            let plan = plan(spec);
+            let all_served = |failure| {
+                plan.scenarios
+                    .iter()
+                    .filter(|s| s.failure == failure)
+                    .all(|s| s.shards_served)
+            };
+            assert_eq!(
+                plan.survives_node_failure,
+                plan.node_failures_tolerated >= 1,
+                "{spec}"
+            );
+            assert_eq!(
+                plan.survives_zone_failure,
+                plan.zone_failures_tolerated >= 1,
+                "{spec}"
+            );
+            assert_eq!(
+                plan.survives_zone_failure,
+                all_served(Failure::Zone),
+                "{spec}"
+            );
+            if plan.layout.zone_count() >= 3 {
+                assert_eq!(
+                    plan.zone_failures_tolerated >= 2,
+                    all_served(Failure::TwoZones),
+                    "{spec}"
+                );
+            }
+            for row in &plan.scenarios {
+                assert_eq!(row.quorum_survives, row.voters_left >= row.quorum, "{spec}");
+                assert_eq!(
+                    row.shards_served, row.quorum_survives,
+                    "{spec}: a quorum leaves hosts"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn plans_serialise_as_one_json_object() {
+        let json = serde_json::to_value(plan("a=2,b=2")).expect("serialisable");
+        assert_eq!(json["layout"]["a"]["voters"], 2);
+        assert_eq!(json["quorum"], 3);
+        assert_eq!(json["survives"], false);
+        assert_eq!(json["scenarios"][2]["failure"], "zone");
+        assert_eq!(json["scenarios"][2]["description"], "zone a");
+        assert_eq!(json["scenarios"][2]["shards_served"], false);
+        assert_eq!(json["warnings"][1]["kind"], "two_zones");
+        assert_eq!(json["suggestion"]["spec"], "a=2,b=2,c=1");
+        assert_eq!(json["suggestion"]["changes"][0]["change"], "add");
+        assert_eq!(json["suggestion"]["changes"][0]["new_zone"], true);
+    }
 }
