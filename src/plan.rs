@@ -789,9 +789,11 @@ fn warnings(layout: &Layout) -> Vec<Warning> {
         [(zone, _)] => warnings.push(Warning {
             kind: WarningKind::SingleZone,
             zone: Some(zone.to_string()),
-            message: format!(
-                "all {voters} voters are in zone {zone}: losing it stops the cluster; spread them over three zones"
-            ),
+            message: if voters == 1 {
+                format!("the only voter is in zone {zone}: losing it stops the cluster; run three voters in three zones")
+            } else {
+                format!("all {voters} voters are in zone {zone}: losing it stops the cluster; spread them over three zones")
+            },
         }),
         [first, second] => {
             // With two zones the bigger one holds at least half the voters, so losing it
