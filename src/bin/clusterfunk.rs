@@ -108,7 +108,12 @@ enum Command {
         #[arg(long, value_name = "SPEC", group = "source")]
         zones: Option<Layout>,
         /// Learners (non-voting nodes that host shards) per zone, same syntax, with --zones.
-        #[arg(long, value_name = "SPEC", requires = "zones")]
+        #[arg(
+            long,
+            value_name = "SPEC",
+            requires = "zones",
+            conflicts_with = "from_cluster"
+        )]
         learners: Option<String>,
         /// Read the members, their zones and roles from a node of a running cluster.
         #[arg(long, value_name = "IP:PORT", group = "source")]
@@ -301,17 +306,27 @@ async fn fetch_nodes(client: &AdminClient) -> Result<NodesReport, String> {
     }
 }
 
-/// The plan of the layout a membership change left: the voters and learners of its report,
-/// each in its zone as `nodes` reports it (or as `add-node --zone` gave it, for a new member
-/// the answering node has not applied yet).
+/// The plan of the layout a membership change left, with the zones from a fresh `nodes`.
 async fn plan_after_change(
     client: &AdminClient,
     change: &ChangeReport,
     added: Option<(u64, Option<String>)>,
 ) -> Result<Plan, String> {
     let nodes = fetch_nodes(client).await?;
+    let layout = layout_after_change(change, &nodes, added.as_ref())?;
+    Ok(Plan::of(&layout))
+}
+
+/// The layout a membership change left: the voters and learners of its report, each in its
+/// zone as `nodes` reports it, or as `add-node --zone` gave it for the added node (the node
+/// answering `nodes` may not have applied the change yet).
+fn layout_after_change(
+    change: &ChangeReport,
+    nodes: &NodesReport,
+    added: Option<&(u64, Option<String>)>,
+) -> Result<Layout, String> {
     let zone_of = |id: u64| -> Result<Option<&str>, String> {
-        if let Some((added_id, zone)) = &added {
+        if let Some((added_id, zone)) = added {
             if *added_id == id {
                 return Ok(zone.as_deref());
             }
@@ -334,8 +349,7 @@ async fn plan_after_change(
                 .map(|&id| zone_of(id).map(|zone| (zone, Role::Learner))),
         )
         .collect::<Result<Vec<_>, _>>()?;
-    let layout = Layout::from_members(members).map_err(|e| e.to_string())?;
-    Ok(Plan::of(&layout))
+    Layout::from_members(members).map_err(|e| e.to_string())
 }
 
 fn json(value: &impl Serialize) -> Result<String, String> {
@@ -586,5 +600,189 @@ mod erased {
         fn json(&self) -> serde_json::Result<String> {
             serde_json::to_string(self)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+    use clap::CommandFactory;
+    use clusterfunk::admin::NodeReport;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("clusterfunk").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn plan_takes_zones_or_a_cluster_but_not_both() {
+        let cli = parse(&["plan", "--zones", "a=2,b=2,c=1"]).expect("--zones parses");
+        match cli.command {
+            Command::Plan {
+                zones: Some(layout),
+                learners: None,
+                from_cluster: None,
+            } => assert_eq!(layout.voters_spec(), "a=2,b=2,c=1"),
+            _ => panic!("not a plan command"),
+        }
+        let cli = parse(&["--json", "plan", "--from-cluster", "127.0.0.1:7101"])
+            .expect("--from-cluster parses");
+        assert!(cli.json);
+        assert!(matches!(
+            cli.command,
+            Command::Plan {
+                zones: None,
+                from_cluster: Some(_),
+                ..
+            }
+        ));
+        let kind = |args: &[&str]| parse(args).err().map(|e| (e.kind(), e.exit_code()));
+        assert_eq!(
+            kind(&["plan"]),
+            Some((ErrorKind::MissingRequiredArgument, 2))
+        );
+        assert_eq!(
+            kind(&["plan", "--zones", "a=1", "--from-cluster", "127.0.0.1:1"]),
+            Some((ErrorKind::ArgumentConflict, 2))
+        );
+        assert_eq!(
+            kind(&["plan", "--from-cluster", "127.0.0.1:1", "--learners", "a=1"]),
+            Some((ErrorKind::ArgumentConflict, 2))
+        );
+        // A bad spec is bad usage (exit 2), and the message says what to write.
+        let error = parse(&["plan", "--zones", "a=2,b=0"])
+            .err()
+            .expect("refused");
+        assert_eq!(
+            (error.kind(), error.exit_code()),
+            (ErrorKind::ValueValidation, 2)
+        );
+        assert!(error.to_string().contains("`b=1`"), "{error}");
+    }
+
+    #[test]
+    fn plan_exits_3_when_a_zone_or_node_failure_leaves_shards_unserved() {
+        let exit = |args: &[&str]| run(parse(args).expect("parses")).ok();
+        assert_eq!(
+            exit(&["plan", "--zones", "a=2,b=2,c=1"]),
+            Some(ExitCode::SUCCESS)
+        );
+        assert_eq!(
+            exit(&[
+                "--json",
+                "plan",
+                "--zones",
+                "a=1,b=1,c=1",
+                "--learners",
+                "d=2"
+            ]),
+            Some(ExitCode::SUCCESS)
+        );
+        assert_eq!(
+            exit(&["plan", "--zones", "a=2,b=2"]),
+            Some(ExitCode::from(EXIT_LAYOUT_AT_RISK))
+        );
+        assert_eq!(
+            exit(&["--json", "plan", "--zones", "a=3"]),
+            Some(ExitCode::from(EXIT_LAYOUT_AT_RISK))
+        );
+        let refused = run(parse(&["plan", "--zones", "a=1", "--learners", "b=x"]).expect("parses"))
+            .err()
+            .expect("a bad learners spec is refused");
+        assert_eq!(refused.code, EXIT_USAGE);
+        assert!(refused
+            .message
+            .starts_with("--learners: `x` is not a node count"));
+    }
+
+    fn node(id: u64, zone: Option<&str>, role: &str) -> NodeReport {
+        NodeReport {
+            id,
+            addr: format!("127.0.0.1:{}", 7100 + id),
+            zone: zone.map(str::to_string),
+            role: role.to_string(),
+            leader: id == 1,
+            shards: 4,
+            down: false,
+            draining: false,
+        }
+    }
+
+    fn change(voters: &[u64], learners: &[u64]) -> ChangeReport {
+        ChangeReport {
+            message: "changed".into(),
+            warnings: Vec::new(),
+            voters: voters.to_vec(),
+            learners: learners.to_vec(),
+            failures_tolerated: 0,
+            leader: Some(1),
+        }
+    }
+
+    #[test]
+    fn the_layout_after_a_change_takes_roles_from_the_change_and_zones_from_nodes() {
+        let nodes = NodesReport {
+            leader: Some(1),
+            nodes: vec![
+                node(1, Some("a"), "voter"),
+                node(2, Some("b"), "voter"),
+                node(3, Some("c"), "voter"),
+                node(4, Some("a"), "voter"),
+            ],
+        };
+        // remove-node 4: the answering node may still list it; the change report decides.
+        let removed =
+            layout_after_change(&change(&[1, 2, 3], &[]), &nodes, None).expect("a layout");
+        assert_eq!(removed.to_string(), "a=1,b=1,c=1");
+        // add-node 5 --zone b --learner, before the answering node applied it.
+        let added = (5, Some("b".to_string()));
+        let layout = layout_after_change(&change(&[1, 2, 3, 4], &[5]), &nodes, Some(&added))
+            .expect("a layout");
+        assert_eq!(layout.to_string(), "a=2,b=1,c=1 (learners: b=1)");
+        let plan = Plan::of(&layout);
+        assert!(!plan.survives, "zone a holds half of four voters");
+        // A member neither reported nor just added: no verdict rather than a wrong one.
+        assert_eq!(
+            layout_after_change(&change(&[1, 2, 9], &[]), &nodes, None),
+            Err("node 9 is missing from the `nodes` answer".to_string())
+        );
+    }
+
+    #[test]
+    fn change_json_keeps_its_fields_and_adds_the_plan() {
+        let change = change(&[1, 2, 3], &[]);
+        let plan = Plan::of(&"a=1,b=1,c=1".parse::<Layout>().expect("a layout"));
+        let with_plan: serde_json::Value = serde_json::from_str(
+            &json(&ChangeWithPlan {
+                change: &change,
+                plan: &plan,
+            })
+            .expect("serialisable"),
+        )
+        .expect("JSON");
+        let alone: serde_json::Value =
+            serde_json::from_str(&json(&change).expect("serialisable")).expect("JSON");
+        let alone = alone.as_object().expect("an object");
+        for (key, value) in alone {
+            assert_eq!(&with_plan[key], value, "field {key}");
+        }
+        assert_eq!(with_plan["plan"]["survives"], true);
+        assert_eq!(
+            with_plan.as_object().expect("an object").len(),
+            alone.len() + 1
+        );
+    }
+
+    #[test]
+    fn tolerance_reads_as_words() {
+        assert_eq!(tolerance(2, 1), "any 2 node failures, any 1 zone failure");
+        assert_eq!(tolerance(1, 0), "any 1 node failure, no zone failures");
+        assert_eq!(plural(0, "learner", "learners"), "no learners");
     }
 }
