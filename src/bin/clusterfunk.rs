@@ -693,8 +693,7 @@ mod tests {
             Some(ExitCode::from(EXIT_LAYOUT_AT_RISK))
         );
         let refused = run(parse(&["plan", "--zones", "a=1", "--learners", "b=x"]).expect("parses"))
-            .err()
-            .expect("a bad learners spec is refused");
+            .expect_err("a bad learners spec is refused");
         assert_eq!(refused.code, EXIT_USAGE);
         assert!(refused
             .message
