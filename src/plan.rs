@@ -219,7 +219,8 @@ impl ZoneNodes {
 
 /// How many voters and learners run in each zone. Zones are kept in name order; every zone
 /// holds at least one node. Serialises as `{"zone": {"voters": V, "learners": L}, ..}`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+// No `Default`: an empty layout has no voters, which every constructor refuses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
 pub struct Layout {
     zones: BTreeMap<String, ZoneNodes>,
@@ -231,7 +232,9 @@ impl Layout {
     pub fn from_members<'a>(
         members: impl IntoIterator<Item = (Option<&'a str>, Role)>,
     ) -> Result<Layout, LayoutError> {
-        let mut layout = Layout::default();
+        let mut layout = Layout {
+            zones: BTreeMap::new(),
+        };
         for (zone, role) in members {
             let zone = zone.filter(|z| !z.trim().is_empty()).unwrap_or(NO_ZONE);
             let entry = layout.zones.entry(zone.to_string()).or_default();
@@ -1857,7 +1860,8 @@ mod tests {
                     let by_zone: Vec<usize> =
                         suggestion.layout.zones().map(|(_, z)| z.voters).collect();
                     assert!(sound(&by_zone), "{spec} → {} is not sound", suggestion.spec);
-                    let cost = suggestion.voters_added.max(suggestion.voters_removed)
+                    let cost = suggestion.voters_added
+                        + suggestion.voters_removed
                         + suggestion.voters_moved;
                     assert_eq!(cost, nearest, "{spec} → {}", suggestion.spec);
                     let voters: usize = by_zone.iter().sum();
