@@ -252,32 +252,9 @@ pub enum AdminError {
     },
 }
 
-/// How many voter failures a cluster of `voters` voters tolerates with a quorum left.
-pub fn failures_tolerated(voters: usize) -> usize {
-    voters.saturating_sub(1) / 2
-}
-
-/// Warnings for a layout of `voters` voters: even counts and fewer than three.
-pub fn layout_warnings(voters: usize) -> Vec<String> {
-    let tolerated = failures_tolerated(voters);
-    let failures = if tolerated == 1 {
-        "failure"
-    } else {
-        "failures"
-    };
-    let mut warnings = Vec::new();
-    if voters < 3 {
-        warnings.push(format!(
-            "the cluster now has {voters} voter(s) and tolerates {tolerated} {failures}: run at least 3 voters"
-        ));
-    } else if voters.is_multiple_of(2) {
-        warnings.push(format!(
-            "the cluster now has an even number of voters ({voters}) and tolerates {tolerated} {failures}, no more than {} voters would: use an odd count",
-            voters - 1
-        ));
-    }
-    warnings
-}
+// The voter-count rules live in the planner, their one home; re-exported here for the
+// consensus actor and for callers that knew them as `admin::`.
+pub use crate::plan::{failures_tolerated, layout_warnings};
 
 /// Sends admin commands to one node. The `clusterfunk` tool is a thin layer over it.
 #[derive(Debug, Clone)]
@@ -362,25 +339,5 @@ pub fn resolve_secret(
         Some(secret) => Ok(Some(secret)),
         None if insecure => Ok(None),
         None => Err("no cluster secret: set CLUSTERFUNK_SECRET or pass --secret-file FILE (or --insecure for a cluster without one)".into()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn failure_tolerance_by_voter_count() {
-        let tolerated: Vec<_> = (0..=9).map(failures_tolerated).collect();
-        assert_eq!(tolerated, vec![0, 0, 0, 1, 1, 2, 2, 3, 3, 4]);
-    }
-
-    #[test]
-    fn even_and_small_layouts_warn() {
-        assert!(layout_warnings(3).is_empty());
-        assert!(layout_warnings(5).is_empty());
-        assert!(layout_warnings(4)[0].contains("tolerates 1 failure"));
-        assert!(layout_warnings(2)[0].contains("at least 3"));
-        assert!(layout_warnings(1)[0].contains("tolerates 0 failures"));
     }
 }

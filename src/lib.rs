@@ -64,6 +64,7 @@
 //! - [`transport`]: authenticated, multiplexed TCP between nodes and clients.
 //! - [`wire`]: the node protocol carried by the transport.
 //! - [`admin`]: operator commands and their reports; the admin client.
+//! - [`plan`]: the topology planner: which failures a layout of voters over zones survives (pure).
 //! - [`client`]: sending to keys from outside the cluster.
 //! - [`codec`]: the one wire and disk format.
 //! - [`error`]: the errors of the public API.
@@ -85,6 +86,7 @@ mod handoff;
 pub mod lease;
 mod lease_task;
 pub mod metrics;
+pub mod plan;
 pub mod recover;
 pub mod router;
 mod service;

@@ -3,14 +3,33 @@
 //! Every command talks to one node (`--node IP:PORT`); writes are forwarded to the leader.
 //! `--json` prints one JSON object for scripts; otherwise an aligned table. Errors go to stderr
 //! as one line and the exit code is non-zero (1: the command failed, 2: bad usage).
+//!
+//! `plan` judges a layout of voters over zones (`--zones a=2,b=2,c=1`, or a running cluster's
+//! with `--from-cluster IP:PORT`): which single-node, single-zone and two-zone failures it
+//! survives, its warnings, and the nearest better layout (see `clusterfunk::plan`). It exits 0
+//! when the layout survives any single node failure and any single zone failure, and 3 when it
+//! does not, so scripts can gate on it; 1 and 2 keep their meaning. `add-node` and `remove-node`
+//! print the same verdict for the layout they leave (under `plan` in `--json`); their exit code
+//! does not depend on it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use clusterfunk::admin::{resolve_secret, AdminClient, AdminRequest, AdminResponse};
+use clap::{ArgGroup, Parser, Subcommand};
+use clusterfunk::admin::{
+    resolve_secret, AdminClient, AdminRequest, AdminResponse, ChangeReport, NodesReport,
+};
+use clusterfunk::plan::{Failure, Layout, Plan, Role};
+use serde::Serialize;
+
+/// The command failed (an error, or the node refused it).
+const EXIT_FAILED: u8 = 1;
+/// Bad usage (clap exits with 2 too).
+const EXIT_USAGE: u8 = 2;
+/// `plan`: the layout does not survive some single node or single zone failure.
+const EXIT_LAYOUT_AT_RISK: u8 = 3;
 
 #[derive(Parser)]
 #[command(name = "clusterfunk", version, about = "Operate a clusterfunk cluster")]
@@ -101,6 +120,56 @@ enum Command {
         #[arg(long)]
         i_understand_this_may_lose_data: bool,
     },
+    /// Which failures a layout survives (any node, any zone, any two zones), its warnings and
+    /// the nearest better layout. Exit 0: it survives any single node and any single zone
+    /// failure; 3: it does not.
+    #[command(group(ArgGroup::new("source").required(true).multiple(false)))]
+    Plan {
+        /// Voters per zone, ZONE=COUNT,... e.g. a=2,b=2,c=1 (`-`: nodes without a zone).
+        #[arg(long, value_name = "SPEC", group = "source")]
+        zones: Option<Layout>,
+        /// Learners (non-voting nodes that host shards) per zone, same syntax, with --zones.
+        #[arg(
+            long,
+            value_name = "SPEC",
+            requires = "zones",
+            conflicts_with = "from_cluster"
+        )]
+        learners: Option<String>,
+        /// Read the members, their zones and roles from a node of a running cluster.
+        #[arg(long, value_name = "IP:PORT", group = "source")]
+        from_cluster: Option<SocketAddr>,
+    },
+}
+
+/// Why the tool stops with a non-zero exit code.
+struct ToolError {
+    message: String,
+    code: u8,
+}
+
+impl ToolError {
+    fn usage(message: impl Into<String>) -> ToolError {
+        ToolError {
+            message: message.into(),
+            code: EXIT_USAGE,
+        }
+    }
+}
+
+impl From<String> for ToolError {
+    fn from(message: String) -> ToolError {
+        ToolError {
+            message,
+            code: EXIT_FAILED,
+        }
+    }
+}
+
+impl From<&str> for ToolError {
+    fn from(message: &str) -> ToolError {
+        ToolError::from(message.to_string())
+    }
 }
 
 fn main() -> ExitCode {
@@ -113,15 +182,15 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
+        Ok(code) => code,
+        Err(ToolError { message, code }) => {
             eprintln!("error: {message}");
-            ExitCode::from(1)
+            ExitCode::from(code)
         }
     }
 }
 
-fn run(cli: Cli) -> Result<(), String> {
+fn run(cli: Cli) -> Result<ExitCode, ToolError> {
     if let Command::Recover {
         data_dir,
         id,
@@ -130,17 +199,33 @@ fn run(cli: Cli) -> Result<(), String> {
         i_understand_this_may_lose_data,
     } = &cli.command
     {
-        return recover::run(recover::Args {
+        recover::run(recover::Args {
             data_dir,
             id: *id,
             members: members.as_deref(),
             inspect: *inspect,
             confirmed: *i_understand_this_may_lose_data,
             json: cli.json,
-        });
+        })?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Command::Plan {
+        zones,
+        learners,
+        from_cluster,
+    } = &cli.command
+    {
+        return plan(&cli, zones.as_ref(), learners.as_deref(), *from_cluster);
     }
     let node = cli.node.ok_or("--node IP:PORT is required")?;
     let secret = resolve_secret(cli.secret_file.as_deref(), cli.insecure)?;
+    // add-node and remove-node also print the verdict on the layout they leave; add-node's
+    // zone is remembered in case the node answering `nodes` has not seen the new member yet.
+    let (membership_change, added) = match &cli.command {
+        Command::AddNode { id, zone, .. } => (true, Some((*id, zone.clone()))),
+        Command::RemoveNode { .. } => (true, None),
+        _ => (false, None),
+    };
     let request = match cli.command {
         Command::Status => AdminRequest::Status,
         Command::Nodes => AdminRequest::Nodes,
@@ -161,21 +246,254 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Drain { id } => AdminRequest::Drain { id },
         Command::Undrain { id } => AdminRequest::Undrain { id },
         Command::Recover { .. } => return Err("recover runs offline".into()),
+        Command::Plan { .. } => return Err("plan is handled above".into()),
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))?;
     let timeout = Duration::from_secs(cli.timeout.max(1));
-    let response = runtime.block_on(async {
+    let (response, verdict) = runtime()?.block_on(async {
         let client = AdminClient::new(node, &cli.cluster_name, secret, timeout)
             .map_err(|e| e.to_string())?;
-        client.request(request).await.map_err(|e| e.to_string())
+        let response = client.request(request).await.map_err(|e| e.to_string())?;
+        let verdict = match &response {
+            AdminResponse::Changed(change) if membership_change => {
+                Some(plan_after_change(&client, change, added).await)
+            }
+            _ => None,
+        };
+        Ok::<_, String>((response, verdict))
     })?;
-    print(&response, cli.json)
+    let verdict = match verdict {
+        Some(Err(reason)) => {
+            // The change itself succeeded: say why there is no verdict, but do not fail.
+            eprintln!("note: no verdict on the new layout: {reason}");
+            None
+        }
+        Some(Ok(plan)) => Some(plan),
+        None => None,
+    };
+    print(&response, verdict.as_ref(), cli.json)?;
+    Ok(ExitCode::SUCCESS)
 }
 
-fn print(response: &AdminResponse, json: bool) -> Result<(), String> {
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+/// `plan`: judges the layout given by `--zones` (and `--learners`) or read from a cluster.
+fn plan(
+    cli: &Cli,
+    zones: Option<&Layout>,
+    learners: Option<&str>,
+    from_cluster: Option<SocketAddr>,
+) -> Result<ExitCode, ToolError> {
+    let layout = match (zones, from_cluster) {
+        (Some(layout), _) => match learners {
+            Some(spec) => layout
+                .clone()
+                .with_learners(spec)
+                .map_err(|e| ToolError::usage(format!("--learners: {e}")))?,
+            None => layout.clone(),
+        },
+        (None, Some(node)) => {
+            let secret = resolve_secret(cli.secret_file.as_deref(), cli.insecure)?;
+            let timeout = Duration::from_secs(cli.timeout.max(1));
+            let nodes = runtime()?.block_on(async {
+                let client = AdminClient::new(node, &cli.cluster_name, secret, timeout)
+                    .map_err(|e| e.to_string())?;
+                fetch_nodes(&client).await
+            })?;
+            for member in &nodes.nodes {
+                let state = if member.down {
+                    "marked down"
+                } else if member.draining {
+                    "draining"
+                } else {
+                    continue;
+                };
+                eprintln!(
+                    "note: node {} is {state} now; the plan counts it as a member, as raft does",
+                    member.id
+                );
+            }
+            Layout::from_nodes(&nodes).map_err(|e| format!("the cluster's members: {e}"))?
+        }
+        (None, None) => {
+            return Err(ToolError::usage(
+                "give --zones SPEC (e.g. a=2,b=2,c=1) or --from-cluster IP:PORT",
+            ))
+        }
+    };
+    let plan = Plan::of(&layout);
+    if cli.json {
+        println!("{}", json(&plan)?);
+    } else {
+        print_plan(&plan);
+    }
+    Ok(if plan.survives {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_LAYOUT_AT_RISK)
+    })
+}
+
+async fn fetch_nodes(client: &AdminClient) -> Result<NodesReport, String> {
+    match client.request(AdminRequest::Nodes).await {
+        Ok(AdminResponse::Nodes(nodes)) => Ok(nodes),
+        Ok(_) => Err("the node answered `nodes` with another report; upgrade this tool".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The plan of the layout a membership change left, with the zones from a fresh `nodes`.
+async fn plan_after_change(
+    client: &AdminClient,
+    change: &ChangeReport,
+    added: Option<(u64, Option<String>)>,
+) -> Result<Plan, String> {
+    let nodes = fetch_nodes(client).await?;
+    let layout = layout_after_change(change, &nodes, added.as_ref())?;
+    Ok(Plan::of(&layout))
+}
+
+/// The layout a membership change left: the voters and learners of its report, each in its
+/// zone as `nodes` reports it, or as `add-node --zone` gave it for the added node (the node
+/// answering `nodes` may not have applied the change yet).
+fn layout_after_change(
+    change: &ChangeReport,
+    nodes: &NodesReport,
+    added: Option<&(u64, Option<String>)>,
+) -> Result<Layout, String> {
+    let zone_of = |id: u64| -> Result<Option<&str>, String> {
+        if let Some((added_id, zone)) = added {
+            if *added_id == id {
+                return Ok(zone.as_deref());
+            }
+        }
+        nodes
+            .nodes
+            .iter()
+            .find(|node| node.id == id)
+            .map(|node| node.zone.as_deref())
+            .ok_or_else(|| format!("node {id} is missing from the `nodes` answer"))
+    };
+    let members = change
+        .voters
+        .iter()
+        .map(|&id| zone_of(id).map(|zone| (zone, Role::Voter)))
+        .chain(
+            change
+                .learners
+                .iter()
+                .map(|&id| zone_of(id).map(|zone| (zone, Role::Learner))),
+        )
+        .collect::<Result<Vec<_>, _>>()?;
+    Layout::from_members(members).map_err(|e| e.to_string())
+}
+
+fn json(value: &impl Serialize) -> Result<String, String> {
+    serde_json::to_string(value).map_err(|e| format!("cannot print JSON: {e}"))
+}
+
+fn yes_no(value: bool) -> String {
+    if value { "yes" } else { "no" }.to_string()
+}
+
+fn plural(count: usize, one: &str, many: &str) -> String {
+    match count {
+        0 => format!("no {many}"),
+        1 => format!("1 {one}"),
+        _ => format!("{count} {many}"),
+    }
+}
+
+/// `any 2 node failures, any 1 zone failure`, or `no node failure, …`.
+fn tolerance(nodes: usize, zones: usize) -> String {
+    let any = |count: usize, one: &str, many: &str| {
+        let words = plural(count, one, many);
+        if count == 0 {
+            words
+        } else {
+            format!("any {words}")
+        }
+    };
+    format!(
+        "{}, {}",
+        any(nodes, "node failure", "node failures"),
+        any(zones, "zone failure", "zone failures")
+    )
+}
+
+/// Prints a plan as a table of scenarios, then the verdict, warnings and suggestion.
+fn print_plan(plan: &Plan) {
+    println!(
+        "layout {}: {}, {}; a quorum takes {}",
+        plan.layout,
+        plural(plan.voters, "voter", "voters"),
+        plural(plan.learners, "learner", "learners"),
+        plan.quorum
+    );
+    table(
+        &["FAILURE", "VOTERS LEFT", "QUORUM SURVIVES", "SHARDS SERVED"],
+        plan.scenarios
+            .iter()
+            .map(|s| {
+                vec![
+                    s.description.clone(),
+                    format!("{} of {}", s.voters_left, plan.voters),
+                    yes_no(s.quorum_survives),
+                    yes_no(s.shards_served),
+                ]
+            })
+            .collect(),
+    );
+    println!(
+        "tolerates: {}",
+        tolerance(plan.node_failures_tolerated, plan.zone_failures_tolerated)
+    );
+    if plan.survives {
+        println!("verdict: survives any single node failure and any single zone failure");
+    } else {
+        let lost: Vec<&str> = plan
+            .scenarios
+            .iter()
+            .filter(|s| s.failure != Failure::TwoZones && !s.shards_served)
+            .map(|s| s.description.as_str())
+            .collect();
+        println!(
+            "verdict: AT RISK: losing any one of these leaves shards unserved: {}",
+            lost.join(", ")
+        );
+    }
+    for warning in &plan.warnings {
+        println!("warning: {}", warning.message);
+    }
+    if let Some(suggestion) = &plan.suggestion {
+        println!(
+            "suggestion: {} (tolerates {}):",
+            suggestion.layout,
+            tolerance(
+                suggestion.node_failures_tolerated,
+                suggestion.zone_failures_tolerated
+            )
+        );
+        for change in &suggestion.changes {
+            println!("  {change}");
+        }
+    }
+}
+
+/// A change report with the plan of the layout it left, for `add-node --json` and
+/// `remove-node --json`: the report's fields stay as they are, `plan` is added.
+#[derive(Serialize)]
+struct ChangeWithPlan<'a> {
+    #[serde(flatten)]
+    change: &'a ChangeReport,
+    plan: &'a Plan,
+}
+
+fn print(response: &AdminResponse, plan: Option<&Plan>, json: bool) -> Result<(), String> {
     let to_json =
         |value: &dyn erased::Json| value.json().map_err(|e| format!("cannot print JSON: {e}"));
     match response {
@@ -256,7 +574,10 @@ fn print(response: &AdminResponse, json: bool) -> Result<(), String> {
                 eprintln!("warning: {warning}");
             }
             if json {
-                println!("{}", to_json(change)?);
+                match plan {
+                    Some(plan) => println!("{}", to_json(&ChangeWithPlan { change, plan })?),
+                    None => println!("{}", to_json(change)?),
+                }
             } else {
                 println!("{}", change.message);
                 println!(
@@ -266,6 +587,10 @@ fn print(response: &AdminResponse, json: bool) -> Result<(), String> {
                     change.failures_tolerated,
                     change.leader.map_or("-".to_string(), |l| l.to_string())
                 );
+                if let Some(plan) = plan {
+                    println!();
+                    print_plan(plan);
+                }
             }
         }
         _ => {
@@ -423,5 +748,188 @@ mod erased {
         fn json(&self) -> serde_json::Result<String> {
             serde_json::to_string(self)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+    use clap::CommandFactory;
+    use clusterfunk::admin::NodeReport;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("clusterfunk").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn plan_takes_zones_or_a_cluster_but_not_both() {
+        let cli = parse(&["plan", "--zones", "a=2,b=2,c=1"]).expect("--zones parses");
+        match cli.command {
+            Command::Plan {
+                zones: Some(layout),
+                learners: None,
+                from_cluster: None,
+            } => assert_eq!(layout.voters_spec(), "a=2,b=2,c=1"),
+            _ => panic!("not a plan command"),
+        }
+        let cli = parse(&["--json", "plan", "--from-cluster", "127.0.0.1:7101"])
+            .expect("--from-cluster parses");
+        assert!(cli.json);
+        assert!(matches!(
+            cli.command,
+            Command::Plan {
+                zones: None,
+                from_cluster: Some(_),
+                ..
+            }
+        ));
+        let kind = |args: &[&str]| parse(args).err().map(|e| (e.kind(), e.exit_code()));
+        assert_eq!(
+            kind(&["plan"]),
+            Some((ErrorKind::MissingRequiredArgument, 2))
+        );
+        assert_eq!(
+            kind(&["plan", "--zones", "a=1", "--from-cluster", "127.0.0.1:1"]),
+            Some((ErrorKind::ArgumentConflict, 2))
+        );
+        assert_eq!(
+            kind(&["plan", "--from-cluster", "127.0.0.1:1", "--learners", "a=1"]),
+            Some((ErrorKind::ArgumentConflict, 2))
+        );
+        // A bad spec is bad usage (exit 2), and the message says what to write.
+        let error = parse(&["plan", "--zones", "a=2,b=0"])
+            .err()
+            .expect("refused");
+        assert_eq!(
+            (error.kind(), error.exit_code()),
+            (ErrorKind::ValueValidation, 2)
+        );
+        assert!(error.to_string().contains("`b=1`"), "{error}");
+    }
+
+    #[test]
+    fn plan_exits_3_when_a_zone_or_node_failure_leaves_shards_unserved() {
+        let exit = |args: &[&str]| run(parse(args).expect("parses")).ok();
+        assert_eq!(
+            exit(&["plan", "--zones", "a=2,b=2,c=1"]),
+            Some(ExitCode::SUCCESS)
+        );
+        assert_eq!(
+            exit(&[
+                "--json",
+                "plan",
+                "--zones",
+                "a=1,b=1,c=1",
+                "--learners",
+                "d=2"
+            ]),
+            Some(ExitCode::SUCCESS)
+        );
+        assert_eq!(
+            exit(&["plan", "--zones", "a=2,b=2"]),
+            Some(ExitCode::from(EXIT_LAYOUT_AT_RISK))
+        );
+        assert_eq!(
+            exit(&["--json", "plan", "--zones", "a=3"]),
+            Some(ExitCode::from(EXIT_LAYOUT_AT_RISK))
+        );
+        let refused = run(parse(&["plan", "--zones", "a=1", "--learners", "b=x"]).expect("parses"))
+            .expect_err("a bad learners spec is refused");
+        assert_eq!(refused.code, EXIT_USAGE);
+        assert!(refused
+            .message
+            .starts_with("--learners: `x` is not a node count"));
+    }
+
+    fn node(id: u64, zone: Option<&str>, role: &str) -> NodeReport {
+        NodeReport {
+            id,
+            addr: format!("127.0.0.1:{}", 7100 + id),
+            zone: zone.map(str::to_string),
+            role: role.to_string(),
+            leader: id == 1,
+            shards: 4,
+            down: false,
+            draining: false,
+        }
+    }
+
+    fn change(voters: &[u64], learners: &[u64]) -> ChangeReport {
+        ChangeReport {
+            message: "changed".into(),
+            warnings: Vec::new(),
+            voters: voters.to_vec(),
+            learners: learners.to_vec(),
+            failures_tolerated: 0,
+            leader: Some(1),
+        }
+    }
+
+    #[test]
+    fn the_layout_after_a_change_takes_roles_from_the_change_and_zones_from_nodes() {
+        let nodes = NodesReport {
+            leader: Some(1),
+            nodes: vec![
+                node(1, Some("a"), "voter"),
+                node(2, Some("b"), "voter"),
+                node(3, Some("c"), "voter"),
+                node(4, Some("a"), "voter"),
+            ],
+        };
+        // remove-node 4: the answering node may still list it; the change report decides.
+        let removed =
+            layout_after_change(&change(&[1, 2, 3], &[]), &nodes, None).expect("a layout");
+        assert_eq!(removed.to_string(), "a=1,b=1,c=1");
+        // add-node 5 --zone b --learner, before the answering node applied it.
+        let added = (5, Some("b".to_string()));
+        let layout = layout_after_change(&change(&[1, 2, 3, 4], &[5]), &nodes, Some(&added))
+            .expect("a layout");
+        assert_eq!(layout.to_string(), "a=2,b=1,c=1 (learners: b=1)");
+        let plan = Plan::of(&layout);
+        assert!(!plan.survives, "zone a holds half of four voters");
+        // A member neither reported nor just added: no verdict rather than a wrong one.
+        assert_eq!(
+            layout_after_change(&change(&[1, 2, 9], &[]), &nodes, None),
+            Err("node 9 is missing from the `nodes` answer".to_string())
+        );
+    }
+
+    #[test]
+    fn change_json_keeps_its_fields_and_adds_the_plan() {
+        let change = change(&[1, 2, 3], &[]);
+        let plan = Plan::of(&"a=1,b=1,c=1".parse::<Layout>().expect("a layout"));
+        let with_plan: serde_json::Value = serde_json::from_str(
+            &json(&ChangeWithPlan {
+                change: &change,
+                plan: &plan,
+            })
+            .expect("serialisable"),
+        )
+        .expect("JSON");
+        let alone: serde_json::Value =
+            serde_json::from_str(&json(&change).expect("serialisable")).expect("JSON");
+        let alone = alone.as_object().expect("an object");
+        for (key, value) in alone {
+            assert_eq!(&with_plan[key], value, "field {key}");
+        }
+        assert_eq!(with_plan["plan"]["survives"], true);
+        assert_eq!(
+            with_plan.as_object().expect("an object").len(),
+            alone.len() + 1
+        );
+    }
+
+    #[test]
+    fn tolerance_reads_as_words() {
+        assert_eq!(tolerance(2, 1), "any 2 node failures, any 1 zone failure");
+        assert_eq!(tolerance(1, 0), "any 1 node failure, no zone failures");
+        assert_eq!(plural(0, "learner", "learners"), "no learners");
     }
 }
