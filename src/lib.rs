@@ -209,3 +209,31 @@ pub mod __private {
         })
     }
 }
+
+/// The guide's chapters (`guide/src/*.md`), compiled as doctests so that every Rust sample in
+/// the book keeps matching the API. Only built by `cargo test --doc`.
+#[cfg(doctest)]
+pub mod guide {
+    #[doc = include_str!("../guide/src/introduction.md")]
+    pub mod introduction {}
+    #[doc = include_str!("../guide/src/quick-start.md")]
+    pub mod quick_start {}
+    #[doc = include_str!("../guide/src/handlers.md")]
+    pub mod handlers {}
+    #[doc = include_str!("../guide/src/concepts.md")]
+    pub mod concepts {}
+    #[doc = include_str!("../guide/src/operating.md")]
+    pub mod operating {}
+    #[doc = include_str!("../guide/src/production.md")]
+    pub mod production {}
+    #[doc = include_str!("../guide/src/failures.md")]
+    pub mod failures {}
+    #[doc = include_str!("../guide/src/recovery.md")]
+    pub mod recovery {}
+    #[doc = include_str!("../guide/src/configuration.md")]
+    pub mod configuration {}
+    #[doc = include_str!("../guide/src/metrics.md")]
+    pub mod metrics {}
+    #[doc = include_str!("../guide/src/design-notes.md")]
+    pub mod design_notes {}
+}
