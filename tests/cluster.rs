@@ -597,10 +597,10 @@ fn paused_leader_is_replaced_and_follows_after_it_resumes() {
     assert_eq!(resumed["raft_state"], "follower", "{resumed}");
 }
 
-// Goal (regression, open bug): a leader cut off from its quorum must stop serving, as the
-// status contract says ("serving" needs a leader). Method: in a 3-node cluster kill -9 both
-// followers and wait for the leader's status to leave "serving". Today it stays "serving" as
-// leader indefinitely (openraft does not step a leader down when its quorum is gone).
+// Goal (regression): a leader cut off from its quorum must stop serving, as the status contract
+// says ("serving" needs a leader). Method: in a 3-node cluster kill -9 both followers and wait
+// for the leader's status to leave "serving". openraft does not step a leader down when its
+// quorum is gone; the lease does: it cannot be renewed without a quorum round.
 #[test]
 fn leader_without_quorum_stops_serving() {
     let cluster = Cluster::new("leader_without_quorum_stops_serving", 3);
@@ -626,8 +626,8 @@ fn leader_without_quorum_stops_serving() {
 // Goal (regression, open bug): a node removed from the cluster must stop serving the shards it
 // owned, which the remaining members have given to others. Method: bootstrap 3 nodes, add
 // node 4 as a learner, remove it, and wait until node 4 no longer answers `kv owner` for a key
-// that its last map gave it. Today the removed learner keeps "serving" under its stale map, so
-// two nodes answer for one shard.
+// that its last map gave it. Before leases the removed learner kept "serving" under its stale
+// map, so two nodes answered for one shard; now its lease lapses because no leader renews it.
 #[test]
 fn removed_learner_stops_serving_its_old_shards() {
     let cluster = Cluster::with_initial_members("removed_learner_stops_serving", 4, 3);
