@@ -23,6 +23,10 @@ use crate::wire::{Request, Response};
 
 /// Shards per handoff request, so a drain's snapshots fit in frames.
 const SHARDS_PER_BATCH: usize = 64;
+/// Snapshot bytes per handoff request: a quarter of the transport's default frame limit.
+const BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Snapshots this large cannot travel in one frame (the transport's default limit is 16 MiB).
+const SNAPSHOT_BYTES_MAX: usize = 16 * 1024 * 1024 - 4096;
 /// Pause before retrying a failed handoff.
 const RETRY: Duration = Duration::from_millis(100);
 /// How long the new owner may take to accept snapshots.
@@ -66,58 +70,76 @@ pub(crate) async fn hand_off<H: ShardHandler>(router: Weak<Router<H>>, consensus
         let mut failed = false;
         for ((to, epoch), shards) in groups {
             for chunk in shards.chunks(SHARDS_PER_BATCH) {
-                let span =
-                    tracing::info_span!("handoff", from = me, to, epoch, shards = chunk.len());
-                async {
-                    let mut batch = Vec::with_capacity(chunk.len());
-                    for shard in chunk {
-                        let snapshot = match held.remove(shard) {
-                            Some(snapshot) => snapshot,
-                            None => router.deactivate(*shard).await,
-                        };
-                        batch.push((*shard, snapshot));
+                // Snapshots first, then as many requests as it takes to keep each one well
+                // inside the transport's frame limit.
+                let mut batches: Vec<Vec<(ShardId, Option<Handoff>)>> = vec![Vec::new()];
+                let mut bytes = 0;
+                for shard in chunk {
+                    let snapshot = match held.remove(shard) {
+                        Some(snapshot) => snapshot,
+                        None => router.deactivate(*shard).await,
+                    };
+                    let size = snapshot.as_ref().map_or(0, |s| s.as_bytes().len());
+                    if size >= SNAPSHOT_BYTES_MAX {
+                        tracing::error!(shard, size, "a shard's handoff snapshot does not fit in a transport frame (16 MiB), so the move keeps failing: keep per-shard state well below that");
                     }
-                    match send(&consensus, me, to, epoch, &batch).await {
-                        Ok(()) => {
-                            let command = Command::Released {
-                                shards: chunk.to_vec(),
-                                epoch,
-                                from: me,
-                            };
-                            match consensus.propose(command, false).await {
-                                Ok(CommandResponse::Released { shards, .. }) => {
-                                    released.extend(shards.iter().map(|s| (*s, epoch)));
-                                    tracing::info!(released = shards.len(), "shards released");
-                                    crate::metrics::handoffs_completed("out", shards.len());
-                                    // A shard whose move was re-targeted before this release keeps
-                                    // its snapshot here, for the new target.
-                                    for (shard, snapshot) in batch {
-                                        if !shards.contains(&shard) {
-                                            held.insert(shard, snapshot);
-                                        }
-                                    }
-                                }
-                                Ok(_) => {
-                                    tracing::info!("moves superseded before their release; retrying");
-                                    held.extend(batch);
-                                }
-                                Err(error) => {
-                                    tracing::warn!(%error, "release not committed; retrying");
-                                    failed = true;
-                                    // The new owner holds the snapshots; keep copies for a retry.
-                                    held.extend(batch);
-                                }
-                            }
-                        }
-                        Err(reason) => {
-                            tracing::warn!(%reason, "handoff failed; keeping the snapshots and retrying");
-                            failed = true;
-                            held.extend(batch);
-                        }
+                    if bytes + size > BATCH_BYTES_MAX
+                        && batches.last().is_some_and(|b| !b.is_empty())
+                    {
+                        batches.push(Vec::new());
+                        bytes = 0;
+                    }
+                    bytes += size;
+                    if let Some(last) = batches.last_mut() {
+                        last.push((*shard, snapshot));
                     }
                 }
-                .instrument(span)
-                .await;
+                for batch in batches {
+                    let span =
+                        tracing::info_span!("handoff", from = me, to, epoch, shards = batch.len());
+                    async {
+                        match send(&consensus, me, to, epoch, &batch).await {
+                            Ok(()) => {
+                                let command = Command::Released {
+                                    shards: batch.iter().map(|(shard, _)| *shard).collect(),
+                                    epoch,
+                                    from: me,
+                                };
+                                match consensus.propose(command, false).await {
+                                    Ok(CommandResponse::Released { shards, .. }) => {
+                                        released.extend(shards.iter().map(|s| (*s, epoch)));
+                                        tracing::info!(released = shards.len(), "shards released");
+                                        crate::metrics::handoffs_completed("out", shards.len());
+                                        // A shard whose move was re-targeted before this release keeps
+                                        // its snapshot here, for the new target.
+                                        for (shard, snapshot) in batch {
+                                            if !shards.contains(&shard) {
+                                                held.insert(shard, snapshot);
+                                            }
+                                        }
+                                    }
+                                    Ok(_) => {
+                                        tracing::info!("moves superseded before their release; retrying");
+                                        held.extend(batch);
+                                    }
+                                    Err(error) => {
+                                        tracing::warn!(%error, "release not committed; retrying");
+                                        failed = true;
+                                        // The new owner holds the snapshots; keep copies for a retry.
+                                        held.extend(batch);
+                                    }
+                                }
+                            }
+                            Err(reason) => {
+                                tracing::warn!(%reason, "handoff failed; keeping the snapshots and retrying");
+                                failed = true;
+                                held.extend(batch);
+                            }
+                        }
+                    }
+                    .instrument(span)
+                    .await;
+                }
             }
         }
         drop(router);
