@@ -43,6 +43,20 @@ impl Default for LeaseConfig {
 }
 
 impl LeaseConfig {
+    /// The fast profile: L = 300 ms, renewed every 75 ms, ρ = 5 %. Pair it with
+    /// [`ConsensusConfig::fast`](crate::ConsensusConfig::fast). A dead node's shards move in
+    /// about a third of a second instead of half a second, at the price of pausing healthy
+    /// shards sooner when a loaded machine delays renewals. The lease model
+    /// (`shared/models/leasesim.py --timing 300,100,200,30 --variant amended --harsh`) finds no
+    /// double ownership with it.
+    pub fn fast() -> Self {
+        LeaseConfig {
+            lease: Duration::from_millis(300),
+            renew_period: Duration::from_millis(75),
+            clock_drift_max: 0.05,
+        }
+    }
+
     /// How long a leader waits, after its election and after its last grant to a node, before it
     /// may take the node's shards without a release: `L·(1+ρ)/(1−ρ)`.
     pub fn markdown_wait(&self) -> Duration {
@@ -334,6 +348,17 @@ impl LeaseGranter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fast_profile_is_valid_with_its_consensus_timing() {
+        let consensus = crate::ConsensusConfig::fast();
+        assert_eq!(
+            LeaseConfig::fast().validate(consensus.election_timeout_max),
+            Ok(())
+        );
+        assert!(consensus.raft_config("test").is_ok());
+        assert!(LeaseConfig::fast().markdown_wait() < LeaseConfig::default().markdown_wait());
+    }
     use crate::consensus::{Command, NodeInfo};
 
     fn state() -> ClusterState {
