@@ -3,13 +3,14 @@
 //! The client learns the shard map (owners and their addresses) from any node, sends each
 //! message straight to its shard's owner, and refreshes the map when the answer says it is stale
 //! (`WrongOwner`), when the owner is not ready or unreachable, failing over between the seed
-//! nodes it was given. A node that receives a message for another node's shard forwards it, so a
+//! nodes it was given, and in the background about once a second while it is in use. A node that receives a message for another node's shard forwards it, so a
 //! stale map costs a hop, never a wrong answer. The client holds no shard state.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::codec;
 use crate::error::Error;
@@ -51,7 +52,16 @@ pub struct Client {
     seeds: Arc<Vec<SocketAddr>>,
     timeout: Duration,
     routing: Arc<RwLock<Option<Arc<Routing>>>>,
+    /// When the map was last fetched (or a background fetch began), in milliseconds since
+    /// `created`.
+    refreshed_ms: Arc<AtomicU64>,
+    created: Instant,
 }
+
+/// How old the map may grow while the client is in use before a background fetch renews it:
+/// after a failover or a planned move a stale map costs a forwarding hop per request (never a
+/// wrong answer), for at most about this long.
+const REFRESH_EVERY: Duration = Duration::from_secs(1);
 
 impl Client {
     /// A client for the cluster reachable at `seeds`, authenticating with `secret` (`None`
@@ -89,6 +99,8 @@ impl Client {
             seeds: Arc::new(seeds),
             timeout,
             routing: Arc::new(RwLock::new(None)),
+            refreshed_ms: Arc::new(AtomicU64::new(0)),
+            created: Instant::now(),
         })
     }
 
@@ -114,6 +126,8 @@ impl Client {
         for addr in self.seeds.iter().chain(known.iter()) {
             match self.call(*addr, &Request::Routing).await {
                 Ok(Response::Routing(info)) if !info.owners.is_empty() => {
+                    self.refreshed_ms
+                        .store(self.created.elapsed().as_millis() as u64, Ordering::Relaxed);
                     self.install(info);
                     return Ok(());
                 }
@@ -130,6 +144,32 @@ impl Client {
                 reason: "no seeds".into(),
             },
         )))
+    }
+
+    /// Starts one background fetch of the map when the last is older than [`REFRESH_EVERY`]
+    /// (only inside a tokio runtime; outside one, errors and `WrongOwner` still refresh).
+    fn refresh_in_background_when_old(&self) {
+        let now = self.created.elapsed().as_millis() as u64;
+        let last = self.refreshed_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < REFRESH_EVERY.as_millis() as u64 {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        // One fetch at a time: whoever moves the stamp starts it.
+        if self
+            .refreshed_ms
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            let client = self.clone();
+            runtime.spawn(async move {
+                if let Err(error) = client.refresh().await {
+                    tracing::debug!(%error, "background map refresh failed");
+                }
+            });
+        }
     }
 
     fn install(&self, info: RoutingInfo) {
@@ -169,6 +209,8 @@ impl Client {
         if self.current().is_none() {
             // Without a map any node will do: it forwards.
             let _ = self.refresh().await;
+        } else {
+            self.refresh_in_background_when_old();
         }
         let mut unreachable: Vec<SocketAddr> = Vec::new();
         let mut last: Option<ClientError> = None;
