@@ -114,9 +114,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `add-node` and `drain` may take (the node's own bounds are below this).
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the traffic chapter lets the traffic run.
-const TRAFFIC_TIME: Duration = Duration::from_secs(6);
+const TRAFFIC_TIME: Duration = Duration::from_secs(8);
 /// How long each later chapter watches the traffic after its step, to show it steady again.
-const AFTER_STEP: Duration = Duration::from_secs(2);
+const AFTER_STEP: Duration = Duration::from_secs(3);
 /// How often the status line refreshes.
 const STATUS_EVERY: Duration = Duration::from_millis(250);
 /// How often a plain status line is printed when the status line cannot refresh.
@@ -137,7 +137,7 @@ struct Options {
     #[arg(long, default_value_t = 4)]
     clients: usize,
     /// Pause of each traffic task after each request, in ms (0: back to back).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 0)]
     client_pause_ms: u64,
     /// Seconds each step may take before its chapter counts as failed.
     #[arg(long, default_value_t = 30)]
@@ -408,7 +408,8 @@ async fn traffic(client: Client, index: usize, pause: Duration, live: Arc<Live>)
     }
 }
 
-/// The traffic's requests that started in `[from, to)`.
+/// The traffic's requests that ended in `[from, to)` (so that a chapter's figures, printed at
+/// its end, are complete, and the summary shows the same).
 #[derive(Debug, Default)]
 struct Window {
     requests: u64,
@@ -422,7 +423,10 @@ struct Window {
 
 fn window(records: &[Record], from: Instant, to: Instant) -> Window {
     let mut w = Window::default();
-    for r in records.iter().filter(|r| r.start >= from && r.start < to) {
+    for r in records
+        .iter()
+        .filter(|r| (from..to).contains(&(r.start + r.latency)))
+    {
         w.requests += 1;
         match &r.outcome {
             Outcome::Ok => w.latency_ms.values.push(support::ms(r.latency)),
@@ -821,7 +825,10 @@ impl Story<'_> {
                 }
                 Err(e) => chapter.error = Some(e),
             }
-            if let Err(e) = self.check_processes() {
+            if interrupted() {
+                // Ctrl-C reaches the nodes too: their exits are no finding.
+                chapter.error = Some("interrupted".into());
+            } else if let Err(e) = self.check_processes() {
                 chapter.error = Some(match chapter.error.take() {
                     Some(earlier) => format!("{e}; {earlier}"),
                     None => e,
@@ -873,11 +880,12 @@ impl Story<'_> {
         let w = window(&lock(&self.live.records), from, to);
         let seconds = (to - from).as_secs_f64().max(0.001);
         self.say(format!(
-            "traffic: {} requests ({} req/s), p50 {} ms, p99 {} ms, {} failed{}",
+            "traffic: {} requests ({} req/s), p50 {} ms, p99 {} ms, max {} ms, {} failed{}",
             thousands(w.requests),
             thousands((w.requests as f64 / seconds) as u64),
             fmt_ms(w.latency_ms.quantile(0.5)),
             fmt_ms(w.latency_ms.quantile(0.99)),
+            fmt_ms(w.latency_ms.quantile(1.0)),
             w.failed,
             if w.lost > 0 {
                 format!(", {} read(s) missed the value just written", w.lost)
@@ -960,8 +968,12 @@ impl Story<'_> {
             )));
         }
         self.say(format!(
-            "{} clients, each on its own {KEYS_PER_CLIENT} keys: put, then get to check the value, pause {} ms",
-            self.options.clients, self.options.client_pause_ms
+            "{} clients, each with its own connection and {KEYS_PER_CLIENT} keys: put a value, get it back to check it, {}",
+            self.options.clients,
+            match self.options.client_pause_ms {
+                0 => "back to back".to_string(),
+                pause => format!("{pause} ms apart"),
+            }
         ));
         watch(TRAFFIC_TIME).await?;
         Ok(Done::default())
@@ -1292,12 +1304,12 @@ fn summary(told: &[Told], records: &[Record], total: Duration) -> Option<String>
     println!();
     println!("Summary");
     println!(
-        "  {:<20} {:>7} {:>9} {:>6} {:>5} {:>7} {:>8} {:>7}  result",
-        "chapter", "time s", "requests", "failed", "lost", "p50 ms", "p99 ms", "moved"
+        "  {:<20} {:>6} {:>9} {:>6} {:>4} {:>6} {:>6} {:>7} {:>6}  result",
+        "chapter", "time s", "requests", "failed", "lost", "p50 ms", "p99 ms", "max ms", "moved"
     );
     let row = |name: &str, time: Duration, w: &Window, moved: usize, result: &str| {
         println!(
-            "  {:<20} {:>7.1} {:>9} {:>6} {:>5} {:>7} {:>8} {:>7}  {result}",
+            "  {:<20} {:>6.1} {:>9} {:>6} {:>4} {:>6} {:>6} {:>7} {:>6}  {result}",
             name,
             time.as_secs_f64(),
             thousands(w.requests),
@@ -1305,6 +1317,7 @@ fn summary(told: &[Told], records: &[Record], total: Duration) -> Option<String>
             w.lost,
             fmt_ms(w.latency_ms.quantile(0.5)),
             fmt_ms(w.latency_ms.quantile(0.99)),
+            fmt_ms(w.latency_ms.quantile(1.0)),
             thousands(moved as u64)
         );
     };
@@ -1328,8 +1341,13 @@ fn summary(told: &[Told], records: &[Record], total: Duration) -> Option<String>
             },
         );
     }
-    let whole = match (told.first(), told.last()) {
-        (Some(first), Some(last)) => window(records, first.started, last.ended),
+    // Every request, those that ended while the traffic stopped too.
+    let whole = match (told.first(), records.last()) {
+        (Some(first), Some(last)) => window(
+            records,
+            first.started,
+            last.start + last.latency + Duration::from_nanos(1),
+        ),
         _ => Window::default(),
     };
     row("whole story", total, &whole, moved_total, "");
