@@ -35,7 +35,8 @@
 //! when `kv` is up to date; `--no-build` skips it), since `cargo run --example demo` builds only
 //! the demo. The status line refreshes only when stdout is a terminal; otherwise (or with
 //! `--plain`) a plain status line is printed every few seconds. Every child process and the
-//! temporary directory are removed on every way out: success, failure, panic, Ctrl-C, SIGTERM.
+//! temporary directory are removed on every way out of the program: success, failure, panic,
+//! Ctrl-C, SIGTERM (a `kill -9` of the demo itself leaves its nodes running).
 
 // The demo uses the cluster harness of the shared support, not its tables and JSON.
 #[allow(dead_code)]
@@ -51,8 +52,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use clusterfunk::admin::{layout_warnings, StatusReport};
-use clusterfunk::admin::{AdminClient, AdminRequest, AdminResponse, ChangeReport, NodeState};
+use clusterfunk::admin::{
+    layout_warnings, AdminClient, AdminRequest, AdminResponse, ChangeReport, NodeState,
+    StatusReport,
+};
 use clusterfunk::client::Client;
 use clusterfunk::shard_map::shard_for;
 use clusterfunk::{NodeId, ShardId, ShardMessage};
@@ -68,6 +71,7 @@ use support::{
 #[reply(())]
 #[tag = "kv.put"]
 struct Put {
+    /// The value to store.
     value: String,
 }
 
@@ -164,6 +168,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// elsewhere.
 #[derive(Clone)]
 struct Out {
+    /// The status line (hidden when it cannot refresh).
     bar: ProgressBar,
 }
 
@@ -308,6 +313,7 @@ fn build_kv(options: &Options) -> Result<Binaries, String> {
 /// How a traffic request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
+    /// Answered (a read with the value written just before).
     Ok,
     /// A read returned something else than the write just before it stored: the value was lost
     /// (only a crash of its owner loses values).
@@ -323,12 +329,14 @@ struct Record {
     end_us: u32,
     /// How long it took, in µs.
     latency_us: u32,
+    /// How it ended.
     outcome: Outcome,
 }
 
 /// Every traffic request, in order of completion.
 #[derive(Default)]
 struct Log {
+    /// Every request.
     records: Vec<Record>,
     /// The failed requests' end (µs since [`Live::base`]) and message.
     failures: Vec<(u32, String)>,
@@ -429,8 +437,11 @@ async fn traffic(client: Client, index: usize, pause: Duration, live: Arc<Live>)
 /// its end, are complete, and the summary shows the same).
 #[derive(Debug, Default)]
 struct Window {
+    /// Requests that ended in the window.
     requests: u64,
+    /// Those that failed.
     failed: u64,
+    /// Reads that missed the value written just before.
     lost: u64,
     /// Latencies of the answered requests (lost ones included), in ms.
     latency_ms: Series,
@@ -551,8 +562,11 @@ fn status_line(live: &Live, statuses: &[(NodeId, Result<StatusReport, String>)])
 
 /// The cluster at rest, as [`wait_settled`] found it.
 struct Settled {
+    /// The leader every node names.
     leader: NodeId,
+    /// Its term.
     term: u64,
+    /// The map epoch every node holds.
     epoch: u64,
     /// Every shard's owner.
     owners: Vec<NodeId>,
@@ -703,11 +717,17 @@ fn key_per_shard() -> Vec<String> {
 /// The chapters, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
+    /// Three nodes bootstrap a cluster.
     Start,
+    /// The traffic starts.
     Traffic,
+    /// `kill -9` of the leader, and the failover.
     KillLeader,
+    /// The killed node restarts from its data dir.
     Restart,
+    /// A fresh node joins as a voter.
     Add(NodeId),
+    /// A follower hands over all its shards.
     Drain,
 }
 
@@ -760,18 +780,27 @@ struct Done {
 
 /// A chapter, once told.
 struct Told {
+    /// Which chapter.
     step: Step,
+    /// When it began.
     started: Instant,
+    /// When it ended, its traffic checked.
     ended: Instant,
+    /// What its step did, if it finished.
     done: Option<Done>,
+    /// Why it failed, if it did.
     error: Option<String>,
 }
 
 /// The running story: the cluster, the traffic and what was told so far.
 struct Story<'a> {
+    /// The command line.
     options: &'a Options,
+    /// The node processes.
     harness: &'a mut Harness,
+    /// Where the story goes.
     out: Out,
+    /// The traffic's log and the status line's nodes.
     live: Arc<Live>,
     /// The members and their addresses.
     members: BTreeMap<NodeId, SocketAddr>,
