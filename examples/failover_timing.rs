@@ -42,7 +42,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,9 +57,9 @@ use clusterfunk::{ConsensusConfig, LeaseConfig, NodeId, ShardMessage};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use support::{
-    check_interrupt, exit_code, fmt_ms, interrupted, lib_status, lib_statuses, load_average, ms,
-    round3, runtime, stopped_early, utc_now, wait_for, watch_interrupt, write_json, Binaries,
-    Harness, Launch, NodeOptions, Series, SummaryTable, POLL_TIMEOUT,
+    check_interrupt, exit_code, fmt_ms, free_ports, interrupted, lib_status, lib_statuses,
+    load_average, ms, round3, runtime, stopped_early, utc_now, wait_for, watch_interrupt,
+    write_json, Binaries, Harness, Launch, NodeOptions, Series, SummaryTable, POLL_TIMEOUT,
 };
 
 /// `kv`'s write (`examples/kv.rs`): stores `value` under the key.
@@ -82,9 +82,6 @@ const PROGRAM: &str = "failover_timing";
 const NODES: u64 = 3;
 /// The shard count `kv serve` bootstraps with.
 const SHARD_COUNT: u32 = 1024;
-/// Nodes listen on ports from this range, below Linux's ephemeral range, so that no outgoing
-/// connection can take a killed node's port before it restarts.
-const PORT_RANGE: std::ops::Range<u16> = 20_000..32_000;
 /// How long a load or probe request may take (the `kv` tool's own timeout).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `Drain` may take (the node's own drain timeout is below this).
@@ -136,27 +133,6 @@ struct Options {
 
 // ---------------------------------------------------------------------------------------------
 // Processes
-
-/// `count` ports of [`PORT_RANGE`] that were free a moment ago, from a spot picked by `seed`.
-fn free_ports(count: usize, seed: &str) -> Result<Vec<u16>, String> {
-    let span = PORT_RANGE.end - PORT_RANGE.start;
-    let mut offset = seed
-        .bytes()
-        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
-        % u32::from(span);
-    let mut ports = Vec::new();
-    for _ in 0..span {
-        let port = PORT_RANGE.start + offset as u16;
-        offset = (offset + 1) % u32::from(span);
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            ports.push(port);
-            if ports.len() == count {
-                return Ok(ports);
-            }
-        }
-    }
-    Err(format!("no {count} free ports in {PORT_RANGE:?}"))
-}
 
 /// A shard client seeded with nodes `ids`.
 fn shard_client(harness: &Harness, ids: &[NodeId]) -> Result<Client, String> {

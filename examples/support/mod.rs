@@ -1,8 +1,8 @@
-//! What the measuring tools `raft_timing` and `failover_timing` share: finding the binaries next
-//! to the running program, a cluster of `kv serve` processes on 127.0.0.1 in a temporary
-//! directory (start, SIGKILL, restart, clean-up on drop), Ctrl-C handling, polling with a
-//! deadline, series of millisecond samples with their quantiles, summary table and JSON, and the
-//! plumbing of `main` (runtime, JSON file, exit code).
+//! What the measuring tools `raft_timing` and `failover_timing` and the `demo` share: finding the
+//! binaries next to the running program, a cluster of `kv serve` processes on 127.0.0.1 in a
+//! temporary directory (free ports, start, SIGKILL, restart, clean-up on drop), Ctrl-C and
+//! SIGTERM handling, polling with a deadline, series of millisecond samples with their
+//! quantiles, summary table and JSON, and the plumbing of `main` (runtime, JSON file, exit code).
 //!
 //! Each tool includes it with `#[path = "support/mod.rs"] mod support;`; cargo does not take
 //! `examples/support/` for an example of its own, since it has no `main.rs`.
@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::future::Future;
 use std::io::Write as _;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +26,9 @@ use serde_json::{json, Value};
 const LOG_TAIL_LINES: usize = 25;
 /// How long one library status call may take before it counts as a failed poll.
 pub const POLL_TIMEOUT: Duration = Duration::from_millis(500);
+/// Nodes listen on ports from this range, below Linux's ephemeral range, so that no outgoing
+/// connection can take a killed node's port before it restarts.
+const PORT_RANGE: std::ops::Range<u16> = 20_000..32_000;
 
 /// Set by the Ctrl-C watcher; every wait loop checks it and unwinds, so the guard cleans up.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -384,6 +387,30 @@ impl Drop for Harness {
     }
 }
 
+/// `count` ports of [`PORT_RANGE`] on 127.0.0.1 that were free a moment ago, from a spot picked
+/// by `seed` (so that tools running at once start apart).
+// `raft_timing` binds port 0 for its few extra nodes and does not call it.
+#[allow(dead_code)]
+pub fn free_ports(count: usize, seed: &str) -> Result<Vec<u16>, String> {
+    let span = PORT_RANGE.end - PORT_RANGE.start;
+    let mut offset = seed
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+        % u32::from(span);
+    let mut ports = Vec::new();
+    for _ in 0..span {
+        let port = PORT_RANGE.start + offset as u16;
+        offset = (offset + 1) % u32::from(span);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+            if ports.len() == count {
+                return Ok(ports);
+            }
+        }
+    }
+    Err(format!("no {count} free ports in {PORT_RANGE:?}"))
+}
+
 /// A fresh random cluster secret (hex of 24 bytes from /dev/urandom).
 fn make_secret() -> Result<String, String> {
     use std::io::Read as _;
@@ -397,8 +424,10 @@ fn make_secret() -> Result<String, String> {
 // ---------------------------------------------------------------------------------------------
 // Ctrl-C and waiting
 
-/// Starts a thread that notes Ctrl-C (see [`interrupted`]) and says so as `program`.
+/// Starts a thread that notes Ctrl-C or SIGTERM (see [`interrupted`]) and says so as `program`.
+/// Either would otherwise end the program at once, leaving its node processes running.
 pub fn watch_interrupt(program: &'static str) {
+    use tokio::signal::unix::{signal, SignalKind};
     std::thread::spawn(move || {
         let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -407,7 +436,14 @@ pub fn watch_interrupt(program: &'static str) {
             return;
         };
         runtime.block_on(async {
-            if tokio::signal::ctrl_c().await.is_ok() {
+            let signalled = match signal(SignalKind::terminate()) {
+                Ok(mut term) => tokio::select! {
+                    _ = term.recv() => true,
+                    answer = tokio::signal::ctrl_c() => answer.is_ok(),
+                },
+                Err(_) => tokio::signal::ctrl_c().await.is_ok(),
+            };
+            if signalled {
                 INTERRUPTED.store(true, Ordering::SeqCst);
                 eprintln!("{program}: interrupted; stopping the nodes");
             }
