@@ -321,6 +321,17 @@ impl<H: ShardHandler> Router<H> {
         ClusterHandle::new(weak, origin)
     }
 
+    /// Whether this node may serve and owns `shard` in its newest map (lease and pending moves
+    /// not checked: the shard actor checks them for every message).
+    fn owns_now(&self, shard: ShardId) -> bool {
+        if self.stopping.load(Ordering::Acquire) {
+            return false;
+        }
+        let table = self.table.load();
+        table.not_ready.is_none()
+            && table.state.map.as_ref().and_then(|m| m.owner(shard)) == Some(self.node_id)
+    }
+
     fn route(&self, shard: ShardId) -> Route {
         if self.stopping.load(Ordering::Acquire) {
             return Route::Fail(Error::ShuttingDown);
@@ -366,13 +377,15 @@ impl<H: ShardHandler> Router<H> {
         H: Handles<M>,
     {
         let shard = key.shard(self.shard_count);
-        // The fast path: served here, right now.
-        let msg = match self.route(shard) {
-            Route::Local => match self.deliver(shard, key.clone(), msg).await {
+        // The fast path: this node owns the shard. The shard actor checks the lease and any
+        // pending move itself (and hands the message back when it may not serve it now).
+        let msg = if self.owns_now(shard) {
+            match self.deliver(shard, key.clone(), msg).await {
                 Ok(reply) => return reply,
                 Err(msg) => msg,
-            },
-            _ => msg,
+            }
+        } else {
+            msg
         };
         // Only the slow path (forwarding, waiting) gets a span: the fast path stays lean.
         let span = tracing::debug_span!("route", shard, origin = ?origin);
@@ -604,23 +617,11 @@ impl<H: ShardHandler> Router<H> {
         M: ShardMessage,
         H: Handles<M>,
     {
-        let slot = match self.shard_actor(shard) {
-            Ok(slot) => slot,
-            Err(error) => return Ok(Err(error)),
-        };
-        if slot.queued.fetch_add(1, Ordering::AcqRel) >= self.limits.mailbox_capacity {
-            slot.queued.fetch_sub(1, Ordering::AcqRel);
-            return Ok(Err(Error::Overloaded { shard }));
-        }
         let (reply, reply_rx) = oneshot::channel();
-        match slot.actor.try_send(Deliver { key, msg, reply }) {
+        match self.enqueue(shard, Deliver { key, msg, reply }) {
             Ok(()) => {}
-            Err(SendError::Full(deliver) | SendError::Closed(deliver)) => {
-                // A full actix channel cannot happen below our own count; a closed one means the
-                // actor just retired: route again.
-                slot.queued.fetch_sub(1, Ordering::AcqRel);
-                return Err(deliver.msg);
-            }
+            Err(Enqueue::Failed(error)) => return Ok(Err(error)),
+            Err(Enqueue::Retired(msg)) => return Err(msg),
         }
         match tokio::time::timeout(self.limits.request_timeout, reply_rx).await {
             Ok(Ok(Ok(value))) => Ok(Ok(value)),
@@ -645,21 +646,34 @@ impl<H: ShardHandler> Router<H> {
         }
     }
 
-    /// The running actor of `shard`, started on first use.
-    fn shard_actor(&self, shard: ShardId) -> Result<ShardSlot<H>, Error> {
-        let slot = self
-            .slots
-            .get(shard as usize)
-            .ok_or_else(|| Error::Codec(format!("shard {shard} is out of range")))?;
+    /// Puts `deliver` in the mailbox of `shard`'s actor (started on first use), counting it
+    /// against the mailbox bound. Under the slot's lock, so the hot path clones nothing.
+    fn enqueue<M>(&self, shard: ShardId, deliver: Deliver<M>) -> Result<(), Enqueue<M>>
+    where
+        M: ShardMessage,
+        H: Handles<M>,
+    {
+        let slot = self.slots.get(shard as usize).ok_or_else(|| {
+            Enqueue::Failed(Error::Codec(format!("shard {shard} is out of range")))
+        })?;
         let mut slot = lock(slot);
-        if let Some(running) = slot.as_ref() {
-            if running.actor.connected() {
-                return Ok(running.clone());
+        let running = match slot.as_ref() {
+            Some(running) if running.actor.connected() => running,
+            _ => slot.insert(self.start_shard(shard).map_err(Enqueue::Failed)?),
+        };
+        if running.queued.fetch_add(1, Ordering::AcqRel) >= self.limits.mailbox_capacity {
+            running.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(Enqueue::Failed(Error::Overloaded { shard }));
+        }
+        match running.actor.try_send(deliver) {
+            Ok(()) => Ok(()),
+            Err(SendError::Full(deliver) | SendError::Closed(deliver)) => {
+                // A full actix channel cannot happen below our own count; a closed one means the
+                // actor just retired: route again.
+                running.queued.fetch_sub(1, Ordering::AcqRel);
+                Err(Enqueue::Retired(deliver.msg))
             }
         }
-        let started = self.start_shard(shard)?;
-        *slot = Some(started.clone());
-        Ok(started)
     }
 
     fn start_shard(&self, shard: ShardId) -> Result<ShardSlot<H>, Error> {
@@ -763,6 +777,14 @@ impl<H: ShardHandler> Router<H> {
             })
             .count()
     }
+}
+
+/// Why a message did not reach a shard's mailbox.
+enum Enqueue<M> {
+    /// Answer the sender with this error.
+    Failed(Error),
+    /// The actor just retired: route the message again.
+    Retired(M),
 }
 
 /// The outcome of forwarding a message.

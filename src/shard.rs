@@ -341,10 +341,11 @@ where
         }
         // Serve only while the node serves the shard *now*: a lease may have lapsed, or the
         // shard started moving, since the router queued this message.
-        let serving = match self.retired {
+        let router = match self.retired {
             true => None,
-            false => self.router.upgrade().and_then(|r| r.serves_now(self.shard)),
+            false => self.router.upgrade(),
         };
+        let serving = router.as_ref().and_then(|r| r.serves_now(self.shard));
         let Some(epoch) = serving else {
             let _ = reply.send(Err(Undelivered::NotServing(msg)));
             return;
@@ -361,7 +362,9 @@ where
         };
         slot.context.epoch = epoch;
         slot.context.key = key.clone();
-        self.observe(ServeEventKind::Delivered, epoch);
+        if let Some(router) = router {
+            router.observe(self.shard, ServeEventKind::Delivered, epoch);
+        }
         match std::panic::catch_unwind(AssertUnwindSafe(move || H::handle(slot, key, msg))) {
             Ok(Handled::Ready(slot, value)) => {
                 self.slot = Some(slot);

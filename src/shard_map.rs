@@ -33,6 +33,7 @@ use std::borrow::Borrow;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use xxhash_rust::xxh3::xxh3_64;
@@ -54,7 +55,7 @@ pub type Epoch = u64;
 /// when it is printable UTF-8 and as `0x`-prefixed hex otherwise, so binary keys stay readable in
 /// logs.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Key(Box<[u8]>);
+pub struct Key(Arc<[u8]>);
 
 impl Key {
     /// The key's bytes, as hashed by [`shard_for`].
@@ -62,9 +63,9 @@ impl Key {
         &self.0
     }
 
-    /// The key's bytes, without copying.
+    /// The key's bytes as a vector (a copy: keys share their bytes, so cloning one is cheap).
     pub fn into_bytes(self) -> Vec<u8> {
-        self.0.into_vec()
+        self.0.to_vec()
     }
 
     /// The shard this key belongs to among `shard_count` shards: [`shard_for`] of its bytes.
@@ -81,7 +82,7 @@ impl From<&str> for Key {
 
 impl From<String> for Key {
     fn from(text: String) -> Self {
-        Key(text.into_bytes().into_boxed_slice())
+        Key(text.into_bytes().into())
     }
 }
 
@@ -99,7 +100,7 @@ impl From<&[u8]> for Key {
 
 impl From<Vec<u8>> for Key {
     fn from(bytes: Vec<u8>) -> Self {
-        Key(bytes.into_boxed_slice())
+        Key(bytes.into())
     }
 }
 
