@@ -460,17 +460,49 @@ async fn closed_loop<R: Requester>(
     all
 }
 
-/// Runs `make()`'s requesters for the warm-up (unrecorded), then again for the measurement.
-async fn warm_then_measure<R, F>(mut make: F, options: &Options) -> Result<Recorded, String>
+/// Runs `make()`'s requesters for the warm-up (unrecorded), then again for the measurement;
+/// returns the measurement's summary with the CPU time that processes `pids` used meanwhile.
+async fn warm_then_measure<R, F>(
+    mut make: F,
+    duration: Duration,
+    warmup: Duration,
+    pids: &[u32],
+) -> Result<Summary, String>
 where
     R: Requester,
     F: AsyncFnMut() -> Result<Vec<R>, String>,
 {
     let stop = AtomicBool::new(false);
-    if !options.warmup().is_zero() {
-        closed_loop(make().await?, options.warmup(), &stop, false).await;
+    if !warmup.is_zero() {
+        closed_loop(make().await?, warmup, &stop, false).await;
     }
-    Ok(closed_loop(make().await?, options.duration(), &stop, false).await)
+    let requesters = make().await?;
+    let before = cpu_ms(pids);
+    let mut recorded = closed_loop(requesters, duration, &stop, false).await;
+    let used = cpu_ms(pids)
+        .zip(before)
+        .map(|(after, before)| after - before);
+    Ok(Summary::of(&mut recorded).with_cpu(used))
+}
+
+/// Linux's `USER_HZ`: the unit of the CPU times in `/proc/PID/stat` (100 on every mainstream
+/// architecture).
+const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
+
+/// The CPU time (user and system, every thread) processes `pids` have used so far, in ms, from
+/// `/proc/PID/stat`; `None` when one cannot be read. Its resolution is 10 ms.
+fn cpu_ms(pids: &[u32]) -> Option<f64> {
+    let mut total = 0.0;
+    for pid in pids {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The fields after the command name, which is in parentheses and may hold spaces:
+        // `utime` and `stime` are fields 14 and 15 of the line, the 12th and 13th of these.
+        let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
+        let user: u64 = fields.get(11)?.parse().ok()?;
+        let system: u64 = fields.get(12)?.parse().ok()?;
+        total += (user + system) as f64 * 1000.0 / CLOCK_TICKS_PER_SECOND;
+    }
+    Some(total)
 }
 
 /// Throughput and latency of a load.
@@ -488,6 +520,16 @@ struct Summary {
     p999_us: f64,
     max_us: f64,
     error_kinds: BTreeMap<String, u64>,
+    /// CPU time (user and system) that the processes taking part used during the measurement,
+    /// in ms: the load generator's and the nodes' (`local`, `raw_actix`: node 1's alone;
+    /// `raw_tcp`: this process, echo server thread included). Not measured for `failover` and
+    /// `planned`.
+    #[serde(default)]
+    cpu_ms: Option<f64>,
+    /// `cpu_ms` per successful request, in µs: what a request costs the machine, which a busy
+    /// machine changes much less than the throughput.
+    #[serde(default)]
+    cpu_us_per_request: Option<f64>,
 }
 
 impl Summary {
@@ -517,7 +559,18 @@ impl Summary {
             p999_us: quantile(0.999),
             max_us: quantile(1.0),
             error_kinds: recorded.error_kinds.clone(),
+            cpu_ms: None,
+            cpu_us_per_request: None,
         }
+    }
+
+    /// Sets the CPU time of the measurement and the cost per request.
+    fn with_cpu(mut self, cpu_ms: Option<f64>) -> Summary {
+        self.cpu_ms = cpu_ms.map(round3);
+        self.cpu_us_per_request = cpu_ms
+            .filter(|_| self.requests > 0)
+            .map(|cpu| round3(cpu * 1000.0 / self.requests as f64));
+        self
     }
 
     /// The summary of the timeline's requests that started in `[from, to)`.
@@ -818,43 +871,40 @@ async fn run_in_node(node: Node<Echoes>, load: InNodeLoad) -> Result<Summary, St
     let warmup = Duration::from_secs_f64(load.warmup_seconds);
     let duration = Duration::from_secs_f64(load.seconds);
     let payload = vec![7u8; load.payload_bytes];
-    let stop = AtomicBool::new(false);
-    let mut recorded = match load.scenario.as_str() {
+    let this_process = [std::process::id()];
+    match load.scenario.as_str() {
         "local" => {
             if load.keys.is_empty() {
                 return Err("no keys to send to".into());
             }
             let keys: Arc<Vec<Key>> = Arc::new(load.keys.iter().map(Key::from).collect());
             let stride = (keys.len() / load.concurrency).max(1);
-            let requesters = || {
-                (0..load.concurrency)
+            let make = async || {
+                Ok((0..load.concurrency)
                     .map(|r| LocalRequester {
                         node: node.clone(),
                         keys: keys.clone(),
                         next: r * stride,
                         payload: payload.clone(),
                     })
-                    .collect::<Vec<_>>()
+                    .collect::<Vec<_>>())
             };
-            closed_loop(requesters(), warmup, &stop, false).await;
-            closed_loop(requesters(), duration, &stop, false).await
+            warm_then_measure(make, duration, warmup, &this_process).await
         }
         "raw_actix" => {
             let actor = RawEcho.start();
-            let requesters = || {
-                (0..load.concurrency)
+            let make = async || {
+                Ok((0..load.concurrency)
                     .map(|_| RawActixRequester {
                         actor: actor.clone(),
                         payload: payload.clone(),
                     })
-                    .collect::<Vec<_>>()
+                    .collect::<Vec<_>>())
             };
-            closed_loop(requesters(), warmup, &stop, false).await;
-            closed_loop(requesters(), duration, &stop, false).await
+            warm_then_measure(make, duration, warmup, &this_process).await
         }
-        other => return Err(format!("unknown in-node scenario `{other}`")),
-    };
-    Ok(Summary::of(&mut recorded))
+        other => Err(format!("unknown in-node scenario `{other}`")),
+    }
 }
 
 /// Asks node `id` to run an in-node scenario and waits for its summary.
@@ -1015,6 +1065,22 @@ impl Bench<'_> {
         Duration::from_secs(self.options.deadline_secs)
     }
 
+    fn duration(&self) -> Duration {
+        self.options.duration()
+    }
+
+    fn warmup(&self) -> Duration {
+        self.options.warmup()
+    }
+
+    /// This process and every running node's.
+    fn pids(&self) -> Vec<u32> {
+        let nodes = self.harness.nodes.iter().chain(&self.harness.extra);
+        std::iter::once(std::process::id())
+            .chain(nodes.filter_map(|n| n.child.as_ref().map(|c| c.id())))
+            .collect()
+    }
+
     fn addrs(&self) -> Vec<SocketAddr> {
         self.harness.nodes.iter().map(|n| n.addr).collect()
     }
@@ -1139,9 +1205,9 @@ impl Bench<'_> {
                 })
                 .collect::<Vec<_>>())
         };
-        let mut recorded = warm_then_measure(make, self.options).await?;
+        let summary = warm_then_measure(make, self.duration(), self.warmup(), &self.pids()).await?;
         Ok(Outcome {
-            summary: Summary::of(&mut recorded),
+            summary,
             ..Outcome::default()
         })
     }
@@ -1150,7 +1216,7 @@ impl Bench<'_> {
         self.settled(None).await?;
         let client = self.client(self.addrs())?;
         let make = async || Ok(self.client_requesters(&client));
-        let mut recorded = warm_then_measure(make, self.options).await?;
+        let summary = warm_then_measure(make, self.duration(), self.warmup(), &self.pids()).await?;
         let (request, response) = self.frame_bytes()?;
         let mut extra = serde_json::Map::new();
         extra.insert("request_frame_bytes".into(), json!(request));
@@ -1160,7 +1226,7 @@ impl Bench<'_> {
             json!("one multiplexed connection per node, shared by every requester"),
         );
         Ok(Outcome {
-            summary: Summary::of(&mut recorded),
+            summary,
             extra,
             notes: Vec::new(),
         })
@@ -1186,14 +1252,17 @@ impl Bench<'_> {
             }
             Ok(requesters)
         };
-        let mut recorded = warm_then_measure(make, self.options).await?;
+        // The echo server is a thread of this process: its CPU counts with the generator's.
+        let this_process = [std::process::id()];
+        let summary =
+            warm_then_measure(make, self.duration(), self.warmup(), &this_process).await?;
         drop(server);
         let mut extra = serde_json::Map::new();
         extra.insert("frame_bytes".into(), json!(request));
         extra.insert("client_response_frame_bytes".into(), json!(response));
         extra.insert("connections".into(), json!("one connection per requester"));
         Ok(Outcome {
-            summary: Summary::of(&mut recorded),
+            summary,
             extra,
             notes: vec![format!(
                 "raw_tcp: {request}-byte frames both ways (the client's request frame; its answer frame is {response} bytes), one connection per requester"
@@ -1593,6 +1662,15 @@ fn floor_ratios(results: &Results, scenario: Scenario) -> Option<(f64, f64)> {
     Some((throughput, p50))
 }
 
+/// CPU per request of `scenario` over its floor's, when both were measured.
+fn cpu_ratio(results: &Results, scenario: Scenario) -> Option<f64> {
+    let floor = find(results, scenario.floor()?)?
+        .summary
+        .cpu_us_per_request?;
+    let this = find(results, scenario)?.summary.cpu_us_per_request?;
+    (floor > 0.0).then(|| this / floor)
+}
+
 /// The targets of the issue, each with what was measured.
 fn targets(results: &Results) -> Vec<(String, Option<bool>, String)> {
     let mut checks = Vec::new();
@@ -1674,7 +1752,7 @@ fn print_table(results: &Results, options: &Options) {
         load_average().as_deref().unwrap_or("?")
     );
     println!(
-        "{:<10} {:>9} {:>10} {:>9} {:>9} {:>9} {:>7} {:>10} {:>9} {:>9}",
+        "{:<10} {:>9} {:>10} {:>9} {:>9} {:>9} {:>7} {:>10} {:>10} {:>8} {:>7} {:>7}",
         "scenario",
         "requests",
         "req/s",
@@ -1682,9 +1760,11 @@ fn print_table(results: &Results, options: &Options) {
         "p99 µs",
         "p999 µs",
         "errors",
+        "cpu µs/req",
         "floor",
         "req/s ×",
-        "p50 ×"
+        "p50 ×",
+        "cpu ×"
     );
     for (scenario, outcome) in results {
         let s = &outcome.summary;
@@ -1696,8 +1776,9 @@ fn print_table(results: &Results, options: &Options) {
             ),
             None => ("-", "-".into(), "-".into()),
         };
+        let cpu = cpu_ratio(results, *scenario).map_or("-".into(), |r| format!("{r:.2}"));
         println!(
-            "{:<10} {:>9} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>7} {:>10} {:>9} {:>9}",
+            "{:<10} {:>9} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>7} {:>10} {:>10} {:>8} {:>7} {:>7}",
             scenario.name(),
             s.requests,
             s.throughput_rps,
@@ -1705,9 +1786,12 @@ fn print_table(results: &Results, options: &Options) {
             s.p99_us,
             s.p999_us,
             s.errors,
+            s.cpu_us_per_request
+                .map_or("-".into(), |c| format!("{c:.1}")),
             floor,
             throughput,
-            p50
+            p50,
+            cpu
         );
     }
     for (_, outcome) in results {
@@ -1754,6 +1838,9 @@ fn to_json(results: &Results, options: &Options, load_before: Option<String>) ->
             entry.insert("floor".into(), json!(scenario.floor().map(Scenario::name)));
             entry.insert("floor_ratio".into(), json!(round3(throughput)));
             entry.insert("floor_p50_ratio".into(), json!(round3(p50)));
+            if let Some(cpu) = cpu_ratio(results, *scenario) {
+                entry.insert("floor_cpu_ratio".into(), json!(round3(cpu)));
+            }
         }
         for (key, value) in &outcome.extra {
             entry.insert(key.clone(), value.clone());
