@@ -53,7 +53,8 @@
 //! # What the figures mean
 //!
 //! Latencies are recorded for every successful request (`Instant` before the send, after the
-//! answer; nothing is averaged) and the percentiles are nearest-rank over the sorted samples.
+//! answer; nothing is averaged) in a log-linear histogram with buckets 1/128 of a power of two
+//! wide, and the percentiles are nearest-rank over it (within 0.4 %; the maximum is exact).
 //! Throughput is successful requests over the time from the start until the last requester
 //! finished. A scenario's floor ratio is its throughput over its floor's (`local` → `raw_actix`;
 //! `forwarded` and `client` → `raw_tcp`) and its p50 over the floor's p50. The machine these
@@ -104,8 +105,11 @@ const SHARD_COUNT: u32 = 1024;
 const CLUSTER_NAME: &str = "clusterfunk";
 /// How long one request may take before it counts as failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most requests one scenario records (8 bytes each); past it the requesters stop early.
-const REQUESTS_MAX: u64 = 16_000_000;
+/// Most requests one scenario makes (a bound far above what `--seconds 3600` reaches).
+const REQUESTS_MAX: u64 = 1 << 36;
+/// Most requests whose timeline (start, latency, outcome: 40 bytes each) a membership scenario
+/// keeps; past it the latency histogram still counts every request.
+const TIMELINE_MAX: usize = 4_000_000;
 /// Most distinct error messages kept per scenario.
 const ERROR_KINDS_MAX: usize = 20;
 /// What the transport adds to a request payload in its frame: the 4-byte length prefix, the
@@ -363,28 +367,113 @@ struct Sample {
     ok: bool,
 }
 
+/// Latencies in ns, counted in buckets 1/128 of a power of two wide (as HdrHistogram does with
+/// two significant digits), so that every request is recorded in 60 KiB however many there
+/// are, and a quantile is off by less than 0.4 % (the bucket's half width). Values below 128 ns
+/// are exact; the maximum is kept exactly.
+#[derive(Debug, Clone)]
+struct Histogram {
+    counts: Vec<u64>,
+    total: u64,
+    max: u64,
+}
+
+/// Sub-buckets per power of two: 2^7.
+const HISTOGRAM_SUB_BITS: u32 = 7;
+const HISTOGRAM_SUB: usize = 1 << HISTOGRAM_SUB_BITS;
+/// Enough buckets for every `u64`: 128 exact values, then 57 powers of two of 128 buckets.
+const HISTOGRAM_BUCKETS: usize = HISTOGRAM_SUB * (64 - HISTOGRAM_SUB_BITS as usize + 1);
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            counts: vec![0; HISTOGRAM_BUCKETS],
+            total: 0,
+            max: 0,
+        }
+    }
+}
+
+impl Histogram {
+    fn bucket(value: u64) -> usize {
+        if value < HISTOGRAM_SUB as u64 {
+            return value as usize;
+        }
+        let shift = (63 - value.leading_zeros()) - HISTOGRAM_SUB_BITS;
+        let mantissa = (value >> shift) as usize - HISTOGRAM_SUB;
+        (shift as usize + 1) * HISTOGRAM_SUB + mantissa
+    }
+
+    /// The middle of a bucket.
+    fn value(bucket: usize) -> f64 {
+        if bucket < HISTOGRAM_SUB {
+            return bucket as f64;
+        }
+        let shift = bucket / HISTOGRAM_SUB - 1;
+        let low = ((bucket % HISTOGRAM_SUB + HISTOGRAM_SUB) as u64) << shift;
+        low as f64 + ((1u64 << shift) as f64 - 1.0) / 2.0
+    }
+
+    fn record(&mut self, value: u64) {
+        self.counts[Self::bucket(value)] += 1;
+        self.total += 1;
+        self.max = self.max.max(value);
+    }
+
+    fn merge(&mut self, other: &Histogram) {
+        for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
+            *mine += theirs;
+        }
+        self.total += other.total;
+        self.max = self.max.max(other.max);
+    }
+
+    /// The nearest-rank `p`-quantile: the bucket of the smallest value with at least a share
+    /// `p` of all values at or below it (the exact maximum for `p = 1`).
+    fn quantile(&self, p: f64) -> f64 {
+        if self.total == 0 {
+            return 0.0;
+        }
+        let rank = ((p * self.total as f64).ceil() as u64).clamp(1, self.total);
+        if rank == self.total {
+            return self.max as f64;
+        }
+        let mut seen = 0;
+        for (bucket, count) in self.counts.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return Self::value(bucket).min(self.max as f64);
+            }
+        }
+        self.max as f64
+    }
+}
+
 /// What a load recorded.
 #[derive(Debug, Default)]
 struct Recorded {
-    /// Latency of every successful request, in ns.
-    latencies_ns: Vec<u64>,
+    /// Latency of every successful request.
+    latencies: Histogram,
     errors: u64,
     /// Error messages (numbers masked), counted.
     error_kinds: BTreeMap<String, u64>,
-    /// Every request, when asked for.
+    /// Every request, when asked for (at most [`TIMELINE_MAX`]).
     timeline: Vec<Sample>,
+    /// Whether requests were left off the timeline.
+    timeline_truncated: bool,
     /// From the start until the last requester finished.
     elapsed: Duration,
 }
 
 impl Recorded {
     fn merge(&mut self, other: Recorded) {
-        self.latencies_ns.extend(other.latencies_ns);
+        self.latencies.merge(&other.latencies);
         self.errors += other.errors;
         for (kind, count) in other.error_kinds {
             add_error_kind(&mut self.error_kinds, kind, count);
         }
         self.timeline.extend(other.timeline);
+        self.timeline_truncated |= other.timeline_truncated;
     }
 }
 
@@ -424,6 +513,7 @@ async fn closed_loop<R: Requester>(
     let started = Instant::now();
     let deadline = started + duration;
     let share = (REQUESTS_MAX / requesters.len().max(1) as u64).max(1);
+    let timeline_share = TIMELINE_MAX / requesters.len().max(1);
     let mut running: FuturesUnordered<_> = requesters
         .into_iter()
         .map(|mut requester| async move {
@@ -438,15 +528,19 @@ async fn closed_loop<R: Requester>(
                 let ok = result.is_ok();
                 match result {
                     Ok(()) => recorded
-                        .latencies_ns
-                        .push(latency.as_nanos().min(u128::from(u64::MAX)) as u64),
+                        .latencies
+                        .record(latency.as_nanos().min(u128::from(u64::MAX)) as u64),
                     Err(message) => {
                         recorded.errors += 1;
                         add_error_kind(&mut recorded.error_kinds, error_kind(&message), 1);
                     }
                 }
                 if keep_timeline {
-                    recorded.timeline.push(Sample { start, latency, ok });
+                    if recorded.timeline.len() < timeline_share {
+                        recorded.timeline.push(Sample { start, latency, ok });
+                    } else {
+                        recorded.timeline_truncated = true;
+                    }
                 }
             }
             recorded
@@ -478,11 +572,11 @@ where
     }
     let requesters = make().await?;
     let before = cpu_ms(pids);
-    let mut recorded = closed_loop(requesters, duration, &stop, false).await;
+    let recorded = closed_loop(requesters, duration, &stop, false).await;
     let used = cpu_ms(pids)
         .zip(before)
         .map(|(after, before)| after - before);
-    Ok(Summary::of(&mut recorded).with_cpu(used))
+    Ok(Summary::of(&recorded).with_cpu(used))
 }
 
 /// Linux's `USER_HZ`: the unit of the CPU times in `/proc/PID/stat` (100 on every mainstream
@@ -533,24 +627,16 @@ struct Summary {
 }
 
 impl Summary {
-    fn of(recorded: &mut Recorded) -> Summary {
-        recorded.latencies_ns.sort_unstable();
-        let sorted = &recorded.latencies_ns;
-        let quantile = |p: f64| -> f64 {
-            if sorted.is_empty() {
-                return 0.0;
-            }
-            // Nearest rank: the smallest sample with at least p of all samples at or below it.
-            let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-            round3(sorted[rank - 1] as f64 / 1000.0)
-        };
+    fn of(recorded: &Recorded) -> Summary {
+        let latencies = &recorded.latencies;
+        let quantile = |p: f64| round3(latencies.quantile(p) / 1000.0);
         let elapsed_s = recorded.elapsed.as_secs_f64();
         Summary {
-            requests: sorted.len() as u64,
+            requests: latencies.total,
             errors: recorded.errors,
             elapsed_s: round3(elapsed_s),
             throughput_rps: if elapsed_s > 0.0 {
-                (sorted.len() as f64 / elapsed_s).round()
+                (latencies.total as f64 / elapsed_s).round()
             } else {
                 0.0
             },
@@ -583,7 +669,9 @@ impl Summary {
             let end = sample.start + sample.latency;
             last_end = Some(last_end.map_or(end, |l| l.max(end)));
             if sample.ok {
-                recorded.latencies_ns.push(sample.latency.as_nanos() as u64);
+                recorded
+                    .latencies
+                    .record(sample.latency.as_nanos().min(u128::from(u64::MAX)) as u64);
             } else {
                 recorded.errors += 1;
             }
@@ -592,7 +680,7 @@ impl Summary {
             (Some(first), Some(end)) => end - first,
             _ => Duration::ZERO,
         };
-        Summary::of(&mut recorded)
+        Summary::of(&recorded)
     }
 
     fn to_json(&self) -> serde_json::Map<String, Value> {
@@ -1390,9 +1478,9 @@ impl Bench<'_> {
             stop.store(true, Ordering::SeqCst);
             result
         };
-        let (mut recorded, done) = tokio::join!(load, orchestration);
+        let (recorded, done) = tokio::join!(load, orchestration);
         let done = done?;
-        let mut summary = Summary::of(&mut recorded);
+        let mut summary = Summary::of(&recorded);
         let mut extra = serde_json::Map::new();
         let mut notes = Vec::new();
         let mut pooled = Series::default();
@@ -1400,10 +1488,18 @@ impl Bench<'_> {
             let mut all = Series::default();
             let mut served_ms = Series::default();
             let mut failed = 0;
+            // When the failed requests were sent, in ms from the kill (negative: before it).
+            let mut sent = Series::default();
             for kill in done.iter().filter(|k| k.leader == leader) {
                 all.values.extend(&kill.unavailable.values);
                 served_ms.push(Ok(ms(kill.t_back - kill.t_kill)));
-                failed += failed_between(&recorded.timeline, kill.t_kill, kill.t_back);
+                for sample in failed_between(&recorded.timeline, kill.t_kill, kill.t_back) {
+                    failed += 1;
+                    sent.push(Ok(match sample.start.checked_duration_since(kill.t_kill) {
+                        Some(after) => ms(after),
+                        None => -ms(kill.t_kill - sample.start),
+                    }));
+                }
             }
             pooled.values.extend(&all.values);
             let median = all.quantile(0.5).map(round3);
@@ -1425,6 +1521,10 @@ impl Bench<'_> {
                     "unavailable_ms_max": max,
                     "all_served_ms": served,
                     "failed_requests_in_flight_kill_to_back": failed,
+                    "failed_requests_sent_ms_from_kill": {
+                        "min": sent.quantile(0.0).map(round3),
+                        "max": sent.quantile(1.0).map(round3),
+                    },
                     "probe_errors": probe_errors,
                 }),
             );
@@ -1444,6 +1544,10 @@ impl Bench<'_> {
             json!(pooled.quantile(1.0).map(round3)),
         );
         extra.insert("failed_requests".into(), json!(summary.errors));
+        extra.insert(
+            "timeline_truncated".into(),
+            json!(recorded.timeline_truncated),
+        );
         summary.error_kinds = recorded.error_kinds.clone();
         Ok(Outcome {
             summary,
@@ -1486,13 +1590,17 @@ impl Bench<'_> {
             stop.store(true, Ordering::SeqCst);
             result
         };
-        let (mut recorded, times) = tokio::join!(load, orchestration);
+        let (recorded, times) = tokio::join!(load, orchestration);
         let (added, t_start, t_added, t_drain, t_end) = times?;
         let window = Summary::of_window(&recorded.timeline, t_start, t_end);
-        let summary = Summary::of(&mut recorded);
+        let summary = Summary::of(&recorded);
         let worst_pause_ms = round3(window.max_us / 1000.0);
         let mut extra = serde_json::Map::new();
         extra.insert("failed_requests".into(), json!(window.errors));
+        extra.insert(
+            "timeline_truncated".into(),
+            json!(recorded.timeline_truncated),
+        );
         extra.insert("worst_pause_ms".into(), json!(worst_pause_ms));
         extra.insert("node_added".into(), json!(added));
         extra.insert("node_drained".into(), json!(drained));
@@ -1565,11 +1673,12 @@ async fn add_node(bench: &mut Bench<'_>) -> Result<(NodeId, Instant), String> {
 
 /// The timeline's failed requests that were in flight at some moment of `[from, to]`: those
 /// sent before a kill and cut off by it count too.
-fn failed_between(timeline: &[Sample], from: Instant, to: Instant) -> u64 {
+fn failed_between(timeline: &[Sample], from: Instant, to: Instant) -> Vec<Sample> {
     timeline
         .iter()
         .filter(|s| !s.ok && s.start <= to && s.start + s.latency >= from)
-        .count() as u64
+        .copied()
+        .collect()
 }
 
 /// One timed kill.
@@ -1900,5 +2009,42 @@ fn main() -> ExitCode {
     match cli.mode {
         Some(Mode::Serve(args)) => exit_code(PROGRAM, serve(args)),
         None => exit_code(PROGRAM, run(cli.options)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_are_within_half_a_bucket_of_the_exact_ones() {
+        let mut histogram = Histogram::default();
+        for value in 1..=100_000u64 {
+            histogram.record(value * 10);
+        }
+        for p in [0.5, 0.9, 0.99, 0.999] {
+            let exact = (p * 100_000.0f64).ceil() * 10.0;
+            let measured = histogram.quantile(p);
+            assert!(
+                (measured - exact).abs() / exact < 0.004,
+                "p{p}: {measured} for {exact}"
+            );
+        }
+        assert_eq!(histogram.quantile(1.0), 1_000_000.0);
+    }
+
+    #[test]
+    fn histogram_buckets_grow_with_the_value_and_cover_every_u64() {
+        let mut last = 0;
+        for value in (0..20_000u64).chain([1 << 40, u64::MAX / 2, u64::MAX]) {
+            let bucket = Histogram::bucket(value);
+            assert!(bucket >= last && bucket < HISTOGRAM_BUCKETS, "{value}");
+            let middle = Histogram::value(bucket);
+            assert!(
+                (middle - value as f64).abs() <= value as f64 / 256.0 + 0.5,
+                "{value}"
+            );
+            last = bucket;
+        }
     }
 }
