@@ -1545,6 +1545,14 @@ impl Bench<'_> {
             "unavailable_ms_max".into(),
             json!(pooled.quantile(1.0).map(round3)),
         );
+        // Kill → the last of its shards answered, the longest over every kill.
+        let all_served = done
+            .iter()
+            .map(|k| ms(k.t_back - k.t_kill))
+            .fold(None, |longest: Option<f64>, v| {
+                Some(longest.map_or(v, |l| l.max(v)))
+            });
+        extra.insert("all_served_ms".into(), json!(all_served.map(round3)));
         extra.insert("failed_requests".into(), json!(summary.errors));
         extra.insert(
             "timeline_truncated".into(),
