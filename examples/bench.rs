@@ -59,9 +59,15 @@
 //! wide, and the percentiles are nearest-rank over it (within 0.4 %; the maximum is exact).
 //! Throughput is successful requests over the time from the start until the last requester
 //! finished. A scenario's floor ratio is its throughput over its floor's (`local` → `raw_actix`;
-//! `forwarded` and `client` → `raw_tcp`) and its p50 over the floor's p50. The machine these
-//! numbers come from has 2 cores shared by the load generator, the echo server and every node:
-//! compare scenarios within one run (the ratios), not absolute figures across runs.
+//! `forwarded` and `client` → `raw_tcp`) and its p50 over the floor's p50. The CPU per request
+//! is the user and system time (`/proc/PID/stat`, 10 ms resolution) that every process taking
+//! part used during the measurement, over the successful requests: this process and every node
+//! for `forwarded` and `client`, node 1 alone for `local` and `raw_actix`, this process (the
+//! echo server's thread included) for `raw_tcp`. The machine these numbers come from has 2
+//! cores shared by the load generator, the echo server and every node: compare scenarios within
+//! one run (the ratios), not absolute figures across runs; and whether the processes wake each
+//! other across the two cores or take turns on one changes the network ratios by up to 2 ×
+//! (`taskset -c 0` pins the whole run to one core).
 //!
 //! Every loop is bounded by a count and a deadline; every child process and the temporary
 //! directory are removed on exit, on error and on Ctrl-C.
