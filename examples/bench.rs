@@ -126,9 +126,12 @@ const ERROR_KINDS_MAX: usize = 20;
 const TRANSPORT_REQUEST_OVERHEAD_BYTES: usize = 4 + 1 + 5;
 /// The file in a node's data dir that holds its control port.
 const CONTROL_PORT_FILE: &str = "bench-control-port";
-/// Most frames the echo server answers on one connection, and most connections it accepts.
+/// Most frames the echo server answers on one connection.
 const ECHO_FRAMES_MAX: u64 = 1 << 40;
+/// Most connections the echo server accepts.
 const ECHO_CONNECTIONS_MAX: usize = 100_000;
+/// Most control connections a bench node accepts (one per in-node scenario is used).
+const CONTROL_CONNECTIONS_MAX: usize = 100_000;
 /// Longest a failover or planned scenario's load may run.
 const MEMBERSHIP_LOAD_MAX: Duration = Duration::from_secs(600);
 /// Load before a kill or a membership change, and after the last shard is back.
@@ -919,7 +922,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         let stop = tokio::signal::ctrl_c();
         tokio::pin!(stop);
         // The load generator opens one control connection per in-node scenario.
-        for _ in 0..ECHO_CONNECTIONS_MAX {
+        for _ in 0..CONTROL_CONNECTIONS_MAX {
             tokio::select! {
                 _ = &mut stop => break,
                 accepted = control.accept() => match accepted {
@@ -1584,20 +1587,19 @@ impl Bench<'_> {
             .into_iter()
             .find(|&id| id != settled.leader)
             .ok_or("no follower to drain")?;
-        let this = self;
         let orchestration = async {
             let result = async {
                 tokio::time::sleep(MEMBERSHIP_MARGIN).await;
                 let t_start = Instant::now();
-                let (added, t_added) = add_node(this).await?;
-                let admin = this.harness.admin(settled.leader, CHANGE_TIMEOUT)?;
+                let (added, t_added) = add_node(self).await?;
+                let admin = self.harness.admin(settled.leader, CHANGE_TIMEOUT)?;
                 let t_drain = Instant::now();
                 match admin.request(AdminRequest::Drain { id: drained }).await {
                     Ok(AdminResponse::Changed(_)) => {}
                     Ok(other) => return Err(format!("unexpected answer to Drain: {other:?}")),
                     Err(e) => return Err(format!("Drain of node {drained} failed: {e}")),
                 }
-                this.settled(Some(drained)).await?;
+                self.settled(Some(drained)).await?;
                 let t_end = Instant::now();
                 tokio::time::sleep(MEMBERSHIP_MARGIN).await;
                 Ok::<_, String>((added, t_start, t_added, t_drain, t_end))
