@@ -50,16 +50,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use clusterfunk::admin::{AdminClient, AdminRequest, AdminResponse, NodeState};
+use clusterfunk::admin::{AdminClient, AdminRequest, AdminResponse};
 use clusterfunk::client::Client;
-use clusterfunk::shard_map::shard_for;
 use clusterfunk::{ConsensusConfig, LeaseConfig, NodeId, ShardMessage};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use support::{
-    check_interrupt, exit_code, fmt_ms, free_ports, interrupted, lib_status, lib_statuses,
-    load_average, ms, round3, runtime, stopped_early, utc_now, wait_for, watch_interrupt,
-    write_json, Binaries, Harness, Launch, NodeOptions, Series, SummaryTable, POLL_TIMEOUT,
+    check_interrupt, exit_code, fmt_ms, free_ports, key_per_shard, lib_status, load_average, ms,
+    probe_until_ok, round3, runtime, stopped_early, utc_now, watch_interrupt, write_json, Binaries,
+    Harness, Launch, NodeOptions, Series, Settled, SummaryTable, POLL_TIMEOUT,
 };
 
 /// `kv`'s write (`examples/kv.rs`): stores `value` under the key.
@@ -145,98 +144,14 @@ fn shard_client(harness: &Harness, ids: &[NodeId]) -> Result<Client, String> {
 // ---------------------------------------------------------------------------------------------
 // Waiting for the cluster
 
-/// Every shard's owner, from node `id`'s `Shards`.
-async fn shard_owners(harness: &Harness, id: NodeId) -> Result<Vec<NodeId>, String> {
-    match harness
-        .admin(id, POLL_TIMEOUT)?
-        .request(AdminRequest::Shards)
-        .await
-    {
-        Ok(AdminResponse::Shards(report)) if report.shards.len() == SHARD_COUNT as usize => {
-            Ok(report.shards.iter().map(|s| s.node).collect())
-        }
-        Ok(other) => Err(format!("unexpected answer to Shards: {other:?}")),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// The cluster at rest, as [`wait_settled`] found it.
-struct Settled {
-    leader: NodeId,
-    term: u64,
-    /// Every shard's owner.
-    owners: Vec<NodeId>,
-}
-
-/// Waits until every node serves, names one leader (which says it leads), holds one map epoch,
-/// marks nobody down, moves no shard, and `draining` (if any) is the only node drained and owns
-/// nothing while the others own balanced shares.
+/// Waits until the cluster is at rest ([`support::wait_settled`] over every node).
 async fn wait_settled(
     harness: &Harness,
     draining: Option<NodeId>,
     limit: Duration,
 ) -> Result<Settled, String> {
-    let ids = &harness.ids();
-    let clients = &harness.admin_clients(POLL_TIMEOUT)?;
-    let what = match draining {
-        Some(id) => format!("the cluster to settle with node {id} drained"),
-        None => "the cluster to settle with balanced shares".to_string(),
-    };
-    let owners_of = |count: usize| {
-        let low = SHARD_COUNT / count as u32;
-        low..=SHARD_COUNT.div_ceil(count as u32)
-    };
-    let (leader, term) = wait_for(&what, Duration::from_millis(10), limit, || async move {
-        let answers = lib_statuses(clients).await;
-        let mut statuses = BTreeMap::new();
-        for (id, answer) in answers {
-            let s = answer.map_err(|e| format!("node {id}: {e}"))?;
-            if s.state != NodeState::Serving {
-                return Err(format!("node {id}: {:?} {:?}", s.state, s.reason));
-            }
-            statuses.insert(id, s);
-        }
-        let first = statuses.values().next().ok_or("no nodes")?;
-        let leader = first.leader.ok_or("no leader")?;
-        let (term, epoch) = (first.term, first.epoch);
-        let active = if draining.is_some() { ids.len() - 1 } else { ids.len() };
-        for (id, s) in &statuses {
-            if s.leader != Some(leader) || s.term != term || s.epoch != epoch {
-                return Err(format!(
-                    "node {id} names leader {:?} in term {} at epoch {}, node {} names {leader} in {term} at {epoch}",
-                    s.leader, s.term, s.epoch, first.node_id
-                ));
-            }
-            if !s.down.is_empty() || s.shards_moving != 0 {
-                return Err(format!(
-                    "node {id}: down {:?}, {} shard(s) moving",
-                    s.down, s.shards_moving
-                ));
-            }
-            if s.draining != draining.into_iter().collect::<Vec<_>>() {
-                return Err(format!("node {id}: draining {:?}", s.draining));
-            }
-            let fair = if Some(*id) == draining {
-                s.shards_owned == 0
-            } else {
-                owners_of(active).contains(&s.shards_owned)
-            };
-            if !fair {
-                return Err(format!("node {id} owns {} shards", s.shards_owned));
-            }
-        }
-        match statuses.get(&leader) {
-            Some(s) if s.raft_state == "leader" => Ok((leader, term)),
-            _ => Err(format!("node {leader} does not say it leads")),
-        }
-    })
-    .await?;
-    let owners = shard_owners(harness, leader).await?;
-    Ok(Settled {
-        leader,
-        term,
-        owners,
-    })
+    let clients = harness.admin_clients(POLL_TIMEOUT)?;
+    support::wait_settled(&clients, SHARD_COUNT, draining, limit).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -271,23 +186,6 @@ struct Record {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// One key per shard: `keys[s]` hashes to shard `s`.
-fn key_per_shard() -> Vec<String> {
-    let mut keys: Vec<Option<String>> = vec![None; SHARD_COUNT as usize];
-    let mut missing = SHARD_COUNT as usize;
-    let mut i = 0u64;
-    while missing > 0 {
-        let key = format!("key-{i}");
-        let slot = &mut keys[shard_for(key.as_bytes(), SHARD_COUNT) as usize];
-        if slot.is_none() {
-            *slot = Some(key);
-            missing -= 1;
-        }
-        i += 1;
-    }
-    keys.into_iter().flatten().collect()
 }
 
 /// One load task: writes and reads back the keys of shards `index`, `index + clients`, ...
@@ -485,7 +383,7 @@ struct Drain {
     t_undrained: Instant,
 }
 
-/// Probes one key until it answers; returns kill → answer and the failures before it.
+/// Probes one key with `kv`'s `Get` until it answers ([`probe_until_ok`]).
 async fn probe_until_served(
     client: Client,
     key: String,
@@ -493,21 +391,17 @@ async fn probe_until_served(
     every: Duration,
     deadline: Instant,
 ) -> (Option<f64>, usize, Option<String>) {
-    let mut errors = 0;
-    let mut last = None;
-    loop {
-        match client.send(key.as_str(), Get).await {
-            Ok(_) => return (Some(ms(t_kill.elapsed())), errors, last),
-            Err(e) => {
-                errors += 1;
-                last = Some(e.to_string());
-            }
+    let probe = || {
+        let (client, key) = (client.clone(), key.clone());
+        async move {
+            client
+                .send(key, Get)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
         }
-        if Instant::now() >= deadline || interrupted() {
-            return (None, errors, last);
-        }
-        tokio::time::sleep(every).await;
-    }
+    };
+    probe_until_ok(probe, t_kill, every, deadline).await
 }
 
 /// Polls `node`'s status every `every`, noting the first time it reports `victim` down and the
@@ -852,7 +746,7 @@ async fn measure(
         options.clients
     );
 
-    let keys = Arc::new(key_per_shard());
+    let keys = Arc::new(key_per_shard(SHARD_COUNT)?);
     let stop = Arc::new(AtomicBool::new(false));
     let mut load_tasks = Vec::new();
     for index in 0..options.clients {

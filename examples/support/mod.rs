@@ -1,8 +1,10 @@
-//! What the measuring tools `raft_timing` and `failover_timing` and the `demo` share: finding the
-//! binaries next to the running program, a cluster of `kv serve` processes on 127.0.0.1 in a
-//! temporary directory (free ports, start, SIGKILL, restart, clean-up on drop), Ctrl-C and
-//! SIGTERM handling, polling with a deadline, series of millisecond samples with their
-//! quantiles, summary table and JSON, and the plumbing of `main` (runtime, JSON file, exit code).
+//! What the measuring tools `raft_timing`, `failover_timing` and `bench` and the `demo` share:
+//! finding the binaries next to the running program, a cluster of `kv serve` processes (or of
+//! any program with the same `serve` command line) on 127.0.0.1 in a temporary directory (free
+//! ports, start, SIGKILL, restart, clean-up on drop), Ctrl-C and SIGTERM handling, polling with a
+//! deadline, waiting for the cluster to settle and probing a shard until it answers, series of
+//! millisecond samples with their quantiles, summary table and JSON, and the plumbing of `main`
+//! (runtime, JSON file, exit code).
 //!
 //! Each tool includes it with `#[path = "support/mod.rs"] mod support;`; cargo does not take
 //! `examples/support/` for an example of its own, since it has no `main.rs`.
@@ -11,13 +13,14 @@ use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::future::Future;
 use std::io::Write as _;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use clusterfunk::admin::{AdminClient, AdminRequest, AdminResponse, StatusReport};
+use clusterfunk::admin::{AdminClient, AdminRequest, AdminResponse, NodeState, StatusReport};
+use clusterfunk::shard_map::shard_for;
 use clusterfunk::transport::{Secret, SECRET_ENV_VAR};
 use clusterfunk::NodeId;
 use serde_json::{json, Value};
@@ -26,9 +29,6 @@ use serde_json::{json, Value};
 const LOG_TAIL_LINES: usize = 25;
 /// How long one library status call may take before it counts as a failed poll.
 pub const POLL_TIMEOUT: Duration = Duration::from_millis(500);
-/// Nodes listen on ports from this range, below Linux's ephemeral range, so that no outgoing
-/// connection can take a killed node's port before it restarts.
-const PORT_RANGE: std::ops::Range<u16> = 20_000..32_000;
 
 /// Set by the Ctrl-C watcher; every wait loop checks it and unwinds, so the guard cleans up.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -36,10 +36,38 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 // ---------------------------------------------------------------------------------------------
 // Processes
 
+/// Nodes listen on ports from this range, below Linux's ephemeral range, so that no outgoing
+/// connection can take a killed node's port before it restarts.
+pub const PORT_RANGE: std::ops::Range<u16> = 20_000..32_000;
+
+/// `count` ports of [`PORT_RANGE`] that were free a moment ago, from a spot picked by `seed`.
+// `raft_timing` lets the kernel pick its ports.
+#[allow(dead_code)]
+pub fn free_ports(count: usize, seed: &str) -> Result<Vec<u16>, String> {
+    let span = PORT_RANGE.end - PORT_RANGE.start;
+    let mut offset = seed
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+        % u32::from(span);
+    let mut ports = Vec::new();
+    for _ in 0..span {
+        let port = PORT_RANGE.start + offset as u16;
+        offset = (offset + 1) % u32::from(span);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+            if ports.len() == count {
+                return Ok(ports);
+            }
+        }
+    }
+    Err(format!("no {count} free ports in {PORT_RANGE:?}"))
+}
+
 /// The programs the tools drive.
 #[derive(Debug, Clone)]
 pub struct Binaries {
-    /// `target/<profile>/examples/kv`.
+    /// The node program, run as `NODE serve --id N --listen ADDR --data-dir DIR [--init LIST]`:
+    /// `target/<profile>/examples/kv`, or the tool itself when it has such a `serve` mode.
     pub kv: PathBuf,
     /// `target/<profile>/clusterfunk` (present only when asked for).
     // `failover_timing` drives `kv` alone and never reads this.
@@ -48,8 +76,21 @@ pub struct Binaries {
 }
 
 impl Binaries {
+    /// Runs `program` as the node program, without the command-line tool: for a tool that is
+    /// its own node program (`bench serve ...`).
+    // Only `bench` is its own node program.
+    #[allow(dead_code)]
+    pub fn node_program(program: PathBuf) -> Self {
+        Binaries {
+            kv: program,
+            cli: PathBuf::new(),
+        }
+    }
+
     /// Finds `kv` next to this executable and, with `need_cli`, `clusterfunk` in the profile
     /// directory above it, or says how to build what is missing.
+    // `bench` runs itself as the node program.
+    #[allow(dead_code)]
     pub fn locate(need_cli: bool) -> Result<Self, String> {
         let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
         let examples = exe.parent().ok_or("this program has no parent directory")?;
@@ -387,30 +428,6 @@ impl Drop for Harness {
     }
 }
 
-/// `count` ports of [`PORT_RANGE`] on 127.0.0.1 that were free a moment ago, from a spot picked
-/// by `seed` (so that tools running at once start apart).
-// `raft_timing` binds port 0 for its few extra nodes and does not call it.
-#[allow(dead_code)]
-pub fn free_ports(count: usize, seed: &str) -> Result<Vec<u16>, String> {
-    let span = PORT_RANGE.end - PORT_RANGE.start;
-    let mut offset = seed
-        .bytes()
-        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
-        % u32::from(span);
-    let mut ports = Vec::new();
-    for _ in 0..span {
-        let port = PORT_RANGE.start + offset as u16;
-        offset = (offset + 1) % u32::from(span);
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            ports.push(port);
-            if ports.len() == count {
-                return Ok(ports);
-            }
-        }
-    }
-    Err(format!("no {count} free ports in {PORT_RANGE:?}"))
-}
-
 /// A fresh random cluster secret (hex of 24 bytes from /dev/urandom).
 fn make_secret() -> Result<String, String> {
     use std::io::Read as _;
@@ -518,6 +535,176 @@ pub async fn lib_statuses(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Shards
+
+/// One key per shard: `keys[s]` (`key-<number>`) hashes to shard `s` of `shard_count`.
+// `raft_timing` sends no shard messages.
+#[allow(dead_code)]
+pub fn key_per_shard(shard_count: u32) -> Result<Vec<String>, String> {
+    let mut keys: Vec<Option<String>> = vec![None; shard_count as usize];
+    let mut missing = shard_count as usize;
+    // About shard_count · ln(shard_count) candidates fill every slot; 64 times the shard count
+    // bounds the search far above that.
+    for i in 0..u64::from(shard_count) * 64 {
+        if missing == 0 {
+            break;
+        }
+        let key = format!("key-{i}");
+        let slot = &mut keys[shard_for(key.as_bytes(), shard_count) as usize];
+        if slot.is_none() {
+            *slot = Some(key);
+            missing -= 1;
+        }
+    }
+    if missing > 0 {
+        return Err(format!(
+            "no key found for {missing} of {shard_count} shards"
+        ));
+    }
+    Ok(keys.into_iter().flatten().collect())
+}
+
+/// Every shard's owner, from one node's `Shards`.
+// `raft_timing` does not look at shards.
+#[allow(dead_code)]
+pub async fn shard_owners(client: &AdminClient, shard_count: u32) -> Result<Vec<NodeId>, String> {
+    match client.request(AdminRequest::Shards).await {
+        Ok(AdminResponse::Shards(report)) if report.shards.len() == shard_count as usize => {
+            Ok(report.shards.iter().map(|s| s.node).collect())
+        }
+        Ok(other) => Err(format!("unexpected answer to Shards: {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The cluster at rest, as [`wait_settled`] found it.
+// `raft_timing` has its own notion of settled (logs applied) and does not read this.
+#[allow(dead_code)]
+pub struct Settled {
+    /// The leader every node names.
+    pub leader: NodeId,
+    /// The leader's term.
+    pub term: u64,
+    /// Every shard's owner.
+    pub owners: Vec<NodeId>,
+}
+
+/// Waits until every node of `clients` serves, names one leader (which says it leads), holds
+/// one map epoch, marks nobody down, moves no shard, and `draining` (if any) is the only node
+/// drained and owns nothing while the others own balanced shares of `shard_count`.
+// `raft_timing` has its own notion of settled.
+#[allow(dead_code)]
+pub async fn wait_settled(
+    clients: &BTreeMap<NodeId, AdminClient>,
+    shard_count: u32,
+    draining: Option<NodeId>,
+    limit: Duration,
+) -> Result<Settled, String> {
+    let what = match draining {
+        Some(id) => format!("the cluster to settle with node {id} drained"),
+        None => "the cluster to settle with balanced shares".to_string(),
+    };
+    let owners_of = |count: usize| {
+        let low = shard_count / count as u32;
+        low..=shard_count.div_ceil(count as u32)
+    };
+    let nodes = clients.len();
+    let (leader, term) = wait_for(&what, Duration::from_millis(10), limit, || async move {
+        let answers = lib_statuses(clients).await;
+        let mut statuses = BTreeMap::new();
+        for (id, answer) in answers {
+            let s = answer.map_err(|e| format!("node {id}: {e}"))?;
+            if s.state != NodeState::Serving {
+                return Err(format!("node {id}: {:?} {:?}", s.state, s.reason));
+            }
+            statuses.insert(id, s);
+        }
+        let first = statuses.values().next().ok_or("no nodes")?;
+        let leader = first.leader.ok_or("no leader")?;
+        let (term, epoch) = (first.term, first.epoch);
+        let active = if draining.is_some() { nodes - 1 } else { nodes };
+        for (id, s) in &statuses {
+            if s.leader != Some(leader) || s.term != term || s.epoch != epoch {
+                return Err(format!(
+                    "node {id} names leader {:?} in term {} at epoch {}, node {} names {leader} in {term} at {epoch}",
+                    s.leader, s.term, s.epoch, first.node_id
+                ));
+            }
+            if !s.down.is_empty() || s.shards_moving != 0 {
+                return Err(format!(
+                    "node {id}: down {:?}, {} shard(s) moving",
+                    s.down, s.shards_moving
+                ));
+            }
+            if s.draining != draining.into_iter().collect::<Vec<_>>() {
+                return Err(format!("node {id}: draining {:?}", s.draining));
+            }
+            let fair = if Some(*id) == draining {
+                s.shards_owned == 0
+            } else {
+                owners_of(active).contains(&s.shards_owned)
+            };
+            if !fair {
+                return Err(format!("node {id} owns {} shards", s.shards_owned));
+            }
+        }
+        match statuses.get(&leader) {
+            Some(s) if s.raft_state == "leader" => Ok((leader, term)),
+            _ => Err(format!("node {leader} does not say it leads")),
+        }
+    })
+    .await?;
+    let client = clients
+        .get(&leader)
+        .ok_or(format!("the leader {leader} is not among the polled nodes"))?;
+    let owners = shard_owners(client, shard_count).await?;
+    Ok(Settled {
+        leader,
+        term,
+        owners,
+    })
+}
+
+/// Calls `probe` until it succeeds, every `every`, giving up at `deadline` (or on Ctrl-C);
+/// returns the milliseconds from `since` to the success (`None` if none), the failed attempts
+/// and the last failure.
+// `raft_timing` probes no shards.
+#[allow(dead_code)]
+pub async fn probe_until_ok<F, Fut>(
+    mut probe: F,
+    since: Instant,
+    every: Duration,
+    deadline: Instant,
+) -> (Option<f64>, usize, Option<String>)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let mut errors = 0;
+    let mut last = None;
+    // One attempt per interval until the deadline, plus the first.
+    let attempts = deadline
+        .saturating_duration_since(Instant::now())
+        .as_millis()
+        / every.as_millis().max(1)
+        + 1;
+    for _ in 0..attempts {
+        match probe().await {
+            Ok(()) => return (Some(ms(since.elapsed())), errors, last),
+            Err(e) => {
+                errors += 1;
+                last = Some(e);
+            }
+        }
+        if Instant::now() >= deadline || interrupted() {
+            break;
+        }
+        tokio::time::sleep(every).await;
+    }
+    (None, errors, last)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Figures
 
 /// Samples of one figure, in ms, with the failures that gave none.
@@ -575,6 +762,8 @@ impl Series {
 
 /// The layout of a summary table: a figure's name, its samples and failures, then its median,
 /// p90, max and min in ms.
+// `bench` prints a table of its own.
+#[allow(dead_code)]
 pub struct SummaryTable {
     /// Width of the name column (left-aligned).
     pub name_width: usize,
@@ -584,6 +773,7 @@ pub struct SummaryTable {
     pub gap: &'static str,
 }
 
+#[allow(dead_code)]
 impl SummaryTable {
     /// Prints one line of cells, the first left-aligned and the others right-aligned.
     fn line(&self, name: &str, cells: [&str; 6]) {

@@ -1,0 +1,2068 @@
+//! `bench`: the load generator. Starts a cluster on loopback, runs closed-loop load through each
+//! way a request can take, next to the floor that way cannot beat, and prints a table (and, with
+//! `--json FILE`, writes it as JSON).
+//!
+//! ```text
+//! cargo run --release --example bench -- [--nodes 3] [--concurrency 16] [--seconds 5]
+//!     [--scenarios local,raw_actix,forwarded,client,raw_tcp,failover,planned] [--json FILE]
+//! ```
+//!
+//! # How it runs
+//!
+//! **Every node is a process of its own**: this program re-executes itself as `bench serve --id N
+//! --listen ADDR --data-dir DIR [--init LIST]` (the same command line as `kv serve`, so the
+//! process harness of `support/mod.rs` starts, SIGKILLs and restarts it), one actix `System` per
+//! process, with a trivial handler: `Echo { payload }` answers its payload. Processes rather than
+//! threads, because `failover` needs a real `kill -9`, and because one set of nodes for every
+//! scenario keeps the scenarios comparable. The load generator itself runs on one
+//! single-threaded tokio runtime in this process; each requester is a future that sends one
+//! request, waits for its answer, and sends the next (closed loop), for `--seconds` after a
+//! warm-up of `--warmup-seconds` that is not recorded. Each requester walks its own slice of a
+//! key list holding one key per shard. The shard count is 1024.
+//!
+//! - `local`: node 1 runs the requesters itself, inside its actix `System`, with `node.send` on
+//!   keys of the shards it owns (asked for over a line of JSON on a control port that node 1
+//!   writes to `DATA_DIR/bench-control-port`). The other nodes idle meanwhile.
+//! - `raw_actix`: the floor of `local`, in the same node process: the requesters
+//!   `addr.send(..).await` the same payload to one plain actix actor that answers it.
+//! - `forwarded`: external requests that enter at a node that does not own the key: the load
+//!   generator sends each `Request::Shard` over the transport to the node after the owner (in id
+//!   order), which forwards it to the owner. Two network round trips per request.
+//! - `client`: an external `Client` (one, cloned by every requester, as an application would
+//!   share it) sending straight to each key's owner. One network round trip per request.
+//! - `raw_tcp`: the floor of `forwarded` and `client`: the same requesters and the same request
+//!   frame size (the encoded `Request::Shard` plus the transport's request header and length
+//!   prefix, measured, not guessed) over plain tokio `LengthDelimitedCodec` TCP to an echo server
+//!   on a thread of this process with its own single-threaded runtime, with **one connection
+//!   per requester** (the `Client` instead multiplexes every requester over one connection per
+//!   node and batches writes; so the floor has the simpler, not the cheaper, connection scheme).
+//! - `failover`: the `client` load runs while a follower, then the leader (`--kills` each), is
+//!   killed with SIGKILL. Every shard of the killed node is probed through a client seeded with
+//!   the survivors every `--probe-ms`; a shard's unavailability is the time from the kill to its
+//!   first successful answer, and `all_served_ms` is the kill → the last shard's answer. Failed
+//!   requests are the load's requests that got an error. The node restarts and the cluster
+//!   settles before the next kill.
+//! - `planned`: under the same load, a node joins (`AddNode` as a voter, then its share moves to
+//!   it) and a follower is drained (`Drain`), each until the cluster settles. The worst pause is
+//!   the longest latency of a load request that started in that window: a request to a moving
+//!   shard waits for the handoff. The load reaches each shard every 1024 / throughput seconds
+//!   (about 8 ms at 120 000 requests/s), so a pause can be underestimated by up to that much;
+//!   `failover_timing` probes every moving shard instead.
+//!
+//! Scenarios run in the order above, whatever the order of `--scenarios`, so that the floors sit
+//! next to what they bound and the membership changes come last.
+//!
+//! # What the figures mean
+//!
+//! Latencies are recorded for every successful request (`Instant` before the send, after the
+//! answer; nothing is averaged) in a log-linear histogram with buckets 1/128 of a power of two
+//! wide, and the percentiles are nearest-rank over it (within 0.4 %; the maximum is exact).
+//! Throughput is successful requests over the time from the start until the last requester
+//! finished. A scenario's floor ratio is its throughput over its floor's (`local` → `raw_actix`;
+//! `forwarded` and `client` → `raw_tcp`) and its p50 over the floor's p50. The CPU per request
+//! is the user and system time (`/proc/PID/stat`, 10 ms resolution) that every process taking
+//! part used during the measurement, over the successful requests: this process and every node
+//! for `forwarded` and `client`, node 1 alone for `local` and `raw_actix`, this process (the
+//! echo server's thread included) for `raw_tcp`. The machine these numbers come from has 2
+//! cores shared by the load generator, the echo server and every node: compare scenarios within
+//! one run (the ratios), not absolute figures across runs; and whether the processes wake each
+//! other across the two cores or take turns on one changes the network ratios by up to 2 ×
+//! (`taskset -c 0` pins the whole run to one core).
+//!
+//! Every loop is bounded by a count and a deadline; every child process and the temporary
+//! directory are removed on exit, on error and on Ctrl-C.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::{Actor, Addr, Context, Handler, Message};
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use clusterfunk::admin::{resolve_secret, AdminClient, AdminRequest, AdminResponse};
+use clusterfunk::client::Client;
+use clusterfunk::codec;
+use clusterfunk::consensus::NodeInfo;
+use clusterfunk::prelude::*;
+use clusterfunk::transport::{Transport, TransportConfig};
+use clusterfunk::wire::{Request, Response};
+use futures_util::stream::FuturesUnordered;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use support::{
+    check_interrupt, exit_code, fmt_ms, free_ports, interrupted, key_per_shard, lib_status,
+    load_average, ms, probe_until_ok, round3, runtime, stopped_early, wait_for, wait_settled,
+    watch_interrupt, write_json, Binaries, Harness, Launch, NodeOptions, Series, Settled,
+    POLL_TIMEOUT,
+};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+/// This program's name, in its messages and the node logs.
+const PROGRAM: &str = "bench";
+/// Shards of the cluster.
+const SHARD_COUNT: u32 = 1024;
+/// The cluster's name (the library's default).
+const CLUSTER_NAME: &str = "clusterfunk";
+/// How long one request may take before it counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most requests one scenario makes (a bound far above what `--seconds 3600` reaches).
+const REQUESTS_MAX: u64 = 1 << 36;
+/// Most requests whose timeline (start, latency, outcome: 40 bytes each) a membership scenario
+/// keeps; past it the latency histogram still counts every request.
+const TIMELINE_MAX: usize = 4_000_000;
+/// Most distinct error messages kept per scenario.
+const ERROR_KINDS_MAX: usize = 20;
+/// What the transport adds to a request payload in its frame: the 4-byte length prefix, the
+/// header's variant tag (1 byte) and the request id (a varint: 5 bytes for ids from 65 536 to
+/// 2³² − 1, where a connection spends most of a run).
+const TRANSPORT_REQUEST_OVERHEAD_BYTES: usize = 4 + 1 + 5;
+/// The file in a node's data dir that holds its control port.
+const CONTROL_PORT_FILE: &str = "bench-control-port";
+/// Most frames the echo server answers on one connection.
+const ECHO_FRAMES_MAX: u64 = 1 << 40;
+/// Most connections the echo server accepts.
+const ECHO_CONNECTIONS_MAX: usize = 100_000;
+/// Most control connections a bench node accepts (one per in-node scenario is used).
+const CONTROL_CONNECTIONS_MAX: usize = 100_000;
+/// Longest a failover or planned scenario's load may run.
+const MEMBERSHIP_LOAD_MAX: Duration = Duration::from_secs(600);
+/// Load before a kill or a membership change, and after the last shard is back.
+const MEMBERSHIP_MARGIN: Duration = Duration::from_millis(500);
+/// How long an `AddNode` or a `Drain` may take.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
+
+// ---------------------------------------------------------------------------------------------
+// Command line
+
+/// The command line: the load generator, or (internal) one node.
+#[derive(Parser, Debug)]
+#[command(
+    name = PROGRAM,
+    about = "Load generator: throughput and latency of local, forwarded and client requests next to their floors, and of failover and planned moves, on a loopback cluster",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Option<Mode>,
+    #[command(flatten)]
+    options: Options,
+}
+
+#[derive(Subcommand, Debug)]
+enum Mode {
+    /// Run one bench node (the load generator starts these itself).
+    #[command(hide = true)]
+    Serve(ServeArgs),
+}
+
+/// The node's command line: `kv serve`'s, so that `support::Launch` can start it.
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// This node's id.
+    #[arg(long)]
+    id: NodeId,
+    /// Address to listen on, IP:PORT.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Directory of the node's raft storage; its control port is written there too.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Bootstrap a new cluster with these voters (ID=IP:PORT,...).
+    #[arg(long)]
+    init: Option<String>,
+}
+
+/// The load generator's options.
+#[derive(Args, Debug)]
+struct Options {
+    /// Nodes of the cluster (at least 3 for `failover`, 2 for `forwarded`).
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Concurrent requesters, in every scenario.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Seconds of recorded load per throughput scenario.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Seconds of unrecorded load before each throughput scenario (connections, maps, shards).
+    #[arg(long, default_value_t = 0.5)]
+    warmup_seconds: f64,
+    /// The scenarios to run (they run in the order of the default list).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "local,raw_actix,forwarded,client,raw_tcp,failover,planned"
+    )]
+    scenarios: Vec<Scenario>,
+    /// Write the results to this JSON file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Bytes of the `Echo` message's payload (and of its answer).
+    #[arg(long, default_value_t = 32)]
+    payload_bytes: usize,
+    /// Follower kills in `failover`; as many leader kills follow.
+    #[arg(long, default_value_t = 1)]
+    kills: usize,
+    /// Probe interval per shard of a killed node, in ms.
+    #[arg(long, default_value_t = 5)]
+    probe_ms: u64,
+    /// Seconds a failover, a membership change or a wait for the cluster may take.
+    #[arg(long, default_value_t = 30)]
+    deadline_secs: u64,
+    /// The node processes.
+    #[command(flatten)]
+    node: NodeOptions,
+}
+
+impl Options {
+    fn check(&self) -> Result<(), String> {
+        if self.concurrency == 0 || self.concurrency > 10_000 {
+            return Err("--concurrency must be between 1 and 10000".into());
+        }
+        if !(self.seconds > 0.0 && self.seconds <= 3600.0) {
+            return Err("--seconds must be more than 0 and at most 3600".into());
+        }
+        if !(self.warmup_seconds >= 0.0 && self.warmup_seconds <= 600.0) {
+            return Err("--warmup-seconds must be between 0 and 600".into());
+        }
+        if self.nodes == 0 || self.nodes > 9 {
+            return Err("--nodes must be between 1 and 9".into());
+        }
+        if self.payload_bytes > 1 << 20 {
+            return Err("--payload-bytes must be at most 1 MiB".into());
+        }
+        let wants = |s: Scenario| self.scenarios.contains(&s);
+        if wants(Scenario::Failover) && self.nodes < 3 {
+            return Err("failover needs --nodes 3 or more (a majority must survive)".into());
+        }
+        if (wants(Scenario::Forwarded) || wants(Scenario::Planned)) && self.nodes < 2 {
+            return Err("forwarded and planned need --nodes 2 or more".into());
+        }
+        Ok(())
+    }
+
+    fn duration(&self) -> Duration {
+        Duration::from_secs_f64(self.seconds)
+    }
+
+    fn warmup(&self) -> Duration {
+        Duration::from_secs_f64(self.warmup_seconds)
+    }
+}
+
+/// One way of sending requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+enum Scenario {
+    /// `node.send` inside the owning node.
+    #[value(name = "local")]
+    Local,
+    /// Plain actix `addr.send` in the same node process: the floor of `local`.
+    #[value(name = "raw_actix")]
+    RawActix,
+    /// External requests entering at a non-owner node.
+    #[value(name = "forwarded")]
+    Forwarded,
+    /// An external `Client` sending to the owner.
+    #[value(name = "client")]
+    Client,
+    /// Plain tokio TCP echo: the floor of `forwarded` and `client`.
+    #[value(name = "raw_tcp")]
+    RawTcp,
+    /// SIGKILL a follower, then the leader, under load.
+    #[value(name = "failover")]
+    Failover,
+    /// Add a node and drain one under load.
+    #[value(name = "planned")]
+    Planned,
+}
+
+impl Scenario {
+    const ALL: [Scenario; 7] = [
+        Scenario::Local,
+        Scenario::RawActix,
+        Scenario::Forwarded,
+        Scenario::Client,
+        Scenario::RawTcp,
+        Scenario::Failover,
+        Scenario::Planned,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Local => "local",
+            Scenario::RawActix => "raw_actix",
+            Scenario::Forwarded => "forwarded",
+            Scenario::Client => "client",
+            Scenario::RawTcp => "raw_tcp",
+            Scenario::Failover => "failover",
+            Scenario::Planned => "planned",
+        }
+    }
+
+    /// The scenario whose figures bound this one's.
+    fn floor(self) -> Option<Scenario> {
+        match self {
+            Scenario::Local => Some(Scenario::RawActix),
+            Scenario::Forwarded | Scenario::Client => Some(Scenario::RawTcp),
+            _ => None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The node's handler, and the raw actix floor
+
+/// The bench message: answers its payload.
+#[derive(Serialize, Deserialize, ShardMessage)]
+#[reply(Vec<u8>)]
+#[tag = "bench.echo"]
+struct Echo {
+    payload: Vec<u8>,
+}
+
+/// A shard of the bench service: it keeps nothing.
+#[derive(Default)]
+struct Echoes;
+
+#[shard_handler]
+impl Echoes {
+    fn echo(&mut self, _key: Key, msg: Echo, _ctx: &mut ShardContext) -> Vec<u8> {
+        msg.payload
+    }
+}
+
+/// The floor of `local`: one plain actix actor answering the payload.
+struct RawEcho;
+
+impl Actor for RawEcho {
+    type Context = Context<Self>;
+}
+
+/// The raw actix message.
+struct RawEchoMessage(Vec<u8>);
+
+impl Message for RawEchoMessage {
+    type Result = Vec<u8>;
+}
+
+impl Handler<RawEchoMessage> for RawEcho {
+    type Result = Vec<u8>;
+
+    fn handle(&mut self, msg: RawEchoMessage, _: &mut Self::Context) -> Vec<u8> {
+        msg.0
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Closed-loop load
+
+/// One requester: sends a request and waits for its answer.
+trait Requester {
+    /// Sends request number `iteration` of this requester and waits for the answer.
+    async fn call(&mut self, iteration: u64) -> Result<(), String>;
+}
+
+/// One request of a load that keeps its timeline (for the membership scenarios).
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    start: Instant,
+    latency: Duration,
+    ok: bool,
+}
+
+/// Latencies in ns, counted in buckets 1/128 of a power of two wide (as HdrHistogram does with
+/// two significant digits), so that every request is recorded in 60 KiB however many there
+/// are, and a quantile is off by less than 0.4 % (the bucket's half width). Values below 128 ns
+/// are exact; the maximum is kept exactly.
+#[derive(Debug, Clone)]
+struct Histogram {
+    counts: Vec<u64>,
+    total: u64,
+    max: u64,
+}
+
+/// Sub-buckets per power of two: 2^7.
+const HISTOGRAM_SUB_BITS: u32 = 7;
+const HISTOGRAM_SUB: usize = 1 << HISTOGRAM_SUB_BITS;
+/// Enough buckets for every `u64`: 128 exact values, then 57 powers of two of 128 buckets.
+const HISTOGRAM_BUCKETS: usize = HISTOGRAM_SUB * (64 - HISTOGRAM_SUB_BITS as usize + 1);
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            counts: vec![0; HISTOGRAM_BUCKETS],
+            total: 0,
+            max: 0,
+        }
+    }
+}
+
+impl Histogram {
+    fn bucket(value: u64) -> usize {
+        if value < HISTOGRAM_SUB as u64 {
+            return value as usize;
+        }
+        let shift = (63 - value.leading_zeros()) - HISTOGRAM_SUB_BITS;
+        let mantissa = (value >> shift) as usize - HISTOGRAM_SUB;
+        (shift as usize + 1) * HISTOGRAM_SUB + mantissa
+    }
+
+    /// The middle of a bucket.
+    fn value(bucket: usize) -> f64 {
+        if bucket < HISTOGRAM_SUB {
+            return bucket as f64;
+        }
+        let shift = bucket / HISTOGRAM_SUB - 1;
+        let low = ((bucket % HISTOGRAM_SUB + HISTOGRAM_SUB) as u64) << shift;
+        low as f64 + ((1u64 << shift) as f64 - 1.0) / 2.0
+    }
+
+    fn record(&mut self, value: u64) {
+        self.counts[Self::bucket(value)] += 1;
+        self.total += 1;
+        self.max = self.max.max(value);
+    }
+
+    fn merge(&mut self, other: &Histogram) {
+        for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
+            *mine += theirs;
+        }
+        self.total += other.total;
+        self.max = self.max.max(other.max);
+    }
+
+    /// The nearest-rank `p`-quantile: the bucket of the smallest value with at least a share
+    /// `p` of all values at or below it (the exact maximum for `p = 1`).
+    fn quantile(&self, p: f64) -> f64 {
+        if self.total == 0 {
+            return 0.0;
+        }
+        let rank = ((p * self.total as f64).ceil() as u64).clamp(1, self.total);
+        if rank == self.total {
+            return self.max as f64;
+        }
+        let mut seen = 0;
+        for (bucket, count) in self.counts.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return Self::value(bucket).min(self.max as f64);
+            }
+        }
+        self.max as f64
+    }
+}
+
+/// What a load recorded.
+#[derive(Debug, Default)]
+struct Recorded {
+    /// Latency of every successful request.
+    latencies: Histogram,
+    errors: u64,
+    /// Error messages (numbers masked), counted.
+    error_kinds: BTreeMap<String, u64>,
+    /// Every request, when asked for (at most [`TIMELINE_MAX`]).
+    timeline: Vec<Sample>,
+    /// Whether requests were left off the timeline.
+    timeline_truncated: bool,
+    /// From the start until the last requester finished.
+    elapsed: Duration,
+}
+
+impl Recorded {
+    fn merge(&mut self, other: Recorded) {
+        self.latencies.merge(&other.latencies);
+        self.errors += other.errors;
+        for (kind, count) in other.error_kinds {
+            add_error_kind(&mut self.error_kinds, kind, count);
+        }
+        self.timeline.extend(other.timeline);
+        self.timeline_truncated |= other.timeline_truncated;
+    }
+}
+
+fn add_error_kind(kinds: &mut BTreeMap<String, u64>, kind: String, count: u64) {
+    if kinds.len() < ERROR_KINDS_MAX || kinds.contains_key(&kind) {
+        *kinds.entry(kind).or_default() += count;
+    } else {
+        *kinds.entry("(other errors)".to_owned()).or_default() += count;
+    }
+}
+
+/// A failure message without the numbers that differ from one request to the next.
+fn error_kind(message: &str) -> String {
+    let kind: String = message
+        .split_whitespace()
+        .map(|word| {
+            if word.chars().any(|c| c.is_ascii_digit()) {
+                "#"
+            } else {
+                word
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    kind.chars().take(160).collect()
+}
+
+/// Runs every requester in a closed loop until `duration` has passed, `stop` is set, Ctrl-C,
+/// or the requesters made [`REQUESTS_MAX`] requests together; requests in flight at the end
+/// finish. All requesters run as futures of the calling task.
+async fn closed_loop<R: Requester>(
+    requesters: Vec<R>,
+    duration: Duration,
+    stop: &AtomicBool,
+    keep_timeline: bool,
+) -> Recorded {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let share = (REQUESTS_MAX / requesters.len().max(1) as u64).max(1);
+    let timeline_share = TIMELINE_MAX / requesters.len().max(1);
+    let mut running: FuturesUnordered<_> = requesters
+        .into_iter()
+        .map(|mut requester| async move {
+            let mut recorded = Recorded::default();
+            for iteration in 0..share {
+                let start = Instant::now();
+                if start >= deadline || stop.load(Ordering::Relaxed) || interrupted() {
+                    break;
+                }
+                let result = requester.call(iteration).await;
+                let latency = start.elapsed();
+                let ok = result.is_ok();
+                match result {
+                    Ok(()) => recorded
+                        .latencies
+                        .record(latency.as_nanos().min(u128::from(u64::MAX)) as u64),
+                    Err(message) => {
+                        recorded.errors += 1;
+                        add_error_kind(&mut recorded.error_kinds, error_kind(&message), 1);
+                    }
+                }
+                if keep_timeline {
+                    if recorded.timeline.len() < timeline_share {
+                        recorded.timeline.push(Sample { start, latency, ok });
+                    } else {
+                        recorded.timeline_truncated = true;
+                    }
+                }
+            }
+            recorded
+        })
+        .collect();
+    let mut all = Recorded::default();
+    while let Some(recorded) = running.next().await {
+        all.merge(recorded);
+    }
+    all.elapsed = started.elapsed();
+    all
+}
+
+/// Runs `make()`'s requesters for the warm-up (unrecorded), then again for the measurement;
+/// returns the measurement's summary with the CPU time that processes `pids` used meanwhile.
+async fn warm_then_measure<R, F>(
+    mut make: F,
+    duration: Duration,
+    warmup: Duration,
+    pids: &[u32],
+) -> Result<Summary, String>
+where
+    R: Requester,
+    F: AsyncFnMut() -> Result<Vec<R>, String>,
+{
+    let stop = AtomicBool::new(false);
+    if !warmup.is_zero() {
+        closed_loop(make().await?, warmup, &stop, false).await;
+    }
+    let requesters = make().await?;
+    let before = cpu_ms(pids);
+    let recorded = closed_loop(requesters, duration, &stop, false).await;
+    let used = cpu_ms(pids)
+        .zip(before)
+        .map(|(after, before)| after - before);
+    Ok(Summary::of(&recorded).with_cpu(used))
+}
+
+/// Linux's `USER_HZ`: the unit of the CPU times in `/proc/PID/stat` (100 on every mainstream
+/// architecture).
+const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
+
+/// The CPU time (user and system, every thread) processes `pids` have used so far, in ms, from
+/// `/proc/PID/stat`; `None` when one cannot be read. Its resolution is 10 ms.
+fn cpu_ms(pids: &[u32]) -> Option<f64> {
+    let mut total = 0.0;
+    for pid in pids {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The fields after the command name, which is in parentheses and may hold spaces:
+        // `utime` and `stime` are fields 14 and 15 of the line, the 12th and 13th of these.
+        let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
+        let user: u64 = fields.get(11)?.parse().ok()?;
+        let system: u64 = fields.get(12)?.parse().ok()?;
+        total += (user + system) as f64 * 1000.0 / CLOCK_TICKS_PER_SECOND;
+    }
+    Some(total)
+}
+
+/// Throughput and latency of a load.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Summary {
+    /// Successful requests.
+    requests: u64,
+    /// Failed requests.
+    errors: u64,
+    elapsed_s: f64,
+    /// Successful requests per second.
+    throughput_rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    max_us: f64,
+    error_kinds: BTreeMap<String, u64>,
+    /// CPU time (user and system) that the processes taking part used during the measurement,
+    /// in ms: the load generator's and the nodes' (`local`, `raw_actix`: node 1's alone;
+    /// `raw_tcp`: this process, echo server thread included). Not measured for `failover` and
+    /// `planned`.
+    #[serde(default)]
+    cpu_ms: Option<f64>,
+    /// `cpu_ms` per successful request, in µs: what a request costs the machine, which a busy
+    /// machine changes much less than the throughput.
+    #[serde(default)]
+    cpu_us_per_request: Option<f64>,
+}
+
+impl Summary {
+    fn of(recorded: &Recorded) -> Summary {
+        let latencies = &recorded.latencies;
+        let quantile = |p: f64| round3(latencies.quantile(p) / 1000.0);
+        let elapsed_s = recorded.elapsed.as_secs_f64();
+        Summary {
+            requests: latencies.total,
+            errors: recorded.errors,
+            elapsed_s: round3(elapsed_s),
+            throughput_rps: if elapsed_s > 0.0 {
+                (latencies.total as f64 / elapsed_s).round()
+            } else {
+                0.0
+            },
+            p50_us: quantile(0.5),
+            p99_us: quantile(0.99),
+            p999_us: quantile(0.999),
+            max_us: quantile(1.0),
+            error_kinds: recorded.error_kinds.clone(),
+            cpu_ms: None,
+            cpu_us_per_request: None,
+        }
+    }
+
+    /// Sets the CPU time of the measurement and the cost per request.
+    fn with_cpu(mut self, cpu_ms: Option<f64>) -> Summary {
+        self.cpu_ms = cpu_ms.map(round3);
+        self.cpu_us_per_request = cpu_ms
+            .filter(|_| self.requests > 0)
+            .map(|cpu| round3(cpu * 1000.0 / self.requests as f64));
+        self
+    }
+
+    /// The summary of the timeline's requests that started in `[from, to)`.
+    fn of_window(timeline: &[Sample], from: Instant, to: Instant) -> Summary {
+        let mut recorded = Recorded::default();
+        let mut first: Option<Instant> = None;
+        let mut last_end: Option<Instant> = None;
+        for sample in timeline.iter().filter(|s| s.start >= from && s.start < to) {
+            first = Some(first.map_or(sample.start, |f| f.min(sample.start)));
+            let end = sample.start + sample.latency;
+            last_end = Some(last_end.map_or(end, |l| l.max(end)));
+            if sample.ok {
+                recorded
+                    .latencies
+                    .record(sample.latency.as_nanos().min(u128::from(u64::MAX)) as u64);
+            } else {
+                recorded.errors += 1;
+            }
+        }
+        recorded.elapsed = match (first, last_end) {
+            (Some(first), Some(end)) => end - first,
+            _ => Duration::ZERO,
+        };
+        Summary::of(&recorded)
+    }
+
+    fn to_json(&self) -> serde_json::Map<String, Value> {
+        match serde_json::to_value(self) {
+            Ok(Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requesters
+
+/// `local`: `node.send` inside the owning node.
+struct LocalRequester {
+    node: Node<Echoes>,
+    keys: Arc<Vec<Key>>,
+    next: usize,
+    payload: Vec<u8>,
+}
+
+impl Requester for LocalRequester {
+    async fn call(&mut self, _iteration: u64) -> Result<(), String> {
+        let key = &self.keys[self.next % self.keys.len()];
+        self.next = self.next.wrapping_add(1);
+        let payload = self.payload.clone();
+        let reply = self
+            .node
+            .send(key, Echo { payload })
+            .await
+            .map_err(|e| e.to_string())?;
+        check_echo(&reply, &self.payload)
+    }
+}
+
+/// `raw_actix`: plain `addr.send` to one actor.
+struct RawActixRequester {
+    actor: Addr<RawEcho>,
+    payload: Vec<u8>,
+}
+
+impl Requester for RawActixRequester {
+    async fn call(&mut self, _iteration: u64) -> Result<(), String> {
+        let reply = self
+            .actor
+            .send(RawEchoMessage(self.payload.clone()))
+            .await
+            .map_err(|e| e.to_string())?;
+        check_echo(&reply, &self.payload)
+    }
+}
+
+/// `client` (and the load of `failover` and `planned`): an external `Client`.
+struct ClientRequester {
+    client: Client,
+    keys: Arc<Vec<String>>,
+    next: usize,
+    payload: Vec<u8>,
+}
+
+impl Requester for ClientRequester {
+    async fn call(&mut self, _iteration: u64) -> Result<(), String> {
+        let key = self.keys[self.next % self.keys.len()].as_str();
+        self.next = self.next.wrapping_add(1);
+        let payload = self.payload.clone();
+        let reply = self
+            .client
+            .send(key, Echo { payload })
+            .await
+            .map_err(|e| e.to_string())?;
+        check_echo(&reply, &self.payload)
+    }
+}
+
+/// `forwarded`: a `Request::Shard` sent to a node that does not own the key, which forwards it.
+struct ForwardRequester {
+    transport: Transport,
+    /// Each key with the node it enters at.
+    targets: Arc<Vec<(Vec<u8>, SocketAddr)>>,
+    next: usize,
+    payload: Vec<u8>,
+}
+
+impl Requester for ForwardRequester {
+    async fn call(&mut self, _iteration: u64) -> Result<(), String> {
+        let (key, entry) = &self.targets[self.next % self.targets.len()];
+        self.next = self.next.wrapping_add(1);
+        // The same work as `Client::send`: encode the message, then the request around it.
+        let request = Request::Shard {
+            key: key.clone(),
+            tag: Echo::TAG.to_owned(),
+            payload: codec::encode(&Echo {
+                payload: self.payload.clone(),
+            })
+            .map_err(|e| e.to_string())?,
+        };
+        let bytes = codec::encode(&request).map_err(|e| e.to_string())?;
+        let answer = self
+            .transport
+            .request(*entry, bytes, REQUEST_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?;
+        match codec::decode::<Response>(&answer).map_err(|e| e.to_string())? {
+            Response::Shard(Ok(reply)) => {
+                let reply: Vec<u8> = codec::decode(&reply).map_err(|e| e.to_string())?;
+                check_echo(&reply, &self.payload)
+            }
+            Response::Shard(Err(error)) => Err(error.to_string()),
+            other => Err(format!("unexpected answer {other:?}")),
+        }
+    }
+}
+
+/// `raw_tcp`: one frame out, the echoed frame back, on the requester's own connection.
+struct RawTcpRequester {
+    connection: Framed<tokio::net::TcpStream, LengthDelimitedCodec>,
+    frame: Bytes,
+}
+
+impl Requester for RawTcpRequester {
+    async fn call(&mut self, _iteration: u64) -> Result<(), String> {
+        self.connection
+            .send(self.frame.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        match self.connection.next().await {
+            Some(Ok(echoed)) if echoed.len() == self.frame.len() => Ok(()),
+            Some(Ok(echoed)) => Err(format!(
+                "echoed {} bytes for {}",
+                echoed.len(),
+                self.frame.len()
+            )),
+            Some(Err(e)) => Err(e.to_string()),
+            None => Err("the echo server closed the connection".into()),
+        }
+    }
+}
+
+fn check_echo(reply: &[u8], payload: &[u8]) -> Result<(), String> {
+    if reply == payload {
+        Ok(())
+    } else {
+        Err(format!(
+            "wrong echo: {} bytes for {}",
+            reply.len(),
+            payload.len()
+        ))
+    }
+}
+
+/// The framing of `raw_tcp`: a 4-byte big-endian length, as the transport's.
+fn raw_codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_type::<u32>()
+        .max_frame_length(16 << 20)
+        .new_codec()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The node process
+
+/// What the load generator asks a node to run inside itself.
+#[derive(Debug, Serialize, Deserialize)]
+struct InNodeLoad {
+    /// `local` or `raw_actix`.
+    scenario: String,
+    concurrency: usize,
+    seconds: f64,
+    warmup_seconds: f64,
+    payload_bytes: usize,
+    /// The keys to send to (owned by the node).
+    keys: Vec<String>,
+}
+
+/// Parses `ID=IP:PORT,...`.
+fn parse_init(list: &str) -> Result<BTreeMap<NodeId, NodeInfo>, String> {
+    list.split(',')
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            let (id, addr) = item
+                .split_once('=')
+                .ok_or(format!("`{item}`: expected ID=IP:PORT"))?;
+            let id: NodeId = id.parse().map_err(|_| format!("`{id}` is not a node id"))?;
+            let addr: SocketAddr = addr
+                .parse()
+                .map_err(|_| format!("`{addr}` is not IP:PORT"))?;
+            Ok((
+                id,
+                NodeInfo {
+                    addr: addr.to_string(),
+                    zone: None,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// `bench serve`: one node, plus a control port for the in-node scenarios.
+fn serve(args: ServeArgs) -> Result<(), String> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let secret = resolve_secret(None, false)?;
+    let initial = args.init.as_deref().map(parse_init).transpose()?;
+    actix::System::new().block_on(async move {
+        let mut builder = Cluster::builder()
+            .node_id(args.id)
+            .listen(args.listen)
+            .data_dir(&args.data_dir)
+            .shards(SHARD_COUNT)
+            .handler::<Echoes>();
+        if let Some(members) = initial {
+            builder = builder.initial_members(members);
+        }
+        builder = match secret {
+            Some(secret) => builder.secret(secret),
+            None => builder.insecure(),
+        };
+        let node = builder.start().await.map_err(|e| e.to_string())?;
+        let control = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| format!("cannot open the control port: {e}"))?;
+        let port = control.local_addr().map_err(|e| e.to_string())?.port();
+        write_control_port(&args.data_dir, port)?;
+        let stop = tokio::signal::ctrl_c();
+        tokio::pin!(stop);
+        // The load generator opens one control connection per in-node scenario.
+        for _ in 0..CONTROL_CONNECTIONS_MAX {
+            tokio::select! {
+                _ = &mut stop => break,
+                accepted = control.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        actix::spawn(control_session(node.clone(), stream));
+                    }
+                    Err(error) => tracing::warn!(%error, "control accept failed"),
+                },
+            }
+        }
+        node.shutdown().await;
+        Ok(())
+    })
+}
+
+/// Writes the control port where the load generator looks for it (atomically, by rename).
+fn write_control_port(data_dir: &Path, port: u16) -> Result<(), String> {
+    let path = data_dir.join(CONTROL_PORT_FILE);
+    let temporary = data_dir.join(format!("{CONTROL_PORT_FILE}.tmp"));
+    std::fs::write(&temporary, port.to_string())
+        .and_then(|()| std::fs::rename(&temporary, &path))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// Answers one control request: runs the asked load here and writes its summary as one line.
+async fn control_session(node: Node<Echoes>, stream: tokio::net::TcpStream) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let answer = match BufReader::new(read).read_line(&mut line).await {
+        Ok(_) => match serde_json::from_str::<InNodeLoad>(&line) {
+            Ok(load) => run_in_node(node, load).await,
+            Err(e) => Err(format!("bad control request: {e}")),
+        },
+        Err(e) => Err(format!("cannot read the control request: {e}")),
+    };
+    let mut text =
+        serde_json::to_string(&answer).unwrap_or_else(|e| format!("{{\"Err\":\"{e}\"}}"));
+    text.push('\n');
+    if let Err(error) = write.write_all(text.as_bytes()).await {
+        tracing::warn!(%error, "cannot answer the control request");
+    }
+}
+
+async fn run_in_node(node: Node<Echoes>, load: InNodeLoad) -> Result<Summary, String> {
+    let warmup = Duration::from_secs_f64(load.warmup_seconds);
+    let duration = Duration::from_secs_f64(load.seconds);
+    let payload = vec![7u8; load.payload_bytes];
+    let this_process = [std::process::id()];
+    match load.scenario.as_str() {
+        "local" => {
+            if load.keys.is_empty() {
+                return Err("no keys to send to".into());
+            }
+            let keys: Arc<Vec<Key>> = Arc::new(load.keys.iter().map(Key::from).collect());
+            let stride = (keys.len() / load.concurrency).max(1);
+            let make = async || {
+                Ok((0..load.concurrency)
+                    .map(|r| LocalRequester {
+                        node: node.clone(),
+                        keys: keys.clone(),
+                        next: r * stride,
+                        payload: payload.clone(),
+                    })
+                    .collect::<Vec<_>>())
+            };
+            warm_then_measure(make, duration, warmup, &this_process).await
+        }
+        "raw_actix" => {
+            let actor = RawEcho.start();
+            let make = async || {
+                Ok((0..load.concurrency)
+                    .map(|_| RawActixRequester {
+                        actor: actor.clone(),
+                        payload: payload.clone(),
+                    })
+                    .collect::<Vec<_>>())
+            };
+            warm_then_measure(make, duration, warmup, &this_process).await
+        }
+        other => Err(format!("unknown in-node scenario `{other}`")),
+    }
+}
+
+/// Asks node `id` to run an in-node scenario and waits for its summary.
+async fn in_node(
+    harness: &Harness,
+    id: NodeId,
+    scenario: Scenario,
+    keys: Vec<String>,
+    options: &Options,
+) -> Result<Summary, String> {
+    let path = harness.node(id).data_dir.join(CONTROL_PORT_FILE);
+    let limit = Duration::from_secs(options.deadline_secs);
+    let port: u16 = wait_for(
+        &format!("node {id}'s control port"),
+        Duration::from_millis(20),
+        limit,
+        || async {
+            std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| text.trim().parse().map_err(|_| format!("`{text}`")))
+        },
+    )
+    .await?;
+    let load = InNodeLoad {
+        scenario: scenario.name().to_owned(),
+        concurrency: options.concurrency,
+        seconds: options.seconds,
+        warmup_seconds: options.warmup_seconds,
+        payload_bytes: options.payload_bytes,
+        keys,
+    };
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| format!("cannot reach node {id}'s control port: {e}"))?;
+        let mut text = serde_json::to_string(&load).map_err(|e| e.to_string())?;
+        text.push('\n');
+        stream
+            .write_all(text.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        BufReader::new(stream)
+            .read_line(&mut line)
+            .await
+            .map_err(|e| e.to_string())?;
+        serde_json::from_str::<Result<Summary, String>>(&line)
+            .map_err(|e| format!("bad answer from node {id} ({e}): `{line}`"))?
+    };
+    let bound = options.duration() + options.warmup() + limit;
+    tokio::time::timeout(bound, exchange)
+        .await
+        .map_err(|_| format!("node {id} did not answer within {bound:?}"))?
+}
+
+// ---------------------------------------------------------------------------------------------
+// The raw TCP echo server
+
+/// An echo server on a thread of its own (single-threaded runtime), stopped on drop.
+struct EchoServer {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EchoServer {
+    fn start() -> Result<Self, String> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|e| format!("cannot start the echo server: {e}"))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("bench-echo".into())
+            .spawn(move || {
+                let Ok(runtime) = runtime() else { return };
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&runtime, echo_accept(listener, stopped));
+            })
+            .map_err(|e| format!("cannot start the echo thread: {e}"))?;
+        Ok(EchoServer {
+            addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+async fn echo_accept(
+    listener: std::net::TcpListener,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+        return;
+    };
+    for _ in 0..ECHO_CONNECTIONS_MAX {
+        tokio::select! {
+            _ = &mut stopped => return,
+            accepted = listener.accept() => if let Ok((stream, _)) = accepted {
+                tokio::task::spawn_local(echo_connection(stream));
+            },
+        }
+    }
+}
+
+/// Echoes every frame of one connection until it closes.
+async fn echo_connection(stream: tokio::net::TcpStream) {
+    // As the transport does: small frames, latency-bound.
+    let _ = stream.set_nodelay(true);
+    let mut connection = Framed::new(stream, raw_codec());
+    for _ in 0..ECHO_FRAMES_MAX {
+        match connection.next().await {
+            Some(Ok(frame)) => {
+                if connection.send(frame.freeze()).await.is_err() {
+                    return;
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios
+
+/// What one scenario gave.
+#[derive(Debug, Default)]
+struct Outcome {
+    summary: Summary,
+    /// Scenario-specific figures for the JSON.
+    extra: serde_json::Map<String, Value>,
+    /// Lines printed under the table.
+    notes: Vec<String>,
+}
+
+/// The cluster and what the scenarios share.
+struct Bench<'a> {
+    harness: &'a mut Harness,
+    options: &'a Options,
+    /// `keys[s]` hashes to shard `s`.
+    keys: Arc<Vec<String>>,
+    payload: Vec<u8>,
+}
+
+impl Bench<'_> {
+    fn limit(&self) -> Duration {
+        Duration::from_secs(self.options.deadline_secs)
+    }
+
+    fn duration(&self) -> Duration {
+        self.options.duration()
+    }
+
+    fn warmup(&self) -> Duration {
+        self.options.warmup()
+    }
+
+    /// This process and every running node's.
+    fn pids(&self) -> Vec<u32> {
+        let nodes = self.harness.nodes.iter().chain(&self.harness.extra);
+        std::iter::once(std::process::id())
+            .chain(nodes.filter_map(|n| n.child.as_ref().map(|c| c.id())))
+            .collect()
+    }
+
+    fn addrs(&self) -> Vec<SocketAddr> {
+        self.harness.nodes.iter().map(|n| n.addr).collect()
+    }
+
+    fn client(&self, seeds: Vec<SocketAddr>) -> Result<Client, String> {
+        Client::with_config(
+            seeds,
+            Some(self.harness.launch.secret()?),
+            CLUSTER_NAME,
+            REQUEST_TIMEOUT,
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    /// Admin clients for every running node, initial or added.
+    fn admin_clients(&self) -> Result<BTreeMap<NodeId, AdminClient>, String> {
+        let mut clients = self.harness.admin_clients(POLL_TIMEOUT)?;
+        for node in self.harness.extra.iter().filter(|n| n.child.is_some()) {
+            clients.insert(node.id, self.harness.launch.admin(node.addr, POLL_TIMEOUT)?);
+        }
+        Ok(clients)
+    }
+
+    async fn settled(&self, draining: Option<NodeId>) -> Result<Settled, String> {
+        wait_settled(&self.admin_clients()?, SHARD_COUNT, draining, self.limit()).await
+    }
+
+    fn client_requesters(&self, client: &Client) -> Vec<ClientRequester> {
+        let stride = (self.keys.len() / self.options.concurrency).max(1);
+        (0..self.options.concurrency)
+            .map(|r| ClientRequester {
+                client: client.clone(),
+                keys: self.keys.clone(),
+                next: r * stride,
+                payload: self.payload.clone(),
+            })
+            .collect()
+    }
+
+    /// The bytes of a `client` request frame on the wire (length prefix included), and of its
+    /// answer's, for the longest key.
+    fn frame_bytes(&self) -> Result<(usize, usize), String> {
+        let mut request_max = 0;
+        let mut response_max = 0;
+        for key in self.keys.iter() {
+            let message = codec::encode(&Echo {
+                payload: self.payload.clone(),
+            })
+            .map_err(|e| e.to_string())?;
+            let request = codec::encode(&Request::Shard {
+                key: key.as_bytes().to_vec(),
+                tag: Echo::TAG.to_owned(),
+                payload: message,
+            })
+            .map_err(|e| e.to_string())?;
+            let reply = codec::encode(&self.payload).map_err(|e| e.to_string())?;
+            let response = codec::encode(&Response::Shard(Ok(reply))).map_err(|e| e.to_string())?;
+            request_max = request_max.max(request.len());
+            response_max = response_max.max(response.len());
+        }
+        Ok((
+            request_max + TRANSPORT_REQUEST_OVERHEAD_BYTES,
+            response_max + TRANSPORT_REQUEST_OVERHEAD_BYTES,
+        ))
+    }
+
+    async fn in_node(&self, scenario: Scenario) -> Result<Outcome, String> {
+        // Node 1 sends to the keys of the shards it owns.
+        let settled = self.settled(None).await?;
+        let id = 1;
+        let keys: Vec<String> = self
+            .keys
+            .iter()
+            .enumerate()
+            .filter(|(shard, _)| settled.owners[*shard] == id)
+            .map(|(_, key)| key.clone())
+            .collect();
+        let owned = keys.len();
+        let summary = in_node(self.harness, id, scenario, keys, self.options).await?;
+        let mut extra = serde_json::Map::new();
+        extra.insert("node".into(), json!(id));
+        extra.insert("keys".into(), json!(owned));
+        Ok(Outcome {
+            summary,
+            extra,
+            notes: Vec::new(),
+        })
+    }
+
+    async fn forwarded(&self) -> Result<Outcome, String> {
+        let settled = self.settled(None).await?;
+        let nodes: Vec<(NodeId, SocketAddr)> =
+            self.harness.nodes.iter().map(|n| (n.id, n.addr)).collect();
+        // Each key enters at the node after its owner, in id order.
+        let targets: Vec<(Vec<u8>, SocketAddr)> = self
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(shard, key)| {
+                let owner = settled.owners[shard];
+                let at = nodes.iter().position(|(id, _)| *id == owner).unwrap_or(0);
+                (key.as_bytes().to_vec(), nodes[(at + 1) % nodes.len()].1)
+            })
+            .collect();
+        let targets = Arc::new(targets);
+        let transport = Transport::new(TransportConfig {
+            cluster_name: CLUSTER_NAME.to_owned(),
+            node_id: None,
+            secret: Some(self.harness.launch.secret()?),
+            reconnect_backoff_max: Duration::from_millis(250),
+            ..TransportConfig::default()
+        })
+        .map_err(|e| e.to_string())?;
+        let stride = (targets.len() / self.options.concurrency).max(1);
+        let make = async || {
+            Ok((0..self.options.concurrency)
+                .map(|r| ForwardRequester {
+                    transport: transport.clone(),
+                    targets: targets.clone(),
+                    next: r * stride,
+                    payload: self.payload.clone(),
+                })
+                .collect::<Vec<_>>())
+        };
+        let summary = warm_then_measure(make, self.duration(), self.warmup(), &self.pids()).await?;
+        Ok(Outcome {
+            summary,
+            ..Outcome::default()
+        })
+    }
+
+    async fn client_scenario(&self) -> Result<Outcome, String> {
+        self.settled(None).await?;
+        let client = self.client(self.addrs())?;
+        let make = async || Ok(self.client_requesters(&client));
+        let summary = warm_then_measure(make, self.duration(), self.warmup(), &self.pids()).await?;
+        let (request, response) = self.frame_bytes()?;
+        let mut extra = serde_json::Map::new();
+        extra.insert("request_frame_bytes".into(), json!(request));
+        extra.insert("response_frame_bytes".into(), json!(response));
+        extra.insert(
+            "connections".into(),
+            json!("one multiplexed connection per node, shared by every requester"),
+        );
+        Ok(Outcome {
+            summary,
+            extra,
+            notes: Vec::new(),
+        })
+    }
+
+    async fn raw_tcp(&self) -> Result<Outcome, String> {
+        let (request, response) = self.frame_bytes()?;
+        // The length prefix is the codec's; the body is the rest.
+        let frame = Bytes::from(vec![7u8; request - 4]);
+        let server = EchoServer::start()?;
+        let addr = server.addr;
+        let make = async || {
+            let mut requesters = Vec::with_capacity(self.options.concurrency);
+            for _ in 0..self.options.concurrency {
+                let stream = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| format!("cannot reach the echo server: {e}"))?;
+                stream.set_nodelay(true).map_err(|e| e.to_string())?;
+                requesters.push(RawTcpRequester {
+                    connection: Framed::new(stream, raw_codec()),
+                    frame: frame.clone(),
+                });
+            }
+            Ok(requesters)
+        };
+        // The echo server is a thread of this process: its CPU counts with the generator's.
+        let this_process = [std::process::id()];
+        let summary =
+            warm_then_measure(make, self.duration(), self.warmup(), &this_process).await?;
+        drop(server);
+        let mut extra = serde_json::Map::new();
+        extra.insert("frame_bytes".into(), json!(request));
+        extra.insert("client_response_frame_bytes".into(), json!(response));
+        extra.insert("connections".into(), json!("one connection per requester"));
+        Ok(Outcome {
+            summary,
+            extra,
+            notes: vec![format!(
+                "raw_tcp: {request}-byte frames both ways (the client's request frame; its answer frame is {response} bytes), one connection per requester"
+            )],
+        })
+    }
+
+    /// Kills one node (the leader or a follower) under load and times its shards' return;
+    /// restarts it and waits for the cluster to settle.
+    async fn kill_once(&mut self, leader_role: bool, number: usize) -> Result<Kill, String> {
+        let every = Duration::from_millis(self.options.probe_ms.max(1));
+        let settled = self.settled(None).await?;
+        let ids = self.harness.ids();
+        let node = if leader_role {
+            settled.leader
+        } else {
+            let followers: Vec<NodeId> = ids
+                .iter()
+                .copied()
+                .filter(|&id| id != settled.leader)
+                .collect();
+            followers[number % followers.len()]
+        };
+        let survivors: Vec<NodeId> = ids.iter().copied().filter(|&id| id != node).collect();
+        let shards: Vec<usize> = (0..SHARD_COUNT as usize)
+            .filter(|&s| settled.owners[s] == node)
+            .collect();
+        // A probe client in steady state: connected to the survivors, holding the map.
+        let probe = self.client(
+            survivors
+                .iter()
+                .map(|&id| self.harness.node(id).addr)
+                .collect(),
+        )?;
+        for &id in &survivors {
+            let shard = settled
+                .owners
+                .iter()
+                .position(|&owner| owner == id)
+                .ok_or(format!("node {id} owns no shard"))?;
+            probe
+                .send(
+                    self.keys[shard].as_str(),
+                    Echo {
+                        payload: self.payload.clone(),
+                    },
+                )
+                .await
+                .map_err(|e| format!("warming up the probe client: {e}"))?;
+        }
+        tokio::time::sleep(MEMBERSHIP_MARGIN).await;
+
+        let t_kill = self.harness.kill(node)?;
+        let deadline = t_kill + self.limit();
+        let probes: FuturesUnordered<_> = shards
+            .iter()
+            .map(|&s| {
+                let (probe, key, payload) =
+                    (probe.clone(), self.keys[s].clone(), self.payload.clone());
+                let attempt = move || {
+                    let (probe, key, payload) = (probe.clone(), key.clone(), payload.clone());
+                    async move {
+                        probe
+                            .send(key, Echo { payload })
+                            .await
+                            .map(drop)
+                            .map_err(|e| e.to_string())
+                    }
+                };
+                probe_until_ok(attempt, t_kill, every, deadline)
+            })
+            .collect();
+        let answers: Vec<_> = probes.collect().await;
+        let t_back = Instant::now();
+        let mut unavailable = Series::default();
+        let mut probe_errors = 0;
+        for (back, errors, last) in answers {
+            probe_errors += errors;
+            unavailable.push(back.ok_or(last.unwrap_or_else(|| "no answer".into())));
+        }
+        self.harness.reap(node);
+        tokio::time::sleep(MEMBERSHIP_MARGIN).await;
+        check_interrupt()?;
+        self.harness.start(node, true)?;
+        let rejoined = self.settled(None).await;
+        if rejoined.is_err() || !unavailable.failures.is_empty() {
+            self.harness.print_log_tails(&[]);
+        }
+        rejoined?;
+        if !unavailable.failures.is_empty() {
+            return Err(format!(
+                "{} of node {node}'s shards not back within {:?}",
+                unavailable.failures.len(),
+                self.limit()
+            ));
+        }
+        Ok(Kill {
+            leader: leader_role,
+            node,
+            unavailable,
+            probe_errors,
+            t_kill,
+            t_back,
+        })
+    }
+
+    async fn failover(&mut self) -> Result<Outcome, String> {
+        self.settled(None).await?;
+        let client = self.client(self.addrs())?;
+        let requesters = self.client_requesters(&client);
+        let stop = AtomicBool::new(false);
+        let load = closed_loop(requesters, MEMBERSHIP_LOAD_MAX, &stop, true);
+        let kills = self.options.kills;
+        let orchestration = async {
+            let result = async {
+                let mut done = Vec::new();
+                for leader in [false, true] {
+                    for number in 0..kills {
+                        done.push(self.kill_once(leader, number).await?);
+                    }
+                }
+                Ok::<_, String>(done)
+            }
+            .await;
+            stop.store(true, Ordering::SeqCst);
+            result
+        };
+        let (recorded, done) = tokio::join!(load, orchestration);
+        let done = done?;
+        let mut summary = Summary::of(&recorded);
+        let mut extra = serde_json::Map::new();
+        let mut notes = Vec::new();
+        let mut pooled = Series::default();
+        for (leader, label) in [(false, "follower"), (true, "leader")] {
+            let mut all = Series::default();
+            let mut served_ms = Series::default();
+            let mut failed = 0;
+            // When the failed requests were sent, in ms from the kill (negative: before it).
+            let mut sent = Series::default();
+            for kill in done.iter().filter(|k| k.leader == leader) {
+                all.values.extend(&kill.unavailable.values);
+                served_ms.push(Ok(ms(kill.t_back - kill.t_kill)));
+                for sample in failed_between(&recorded.timeline, kill.t_kill, kill.t_back) {
+                    failed += 1;
+                    sent.push(Ok(match sample.start.checked_duration_since(kill.t_kill) {
+                        Some(after) => ms(after),
+                        None => -ms(kill.t_kill - sample.start),
+                    }));
+                }
+            }
+            pooled.values.extend(&all.values);
+            let median = all.quantile(0.5).map(round3);
+            let max = all.quantile(1.0).map(round3);
+            let served = served_ms.quantile(1.0).map(round3);
+            let probe_errors: usize = done
+                .iter()
+                .filter(|k| k.leader == leader)
+                .map(|k| k.probe_errors)
+                .sum();
+            extra.insert(
+                label.into(),
+                json!({
+                    "kills": done.iter().filter(|k| k.leader == leader).count(),
+                    "nodes_killed": done.iter().filter(|k| k.leader == leader).map(|k| k.node).collect::<Vec<_>>(),
+                    "shards": all.values.len(),
+                    "unavailable_ms": all.to_json(false),
+                    "unavailable_ms_median": median,
+                    "unavailable_ms_max": max,
+                    "all_served_ms": served,
+                    "failed_requests_in_flight_kill_to_back": failed,
+                    "failed_requests_sent_ms_from_kill": {
+                        "min": sent.quantile(0.0).map(round3),
+                        "max": sent.quantile(1.0).map(round3),
+                    },
+                    "probe_errors": probe_errors,
+                }),
+            );
+            notes.push(format!(
+                "failover, {label} killed: shards unavailable median {} ms, max {} ms; every shard served {} ms after the kill; {failed} load request(s) failed meanwhile",
+                fmt_ms(median),
+                fmt_ms(max),
+                fmt_ms(served)
+            ));
+        }
+        extra.insert(
+            "unavailable_ms_median".into(),
+            json!(pooled.quantile(0.5).map(round3)),
+        );
+        extra.insert(
+            "unavailable_ms_max".into(),
+            json!(pooled.quantile(1.0).map(round3)),
+        );
+        // Kill → the last of its shards answered, the longest over every kill.
+        let all_served = done
+            .iter()
+            .map(|k| ms(k.t_back - k.t_kill))
+            .fold(None, |longest: Option<f64>, v| {
+                Some(longest.map_or(v, |l| l.max(v)))
+            });
+        extra.insert("all_served_ms".into(), json!(all_served.map(round3)));
+        extra.insert("failed_requests".into(), json!(summary.errors));
+        extra.insert(
+            "timeline_truncated".into(),
+            json!(recorded.timeline_truncated),
+        );
+        summary.error_kinds = recorded.error_kinds.clone();
+        Ok(Outcome {
+            summary,
+            extra,
+            notes,
+        })
+    }
+
+    async fn planned(&mut self) -> Result<Outcome, String> {
+        let settled = self.settled(None).await?;
+        let client = self.client(self.addrs())?;
+        let requesters = self.client_requesters(&client);
+        let stop = AtomicBool::new(false);
+        let load = closed_loop(requesters, MEMBERSHIP_LOAD_MAX, &stop, true);
+        let drained = self
+            .harness
+            .ids()
+            .into_iter()
+            .find(|&id| id != settled.leader)
+            .ok_or("no follower to drain")?;
+        let orchestration = async {
+            let result = async {
+                tokio::time::sleep(MEMBERSHIP_MARGIN).await;
+                let t_start = Instant::now();
+                let (added, t_added) = add_node(self).await?;
+                let admin = self.harness.admin(settled.leader, CHANGE_TIMEOUT)?;
+                let t_drain = Instant::now();
+                match admin.request(AdminRequest::Drain { id: drained }).await {
+                    Ok(AdminResponse::Changed(_)) => {}
+                    Ok(other) => return Err(format!("unexpected answer to Drain: {other:?}")),
+                    Err(e) => return Err(format!("Drain of node {drained} failed: {e}")),
+                }
+                self.settled(Some(drained)).await?;
+                let t_end = Instant::now();
+                tokio::time::sleep(MEMBERSHIP_MARGIN).await;
+                Ok::<_, String>((added, t_start, t_added, t_drain, t_end))
+            }
+            .await;
+            stop.store(true, Ordering::SeqCst);
+            result
+        };
+        let (recorded, times) = tokio::join!(load, orchestration);
+        let (added, t_start, t_added, t_drain, t_end) = times?;
+        let window = Summary::of_window(&recorded.timeline, t_start, t_end);
+        let summary = Summary::of(&recorded);
+        let worst_pause_ms = round3(window.max_us / 1000.0);
+        let mut extra = serde_json::Map::new();
+        extra.insert("failed_requests".into(), json!(window.errors));
+        extra.insert(
+            "timeline_truncated".into(),
+            json!(recorded.timeline_truncated),
+        );
+        extra.insert("worst_pause_ms".into(), json!(worst_pause_ms));
+        extra.insert("node_added".into(), json!(added));
+        extra.insert("node_drained".into(), json!(drained));
+        extra.insert(
+            "add_to_settled_ms".into(),
+            json!(round3(ms(t_added - t_start))),
+        );
+        extra.insert(
+            "drain_to_settled_ms".into(),
+            json!(round3(ms(t_end - t_drain))),
+        );
+        extra.insert("window".into(), Value::Object(window.to_json()));
+        let notes = vec![format!(
+            "planned: node {added} added (settled after {:.0} ms), node {drained} drained (settled after {:.0} ms); {} request(s) failed, worst pause {worst_pause_ms:.1} ms (the longest request in that window)",
+            ms(t_added - t_start),
+            ms(t_end - t_drain),
+            window.errors
+        )];
+        Ok(Outcome {
+            summary,
+            extra,
+            notes,
+        })
+    }
+}
+
+/// Starts a fresh node, adds it as a voter through the leader and waits until it owns its
+/// share; returns its id and when the cluster settled.
+async fn add_node(bench: &mut Bench<'_>) -> Result<(NodeId, Instant), String> {
+    let id = (bench.harness.nodes.len() + bench.harness.extra.len() + 1) as NodeId;
+    let port = free_ports(1, &format!("{}-{id}", bench.harness.launch.secret))?[0];
+    let mut node = bench
+        .harness
+        .slot(id, SocketAddr::from(([127, 0, 0, 1], port)));
+    let started = bench.harness.launch.start(&mut node, None);
+    let addr = node.addr;
+    bench.harness.extra.push(node);
+    started?;
+    let fresh = bench.harness.launch.admin(addr, POLL_TIMEOUT)?;
+    wait_for(
+        &format!("new node {id} to answer"),
+        Duration::from_millis(10),
+        bench.limit(),
+        || lib_status(&fresh),
+    )
+    .await?;
+    let leader = {
+        let clients = bench.harness.admin_clients(POLL_TIMEOUT)?;
+        wait_settled(&clients, SHARD_COUNT, None, bench.limit())
+            .await?
+            .leader
+    };
+    let admin = bench.harness.admin(leader, CHANGE_TIMEOUT)?;
+    match admin
+        .request(AdminRequest::AddNode {
+            id,
+            addr: addr.to_string(),
+            zone: None,
+            learner: false,
+        })
+        .await
+    {
+        Ok(AdminResponse::Changed(_)) => {}
+        Ok(other) => return Err(format!("unexpected answer to AddNode: {other:?}")),
+        Err(e) => return Err(format!("AddNode {id} failed: {e}")),
+    }
+    bench.settled(None).await?;
+    Ok((id, Instant::now()))
+}
+
+/// The timeline's failed requests that were in flight at some moment of `[from, to]`: those
+/// sent before a kill and cut off by it count too.
+fn failed_between(timeline: &[Sample], from: Instant, to: Instant) -> Vec<Sample> {
+    timeline
+        .iter()
+        .filter(|s| !s.ok && s.start <= to && s.start + s.latency >= from)
+        .copied()
+        .collect()
+}
+
+/// One timed kill.
+#[derive(Debug)]
+struct Kill {
+    leader: bool,
+    node: NodeId,
+    /// Each of its shards: kill → first successful answer, ms.
+    unavailable: Series,
+    probe_errors: usize,
+    t_kill: Instant,
+    /// When the last of its shards answered.
+    t_back: Instant,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running and reporting
+
+/// Every scenario's outcome, in run order.
+type Results = Vec<(Scenario, Outcome)>;
+
+async fn measure(
+    harness: &mut Harness,
+    options: &Options,
+    results: &mut Results,
+) -> Result<(), String> {
+    let wanted: Vec<Scenario> = Scenario::ALL
+        .into_iter()
+        .filter(|s| options.scenarios.contains(s))
+        .collect();
+    let mut bench = Bench {
+        harness,
+        options,
+        keys: Arc::new(key_per_shard(SHARD_COUNT)?),
+        payload: vec![7u8; options.payload_bytes],
+    };
+    if wanted.iter().any(|s| *s != Scenario::RawTcp) {
+        let started = Instant::now();
+        bench.harness.start_all()?;
+        let limit = bench.limit() * 2;
+        wait_settled(
+            &bench.harness.admin_clients(POLL_TIMEOUT)?,
+            SHARD_COUNT,
+            None,
+            limit,
+        )
+        .await
+        .inspect_err(|_| bench.harness.print_log_tails(&[]))?;
+        println!(
+            "{} nodes up and settled in {:.0} ms",
+            options.nodes,
+            ms(started.elapsed())
+        );
+    }
+    for scenario in wanted {
+        check_interrupt()?;
+        println!("running {} ...", scenario.name());
+        let outcome = match scenario {
+            Scenario::Local | Scenario::RawActix => bench.in_node(scenario).await,
+            Scenario::Forwarded => bench.forwarded().await,
+            Scenario::Client => bench.client_scenario().await,
+            Scenario::RawTcp => bench.raw_tcp().await,
+            Scenario::Failover => bench.failover().await,
+            Scenario::Planned => bench.planned().await,
+        }
+        .map_err(|e| format!("{}: {e}", scenario.name()))?;
+        results.push((scenario, outcome));
+    }
+    Ok(())
+}
+
+fn find(results: &Results, scenario: Scenario) -> Option<&Outcome> {
+    results.iter().find(|(s, _)| *s == scenario).map(|(_, o)| o)
+}
+
+/// Throughput ratio and p50 ratio of `scenario` to its floor, when both ran.
+fn floor_ratios(results: &Results, scenario: Scenario) -> Option<(f64, f64)> {
+    let floor = find(results, scenario.floor()?)?;
+    let this = find(results, scenario)?;
+    let throughput = if floor.summary.throughput_rps > 0.0 {
+        this.summary.throughput_rps / floor.summary.throughput_rps
+    } else {
+        0.0
+    };
+    let p50 = if floor.summary.p50_us > 0.0 {
+        this.summary.p50_us / floor.summary.p50_us
+    } else {
+        0.0
+    };
+    Some((throughput, p50))
+}
+
+/// CPU per request of `scenario` over its floor's, when both were measured.
+fn cpu_ratio(results: &Results, scenario: Scenario) -> Option<f64> {
+    let floor = find(results, scenario.floor()?)?
+        .summary
+        .cpu_us_per_request?;
+    let this = find(results, scenario)?.summary.cpu_us_per_request?;
+    (floor > 0.0).then(|| this / floor)
+}
+
+/// The targets of the issue, each with what was measured.
+fn targets(results: &Results) -> Vec<(String, Option<bool>, String)> {
+    let mut checks = Vec::new();
+    if let Some((throughput, p50)) = floor_ratios(results, Scenario::Client) {
+        checks.push((
+            "client throughput ≥ 50 % of raw_tcp".to_owned(),
+            Some(throughput >= 0.5),
+            format!("{:.0} %", throughput * 100.0),
+        ));
+        checks.push((
+            "client p50 ≤ 2 × raw_tcp p50".to_owned(),
+            Some(p50 <= 2.0),
+            format!("{p50:.2} ×"),
+        ));
+    }
+    if let (Some(forwarded), Some(client)) = (
+        find(results, Scenario::Forwarded),
+        find(results, Scenario::Client),
+    ) {
+        let ratio = forwarded.summary.p50_us / client.summary.p50_us.max(f64::MIN_POSITIVE);
+        checks.push((
+            "forwarded p50 ≤ 2 × client p50 (one extra hop)".to_owned(),
+            Some(ratio <= 2.0),
+            format!("{ratio:.2} ×"),
+        ));
+    }
+    if let Some((throughput, p50)) = floor_ratios(results, Scenario::Local) {
+        checks.push((
+            "local vs raw_actix (no target)".to_owned(),
+            None,
+            format!("{:.0} % throughput, {p50:.2} × p50", throughput * 100.0),
+        ));
+    }
+    if let Some(failover) = find(results, Scenario::Failover) {
+        for (label, bound) in [("follower", 350.0), ("leader", 500.0)] {
+            let median = failover
+                .extra
+                .get(label)
+                .and_then(|v| v.get("unavailable_ms_median"))
+                .and_then(Value::as_f64);
+            checks.push((
+                format!("failover: {label}'s shards back ≤ {bound:.0} ms (median)"),
+                median.map(|m| m <= bound),
+                format!("{} ms", fmt_ms(median)),
+            ));
+        }
+        checks.push((
+            "failover: zero failed requests".to_owned(),
+            Some(failover.summary.errors == 0),
+            failover.summary.errors.to_string(),
+        ));
+    }
+    if let Some(planned) = find(results, Scenario::Planned) {
+        let failed = planned.extra.get("failed_requests").and_then(Value::as_u64);
+        let pause = planned.extra.get("worst_pause_ms").and_then(Value::as_f64);
+        checks.push((
+            "planned: zero failed requests".to_owned(),
+            failed.map(|f| f == 0),
+            failed.map_or("-".into(), |f| f.to_string()),
+        ));
+        checks.push((
+            "planned: worst pause < 50 ms".to_owned(),
+            pause.map(|p| p < 50.0),
+            format!("{} ms", fmt_ms(pause)),
+        ));
+    }
+    checks
+}
+
+fn print_table(results: &Results, options: &Options) {
+    println!();
+    println!(
+        "{} nodes on loopback, {} requesters, {} s per scenario, {}-byte payload; {} cpus, load average {}",
+        options.nodes,
+        options.concurrency,
+        options.seconds,
+        options.payload_bytes,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load_average().as_deref().unwrap_or("?")
+    );
+    println!(
+        "{:<10} {:>9} {:>10} {:>9} {:>9} {:>9} {:>7} {:>10} {:>10} {:>8} {:>7} {:>7}",
+        "scenario",
+        "requests",
+        "req/s",
+        "p50 µs",
+        "p99 µs",
+        "p999 µs",
+        "errors",
+        "cpu µs/req",
+        "floor",
+        "req/s ×",
+        "p50 ×",
+        "cpu ×"
+    );
+    for (scenario, outcome) in results {
+        let s = &outcome.summary;
+        let (floor, throughput, p50) = match floor_ratios(results, *scenario) {
+            Some((throughput, p50)) => (
+                scenario.floor().map_or("", Scenario::name),
+                format!("{throughput:.2}"),
+                format!("{p50:.2}"),
+            ),
+            None => ("-", "-".into(), "-".into()),
+        };
+        let cpu = cpu_ratio(results, *scenario).map_or("-".into(), |r| format!("{r:.2}"));
+        println!(
+            "{:<10} {:>9} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>7} {:>10} {:>10} {:>8} {:>7} {:>7}",
+            scenario.name(),
+            s.requests,
+            s.throughput_rps,
+            s.p50_us,
+            s.p99_us,
+            s.p999_us,
+            s.errors,
+            s.cpu_us_per_request
+                .map_or("-".into(), |c| format!("{c:.1}")),
+            floor,
+            throughput,
+            p50,
+            cpu
+        );
+    }
+    for (_, outcome) in results {
+        for note in &outcome.notes {
+            println!("  {note}");
+        }
+        for (kind, count) in &outcome.summary.error_kinds {
+            println!("    {count:>6} × {kind}");
+        }
+    }
+    let checks = targets(results);
+    if !checks.is_empty() {
+        println!();
+        println!("targets (ratios within this run):");
+        for (what, met, value) in checks {
+            let verdict = match met {
+                Some(true) => "met",
+                Some(false) => "MISSED",
+                None => "",
+            };
+            println!("  {what:<52} {value:>22}  {verdict}");
+        }
+    }
+}
+
+fn to_json(results: &Results, options: &Options, load_before: Option<String>) -> Value {
+    let setup = json!({
+        "nodes": options.nodes,
+        "concurrency": options.concurrency,
+        "seconds": options.seconds,
+        "warmup_seconds": options.warmup_seconds,
+        "payload_bytes": options.payload_bytes,
+        "shard_count": SHARD_COUNT,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "percentiles": "nearest rank over every successful request",
+    });
+    let mut document = serde_json::Map::new();
+    let checks = targets(results);
+    for (scenario, outcome) in results {
+        let mut entry = outcome.summary.to_json();
+        if let Some((throughput, p50)) = floor_ratios(results, *scenario) {
+            entry.insert("floor".into(), json!(scenario.floor().map(Scenario::name)));
+            entry.insert("floor_ratio".into(), json!(round3(throughput)));
+            entry.insert("floor_p50_ratio".into(), json!(round3(p50)));
+            if let Some(cpu) = cpu_ratio(results, *scenario) {
+                entry.insert("floor_cpu_ratio".into(), json!(round3(cpu)));
+            }
+        }
+        for (key, value) in &outcome.extra {
+            entry.insert(key.clone(), value.clone());
+        }
+        let prefix = match scenario {
+            Scenario::Client | Scenario::Forwarded | Scenario::Local => scenario.name(),
+            Scenario::Failover => "failover",
+            Scenario::Planned => "planned",
+            _ => "",
+        };
+        let mine: Vec<Value> = checks
+            .iter()
+            .filter(|(what, _, _)| !prefix.is_empty() && what.starts_with(prefix))
+            .map(|(what, met, value)| json!({"target": what, "met": met, "measured": value}))
+            .collect();
+        if !mine.is_empty() {
+            entry.insert("targets".into(), Value::Array(mine));
+        }
+        entry.insert("setup".into(), setup.clone());
+        document.insert(scenario.name().into(), Value::Object(entry));
+    }
+    Value::Object(document)
+}
+
+fn run(options: Options) -> Result<(), String> {
+    options.check()?;
+    watch_interrupt(PROGRAM);
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    let launch = Launch::new(PROGRAM, Binaries::node_program(exe), &options.node)?;
+    let addrs = free_ports(options.nodes, &launch.secret)?
+        .into_iter()
+        .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
+        .collect();
+    let mut harness = Harness::new(launch, addrs, options.node.keep_dir)?;
+    let load_before = load_average();
+    println!(
+        "bench: {} nodes ({} shards) as processes, nodes in {} (RUST_LOG={}); load average {}",
+        options.nodes,
+        SHARD_COUNT,
+        harness.path().display(),
+        options.node.rust_log,
+        load_before.as_deref().unwrap_or("?")
+    );
+    let mut results = Results::new();
+    let outcome = runtime()?.block_on(measure(&mut harness, &options, &mut results));
+    stopped_early(PROGRAM, &outcome);
+    print_table(&results, &options);
+    if let Some(path) = &options.json {
+        write_json(path, &to_json(&results, &options, load_before))?;
+    }
+    drop(harness);
+    outcome
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.mode {
+        Some(Mode::Serve(args)) => exit_code(PROGRAM, serve(args)),
+        None => exit_code(PROGRAM, run(cli.options)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_are_within_half_a_bucket_of_the_exact_ones() {
+        let mut histogram = Histogram::default();
+        for value in 1..=100_000u64 {
+            histogram.record(value * 10);
+        }
+        for p in [0.5, 0.9, 0.99, 0.999] {
+            let exact = (p * 100_000.0f64).ceil() * 10.0;
+            let measured = histogram.quantile(p);
+            assert!(
+                (measured - exact).abs() / exact < 0.004,
+                "p{p}: {measured} for {exact}"
+            );
+        }
+        assert_eq!(histogram.quantile(1.0), 1_000_000.0);
+    }
+
+    #[test]
+    fn histogram_buckets_grow_with_the_value_and_cover_every_u64() {
+        let mut last = 0;
+        for value in (0..20_000u64).chain([1 << 40, u64::MAX / 2, u64::MAX]) {
+            let bucket = Histogram::bucket(value);
+            assert!(bucket >= last && bucket < HISTOGRAM_BUCKETS, "{value}");
+            let middle = Histogram::value(bucket);
+            assert!(
+                (middle - value as f64).abs() <= value as f64 / 256.0 + 0.5,
+                "{value}"
+            );
+            last = bucket;
+        }
+    }
+}
