@@ -178,6 +178,9 @@ struct ServeArgs {
     /// Bootstrap a new cluster with these voters (ID=IP:PORT,...).
     #[arg(long)]
     init: Option<String>,
+    /// Timing profile: `default` or `fast` (as `kv serve --timing`).
+    #[arg(long, default_value = "default", value_parser = ["default", "fast"])]
+    timing: String,
 }
 
 /// The load generator's options.
@@ -866,29 +869,6 @@ struct InNodeLoad {
     keys: Vec<String>,
 }
 
-/// Parses `ID=IP:PORT,...`.
-fn parse_init(list: &str) -> Result<BTreeMap<NodeId, NodeInfo>, String> {
-    list.split(',')
-        .filter(|item| !item.is_empty())
-        .map(|item| {
-            let (id, addr) = item
-                .split_once('=')
-                .ok_or(format!("`{item}`: expected ID=IP:PORT"))?;
-            let id: NodeId = id.parse().map_err(|_| format!("`{id}` is not a node id"))?;
-            let addr: SocketAddr = addr
-                .parse()
-                .map_err(|_| format!("`{addr}` is not IP:PORT"))?;
-            Ok((
-                id,
-                NodeInfo {
-                    addr: addr.to_string(),
-                    zone: None,
-                },
-            ))
-        })
-        .collect()
-}
-
 /// `bench serve`: one node, plus a control port for the in-node scenarios.
 fn serve(args: ServeArgs) -> Result<(), String> {
     tracing_subscriber::fmt()
@@ -898,7 +878,11 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         .with_writer(std::io::stderr)
         .init();
     let secret = resolve_secret(None, false)?;
-    let initial = args.init.as_deref().map(parse_init).transpose()?;
+    let initial = args
+        .init
+        .as_deref()
+        .map(NodeInfo::parse_members)
+        .transpose()?;
     actix::System::new().block_on(async move {
         let mut builder = Cluster::builder()
             .node_id(args.id)
@@ -908,6 +892,11 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             .handler::<Echoes>();
         if let Some(members) = initial {
             builder = builder.initial_members(members);
+        }
+        if args.timing == "fast" {
+            builder = builder
+                .lease(clusterfunk::LeaseConfig::fast())
+                .consensus(clusterfunk::ConsensusConfig::fast());
         }
         builder = match secret {
             Some(secret) => builder.secret(secret),

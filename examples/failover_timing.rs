@@ -992,8 +992,10 @@ fn print_summary(results: &Results, records: &[Record], options: &Options) {
 }
 
 fn to_json(results: &Results, records: &[Record], options: &Options) -> Value {
-    let lease = LeaseConfig::default();
-    let raft = ConsensusConfig::default();
+    let (lease, raft) = match options.node.timing.as_str() {
+        "fast" => (LeaseConfig::fast(), ConsensusConfig::fast()),
+        _ => (LeaseConfig::default(), ConsensusConfig::default()),
+    };
     let mut figures = serde_json::Map::new();
     for (role, label) in [(Role::Follower, "follower"), (Role::Leader, "leader")] {
         let (all, worst) = pooled(&results.kills, role);

@@ -32,68 +32,106 @@ impl<H: ShardHandler> Service for NodeService<H> {
         peer: PeerInfo,
         payload: Vec<u8>,
     ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send>> {
-        let consensus = self.consensus.clone();
-        let router = self.router.clone();
-        Box::pin(async move {
-            let request: Request = codec::decode(&payload).map_err(|e| {
+        let request: Request = match codec::decode(&payload) {
+            Ok(request) => request,
+            Err(e) => {
                 tracing::warn!(peer = %peer.addr, error = %e, "undecodable request");
-                e.to_string()
-            })?;
-            let response = match request {
-                Request::AppendEntries(rpc) => {
-                    Response::AppendEntries(consensus.raft().append_entries(rpc).await)
-                }
-                Request::Vote(rpc) => Response::Vote(consensus.raft().vote(rpc).await),
-                Request::InstallSnapshot(rpc) => {
-                    Response::InstallSnapshot(consensus.raft().install_snapshot(rpc).await)
-                }
-                Request::Admin {
-                    request: AdminRequest::Status,
-                    ..
-                } => Response::Admin(Ok(AdminResponse::Status(status(&consensus, &router)))),
-                Request::Admin { request, forwarded } => {
-                    Response::Admin(consensus.admin(request, forwarded).await)
-                }
-                Request::Shard { key, tag, payload } => {
+                return Box::pin(std::future::ready(Err(e.to_string())));
+            }
+        };
+        // Each kind boxes only its own future (and clones only what it uses): a request for a
+        // shard does not pay for the size of raft's futures.
+        match request {
+            Request::Shard { key, tag, payload } => {
+                let router = self.router.clone();
+                Box::pin(async move {
                     let started = Instant::now();
                     let result = route_wire(&router, key, &tag, &payload, Origin::Local).await;
                     router.record(RouteLabel::Client, result.as_ref().err(), started);
-                    Response::Shard(result)
-                }
-                Request::Forward {
-                    key, tag, payload, ..
-                } => {
+                    encode(&Response::Shard(result))
+                })
+            }
+            Request::Forward {
+                key, tag, payload, ..
+            } => {
+                let router = self.router.clone();
+                Box::pin(async move {
                     let started = Instant::now();
                     let result = route_wire(&router, key, &tag, &payload, Origin::Forwarded).await;
                     router.record(RouteLabel::Forwarded, result.as_ref().err(), started);
-                    Response::Shard(result)
-                }
-                Request::RenewLease(renew) => Response::Lease(consensus.renew(renew).await),
-                Request::Handoff {
-                    from,
-                    epoch,
-                    shards,
-                } => {
-                    tracing::info!(from, epoch, count = shards.len(), "shards handed over");
-                    crate::metrics::handoffs_completed("in", shards.len());
-                    for (shard, snapshot) in shards {
-                        if let Some(snapshot) = snapshot {
-                            router.accept_handoff(shard, epoch, snapshot);
-                        }
+                    encode(&Response::Shard(result))
+                })
+            }
+            Request::AppendEntries(rpc) => {
+                let consensus = self.consensus.clone();
+                Box::pin(async move {
+                    encode(&Response::AppendEntries(
+                        consensus.raft().append_entries(rpc).await,
+                    ))
+                })
+            }
+            Request::Vote(rpc) => {
+                let consensus = self.consensus.clone();
+                Box::pin(async move { encode(&Response::Vote(consensus.raft().vote(rpc).await)) })
+            }
+            Request::InstallSnapshot(rpc) => {
+                let consensus = self.consensus.clone();
+                Box::pin(async move {
+                    encode(&Response::InstallSnapshot(
+                        consensus.raft().install_snapshot(rpc).await,
+                    ))
+                })
+            }
+            Request::Admin {
+                request: AdminRequest::Status,
+                ..
+            } => Box::pin(std::future::ready(encode(&Response::Admin(Ok(
+                AdminResponse::Status(status(&self.consensus, &self.router)),
+            ))))),
+            Request::Admin { request, forwarded } => {
+                let consensus = self.consensus.clone();
+                Box::pin(async move {
+                    encode(&Response::Admin(consensus.admin(request, forwarded).await))
+                })
+            }
+            Request::RenewLease(renew) => {
+                let consensus = self.consensus.clone();
+                Box::pin(async move { encode(&Response::Lease(consensus.renew(renew).await)) })
+            }
+            Request::Handoff {
+                from,
+                epoch,
+                shards,
+            } => {
+                tracing::info!(from, epoch, count = shards.len(), "shards handed over");
+                crate::metrics::handoffs_completed("in", shards.len());
+                for (shard, snapshot) in shards {
+                    if let Some(snapshot) = snapshot {
+                        self.router.accept_handoff(shard, epoch, snapshot);
                     }
-                    Response::HandoffAccepted
                 }
-                Request::Propose(command @ Command::Released { .. }) => {
-                    Response::Proposed(consensus.propose(command, true).await)
-                }
-                Request::Propose(_) => Response::Proposed(Err(crate::admin::AdminError::Invalid {
+                Box::pin(std::future::ready(encode(&Response::HandoffAccepted)))
+            }
+            Request::Propose(command @ Command::Released { .. }) => {
+                let consensus = self.consensus.clone();
+                Box::pin(async move {
+                    encode(&Response::Proposed(consensus.propose(command, true).await))
+                })
+            }
+            Request::Propose(_) => Box::pin(std::future::ready(encode(&Response::Proposed(Err(
+                crate::admin::AdminError::Invalid {
                     reason: "only releases may be proposed by peers".into(),
-                })),
-                Request::Routing => Response::Routing(routing(&consensus)),
-            };
-            codec::encode(&response).map_err(|e| e.to_string())
-        })
+                },
+            ))))),
+            Request::Routing => Box::pin(std::future::ready(encode(&Response::Routing(routing(
+                &self.consensus,
+            ))))),
+        }
     }
+}
+
+fn encode(response: &Response) -> Result<Vec<u8>, String> {
+    codec::encode(response).map_err(|e| e.to_string())
 }
 
 /// The `status` report with this node's serving state as its router sees it (lease included).

@@ -40,10 +40,12 @@ pub enum Request {
     /// here or answered with `WrongOwner`, never forwarded again.
     Forward {
         /// The routing key.
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         /// The message's wire tag.
         tag: String,
         /// The encoded message.
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
         /// The sender's map epoch.
         epoch: u64,
@@ -67,10 +69,12 @@ pub enum Request {
     /// needed. `tag` names the message type, `payload` is the encoded message.
     Shard {
         /// The routing key.
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         /// The message's wire tag ([`ShardMessage::TAG`](crate::ShardMessage::TAG)).
         tag: String,
         /// The encoded message.
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
     },
 }
@@ -109,4 +113,53 @@ pub struct RoutingInfo {
     pub owners: Vec<NodeId>,
     /// Each member's address.
     pub addrs: Vec<(NodeId, String)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same fields without `serde_bytes`: byte strings must encode exactly as sequences of
+    /// bytes did, so nodes built before and after the change understand each other.
+    #[derive(Serialize)]
+    enum PlainRequest {
+        #[allow(dead_code)]
+        AppendEntries(()),
+        #[allow(dead_code)]
+        Vote(()),
+        #[allow(dead_code)]
+        InstallSnapshot(()),
+        #[allow(dead_code)]
+        Admin(()),
+        Forward {
+            key: Vec<u8>,
+            tag: String,
+            payload: Vec<u8>,
+            epoch: u64,
+        },
+    }
+
+    #[test]
+    fn byte_fields_keep_the_layout_of_byte_sequences() {
+        let request = Request::Forward {
+            key: b"user-42".to_vec(),
+            tag: "kv.put".into(),
+            payload: vec![1, 2, 3, 250],
+            epoch: 7,
+        };
+        let plain = PlainRequest::Forward {
+            key: b"user-42".to_vec(),
+            tag: "kv.put".into(),
+            payload: vec![1, 2, 3, 250],
+            epoch: 7,
+        };
+        let encoded = crate::codec::encode(&request).expect("encodes");
+        assert_eq!(encoded, crate::codec::encode(&plain).expect("encodes"));
+        match crate::codec::decode::<Request>(&encoded).expect("decodes") {
+            Request::Forward { key, payload, .. } => {
+                assert_eq!((key, payload), (b"user-42".to_vec(), vec![1, 2, 3, 250]));
+            }
+            other => panic!("decoded as {other:?}"),
+        }
+    }
 }

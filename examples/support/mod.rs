@@ -136,6 +136,10 @@ pub struct NodeOptions {
     /// Keep the temporary directory (data dirs and node logs) and print its path.
     #[arg(long)]
     pub keep_dir: bool,
+    /// The nodes' timing profile (`kv serve --timing`): `default` (lease 500 ms, elections
+    /// 150–300 ms) or `fast` (lease 300 ms, elections 100–200 ms, heartbeat 30 ms).
+    #[arg(long, default_value = "default", value_parser = ["default", "fast"])]
+    pub timing: String,
 }
 
 /// What every node process shares: the binaries, the secret and the log level.
@@ -148,6 +152,8 @@ pub struct Launch {
     pub secret: String,
     /// `RUST_LOG` of the nodes.
     pub rust_log: String,
+    /// The nodes' timing profile, passed as `--timing`.
+    pub timing: String,
 }
 
 impl Launch {
@@ -162,6 +168,7 @@ impl Launch {
             bins,
             secret: make_secret()?,
             rust_log: options.rust_log.clone(),
+            timing: options.timing.clone(),
         })
     }
 
@@ -200,6 +207,7 @@ impl Launch {
         if let Some(init) = init {
             command.arg("--init").arg(init);
         }
+        command.arg("--timing").arg(&self.timing);
         let child = command
             .env(SECRET_ENV_VAR, &self.secret)
             .env("RUST_LOG", &self.rust_log)
