@@ -1193,7 +1193,14 @@ impl Bench<'_> {
     }
 
     async fn settled(&self, draining: Option<NodeId>) -> Result<Settled, String> {
-        wait_settled(&self.admin_clients()?, SHARD_COUNT, draining, self.limit()).await
+        wait_settled(
+            &self.admin_clients()?,
+            SHARD_COUNT,
+            draining,
+            false,
+            self.limit(),
+        )
+        .await
     }
 
     fn client_requesters(&self, client: &Client) -> Vec<ClientRequester> {
@@ -1656,7 +1663,7 @@ async fn add_node(bench: &mut Bench<'_>) -> Result<(NodeId, Instant), String> {
     .await?;
     let leader = {
         let clients = bench.harness.admin_clients(POLL_TIMEOUT)?;
-        wait_settled(&clients, SHARD_COUNT, None, bench.limit())
+        wait_settled(&clients, SHARD_COUNT, None, false, bench.limit())
             .await?
             .leader
     };
@@ -1730,6 +1737,7 @@ async fn measure(
             &bench.harness.admin_clients(POLL_TIMEOUT)?,
             SHARD_COUNT,
             None,
+            false,
             limit,
         )
         .await

@@ -57,51 +57,15 @@ use clusterfunk::admin::{
     StatusReport,
 };
 use clusterfunk::client::Client;
-use clusterfunk::shard_map::shard_for;
-use clusterfunk::{NodeId, ShardId, ShardMessage};
+use clusterfunk::{NodeId, ShardId};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde::{Deserialize, Serialize};
 use support::{
-    check_interrupt, exit_code, fmt_ms, free_ports, interrupted, lib_status, lib_statuses, runtime,
-    wait_for, watch_interrupt, Binaries, Harness, Launch, NodeOptions, Series, POLL_TIMEOUT,
+    check_interrupt, exit_code, fmt_ms, free_ports, interrupted, key_per_shard, lib_status,
+    lib_statuses, runtime, shard_owners, wait_for, watch_interrupt, Binaries, Harness, Launch,
+    NodeOptions, Series, Settled, POLL_TIMEOUT,
 };
 
-/// `kv`'s write (`examples/kv.rs`): stores `value` under the key.
-#[derive(Serialize, Deserialize, ShardMessage)]
-#[reply(())]
-#[tag = "kv.put"]
-struct Put {
-    /// The value to store.
-    value: String,
-}
-
-/// `kv`'s read: the key's value, if any.
-#[derive(Serialize, Deserialize, ShardMessage)]
-#[reply(Option<String>)]
-#[tag = "kv.get"]
-struct Get;
-
-/// `kv`'s `owner` request: which shard, node and epoch serve the key.
-#[derive(Serialize, Deserialize, ShardMessage)]
-#[reply(Owner)]
-#[tag = "kv.owner"]
-struct WhoOwns;
-
-/// The answer to [`WhoOwns`], as `kv` sends it.
-#[derive(Serialize, Deserialize)]
-struct Owner {
-    /// The key asked about.
-    // Part of the wire layout; the demo knows which key it asked about.
-    #[allow(dead_code)]
-    key: String,
-    /// The shard that served it.
-    shard: ShardId,
-    /// The node that served it.
-    node: NodeId,
-    /// The map epoch of the serving shard actor.
-    #[allow(dead_code)]
-    epoch: u64,
-}
+use support::kv_api::{Get, Put, WhoOwns};
 
 /// This program's name, in its messages and the node logs.
 const PROGRAM: &str = "demo";
@@ -560,98 +524,15 @@ fn status_line(live: &Live, statuses: &[(NodeId, Result<StatusReport, String>)])
 // ---------------------------------------------------------------------------------------------
 // Waiting for the cluster
 
-/// The cluster at rest, as [`wait_settled`] found it.
-struct Settled {
-    /// The leader every node names.
-    leader: NodeId,
-    /// Its term.
-    term: u64,
-    /// The map epoch every node holds.
-    epoch: u64,
-    /// Every shard's owner.
-    owners: Vec<NodeId>,
-}
-
-/// Every shard's owner, from the node behind `admin`.
-async fn shard_owners(admin: &AdminClient) -> Result<Vec<NodeId>, String> {
-    match admin.request(AdminRequest::Shards).await {
-        Ok(AdminResponse::Shards(report)) if report.shards.len() == SHARD_COUNT as usize => {
-            Ok(report.shards.iter().map(|s| s.node).collect())
-        }
-        Ok(other) => Err(format!("unexpected answer to Shards: {other:?}")),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// Waits until every node of `admins` serves as a voter, all name one leader (which says it
-/// leads) in one term at one map epoch, nobody is down, no shard moves, and `draining` (if any)
-/// is the only node drained and owns nothing while the others own balanced shares.
+/// Waits until every node of `admins` serves as a voter (the voters being exactly these
+/// nodes), all agree on leader, term and map epoch, nobody is down, no shard moves, and
+/// `draining` (if any) is the only node drained while the others own balanced shares.
 async fn wait_settled(
     admins: &BTreeMap<NodeId, AdminClient>,
     draining: Option<NodeId>,
     limit: Duration,
 ) -> Result<Settled, String> {
-    let ids: Vec<NodeId> = admins.keys().copied().collect();
-    let active = ids.len() - usize::from(draining.is_some());
-    let fair = SHARD_COUNT / active as u32..=SHARD_COUNT.div_ceil(active as u32);
-    let what = match draining {
-        Some(id) => format!("nodes {ids:?} to settle with node {id} drained"),
-        None => format!("nodes {ids:?} to settle with balanced shares"),
-    };
-    let (ids, fair) = (&ids, &fair);
-    let (leader, term, epoch) = wait_for(&what, Duration::from_millis(20), limit, || async move {
-        let mut statuses = BTreeMap::new();
-        for (id, answer) in lib_statuses(admins).await {
-            let s = answer.map_err(|e| format!("node {id}: {e}"))?;
-            if s.state != NodeState::Serving {
-                return Err(format!("node {id}: {:?} {:?}", s.state, s.reason));
-            }
-            statuses.insert(id, s);
-        }
-        let first = statuses.values().next().ok_or("no nodes")?;
-        let leader = first.leader.ok_or("no leader")?;
-        let (term, epoch) = (first.term, first.epoch);
-        for (id, s) in &statuses {
-            if s.leader != Some(leader) || s.term != term || s.epoch != epoch {
-                return Err(format!(
-                    "node {id} names leader {:?} in term {} at epoch {}, node {} names {leader} in {term} at {epoch}",
-                    s.leader, s.term, s.epoch, first.node_id
-                ));
-            }
-            if &s.voters != ids {
-                return Err(format!("node {id}: voters {:?}", s.voters));
-            }
-            if !s.down.is_empty() || s.shards_moving != 0 {
-                return Err(format!(
-                    "node {id}: down {:?}, {} shard(s) moving",
-                    s.down, s.shards_moving
-                ));
-            }
-            if s.draining != draining.into_iter().collect::<Vec<_>>() {
-                return Err(format!("node {id}: draining {:?}", s.draining));
-            }
-            let owns_fair = if Some(*id) == draining {
-                s.shards_owned == 0
-            } else {
-                fair.contains(&s.shards_owned)
-            };
-            if !owns_fair {
-                return Err(format!("node {id} owns {} shards", s.shards_owned));
-            }
-        }
-        match statuses.get(&leader) {
-            Some(s) if s.raft_state == "leader" => Ok((leader, term, epoch)),
-            _ => Err(format!("node {leader} does not say it leads")),
-        }
-    })
-    .await?;
-    let owners = shard_owners(&admins[&leader]).await?;
-    Ok(Settled {
-        leader,
-        term,
-        epoch,
-        owners,
-    })
+    support::wait_settled(admins, SHARD_COUNT, draining, true, limit).await
 }
 
 /// Waits `time`, giving up early on Ctrl-C.
@@ -690,25 +571,6 @@ async fn probe_until_served(
         tokio::time::sleep(PROBE_EVERY).await;
     }
     Err(format!("shard {shard} not served again: {last}"))
-}
-
-/// One key for each shard: `keys[s]` hashes to shard `s`.
-fn key_per_shard() -> Vec<String> {
-    let mut keys: Vec<Option<String>> = vec![None; SHARD_COUNT as usize];
-    let mut missing = SHARD_COUNT as usize;
-    // 1024 shards fill within some ten thousand keys; the bound only keeps the loop finite.
-    for i in 0u64..10_000_000 {
-        if missing == 0 {
-            break;
-        }
-        let key = format!("probe-{i}");
-        let slot = &mut keys[shard_for(key.as_bytes(), SHARD_COUNT) as usize];
-        if slot.is_none() {
-            *slot = Some(key);
-            missing -= 1;
-        }
-    }
-    keys.into_iter().flatten().collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1057,7 +919,7 @@ impl Story<'_> {
             .refresh()
             .await
             .map_err(|e| format!("probe client: {e}"))?;
-        let keys = key_per_shard();
+        let keys = key_per_shard(SHARD_COUNT)?;
 
         // Survivors' statuses, polled until one names a new leader.
         let new_leader: Arc<Mutex<Option<(Instant, NodeId)>>> = Arc::new(Mutex::new(None));
@@ -1159,7 +1021,7 @@ impl Story<'_> {
             fmt_ms(moved_back.quantile(1.0)),
         ));
         // The map the probes were answered by, from a survivor.
-        let after = shard_owners(&admins[&survivors[0]]).await?;
+        let after = shard_owners(&admins[&survivors[0]], SHARD_COUNT).await?;
         let (moved, detail) = moves(&before.owners, &after);
         self.say(format!("{moved} shards moved: {detail}"));
         self.owners_before_restart = after;

@@ -52,8 +52,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use clusterfunk::admin::{AdminClient, AdminRequest, AdminResponse};
 use clusterfunk::client::Client;
-use clusterfunk::{ConsensusConfig, LeaseConfig, NodeId, ShardMessage};
-use serde::{Deserialize, Serialize};
+use clusterfunk::{ConsensusConfig, LeaseConfig, NodeId};
 use serde_json::{json, Value};
 use support::{
     check_interrupt, exit_code, fmt_ms, free_ports, key_per_shard, lib_status, load_average, ms,
@@ -61,19 +60,7 @@ use support::{
     Harness, Launch, NodeOptions, Series, Settled, SummaryTable, POLL_TIMEOUT,
 };
 
-/// `kv`'s write (`examples/kv.rs`): stores `value` under the key.
-#[derive(Serialize, Deserialize, ShardMessage)]
-#[reply(())]
-#[tag = "kv.put"]
-struct Put {
-    value: String,
-}
-
-/// `kv`'s read: the key's value, if any.
-#[derive(Serialize, Deserialize, ShardMessage)]
-#[reply(Option<String>)]
-#[tag = "kv.get"]
-struct Get;
+use support::kv_api::{Get, Put};
 
 /// This program's name, in its messages and the node logs.
 const PROGRAM: &str = "failover_timing";
@@ -151,7 +138,7 @@ async fn wait_settled(
     limit: Duration,
 ) -> Result<Settled, String> {
     let clients = harness.admin_clients(POLL_TIMEOUT)?;
-    support::wait_settled(&clients, SHARD_COUNT, draining, limit).await
+    support::wait_settled(&clients, SHARD_COUNT, draining, false, limit).await
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -29,34 +29,10 @@ use clusterfunk::consensus::NodeInfo;
 use clusterfunk::prelude::*;
 use clusterfunk::GracefulShutdown;
 
-/// Stores a value under the key.
-#[derive(Serialize, Deserialize, ShardMessage)]
-#[reply(())]
-#[tag = "kv.put"]
-struct Put {
-    value: String,
-}
-
-/// Reads the key's value.
-#[derive(Serialize, Deserialize, ShardMessage)]
-#[reply(Option<String>)]
-#[tag = "kv.get"]
-struct Get;
-
-/// Asks the shard actor that serves the key who it is.
-#[derive(Serialize, Deserialize, ShardMessage)]
-#[reply(Owner)]
-#[tag = "kv.owner"]
-struct WhoOwns;
-
-/// The answer to [`WhoOwns`], printed as the `owner` JSON line.
-#[derive(Serialize, Deserialize)]
-struct Owner {
-    key: String,
-    shard: ShardId,
-    node: NodeId,
-    epoch: u64,
-}
+// The messages, shared with the tools that talk to kv nodes.
+#[path = "support/kv_api.rs"]
+mod kv_api;
+use kv_api::{Get, Owner, Put, WhoOwns};
 
 /// One shard's keys and values.
 #[derive(Default)]
@@ -123,40 +99,7 @@ struct Auth {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node.
-    Serve {
-        /// This node's id.
-        #[arg(long)]
-        id: u64,
-        /// Address to listen on, IP:PORT.
-        #[arg(long)]
-        listen: SocketAddr,
-        /// Directory of the node's durable raft storage.
-        #[arg(long)]
-        data_dir: PathBuf,
-        /// Bootstrap a new cluster with these voters (ID=IP:PORT[@ZONE],...); ignored when the
-        /// data dir already holds a cluster.
-        #[arg(long)]
-        init: Option<String>,
-        /// This node's zone.
-        #[arg(long)]
-        zone: Option<String>,
-        /// Shard count of a new cluster.
-        #[arg(long, default_value_t = 1024)]
-        shards: u32,
-        /// Serve Prometheus metrics at http://IP:PORT/metrics.
-        #[arg(long)]
-        metrics: Option<SocketAddr>,
-        /// Timing profile: `default` (lease 500 ms, elections 150–300 ms) or `fast` (lease
-        /// 300 ms, elections 100–200 ms, heartbeat 30 ms). Use the same on every node.
-        #[arg(long, default_value = "default", value_parser = ["default", "fast"])]
-        timing: String,
-        /// On SIGTERM or Ctrl-C, how many seconds the node may spend handing its shards to the
-        /// others (and leadership, if it leads) before it stops anyway.
-        #[arg(long, default_value_t = 30)]
-        drain_timeout: u64,
-        #[command(flatten)]
-        auth: Auth,
-    },
+    Serve(Serve),
     /// Store VALUE under KEY.
     Put {
         #[arg(long)]
@@ -193,29 +136,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve {
-            id,
-            listen,
-            data_dir,
-            init,
-            zone,
-            shards,
-            metrics,
-            timing,
-            drain_timeout,
-            auth,
-        } => serve(Serve {
-            id,
-            listen,
-            data_dir,
-            init,
-            zone,
-            shards,
-            metrics,
-            fast: timing == "fast",
-            drain_timeout: Duration::from_secs(drain_timeout),
-            auth,
-        }),
+        Command::Serve(settings) => serve(settings),
         Command::Put {
             node,
             key,
@@ -266,16 +187,39 @@ where
 }
 
 /// The settings of `kv serve`.
+#[derive(Args)]
 struct Serve {
+    /// This node's id.
+    #[arg(long)]
     id: NodeId,
+    /// Address to listen on, IP:PORT.
+    #[arg(long)]
     listen: SocketAddr,
+    /// Directory of the node's durable raft storage.
+    #[arg(long)]
     data_dir: PathBuf,
+    /// Bootstrap a new cluster with these voters (ID=IP:PORT[@ZONE],...); ignored when the
+    /// data dir already holds a cluster.
+    #[arg(long)]
     init: Option<String>,
+    /// This node's zone.
+    #[arg(long)]
     zone: Option<String>,
+    /// Shard count of a new cluster.
+    #[arg(long, default_value_t = 1024)]
     shards: u32,
+    /// Serve Prometheus metrics at http://IP:PORT/metrics.
+    #[arg(long)]
     metrics: Option<SocketAddr>,
-    fast: bool,
-    drain_timeout: Duration,
+    /// Timing profile: `default` (lease 500 ms, elections 150–300 ms) or `fast` (lease
+    /// 300 ms, elections 100–200 ms, heartbeat 30 ms). Use the same on every node.
+    #[arg(long, default_value = "default", value_parser = ["default", "fast"])]
+    timing: String,
+    /// On SIGTERM or Ctrl-C, how many seconds the node may spend handing its shards to the
+    /// others (and leadership, if it leads) before it stops anyway.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout: u64,
+    #[command(flatten)]
     auth: Auth,
 }
 
@@ -304,7 +248,7 @@ fn serve(settings: Serve) -> Result<ExitCode, String> {
         if let Some(addr) = settings.metrics {
             builder = builder.metrics(addr);
         }
-        if settings.fast {
+        if settings.timing == "fast" {
             builder = builder
                 .lease(clusterfunk::LeaseConfig::fast())
                 .consensus(clusterfunk::ConsensusConfig::fast());
@@ -317,7 +261,10 @@ fn serve(settings: Serve) -> Result<ExitCode, String> {
         wait_for_signal().await;
         tracing::info!("stopping: handing shards over first");
         Ok(
-            match node.shutdown_gracefully(settings.drain_timeout).await {
+            match node
+                .shutdown_gracefully(Duration::from_secs(settings.drain_timeout))
+                .await
+            {
                 GracefulShutdown::Drained => ExitCode::SUCCESS,
                 _ => ExitCode::from(2),
             },

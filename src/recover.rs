@@ -18,7 +18,7 @@
 //! dirs: they would still believe in the old membership. Wipe them and add them as new nodes.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -95,7 +95,7 @@ pub struct Recovered {
 /// Reads the raft state of a stopped node's data dir. Blocking the calling task only briefly;
 /// call it from a runtime.
 pub async fn inspect(dir: &Path) -> Result<Inspection, RecoverError> {
-    let store = open(dir)?;
+    let store = open(dir).await?;
     read(&store, dir).await
 }
 
@@ -119,7 +119,7 @@ pub async fn force_new_cluster(
             });
         }
     }
-    let store = open(dir)?;
+    let store = open(dir).await?;
     let before = read(&store, dir).await?;
     if let Some(addr) = before
         .members
@@ -127,7 +127,8 @@ pub async fn force_new_cluster(
         .and_then(|info| info.addr.parse::<SocketAddr>().ok())
     {
         // LMDB lets two processes open one environment: make sure the node is not running.
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok() {
+        let probe = tokio::net::TcpStream::connect(addr);
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), probe).await {
             return Err(RecoverError::Running {
                 addr: addr.to_string(),
             });
@@ -163,13 +164,18 @@ pub async fn force_new_cluster(
     })
 }
 
-fn open(dir: &Path) -> Result<LmdbStore, RecoverError> {
+/// Opens the store off the async thread (opening maps the file).
+async fn open(dir: &Path) -> Result<LmdbStore, RecoverError> {
     if !dir.join("data.mdb").exists() {
         return Err(RecoverError::Empty {
             dir: dir.display().to_string(),
         });
     }
-    Ok(LmdbStore::open(dir, StoreOptions::default())?)
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || LmdbStore::open(&dir, StoreOptions::default()))
+        .await
+        .map_err(|e| RecoverError::Raft(format!("the storage thread failed: {e}")))?
+        .map_err(RecoverError::from)
 }
 
 async fn read(store: &LmdbStore, dir: &Path) -> Result<Inspection, RecoverError> {
@@ -204,12 +210,17 @@ async fn read(store: &LmdbStore, dir: &Path) -> Result<Inspection, RecoverError>
     }
     let membership = match from_log {
         Some(membership) => membership,
-        None => store
-            .state_machine::<TypeConfig, _>(ClusterApp)?
-            .applied()
-            .membership
-            .membership()
-            .clone(),
+        None => {
+            // Reading the snapshot blocks: off the async thread.
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || {
+                store
+                    .state_machine::<TypeConfig, _>(ClusterApp)
+                    .map(|machine| machine.applied().membership.membership().clone())
+            })
+            .await
+            .map_err(|e| RecoverError::Raft(format!("the storage thread failed: {e}")))??
+        }
     };
     Ok(Inspection {
         vote_term: vote.as_ref().map_or(0, |v| v.leader_id().term),

@@ -454,6 +454,59 @@ fn load(
     report
 }
 
+/// Runs `clients` load clients (see [`load`]) through nodes `via` while `steps` runs, then stops
+/// them and returns their reports. `steps` gets a `steady` callback that waits until the
+/// clients have made some progress (two rounds each) since it was called.
+fn under_load(
+    cluster: &Cluster,
+    clients: usize,
+    via: &[u64],
+    steps: impl FnOnce(&dyn Fn()),
+) -> Vec<LoadReport> {
+    let stop = AtomicBool::new(false);
+    let progress = AtomicUsize::new(0);
+    thread::scope(|scope| {
+        let handles: Vec<_> = (0..clients)
+            .map(|client| {
+                let (stop, progress) = (&stop, &progress);
+                scope.spawn(move || load(cluster, client, via, stop, progress, 100_000))
+            })
+            .collect();
+        let steady = || {
+            let seen = progress.load(Ordering::SeqCst);
+            cluster.wait_until("the clients make progress", DEADLINE, || {
+                (progress.load(Ordering::SeqCst) >= seen + 2 * clients).then_some(())
+            });
+        };
+        steps(&steady);
+        steady();
+        stop.store(true, Ordering::SeqCst);
+        handles
+            .into_iter()
+            .map(|handle| handle.join().expect("a load client panicked"))
+            .collect()
+    })
+}
+
+/// Fails the test, with every failure, when any request of `reports` failed; returns how many
+/// requests they made.
+fn assert_no_failed_requests(cluster: &Cluster, reports: &[LoadReport], during: &str) -> usize {
+    let requests: usize = reports.iter().map(|report| report.requests).sum();
+    let failures: Vec<&str> = reports
+        .iter()
+        .flat_map(|r| &r.failures)
+        .map(String::as_str)
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {requests} requests failed {during}:\n  {}\n{}",
+        failures.len(),
+        failures.join("\n  "),
+        cluster.report()
+    );
+    requests
+}
+
 // Goal: planned moves — a node joining, a learner joining, a drain, an undrain and a removal —
 // hand shards over without failing a single request and without losing a value. Method: 5
 // node slots, 3 bootstrapping; 4 client threads each write and read back their own keys
@@ -470,23 +523,7 @@ fn planned_moves_under_load_lose_nothing() {
     wait_until_balanced(&cluster, &[1, 2, 3], &[1, 2, 3], &[]);
     cluster.start(4);
     cluster.start(5);
-    let via = [1, 2, 3];
-    let clients = 4;
-    let stop = AtomicBool::new(false);
-    let progress = AtomicUsize::new(0);
-    let reports: Vec<LoadReport> = thread::scope(|scope| {
-        let handles: Vec<_> = (0..clients)
-            .map(|client| {
-                let (cluster, stop, progress) = (&cluster, &stop, &progress);
-                scope.spawn(move || load(cluster, client, &via, stop, progress, 100_000))
-            })
-            .collect();
-        let steady = || {
-            let seen = progress.load(Ordering::SeqCst);
-            cluster.wait_until("the clients make progress", DEADLINE, || {
-                (progress.load(Ordering::SeqCst) >= seen + 2 * clients).then_some(())
-            });
-        };
+    let reports = under_load(&cluster, 4, &[1, 2, 3], |steady| {
         let change = |via: u64, args: &[&str]| {
             steady();
             cluster.mark(&format!("clusterfunk {}", args.join(" ")));
@@ -507,27 +544,8 @@ fn planned_moves_under_load_lose_nothing() {
         wait_until_balanced(&cluster, &[1, 2, 3, 5], &[1, 2, 3, 5], &[]);
         let exit = cluster.stop(4);
         assert!(exit.success(), "the removed node stops cleanly: {exit}");
-        steady();
-        stop.store(true, Ordering::SeqCst);
-        handles
-            .into_iter()
-            .map(|handle| handle.join().expect("a load client panicked"))
-            .collect()
     });
-
-    let requests: usize = reports.iter().map(|report| report.requests).sum();
-    let failures: Vec<&String> = reports.iter().flat_map(|r| &r.failures).collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {requests} requests failed during planned moves:\n  {}\n{}",
-        failures.len(),
-        failures
-            .iter()
-            .map(|f| f.as_str())
-            .collect::<Vec<_>>()
-            .join("\n  "),
-        cluster.report()
-    );
+    let requests = assert_no_failed_requests(&cluster, &reports, "during planned moves");
     eprintln!(
         "{requests} requests during the planned moves, none failed; the slowest took {:?}",
         reports.iter().map(|report| report.slowest).max()
@@ -678,22 +696,7 @@ fn sigterm_drains_the_node_and_a_restart_takes_its_share_back() {
     for key in &keys {
         put(&cluster, staying[0], key, &format!("{key}-value"));
     }
-    let clients = 3;
-    let stop = AtomicBool::new(false);
-    let progress = AtomicUsize::new(0);
-    let reports: Vec<LoadReport> = thread::scope(|scope| {
-        let handles: Vec<_> = (0..clients)
-            .map(|client| {
-                let (cluster, stop, progress, via) = (&cluster, &stop, &progress, &staying);
-                scope.spawn(move || load(cluster, client, via, stop, progress, 100_000))
-            })
-            .collect();
-        let steady = || {
-            let seen = progress.load(Ordering::SeqCst);
-            cluster.wait_until("the clients make progress", DEADLINE, || {
-                (progress.load(Ordering::SeqCst) >= seen + 2 * clients).then_some(())
-            });
-        };
+    let reports = under_load(&cluster, 3, &staying, |steady| {
         steady();
         cluster.mark(&format!("SIGTERM node {leaving}"));
         let exit = cluster.stop(leaving);
@@ -722,26 +725,8 @@ fn sigterm_drains_the_node_and_a_restart_takes_its_share_back() {
         cluster.mark(&format!("restart node {leaving}"));
         cluster.restart(leaving);
         wait_until_balanced(&cluster, &[1, 2, 3], &[1, 2, 3], &[]);
-        steady();
-        stop.store(true, Ordering::SeqCst);
-        handles
-            .into_iter()
-            .map(|handle| handle.join().expect("a load client panicked"))
-            .collect()
     });
-    let requests: usize = reports.iter().map(|report| report.requests).sum();
-    let failures: Vec<&String> = reports.iter().flat_map(|r| &r.failures).collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {requests} requests failed around the graceful restart:\n  {}\n{}",
-        failures.len(),
-        failures
-            .iter()
-            .map(|f| f.as_str())
-            .collect::<Vec<_>>()
-            .join("\n  "),
-        cluster.report()
-    );
+    assert_no_failed_requests(&cluster, &reports, "around the graceful restart");
     let status = cluster.status(leaving).expect("the restarted node answers");
     assert!(
         id_list(&status["draining"]).is_empty(),

@@ -9,6 +9,9 @@
 //! Each tool includes it with `#[path = "support/mod.rs"] mod support;`; cargo does not take
 //! `examples/support/` for an example of its own, since it has no `main.rs`.
 
+// Only the tools that talk to `kv` nodes use it.
+#[allow(dead_code)]
+pub mod kv_api;
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::future::Future;
@@ -593,19 +596,23 @@ pub struct Settled {
     pub leader: NodeId,
     /// The leader's term.
     pub term: u64,
+    /// The map epoch every node holds.
+    pub epoch: u64,
     /// Every shard's owner.
     pub owners: Vec<NodeId>,
 }
 
 /// Waits until every node of `clients` serves, names one leader (which says it leads), holds
 /// one map epoch, marks nobody down, moves no shard, and `draining` (if any) is the only node
-/// drained and owns nothing while the others own balanced shares of `shard_count`.
+/// drained and owns nothing while the others own balanced shares of `shard_count`. With
+/// `polled_are_voters`, also that the voters are exactly the polled nodes.
 // `raft_timing` has its own notion of settled.
 #[allow(dead_code)]
 pub async fn wait_settled(
     clients: &BTreeMap<NodeId, AdminClient>,
     shard_count: u32,
     draining: Option<NodeId>,
+    polled_are_voters: bool,
     limit: Duration,
 ) -> Result<Settled, String> {
     let what = match draining {
@@ -617,7 +624,7 @@ pub async fn wait_settled(
         low..=shard_count.div_ceil(count as u32)
     };
     let nodes = clients.len();
-    let (leader, term) = wait_for(&what, Duration::from_millis(10), limit, || async move {
+    let (leader, term, epoch) = wait_for(&what, Duration::from_millis(10), limit, || async move {
         let answers = lib_statuses(clients).await;
         let mut statuses = BTreeMap::new();
         for (id, answer) in answers {
@@ -638,6 +645,9 @@ pub async fn wait_settled(
                     s.leader, s.term, s.epoch, first.node_id
                 ));
             }
+            if polled_are_voters && !s.voters.iter().eq(statuses.keys()) {
+                return Err(format!("node {id}: voters {:?}", s.voters));
+            }
             if !s.down.is_empty() || s.shards_moving != 0 {
                 return Err(format!(
                     "node {id}: down {:?}, {} shard(s) moving",
@@ -657,7 +667,7 @@ pub async fn wait_settled(
             }
         }
         match statuses.get(&leader) {
-            Some(s) if s.raft_state == "leader" => Ok((leader, term)),
+            Some(s) if s.raft_state == "leader" => Ok((leader, term, epoch)),
             _ => Err(format!("node {leader} does not say it leads")),
         }
     })
@@ -669,6 +679,7 @@ pub async fn wait_settled(
     Ok(Settled {
         leader,
         term,
+        epoch,
         owners,
     })
 }
