@@ -43,7 +43,9 @@ pub struct NodeConfig {
     pub mailbox_capacity: usize,
     /// How long `send` waits for a reply before [`Error::Timeout`]. Default: 5 s.
     pub request_timeout: Duration,
-    /// How long shutdown waits for each shard's `on_deactivate`. Default: 5 s.
+    /// How long shutdown waits for each shard's `on_deactivate`, and how long a planned move
+    /// waits for a shard to retire before it tries again later (the state is never handed
+    /// over before the shard retired). Default: 5 s.
     pub deactivate_timeout: Duration,
     /// The cluster's name; nodes of differently named clusters refuse each other.
     /// Default: `"clusterfunk"`.
@@ -537,6 +539,7 @@ impl<H: ShardHandler> ClusterBuilder<H> {
         tokio::spawn(crate::handoff::hand_off(
             Arc::downgrade(&router),
             consensus.clone(),
+            config.deactivate_timeout,
         ));
         if crate::metrics::enabled() {
             tokio::spawn(crate::metrics::sample(

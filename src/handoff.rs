@@ -1,14 +1,17 @@
-//! The node's handoff actor (rule 5): a task that hands this node's shards to their next owners
-//! on planned moves (join, drain, remove).
+//! The node's handoff task (rule 5): hands this node's shards to their next owners on planned
+//! moves (join, drain, remove, undrain).
 //!
-//! For each shard pending away from this node it retires the local shard actor (after its
-//! in-flight messages; `on_deactivate` gives the snapshot), sends the snapshots to the new owner,
-//! and once that node holds them proposes `Released` through the leader. Requests for a moving
-//! shard wait at the routers meanwhile. If the new owner cannot be reached the snapshots stay
-//! here and the move is retried, also towards a re-targeted owner; a move cancelled before its
-//! release restores the snapshot locally.
+//! It only drives the router's ledger ([`crate::ledger`]), which knows where each shard's state
+//! is: for each shard pending away from this node it asks the ledger for the next step (retire
+//! the running actor, or send the parked snapshot), waits (bounded) for retiring actors, sends
+//! the snapshots to the new owner — in batches, and a snapshot too large for one request in
+//! ordered chunks — and once that node holds them proposes `Released` through the leader. It
+//! reports each outcome back to the ledger: a failed send or a release that did not commit
+//! leaves the snapshot parked here for the next attempt (also towards a re-targeted owner, or
+//! back into a local actor when the move was cancelled). It never hands over a shard whose
+//! actor has not retired: a slow deactivation delays the move instead of emptying it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Weak;
 use std::time::Duration;
 
@@ -16,6 +19,7 @@ use tracing::Instrument;
 
 use crate::codec;
 use crate::consensus::{Command, CommandResponse, Consensus};
+use crate::ledger::{MoveStep, Sent};
 use crate::router::Router;
 use crate::shard::{Handoff, ShardHandler};
 use crate::shard_map::{NodeId, ShardId};
@@ -23,122 +27,152 @@ use crate::wire::{Request, Response};
 
 /// Shards per handoff request, so a drain's snapshots fit in frames.
 const SHARDS_PER_BATCH: usize = 64;
-/// Snapshot bytes per handoff request: a quarter of the transport's default frame limit.
+/// Snapshot bytes per handoff request: a quarter of the transport's default frame limit. A
+/// larger snapshot travels in chunks of this size.
 const BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
-/// Snapshots this large cannot travel in one frame (the transport's default limit is 16 MiB).
-const SNAPSHOT_BYTES_MAX: usize = 16 * 1024 * 1024 - 4096;
+/// The largest snapshot a node accepts for one shard (receivers stage chunks in memory).
+pub(crate) const SNAPSHOT_BYTES_MAX: u64 = 1024 * 1024 * 1024;
 /// Pause before retrying a failed handoff.
 const RETRY: Duration = Duration::from_millis(100);
-/// How long the new owner may take to accept snapshots.
+/// How long the new owner may take to accept one request of snapshots.
 const HANDOFF_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why a handoff attempt failed; the move is retried and the state stays here meanwhile.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HandoffError {
+    /// The shard's actor did not retire in time (a handler still running).
+    #[error("shard {shard} did not deactivate within {after:?}: its handler is still running, so the move waits and the state stays with it")]
+    Deactivating {
+        /// The shard.
+        shard: ShardId,
+        /// How long the task waited this round.
+        after: Duration,
+    },
+    /// The snapshot is larger than any node accepts.
+    #[error("shard {shard}'s snapshot is {size} bytes, above the {limit}-byte limit of a handoff: the move cannot proceed; keep a shard's state smaller (more shards, or less per key)")]
+    TooLarge {
+        /// The shard.
+        shard: ShardId,
+        /// The snapshot's size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The new owner did not take the snapshots.
+    #[error("node {to} did not take the snapshots: {reason}")]
+    NotDelivered {
+        /// The new owner.
+        to: NodeId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One request's worth of snapshots: several small ones, or one large one in chunks.
+enum Transfer {
+    Batch(Vec<(ShardId, Option<Handoff>)>),
+    Chunked(ShardId, Handoff),
+}
+
+impl Transfer {
+    fn shards(&self) -> Vec<ShardId> {
+        match self {
+            Transfer::Batch(batch) => batch.iter().map(|(shard, _)| *shard).collect(),
+            Transfer::Chunked(shard, _) => vec![*shard],
+        }
+    }
+}
+
 /// Hands shards over until the router is gone.
-pub(crate) async fn hand_off<H: ShardHandler>(router: Weak<Router<H>>, consensus: Consensus) {
+pub(crate) async fn hand_off<H: ShardHandler>(
+    router: Weak<Router<H>>,
+    consensus: Consensus,
+    deactivate_timeout: Duration,
+) {
     let me = consensus.node_id();
     let mut applied = consensus.subscribe();
-    // Snapshots taken but not yet released, by shard.
-    let mut held: HashMap<ShardId, Option<Handoff>> = HashMap::new();
-    // Moves this node already released, by (shard, allocation epoch).
-    let mut released: HashSet<(ShardId, u64)> = HashSet::new();
+    // Errors already logged, so a stuck move says so once, not every retry.
+    let mut reported: HashSet<(ShardId, u64)> = HashSet::new();
     loop {
         let current = applied.borrow_and_update().clone();
         let state = &current.state;
         let Some(router) = router.upgrade() else {
             return;
         };
-        // A move cancelled before its release: the shard stays here, with its state.
-        held.retain(|shard, snapshot| {
-            let still_moving = state.pending.get(shard).is_some_and(|p| p.from == me);
-            if !still_moving {
-                if let (true, Some(snapshot)) = (state.serves(me, *shard), snapshot.take()) {
-                    router.accept_handoff(*shard, state.epoch, snapshot);
-                }
-            }
-            still_moving
+        reported.retain(|(shard, epoch)| {
+            state
+                .pending
+                .get(shard)
+                .is_some_and(|p| p.from == me && p.epoch == *epoch)
         });
-        released
-            .retain(|(shard, epoch)| state.pending.get(shard).is_some_and(|p| p.epoch == *epoch));
         let mut groups: BTreeMap<(NodeId, u64), Vec<ShardId>> = BTreeMap::new();
         for (shard, pending) in state.moving_away(me) {
-            if !released.contains(&(shard, pending.epoch)) {
-                groups
-                    .entry((pending.to, pending.epoch))
-                    .or_default()
-                    .push(shard);
-            }
+            groups
+                .entry((pending.to, pending.epoch))
+                .or_default()
+                .push(shard);
         }
         let mut failed = false;
         for ((to, epoch), shards) in groups {
             for chunk in shards.chunks(SHARDS_PER_BATCH) {
-                // Snapshots first, then as many requests as it takes to keep each one well
-                // inside the transport's frame limit.
-                let mut batches: Vec<Vec<(ShardId, Option<Handoff>)>> = vec![Vec::new()];
-                let mut bytes = 0;
-                for shard in chunk {
-                    let snapshot = match held.remove(shard) {
-                        Some(snapshot) => snapshot,
-                        None => router.deactivate(*shard).await,
-                    };
-                    let size = snapshot.as_ref().map_or(0, |s| s.as_bytes().len());
-                    if size >= SNAPSHOT_BYTES_MAX {
-                        tracing::error!(shard, size, "a shard's handoff snapshot does not fit in a transport frame (16 MiB), so the move keeps failing: keep per-shard state well below that");
-                    }
-                    if bytes + size > BATCH_BYTES_MAX
-                        && batches.last().is_some_and(|b| !b.is_empty())
-                    {
-                        batches.push(Vec::new());
-                        bytes = 0;
-                    }
-                    bytes += size;
-                    if let Some(last) = batches.last_mut() {
-                        last.push((*shard, snapshot));
-                    }
+                let ready = take_snapshots(&router, chunk, to, epoch, deactivate_timeout).await;
+                let (ready, stuck) = ready;
+                for error in stuck {
+                    failed = true;
+                    report(&mut reported, epoch, error);
                 }
-                for batch in batches {
+                let (transfers, refused) = transfers(ready);
+                for (shard, error) in refused {
+                    failed = true;
+                    report(&mut reported, epoch, error);
+                    router.sent(shard, to, epoch, Sent::Failed);
+                }
+                for transfer in transfers {
+                    let shards = transfer.shards();
                     let span =
-                        tracing::info_span!("handoff", from = me, to, epoch, shards = batch.len());
-                    async {
-                        match send(&consensus, me, to, epoch, &batch).await {
-                            Ok(()) => {
-                                let command = Command::Released {
-                                    shards: batch.iter().map(|(shard, _)| *shard).collect(),
-                                    epoch,
-                                    from: me,
-                                };
-                                match consensus.propose(command, false).await {
-                                    Ok(CommandResponse::Released { shards, .. }) => {
-                                        released.extend(shards.iter().map(|s| (*s, epoch)));
-                                        tracing::info!(released = shards.len(), "shards released");
-                                        crate::metrics::handoffs_completed("out", shards.len());
-                                        // A shard whose move was re-targeted before this release keeps
-                                        // its snapshot here, for the new target.
-                                        for (shard, snapshot) in batch {
-                                            if !shards.contains(&shard) {
-                                                held.insert(shard, snapshot);
-                                            }
-                                        }
-                                    }
-                                    Ok(_) => {
-                                        tracing::info!("moves superseded before their release; retrying");
-                                        held.extend(batch);
-                                    }
-                                    Err(error) => {
-                                        tracing::warn!(%error, "release not committed; retrying");
-                                        failed = true;
-                                        // The new owner holds the snapshots; keep copies for a retry.
-                                        held.extend(batch);
-                                    }
-                                }
+                        tracing::info_span!("handoff", from = me, to, epoch, shards = shards.len());
+                    let outcome = async {
+                        if let Err(error) = send(&consensus, me, to, epoch, transfer).await {
+                            tracing::warn!(%error, "handoff failed; keeping the snapshots and retrying");
+                            return Err(());
+                        }
+                        let command = Command::Released {
+                            shards: shards.clone(),
+                            epoch,
+                            from: me,
+                        };
+                        match consensus.propose(command, false).await {
+                            Ok(CommandResponse::Released { shards, .. }) => {
+                                tracing::info!(released = shards.len(), "shards released");
+                                crate::metrics::handoffs_completed("out", shards.len());
+                                Ok(shards)
                             }
-                            Err(reason) => {
-                                tracing::warn!(%reason, "handoff failed; keeping the snapshots and retrying");
-                                failed = true;
-                                held.extend(batch);
+                            Ok(_) => {
+                                tracing::info!("moves superseded before their release; retrying");
+                                Ok(Vec::new())
+                            }
+                            Err(error) => {
+                                // It may have committed: the applied map settles it (the
+                                // ledger drops the copy once it shows the shard released).
+                                tracing::warn!(%error, "release not committed; retrying");
+                                Err(())
                             }
                         }
                     }
                     .instrument(span)
                     .await;
+                    let released = outcome.unwrap_or_else(|()| {
+                        failed = true;
+                        Vec::new()
+                    });
+                    for shard in shards {
+                        let result = if released.contains(&shard) {
+                            Sent::Released
+                        } else {
+                            Sent::Failed
+                        };
+                        router.sent(shard, to, epoch, result);
+                    }
                 }
             }
         }
@@ -154,29 +188,178 @@ pub(crate) async fn hand_off<H: ShardHandler>(router: Weak<Router<H>>, consensus
     }
 }
 
+/// Logs a handoff error once per shard and move.
+fn report(reported: &mut HashSet<(ShardId, u64)>, epoch: u64, error: HandoffError) {
+    let shard = match &error {
+        HandoffError::Deactivating { shard, .. } | HandoffError::TooLarge { shard, .. } => *shard,
+        HandoffError::NotDelivered { .. } => {
+            tracing::warn!(%error, "handoff failed; retrying");
+            return;
+        }
+    };
+    if reported.insert((shard, epoch)) {
+        tracing::error!(%error, "handoff of a shard cannot proceed yet");
+    }
+}
+
+/// Takes the snapshots of `shards` out of the ledger: retires running actors and waits for them
+/// (bounded by `timeout`). Returns the snapshots to send, and an error for each shard whose
+/// actor is still retiring.
+async fn take_snapshots<H: ShardHandler>(
+    router: &Router<H>,
+    shards: &[ShardId],
+    to: NodeId,
+    epoch: u64,
+    timeout: Duration,
+) -> (Vec<(ShardId, Option<Handoff>)>, Vec<HandoffError>) {
+    let mut ready = Vec::new();
+    let mut retiring = Vec::new();
+    for &shard in shards {
+        match router.begin_move(shard, to, epoch) {
+            MoveStep::Send(snapshot) => ready.push((shard, snapshot)),
+            MoveStep::Retire(()) | MoveStep::Wait => retiring.push(shard),
+        }
+    }
+    if retiring.is_empty() {
+        return (ready, Vec::new());
+    }
+    let stuck = router.wait_retired(&retiring, timeout).await;
+    for shard in retiring {
+        if stuck.contains(&shard) {
+            continue;
+        }
+        if let MoveStep::Send(snapshot) = router.begin_move(shard, to, epoch) {
+            ready.push((shard, snapshot));
+        }
+    }
+    let errors = stuck
+        .into_iter()
+        .map(|shard| HandoffError::Deactivating {
+            shard,
+            after: timeout,
+        })
+        .collect();
+    (ready, errors)
+}
+
+/// Groups snapshots into requests that stay well inside the transport's frame limit: small ones
+/// together, each large one alone in chunks. Snapshots above [`SNAPSHOT_BYTES_MAX`] stay out,
+/// each with its error.
+fn transfers(
+    ready: Vec<(ShardId, Option<Handoff>)>,
+) -> (Vec<Transfer>, Vec<(ShardId, HandoffError)>) {
+    let mut transfers = Vec::new();
+    let mut refused = Vec::new();
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    for (shard, snapshot) in ready {
+        let size = snapshot.as_ref().map_or(0, |s| s.as_bytes().len());
+        if size as u64 > SNAPSHOT_BYTES_MAX {
+            refused.push((
+                shard,
+                HandoffError::TooLarge {
+                    shard,
+                    size: size as u64,
+                    limit: SNAPSHOT_BYTES_MAX,
+                },
+            ));
+            continue;
+        }
+        if let (true, Some(snapshot)) = (size > BATCH_BYTES_MAX, &snapshot) {
+            transfers.push(Transfer::Chunked(shard, snapshot.clone()));
+            continue;
+        }
+        if bytes + size > BATCH_BYTES_MAX && !batch.is_empty() {
+            transfers.push(Transfer::Batch(std::mem::take(&mut batch)));
+            bytes = 0;
+        }
+        bytes += size;
+        batch.push((shard, snapshot));
+    }
+    if !batch.is_empty() {
+        transfers.push(Transfer::Batch(batch));
+    }
+    (transfers, refused)
+}
+
 async fn send(
     consensus: &Consensus,
     me: NodeId,
     to: NodeId,
     epoch: u64,
-    batch: &[(ShardId, Option<Handoff>)],
-) -> Result<(), String> {
+    transfer: Transfer,
+) -> Result<(), HandoffError> {
+    let requests = match transfer {
+        Transfer::Batch(shards) => vec![Request::Handoff {
+            from: me,
+            epoch,
+            shards,
+        }],
+        Transfer::Chunked(shard, snapshot) => {
+            let bytes = snapshot.as_bytes();
+            let total = bytes.len() as u64;
+            bytes
+                .chunks(BATCH_BYTES_MAX)
+                .scan(0u64, |offset, piece| {
+                    let at = *offset;
+                    *offset += piece.len() as u64;
+                    Some(Request::HandoffChunk {
+                        from: me,
+                        epoch,
+                        shard,
+                        offset: at,
+                        total,
+                        bytes: piece.to_vec(),
+                    })
+                })
+                .collect()
+        }
+    };
+    let not_delivered = |reason: String| HandoffError::NotDelivered { to, reason };
     let addr = consensus
         .member_addr(to)
-        .ok_or(format!("no address for node {to}"))?;
-    let request = Request::Handoff {
-        from: me,
-        epoch,
-        shards: batch.to_vec(),
-    };
-    let payload = codec::encode(&request).map_err(|e| e.to_string())?;
-    let answer = consensus
-        .transport()
-        .request(addr, payload, HANDOFF_TIMEOUT)
-        .await
-        .map_err(|e| e.to_string())?;
-    match codec::decode::<Response>(&answer) {
-        Ok(Response::HandoffAccepted) => Ok(()),
-        _ => Err("unexpected answer to a handoff".into()),
+        .ok_or_else(|| not_delivered(format!("no address for node {to}")))?;
+    for request in requests {
+        let payload = codec::encode(&request).map_err(|e| not_delivered(e.to_string()))?;
+        let answer = consensus
+            .transport()
+            .request(addr, payload, HANDOFF_TIMEOUT)
+            .await
+            .map_err(|e| not_delivered(e.to_string()))?;
+        match codec::decode::<Response>(&answer) {
+            Ok(Response::HandoffAccepted) => {}
+            Ok(Response::HandoffRefused { reason }) => return Err(not_delivered(reason)),
+            _ => return Err(not_delivered("unexpected answer to a handoff".into())),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sized(size: usize) -> Option<Handoff> {
+        Some(Handoff::from_bytes(vec![7; size]))
+    }
+
+    #[test]
+    fn small_snapshots_share_requests_and_large_ones_travel_in_chunks() {
+        let ready = vec![
+            (1, sized(10)),
+            (2, None),
+            (3, sized(BATCH_BYTES_MAX + 1)),
+            (4, sized(BATCH_BYTES_MAX - 20)),
+        ];
+        let (transfers, refused) = transfers(ready);
+        assert!(refused.is_empty());
+        let shape: Vec<(bool, Vec<ShardId>)> = transfers
+            .iter()
+            .map(|t| (matches!(t, Transfer::Chunked(..)), t.shards()))
+            .collect();
+        assert_eq!(
+            shape,
+            vec![(true, vec![3]), (false, vec![1, 2]), (false, vec![4]),]
+        );
     }
 }

@@ -57,6 +57,8 @@
 //! - [`shard`]: the handler API ([`ShardHandler`], [`ShardMessage`], [`ShardContext`]) and the
 //!   actor hosting one shard.
 //! - [`router`]: key → shard → local shard actor.
+//! - `ledger` (private): where each shard's state is during planned moves, as a pure state
+//!   machine the router and the handoff task drive.
 //! - [`cluster`]: the builder, the [`Node`] handle and [`ClusterHandle`].
 //! - [`consensus`]: openraft replicating the cluster state; the consensus actor.
 //! - [`lease`]: the lease rules (who may serve, when a silent node's shards may move), pure.
@@ -85,6 +87,7 @@ pub mod error;
 mod handoff;
 pub mod lease;
 mod lease_task;
+mod ledger;
 pub mod metrics;
 pub mod plan;
 pub mod recover;

@@ -29,6 +29,7 @@ use crate::cluster::ClusterHandle;
 use crate::codec;
 use crate::consensus::ClusterState;
 use crate::error::{Error, NotReadyReason};
+use crate::ledger::{Intake, MoveStep, Place, Sent, ShardLedger, ShardView};
 use crate::metrics::{RequestMetrics, RouteLabel};
 use crate::shard::{
     Deactivate, Deliver, HandlerFactory, Handles, Handoff, ServeEvent, ServeEventKind,
@@ -119,23 +120,15 @@ impl LeaseGate {
     }
 }
 
-/// A running shard actor and the count of messages waiting in its mailbox.
+/// A running shard actor, its number on this node, and the count of messages waiting in its
+/// mailbox.
 ///
 /// actix bounds a mailbox per sender (every `Addr` clone may queue past the capacity), so the
 /// router counts queued messages itself: incremented before a send, decremented by the actor
 /// when it takes the message out of its mailbox.
-struct ShardSlot<H: ShardHandler> {
+pub(crate) struct ShardSlot<H: ShardHandler> {
     actor: Addr<ShardActor<H>>,
     queued: Arc<AtomicUsize>,
-}
-
-impl<H: ShardHandler> Clone for ShardSlot<H> {
-    fn clone(&self) -> Self {
-        ShardSlot {
-            actor: self.actor.clone(),
-            queued: self.queued.clone(),
-        }
-    }
 }
 
 /// What to do with a message for a shard, now.
@@ -156,9 +149,15 @@ pub struct Router<H: ShardHandler> {
     lease: LeaseGate,
     stopping: AtomicBool,
     waiting: AtomicUsize,
-    slots: Box<[Mutex<Option<ShardSlot<H>>>]>,
-    /// Snapshots handed over, with the allocation epoch of their move, by shard.
-    restores: Mutex<HashMap<ShardId, (u64, Handoff)>>,
+    /// Where each shard's state is on this node (the handoff ledger), with the running actor's
+    /// handle when one runs.
+    slots: Box<[Mutex<ShardLedger<ShardSlot<H>>>]>,
+    /// Numbers shard actors, so a retiring actor's snapshot is matched to its place.
+    next_actor: AtomicU64,
+    /// Notified whenever a retiring actor handed its state back.
+    retirements: tokio::sync::Notify,
+    /// Snapshots arriving in chunks, by shard, until their last chunk.
+    staging: Mutex<HashMap<ShardId, Staging>>,
     arbiter: ArbiterHandle,
     factory: HandlerFactory<H>,
     limits: RouterLimits,
@@ -210,8 +209,12 @@ impl<H: ShardHandler> Router<H> {
             lease: LeaseGate::new(standalone),
             stopping: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
-            slots: (0..parts.shard_count).map(|_| Mutex::new(None)).collect(),
-            restores: Mutex::new(HashMap::new()),
+            slots: (0..parts.shard_count)
+                .map(|_| Mutex::new(ShardLedger::default()))
+                .collect(),
+            next_actor: AtomicU64::new(1),
+            retirements: tokio::sync::Notify::new(),
+            staging: Mutex::new(HashMap::new()),
             arbiter: parts.arbiter,
             factory: parts.factory,
             limits: parts.limits,
@@ -243,25 +246,24 @@ impl<H: ShardHandler> Router<H> {
         let state = table.state.clone();
         self.table.store(Arc::new(table));
         self.changes.send_modify(|v| *v += 1);
-        // A snapshot is for the move it came with: once the shard is neither ours nor coming
-        // to us, it is stale (the move was re-targeted) and must never be restored later.
-        lock(&self.restores).retain(|shard, (epoch, _)| {
-            let ours = state.map.as_ref().and_then(|m| m.owner(*shard)) == Some(self.node_id);
-            let coming = state
-                .pending
-                .get(shard)
-                .is_some_and(|p| p.to == self.node_id);
-            // Snapshots can arrive before this node applied the allocation that moves them.
-            let ahead = *epoch > state.epoch;
-            ours || coming || ahead
-        });
+        // The ledger drops what the applied state says is no longer this node's (released,
+        // re-targeted away, lost without handoff) and names the actors to stop.
         for (shard, slot) in self.slots.iter().enumerate() {
             let shard = shard as ShardId;
             let owner = state.map.as_ref().and_then(|m| m.owner(shard));
-            if owner == Some(self.node_id) {
-                continue;
-            }
-            if let Some(stale) = lock(slot).take() {
+            let view = ShardView {
+                owned: owner == Some(self.node_id),
+                coming: state
+                    .pending
+                    .get(&shard)
+                    .is_some_and(|p| p.to == self.node_id),
+                leaving: state
+                    .pending
+                    .get(&shard)
+                    .is_some_and(|p| p.from == self.node_id),
+                epoch: state.epoch,
+            };
+            if let Some(stale) = lock(slot).reconcile(view) {
                 tracing::info!(
                     shard,
                     ?owner,
@@ -382,7 +384,7 @@ impl<H: ShardHandler> Router<H> {
         let msg = if self.owns_now(shard) {
             match self.deliver(shard, key.clone(), msg).await {
                 Ok(reply) => return reply,
-                Err(msg) => msg,
+                Err((msg, _)) => msg,
             }
         } else {
             msg
@@ -458,9 +460,9 @@ impl<H: ShardHandler> Router<H> {
                     };
                     match self.deliver(shard, key.clone(), m).await {
                         Ok(reply) => return reply,
-                        Err(m) => {
+                        Err((m, reason)) => {
                             msg = Some(m);
-                            NotReadyReason::LeaseExpired
+                            reason
                         }
                     }
                 }
@@ -605,14 +607,14 @@ impl<H: ShardHandler> Router<H> {
         }
     }
 
-    /// Delivers to the local actor. `Err(msg)` when the actor does not serve the shard after all
-    /// (the message comes back to be routed again).
+    /// Delivers to the local actor. `Err((msg, why))` when the node does not serve the shard
+    /// after all (the message comes back to be routed again).
     async fn deliver<M>(
         &self,
         shard: ShardId,
         key: Key,
         msg: M,
-    ) -> Result<Result<M::Reply, Error>, M>
+    ) -> Result<Result<M::Reply, Error>, (M, NotReadyReason)>
     where
         M: ShardMessage,
         H: Handles<M>,
@@ -621,11 +623,12 @@ impl<H: ShardHandler> Router<H> {
         match self.enqueue(shard, Deliver { key, msg, reply }) {
             Ok(()) => {}
             Err(Enqueue::Failed(error)) => return Ok(Err(error)),
-            Err(Enqueue::Retired(msg)) => return Err(msg),
+            Err(Enqueue::Retired(msg)) => return Err((msg, NotReadyReason::LeaseExpired)),
+            Err(Enqueue::Elsewhere(msg)) => return Err((msg, NotReadyReason::ShardMoving)),
         }
         match tokio::time::timeout(self.limits.request_timeout, reply_rx).await {
             Ok(Ok(Ok(value))) => Ok(Ok(value)),
-            Ok(Ok(Err(Undelivered::NotServing(msg)))) => Err(msg),
+            Ok(Ok(Err(Undelivered::NotServing(msg)))) => Err((msg, NotReadyReason::LeaseExpired)),
             Ok(Ok(Err(Undelivered::Failed(error)))) => Ok(Err(error)),
             Ok(Err(_)) => Ok(Err(self.stopped_error(shard))),
             Err(_) => Ok(Err(Error::Timeout {
@@ -646,8 +649,10 @@ impl<H: ShardHandler> Router<H> {
         }
     }
 
-    /// Puts `deliver` in the mailbox of `shard`'s actor (started on first use), counting it
-    /// against the mailbox bound. Under the slot's lock, so the hot path clones nothing.
+    /// Puts `deliver` in the mailbox of `shard`'s actor, counting it against the mailbox bound.
+    /// Under the slot's lock, so the hot path clones nothing. Without a running actor the ledger
+    /// decides: start one (with the parked snapshot) only while the node serves the shard, and
+    /// make the request wait while the shard's state is retiring or on its way out.
     fn enqueue<M>(&self, shard: ShardId, deliver: Deliver<M>) -> Result<(), Enqueue<M>>
     where
         M: ShardMessage,
@@ -656,10 +661,41 @@ impl<H: ShardHandler> Router<H> {
         let slot = self.slots.get(shard as usize).ok_or_else(|| {
             Enqueue::Failed(Error::Codec(format!("shard {shard} is out of range")))
         })?;
-        let mut slot = lock(slot);
-        let running = match slot.as_ref() {
-            Some(running) if running.actor.connected() => running,
-            _ => slot.insert(self.start_shard(shard).map_err(Enqueue::Failed)?),
+        let mut ledger = lock(slot);
+        if let Place::Running { actor, handle } = ledger.place() {
+            if !handle.actor.connected() {
+                // Its arbiter stopped under it: nothing of its state can be recovered.
+                let actor = *actor;
+                tracing::error!(
+                    shard,
+                    "a shard actor stopped without retiring; its state is lost"
+                );
+                ledger.actor_gone(actor);
+            }
+        }
+        if ledger.running().is_none() {
+            let serves = self.serves_now(shard).is_some();
+            let number = self.next_actor.fetch_add(1, Ordering::Relaxed);
+            let mut started = None;
+            let intake = ledger.request(serves, number, || {
+                let (slot, start) = self.new_shard_actor(shard, number);
+                started = Some(start);
+                slot
+            });
+            match intake {
+                Intake::Start { restore } => {
+                    let start = started.expect("the ledger built the actor's handle to start it");
+                    if !start(restore) {
+                        ledger.actor_gone(number);
+                        return Err(Enqueue::Failed(Error::ShuttingDown));
+                    }
+                }
+                Intake::NotServing => return Err(Enqueue::Retired(deliver.msg)),
+                Intake::Elsewhere => return Err(Enqueue::Elsewhere(deliver.msg)),
+            }
+        }
+        let Some(running) = ledger.running() else {
+            return Err(Enqueue::Retired(deliver.msg));
         };
         if running.queued.fetch_add(1, Ordering::AcqRel) >= self.limits.mailbox_capacity {
             running.queued.fetch_sub(1, Ordering::AcqRel);
@@ -669,65 +705,175 @@ impl<H: ShardHandler> Router<H> {
             Ok(()) => Ok(()),
             Err(SendError::Full(deliver) | SendError::Closed(deliver)) => {
                 // A full actix channel cannot happen below our own count; a closed one means the
-                // actor just retired: route again.
+                // actor just stopped: route again.
                 running.queued.fetch_sub(1, Ordering::AcqRel);
                 Err(Enqueue::Retired(deliver.msg))
             }
         }
     }
 
-    fn start_shard(&self, shard: ShardId) -> Result<ShardSlot<H>, Error> {
+    /// The handle of a new shard actor numbered `number`, and the function that starts it with
+    /// its restore on the node's arbiter (false when the arbiter is gone).
+    #[allow(clippy::type_complexity)]
+    fn new_shard_actor(
+        &self,
+        shard: ShardId,
+        number: u64,
+    ) -> (ShardSlot<H>, Box<dyn FnOnce(Option<Handoff>) -> bool + '_>) {
         // Built by hand rather than with `Actor::start_in_arbiter`, which creates the mailbox with
         // actix's default capacity (16) until the actor runs.
         let (sender, receiver) = channel::channel(self.limits.mailbox_capacity);
         let actor = Addr::new(sender);
         let queued = Arc::new(AtomicUsize::new(0));
-        let restore = lock(&self.restores)
-            .remove(&shard)
-            .map(|(_, handoff)| handoff);
-        let router = self.self_ref.clone();
-        let (factory, cluster) = (self.factory.clone(), self.handle(Some(shard)));
         let actor_queued = queued.clone();
-        let spawned = self.arbiter.spawn_fn(move || {
-            let context = Context::with_receiver(receiver);
-            let shard_actor =
-                ShardActor::new(shard, router, cluster, factory, actor_queued, restore);
-            actix_rt::spawn(context.into_future(shard_actor));
+        let start = Box::new(move |restore: Option<Handoff>| {
+            let router = self.self_ref.clone();
+            let (factory, cluster) = (self.factory.clone(), self.handle(Some(shard)));
+            self.arbiter.spawn_fn(move || {
+                let context = Context::with_receiver(receiver);
+                let shard_actor = ShardActor::new(
+                    shard,
+                    number,
+                    router,
+                    cluster,
+                    factory,
+                    actor_queued,
+                    restore,
+                );
+                actix_rt::spawn(context.into_future(shard_actor));
+            })
         });
-        if !spawned {
-            return Err(Error::ShuttingDown);
-        }
-        Ok(ShardSlot { actor, queued })
+        (ShardSlot { actor, queued }, start)
     }
 
-    /// Retires the local actor of `shard` (after its in-flight messages) and returns its
-    /// snapshot; `None` when the shard was not active here.
-    pub(crate) async fn deactivate(&self, shard: ShardId) -> Option<Handoff> {
-        let running = self
-            .slots
-            .get(shard as usize)
-            .and_then(|slot| lock(slot).take())?;
-        match tokio::time::timeout(
-            self.limits.deactivate_timeout,
-            running.actor.send(Deactivate),
-        )
-        .await
-        {
-            Ok(Ok(handoff)) => handoff,
-            _ => {
-                tracing::warn!(
-                    shard,
-                    "shard did not deactivate in time; handing over no state"
-                );
-                None
+    /// One step of the planned move of `shard` to `to` (allocation `epoch`), for the handoff
+    /// task: asks a running actor to retire (its snapshot comes back through
+    /// [`retired`](Self::retired)), or hands out the snapshot to send.
+    pub(crate) fn begin_move(&self, shard: ShardId, to: NodeId, epoch: u64) -> MoveStep<()> {
+        let Some(slot) = self.slots.get(shard as usize) else {
+            return MoveStep::Wait;
+        };
+        match lock(slot).begin_move(to, epoch) {
+            MoveStep::Retire(running) => {
+                // `do_send`: the retirement waits its turn behind the messages already queued,
+                // and its outcome reaches the ledger however long that takes.
+                running.actor.do_send(Deactivate);
+                MoveStep::Retire(())
+            }
+            MoveStep::Wait => MoveStep::Wait,
+            MoveStep::Send(snapshot) => MoveStep::Send(snapshot),
+        }
+    }
+
+    /// Waits until none of `shards` is retiring any more, or until `timeout`; returns those
+    /// still retiring.
+    pub(crate) async fn wait_retired(&self, shards: &[ShardId], timeout: Duration) -> Vec<ShardId> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.retirements.notified();
+            let retiring: Vec<ShardId> = shards
+                .iter()
+                .copied()
+                .filter(|shard| {
+                    self.slots
+                        .get(*shard as usize)
+                        .is_some_and(|slot| matches!(lock(slot).place(), Place::Retiring { .. }))
+                })
+                .collect();
+            if retiring.is_empty() || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return retiring;
             }
         }
     }
 
+    /// Actor `actor` of `shard` retired and hands back its state (called by the actor).
+    pub(crate) fn retired(&self, shard: ShardId, actor: u64, snapshot: Option<Handoff>) {
+        let epoch = self.table.load().state.epoch;
+        if let Some(slot) = self.slots.get(shard as usize) {
+            if !lock(slot).retired(actor, snapshot, epoch) {
+                tracing::debug!(shard, actor, "a stale actor retired; its state is not kept");
+            }
+        }
+        self.retirements.notify_waiters();
+    }
+
+    /// The send of `shard`'s snapshot for the move of `epoch` to `to` ended with `outcome`.
+    pub(crate) fn sent(&self, shard: ShardId, to: NodeId, epoch: u64, outcome: Sent) {
+        if let Some(slot) = self.slots.get(shard as usize) {
+            lock(slot).sent(to, epoch, outcome);
+        }
+        // A cancelled move's requests wait for the state to come back.
+        self.changes.send_modify(|v| *v += 1);
+    }
+
     /// Keeps a snapshot handed over by the previous owner (for the move of allocation `epoch`)
-    /// until the shard starts here.
-    pub(crate) fn accept_handoff(&self, shard: ShardId, epoch: u64, handoff: Handoff) {
-        lock(&self.restores).insert(shard, (epoch, handoff));
+    /// until the shard starts here or moves on.
+    pub(crate) fn accept_handoff(&self, shard: ShardId, epoch: u64, handoff: Option<Handoff>) {
+        if let Some(slot) = self.slots.get(shard as usize) {
+            if !lock(slot).received(epoch, handoff) {
+                tracing::debug!(shard, epoch, "a stale or duplicate snapshot was not kept");
+            }
+        }
+    }
+
+    /// Keeps one chunk of a large snapshot; the last one parks the whole snapshot like
+    /// [`accept_handoff`](Self::accept_handoff). Chunks of one snapshot come in order; a first
+    /// chunk starts the snapshot afresh (the sender retried or moved on).
+    pub(crate) fn accept_chunk(
+        &self,
+        from: NodeId,
+        epoch: u64,
+        shard: ShardId,
+        offset: u64,
+        total: u64,
+        bytes: Vec<u8>,
+    ) -> Result<(), String> {
+        if shard >= self.shard_count {
+            return Err(format!("shard {shard} is out of range"));
+        }
+        if total > crate::handoff::SNAPSHOT_BYTES_MAX {
+            return Err(format!(
+                "shard {shard}'s snapshot of {total} bytes is above the {}-byte limit",
+                crate::handoff::SNAPSHOT_BYTES_MAX
+            ));
+        }
+        let mut staging = lock(&self.staging);
+        if offset == 0 {
+            staging.insert(
+                shard,
+                Staging {
+                    from,
+                    epoch,
+                    total,
+                    bytes: Vec::new(),
+                },
+            );
+        }
+        let Some(staged) = staging.get_mut(&shard) else {
+            return Err(format!(
+                "shard {shard}: a chunk at {offset} without its start"
+            ));
+        };
+        let expected = (
+            staged.from,
+            staged.epoch,
+            staged.total,
+            staged.bytes.len() as u64,
+        );
+        if expected != (from, epoch, total, offset) || offset + bytes.len() as u64 > total {
+            staging.remove(&shard);
+            return Err(format!(
+                "shard {shard}: chunk out of order (at {offset} of {total}); start again"
+            ));
+        }
+        staged.bytes.extend_from_slice(&bytes);
+        if staged.bytes.len() as u64 == total {
+            if let Some(done) = staging.remove(&shard) {
+                drop(staging);
+                self.accept_handoff(shard, epoch, Some(Handoff::from_bytes(done.bytes)));
+            }
+        }
+        Ok(())
     }
 
     /// Stops taking messages and deactivates every local shard (running `on_deactivate`).
@@ -737,7 +883,7 @@ impl<H: ShardHandler> Router<H> {
         let actors: Vec<_> = self
             .slots
             .iter()
-            .filter_map(|slot| lock(slot).take())
+            .filter_map(|slot| lock(slot).shutdown())
             .collect();
         let deactivations = actors.into_iter().map(|ShardSlot { actor, .. }| {
             let timeout = self.limits.deactivate_timeout;
@@ -755,7 +901,7 @@ impl<H: ShardHandler> Router<H> {
             .iter()
             .filter_map(|slot| {
                 lock(slot)
-                    .as_ref()
+                    .running()
                     .map(|s| s.queued.load(Ordering::Relaxed))
             })
             .sum()
@@ -772,19 +918,29 @@ impl<H: ShardHandler> Router<H> {
             .iter()
             .filter(|slot| {
                 lock(slot)
-                    .as_ref()
+                    .running()
                     .is_some_and(|running| running.actor.connected())
             })
             .count()
     }
 }
 
+/// A snapshot arriving in chunks.
+struct Staging {
+    from: NodeId,
+    epoch: u64,
+    total: u64,
+    bytes: Vec<u8>,
+}
+
 /// Why a message did not reach a shard's mailbox.
 enum Enqueue<M> {
     /// Answer the sender with this error.
     Failed(Error),
-    /// The actor just retired: route the message again.
+    /// The node does not serve the shard now: route the message again.
     Retired(M),
+    /// The shard's state is retiring or on its way out: the message waits.
+    Elsewhere(M),
 }
 
 /// The outcome of forwarding a message.

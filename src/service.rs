@@ -106,11 +106,26 @@ impl<H: ShardHandler> Service for NodeService<H> {
                 tracing::info!(from, epoch, count = shards.len(), "shards handed over");
                 crate::metrics::handoffs_completed("in", shards.len());
                 for (shard, snapshot) in shards {
-                    if let Some(snapshot) = snapshot {
-                        self.router.accept_handoff(shard, epoch, snapshot);
-                    }
+                    self.router.accept_handoff(shard, epoch, snapshot);
                 }
                 Box::pin(std::future::ready(encode(&Response::HandoffAccepted)))
+            }
+            Request::HandoffChunk {
+                from,
+                epoch,
+                shard,
+                offset,
+                total,
+                bytes,
+            } => {
+                let response = match self
+                    .router
+                    .accept_chunk(from, epoch, shard, offset, total, bytes)
+                {
+                    Ok(()) => Response::HandoffAccepted,
+                    Err(reason) => Response::HandoffRefused { reason },
+                };
+                Box::pin(std::future::ready(encode(&response)))
             }
             Request::Propose(command @ Command::Released { .. }) => {
                 let consensus = self.consensus.clone();

@@ -203,12 +203,13 @@ impl<M: ShardMessage> Message for Deliver<M> {
     type Result = ();
 }
 
-/// Retires the shard: runs `on_deactivate` and answers with its snapshot. A retired actor
-/// hands every later message back to the router, and stops once the router dropped it.
+/// Retires the shard: runs `on_deactivate` and hands the snapshot to the router's ledger
+/// (never to the sender, who may have stopped waiting). A retired actor hands every later
+/// message back to the router, and stops once the router dropped it.
 pub(crate) struct Deactivate;
 
 impl Message for Deactivate {
-    type Result = Option<Handoff>;
+    type Result = ();
 }
 
 /// The actix actor hosting one shard's [`ShardHandler`].
@@ -220,6 +221,8 @@ impl Message for Deactivate {
 /// keeping the mailbox and its queued messages.
 pub struct ShardActor<H: ShardHandler> {
     shard: ShardId,
+    /// This actor's number on its node, which the router's ledger matches its snapshot by.
+    number: u64,
     router: Weak<Router<H>>,
     cluster: ClusterHandle,
     factory: HandlerFactory<H>,
@@ -234,6 +237,7 @@ pub struct ShardActor<H: ShardHandler> {
 impl<H: ShardHandler> ShardActor<H> {
     pub(crate) fn new(
         shard: ShardId,
+        number: u64,
         router: Weak<Router<H>>,
         cluster: ClusterHandle,
         factory: HandlerFactory<H>,
@@ -242,6 +246,7 @@ impl<H: ShardHandler> ShardActor<H> {
     ) -> Self {
         ShardActor {
             shard,
+            number,
             router,
             cluster,
             factory,
@@ -397,11 +402,27 @@ where
 }
 
 impl<H: ShardHandler> Handler<Deactivate> for ShardActor<H> {
-    type Result = Option<Handoff>;
+    type Result = ();
 
-    fn handle(&mut self, _: Deactivate, _ctx: &mut Self::Context) -> Option<Handoff> {
+    fn handle(&mut self, _: Deactivate, _ctx: &mut Self::Context) {
+        if self.retired {
+            return;
+        }
         self.retired = true;
-        let mut slot = self.slot.take()?;
+        let handoff = self.deactivate();
+        if let Some(router) = self.router.upgrade() {
+            router.retired(self.shard, self.number, handoff);
+        }
+    }
+}
+
+impl<H: ShardHandler> ShardActor<H> {
+    /// Runs `on_deactivate` and returns the snapshot to hand over. A shard that was restored
+    /// but never activated (no message reached it) hands over the snapshot it was given.
+    fn deactivate(&mut self) -> Option<Handoff> {
+        let Some(mut slot) = self.slot.take() else {
+            return self.restore.take();
+        };
         let epoch = slot.context.epoch;
         let handoff = match std::panic::catch_unwind(AssertUnwindSafe(|| {
             slot.handler.on_deactivate(&mut slot.context)

@@ -77,6 +77,23 @@ pub enum Request {
         #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
     },
+    /// One piece of a shard's snapshot too large for one [`Request::Handoff`]: the pieces of
+    /// one snapshot arrive in order, and the last one makes it complete.
+    HandoffChunk {
+        /// The previous owner.
+        from: NodeId,
+        /// The allocation epoch of the move.
+        epoch: u64,
+        /// The shard.
+        shard: ShardId,
+        /// Where this piece starts in the snapshot.
+        offset: u64,
+        /// The snapshot's whole length.
+        total: u64,
+        /// The piece.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
 }
 
 /// A node's answer to a [`Request`], variant for variant.
@@ -102,6 +119,12 @@ pub enum Response {
     Proposed(Result<CommandResponse, AdminError>),
     /// Answer to [`Request::Routing`].
     Routing(RoutingInfo),
+    /// Answer to [`Request::HandoffChunk`] when the piece cannot be kept (out of order, or the
+    /// snapshot is larger than the receiver accepts).
+    HandoffRefused {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// What a client needs to route: the shard count, each shard's owner, each owner's address.

@@ -1,0 +1,317 @@
+//! The handoff ledger: where one shard's state is on this node, as a pure state machine.
+//!
+//! A shard's state lives in exactly one place on a node: nowhere, in a running shard actor, in
+//! an actor that was asked to retire (its snapshot is on the way back), parked as a snapshot
+//! (handed over by the previous owner, or taken back from a retired actor), or on its way to
+//! the next owner (a copy stays until the release commits). Each event of a planned move — a
+//! request arrives, the move begins, the actor retired, the snapshot was sent or not, the move
+//! was released, cancelled or re-targeted, a snapshot arrived, the node applied a new map —
+//! moves the place by one rule here, and says what the caller must do (start an actor with a
+//! restore, stop an actor, send a snapshot). The router and the handoff task only carry that
+//! out; they keep no bookkeeping of their own (openraft's engine is the model: decisions
+//! without I/O, so every transition is unit-tested and random event sequences are
+//! property-tested below).
+//!
+//! The rules that keep state from being dropped or duplicated:
+//! - an actor starts only when the node serves the shard, and takes the parked snapshot with
+//!   it; while the state is retiring or on its way out, requests wait instead of starting an
+//!   empty actor;
+//! - a retiring actor's snapshot always comes back here (never to a caller that may have given
+//!   up waiting), so a slow deactivation delays a move but never empties it;
+//! - a snapshot is dropped only when the applied map shows the shard is no longer this node's
+//!   nor coming to it (the release committed, or the move was re-targeted or cancelled away
+//!   from this node).
+//!
+//! It does not decide the map (consensus does), nor run handler code (shard actors do).
+
+use crate::shard::Handoff;
+use crate::shard_map::NodeId;
+
+/// Where a shard's state is on this node. `A` is the handle of a running actor.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) enum Place<A> {
+    /// No state of the shard is here: never active here, or handed on.
+    #[default]
+    Absent,
+    /// A shard actor holds the state (restored from a snapshot or not yet activated).
+    Running {
+        /// The actor's number, unique on this node.
+        actor: u64,
+        /// Its handle.
+        handle: A,
+    },
+    /// The actor was asked to retire: its snapshot comes back through
+    /// [`ShardLedger::retired`].
+    Retiring {
+        /// The retiring actor's number.
+        actor: u64,
+    },
+    /// A snapshot kept here without an actor. `None` means the handler hands over nothing.
+    Parked {
+        /// The state.
+        snapshot: Option<Handoff>,
+        /// The allocation epoch of the move it came with or was meant for.
+        epoch: u64,
+    },
+    /// Handed on by the move of allocation `epoch`, whose release committed; kept apart from
+    /// [`Place::Absent`] until the applied map shows the release, so that a look at an older map
+    /// (still showing the move pending) does not send the shard again, empty.
+    Gone {
+        /// The allocation epoch of the released move.
+        epoch: u64,
+    },
+    /// The snapshot is on its way to `to` for the move of allocation `epoch`; this copy stays
+    /// until the release commits or the send fails.
+    Sending {
+        /// The next owner.
+        to: NodeId,
+        /// The allocation epoch of the move.
+        epoch: u64,
+        /// The copy kept here.
+        snapshot: Option<Handoff>,
+    },
+}
+
+/// What to do with a request for a shard that has no running actor here.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Intake {
+    /// Start an actor (numbered as asked) with this restore.
+    Start {
+        /// The snapshot the actor restores before its first message, if any.
+        restore: Option<Handoff>,
+    },
+    /// The node does not serve the shard now: route the request again.
+    NotServing,
+    /// The shard's state is retiring or on its way out: the request waits.
+    Elsewhere,
+}
+
+/// What the handoff task does next for a shard moving away.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum MoveStep<A> {
+    /// Ask this actor to retire; its snapshot comes back through [`ShardLedger::retired`].
+    Retire(A),
+    /// Waiting for a retiring actor, or a send of this shard is under way.
+    Wait,
+    /// Send this snapshot to the next owner.
+    Send(Option<Handoff>),
+}
+
+/// How a send of a shard's snapshot ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sent {
+    /// The release committed: the next owner has the state.
+    Released,
+    /// Not delivered, or the release did not commit: keep the snapshot and try again.
+    Failed,
+}
+
+/// What the applied cluster state says about a shard, for [`ShardLedger::reconcile`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ShardView {
+    /// This node owns the shard (also while it moves away from it).
+    pub(crate) owned: bool,
+    /// A move of the shard to this node is pending.
+    pub(crate) coming: bool,
+    /// A move of the shard away from this node is pending.
+    pub(crate) leaving: bool,
+    /// The applied allocation epoch.
+    pub(crate) epoch: u64,
+}
+
+/// One shard's place on this node, changed only by the events below.
+#[derive(Debug)]
+pub(crate) struct ShardLedger<A> {
+    place: Place<A>,
+}
+
+impl<A> Default for ShardLedger<A> {
+    fn default() -> Self {
+        ShardLedger {
+            place: Place::Absent,
+        }
+    }
+}
+
+impl<A> ShardLedger<A> {
+    /// The place, for inspection.
+    pub(crate) fn place(&self) -> &Place<A> {
+        &self.place
+    }
+
+    /// The running actor's handle, if one runs.
+    pub(crate) fn running(&self) -> Option<&A> {
+        match &self.place {
+            Place::Running { handle, .. } => Some(handle),
+            _ => None,
+        }
+    }
+
+    /// A request arrives and no actor runs: start one numbered `actor` with the parked state if
+    /// the node serves the shard (`serves`), else say why not.
+    pub(crate) fn request(
+        &mut self,
+        serves: bool,
+        actor: u64,
+        handle: impl FnOnce() -> A,
+    ) -> Intake {
+        match &mut self.place {
+            Place::Retiring { .. } | Place::Sending { .. } => Intake::Elsewhere,
+            _ if !serves => Intake::NotServing,
+            Place::Running { .. } => Intake::NotServing,
+            // Served again here without a handoff (its next owner crashed and the shard came
+            // back straight): it starts empty, as after any crash.
+            Place::Absent | Place::Gone { .. } => {
+                self.place = Place::Running {
+                    actor,
+                    handle: handle(),
+                };
+                Intake::Start { restore: None }
+            }
+            Place::Parked { snapshot, .. } => {
+                let restore = snapshot.take();
+                self.place = Place::Running {
+                    actor,
+                    handle: handle(),
+                };
+                Intake::Start { restore }
+            }
+        }
+    }
+
+    /// The running actor is gone without retiring (its arbiter stopped): its state is lost.
+    /// Returns whether it was the running one.
+    pub(crate) fn actor_gone(&mut self, actor: u64) -> bool {
+        if matches!(self.place, Place::Running { actor: a, .. } if a == actor) {
+            self.place = Place::Absent;
+            return true;
+        }
+        false
+    }
+
+    /// The move of allocation `epoch` to `to` proceeds one step.
+    pub(crate) fn begin_move(&mut self, to: NodeId, epoch: u64) -> MoveStep<A> {
+        match std::mem::take(&mut self.place) {
+            Place::Running { actor, handle } => {
+                self.place = Place::Retiring { actor };
+                MoveStep::Retire(handle)
+            }
+            place @ (Place::Retiring { .. } | Place::Sending { .. }) => {
+                self.place = place;
+                MoveStep::Wait
+            }
+            // The release of this move (or a later one) committed: only an older view of the
+            // map still shows it pending.
+            Place::Gone { epoch: gone } if epoch <= gone => {
+                self.place = Place::Gone { epoch: gone };
+                MoveStep::Wait
+            }
+            // A newer move away from this node, so the shard came back without a handoff.
+            Place::Absent | Place::Gone { .. } => {
+                self.place = Place::Sending {
+                    to,
+                    epoch,
+                    snapshot: None,
+                };
+                MoveStep::Send(None)
+            }
+            Place::Parked { snapshot, .. } => {
+                self.place = Place::Sending {
+                    to,
+                    epoch,
+                    snapshot: snapshot.clone(),
+                };
+                MoveStep::Send(snapshot)
+            }
+        }
+    }
+
+    /// Actor `actor` retired and handed back `snapshot`. Returns whether the ledger kept it
+    /// (a snapshot of an actor the ledger already let go of, because the shard was lost
+    /// without handoff, is stale and dropped).
+    pub(crate) fn retired(&mut self, actor: u64, snapshot: Option<Handoff>, epoch: u64) -> bool {
+        match self.place {
+            Place::Retiring { actor: a } | Place::Running { actor: a, .. } if a == actor => {
+                self.place = Place::Parked { snapshot, epoch };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The send for the move of `epoch` to `to` ended with `outcome`. An outcome for a send the
+    /// ledger no longer waits on (the applied map settled it first) changes nothing.
+    pub(crate) fn sent(&mut self, to: NodeId, epoch: u64, outcome: Sent) {
+        let Place::Sending {
+            to: t, epoch: e, ..
+        } = &self.place
+        else {
+            return;
+        };
+        if (*t, *e) != (to, epoch) {
+            return;
+        }
+        let Place::Sending { snapshot, .. } = std::mem::take(&mut self.place) else {
+            return;
+        };
+        self.place = match outcome {
+            Sent::Released => Place::Gone { epoch },
+            Sent::Failed => Place::Parked { snapshot, epoch },
+        };
+    }
+
+    /// A snapshot arrived from the previous owner for the move of allocation `epoch`. Kept
+    /// unless the state is already here in newer form (a running actor restored it, or a
+    /// snapshot of a later move is parked) or is moving away.
+    pub(crate) fn received(&mut self, epoch: u64, snapshot: Option<Handoff>) -> bool {
+        match &self.place {
+            Place::Absent | Place::Gone { .. } => {}
+            Place::Parked { epoch: parked, .. } if *parked <= epoch => {}
+            _ => return false,
+        }
+        self.place = Place::Parked { snapshot, epoch };
+        true
+    }
+
+    /// The node applied a new cluster state. Returns the handle of an actor to stop when the
+    /// shard went elsewhere without a handoff (its node was marked down: its state is lost, as
+    /// after a crash).
+    pub(crate) fn reconcile(&mut self, view: ShardView) -> Option<A> {
+        if let Place::Gone { .. } = self.place {
+            if !(view.owned && view.leaving) {
+                self.place = Place::Absent;
+            }
+            return None;
+        }
+        if view.owned {
+            return None;
+        }
+        match std::mem::take(&mut self.place) {
+            Place::Running { handle, .. } => Some(handle),
+            // Snapshots can arrive before this node applied the allocation that moves them.
+            Place::Parked { snapshot, epoch } if view.coming || epoch > view.epoch => {
+                self.place = Place::Parked { snapshot, epoch };
+                None
+            }
+            // Released (the next owner has it), lost, or stale: nothing to keep.
+            _ => None,
+        }
+    }
+
+    /// The node stops: the running actor's handle, to retire it.
+    pub(crate) fn shutdown(&mut self) -> Option<A> {
+        match std::mem::take(&mut self.place) {
+            Place::Running { actor, handle } => {
+                self.place = Place::Retiring { actor };
+                Some(handle)
+            }
+            place => {
+                self.place = place;
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
