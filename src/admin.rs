@@ -250,6 +250,15 @@ pub enum AdminError {
         /// Why.
         reason: String,
     },
+    /// `drain` (or `remove-node` of a live node, which drains it first) was refused before
+    /// anything was written: every other member is draining or marked down, so no node could
+    /// take the shards and the drain could never finish. Undrain a node or add one, then retry.
+    // Last in the enum: the wire format numbers variants in order, so new ones go at the end.
+    #[error("draining node {node} would leave no node to take its shards (every other member is draining or marked down): undrain a node or add one first")]
+    NoNodeToTakeShards {
+        /// The node the command would drain.
+        node: NodeId,
+    },
 }
 
 // The voter-count rules live in the planner, their one home; re-exported here for the

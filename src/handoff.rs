@@ -349,7 +349,7 @@ mod tests {
             (1, sized(10)),
             (2, None),
             (3, sized(BATCH_BYTES_MAX + 1)),
-            (4, sized(BATCH_BYTES_MAX - 20)),
+            (4, sized(BATCH_BYTES_MAX - 5)),
         ];
         let (transfers, refused) = transfers(ready);
         assert!(refused.is_empty());

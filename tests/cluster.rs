@@ -790,3 +790,92 @@ fn metrics_endpoint_reports_requests_and_state() {
         "latency is exported as a histogram"
     );
 }
+
+// Goal: a drain that no node could take is refused at once and changes nothing, and the admin
+// path stays free. Regression: on 3 nodes, `drain 1`, `drain 2`, then `drain 3` was accepted and
+// hung for `drain_timeout` (50 s), holding up every other membership command meanwhile. Method:
+// drain 1 and 2 (node 3 then owns every shard); `drain --id 3` through a follower and
+// `remove-node --id 3` must each fail well within the drain timeout with one error line saying
+// why and what to do, and exit code 1; then `status` answers and `undrain 1` succeeds at once,
+// no shard was left without an owner that is up, and node 1 gets its share back.
+#[test]
+fn draining_the_last_eligible_node_is_refused_up_front() {
+    let cluster = Cluster::new("draining_the_last_eligible_node", 3);
+    cluster.start_all_with_init();
+    let ids = cluster.ids();
+    cluster.wait_for_one_map(&ids);
+    for id in ["1", "2"] {
+        let (code, _, stderr) = cluster.cf_at(3, &["drain", "--id", id]);
+        assert_eq!(code, 0, "drain {id}: {stderr}");
+    }
+    let (drained, map) =
+        cluster.wait_for_one_map_where(&ids, "with node 3 owning every shard", |_, map| {
+            map.owners() == [3]
+        });
+    let follower = if drained.leader == 1 { 2 } else { 1 };
+
+    // Far below the 50 s drain timeout the old behaviour waited out, and generous for CI.
+    let limit = Duration::from_secs(20);
+    let within = |id: u64, args: &[&str]| {
+        let addr = cluster.addr(id);
+        let mut full = vec!["--node", addr.as_str()];
+        full.extend_from_slice(args);
+        cluster
+            .run_within(cluster.cf_command(&full), limit)
+            .unwrap_or_else(|| {
+                panic!(
+                    "`clusterfunk {}` through node {id} ran longer than {limit:?}\n{}",
+                    args.join(" "),
+                    cluster.report()
+                )
+            })
+    };
+    for (through, args) in [
+        (follower, ["drain", "--id", "3"]),
+        (drained.leader, ["remove-node", "--id", "3"]),
+    ] {
+        let (code, stdout, stderr) = within(through, &args);
+        assert_eq!(
+            code,
+            1,
+            "`{}` must fail with exit code 1: stdout {stdout:?} stderr {stderr:?}",
+            args.join(" ")
+        );
+        assert!(
+            stderr.starts_with("error:")
+                && stderr.trim().lines().count() == 1
+                && stderr.contains("draining node 3 would leave no node to take its shards")
+                && stderr.contains("undrain a node or add one"),
+            "`{}`: one error line saying why and what to do: {stderr}",
+            args.join(" ")
+        );
+    }
+    let (after, map_after) = cluster.wait_for_one_map(&ids);
+    assert_eq!(
+        after.epoch, drained.epoch,
+        "a refused drain changes nothing"
+    );
+    assert_eq!(map_after, map);
+    for &id in &ids {
+        let status = status(&cluster, id);
+        assert_eq!(
+            id_list(&status["draining"]),
+            [1, 2],
+            "node 3 is not draining on node {id}: {status}"
+        );
+    }
+    let key = key_owned_by(&map, 3, "refused");
+    put_and_get(&cluster, follower, &key, "still served");
+
+    // The admin path is free: a read and a membership command answer at once.
+    let (code, _, stderr) = within(follower, &["status"]);
+    assert_eq!(code, 0, "status after the refusal: {stderr}");
+    let (code, _, stderr) = within(follower, &["undrain", "--id", "1"]);
+    assert_eq!(code, 0, "undrain 1 after the refusal: {stderr}");
+    let (_, map) =
+        cluster.wait_for_one_map_where(&ids, "with nodes 1 and 3 owning every shard", |_, map| {
+            map.owners() == [1, 3]
+        });
+    assert_balanced(&map, &[1, 3]);
+    put_and_get(&cluster, 1, &key, "served after the undrain");
+}

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, LogId, Membership, RaftMetrics, ServerState};
 use tokio::sync::watch;
 
@@ -605,7 +605,8 @@ impl Consensus {
         ))))
     }
 
-    /// Drains (or undrains) a node and waits until it owns no shards and hands none over.
+    /// Drains (or undrains) a node and waits until it owns no shards and hands none over. A
+    /// drain that no other node could take is refused up front ([`AdminError::NoNodeToTakeShards`]).
     async fn drain(&self, id: NodeId, draining: bool) -> Result<AdminResponse, AdminError> {
         if !self.applied().state.members.contains_key(&id) {
             return Err(AdminError::NotAMember { node: id });
@@ -628,7 +629,21 @@ impl Consensus {
     }
 
     /// Writes `SetDraining`; when draining, waits until the node owns no shard (or is down).
+    ///
+    /// A drain no node could take is refused before anything is written: it would wait out
+    /// `drain_timeout` and hold up every other admin command meanwhile. The check reads the
+    /// committed state after a linearizable read, so it sees every change committed before the
+    /// command arrived (drains, down marks, members added).
     async fn set_draining(&self, id: NodeId, draining: bool) -> Result<(), AdminError> {
+        if draining
+            && self
+                .read_committed()
+                .await?
+                .state
+                .draining_leaves_no_taker(id)
+        {
+            return Err(AdminError::NoNodeToTakeShards { node: id });
+        }
         self.raft
             .client_write(Command::SetDraining { node: id, draining })
             .await
@@ -639,7 +654,9 @@ impl Consensus {
         Ok(())
     }
 
-    /// Waits until `id` owns no shard and hands none over (or is marked down).
+    /// Waits until `id` owns no shard and hands none over (or is marked down). Stops early when
+    /// the last possible taker went down after the drain was written (the up-front check
+    /// cannot see that coming): the drain then stays recorded and goes on once a node can take.
     async fn wait_drained(&self, id: NodeId) -> Result<(), AdminError> {
         let mut applied = self.subscribe();
         let drained = |state: &ClusterState| {
@@ -652,11 +669,21 @@ impl Consensus {
         };
         let wait = async {
             loop {
-                if drained(&applied.borrow_and_update().state) {
-                    return;
+                {
+                    let current = applied.borrow_and_update();
+                    if drained(&current.state) {
+                        return Ok(());
+                    }
+                    if current.state.draining_leaves_no_taker(id) {
+                        return Err(AdminError::Failed {
+                            reason: format!(
+                                "node {id} still owns shards and no other member can take them now (each is draining or marked down): undrain a node or add one; the drain goes on by itself once a node can take the shards"
+                            ),
+                        });
+                    }
                 }
                 if applied.changed().await.is_err() {
-                    return;
+                    return Ok(());
                 }
             }
         };
@@ -667,11 +694,27 @@ impl Consensus {
                     "node {id} still owns shards after {:?}: is it running? Its shards move once it hands them over or the leader marks it down",
                     self.config.drain_timeout
                 ),
-            })
+            })?
     }
 
-    /// Removes a node: a live one is drained first (its shards handed over), then raft
-    /// membership changes; a node marked down is removed at once.
+    /// The committed state as this node, the leader, sees it: after `ensure_linearizable`
+    /// every entry committed before the call is applied here (the storage layer publishes an
+    /// applied state before openraft counts it applied).
+    async fn read_committed(&self) -> Result<Arc<AppliedState>, AdminError> {
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => Ok(self.applied()),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
+                Err(AdminError::NotLeader {
+                    leader: forward.leader_id,
+                })
+            }
+            Err(error) => Err(failed(error)),
+        }
+    }
+
+    /// Removes a node: a live one is drained first (its shards handed over; refused up front
+    /// when no other node could take them), then raft membership changes; a node marked down
+    /// is removed at once.
     async fn remove_node(&self, id: NodeId) -> Result<AdminResponse, AdminError> {
         let metrics = self.raft.metrics().borrow().clone();
         let membership = metrics.membership_config.membership();

@@ -383,6 +383,37 @@ impl ClusterState {
             .map(|(s, p)| (*s, *p))
     }
 
+    /// Whether draining `node` would leave no member to take its shards, so that the drain
+    /// could never finish: every other member is draining or marked down.
+    ///
+    /// When `node` is eligible it is the last member that may own shards, and draining it would
+    /// leave the allocator nothing to place shards on, now or at any later change. When it is
+    /// already draining (a repeated drain), the drain changes nothing and is stranded only if
+    /// the node is alive and still owns shards or has some moving to it. A node marked down
+    /// counts as drained: its shards are not waiting for it. A node that is not a member is
+    /// not this check's business (the caller refuses it by name).
+    pub fn draining_leaves_no_taker(&self, node: NodeId) -> bool {
+        let Some(member) = self.members.get(&node) else {
+            return false;
+        };
+        let another_eligible = self
+            .members
+            .iter()
+            .any(|(id, other)| *id != node && other.eligible());
+        if another_eligible {
+            return false;
+        }
+        if member.eligible() {
+            return true;
+        }
+        let owns = self
+            .map
+            .as_ref()
+            .is_some_and(|map| map.shards_of(node).next().is_some());
+        let receiving = self.pending.values().any(|p| p.to == node);
+        !member.down && (owns || receiving)
+    }
+
     fn applied(&self) -> CommandResponse {
         CommandResponse::Applied {
             epoch: self.map_epoch(),
@@ -562,6 +593,82 @@ mod tests {
             draining: false,
         });
         assert_eq!(state.pending.values().filter(|p| p.to == 3).count(), 4);
+    }
+
+    fn drain(state: &mut ClusterState, node: NodeId, draining: bool) {
+        state.apply(&Command::SetDraining { node, draining });
+    }
+
+    fn release_all(state: &mut ClusterState, from: NodeId) {
+        let shards: Vec<ShardId> = state.moving_away(from).map(|(s, _)| s).collect();
+        if !shards.is_empty() {
+            state.apply(&Command::Released {
+                shards,
+                epoch: state.epoch,
+                from,
+            });
+        }
+    }
+
+    // Goal: the admin precondition refuses exactly the drains no node could take. Method: on 3
+    // nodes drain 1 and 2 (allowed), then ask about 3, about repeated drains, about a node whose
+    // only possible taker is marked down, and about an undrained one.
+    #[test]
+    fn draining_the_last_eligible_node_is_refused_up_front() {
+        let mut state = ClusterState::default();
+        state.apply(&Command::Init { shard_count: 12 });
+        members(&mut state, &[1, 2, 3], &[1, 2, 3]);
+        assert!(!state.draining_leaves_no_taker(1), "two nodes can take");
+        drain(&mut state, 1, true);
+        release_all(&mut state, 1);
+        assert!(!state.draining_leaves_no_taker(2), "node 3 can take");
+        drain(&mut state, 2, true);
+        release_all(&mut state, 2);
+        assert_eq!(state.map.as_ref().unwrap().shards_of(3).count(), 12);
+        assert!(
+            state.draining_leaves_no_taker(3),
+            "node 3 is the last eligible member"
+        );
+        assert!(
+            !state.draining_leaves_no_taker(1),
+            "draining a node that is already draining still works"
+        );
+        assert!(!state.draining_leaves_no_taker(9), "not a member: not ours");
+        // Undrained, node 1 can take node 3's shards again.
+        drain(&mut state, 1, false);
+        assert!(!state.draining_leaves_no_taker(3));
+
+        // Another member marked down is no taker either.
+        let mut state = ClusterState::default();
+        state.apply(&Command::Init { shard_count: 12 });
+        members(&mut state, &[1, 2, 3], &[1, 2, 3]);
+        drain(&mut state, 1, true);
+        release_all(&mut state, 1);
+        state.apply(&Command::MarkDown { node: 2 });
+        assert!(state.draining_leaves_no_taker(3), "1 drains, 2 is down");
+        assert!(
+            !state.draining_leaves_no_taker(2),
+            "a node marked down holds nothing a drain waits for"
+        );
+    }
+
+    #[test]
+    fn a_repeated_drain_is_stranded_only_while_the_node_still_holds_shards() {
+        let mut state = ClusterState::default();
+        state.apply(&Command::Init { shard_count: 12 });
+        members(&mut state, &[1, 2, 3], &[1, 2, 3]);
+        // Node 1 drains, but before it releases anything both possible takers go down.
+        drain(&mut state, 1, true);
+        state.apply(&Command::MarkDown { node: 2 });
+        state.apply(&Command::MarkDown { node: 3 });
+        assert!(state.map.as_ref().unwrap().shards_of(1).next().is_some());
+        assert!(
+            state.draining_leaves_no_taker(1),
+            "its shards have nowhere to go"
+        );
+        // Once node 2 is back up it can take them.
+        state.apply(&Command::MarkUp { node: 2 });
+        assert!(!state.draining_leaves_no_taker(1));
     }
 
     #[test]
