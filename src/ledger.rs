@@ -261,12 +261,14 @@ impl<A> ShardLedger<A> {
     }
 
     /// A snapshot arrived from the previous owner for the move of allocation `epoch`. Kept
-    /// unless the state is already here in newer form (a running actor restored it, or a
-    /// snapshot of a later move is parked) or is moving away.
+    /// unless the state is already here (a running actor restored it, or a snapshot of this
+    /// move or a later one is parked) or is moving away. A second snapshot of the same move is
+    /// never newer: a retry carries the same state, and a sender that restarted since (its
+    /// ledger empty, its map older than the release) would send an empty one.
     pub(crate) fn received(&mut self, epoch: u64, snapshot: Option<Handoff>) -> bool {
         match &self.place {
             Place::Absent | Place::Gone { .. } => {}
-            Place::Parked { epoch: parked, .. } if *parked <= epoch => {}
+            Place::Parked { epoch: parked, .. } if *parked < epoch => {}
             _ => return false,
         }
         self.place = Place::Parked { snapshot, epoch };

@@ -205,7 +205,18 @@ fn a_late_duplicate_never_replaces_a_running_or_newer_state() {
     let mut ledger = ShardLedger::<&str>::default();
     ledger.received(4, snap(1));
     assert!(!ledger.received(3, snap(0)), "an older move's snapshot");
-    assert!(ledger.received(4, snap(1)), "a retry of the same move");
+    assert!(
+        !ledger.received(4, None),
+        "a second snapshot of the same move (from a sender restarted since) is not newer"
+    );
+    assert_eq!(
+        ledger.place(),
+        &Place::Parked {
+            snapshot: snap(1),
+            epoch: 4
+        }
+    );
+    assert!(ledger.received(5, snap(2)), "a later move's snapshot");
     ledger.request(true, 1, || "actor");
     assert!(
         !ledger.received(4, snap(1)),
@@ -273,10 +284,23 @@ struct Actor {
     value: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Node {
     ledger: ShardLedger<u64>,
     applied: usize,
+    /// Whether it holds a lease. A restarted node gets one only once it applied the newest
+    /// committed state (the leader grants leases only for the newest epoch).
+    leased: bool,
+}
+
+impl Default for Node {
+    fn default() -> Self {
+        Node {
+            ledger: ShardLedger::default(),
+            applied: 0,
+            leased: true,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -306,6 +330,9 @@ enum Event {
     Deliver(usize),
     DeliverCommitUnknown(usize),
     Lose(usize),
+    /// A node that holds none of the shard's state stops gracefully and starts again: its
+    /// ledger is empty and it replays its log from an older point.
+    Restart(usize),
 }
 
 fn event() -> impl Strategy<Value = Event> {
@@ -320,6 +347,7 @@ fn event() -> impl Strategy<Value = Event> {
         2 => (0..4usize).prop_map(Event::Deliver),
         1 => (0..4usize).prop_map(Event::DeliverCommitUnknown),
         1 => (0..4usize).prop_map(Event::Lose),
+        1 => (0..3usize).prop_map(Event::Restart),
     ]
 }
 
@@ -356,11 +384,17 @@ impl World {
     fn apply(&mut self, node: NodeId) {
         let next = self.nodes[&node].applied + 1;
         if next >= self.log.len() {
+            // Caught up: the next renewal is granted.
+            self.nodes
+                .get_mut(&node)
+                .expect("a node of the world")
+                .leased = true;
             return;
         }
         let state = self.log[next];
         let n = self.nodes.get_mut(&node).expect("a node of the world");
         n.applied = next;
+        n.leased |= next + 1 == self.log.len();
         let stopped = n.ledger.reconcile(state.view(node));
         assert!(
             stopped.is_none(),
@@ -369,8 +403,12 @@ impl World {
         );
     }
 
+    fn serves(&self, node: NodeId) -> bool {
+        self.nodes[&node].leased && self.view(node).serves(node)
+    }
+
     fn request(&mut self, node: NodeId) {
-        let serves = self.view(node).serves(node);
+        let serves = self.serves(node);
         let n = self.nodes.get_mut(&node).expect("a node of the world");
         if let Some(actor) = n.ledger.running() {
             // The actor checks that its node serves the shard for every message.
@@ -466,6 +504,16 @@ impl World {
             .sent(to, epoch, Sent::Failed);
     }
 
+    fn restart(&mut self, node: NodeId) {
+        let n = self.nodes.get_mut(&node).expect("a node of the world");
+        if !matches!(n.ledger.place(), Place::Absent | Place::Gone { .. }) {
+            return;
+        }
+        n.ledger = ShardLedger::default();
+        n.applied /= 2;
+        n.leased = false;
+    }
+
     fn run(&mut self, event: Event) {
         self.trace.push(format!("{event:?}"));
         let committed = self.committed();
@@ -507,6 +555,7 @@ impl World {
             Event::Deliver(i) => self.deliver(i, false),
             Event::DeliverCommitUnknown(i) => self.deliver(i, true),
             Event::Lose(i) => self.lose(i),
+            Event::Restart(n) => self.restart(NODES[n]),
         }
         self.check();
     }
@@ -517,7 +566,7 @@ impl World {
         let serving: Vec<NodeId> = NODES
             .iter()
             .copied()
-            .filter(|n| self.view(*n).serves(*n))
+            .filter(|n| self.serves(*n))
             .filter(|n| {
                 !matches!(
                     self.nodes[n].ledger.place(),
@@ -557,6 +606,8 @@ impl World {
                 while self.nodes[node].applied + 1 < self.log.len() {
                     self.run(Event::Apply(n));
                 }
+                // Caught up: renew.
+                self.run(Event::Apply(n));
                 self.run(Event::HandoffStep(n));
             }
             let done = self.committed().pending.is_none()
