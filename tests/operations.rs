@@ -11,7 +11,9 @@
 //! - `OPS_SEEDS`: the seeds of the randomized test, a range `0..200` or a list `7,9`
 //!   (default [`DEFAULT_SEEDS`]);
 //! - `OPS_KEYS`: how many keys each randomized run writes (default [`DEFAULT_KEYS`]); half before
-//!   the schedule, the rest spread over its steps.
+//!   the schedule, the rest spread over its steps;
+//! - `OPS_DIRECTED_KEYS`: how many keys each directed test writes (default [`DIRECTED_KEYS`]),
+//!   e.g. `OPS_DIRECTED_KEYS=100000 cargo test --release --test operations without_reads`.
 //!
 //! The long run:
 //!
@@ -56,8 +58,19 @@ const DEFAULT_SEEDS: [u64; 3] = [8, 13, 15];
 /// Keys per randomized run when `OPS_KEYS` is not set.
 const DEFAULT_KEYS: usize = 2_000;
 
-/// Keys each directed test writes before its flow.
+/// Keys each directed test writes before its flow when `OPS_DIRECTED_KEYS` is not set.
 const DIRECTED_KEYS: usize = 1_000;
+
+/// The keys each directed test writes, from `OPS_DIRECTED_KEYS`, or [`DIRECTED_KEYS`].
+fn directed_keys() -> usize {
+    match std::env::var("OPS_DIRECTED_KEYS") {
+        Err(_) => DIRECTED_KEYS,
+        Ok(text) => match text.trim().parse::<usize>() {
+            Ok(count) if count >= 1 => count,
+            _ => panic!("OPS_DIRECTED_KEYS={text:?}: give a number of keys, at least 1"),
+        },
+    }
+}
 
 /// Concurrent writers (tokio tasks), each writing one key at a time.
 const WRITERS: usize = 4;
@@ -102,7 +115,7 @@ fn drain_then_undrain_without_reads_keeps_every_value() {
     let mut model = Model::initial();
     settle(&cluster, &model, None, "before the writes");
     let runtime = runtime();
-    let written = write_all(&runtime, &cluster, &model, DIRECTED_KEYS);
+    let written = write_all(&runtime, &cluster, &model, directed_keys());
 
     operator(&cluster, 1, &["drain", "--id", "2"], "drain node 2");
     model.drained.insert(2);
@@ -133,7 +146,7 @@ fn add_then_remove_node_without_reads_keeps_every_value() {
     let mut model = Model::initial();
     settle(&cluster, &model, None, "before the writes");
     let runtime = runtime();
-    let written = write_all(&runtime, &cluster, &model, DIRECTED_KEYS);
+    let written = write_all(&runtime, &cluster, &model, directed_keys());
 
     cluster.start(SPARE);
     let addr = cluster.addr(SPARE);
@@ -174,7 +187,7 @@ fn rolling_restart_without_reads_keeps_every_value() {
     let model = Model::initial();
     settle(&cluster, &model, None, "before the writes");
     let runtime = runtime();
-    let written = write_all(&runtime, &cluster, &model, DIRECTED_KEYS);
+    let written = write_all(&runtime, &cluster, &model, directed_keys());
 
     for id in cluster.ids() {
         cluster.mark(&format!("SIGTERM node {id}"));

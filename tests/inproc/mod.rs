@@ -32,6 +32,7 @@ use clusterfunk::storage::StoreOptions;
 use clusterfunk::{
     ConsensusConfig, LeaseConfig, NodeConfig, ServeEvent, ServeEventKind, ServeObserver, StartError,
 };
+use serde_bytes::ByteBuf;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 
@@ -108,12 +109,80 @@ pub struct Put {
 #[reply(Served)]
 pub struct Get;
 
+/// Sets the key's value after sleeping `millis` (an `async` handler method: the shard takes no
+/// other message meanwhile, and a deactivation waits its turn behind it).
+#[derive(Debug, Serialize, Deserialize, ShardMessage)]
+#[reply(Served)]
+pub struct SlowPut {
+    /// The new value.
+    pub value: u64,
+    /// How long the handler sleeps before it stores the value.
+    pub millis: u64,
+}
+
+/// Stores a blob under the key (kept apart from its register value).
+#[derive(Debug, Serialize, Deserialize, ShardMessage)]
+#[reply(BlobServed)]
+pub struct PutBlob {
+    /// The blob.
+    pub bytes: ByteBuf,
+}
+
+/// Reads the key's blob, as its length and checksum.
+#[derive(Debug, Serialize, Deserialize, ShardMessage)]
+#[reply(BlobServed)]
+pub struct GetBlob;
+
+/// A blob's length and checksum, so replies stay small however big the blob is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobDigest {
+    /// Its length in bytes.
+    pub len: u64,
+    /// A hash of its bytes.
+    pub checksum: u64,
+}
+
+impl BlobDigest {
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> BlobDigest {
+        // SipHash with fixed keys: the same bytes give the same checksum on every node.
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        hasher.write(bytes);
+        BlobDigest {
+            len: bytes.len() as u64,
+            checksum: hasher.finish(),
+        }
+    }
+}
+
+/// What `PutBlob` and `GetBlob` answer: who served the message, and the key's blob after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobServed {
+    /// The node that ran the handler.
+    pub node: NodeId,
+    /// The shard of the key.
+    pub shard: ShardId,
+    /// The key's blob after the message (`None`: never stored on this shard's state).
+    pub blob: Option<BlobDigest>,
+}
+
+/// What [`Registers`] hands over on a planned move: every register value and every blob.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct RegistersSnapshot {
+    /// The register values, by key bytes.
+    values: Vec<(Vec<u8>, u64)>,
+    /// The blobs, by key bytes.
+    blobs: Vec<(Vec<u8>, ByteBuf)>,
+}
+
 /// The test handler: a register per key. Its state moves with a planned handoff
 /// (`on_deactivate` → `on_restore`) and is lost on failover, as the design says.
 #[derive(Default)]
 pub struct Registers {
     /// The values of this shard's keys.
     values: HashMap<Key, u64>,
+    /// The blobs of this shard's keys ([`PutBlob`]).
+    blobs: HashMap<Key, ByteBuf>,
 }
 
 impl Registers {
@@ -123,6 +192,14 @@ impl Registers {
             epoch: ctx.epoch(),
             shard: ctx.shard(),
             value: self.values.get(key).copied(),
+        }
+    }
+
+    fn blob_served(&self, key: &Key, ctx: &ShardContext) -> BlobServed {
+        BlobServed {
+            node: ctx.node_id(),
+            shard: ctx.shard(),
+            blob: self.blobs.get(key).map(|blob| BlobDigest::of(blob)),
         }
     }
 }
@@ -143,21 +220,50 @@ impl Registers {
         self.served(&key, ctx)
     }
 
+    async fn slow_put(&mut self, key: Key, msg: SlowPut, ctx: &mut ShardContext) -> Served {
+        actix::clock::sleep(Duration::from_millis(msg.millis)).await;
+        self.values.insert(key.clone(), msg.value);
+        self.served(&key, ctx)
+    }
+
+    fn put_blob(&mut self, key: Key, msg: PutBlob, ctx: &mut ShardContext) -> BlobServed {
+        self.blobs.insert(key.clone(), msg.bytes);
+        self.blob_served(&key, ctx)
+    }
+
+    fn get_blob(&mut self, key: Key, _msg: GetBlob, ctx: &mut ShardContext) -> BlobServed {
+        self.blob_served(&key, ctx)
+    }
+
     fn on_deactivate(&mut self, _ctx: &mut ShardContext) -> Option<Handoff> {
-        let entries: Vec<(Vec<u8>, u64)> = self
-            .values
-            .drain()
-            .map(|(key, value)| (key.into_bytes(), value))
-            .collect();
-        Handoff::encode(&entries).ok()
+        let snapshot = RegistersSnapshot {
+            values: self
+                .values
+                .drain()
+                .map(|(key, value)| (key.into_bytes(), value))
+                .collect(),
+            blobs: self
+                .blobs
+                .drain()
+                .map(|(key, blob)| (key.into_bytes(), blob))
+                .collect(),
+        };
+        Handoff::encode(&snapshot).ok()
     }
 
     fn on_restore(&mut self, handoff: Handoff, _ctx: &mut ShardContext) {
-        if let Ok(entries) = handoff.decode::<Vec<(Vec<u8>, u64)>>() {
+        if let Ok(snapshot) = handoff.decode::<RegistersSnapshot>() {
             self.values.extend(
-                entries
+                snapshot
+                    .values
                     .into_iter()
                     .map(|(key, value)| (Key::from(key), value)),
+            );
+            self.blobs.extend(
+                snapshot
+                    .blobs
+                    .into_iter()
+                    .map(|(key, blob)| (Key::from(key), blob)),
             );
         }
     }
@@ -437,12 +543,28 @@ pub struct TestCluster {
     delayed: Mutex<BTreeMap<(NodeId, NodeId), Duration>>,
     /// A key of each shard, by shard.
     keys: Vec<String>,
+    /// Adjusts every node's configuration after the harness set its own timings
+    /// ([`TestCluster::start_with`]); applied at every start and restart.
+    configure: Configure,
 }
+
+/// A change to the harness's node configuration, e.g. a shorter `deactivate_timeout`.
+pub type Configure = Arc<dyn Fn(&mut NodeConfig) + Send + Sync>;
 
 impl TestCluster {
     /// Starts `nodes` nodes (ids `1..=nodes`) that bootstrap one cluster together, and waits
     /// until they all serve under one map ([`TestCluster::wait_ready`]).
     pub async fn start(name: &str, nodes: usize) -> Arc<TestCluster> {
+        TestCluster::start_with(name, nodes, |_| {}).await
+    }
+
+    /// [`TestCluster::start`], with `configure` applied to every node's configuration after the
+    /// harness's own settings (node id, shard count, timings), at every start and restart.
+    pub async fn start_with(
+        name: &str,
+        nodes: usize,
+        configure: impl Fn(&mut NodeConfig) + Send + Sync + 'static,
+    ) -> Arc<TestCluster> {
         init_logging();
         let dir = tempfile::Builder::new()
             .prefix(&format!("clusterfunk-{name}-"))
@@ -470,6 +592,7 @@ impl TestCluster {
             blocked: Mutex::new(BTreeSet::new()),
             delayed: Mutex::new(BTreeMap::new()),
             keys,
+            configure: Arc::new(configure),
         });
         println!(
             "{name}: {nodes} nodes on 127.0.0.1..={nodes}:{port}, data in {}",
@@ -899,6 +1022,7 @@ impl TestCluster {
                 slot.data_dir.clone(),
                 members.clone(),
                 self.recorder.clone(),
+                self.configure.clone(),
             )
             .await
             {
@@ -975,6 +1099,7 @@ async fn spawn_node(
     data_dir: PathBuf,
     members: Vec<(NodeId, NodeInfo)>,
     recorder: Arc<Recorder>,
+    configure: Configure,
 ) -> Result<Running, String> {
     let (started, started_rx) =
         oneshot::channel::<Result<(Node<Registers>, System, ArbiterHandle), StartError>>();
@@ -983,7 +1108,7 @@ async fn spawn_node(
         .spawn(move || {
             let runner = System::new();
             let node = runner.block_on(async move {
-                let config = NodeConfig {
+                let mut config = NodeConfig {
                     node_id: id,
                     shard_count: SHARD_COUNT,
                     request_timeout: REQUEST_TIMEOUT,
@@ -1000,6 +1125,7 @@ async fn spawn_node(
                     },
                     ..NodeConfig::default()
                 };
+                configure(&mut config);
                 Cluster::builder()
                     .config(config)
                     .listen(addr)
