@@ -115,8 +115,9 @@ pub(crate) async fn hand_off<H: ShardHandler>(
         let mut failed = false;
         for ((to, epoch), shards) in groups {
             for chunk in shards.chunks(SHARDS_PER_BATCH) {
-                let ready = take_snapshots(&router, chunk, to, epoch, deactivate_timeout).await;
-                let (ready, stuck) = ready;
+                let (ready, stuck, later) =
+                    take_snapshots(&router, chunk, to, epoch, deactivate_timeout).await;
+                failed |= later;
                 for error in stuck {
                     failed = true;
                     report(&mut reported, epoch, error);
@@ -203,15 +204,15 @@ fn report(reported: &mut HashSet<(ShardId, u64)>, epoch: u64, error: HandoffErro
 }
 
 /// Takes the snapshots of `shards` out of the ledger: retires running actors and waits for them
-/// (bounded by `timeout`). Returns the snapshots to send, and an error for each shard whose
-/// actor is still retiring.
+/// (bounded by `timeout`). Returns the snapshots to send, an error for each shard whose actor is
+/// still retiring, and whether some shard must be looked at again shortly.
 async fn take_snapshots<H: ShardHandler>(
     router: &Router<H>,
     shards: &[ShardId],
     to: NodeId,
     epoch: u64,
     timeout: Duration,
-) -> (Vec<(ShardId, Option<Handoff>)>, Vec<HandoffError>) {
+) -> (Vec<(ShardId, Option<Handoff>)>, Vec<HandoffError>, bool) {
     let mut ready = Vec::new();
     let mut retiring = Vec::new();
     for &shard in shards {
@@ -221,15 +222,19 @@ async fn take_snapshots<H: ShardHandler>(
         }
     }
     if retiring.is_empty() {
-        return (ready, Vec::new());
+        return (ready, Vec::new(), false);
     }
     let stuck = router.wait_retired(&retiring, timeout).await;
+    let mut later = false;
     for shard in retiring {
         if stuck.contains(&shard) {
             continue;
         }
-        if let MoveStep::Send(snapshot) = router.begin_move(shard, to, epoch) {
-            ready.push((shard, snapshot));
+        match router.begin_move(shard, to, epoch) {
+            MoveStep::Send(snapshot) => ready.push((shard, snapshot)),
+            // The router's table has not shown the move yet (or shows it released already):
+            // look again shortly.
+            MoveStep::Retire(()) | MoveStep::Wait => later = true,
         }
     }
     let errors = stuck
@@ -239,7 +244,7 @@ async fn take_snapshots<H: ShardHandler>(
             after: timeout,
         })
         .collect();
-    (ready, errors)
+    (ready, errors, later)
 }
 
 /// Groups snapshots into requests that stay well inside the transport's frame limit: small ones

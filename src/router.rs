@@ -246,6 +246,13 @@ impl<H: ShardHandler> Router<H> {
         let state = table.state.clone();
         self.table.store(Arc::new(table));
         self.changes.send_modify(|v| *v += 1);
+        // Half-received snapshots of moves no longer coming here are dropped.
+        lock(&self.staging).retain(|shard, staged| {
+            let expected = state.pending.get(shard).is_some_and(|p| {
+                p.to == self.node_id && p.from == staged.from && p.epoch == staged.epoch
+            });
+            expected || staged.epoch > state.epoch
+        });
         // The ledger drops what the applied state says is no longer this node's (released,
         // re-targeted away, lost without handoff) and names the actors to stop.
         for (shard, slot) in self.slots.iter().enumerate() {
@@ -749,10 +756,23 @@ impl<H: ShardHandler> Router<H> {
     /// One step of the planned move of `shard` to `to` (allocation `epoch`), for the handoff
     /// task: asks a running actor to retire (its snapshot comes back through
     /// [`retired`](Self::retired)), or hands out the snapshot to send.
+    /// Nothing happens until this router's own table shows the move: the handoff task follows
+    /// the applied state directly, and a table that lags behind it would still let requests
+    /// start the shard here after its state left.
     pub(crate) fn begin_move(&self, shard: ShardId, to: NodeId, epoch: u64) -> MoveStep<()> {
         let Some(slot) = self.slots.get(shard as usize) else {
             return MoveStep::Wait;
         };
+        let shown = self
+            .table
+            .load()
+            .state
+            .pending
+            .get(&shard)
+            .is_some_and(|p| p.from == self.node_id && p.to == to && p.epoch == epoch);
+        if !shown {
+            return MoveStep::Wait;
+        }
         match lock(slot).begin_move(to, epoch) {
             MoveStep::Retire(running) => {
                 // `do_send`: the retirement waits its turn behind the messages already queued,
@@ -808,12 +828,25 @@ impl<H: ShardHandler> Router<H> {
 
     /// Keeps a snapshot handed over by the previous owner (for the move of allocation `epoch`)
     /// until the shard starts here or moves on.
-    pub(crate) fn accept_handoff(&self, shard: ShardId, epoch: u64, handoff: Option<Handoff>) {
-        if let Some(slot) = self.slots.get(shard as usize) {
-            if !lock(slot).received(epoch, handoff) {
-                tracing::debug!(shard, epoch, "a stale or duplicate snapshot was not kept");
-            }
+    /// Refused while the node stops: the sender must not release a shard to a node that is
+    /// about to exit.
+    pub(crate) fn accept_handoff(
+        &self,
+        shard: ShardId,
+        epoch: u64,
+        handoff: Option<Handoff>,
+    ) -> Result<(), String> {
+        if self.stopping.load(Ordering::Acquire) {
+            return Err(format!("node {} is shutting down", self.node_id));
         }
+        let slot = self
+            .slots
+            .get(shard as usize)
+            .ok_or_else(|| format!("shard {shard} is out of range"))?;
+        if !lock(slot).received(epoch, handoff) {
+            tracing::debug!(shard, epoch, "a stale or duplicate snapshot was not kept");
+        }
+        Ok(())
     }
 
     /// Keeps one chunk of a large snapshot; the last one parks the whole snapshot like
@@ -870,7 +903,7 @@ impl<H: ShardHandler> Router<H> {
         if staged.bytes.len() as u64 == total {
             if let Some(done) = staging.remove(&shard) {
                 drop(staging);
-                self.accept_handoff(shard, epoch, Some(Handoff::from_bytes(done.bytes)));
+                return self.accept_handoff(shard, epoch, Some(Handoff::from_bytes(done.bytes)));
             }
         }
         Ok(())

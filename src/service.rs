@@ -105,10 +105,15 @@ impl<H: ShardHandler> Service for NodeService<H> {
             } => {
                 tracing::info!(from, epoch, count = shards.len(), "shards handed over");
                 crate::metrics::handoffs_completed("in", shards.len());
-                for (shard, snapshot) in shards {
-                    self.router.accept_handoff(shard, epoch, snapshot);
-                }
-                Box::pin(std::future::ready(encode(&Response::HandoffAccepted)))
+                let refused = shards
+                    .into_iter()
+                    .map(|(shard, snapshot)| self.router.accept_handoff(shard, epoch, snapshot))
+                    .find_map(Result::err);
+                let response = match refused {
+                    None => Response::HandoffAccepted,
+                    Some(reason) => Response::HandoffRefused { reason },
+                };
+                Box::pin(std::future::ready(encode(&response)))
             }
             Request::HandoffChunk {
                 from,
