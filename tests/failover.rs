@@ -44,17 +44,6 @@ fn keys_owned_by(map: &ShardMap, node: u64, prefix: &str, count: usize) -> Vec<S
         .collect()
 }
 
-/// Whether exactly `owners` own shards in `map`, each ⌊count/owners⌋ or ⌈count/owners⌉.
-fn is_balanced(map: &ShardMap, owners: &[u64]) -> bool {
-    let low = SHARD_COUNT / owners.len();
-    let high = SHARD_COUNT.div_ceil(owners.len());
-    map.owners.len() == SHARD_COUNT
-        && map.owners() == owners
-        && owners
-            .iter()
-            .all(|&node| (low..=high).contains(&map.count(node)))
-}
-
 /// Waits until nodes `ids` agree on one map in which exactly `owners` own shards, each a
 /// balanced share, while every node of `ids` reports exactly `down` as marked down and no shard
 /// moving; returns the agreement and the map.
@@ -68,7 +57,7 @@ fn wait_until_balanced(
         ids,
         &format!("with shards balanced over {owners:?}, {down:?} down and no shard moving"),
         |_, map| {
-            is_balanced(map, owners)
+            map.is_balanced(owners)
                 && ids.iter().all(|&id| {
                     cluster.status(id).is_some_and(|status| {
                         id_list(&status["down"]) == down && status["shards_moving"] == 0
@@ -709,7 +698,7 @@ fn sigterm_drains_the_node_and_a_restart_takes_its_share_back() {
             &staying,
             &format!("node {leaving} drained and {staying:?} own every shard"),
             |_, map| {
-                is_balanced(map, &staying)
+                map.is_balanced(&staying)
                     && cluster.status(staying[0]).is_some_and(|status| {
                         id_list(&status["draining"]) == [leaving]
                             && id_list(&status["down"]).is_empty()

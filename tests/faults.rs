@@ -17,19 +17,9 @@ use std::time::{Duration, Instant};
 
 use clusterfunk::{Error, NodeId, ServeEvent, ServeEventKind, ShardId};
 use inproc::{
-    Get, Put, Recorder, SendError, Served, SplitMix64, TestCluster, Traffic, TrafficStats,
-    DEADLINE, SEND_BOUND, SHARD_COUNT,
+    shards_of, Get, Put, Recorder, SendError, Served, SplitMix64, TestCluster, Traffic,
+    TrafficStats, DEADLINE, SEND_BOUND, SHARD_COUNT,
 };
-
-/// The shards `node` owns in `owners`.
-fn shards_of(owners: &[NodeId], node: NodeId) -> Vec<ShardId> {
-    owners
-        .iter()
-        .enumerate()
-        .filter(|(_, owner)| **owner == node)
-        .map(|(shard, _)| shard as ShardId)
-        .collect()
-}
 
 /// Waits until the traffic has been served a few times, so faults hit a cluster under load.
 async fn wait_for_traffic(cluster: &TestCluster) {

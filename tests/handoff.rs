@@ -20,8 +20,8 @@ use clusterfunk::shard_map::{allocate, Member, ShardMap};
 use clusterfunk::{Error, NodeId, NotReadyReason, ServeEventKind, ShardId};
 use futures_util::future::join_all;
 use inproc::{
-    key_of_shard, BlobDigest, Get, GetBlob, Incr, Put, PutBlob, SendError, Served, SlowPut,
-    TestCluster, DEADLINE, SHARD_COUNT,
+    key_of_shard, shards_of, BlobDigest, Get, GetBlob, Incr, Put, PutBlob, SendError, Served,
+    SlowPut, TestCluster, DEADLINE, SHARD_COUNT,
 };
 use serde_bytes::ByteBuf;
 
@@ -29,16 +29,6 @@ use serde_bytes::ByteBuf;
 /// stays recorded and goes on). Short, so that the admin command that follows (an undrain) is
 /// not held up behind it: the leader runs membership commands one at a time.
 const DRAIN_GIVES_UP: Duration = Duration::from_secs(2);
-
-/// The shards `node` owns in `owners`.
-fn shards_of(owners: &[NodeId], node: NodeId) -> Vec<ShardId> {
-    owners
-        .iter()
-        .enumerate()
-        .filter(|(_, owner)| **owner == node)
-        .map(|(shard, _)| shard as ShardId)
-        .collect()
-}
 
 /// The leader and the two other nodes of a 3-node cluster, once it is ready.
 async fn roles(cluster: &TestCluster) -> (NodeId, NodeId, NodeId) {

@@ -826,19 +826,8 @@ fn settle(cluster: &Cluster, model: &Model, stopped: Option<u64>, context: &str)
         if maps.iter().any(|(_, map)| map.epoch != epoch) {
             return None;
         }
-        is_balanced(map, &owners).then(|| map.clone())
+        map.is_balanced(&owners).then(|| map.clone())
     })
-}
-
-/// Whether exactly `owners` own shards in `map`, each ⌊count/owners⌋ or ⌈count/owners⌉.
-fn is_balanced(map: &ShardMap, owners: &[u64]) -> bool {
-    let low = SHARD_COUNT / owners.len();
-    let high = SHARD_COUNT.div_ceil(owners.len());
-    map.owners.len() == SHARD_COUNT
-        && map.owners() == owners
-        && owners
-            .iter()
-            .all(|&node| (low..=high).contains(&map.count(node)))
 }
 
 fn sorted(mut ids: Vec<u64>) -> Vec<u64> {

@@ -121,6 +121,19 @@ pub struct ShardMap {
 }
 
 impl ShardMap {
+    /// Whether exactly `owners` own shards, each ⌊count/owners⌋ or ⌈count/owners⌉.
+    // Not every test file that includes the harness uses it.
+    #[allow(dead_code)]
+    pub fn is_balanced(&self, owners: &[u64]) -> bool {
+        let low = SHARD_COUNT / owners.len();
+        let high = SHARD_COUNT.div_ceil(owners.len());
+        self.owners.len() == SHARD_COUNT
+            && self.owners() == owners
+            && owners
+                .iter()
+                .all(|&node| (low..=high).contains(&self.count(node)))
+    }
+
     /// Parses `shards --json`, checking that it lists every shard exactly once, in order.
     pub fn from_json(json: &Value) -> ShardMap {
         let epoch = json["epoch"]

@@ -1334,6 +1334,16 @@ impl SplitMix64 {
     }
 }
 
+/// The shards `node` owns in `owners` (a map as [`TestCluster::shards`] gives it).
+pub fn shards_of(owners: &[NodeId], node: NodeId) -> Vec<ShardId> {
+    owners
+        .iter()
+        .enumerate()
+        .filter(|(_, owner)| **owner == node)
+        .map(|(shard, _)| shard as ShardId)
+        .collect()
+}
+
 /// The first key `"{prefix}-{i}"` that hashes to `shard`.
 pub fn key_of_shard(prefix: &str, shard: ShardId) -> String {
     (0..100_000)
