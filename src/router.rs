@@ -147,6 +147,8 @@ pub struct Router<H: ShardHandler> {
     /// Bumped on every table or lease change; waiting requests watch it.
     changes: watch::Sender<u64>,
     lease: LeaseGate,
+    /// The newest allocation epoch a lease was granted for.
+    lease_epoch: AtomicU64,
     stopping: AtomicBool,
     waiting: AtomicUsize,
     /// Where each shard's state is on this node (the handoff ledger), with the running actor's
@@ -207,6 +209,7 @@ impl<H: ShardHandler> Router<H> {
             table: ArcSwap::from_pointee(parts.table),
             changes: watch::channel(0).0,
             lease: LeaseGate::new(standalone),
+            lease_epoch: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
             slots: (0..parts.shard_count)
@@ -281,9 +284,11 @@ impl<H: ShardHandler> Router<H> {
         }
     }
 
-    /// Extends the node's lease to `until`.
-    pub(crate) fn set_lease(&self, until: Instant) {
+    /// Extends the node's lease to `until`, granted for allocation `epoch` (rule 4(b): the node
+    /// serves under it only while its table is at least at that epoch).
+    pub(crate) fn set_lease(&self, until: Instant, epoch: u64) {
         let was_valid = self.lease.is_valid();
+        self.lease_epoch.fetch_max(epoch, Ordering::AcqRel);
         self.lease.set(until);
         if !was_valid {
             self.changes.send_modify(|v| *v += 1);
@@ -300,15 +305,19 @@ impl<H: ShardHandler> Router<H> {
         self.table.load_full()
     }
 
-    /// Whether this node serves `shard` at this instant: it may serve, holds a valid lease, owns
-    /// the shard in its newest state and the shard is not moving away.
+    /// Whether this node serves `shard` at this instant: it may serve, holds a valid lease, its
+    /// table is at least at the epoch the lease was granted for (a table that lags behind the
+    /// state the grant was for may still name this node), owns the shard in that table and the
+    /// shard is not moving away.
     pub(crate) fn serves_now(&self, shard: ShardId) -> Option<Epoch> {
         if self.stopping.load(Ordering::Acquire) || !self.lease.is_valid() {
             return None;
         }
         let table = self.table.load();
-        (table.not_ready.is_none() && table.state.serves(self.node_id, shard))
-            .then(|| table.state.map_epoch())
+        (table.not_ready.is_none()
+            && table.state.epoch >= self.lease_epoch.load(Ordering::Acquire)
+            && table.state.serves(self.node_id, shard))
+        .then(|| table.state.map_epoch())
     }
 
     /// Passes an event to the observer, if any.

@@ -287,10 +287,17 @@ struct Actor {
 #[derive(Debug)]
 struct Node {
     ledger: ShardLedger<u64>,
+    /// The index of the newest state consensus applied: what the handoff task sees.
     applied: usize,
+    /// The index of the state in the router's table, installed from `applied` later and
+    /// possibly skipping states: what requests and the ledger's reconciliation see.
+    table: usize,
     /// Whether it holds a lease. A restarted node gets one only once it applied the newest
     /// committed state (the leader grants leases only for the newest epoch).
     leased: bool,
+    /// The index of the state its newest lease was granted for: it serves only while its
+    /// table is at least there (rule 4(b)).
+    lease_for: usize,
 }
 
 impl Default for Node {
@@ -298,7 +305,9 @@ impl Default for Node {
         Node {
             ledger: ShardLedger::default(),
             applied: 0,
+            table: 0,
             leased: true,
+            lease_for: 0,
         }
     }
 }
@@ -322,6 +331,7 @@ struct World {
 enum Event {
     Request(usize),
     Apply(usize),
+    Install(usize),
     StartMove(usize),
     Cancel,
     Retarget(usize),
@@ -339,6 +349,7 @@ fn event() -> impl Strategy<Value = Event> {
     prop_oneof![
         4 => (0..3usize).prop_map(Event::Request),
         4 => (0..3usize).prop_map(Event::Apply),
+        3 => (0..3usize).prop_map(Event::Install),
         1 => (0..3usize).prop_map(Event::StartMove),
         1 => Just(Event::Cancel),
         1 => (0..3usize).prop_map(Event::Retarget),
@@ -373,8 +384,9 @@ impl World {
         *self.log.last().expect("the log starts with a state")
     }
 
+    /// The router's table of `node`.
     fn view(&self, node: NodeId) -> MapState {
-        self.log[self.nodes[&node].applied]
+        self.log[self.nodes[&node].table]
     }
 
     fn commit(&mut self, state: MapState) {
@@ -383,18 +395,25 @@ impl World {
 
     fn apply(&mut self, node: NodeId) {
         let next = self.nodes[&node].applied + 1;
-        if next >= self.log.len() {
-            // Caught up: the next renewal is granted.
-            self.nodes
-                .get_mut(&node)
-                .expect("a node of the world")
-                .leased = true;
+        let n = self.nodes.get_mut(&node).expect("a node of the world");
+        if next < self.log.len() {
+            n.applied = next;
+        }
+        if n.applied + 1 == self.log.len() {
+            // Caught up: the next renewal is granted, for this state.
+            n.leased = true;
+            n.lease_for = n.applied;
+        }
+    }
+
+    /// The router installs the newest applied state as its table (skipping any in between).
+    fn install(&mut self, node: NodeId) {
+        let n = self.nodes.get_mut(&node).expect("a node of the world");
+        if n.table == n.applied {
             return;
         }
-        let state = self.log[next];
-        let n = self.nodes.get_mut(&node).expect("a node of the world");
-        n.applied = next;
-        n.leased |= next + 1 == self.log.len();
+        n.table = n.applied;
+        let state = self.log[n.table];
         let stopped = n.ledger.reconcile(state.view(node));
         assert!(
             stopped.is_none(),
@@ -404,7 +423,8 @@ impl World {
     }
 
     fn serves(&self, node: NodeId) -> bool {
-        self.nodes[&node].leased && self.view(node).serves(node)
+        let n = &self.nodes[&node];
+        n.leased && n.table >= n.lease_for && self.view(node).serves(node)
     }
 
     fn request(&mut self, node: NodeId) {
@@ -433,11 +453,14 @@ impl World {
         }
     }
 
+    /// The handoff task acts on the applied state; the router goes ahead only once its own
+    /// table shows the same move.
     fn handoff_step(&mut self, node: NodeId) {
-        let Some((from, to, epoch)) = self.view(node).pending else {
+        let pending = self.log[self.nodes[&node].applied].pending;
+        let Some((from, to, epoch)) = pending else {
             return;
         };
-        if from != node {
+        if from != node || self.view(node).pending != pending {
             return;
         }
         let n = self.nodes.get_mut(&node).expect("a node of the world");
@@ -511,6 +534,7 @@ impl World {
         }
         n.ledger = ShardLedger::default();
         n.applied /= 2;
+        n.table = n.applied;
         n.leased = false;
     }
 
@@ -520,6 +544,7 @@ impl World {
         match event {
             Event::Request(n) => self.request(NODES[n]),
             Event::Apply(n) => self.apply(NODES[n]),
+            Event::Install(n) => self.install(NODES[n]),
             Event::StartMove(n) => {
                 let to = NODES[n];
                 if committed.pending.is_none() && to != committed.owner {
@@ -606,8 +631,9 @@ impl World {
                 while self.nodes[node].applied + 1 < self.log.len() {
                     self.run(Event::Apply(n));
                 }
-                // Caught up: renew.
+                // Caught up: renew, and the router installs it.
                 self.run(Event::Apply(n));
+                self.run(Event::Install(n));
                 self.run(Event::HandoffStep(n));
             }
             let done = self.committed().pending.is_none()
@@ -615,7 +641,7 @@ impl World {
                 && self.wire.is_empty()
                 && NODES
                     .iter()
-                    .all(|n| self.nodes[n].applied + 1 == self.log.len());
+                    .all(|n| self.nodes[n].table + 1 == self.log.len());
             if done {
                 let owner = self.committed().owner;
                 let before = self.acked;
