@@ -264,15 +264,17 @@ impl<H: ShardHandler> ShardActor<H> {
     }
 
     /// Builds a fresh handler, restores the previous owner's snapshot if one was handed over,
-    /// and runs `on_activate`; a panic leaves the shard without a handler, and the next message
-    /// tries again.
+    /// and runs `on_activate`; a panic leaves the shard without a handler and keeps the
+    /// snapshot, and the next message tries again.
     fn activate(&mut self) {
         let Some((node_id, epoch)) = self.node_and_epoch() else {
             return;
         };
         let factory = self.factory.clone();
         let shard = self.shard;
-        let restore = self.restore.take();
+        // A copy: if `on_restore` or `on_activate` panics, the snapshot stays for the next try
+        // (and for a move away) instead of the shard starting empty.
+        let restore = self.restore.clone();
         let mut context = ShardContext::new(shard, node_id, epoch, self.cluster.clone());
         let built = std::panic::catch_unwind(AssertUnwindSafe(move || {
             let mut handler = factory(shard);
@@ -284,6 +286,7 @@ impl<H: ShardHandler> ShardActor<H> {
         }));
         match built {
             Ok(slot) => {
+                self.restore = None;
                 self.slot = Some(slot);
                 self.observe(ServeEventKind::Activated, epoch);
             }

@@ -20,8 +20,8 @@ use clusterfunk::shard_map::{allocate, Member, ShardMap};
 use clusterfunk::{Error, NodeId, NotReadyReason, ServeEventKind, ShardId};
 use futures_util::future::join_all;
 use inproc::{
-    key_of_shard, shards_of, BlobDigest, Get, GetBlob, Incr, Put, PutBlob, SendError, Served,
-    SlowPut, TestCluster, DEADLINE, SHARD_COUNT,
+    key_of_shard, restore_panicked, shards_of, BlobDigest, Get, GetBlob, Incr, Put, PutBlob,
+    SendError, Served, SlowPut, TestCluster, DEADLINE, RESTORE_PANIC_PREFIX, SHARD_COUNT,
 };
 use serde_bytes::ByteBuf;
 
@@ -202,6 +202,33 @@ async fn undrain_and_settle(cluster: &TestCluster, via: NodeId, id: NodeId) {
         "node {id} undrained: it owns {} shards",
         shards_of(&owners, id).len()
     );
+}
+
+#[tokio::test]
+async fn a_panicking_restore_keeps_the_snapshot_for_the_next_try() {
+    // Goal: when `on_restore` panics on the new owner, the handed-over state is kept for the
+    // next activation instead of the shard starting empty. Method: 3 nodes; write a value and
+    // a marker (which makes the first restore of its snapshot panic, once) to one shard of a
+    // follower; drain the follower; read the value through the leader until it answers (the
+    // first activation fails with ShardFailed, the next one restores); the marker proves the
+    // panic happened, and the value must be there.
+    let shared = TestCluster::start("panicking_restore", 3).await;
+    let cluster = &*shared;
+    let (leader, a, _) = roles(cluster).await;
+    let shard = shards_of(&owners(cluster, leader).await, a)[0];
+    let token = u64::from(std::process::id()) << 16 | u64::from(shard);
+    let values = vec![
+        (key_of_shard("restore", shard), 41),
+        (key_of_shard(RESTORE_PANIC_PREFIX, shard), token),
+    ];
+    write_all(cluster, leader, &values).await;
+    drain_and_settle(cluster, leader, a).await;
+    assert_values(cluster, &exactly(&values), "after the drain").await;
+    assert!(
+        restore_panicked(token),
+        "the first restore of shard {shard} on its new owner should have panicked"
+    );
+    cluster.check_single_owner("panicking restore");
 }
 
 #[tokio::test]

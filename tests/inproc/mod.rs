@@ -73,6 +73,21 @@ const PORT_RANGE: std::ops::Range<u16> = 10_000..20_000;
 /// Ports held by live clusters of this process.
 static PORTS_IN_USE: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
 
+/// Keys starting with this make the first `on_restore` of their shard's snapshot panic; the
+/// key's value is a token that [`restore_panicked`] reports on.
+pub const RESTORE_PANIC_PREFIX: &str = "panic-on-restore";
+
+/// The tokens whose `on_restore` panicked.
+static RESTORES_PANICKED: Mutex<BTreeSet<u64>> = Mutex::new(BTreeSet::new());
+
+/// Whether the `on_restore` of a snapshot holding `token` (see [`RESTORE_PANIC_PREFIX`])
+/// panicked.
+// Only the handoff tests use it.
+#[allow(dead_code)]
+pub fn restore_panicked(token: u64) -> bool {
+    lock(&RESTORES_PANICKED).contains(&token)
+}
+
 // ---------------------------------------------------------------------------------------------
 // The handler
 // ---------------------------------------------------------------------------------------------
@@ -253,6 +268,15 @@ impl Registers {
 
     fn on_restore(&mut self, handoff: Handoff, _ctx: &mut ShardContext) {
         if let Ok(snapshot) = handoff.decode::<RegistersSnapshot>() {
+            // A test that stores a value under a key starting with RESTORE_PANIC_PREFIX makes
+            // the first restore of that snapshot panic (the value is the token of that test).
+            for (key, token) in &snapshot.values {
+                if key.starts_with(RESTORE_PANIC_PREFIX.as_bytes())
+                    && lock(&RESTORES_PANICKED).insert(*token)
+                {
+                    panic!("on_restore panics once, as the test asked (token {token})");
+                }
+            }
             self.values.extend(
                 snapshot
                     .values
