@@ -1042,6 +1042,10 @@ impl ClusterHandle {
                 if router.shard_of(&key) == origin {
                     return Err(Error::Reentrant { shard: origin });
                 }
+                // A handler whose node no longer serves its shard must not act for it.
+                if !router.may_act_for(origin) {
+                    return Err(Error::OriginNotServed { shard: origin });
+                }
             }
             let reply = router
                 .send_any(key, M::TAG, Box::new(msg) as Box<dyn Any + Send>)

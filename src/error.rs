@@ -119,6 +119,24 @@ pub enum Error {
     /// compatible message types.
     #[error("codec: {0}; check that sender and receiver use the same message types")]
     Codec(String),
+    /// An `async` handler finished after its node had stopped serving the shard (its lease
+    /// lapsed, or the shard went to another node) while it ran: its reply is withheld, because
+    /// it may describe state another node now owns. The message may or may not have taken
+    /// effect; retry only if it is idempotent.
+    // New variants go last: the wire format numbers them in order.
+    #[error("shard {shard} stopped being served here while its handler ran; the outcome is unknown, retry only if the message is idempotent")]
+    OutcomeUnknown {
+        /// The shard the message was for.
+        shard: ShardId,
+    },
+    /// A handler tried to send to another key after its node had stopped serving its own shard:
+    /// the send was refused (nothing was sent), so a handler that lost its shard cannot act on
+    /// its behalf.
+    #[error("a handler of shard {shard} sent a message after its node stopped serving that shard; the send was refused")]
+    OriginNotServed {
+        /// The shard whose handler tried to send.
+        shard: ShardId,
+    },
 }
 
 /// A configuration value out of range, found before the node starts.

@@ -227,7 +227,7 @@ pub(crate) enum RouteLabel {
 }
 
 const ROUTES: [&str; 3] = ["local", "forwarded", "client"];
-const OUTCOMES: [&str; 9] = [
+const OUTCOMES: [&str; 10] = [
     "ok",
     "not_ready",
     "wrong_owner",
@@ -236,6 +236,7 @@ const OUTCOMES: [&str; 9] = [
     "unreachable",
     "shard_failed",
     "shutting_down",
+    "outcome_unknown",
     "error",
 ];
 
@@ -249,7 +250,8 @@ fn outcome_index(error: Option<&Error>) -> usize {
         Some(Error::Unreachable { .. }) => 5,
         Some(Error::ShardFailed { .. }) => 6,
         Some(Error::ShuttingDown) => 7,
-        Some(_) => 8,
+        Some(Error::OutcomeUnknown { .. }) => 8,
+        Some(_) => 9,
     }
 }
 
@@ -405,6 +407,7 @@ mod tests {
                 reason: "x".into(),
             },
             Error::ShuttingDown,
+            Error::OutcomeUnknown { shard: 1 },
             Error::Codec("x".into()),
         ];
         let labels: Vec<_> = errors
@@ -421,6 +424,7 @@ mod tests {
                 "unreachable",
                 "shard_failed",
                 "shutting_down",
+                "outcome_unknown",
                 "error"
             ]
         );

@@ -815,6 +815,32 @@ impl<H: ShardHandler> Router<H> {
         }
     }
 
+    /// Whether a handler of `shard` on this node may still act for it (send on its behalf): the
+    /// node holds a lease for an epoch its table has reached and owns the shard in that table
+    /// (also while the shard waits to move away: its state is still only here).
+    pub(crate) fn may_act_for(&self, shard: ShardId) -> bool {
+        if !self.lease.is_valid() {
+            return false;
+        }
+        let table = self.table.load();
+        table.state.epoch >= self.lease_epoch.load(Ordering::Acquire)
+            && table.state.map.as_ref().and_then(|m| m.owner(shard)) == Some(self.node_id)
+    }
+
+    /// Whether actor `actor` of `shard` may still answer a message it began under a valid
+    /// lease: the node holds a lease now (for an epoch its table has reached), owns the shard in
+    /// that table, and the actor still holds the shard's state (running, or asked to retire
+    /// for a planned move, which waits for it). Then no other node can have served the shard
+    /// meanwhile: it moves only by this actor's handoff, or after this node's lease expired and
+    /// was not renewed.
+    pub(crate) fn may_reply(&self, shard: ShardId, actor: u64) -> bool {
+        self.may_act_for(shard)
+            && self.slots.get(shard as usize).is_some_and(|slot| {
+                matches!(lock(slot).place(),
+                    Place::Running { actor: a, .. } | Place::Retiring { actor: a } if *a == actor)
+            })
+    }
+
     /// Actor `actor` of `shard` retired and hands back its state (called by the actor).
     pub(crate) fn retired(&self, shard: ShardId, actor: u64, snapshot: Option<Handoff>) {
         let epoch = self.table.load().state.epoch;
@@ -1024,6 +1050,10 @@ pub(crate) trait RouteAny: Send + Sync + 'static {
 
     /// The shard of `key`.
     fn shard_of(&self, key: &Key) -> ShardId;
+
+    /// Whether a handler of `shard` on this node may still act for it: see
+    /// [`Router::may_act_for`].
+    fn may_act_for(&self, shard: ShardId) -> bool;
 }
 
 impl<H: ShardHandler> RouteAny for Router<H> {
@@ -1055,5 +1085,9 @@ impl<H: ShardHandler> RouteAny for Router<H> {
 
     fn shard_of(&self, key: &Key) -> ShardId {
         key.shard(self.shard_count)
+    }
+
+    fn may_act_for(&self, shard: ShardId) -> bool {
+        Router::may_act_for(self, shard)
     }
 }

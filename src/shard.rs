@@ -298,6 +298,16 @@ impl<H: ShardHandler> ShardActor<H> {
         }
     }
 
+    /// Whether this actor may still answer a message it began serving: see
+    /// [`Router::may_reply`].
+    fn still_serves(&self) -> bool {
+        !self.retired
+            && self
+                .router
+                .upgrade()
+                .is_some_and(|router| router.may_reply(self.shard, self.number))
+    }
+
     fn observe(&self, kind: ServeEventKind, epoch: Epoch) {
         if let Some(router) = self.router.upgrade() {
             router.observe(self.shard, kind, epoch);
@@ -387,7 +397,16 @@ where
                         .map(move |outcome, actor, _ctx| match outcome {
                             Ok((slot, value)) => {
                                 actor.slot = Some(slot);
-                                let _ = reply.send(Ok(value));
+                                // The reply stands only if this activation still serves the
+                                // shard: another node may own it now.
+                                let reply_value = if actor.still_serves() {
+                                    Ok(value)
+                                } else {
+                                    Err(Undelivered::Failed(Error::OutcomeUnknown {
+                                        shard: actor.shard,
+                                    }))
+                                };
+                                let _ = reply.send(reply_value);
                             }
                             Err(panic) => {
                                 let _ = reply.send(Err(Undelivered::Failed(

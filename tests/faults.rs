@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use clusterfunk::{Error, NodeId, ServeEvent, ServeEventKind, ShardId};
 use inproc::{
-    shards_of, Get, Put, Recorder, SendError, Served, SplitMix64, TestCluster, Traffic,
-    TrafficStats, DEADLINE, SEND_BOUND, SHARD_COUNT,
+    key_of_shard, shards_of, Get, Put, Recorder, SendError, Served, SlowPut, SplitMix64,
+    TestCluster, Traffic, TrafficStats, DEADLINE, SEND_BOUND, SHARD_COUNT,
 };
 
 /// Waits until the traffic has been served a few times, so faults hit a cluster under load.
@@ -649,4 +649,89 @@ fn the_single_owner_checker_flags_stale_and_shared_deliveries() {
             .any(|v| v.contains("[1, 2] all delivered under the same epoch 4")),
         "{found:?}"
     );
+}
+
+#[tokio::test]
+async fn an_async_reply_after_the_lease_lapsed_is_withheld() {
+    // Goal: an `async` handler that started under a valid lease but finishes after its node
+    // lost the shard (lease lapsed, shard moved on) does not reply as if it still owned it:
+    // the caller gets OutcomeUnknown, never an acknowledgement of a write on state another
+    // node now owns. Method: 3 nodes; a slow async write (sleeps 6 s, then stores) to a shard
+    // of a follower; once it runs, isolate the follower; wait until its lease lapsed and the
+    // majority marked it down and took its shards; then the slow write completes on the
+    // isolated node and its reply must be OutcomeUnknown.
+    let shared = TestCluster::start("async_reply_after_lease", 3).await;
+    let cluster = &*shared;
+    let leader = cluster.wait_ready().await;
+    let follower = cluster
+        .ids()
+        .into_iter()
+        .find(|&id| id != leader)
+        .expect("a follower");
+    let majority: Vec<NodeId> = cluster
+        .ids()
+        .into_iter()
+        .filter(|&id| id != follower)
+        .collect();
+    let owners = cluster
+        .wait_until("the leader reports the map", DEADLINE, || async {
+            cluster.shards(leader).await.map(|(_, owners)| owners)
+        })
+        .await;
+    let shard = shards_of(&owners, follower)[0];
+    let key = key_of_shard("async-reply", shard);
+
+    let sent_at = Instant::now();
+    let slow_write = {
+        let (cluster, key) = (shared.clone(), key.clone());
+        tokio::spawn(async move {
+            let message = SlowPut {
+                value: 42,
+                millis: 6000,
+            };
+            cluster.send(follower, &key, message).await
+        })
+    };
+    cluster
+        .wait_until(
+            &format!("node {follower} runs the slow write to shard {shard}"),
+            DEADLINE,
+            || async {
+                cluster
+                    .recorder()
+                    .events()
+                    .iter()
+                    .any(|e| {
+                        e.kind == ServeEventKind::Delivered
+                            && e.node == follower
+                            && e.shard == shard
+                            && e.at >= sent_at
+                    })
+                    .then_some(())
+            },
+        )
+        .await;
+    cluster.isolate(follower);
+    cluster
+        .wait_until(
+            &format!("node {follower}'s lease lapses"),
+            DEADLINE,
+            || async {
+                let status = cluster.status(follower)?;
+                status.lease_remaining_ms.is_none().then_some(())
+            },
+        )
+        .await;
+    wait_for_failover(cluster, &majority, follower).await;
+    assert!(
+        !slow_write.is_finished(),
+        "the slow write finished before the failover (the machine is too slow for this test's 6 s handler): {:?}",
+        slow_write.await
+    );
+    let reply = slow_write.await.expect("the slow write's task");
+    assert!(
+        matches!(reply, Err(SendError::Node(Error::OutcomeUnknown { shard: s })) if s == shard),
+        "a reply after the lease lapsed and the shard moved must be OutcomeUnknown, got {reply:?}"
+    );
+    cluster.heal();
 }
