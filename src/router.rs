@@ -72,11 +72,13 @@ pub(crate) struct RouterLimits {
 }
 
 /// The node's lease, readable without a lock: the nanoseconds since `base` until which it is
-/// valid (0: none; `u64::MAX`: forever, for standalone nodes).
+/// valid (0: none; `u64::MAX`: forever, for standalone nodes), and the newest allocation epoch a
+/// grant was for (rule 4(b): it covers only a routing table at least that new).
 #[derive(Debug)]
 pub(crate) struct LeaseGate {
     base: Instant,
     until_nanos: AtomicU64,
+    epoch: AtomicU64,
 }
 
 impl LeaseGate {
@@ -84,15 +86,23 @@ impl LeaseGate {
         LeaseGate {
             base: Instant::now(),
             until_nanos: AtomicU64::new(if forever { u64::MAX } else { 0 }),
+            epoch: AtomicU64::new(0),
         }
     }
 
-    fn set(&self, until: Instant) {
+    /// Extends the lease to `until`, granted for allocation `epoch`.
+    fn set(&self, until: Instant, epoch: u64) {
+        self.epoch.fetch_max(epoch, Ordering::AcqRel);
         let nanos = until
             .saturating_duration_since(self.base)
             .as_nanos()
             .min(u64::MAX as u128 - 1) as u64;
         self.until_nanos.fetch_max(nanos, Ordering::AcqRel);
+    }
+
+    /// Whether the lease is valid now for a routing table at allocation `table_epoch`.
+    fn covers(&self, table_epoch: u64) -> bool {
+        self.is_valid() && table_epoch >= self.epoch.load(Ordering::Acquire)
     }
 
     fn is_valid(&self) -> bool {
@@ -147,8 +157,6 @@ pub struct Router<H: ShardHandler> {
     /// Bumped on every table or lease change; waiting requests watch it.
     changes: watch::Sender<u64>,
     lease: LeaseGate,
-    /// The newest allocation epoch a lease was granted for.
-    lease_epoch: AtomicU64,
     stopping: AtomicBool,
     waiting: AtomicUsize,
     /// Where each shard's state is on this node (the handoff ledger), with the running actor's
@@ -209,7 +217,6 @@ impl<H: ShardHandler> Router<H> {
             table: ArcSwap::from_pointee(parts.table),
             changes: watch::channel(0).0,
             lease: LeaseGate::new(standalone),
-            lease_epoch: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
             slots: (0..parts.shard_count)
@@ -288,8 +295,7 @@ impl<H: ShardHandler> Router<H> {
     /// serves under it only while its table is at least at that epoch).
     pub(crate) fn set_lease(&self, until: Instant, epoch: u64) {
         let was_valid = self.lease.is_valid();
-        self.lease_epoch.fetch_max(epoch, Ordering::AcqRel);
-        self.lease.set(until);
+        self.lease.set(until, epoch);
         if !was_valid {
             self.changes.send_modify(|v| *v += 1);
         }
@@ -310,12 +316,12 @@ impl<H: ShardHandler> Router<H> {
     /// state the grant was for may still name this node), owns the shard in that table and the
     /// shard is not moving away.
     pub(crate) fn serves_now(&self, shard: ShardId) -> Option<Epoch> {
-        if self.stopping.load(Ordering::Acquire) || !self.lease.is_valid() {
+        if self.stopping.load(Ordering::Acquire) {
             return None;
         }
         let table = self.table.load();
         (table.not_ready.is_none()
-            && table.state.epoch >= self.lease_epoch.load(Ordering::Acquire)
+            && self.lease.covers(table.state.epoch)
             && table.state.serves(self.node_id, shard))
         .then(|| table.state.map_epoch())
     }
@@ -368,7 +374,7 @@ impl<H: ShardHandler> Router<H> {
         if owner == self.node_id {
             if table.state.pending.contains_key(&shard) {
                 Route::Wait(NotReadyReason::ShardMoving)
-            } else if !self.lease.is_valid() {
+            } else if !self.lease.covers(table.state.epoch) {
                 Route::Wait(NotReadyReason::LeaseExpired)
             } else {
                 Route::Local
@@ -819,11 +825,8 @@ impl<H: ShardHandler> Router<H> {
     /// node holds a lease for an epoch its table has reached and owns the shard in that table
     /// (also while the shard waits to move away: its state is still only here).
     pub(crate) fn may_act_for(&self, shard: ShardId) -> bool {
-        if !self.lease.is_valid() {
-            return false;
-        }
         let table = self.table.load();
-        table.state.epoch >= self.lease_epoch.load(Ordering::Acquire)
+        self.lease.covers(table.state.epoch)
             && table.state.map.as_ref().and_then(|m| m.owner(shard)) == Some(self.node_id)
     }
 
@@ -1089,5 +1092,35 @@ impl<H: ShardHandler> RouteAny for Router<H> {
 
     fn may_act_for(&self, shard: ShardId) -> bool {
         Router::may_act_for(self, shard)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_for_a_newer_epoch_does_not_cover_an_older_table() {
+        // Rule 4(b): the grant was for the state at allocation epoch 7; a routing table still
+        // at epoch 6 may name this node as the owner of shards it has since lost.
+        let lease = LeaseGate::new(false);
+        assert!(!lease.covers(6), "no lease yet");
+        lease.set(Instant::now() + Duration::from_secs(60), 7);
+        assert!(!lease.covers(6));
+        assert!(lease.covers(7));
+        assert!(lease.covers(8));
+        // A late answer to an older request neither shortens the lease nor lowers its epoch.
+        lease.set(Instant::now() + Duration::from_secs(1), 5);
+        assert!(!lease.covers(6));
+        assert!(lease
+            .remaining()
+            .is_some_and(|left| left > Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn a_standalone_lease_covers_every_table() {
+        let lease = LeaseGate::new(true);
+        assert!(lease.covers(0));
+        assert!(lease.covers(u64::MAX));
     }
 }
