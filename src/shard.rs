@@ -386,6 +386,7 @@ where
         match std::panic::catch_unwind(AssertUnwindSafe(move || H::handle(slot, key, msg))) {
             Ok(Handled::Ready(slot, value)) => {
                 self.slot = Some(slot);
+                self.observe(ServeEventKind::Completed, epoch);
                 let _ = reply.send(Ok(value));
             }
             Ok(Handled::Pending(future)) => {
@@ -400,6 +401,7 @@ where
                                 // The reply stands only if this activation still serves the
                                 // shard: another node may own it now.
                                 let reply_value = if actor.still_serves() {
+                                    actor.observe(ServeEventKind::Completed, epoch);
                                     Ok(value)
                                 } else {
                                     Err(Undelivered::Failed(Error::OutcomeUnknown {
@@ -469,6 +471,11 @@ pub enum ServeEventKind {
     Delivered,
     /// The node stopped serving the shard (planned handoff or shutdown).
     Deactivated,
+    /// The node finished handling a message for the shard and replies with its outcome (an
+    /// `async` method's reply is withheld, and this not recorded, when the node no longer
+    /// serves the shard by then). Recorded after [`Delivered`](Self::Delivered) under the
+    /// same epoch.
+    Completed,
 }
 
 /// One observed event of a shard on a node, with the node's map epoch and the monotonic time.

@@ -435,7 +435,7 @@ fn single_owner_violations(
                 by_shard.entry(event.shard).or_default().push(*event);
             }
             ServeEventKind::Activated => *summary.activations.entry(event.node).or_default() += 1,
-            ServeEventKind::Deactivated => {}
+            ServeEventKind::Deactivated | ServeEventKind::Completed => {}
         }
     }
     let mut violations = Vec::new();
