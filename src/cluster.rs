@@ -192,6 +192,11 @@ pub struct ClusterBuilder<H> {
     marker: PhantomData<fn() -> H>,
 }
 
+/// A planned move whose snapshots could not be delivered for this many lease periods is reported
+/// as stuck and cancelled or re-targeted (a few periods: long enough that a leader election or a
+/// brief network hiccup does not re-target, short enough that a shard is not unavailable long).
+const STUCK_MOVE_LEASES: u32 = 4;
+
 /// The builder's cluster-mode settings that are not plain configuration.
 #[derive(Default)]
 struct ClusterOptions {
@@ -540,6 +545,7 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             Arc::downgrade(&router),
             consensus.clone(),
             config.deactivate_timeout,
+            config.lease.lease * STUCK_MOVE_LEASES,
         ));
         if crate::metrics::enabled() {
             tokio::spawn(crate::metrics::sample(

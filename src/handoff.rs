@@ -11,9 +11,9 @@
 //! back into a local actor when the move was cancelled). It never hands over a shard whose
 //! actor has not retired: a slow deactivation delays the move instead of emptying it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Weak;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
@@ -83,16 +83,21 @@ impl Transfer {
     }
 }
 
-/// Hands shards over until the router is gone.
+/// Hands shards over until the router is gone. A move whose snapshots could not be delivered
+/// for `stuck_after` is reported to the leader as stuck ([`Command::MoveStuck`]), which
+/// cancels or re-targets it, instead of being retried forever.
 pub(crate) async fn hand_off<H: ShardHandler>(
     router: Weak<Router<H>>,
     consensus: Consensus,
     deactivate_timeout: Duration,
+    stuck_after: Duration,
 ) {
     let me = consensus.node_id();
     let mut applied = consensus.subscribe();
     // Errors already logged, so a stuck move says so once, not every retry.
     let mut reported: HashSet<(ShardId, u64)> = HashSet::new();
+    // Since when each move (shard, target, epoch) has failed to deliver, without a success.
+    let mut undelivered: HashMap<(ShardId, NodeId, u64), Instant> = HashMap::new();
     loop {
         let current = applied.borrow_and_update().clone();
         let state = &current.state;
@@ -105,6 +110,13 @@ pub(crate) async fn hand_off<H: ShardHandler>(
                 .get(shard)
                 .is_some_and(|p| p.from == me && p.epoch == *epoch)
         });
+        undelivered.retain(|(shard, to, epoch), _| {
+            state
+                .pending
+                .get(shard)
+                .is_some_and(|p| p.from == me && p.to == *to && p.epoch == *epoch)
+        });
+        report_stuck(&consensus, me, &mut undelivered, stuck_after).await;
         let mut groups: BTreeMap<(NodeId, u64), Vec<ShardId>> = BTreeMap::new();
         for (shard, pending) in state.moving_away(me) {
             groups
@@ -135,7 +147,14 @@ pub(crate) async fn hand_off<H: ShardHandler>(
                     let outcome = async {
                         if let Err(error) = send(&consensus, me, to, epoch, transfer).await {
                             tracing::warn!(%error, "handoff failed; keeping the snapshots and retrying");
+                            let now = Instant::now();
+                            for shard in &shards {
+                                undelivered.entry((*shard, to, epoch)).or_insert(now);
+                            }
                             return Err(());
+                        }
+                        for shard in &shards {
+                            undelivered.remove(&(*shard, to, epoch));
                         }
                         let command = Command::Released {
                             shards: shards.clone(),
@@ -185,6 +204,48 @@ pub(crate) async fn hand_off<H: ShardHandler>(
             }
         } else if applied.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// Reports the moves that could not be delivered for `stuck_after` to the leader, which cancels
+/// or re-targets them; each report is made once (the move's epoch changes when it applies).
+async fn report_stuck(
+    consensus: &Consensus,
+    me: NodeId,
+    undelivered: &mut HashMap<(ShardId, NodeId, u64), Instant>,
+    stuck_after: Duration,
+) {
+    let mut stuck: BTreeMap<(NodeId, u64), Vec<ShardId>> = BTreeMap::new();
+    for ((shard, to, epoch), since) in undelivered.iter() {
+        if since.elapsed() >= stuck_after {
+            stuck.entry((*to, *epoch)).or_default().push(*shard);
+        }
+    }
+    for ((to, epoch), shards) in stuck {
+        tracing::warn!(
+            to,
+            epoch,
+            shards = shards.len(),
+            after = ?stuck_after,
+            "moves made no progress: asking the leader to cancel or re-target them"
+        );
+        let command = Command::MoveStuck {
+            shards: shards.clone(),
+            epoch,
+            from: me,
+            to,
+        };
+        match consensus.propose(command, false).await {
+            Ok(response) => {
+                tracing::info!(?response, "stuck moves reported");
+                // Whether applied or ignored, do not ask again for these moves: a re-target
+                // gives them a new epoch; an ignored report means nothing else can take them.
+                for shard in shards {
+                    undelivered.remove(&(shard, to, epoch));
+                }
+            }
+            Err(error) => tracing::warn!(%error, "could not report stuck moves; retrying"),
         }
     }
 }

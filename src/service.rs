@@ -132,7 +132,7 @@ impl<H: ShardHandler> Service for NodeService<H> {
                 };
                 Box::pin(std::future::ready(encode(&response)))
             }
-            Request::Propose(command @ Command::Released { .. }) => {
+            Request::Propose(command @ (Command::Released { .. } | Command::MoveStuck { .. })) => {
                 let consensus = self.consensus.clone();
                 Box::pin(async move {
                     encode(&Response::Proposed(consensus.propose(command, true).await))
@@ -140,7 +140,7 @@ impl<H: ShardHandler> Service for NodeService<H> {
             }
             Request::Propose(_) => Box::pin(std::future::ready(encode(&Response::Proposed(Err(
                 crate::admin::AdminError::Invalid {
-                    reason: "only releases may be proposed by peers".into(),
+                    reason: "only releases and stuck-move reports may be proposed by peers".into(),
                 },
             ))))),
             Request::Routing => Box::pin(std::future::ready(encode(&Response::Routing(routing(

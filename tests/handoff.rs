@@ -557,3 +557,35 @@ async fn a_snapshot_larger_than_a_frame_moves_in_chunks() {
     }
     cluster.check_single_owner("large snapshot");
 }
+
+#[tokio::test]
+async fn a_move_its_source_cannot_deliver_is_retargeted() {
+    // Goal: a planned move whose source cannot reach its target, while both stay up and keep
+    // renewing their leases, is re-targeted after a few lease periods instead of being retried
+    // forever (which left its shards unserved and the drain unfinished). Method: 3 nodes; write
+    // a value to every shard; cut only the link from follower A to follower B; drain A. The
+    // drain must finish (A's moves to B are reported stuck and re-targeted to the leader), no
+    // shard may be left with B's share unserved, and every value reads back at the end.
+    let shared = TestCluster::start("stuck_move_retargeted", 3).await;
+    let cluster = &*shared;
+    let (leader, a, b) = roles(cluster).await;
+    let all: Vec<ShardId> = (0..SHARD_COUNT).collect();
+    let values = values_for("stuck", &all);
+    write_all(cluster, leader, &values).await;
+
+    cluster.block(a, b);
+    admin_ok(cluster, leader, AdminRequest::Drain { id: a }).await;
+    let (_, owners) = cluster.wait_converged().await;
+    assert!(
+        shards_of(&owners, a).is_empty(),
+        "drained node {a} owns no shard: {owners:?}"
+    );
+    cluster.heal();
+    assert_values(
+        cluster,
+        &exactly(&values),
+        "after a drain whose moves to one node were stuck",
+    )
+    .await;
+    cluster.check_single_owner("stuck move re-targeted");
+}

@@ -141,6 +141,21 @@ pub enum Command {
         /// The old owner.
         from: NodeId,
     },
+    /// `from` could not hand these shards to `to` for a bound of time (the move of allocation
+    /// `epoch` made no progress, e.g. `from` cannot reach `to` while both stay up): each such
+    /// move is cancelled if `from` may keep the shard, or else re-targeted to the eligible node
+    /// other than `to` that holds the fewest shards. Moves that changed meanwhile are left alone.
+    // New variants go last: the log and the wire number them in order.
+    MoveStuck {
+        /// The shards.
+        shards: Vec<ShardId>,
+        /// The allocation epoch of the moves.
+        epoch: u64,
+        /// The old owner.
+        from: NodeId,
+        /// The target it could not reach.
+        to: NodeId,
+    },
 }
 
 /// The result of applying a [`Command`].
@@ -255,6 +270,12 @@ impl ClusterState {
                     epoch: self.map_epoch(),
                 }
             }
+            Command::MoveStuck {
+                shards,
+                epoch,
+                from,
+                to,
+            } => self.move_stuck(shards, *epoch, *from, *to),
             Command::Init { shard_count } => {
                 if let Some(existing) = self.shard_count {
                     return CommandResponse::Ignored {
@@ -316,6 +337,74 @@ impl ClusterState {
     /// previous placement (minimal movement). A shard whose owner is down or gone moves at once;
     /// one whose owner is alive becomes a pending move until the owner releases it. Without
     /// eligible members nothing moves.
+    /// Applies [`Command::MoveStuck`].
+    fn move_stuck(
+        &mut self,
+        shards: &[ShardId],
+        epoch: u64,
+        from: NodeId,
+        to: NodeId,
+    ) -> CommandResponse {
+        let stuck: Vec<ShardId> = shards
+            .iter()
+            .copied()
+            .filter(|shard| {
+                self.pending
+                    .get(shard)
+                    .is_some_and(|p| p.from == from && p.to == to && p.epoch == epoch)
+            })
+            .collect();
+        let keep_at_source = self.members.get(&from).is_some_and(|m| m.eligible());
+        let (Some(target), Some(map)) = (self.target.as_mut(), self.map.as_mut()) else {
+            return ignored("no shard map yet".into());
+        };
+        let mut counts: BTreeMap<NodeId, usize> = self
+            .members
+            .iter()
+            .filter(|(id, m)| m.eligible() && **id != from && **id != to)
+            .map(|(id, _)| (*id, 0))
+            .collect();
+        for owner in &target.shards {
+            if let Some(count) = counts.get_mut(owner) {
+                *count += 1;
+            }
+        }
+        if stuck.is_empty() || (!keep_at_source && counts.is_empty()) {
+            return ignored("no stuck move that could be cancelled or re-targeted".into());
+        }
+        self.epoch += 1;
+        for shard in stuck {
+            let index = shard as usize;
+            if keep_at_source {
+                self.pending.remove(&shard);
+                if let Some(wanted) = target.shards.get_mut(index) {
+                    *wanted = from;
+                }
+                continue;
+            }
+            let Some((&next, _)) = counts.iter().min_by_key(|(id, count)| (**count, **id)) else {
+                break;
+            };
+            if let Some(count) = counts.get_mut(&next) {
+                *count += 1;
+            }
+            if let Some(wanted) = target.shards.get_mut(index) {
+                *wanted = next;
+            }
+            self.pending.insert(
+                shard,
+                PendingMove {
+                    from,
+                    to: next,
+                    epoch: self.epoch,
+                },
+            );
+        }
+        // The pending moves changed what nodes may serve: the fencing token moves too.
+        map.epoch += 1;
+        self.applied()
+    }
+
     fn reallocate(&mut self) {
         let Some(shard_count) = self.shard_count else {
             return;
@@ -669,6 +758,77 @@ mod tests {
         // Once node 2 is back up it can take them.
         state.apply(&Command::MarkUp { node: 2 });
         assert!(!state.draining_leaves_no_taker(1));
+    }
+
+    #[test]
+    fn a_stuck_move_from_a_draining_node_is_retargeted_and_from_a_live_one_cancelled() {
+        let mut state = ClusterState::default();
+        state.apply(&Command::Init { shard_count: 12 });
+        members(&mut state, &[1, 2, 3], &[1, 2, 3]);
+        state.apply(&Command::SetDraining {
+            node: 3,
+            draining: true,
+        });
+        let to_one: Vec<ShardId> = state
+            .moving_away(3)
+            .filter(|(_, p)| p.to == 1)
+            .map(|(s, _)| s)
+            .collect();
+        assert!(!to_one.is_empty());
+        let epoch = state.epoch;
+        let version = state.map_epoch();
+        let stuck = Command::MoveStuck {
+            shards: to_one.clone(),
+            epoch,
+            from: 3,
+            to: 1,
+        };
+        assert!(matches!(
+            state.apply(&stuck),
+            CommandResponse::Applied { .. }
+        ));
+        for shard in &to_one {
+            let pending = state.pending[shard];
+            assert_eq!(
+                (pending.from, pending.to),
+                (3, 2),
+                "re-targeted to the other node"
+            );
+            assert!(
+                pending.epoch > epoch,
+                "with a new epoch, so a late release is refused"
+            );
+        }
+        assert!(state.map_epoch() > version, "the fencing token moves");
+        assert!(
+            matches!(state.apply(&stuck), CommandResponse::Ignored { .. }),
+            "a second report of the same moves changes nothing"
+        );
+
+        // Node 4 joins; node 1 cannot reach it: node 1 may keep its shards, so the moves are
+        // cancelled.
+        state.apply(&Command::SetDraining {
+            node: 3,
+            draining: false,
+        });
+        members(&mut state, &[1, 2, 3, 4], &[1, 2, 3]);
+        let to_four: Vec<ShardId> = state
+            .moving_away(1)
+            .filter(|(_, p)| p.to == 4)
+            .map(|(s, _)| s)
+            .collect();
+        assert!(!to_four.is_empty());
+        state.apply(&Command::MoveStuck {
+            shards: to_four.clone(),
+            epoch: state.epoch,
+            from: 1,
+            to: 4,
+        });
+        for shard in &to_four {
+            assert!(!state.pending.contains_key(shard), "cancelled");
+            assert!(state.serves(1, *shard), "served where it is");
+            assert_eq!(state.target.as_ref().unwrap().owner(*shard), Some(1));
+        }
     }
 
     #[test]
