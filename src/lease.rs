@@ -116,7 +116,8 @@ pub struct LeaseGrant {
     pub epoch: u64,
 }
 
-/// Why the leader refused a renewal.
+/// Why the leader refused a renewal. Encoded on the wire (bincode numbers variants by
+/// position): add new variants at the end only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[non_exhaustive]
 pub enum LeaseRefusal {
@@ -144,6 +145,20 @@ pub enum LeaseRefusal {
     /// The node is not a member of the cluster.
     #[error("not a member of the cluster")]
     NotMember,
+    /// The leader could not confirm its leadership (the quorum round, or the wait for its
+    /// state to be applied up to the read index) within the renew period; the node asks again.
+    #[error("the leader could not confirm its leadership within {after:?}; retry")]
+    TimedOut {
+        /// How long the leader tried: its renew period.
+        after: Duration,
+    },
+    /// The leader answers as many renewals as it admits at once already; the node asks again
+    /// after a renew period.
+    #[error("the leader answers {in_flight_max} renewals already; retry after a renew period")]
+    Overloaded {
+        /// How many renewals the leader answers at once.
+        in_flight_max: usize,
+    },
 }
 
 /// How many recent requests a holder remembers the send time of.

@@ -39,6 +39,7 @@ pub(crate) async fn keep_lease<H: ShardHandler>(router: Weak<Router<H>>, consens
         if let Some(leader) = leader {
             let request = holder.request(sent_at, epoch);
             let result = if leader == me {
+                // Bounded: the leader answers every renewal within the renew period.
                 consensus.renew(request).await
             } else {
                 renew_remote(&consensus, leader, request, config.renew_period).await
@@ -53,7 +54,11 @@ pub(crate) async fn keep_lease<H: ShardHandler>(router: Weak<Router<H>>, consens
                         }
                     }
                 }
-                Err(LeaseRefusal::Down | LeaseRefusal::NotMember) => retry = false,
+                Err(
+                    LeaseRefusal::Down | LeaseRefusal::NotMember | LeaseRefusal::Overloaded { .. },
+                ) => retry = false,
+                // A renewal that timed out (the leader's own included: `renew` gives up after
+                // a renew period) is retried at once, since `sent_at` is a period ago.
                 Err(refusal) => tracing::debug!(%refusal, "lease renewal refused"),
             }
         }

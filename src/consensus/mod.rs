@@ -8,10 +8,13 @@
 
 pub mod network;
 pub mod state;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -169,6 +172,8 @@ pub struct Consensus {
     actor: Addr<ConsensusActor>,
     /// The lease granter while this node leads, with the term it leads in.
     granter: Arc<Mutex<Option<(u64, LeaseGranter)>>>,
+    /// The lease renewals this node answers as leader, and their confirmation rounds.
+    renewals: Arc<Renewals>,
 }
 
 impl std::fmt::Debug for Consensus {
@@ -201,6 +206,7 @@ impl Consensus {
             lease,
             actor,
             granter: Arc::new(Mutex::new(None)),
+            renewals: Arc::new(Renewals::default()),
         };
         consensus.actor.do_send(Attach(consensus.clone()));
         tokio::spawn(write_shard_count_when_leading(
@@ -238,26 +244,38 @@ impl Consensus {
     /// Answers a lease renewal (on the leader): grants only after an entry of this leader's
     /// term is committed and applied and a quorum round begun after the request arrived
     /// confirmed the leadership (`ensure_linearizable`), and only for the newest allocation.
+    ///
+    /// Renewals arriving together share one confirmation round. Every renewal, this node's own
+    /// included, is answered within the renew period: when the round does not finish in time
+    /// (a raft core that stalls, or a no-op that never commits because leadership was lost
+    /// before it did) the renewal is refused with [`LeaseRefusal::TimedOut`], and the asking
+    /// node tries again. At most [`RENEWALS_IN_FLIGHT_MAX`] renewals wait at once; more are
+    /// refused with [`LeaseRefusal::Overloaded`].
     pub async fn renew(&self, request: RenewLease) -> Result<LeaseGrant, LeaseRefusal> {
         let leader = self.raft.metrics().borrow().current_leader;
         if leader != Some(self.node_id) {
             return Err(LeaseRefusal::NotLeader { leader });
         }
-        match self.raft.ensure_linearizable().await {
-            Ok(_) => {}
-            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
-                forward,
-            ))) => {
-                return Err(LeaseRefusal::NotLeader {
-                    leader: forward.leader_id,
-                })
-            }
-            Err(error) => {
-                return Err(LeaseRefusal::NoQuorum {
-                    reason: error.to_string(),
-                })
-            }
-        }
+        let renew_period = self.lease.renew_period;
+        let deadline = tokio::time::Instant::now() + renew_period;
+        let _in_flight = self.renewals.admit().ok_or(LeaseRefusal::Overloaded {
+            in_flight_max: RENEWALS_IN_FLIGHT_MAX,
+        })?;
+        let unfinished = || LeaseRefusal::NoQuorum {
+            reason: "the confirmation round ended without an outcome; is the node shutting down?"
+                .into(),
+        };
+        let mut round = self.join_round();
+        let confirmed =
+            match tokio::time::timeout_at(deadline, round.wait_for(Option::is_some)).await {
+                Err(_elapsed) => Err(LeaseRefusal::TimedOut {
+                    after: renew_period,
+                }),
+                Ok(Err(_closed)) => Err(unfinished()),
+                // `wait_for` returns once the round published its outcome; a missing one refuses.
+                Ok(Ok(outcome)) => outcome.clone().unwrap_or_else(|| Err(unfinished())),
+            };
+        confirmed?;
         let state = self.applied();
         let term = self.raft.metrics().borrow().current_term;
         let decision = {
@@ -289,6 +307,30 @@ impl Consensus {
                 Err(LeaseRefusal::Down)
             }
         }
+    }
+
+    /// Lease renewals this node is answering now (as leader). Each ends within the renew period,
+    /// and at most [`RENEWALS_IN_FLIGHT_MAX`] are admitted at once.
+    pub fn renewals_in_flight(&self) -> usize {
+        self.renewals.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Joins the next confirmation round (rule 4 (i)–(ii)): the running one, if any, began
+    /// before this call and does not count, so the caller waits for the one after it. Starts
+    /// the round at once when none runs. The receiver sees the round's outcome.
+    fn join_round(&self) -> watch::Receiver<Option<RoundOutcome>> {
+        let mut rounds = lock(&self.renewals.rounds);
+        let cohort = rounds
+            .next
+            .get_or_insert_with(|| watch::channel(None).0)
+            .subscribe();
+        if !rounds.running {
+            if let Some(first) = rounds.next.take() {
+                rounds.running = true;
+                tokio::spawn(run_rounds(self.clone(), first));
+            }
+        }
+        cohort
     }
 
     /// Proposes a command through the leader (this node, or forwarded to it once).
@@ -965,9 +1007,125 @@ async fn lead(consensus: Consensus) {
     }
 }
 
+/// How many lease renewals the leader answers at once; more are refused with
+/// [`LeaseRefusal::Overloaded`]. Each member has at most about two in flight (its lease task
+/// waits for an answer for a renew period, and the leader answers within one), so this leaves
+/// room for hundreds of members while a misbehaving peer cannot pile renewals up.
+pub const RENEWALS_IN_FLIGHT_MAX: usize = 1024;
+
+/// What a confirmation round found: leadership confirmed and the state applied up to the read
+/// index, or why not.
+type RoundOutcome = Result<(), LeaseRefusal>;
+
+/// The lease renewals a leader answers: how many wait, and the rounds they share.
+#[derive(Debug, Default)]
+struct Renewals {
+    /// Renewals being answered now.
+    in_flight: AtomicUsize,
+    /// Confirmation rounds started so far.
+    rounds_started: AtomicU64,
+    /// Which round runs and who waits for the next one.
+    rounds: Mutex<Rounds>,
+}
+
+impl Renewals {
+    /// Counts a renewal in until the returned guard drops, or refuses it at the limit.
+    fn admit(&self) -> Option<InFlight<'_>> {
+        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
+        // Refused or not, the guard counts the renewal out again when it drops.
+        let guard = InFlight(&self.in_flight);
+        (before < RENEWALS_IN_FLIGHT_MAX).then_some(guard)
+    }
+}
+
+/// One admitted renewal; counted out when dropped, however the renewal ends.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The schedule of confirmation rounds: at most one runs at a time.
+#[derive(Debug, Default)]
+struct Rounds {
+    /// Whether a round runs now.
+    running: bool,
+    /// The renewals waiting for the round after the running one (they arrived after it began).
+    next: Option<watch::Sender<Option<RoundOutcome>>>,
+}
+
+/// Runs confirmation rounds while renewals wait for one, each bounded by the renew period,
+/// starting with the round for `cohort`. A round is one `ensure_linearizable`: a quorum
+/// heartbeat round begun after every renewal in its cohort arrived, then the wait until the
+/// state is applied up to the read index (which includes this leader's no-op). Unbounded in
+/// openraft (a stalled core, or a no-op that never commits), so the round gives up after the
+/// renew period; the renewals waiting for the next round then start it. Ends when no renewal
+/// waits.
+async fn run_rounds(consensus: Consensus, mut cohort: watch::Sender<Option<RoundOutcome>>) {
+    let renewals = &consensus.renewals;
+    let renew_period = consensus.lease.renew_period;
+    let mut schedule = Schedule {
+        rounds: &renewals.rounds,
+        armed: true,
+    };
+    loop {
+        let round = renewals.rounds_started.fetch_add(1, Ordering::AcqRel) + 1;
+        let outcome =
+            match tokio::time::timeout(renew_period, consensus.raft.ensure_linearizable()).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward)))) => {
+                    Err(LeaseRefusal::NotLeader {
+                        leader: forward.leader_id,
+                    })
+                }
+                Ok(Err(error)) => Err(LeaseRefusal::NoQuorum {
+                    reason: error.to_string(),
+                }),
+                Err(_elapsed) => Err(LeaseRefusal::TimedOut {
+                    after: renew_period,
+                }),
+            };
+        if let Err(refusal) = &outcome {
+            tracing::debug!(round, %refusal, "lease confirmation round failed");
+        }
+        cohort.send_replace(Some(outcome));
+        let mut rounds = lock(&renewals.rounds);
+        match rounds.next.take() {
+            // Renewals that gave up meanwhile need no round.
+            Some(next) if next.receiver_count() > 0 => cohort = next,
+            _ => {
+                rounds.running = false;
+                schedule.armed = false;
+                return;
+            }
+        }
+    }
+}
+
+/// Marks the schedule idle when the round task ends without doing so itself (a panic), so that
+/// later renewals start rounds again instead of waiting for one that nobody runs.
+struct Schedule<'a> {
+    rounds: &'a Mutex<Rounds>,
+    armed: bool,
+}
+
+impl Drop for Schedule<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut rounds = lock(self.rounds);
+            rounds.running = false;
+            // Its waiters see the channel close and are refused.
+            rounds.next = None;
+        }
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The granter is replaced or updated in single statements: a panic cannot leave it
-    // half-written, so a poisoned lock is safe to keep using.
+    // The granter is replaced or updated in single statements, and the round schedule is
+    // reset by `Schedule` when its task panics: a panic cannot leave either half-written, so a
+    // poisoned lock is safe to keep using.
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
