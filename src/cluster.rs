@@ -139,7 +139,10 @@ impl NodeConfig {
                 "more than zero",
             ));
         }
-        self.lease.validate(self.consensus.election_timeout_max)?;
+        self.lease.validate(
+            self.consensus.election_timeout_max,
+            self.consensus.heartbeat_interval,
+        )?;
         if self.deactivate_timeout.is_zero() {
             return Err(out_of_range(
                 "deactivate_timeout",

@@ -64,8 +64,13 @@ impl LeaseConfig {
             .mul_f64((1.0 + self.clock_drift_max) / (1.0 - self.clock_drift_max))
     }
 
-    /// Checks the relations the protocol needs, given the raft election timeout.
-    pub fn validate(&self, election_timeout_max: Duration) -> Result<(), ConfigError> {
+    /// Checks the relations the protocol needs, given the raft election timeout and heartbeat
+    /// interval.
+    pub fn validate(
+        &self,
+        election_timeout_max: Duration,
+        heartbeat_interval: Duration,
+    ) -> Result<(), ConfigError> {
         let invalid = |reason: String| ConfigError::Invalid {
             name: "lease",
             reason,
@@ -80,6 +85,12 @@ impl LeaseConfig {
             return Err(invalid(format!(
                 "renew_period ({:?}) must be above zero and at most half the lease ({:?}), so one lost renewal does not end the lease",
                 self.renew_period, self.lease
+            )));
+        }
+        if self.renew_period < heartbeat_interval * 2 {
+            return Err(invalid(format!(
+                "renew_period ({:?}) must be at least two heartbeat intervals ({heartbeat_interval:?} each): a renewal may wait for two confirmation rounds of up to one heartbeat interval, and is refused after one renew period",
+                self.renew_period
             )));
         }
         if self.lease < election_timeout_max {
@@ -368,7 +379,8 @@ mod tests {
     fn the_fast_profile_is_valid_with_its_consensus_timing() {
         let consensus = crate::ConsensusConfig::fast();
         assert_eq!(
-            LeaseConfig::fast().validate(consensus.election_timeout_max),
+            LeaseConfig::fast()
+                .validate(consensus.election_timeout_max, consensus.heartbeat_interval),
             Ok(())
         );
         assert!(consensus.raft_config("test").is_ok());
@@ -595,22 +607,24 @@ mod tests {
 
     #[test]
     fn validation_rejects_relations_that_break_the_protocol() {
-        let election = ms(300);
-        assert!(LeaseConfig::default().validate(election).is_ok());
+        let (election, heartbeat) = (ms(300), ms(50));
+        assert!(LeaseConfig::default().validate(election, heartbeat).is_ok());
         let short = LeaseConfig {
             lease: ms(200),
             ..Default::default()
         };
-        assert!(short.validate(election).is_err());
+        assert!(short.validate(election, heartbeat).is_err());
         let slow_renewal = LeaseConfig {
             renew_period: ms(300),
             ..Default::default()
         };
-        assert!(slow_renewal.validate(election).is_err());
+        assert!(slow_renewal.validate(election, heartbeat).is_err());
         let drifty = LeaseConfig {
             clock_drift_max: 0.6,
             ..Default::default()
         };
-        assert!(drifty.validate(election).is_err());
+        assert!(drifty.validate(election, heartbeat).is_err());
+        // A renewal must have time for two confirmation rounds of one heartbeat each.
+        assert!(LeaseConfig::default().validate(election, ms(100)).is_err());
     }
 }

@@ -742,8 +742,19 @@ impl Consensus {
     /// The committed state as this node, the leader, sees it: after `ensure_linearizable`
     /// every entry committed before the call is applied here (the storage layer publishes an
     /// applied state before openraft counts it applied).
+    /// Bounded by `admin_timeout`, so a stalled raft core cannot hold up every later admin
+    /// command.
     async fn read_committed(&self) -> Result<Arc<AppliedState>, AdminError> {
-        match self.raft.ensure_linearizable().await {
+        let read = tokio::time::timeout(self.config.admin_timeout, self.raft.ensure_linearizable());
+        let Ok(result) = read.await else {
+            return Err(AdminError::Failed {
+                reason: format!(
+                    "leadership could not be confirmed within {:?}: is a quorum reachable? Retry once the cluster has a leader",
+                    self.config.admin_timeout
+                ),
+            });
+        };
+        match result {
             Ok(_) => Ok(self.applied()),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
                 Err(AdminError::NotLeader {
