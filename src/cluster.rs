@@ -1019,7 +1019,9 @@ pub enum GracefulShutdown {
 #[derive(Clone)]
 pub struct ClusterHandle {
     router: Weak<dyn RouteAny>,
-    origin: Option<ShardId>,
+    /// The shard (and its activation, the shard actor's number) whose handler holds this
+    /// handle; `None` outside handlers.
+    origin: Option<(ShardId, u64)>,
 }
 
 impl std::fmt::Debug for ClusterHandle {
@@ -1031,7 +1033,7 @@ impl std::fmt::Debug for ClusterHandle {
 }
 
 impl ClusterHandle {
-    pub(crate) fn new(router: Weak<dyn RouteAny>, origin: Option<ShardId>) -> Self {
+    pub(crate) fn new(router: Weak<dyn RouteAny>, origin: Option<(ShardId, u64)>) -> Self {
         ClusterHandle { router, origin }
     }
 
@@ -1047,12 +1049,12 @@ impl ClusterHandle {
         let origin = self.origin;
         async move {
             let router = router.ok_or(Error::ShuttingDown)?;
-            if let Some(origin) = origin {
+            if let Some((origin, actor)) = origin {
                 if router.shard_of(&key) == origin {
                     return Err(Error::Reentrant { shard: origin });
                 }
-                // A handler whose node no longer serves its shard must not act for it.
-                if !router.may_act_for(origin) {
+                // A handler whose activation no longer holds its shard must not act for it.
+                if !router.may_act_for(origin, actor) {
                     return Err(Error::OriginNotServed { shard: origin });
                 }
             }

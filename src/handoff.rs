@@ -161,7 +161,7 @@ pub(crate) async fn hand_off<H: ShardHandler>(
                             epoch,
                             from: me,
                         };
-                        match consensus.propose(command, false).await {
+                        match propose(&consensus, command, stuck_after).await {
                             Ok(CommandResponse::Released { shards, .. }) => {
                                 tracing::info!(released = shards.len(), "shards released");
                                 crate::metrics::handoffs_completed("out", shards.len());
@@ -236,7 +236,7 @@ async fn report_stuck(
             from: me,
             to,
         };
-        match consensus.propose(command, false).await {
+        match propose(consensus, command, stuck_after).await {
             Ok(response) => {
                 tracing::info!(?response, "stuck moves reported");
                 // Whether applied or ignored, do not ask again for these moves: a re-target
@@ -248,6 +248,23 @@ async fn report_stuck(
             Err(error) => tracing::warn!(%error, "could not report stuck moves; retrying"),
         }
     }
+}
+
+/// Proposes `command` through the leader, giving up after `bound` (a stalled raft core or an
+/// unreachable leader must not hold up every other move of this node); the outcome is then
+/// unknown, and the applied map settles it.
+async fn propose(
+    consensus: &Consensus,
+    command: Command,
+    bound: Duration,
+) -> Result<CommandResponse, crate::admin::AdminError> {
+    tokio::time::timeout(bound, consensus.propose(command, false))
+        .await
+        .unwrap_or_else(|_| {
+            Err(crate::admin::AdminError::Failed {
+                reason: format!("no answer from the leader within {bound:?}"),
+            })
+        })
 }
 
 /// Logs a handoff error once per shard and move.

@@ -49,7 +49,7 @@ pub(crate) async fn keep_lease<H: ShardHandler>(router: Weak<Router<H>>, consens
                     retry = false;
                     if let Some(until) = holder.on_grant(&grant) {
                         match router.upgrade() {
-                            Some(router) => router.set_lease(until, epoch),
+                            Some(router) => router.set_lease(until, grant.epoch),
                             None => return,
                         }
                     }

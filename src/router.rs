@@ -339,8 +339,9 @@ impl<H: ShardHandler> Router<H> {
         }
     }
 
-    /// A type-erased handle for sending from inside shard `origin` (or from outside, `None`).
-    pub(crate) fn handle(&self, origin: Option<ShardId>) -> ClusterHandle {
+    /// A type-erased handle for sending from inside shard actor `origin` (shard and actor
+    /// number), or from outside (`None`).
+    pub(crate) fn handle(&self, origin: Option<(ShardId, u64)>) -> ClusterHandle {
         let weak: Weak<dyn RouteAny> = self.self_ref.clone();
         ClusterHandle::new(weak, origin)
     }
@@ -750,7 +751,7 @@ impl<H: ShardHandler> Router<H> {
         let actor_queued = queued.clone();
         let start = Box::new(move |restore: Option<Handoff>| {
             let router = self.self_ref.clone();
-            let (factory, cluster) = (self.factory.clone(), self.handle(Some(shard)));
+            let (factory, cluster) = (self.factory.clone(), self.handle(Some((shard, number))));
             self.arbiter.spawn_fn(move || {
                 let context = Context::with_receiver(receiver);
                 let shard_actor = ShardActor::new(
@@ -821,10 +822,9 @@ impl<H: ShardHandler> Router<H> {
         }
     }
 
-    /// Whether a handler of `shard` on this node may still act for it (send on its behalf): the
-    /// node holds a lease for an epoch its table has reached and owns the shard in that table
-    /// (also while the shard waits to move away: its state is still only here).
-    pub(crate) fn may_act_for(&self, shard: ShardId) -> bool {
+    /// Whether the node holds a lease for an epoch its table has reached and owns `shard` in
+    /// that table (also while the shard waits to move away: its state is still only here).
+    fn owns_under_lease(&self, shard: ShardId) -> bool {
         let table = self.table.load();
         self.lease.covers(table.state.epoch)
             && table.state.map.as_ref().and_then(|m| m.owner(shard)) == Some(self.node_id)
@@ -837,7 +837,7 @@ impl<H: ShardHandler> Router<H> {
     /// meanwhile: it moves only by this actor's handoff, or after this node's lease expired and
     /// was not renewed.
     pub(crate) fn may_reply(&self, shard: ShardId, actor: u64) -> bool {
-        self.may_act_for(shard)
+        self.owns_under_lease(shard)
             && self.slots.get(shard as usize).is_some_and(|slot| {
                 matches!(lock(slot).place(),
                     Place::Running { actor: a, .. } | Place::Retiring { actor: a } if *a == actor)
@@ -881,7 +881,17 @@ impl<H: ShardHandler> Router<H> {
             .slots
             .get(shard as usize)
             .ok_or_else(|| format!("shard {shard} is out of range"))?;
-        if !lock(slot).received(epoch, handoff) {
+        let mut ledger = lock(slot);
+        if !ledger.received(epoch, handoff) {
+            if ledger.running().is_some() {
+                // An actor of an earlier activation still runs here (its stop was not installed
+                // yet): taking the shard now would keep that actor's stale state and drop this
+                // snapshot. Refused, so the sender keeps it and tries again.
+                return Err(format!(
+                    "shard {shard} still runs an earlier activation on node {}; retry",
+                    self.node_id
+                ));
+            }
             tracing::debug!(shard, epoch, "a stale or duplicate snapshot was not kept");
         }
         Ok(())
@@ -1054,9 +1064,9 @@ pub(crate) trait RouteAny: Send + Sync + 'static {
     /// The shard of `key`.
     fn shard_of(&self, key: &Key) -> ShardId;
 
-    /// Whether a handler of `shard` on this node may still act for it: see
-    /// [`Router::may_act_for`].
-    fn may_act_for(&self, shard: ShardId) -> bool;
+    /// Whether the handler of `shard` in actor `actor` may still act for it: see
+    /// [`Router::may_reply`].
+    fn may_act_for(&self, shard: ShardId, actor: u64) -> bool;
 }
 
 impl<H: ShardHandler> RouteAny for Router<H> {
@@ -1090,8 +1100,8 @@ impl<H: ShardHandler> RouteAny for Router<H> {
         key.shard(self.shard_count)
     }
 
-    fn may_act_for(&self, shard: ShardId) -> bool {
-        Router::may_act_for(self, shard)
+    fn may_act_for(&self, shard: ShardId, actor: u64) -> bool {
+        self.may_reply(shard, actor)
     }
 }
 

@@ -258,9 +258,29 @@ impl Consensus {
         }
         let renew_period = self.lease.renew_period;
         let deadline = tokio::time::Instant::now() + renew_period;
-        let _in_flight = self.renewals.admit().ok_or(LeaseRefusal::Overloaded {
-            in_flight_max: RENEWALS_IN_FLIGHT_MAX,
-        })?;
+        // Only members take a place among the waiting renewals (a stranger could otherwise
+        // fill them and starve the members), and this node's own renewal is never refused for
+        // load: the limit protects the leader from others, not from itself.
+        let member = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&request.node)
+            .is_some();
+        if !member {
+            return Err(LeaseRefusal::NotMember);
+        }
+        let _in_flight = match self.renewals.admit() {
+            Some(admitted) => Some(admitted),
+            None if request.node == self.node_id => None,
+            None => {
+                return Err(LeaseRefusal::Overloaded {
+                    in_flight_max: RENEWALS_IN_FLIGHT_MAX,
+                })
+            }
+        };
         let unfinished = || LeaseRefusal::NoQuorum {
             reason: "the confirmation round ended without an outcome; is the node shutting down?"
                 .into(),

@@ -240,14 +240,19 @@ async fn a_leader_that_cannot_commit_does_not_pile_up_renewals() {
 
 #[actix_rt::test]
 async fn renewals_beyond_the_limit_are_refused_at_once() {
-    // Goal: however many renewals arrive, at most `RENEWALS_IN_FLIGHT_MAX` wait on the leader.
+    // Goal: however many renewals arrive, at most `RENEWALS_IN_FLIGHT_MAX` wait on the leader;
+    // a stranger cannot take a place, and the leader's own renewal is never refused for load.
     // Method: node 1 cannot confirm; start a few more renewals than the limit at once (one
     // `join_all` polls each before any can finish): exactly the excess is refused as
     // overloaded, the rest time out, and nothing stays in flight.
     const EXCESS: usize = 5;
     let leader = leader(false).await;
+    // Node 2 floods; then the leader's own renewal (never refused for load) and a stranger's
+    // (node 99, no member: takes no place at all).
     let renewals = (0..RENEWALS_IN_FLIGHT_MAX + EXCESS)
-        .map(|id| leader.consensus.renew(leader.request(1, id as u64)));
+        .map(|id| leader.request(2, id as u64))
+        .chain([leader.request(1, 0), leader.request(99, 0)])
+        .map(|request| leader.consensus.renew(request));
     let answers = tokio::time::timeout(DEADLINE, join_all(renewals))
         .await
         .unwrap_or_else(|_| panic!("renewals did not return within {DEADLINE:?}"));
@@ -259,7 +264,11 @@ async fn renewals_beyond_the_limit_are_refused_at_once() {
         .iter()
         .filter(|a| matches!(a, Err(LeaseRefusal::TimedOut { .. })))
         .count();
-    assert_eq!((overloaded, timed_out), (EXCESS, RENEWALS_IN_FLIGHT_MAX));
+    assert_eq!(
+        (overloaded, timed_out),
+        (EXCESS, RENEWALS_IN_FLIGHT_MAX + 1)
+    );
+    assert!(matches!(answers.last(), Some(Err(LeaseRefusal::NotMember))));
     assert_eq!(leader.consensus.renewals_in_flight(), 0);
     leader.stop().await;
 }
