@@ -291,6 +291,10 @@ async fn a_cancelled_move_keeps_the_state_where_it_was() {
         config.consensus.drain_timeout = DRAIN_GIVES_UP;
         // Margin for the undrain to land while the increments wait.
         config.unavailable_wait = Duration::from_secs(5);
+        // A long lease: moves that cannot be delivered are reported stuck (and re-targeted)
+        // after four lease periods, here well after the undrain cancelled them.
+        config.lease.lease = Duration::from_secs(4);
+        config.lease.renew_period = Duration::from_secs(1);
     })
     .await;
     let cluster = &*shared;
