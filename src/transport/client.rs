@@ -150,8 +150,16 @@ impl Transport {
                 reason: "blocked by fault injection (Faults::block)".to_owned(),
             });
         }
-        if !fault.delay.is_zero() {
+        let fault = if fault.delay.is_zero() {
+            fault
+        } else {
             tokio::time::sleep(fault.delay).await;
+            self.inner.faults.get(addr)
+        };
+        if fault.requests_blackholed {
+            // Lost on the way (Faults::blackhole_requests): no answer ever comes and the
+            // connection stays as it is; the caller's timeout ends the wait.
+            return std::future::pending().await;
         }
         let connection = self.connection(addr).await?;
         connection.call(payload).await

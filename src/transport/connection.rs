@@ -302,6 +302,13 @@ async fn read_loop(
     let reason = loop {
         tokio::select! {
             frame = reader.next() => match frame {
+                // Answers lost on the way (Faults::blackhole_responses) leave their requests
+                // waiting until their own timeouts.
+                Some(Ok(Frame { header: Header::Response { .. } | Header::Failed { .. }, .. }))
+                    if faults.get(addr).responses_blackholed =>
+                {
+                    debug!(peer = %addr, "dropping an answer: responses blackholed by fault injection");
+                }
                 Some(Ok(Frame { header: Header::Response { id }, payload })) => {
                     pending.complete(id, Ok(payload), addr);
                 }

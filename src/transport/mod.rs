@@ -57,8 +57,8 @@
 //!
 //! # Fault injection
 //!
-//! [`Transport::faults`] blocks or delays destinations for tests; see [`Faults`] for how to
-//! partition two nodes.
+//! [`Transport::faults`] blocks, blackholes or delays destinations for tests; see [`Faults`]
+//! for how to partition two nodes or drop one direction of a link.
 
 mod client;
 mod codec;

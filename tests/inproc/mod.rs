@@ -3,8 +3,9 @@
 //! in a temporary directory and its own loopback address.
 //!
 //! The harness can kill a node (stop its `System` without any graceful shutdown, as a crash
-//! would), restart it from its own disk, and partition nodes with the transport's fault injector
-//! (`Node::faults`). A shared [`Recorder`] receives every node's [`ServeEvent`]s, and the
+//! would), restart it from its own disk, pause it (freeze its thread), and partition nodes or
+//! blackhole single directions of links with the transport's fault injector (`Node::faults`).
+//! A shared [`Recorder`] receives every node's [`ServeEvent`]s, and the
 //! checks run at the end of each test: single owner ([`TestCluster::check_single_owner`]),
 //! liveness ([`TestCluster::check_liveness`]) and convergence
 //! ([`TestCluster::wait_converged`]). Every wait polls with a deadline and prints every node's
@@ -135,6 +136,16 @@ pub struct SlowPut {
     pub millis: u64,
 }
 
+/// Reads the key's value after sleeping `millis` (an `async` handler method, like [`SlowPut`]:
+/// the value is read when the sleep ends, and the reply is withheld if the node stopped serving
+/// the shard meanwhile).
+#[derive(Debug, Serialize, Deserialize, ShardMessage)]
+#[reply(Served)]
+pub struct SlowGet {
+    /// How long the handler sleeps before it reads the value.
+    pub millis: u64,
+}
+
 /// Stores a blob under the key (kept apart from its register value).
 #[derive(Debug, Serialize, Deserialize, ShardMessage)]
 #[reply(BlobServed)]
@@ -241,6 +252,11 @@ impl Registers {
         self.served(&key, ctx)
     }
 
+    async fn slow_get(&mut self, key: Key, msg: SlowGet, ctx: &mut ShardContext) -> Served {
+        actix::clock::sleep(Duration::from_millis(msg.millis)).await;
+        self.served(&key, ctx)
+    }
+
     fn put_blob(&mut self, key: Key, msg: PutBlob, ctx: &mut ShardContext) -> BlobServed {
         self.blobs.insert(key.clone(), msg.bytes);
         self.blob_served(&key, ctx)
@@ -337,6 +353,13 @@ impl Recorder {
         lock(&self.events).clone()
     }
 
+    /// When the recorder was made: the zero of the times it prints.
+    // Only the value tests use it.
+    #[allow(dead_code)]
+    pub fn base(&self) -> Instant {
+        self.base
+    }
+
     /// Milliseconds from the recorder's start to `at`, for messages.
     pub fn millis(&self, at: Instant) -> f64 {
         at.saturating_duration_since(self.base).as_secs_f64() * 1000.0
@@ -409,6 +432,9 @@ impl Recorder {
 pub struct CheckSummary {
     /// Deliveries checked.
     pub deliveries: usize,
+    /// Handler runs checked from delivery to completion (a [`ServeEventKind::Completed`]
+    /// paired with its delivery).
+    pub completed_runs: usize,
     /// Deliveries per node.
     pub by_node: BTreeMap<NodeId, usize>,
     /// Activations per node.
@@ -418,14 +444,28 @@ pub struct CheckSummary {
 }
 
 /// Finds the violations of the single-owner rule in `events`: for one shard, (a) a node
-/// delivering under an older epoch after another node delivered under a newer one, and (b) two
-/// nodes delivering under the same epoch. Returns a description of each (at most a few).
+/// delivering under an older epoch after another node delivered under a newer one, (b) two
+/// nodes delivering under the same epoch, and (c) a node delivering while another node was
+/// still running a handler it completed with a success reply (between that handler's
+/// `Delivered` and `Completed`). Returns a description of each (at most a few).
+///
+/// Why (c) holds for any epochs: a node replies with success only while it still serves the
+/// shard (its lease valid, the shard still its own in its table, its actor still holding the
+/// state), and another node gets the shard only after the old actor retired (a planned move:
+/// a retirement waits for the running handler) or after the old owner's lease expired
+/// (failover: then the old handler's reply is withheld and no `Completed` is recorded). So a
+/// completed run must not overlap any other node's delivery, whatever epochs the two carry.
+/// Events must be in the order each node recorded them (as [`Recorder::events`] gives them):
+/// a `Completed` pairs with the latest `Delivered` of the same node and shard before it.
 fn single_owner_violations(
     recorder: &Recorder,
     events: &[ServeEvent],
 ) -> (CheckSummary, Vec<String>) {
     let mut summary = CheckSummary::default();
     let mut by_shard: BTreeMap<ShardId, Vec<ServeEvent>> = BTreeMap::new();
+    // (c) The delivery each node is handling per shard, and the completed runs per shard.
+    let mut running: BTreeMap<(NodeId, ShardId), ServeEvent> = BTreeMap::new();
+    let mut runs: BTreeMap<ShardId, Vec<(ServeEvent, ServeEvent)>> = BTreeMap::new();
     for event in events {
         match event.kind {
             ServeEventKind::Delivered => {
@@ -433,9 +473,20 @@ fn single_owner_violations(
                 *summary.by_node.entry(event.node).or_default() += 1;
                 summary.epoch_max = summary.epoch_max.max(event.epoch);
                 by_shard.entry(event.shard).or_default().push(*event);
+                running.insert((event.node, event.shard), *event);
+            }
+            ServeEventKind::Completed => {
+                if let Some(delivered) = running.remove(&(event.node, event.shard)) {
+                    if delivered.epoch == event.epoch && delivered.at <= event.at {
+                        summary.completed_runs += 1;
+                        runs.entry(event.shard)
+                            .or_default()
+                            .push((delivered, *event));
+                    }
+                }
             }
             ServeEventKind::Activated => *summary.activations.entry(event.node).or_default() += 1,
-            ServeEventKind::Deactivated | ServeEventKind::Completed => {}
+            ServeEventKind::Deactivated => {}
         }
     }
     let mut violations = Vec::new();
@@ -481,6 +532,31 @@ fn single_owner_violations(
                 .or_default()
                 .entry(later.node)
                 .or_insert(*later);
+        }
+        // (c) Deliveries by other nodes during a completed run.
+        for (delivered, completed) in runs.get(shard).map(Vec::as_slice).unwrap_or_default() {
+            let start = deliveries.partition_point(|e| e.at < delivered.at);
+            let intruder = deliveries[start..]
+                .iter()
+                .take_while(|e| e.at <= completed.at)
+                .find(|e| e.node != delivered.node);
+            if let Some(intruder) = intruder {
+                violations.push(format!(
+                    "shard {shard}: node {} delivered under epoch {} at {:.3} ms while node {} was still running a handler it took under epoch {} at {:.3} ms and completed with a success reply at {:.3} ms\n    offending events:\n      {}\n      {}\n      {}\n    history of the shard around them:\n{}",
+                    intruder.node,
+                    intruder.epoch,
+                    recorder.millis(intruder.at),
+                    delivered.node,
+                    delivered.epoch,
+                    recorder.millis(delivered.at),
+                    recorder.millis(completed.at),
+                    recorder.describe(delivered),
+                    recorder.describe(intruder),
+                    recorder.describe(completed),
+                    recorder.shard_history(events, *shard, delivered.at.checked_sub(context).unwrap_or(delivered.at), completed.at + context),
+                ));
+                break;
+            }
         }
         for (epoch, nodes) in first_at_epoch {
             if nodes.len() > 1 {
@@ -565,6 +641,9 @@ pub struct TestCluster {
     /// The slowed directed links: `from`'s requests to `to` wait this long before they are
     /// sent. Re-applied on restart like `blocked`.
     delayed: Mutex<BTreeMap<(NodeId, NodeId), Duration>>,
+    /// The blackholed directed links `(from, to)`: every frame `from` sends to `to` is lost
+    /// without a word (see [`TestCluster::blackhole`]). Re-applied on restart like `blocked`.
+    blackholed: Mutex<BTreeSet<(NodeId, NodeId)>>,
     /// A key of each shard, by shard.
     keys: Vec<String>,
     /// Adjusts every node's configuration after the harness set its own timings
@@ -615,6 +694,7 @@ impl TestCluster {
             recorder: Arc::new(Recorder::new()),
             blocked: Mutex::new(BTreeSet::new()),
             delayed: Mutex::new(BTreeMap::new()),
+            blackholed: Mutex::new(BTreeSet::new()),
             keys,
             configure: Arc::new(configure),
         });
@@ -731,9 +811,10 @@ impl TestCluster {
     }
 
     /// Starts node `id` again from its data dir after [`TestCluster::kill`], on the same address,
-    /// re-applying the faults of the links from it (blocks and delays). The fault injector only
-    /// exists once the node has started, so the node may exchange a few messages before they
-    /// apply: partitions leak for a moment at a restart, which safety must survive anyway.
+    /// re-applying the faults of the links from it (blocks, delays, blackholes) and the
+    /// blackholes of links to it. The fault injector only exists once the node has started, so
+    /// the node may exchange a few messages before they apply: partitions leak for a moment at a
+    /// restart, which safety must survive anyway.
     pub async fn restart(&self, id: NodeId) {
         assert!(
             lock(&self.slot(id).running).is_none(),
@@ -764,6 +845,51 @@ impl TestCluster {
         }
     }
 
+    /// Loses every frame `from` sends to `to`, without closing any connection and without any
+    /// error: `from`'s requests to `to` are dropped unsent, and `from`'s answers to `to`'s
+    /// requests are dropped on arrival at `to`. Whoever waits for them runs into its own
+    /// timeout. The other direction (`to` to `from`) still works. Re-applied when either node
+    /// restarts; [`TestCluster::heal`] ends it.
+    // Only the value tests use it.
+    #[allow(dead_code)]
+    pub fn blackhole(&self, from: NodeId, to: NodeId) {
+        lock(&self.blackholed).insert((from, to));
+        if let Some(node) = self.node(from) {
+            node.faults()
+                .expect("a clustered node has a fault injector")
+                .blackhole_requests(self.slot(to).addr);
+        }
+        if let Some(node) = self.node(to) {
+            node.faults()
+                .expect("a clustered node has a fault injector")
+                .blackhole_responses(self.slot(from).addr);
+        }
+    }
+
+    /// Freezes node `id` for `duration`, as a stopped process (or a long GC pause) would be:
+    /// blocks its thread, so that its raft, lease, transport and shard tasks all stand still,
+    /// while its clock runs on (only its storage writer thread keeps running). Returns once the
+    /// pause has begun (at once when the node is not running); the node resumes by itself.
+    // Only the value tests use it.
+    #[allow(dead_code)]
+    pub async fn pause(&self, id: NodeId, duration: Duration) {
+        let Some(arbiter) = lock(&self.slot(id).running)
+            .as_ref()
+            .map(|r| r.arbiter.clone())
+        else {
+            return;
+        };
+        let (began, began_rx) = oneshot::channel::<()>();
+        let spawned = arbiter.spawn(async move {
+            let _ = began.send(());
+            // Deliberately blocking: this is the pause.
+            std::thread::sleep(duration);
+        });
+        if spawned {
+            let _ = tokio::time::timeout(DEADLINE, began_rx).await;
+        }
+    }
+
     /// Cuts every link between the sets `a` and `b`, both ways.
     pub fn partition(&self, a: &[NodeId], b: &[NodeId]) {
         for &x in a {
@@ -780,10 +906,11 @@ impl TestCluster {
         self.partition(&[id], &others);
     }
 
-    /// Unblocks every link and removes every delay, on every running node.
+    /// Unblocks every link and removes every delay and blackhole, on every running node.
     pub fn heal(&self) {
         lock(&self.blocked).clear();
         lock(&self.delayed).clear();
+        lock(&self.blackholed).clear();
         for id in self.running_ids() {
             if let Some(node) = self.node(id) {
                 let faults = node
@@ -955,8 +1082,8 @@ impl TestCluster {
             violations.join("\n")
         );
         println!(
-            "{}: single owner holds over {} deliveries (by node {:?}, activations {:?}, newest epoch {})",
-            self.name, summary.deliveries, summary.by_node, summary.activations, summary.epoch_max
+            "{}: single owner holds over {} deliveries and {} completed handler runs (by node {:?}, activations {:?}, newest epoch {})",
+            self.name, summary.deliveries, summary.completed_runs, summary.by_node, summary.activations, summary.epoch_max
         );
         summary
     }
@@ -981,9 +1108,10 @@ impl TestCluster {
     /// Every node's state and the blocked links, for failure messages.
     pub fn report(&self) -> String {
         let mut report = format!(
-            "  blocked links (from -> to): {:?}\n  slowed links: {:?}\n",
+            "  blocked links (from -> to): {:?}\n  slowed links: {:?}\n  blackholed links (from -> to): {:?}\n",
             lock(&self.blocked).iter().collect::<Vec<_>>(),
-            lock(&self.delayed)
+            lock(&self.delayed),
+            lock(&self.blackholed).iter().collect::<Vec<_>>()
         );
         for slot in &self.slots {
             let starts = slot.starts.load(Ordering::Relaxed);
@@ -1002,6 +1130,13 @@ impl TestCluster {
             }
         }
         report
+    }
+
+    /// Node `id`'s data dir (its LMDB environment); read it only while the node is killed.
+    // Only the value tests use it.
+    #[allow(dead_code)]
+    pub fn data_dir(&self, id: NodeId) -> PathBuf {
+        self.slot(id).data_dir.clone()
     }
 
     fn slot(&self, id: NodeId) -> &Slot {
@@ -1087,6 +1222,14 @@ impl TestCluster {
         for ((from, to), delay) in lock(&self.delayed).iter() {
             if *from == id {
                 faults.set_delay(self.slot(*to).addr, *delay);
+            }
+        }
+        for (from, to) in lock(&self.blackholed).iter() {
+            if *from == id {
+                faults.blackhole_requests(self.slot(*to).addr);
+            }
+            if *to == id {
+                faults.blackhole_responses(self.slot(*from).addr);
             }
         }
     }
