@@ -692,25 +692,7 @@ async fn an_async_reply_after_the_lease_lapsed_is_withheld() {
             cluster.send(follower, &key, message).await
         })
     };
-    cluster
-        .wait_until(
-            &format!("node {follower} runs the slow write to shard {shard}"),
-            DEADLINE,
-            || async {
-                cluster
-                    .recorder()
-                    .events()
-                    .iter()
-                    .any(|e| {
-                        e.kind == ServeEventKind::Delivered
-                            && e.node == follower
-                            && e.shard == shard
-                            && e.at >= sent_at
-                    })
-                    .then_some(())
-            },
-        )
-        .await;
+    cluster.wait_delivered(follower, shard, sent_at).await;
     cluster.isolate(follower);
     cluster
         .wait_until(

@@ -473,25 +473,7 @@ async fn a_slow_deactivation_delays_the_move_and_hands_over_the_state() {
             cluster.send(a, &slow, message).await
         })
     };
-    cluster
-        .wait_until(
-            &format!("node {a} handles the slow write to shard {shard}"),
-            DEADLINE,
-            || async {
-                cluster
-                    .recorder()
-                    .events()
-                    .iter()
-                    .any(|e| {
-                        e.kind == ServeEventKind::Delivered
-                            && e.node == a
-                            && e.shard == shard
-                            && e.at >= sent_at
-                    })
-                    .then_some(())
-            },
-        )
-        .await;
+    cluster.wait_delivered(a, shard, sent_at).await;
     admin_ok(cluster, leader, AdminRequest::Drain { id: a }).await;
     let slow_reply = slow_write.await.expect("the slow write's task");
     assert!(

@@ -740,6 +740,30 @@ impl TestCluster {
             .map(|r| r.node.clone())
     }
 
+    /// Waits until node `node` started handling a message for `shard` (a delivery recorded at
+    /// or after `since`).
+    // Not every test file waits for one.
+    #[allow(dead_code)]
+    pub async fn wait_delivered(&self, node: NodeId, shard: ShardId, since: Instant) {
+        self.wait_until(
+            &format!("node {node} handles a message for shard {shard}"),
+            DEADLINE,
+            || async {
+                self.recorder()
+                    .events()
+                    .iter()
+                    .any(|e| {
+                        e.kind == ServeEventKind::Delivered
+                            && e.node == node
+                            && e.shard == shard
+                            && e.at >= since
+                    })
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
     /// Node `id`'s status report, if it runs.
     pub fn status(&self, id: NodeId) -> Option<StatusReport> {
         self.node(id)?.cluster_status()
