@@ -259,16 +259,7 @@ async fn follower_partitioned_away_loses_its_shards_and_gets_them_back() {
     let shared = TestCluster::start("follower_partitioned", 3).await;
     let cluster = &*shared;
     let leader = cluster.wait_ready().await;
-    let follower = cluster
-        .ids()
-        .into_iter()
-        .find(|&id| id != leader)
-        .expect("3 nodes");
-    let majority_ids: Vec<NodeId> = cluster
-        .ids()
-        .into_iter()
-        .filter(|&id| id != follower)
-        .collect();
+    let (follower, majority_ids) = cluster.follower_and_others(leader);
     let traffic = Traffic::start(&shared, 2);
     wait_for_traffic(cluster).await;
 
@@ -663,16 +654,7 @@ async fn an_async_reply_after_the_lease_lapsed_is_withheld() {
     let shared = TestCluster::start("async_reply_after_lease", 3).await;
     let cluster = &*shared;
     let leader = cluster.wait_ready().await;
-    let follower = cluster
-        .ids()
-        .into_iter()
-        .find(|&id| id != leader)
-        .expect("a follower");
-    let majority: Vec<NodeId> = cluster
-        .ids()
-        .into_iter()
-        .filter(|&id| id != follower)
-        .collect();
+    let (follower, majority) = cluster.follower_and_others(leader);
     let owners = cluster
         .wait_until("the leader reports the map", DEADLINE, || async {
             cluster.shards(leader).await.map(|(_, owners)| owners)

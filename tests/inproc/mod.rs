@@ -740,6 +740,23 @@ impl TestCluster {
             .map(|r| r.node.clone())
     }
 
+    /// A node other than `leader` (the lowest id), and every node but that one.
+    // Not every test file needs it.
+    #[allow(dead_code)]
+    pub fn follower_and_others(&self, leader: NodeId) -> (NodeId, Vec<NodeId>) {
+        let follower = self
+            .ids()
+            .into_iter()
+            .find(|&id| id != leader)
+            .expect("a cluster of more than one node");
+        let others = self
+            .ids()
+            .into_iter()
+            .filter(|&id| id != follower)
+            .collect();
+        (follower, others)
+    }
+
     /// Waits until node `node` started handling a message for `shard` (a delivery recorded at
     /// or after `since`).
     // Not every test file waits for one.
