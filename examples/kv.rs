@@ -32,7 +32,7 @@ use clusterfunk::GracefulShutdown;
 // The messages, shared with the tools that talk to kv nodes.
 #[path = "support/kv_api.rs"]
 mod kv_api;
-use kv_api::{Get, Owner, Put, WhoOwns};
+use kv_api::{Get, Incr, Owner, Put, WhoOwns};
 
 /// One shard's keys and values.
 #[derive(Default)]
@@ -48,6 +48,16 @@ impl Store {
 
     fn get(&mut self, key: Key, _msg: Get, _ctx: &mut ShardContext) -> Option<String> {
         self.values.get(&key).cloned()
+    }
+
+    fn incr(&mut self, key: Key, msg: Incr, _ctx: &mut ShardContext) -> Option<u64> {
+        let now = match self.values.get(&key) {
+            None => 0,
+            Some(value) => value.parse::<u64>().ok()?,
+        };
+        let next = now.saturating_add(msg.by);
+        self.values.insert(key, next.to_string());
+        Some(next)
     }
 
     fn owner(&mut self, key: Key, _msg: WhoOwns, ctx: &mut ShardContext) -> Owner {

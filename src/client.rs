@@ -1,29 +1,50 @@
 //! [`Client`]: sends messages to keys from programs outside the cluster.
 //!
-//! The client learns the shard map (owners and their addresses) from any node, sends each
-//! message straight to its shard's owner, and refreshes the map when the answer says it is stale
-//! (`WrongOwner`), when the owner is not ready or unreachable, failing over between the seed
-//! nodes it was given, and in the background about once a second while it is in use. A node that receives a message for another node's shard forwards it, so a
-//! stale map costs a hop, never a wrong answer. The client holds no shard state.
+//! The client learns the shard map (owners and their addresses) from any node and sends each
+//! message straight to its shard's owner. It keeps the map current: one request held open at a
+//! node ([`Request::WatchRouting`]) answers as soon as the map changes, and a stale answer
+//! (`WrongOwner`) refreshes it too. A node that receives a message for another node's shard
+//! forwards it, so a stale map costs a hop, never a wrong answer. The client holds no shard
+//! state.
+//!
+//! # When an owner fails
+//!
+//! - An owner that does not answer (frozen, cut off without a reset) is noticed by its
+//!   connection: outstanding requests and silence for
+//!   [`unresponsive_after`](crate::transport::TransportConfig::unresponsive_after) (probes
+//!   included). New requests for its shards are not sent to it; they wait for it to answer
+//!   again or for its shards to move.
+//! - A request already sent to it is resolved the moment its shard moves: an idempotent one is
+//!   sent to the new owner, any other fails at once with [`Error::OutcomeUnknown`], since it may
+//!   or may not have taken effect. The same holds when the connection breaks after sending.
+//! - A refusal from a node that never started the request (not the owner, lease lapsed, shard
+//!   moving) is retried after the map catches up, never surfaced while the deadline allows.
+//! - Every call is bounded by its deadline ([`CallOptions::deadline`], by default the client's
+//!   timeout): a request still outstanding then fails with [`Error::Timeout`], whose outcome is
+//!   unknown too.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::codec;
-use crate::error::Error;
+use crate::error::{Error, NotReadyReason};
 use crate::shard::ShardMessage;
-use crate::shard_map::{shard_for, Key, NodeId};
-use crate::transport::{Secret, Transport, TransportConfig, TransportError};
-use crate::wire::{Request, Response, RoutingInfo};
+use crate::shard_map::{shard_for, Key, NodeId, ShardId};
+use crate::transport::{Secret, Transport, TransportConfig, TransportError, OVERLOADED};
+use crate::wire::{Request, Response, RoutingInfo, WATCH_HOLD};
 
 /// Why a [`Client`] call failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
-    /// The cluster answered with an error (not ready, overloaded, a handler failure, ...).
+    /// The cluster answered with an error (not ready, overloaded, a handler failure, outcome
+    /// unknown, ...).
     #[error(transparent)]
     Cluster(#[from] Error),
     /// No node could be reached; the last failure is given.
@@ -34,6 +55,45 @@ pub enum ClientError {
     Invalid(String),
 }
 
+impl ClientError {
+    /// Whether the message may or may not have taken effect ([`Error::OutcomeUnknown`] or
+    /// [`Error::Timeout`]): retry only an idempotent message.
+    pub fn is_outcome_unknown(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Cluster(Error::OutcomeUnknown { .. } | Error::Timeout { .. })
+        )
+    }
+}
+
+/// Options of one [`Client::send_with`] call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CallOptions {
+    idempotent: Option<bool>,
+    deadline: Option<Duration>,
+}
+
+impl CallOptions {
+    /// The defaults: idempotent as the message type declares
+    /// ([`ShardMessage::IDEMPOTENT`]), the client's timeout as the deadline.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Overrides whether this call's message may be handled twice: `true` lets the client send
+    /// it again to a shard's next owner when the first attempt's fate is unknown.
+    pub fn idempotent(mut self, idempotent: bool) -> Self {
+        self.idempotent = Some(idempotent);
+        self
+    }
+
+    /// The longest the call may take, retries and waits for a failover included.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+}
+
 /// The routing information the client holds.
 #[derive(Debug)]
 struct Routing {
@@ -42,26 +102,48 @@ struct Routing {
     addrs: HashMap<NodeId, SocketAddr>,
 }
 
-/// How many times a request is retried after a stale map or an unreachable owner.
-const ATTEMPTS_MAX: usize = 4;
+impl Routing {
+    /// The owner of `key`'s shard and its address.
+    fn owner(&self, key: &[u8]) -> Option<(ShardId, NodeId, Option<SocketAddr>)> {
+        let shard = shard_for(key, self.owners.len() as u32);
+        let owner = *self.owners.get(shard as usize)?;
+        Some((shard, owner, self.addrs.get(&owner).copied()))
+    }
+}
 
-/// A client of a clusterfunk cluster. Cheap to clone; clones share the map.
-#[derive(Debug, Clone)]
-pub struct Client {
+/// How many answers "not ready" (from a node that never started the request) a call waits out
+/// before it returns one: enough for a failover, bounded so that a cluster without a leader
+/// answers in bounded time.
+const NOT_READY_ROUNDS: u32 = 4;
+/// Longest a call waits for the map to change after a node refused it as not ready.
+const NOT_READY_PAUSE: Duration = Duration::from_millis(250);
+/// How often the map is fetched while the watch cannot be held (every node refused it).
+const REFRESH_EVERY: Duration = Duration::from_secs(1);
+/// Pause before the watch tries the next node after a failure.
+const WATCH_RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// What clones of one client share.
+#[derive(Debug)]
+struct Shared {
     transport: Transport,
-    seeds: Arc<Vec<SocketAddr>>,
+    seeds: Vec<SocketAddr>,
     timeout: Duration,
-    routing: Arc<RwLock<Option<Arc<Routing>>>>,
-    /// When the map was last fetched (or a background fetch began), in milliseconds since
-    /// `created`.
-    refreshed_ms: Arc<AtomicU64>,
+    routing: RwLock<Option<Arc<Routing>>>,
+    /// Bumped whenever a newer map is installed.
+    changes: watch::Sender<u64>,
+    /// Whether the background watch runs.
+    watching: AtomicBool,
+    /// When the map was last installed, in milliseconds since `created`.
+    installed_ms: AtomicU64,
     created: Instant,
 }
 
-/// How old the map may grow while the client is in use before a background fetch renews it:
-/// after a failover or a planned move a stale map costs a forwarding hop per request (never a
-/// wrong answer), for at most about this long.
-const REFRESH_EVERY: Duration = Duration::from_secs(1);
+/// A client of a clusterfunk cluster. Cheap to clone; clones share the map and the
+/// connections.
+#[derive(Debug, Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+}
 
 impl Client {
     /// A client for the cluster reachable at `seeds`, authenticating with `secret` (`None`
@@ -73,7 +155,8 @@ impl Client {
         Self::with_config(seeds, secret, "clusterfunk", Duration::from_secs(10))
     }
 
-    /// Like [`connect`](Self::connect), with the cluster's name and the per-request timeout.
+    /// Like [`connect`](Self::connect), with the cluster's name and the default deadline of a
+    /// call (`timeout`).
     pub fn with_config(
         seeds: impl IntoIterator<Item = SocketAddr>,
         secret: Option<Secret>,
@@ -86,6 +169,11 @@ impl Client {
                 "give at least one seed address".into(),
             ));
         }
+        if timeout.is_zero() {
+            return Err(ClientError::Invalid(
+                "the timeout must be longer than zero".into(),
+            ));
+        }
         let transport = Transport::new(TransportConfig {
             cluster_name: cluster_name.to_string(),
             node_id: None,
@@ -95,20 +183,88 @@ impl Client {
         })
         .map_err(|e| ClientError::Invalid(e.to_string()))?;
         Ok(Client {
-            transport,
-            seeds: Arc::new(seeds),
-            timeout,
-            routing: Arc::new(RwLock::new(None)),
-            refreshed_ms: Arc::new(AtomicU64::new(0)),
-            created: Instant::now(),
+            shared: Arc::new(Shared {
+                transport,
+                seeds,
+                timeout,
+                routing: RwLock::new(None),
+                changes: watch::channel(0).0,
+                watching: AtomicBool::new(false),
+                installed_ms: AtomicU64::new(0),
+                created: Instant::now(),
+            }),
         })
     }
 
     /// The map epoch the client routes by, once it has one.
     pub fn epoch(&self) -> Option<u64> {
-        self.current().map(|r| r.epoch)
+        self.shared.current().map(|r| r.epoch)
     }
 
+    /// Fetches the map from the first seed (or known node) that answers.
+    pub async fn refresh(&self) -> Result<(), ClientError> {
+        self.shared.refresh().await
+    }
+
+    /// Sends `msg` to the shard owning `key` and returns the reply, with the default
+    /// [`CallOptions`]: see [`send_with`](Self::send_with).
+    pub async fn send<M: ShardMessage>(
+        &self,
+        key: impl Into<Key>,
+        msg: M,
+    ) -> Result<M::Reply, ClientError> {
+        self.send_with(key, msg, CallOptions::new()).await
+    }
+
+    /// Sends `msg` to the shard owning `key` and returns the reply.
+    ///
+    /// The message goes to the owner by the client's map. If the owner cannot be reached (it
+    /// may have crashed) the message goes to another node instead, which forwards it and waits
+    /// at its router, bounded, for the failover to give the shard a live owner. If the owner
+    /// stops answering, the message waits for the shard to move (see the [module
+    /// docs](self)): an idempotent message (per [`CallOptions::idempotent`], else
+    /// [`ShardMessage::IDEMPOTENT`]) then goes to the new owner; any other message that may
+    /// have reached the old owner fails with [`Error::OutcomeUnknown`].
+    pub async fn send_with<M: ShardMessage>(
+        &self,
+        key: impl Into<Key>,
+        msg: M,
+        options: CallOptions,
+    ) -> Result<M::Reply, ClientError> {
+        let key = key.into();
+        let request = Request::Shard {
+            key: key.as_bytes().to_vec(),
+            tag: M::TAG.to_string(),
+            payload: codec::encode(&msg)?,
+        };
+        let payload = codec::encode(&request)?;
+        let idempotent = options.idempotent.unwrap_or(M::IDEMPOTENT);
+        let budget = options.deadline.unwrap_or(self.shared.timeout);
+        let reply = self
+            .shared
+            .call_shard(key.as_bytes(), payload, idempotent, budget)
+            .await?;
+        Ok(codec::decode(&reply)?)
+    }
+}
+
+/// What one attempt at a shard request came to.
+enum Attempt {
+    /// The reply.
+    Reply(Vec<u8>),
+    /// Never started anywhere (refused, or never sent): try again.
+    Retry(ClientError),
+    /// Never started, and the node takes no more: try again elsewhere.
+    Avoid(ClientError),
+    /// The node refused it as not ready: try again after the map may have caught up.
+    NotReady(Error),
+    /// Sent, and its fate is unknown.
+    Unknown(ClientError),
+    /// A final answer.
+    Fail(ClientError),
+}
+
+impl Shared {
     fn current(&self) -> Option<Arc<Routing>> {
         self.routing
             .read()
@@ -116,18 +272,54 @@ impl Client {
             .clone()
     }
 
-    /// Fetches the map from the first seed (or known node) that answers.
-    pub async fn refresh(&self) -> Result<(), ClientError> {
-        let known: Vec<SocketAddr> = self
-            .current()
-            .map(|r| r.addrs.values().copied().collect())
-            .unwrap_or_default();
+    fn install(&self, info: RoutingInfo) {
+        if info.owners.is_empty() {
+            return;
+        }
+        let addrs = info
+            .addrs
+            .iter()
+            .filter_map(|(id, addr)| Some((*id, addr.parse().ok()?)))
+            .collect();
+        let routing = Arc::new(Routing {
+            epoch: info.epoch,
+            owners: info.owners,
+            addrs,
+        });
+        let newer = {
+            let mut current = self.routing.write().unwrap_or_else(|p| p.into_inner());
+            let newer = current.as_ref().is_none_or(|c| c.epoch < routing.epoch);
+            if current.as_ref().is_none_or(|c| c.epoch <= routing.epoch) {
+                *current = Some(routing);
+            }
+            newer
+        };
+        self.installed_ms
+            .store(self.created.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if newer {
+            self.changes.send_modify(|v| *v = v.wrapping_add(1));
+        }
+    }
+
+    /// Every address worth asking for the map: the seeds, then the members the map names.
+    fn candidates(&self) -> Vec<SocketAddr> {
+        let mut all = self.seeds.clone();
+        if let Some(routing) = self.current() {
+            let mut known: Vec<SocketAddr> = routing.addrs.values().copied().collect();
+            known.sort();
+            all.extend(known.into_iter().filter(|a| !self.seeds.contains(a)));
+        }
+        all
+    }
+
+    async fn refresh(&self) -> Result<(), ClientError> {
         let mut last = None;
-        for addr in self.seeds.iter().chain(known.iter()) {
-            match self.call(*addr, &Request::Routing).await {
+        // Responsive nodes first: a frozen one would hold the fetch until the timeout.
+        let mut candidates = self.candidates();
+        candidates.sort_by_key(|addr| !self.transport.is_responsive(*addr));
+        for addr in candidates {
+            match self.call(addr, &Request::Routing, self.timeout).await {
                 Ok(Response::Routing(info)) if !info.owners.is_empty() => {
-                    self.refreshed_ms
-                        .store(self.created.elapsed().as_millis() as u64, Ordering::Relaxed);
                     self.install(info);
                     return Ok(());
                 }
@@ -146,127 +338,297 @@ impl Client {
         )))
     }
 
-    /// Starts one background fetch of the map when the last is older than [`REFRESH_EVERY`]
-    /// (only inside a tokio runtime; outside one, errors and `WrongOwner` still refresh).
-    fn refresh_in_background_when_old(&self) {
-        let now = self.created.elapsed().as_millis() as u64;
-        let last = self.refreshed_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(last) < REFRESH_EVERY.as_millis() as u64 {
+    /// Starts the background watch of the map, once per client (only inside a tokio runtime).
+    fn watch(self: &Arc<Self>) {
+        if self.watching.load(Ordering::Relaxed) || self.watching.swap(true, Ordering::AcqRel) {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        // One fetch at a time: whoever moves the stamp starts it.
-        if self
-            .refreshed_ms
-            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-        {
-            let client = self.clone();
-            runtime.spawn(async move {
-                if let Err(error) = client.refresh().await {
-                    tracing::debug!(%error, "background map refresh failed");
-                }
-            });
-        }
-    }
-
-    fn install(&self, info: RoutingInfo) {
-        let addrs = info
-            .addrs
-            .iter()
-            .filter_map(|(id, addr)| Some((*id, addr.parse().ok()?)))
-            .collect();
-        let routing = Arc::new(Routing {
-            epoch: info.epoch,
-            owners: info.owners,
-            addrs,
-        });
-        let mut current = self.routing.write().unwrap_or_else(|p| p.into_inner());
-        if current.as_ref().is_none_or(|c| c.epoch <= routing.epoch) {
-            *current = Some(routing);
-        }
-    }
-
-    /// Sends `msg` to the shard owning `key` and returns the reply.
-    ///
-    /// The message goes to the owner by the client's map. If the owner cannot be reached (it
-    /// may have crashed) the message goes to another node instead, which forwards it and waits
-    /// at its router, bounded, for the failover to give the shard a live owner. A `WrongOwner`
-    /// answer refreshes the map and retries.
-    pub async fn send<M: ShardMessage>(
-        &self,
-        key: impl Into<Key>,
-        msg: M,
-    ) -> Result<M::Reply, ClientError> {
-        let key = key.into();
-        let request = Request::Shard {
-            key: key.as_bytes().to_vec(),
-            tag: M::TAG.to_string(),
-            payload: codec::encode(&msg)?,
-        };
-        if self.current().is_none() {
-            // Without a map any node will do: it forwards.
-            let _ = self.refresh().await;
-        } else {
-            self.refresh_in_background_when_old();
-        }
-        let mut unreachable: Vec<SocketAddr> = Vec::new();
-        let mut last: Option<ClientError> = None;
-        for attempt in 0..ATTEMPTS_MAX {
-            let routing = self.current();
-            let owner_addr = routing.as_ref().and_then(|r| {
-                let shard = shard_for(key.as_bytes(), r.owners.len() as u32);
-                r.owners
-                    .get(shard as usize)
-                    .and_then(|owner| r.addrs.get(owner))
-                    .copied()
-            });
-            // The owner if reachable, else any other node (seeds first) not known to be down.
-            let others = self
-                .seeds
-                .iter()
-                .copied()
-                .chain(routing.iter().flat_map(|r| r.addrs.values().copied()));
-            let target = owner_addr
-                .into_iter()
-                .chain(others)
-                .find(|addr| !unreachable.contains(addr))
-                .unwrap_or(self.seeds[attempt % self.seeds.len()]);
-            match self.call(target, &request).await {
-                Ok(Response::Shard(Ok(reply))) => return Ok(codec::decode(&reply)?),
-                Ok(Response::Shard(Err(error @ Error::WrongOwner { .. }))) => {
-                    last = Some(error.into());
-                    let _ = self.refresh().await;
-                }
-                // Any other answer (NotReady included: the node already waited) is final.
-                Ok(Response::Shard(Err(error))) => return Err(error.into()),
-                Ok(_) => {
-                    return Err(
-                        Error::Codec("the node answered with an unexpected message".into()).into(),
-                    )
-                }
-                // Never sent: try another node, which waits for the failover if needed.
-                Err(
-                    error @ (TransportError::Unreachable { .. } | TransportError::Refused { .. }),
-                ) => {
-                    unreachable.push(target);
-                    last = Some(ClientError::Unreachable(error));
-                }
-                Err(error) => return Err(ClientError::Unreachable(error)),
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(watch_loop(Arc::downgrade(self)));
             }
+            Err(_) => self.watching.store(false, Ordering::Release),
         }
-        Err(last.unwrap_or(ClientError::Invalid("no attempt made".into())))
     }
 
-    async fn call(&self, addr: SocketAddr, request: &Request) -> Result<Response, TransportError> {
+    async fn call(
+        &self,
+        addr: SocketAddr,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<Response, TransportError> {
         let payload = codec::encode(request).map_err(|e| TransportError::Protocol {
             reason: e.to_string(),
         })?;
-        let answer = self.transport.request(addr, payload, self.timeout).await?;
+        let answer = self.transport.request(addr, payload, timeout).await?;
         codec::decode(&answer).map_err(|e| TransportError::Protocol {
             reason: e.to_string(),
         })
+    }
+
+    /// Sends an encoded `Request::Shard` for `key` until it is answered, fails for good, or
+    /// `budget` runs out.
+    async fn call_shard(
+        self: &Arc<Self>,
+        key: &[u8],
+        payload: Vec<u8>,
+        idempotent: bool,
+        budget: Duration,
+    ) -> Result<Vec<u8>, ClientError> {
+        let started = Instant::now();
+        let deadline = started + budget;
+        self.watch();
+        if self.current().is_none() {
+            // Without a map any node will do: it forwards.
+            let _ = tokio::time::timeout_at(deadline, self.refresh()).await;
+        }
+        let mut avoid: Vec<SocketAddr> = Vec::new();
+        let mut last: Option<ClientError> = None;
+        let mut not_ready_rounds = 0;
+        let timed_out = |shard| {
+            ClientError::Cluster(Error::Timeout {
+                shard,
+                after: budget,
+            })
+        };
+        loop {
+            let routing = self.current();
+            let owner = routing.as_ref().and_then(|r| r.owner(key));
+            let shard = owner.map_or(0, |(shard, _, _)| shard);
+            if Instant::now() >= deadline {
+                return Err(last.unwrap_or_else(|| timed_out(shard)));
+            }
+            let owner_addr = owner.and_then(|(_, _, addr)| addr);
+            if let Some(addr) = owner_addr.filter(|a| !self.transport.is_responsive(*a)) {
+                // The owner does not answer: send nothing there; wait until it answers again
+                // or its shards move.
+                last = Some(ClientError::Cluster(Error::NotReady {
+                    reason: NotReadyReason::OwnerUnreachable,
+                }));
+                self.wait_for_change(Some(addr), deadline).await;
+                continue;
+            }
+            // The owner if reachable, else any other node (seeds first) not known to be down.
+            let target = owner_addr
+                .into_iter()
+                .chain(self.candidates())
+                .find(|addr| !avoid.contains(addr) && self.transport.is_responsive(*addr));
+            let Some(target) = target else {
+                // Everything tried: start over after a pause, bounded by the deadline.
+                avoid.clear();
+                self.wait_for_change(None, (Instant::now() + WATCH_RETRY_PAUSE).min(deadline))
+                    .await;
+                continue;
+            };
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let sent_to_owner = owner.filter(|(_, _, addr)| *addr == Some(target));
+            let attempt = tokio::select! {
+                answer = self.transport.request(target, payload.clone(), remaining) => {
+                    classify(shard, target, answer)
+                }
+                () = self.moved_from_silent(key, sent_to_owner, target) => {
+                    Attempt::Unknown(ClientError::Cluster(Error::OutcomeUnknown { shard }))
+                }
+            };
+            match attempt {
+                Attempt::Reply(reply) => return Ok(reply),
+                Attempt::Fail(error) => return Err(error),
+                Attempt::Avoid(error) => {
+                    avoid.push(target);
+                    last = Some(error);
+                }
+                Attempt::Retry(error) => {
+                    // Refused as not the owner: the map is stale.
+                    let _ = tokio::time::timeout_at(deadline, self.refresh()).await;
+                    last = Some(error);
+                }
+                Attempt::NotReady(error) => {
+                    not_ready_rounds += 1;
+                    if not_ready_rounds > NOT_READY_ROUNDS {
+                        return Err(error.into());
+                    }
+                    last = Some(error.into());
+                    // The refuser may be behind, or the shard about to move: learn the map
+                    // from someone else, or wait a little for the watch to bring a change.
+                    let epoch = routing.as_ref().map(|r| r.epoch);
+                    let _ = tokio::time::timeout_at(deadline, self.refresh()).await;
+                    if self.current().map(|r| r.epoch) == epoch {
+                        self.wait_for_change(
+                            None,
+                            (Instant::now() + NOT_READY_PAUSE).min(deadline),
+                        )
+                        .await;
+                    }
+                }
+                Attempt::Unknown(error) => {
+                    if !idempotent {
+                        return Err(match error {
+                            ClientError::Cluster(Error::Timeout { .. }) => timed_out(shard),
+                            other => other,
+                        });
+                    }
+                    tracing::debug!(%target, %error, "outcome unknown; re-sending an idempotent message");
+                    last = Some(error);
+                }
+            }
+        }
+    }
+
+    /// Resolves once `key`'s shard has moved away from `sent_to` (the owner the request went
+    /// to, if it went to the owner) while `target` does not answer: the request can no longer
+    /// be answered by anyone who knows its outcome. Never resolves for a request sent to a
+    /// non-owner: that node resolves its own forward.
+    async fn moved_from_silent(
+        &self,
+        key: &[u8],
+        sent_to: Option<(ShardId, NodeId, Option<SocketAddr>)>,
+        target: SocketAddr,
+    ) {
+        let Some((_, owner, _)) = sent_to else {
+            return std::future::pending().await;
+        };
+        let mut changes = self.changes.subscribe();
+        let mut health = self.transport.health_changes();
+        loop {
+            let moved = self
+                .current()
+                .and_then(|r| r.owner(key))
+                .is_some_and(|(_, now, _)| now != owner);
+            if moved && !self.transport.is_responsive(target) {
+                return;
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return std::future::pending().await },
+                changed = health.changed() => if changed.is_err() { return std::future::pending().await },
+            }
+        }
+    }
+
+    /// Waits until the map changes, `silent` answers again, or `until`.
+    async fn wait_for_change(&self, silent: Option<SocketAddr>, until: Instant) {
+        let mut changes = self.changes.subscribe();
+        let mut health = self.transport.health_changes();
+        let wait = async {
+            loop {
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { return std::future::pending().await } else { return },
+                    changed = health.changed() => {
+                        if changed.is_err() { return std::future::pending().await }
+                        if silent.is_some_and(|addr| self.transport.is_responsive(addr)) { return }
+                    }
+                }
+            }
+        };
+        let _ = tokio::time::timeout_at(until, wait).await;
+    }
+}
+
+/// Sorts the answer to one attempt sent to `target`.
+fn classify(
+    shard: ShardId,
+    target: SocketAddr,
+    answer: Result<Vec<u8>, TransportError>,
+) -> Attempt {
+    let unknown = |shard| Attempt::Unknown(ClientError::Cluster(Error::OutcomeUnknown { shard }));
+    let bytes = match answer {
+        Ok(bytes) => bytes,
+        // Never sent: try another node, which waits for the failover if needed.
+        Err(
+            error @ (TransportError::Unreachable { .. }
+            | TransportError::Refused { .. }
+            | TransportError::Io(_)),
+        ) => return Attempt::Avoid(ClientError::Unreachable(error)),
+        // Sent; the connection broke before the answer.
+        Err(TransportError::Closed { .. }) => return unknown(shard),
+        Err(TransportError::Timeout { after, .. }) => {
+            return Attempt::Unknown(ClientError::Cluster(Error::Timeout { shard, after }))
+        }
+        Err(TransportError::Remote { reason }) if reason == OVERLOADED => {
+            return Attempt::Fail(ClientError::Cluster(Error::Overloaded { shard }))
+        }
+        Err(error) => return Attempt::Fail(ClientError::Unreachable(error)),
+    };
+    match codec::decode::<Response>(&bytes) {
+        Ok(Response::Shard(Ok(reply))) => Attempt::Reply(reply),
+        Ok(Response::Shard(Err(error))) => match error {
+            Error::WrongOwner { .. } => Attempt::Retry(error.into()),
+            Error::NotReady {
+                reason: NotReadyReason::ShardCountMismatch,
+            } => Attempt::Fail(error.into()),
+            Error::ShuttingDown => Attempt::Avoid(error.into()),
+            Error::NotReady { .. } => Attempt::NotReady(error),
+            // A forwarding node lost the owner after sending: as unknown as our own loss.
+            Error::OutcomeUnknown { .. } | Error::Unreachable { .. } => unknown(shard),
+            Error::Timeout { .. } => Attempt::Unknown(error.into()),
+            other => Attempt::Fail(other.into()),
+        },
+        Ok(_) => Attempt::Fail(
+            Error::Codec(format!("{target} answered with an unexpected message")).into(),
+        ),
+        Err(error) => Attempt::Fail(error.into()),
+    }
+}
+
+/// Holds a [`Request::WatchRouting`] open at one node after another while the client lives,
+/// installing every newer map it brings. A node that does not answer (its connection turns
+/// unresponsive) or refuses is left for the next; while none holds the watch, the map is
+/// fetched every [`REFRESH_EVERY`].
+async fn watch_loop(client: Weak<Shared>) {
+    let mut next = 0usize;
+    loop {
+        let Some(shared) = client.upgrade() else {
+            return;
+        };
+        let candidates = shared.candidates();
+        let addr = candidates[next % candidates.len()];
+        if !shared.transport.is_responsive(addr) {
+            next = next.wrapping_add(1);
+            if next % candidates.len() == 0 {
+                drop(shared);
+                tokio::time::sleep(WATCH_RETRY_PAUSE).await;
+            }
+            continue;
+        }
+        let epoch = shared.current().map_or(0, |r| r.epoch);
+        let transport = shared.transport.clone();
+        let mut health = transport.health_changes();
+        drop(shared);
+        let request = Request::WatchRouting { epoch };
+        let Ok(payload) = codec::encode(&request) else {
+            return;
+        };
+        let silent = async {
+            loop {
+                if health.changed().await.is_err() || !transport.is_responsive(addr) {
+                    return;
+                }
+            }
+        };
+        let answer = tokio::select! {
+            answer = transport.request(addr, payload, WATCH_HOLD + Duration::from_secs(2)) => Some(answer),
+            () = silent => None,
+        };
+        let Some(shared) = client.upgrade() else {
+            return;
+        };
+        match answer.map(|a| a.map(|bytes| codec::decode::<Response>(&bytes))) {
+            Some(Ok(Ok(Response::Routing(info)))) if !info.owners.is_empty() => {
+                shared.install(info);
+                continue;
+            }
+            Some(Ok(Ok(Response::Routing(_)))) => {}
+            other => {
+                tracing::debug!(%addr, failed = other.is_some(), "map watch lost; trying the next node");
+                let stale = (shared.created.elapsed().as_millis() as u64)
+                    .saturating_sub(shared.installed_ms.load(Ordering::Relaxed))
+                    >= REFRESH_EVERY.as_millis() as u64;
+                if stale {
+                    let _ = shared.refresh().await;
+                }
+            }
+        }
+        next = next.wrapping_add(1);
+        drop(shared);
+        tokio::time::sleep(WATCH_RETRY_PAUSE).await;
     }
 }

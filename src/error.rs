@@ -119,12 +119,14 @@ pub enum Error {
     /// compatible message types.
     #[error("codec: {0}; check that sender and receiver use the same message types")]
     Codec(String),
-    /// An `async` handler finished after its node had stopped serving the shard (its lease
-    /// lapsed, or the shard went to another node) while it ran: its reply is withheld, because
-    /// it may describe state another node now owns. The message may or may not have taken
-    /// effect; retry only if it is idempotent.
+    /// The message may or may not have taken effect, and nobody can tell any more: its shard's
+    /// owner stopped answering (frozen, cut off, killed) and the shard moved to another node
+    /// while the message was in flight, or an `async` handler finished after its node had
+    /// stopped serving the shard (its reply is withheld: it may describe state another node now
+    /// owns). Returned at once, when the shard moves, rather than after a timeout. Retry only
+    /// if the message is idempotent (idempotent messages are retried for you).
     // New variants go last: the wire format numbers them in order.
-    #[error("shard {shard} stopped being served here while its handler ran; the outcome is unknown, retry only if the message is idempotent")]
+    #[error("the outcome of the message to shard {shard} is unknown: its owner failed or the shard moved while it was in flight; retry only if the message is idempotent")]
     OutcomeUnknown {
         /// The shard the message was for.
         shard: ShardId,

@@ -306,6 +306,11 @@ impl<H: ShardHandler> Router<H> {
         self.lease.remaining()
     }
 
+    /// A receiver that changes with every new table (and whenever the lease turns valid).
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     /// The current routing table.
     pub(crate) fn table(&self) -> Arc<RoutingTable> {
         self.table.load_full()
@@ -536,6 +541,19 @@ impl<H: ShardHandler> Router<H> {
                         // it yet): wait, bounded, like for any shard without a serving owner.
                         Forwarded::Failed(Error::WrongOwner { .. }) => NotReadyReason::ShardMoving,
                         Forwarded::Failed(Error::NotReady { reason }) => reason,
+                        // Sent, and the owner failed or the shard moved before it answered: an
+                        // idempotent message goes to the shard's next owner, any other fails
+                        // now, honestly.
+                        Forwarded::Failed(Error::OutcomeUnknown { .. }) | Forwarded::Unknown
+                            if M::IDEMPOTENT =>
+                        {
+                            tracing::debug!(
+                                owner,
+                                "outcome unknown; re-sending an idempotent message"
+                            );
+                            NotReadyReason::OwnerUnreachable
+                        }
+                        Forwarded::Unknown => return Err(Error::OutcomeUnknown { shard }),
                         Forwarded::Failed(error) => return Err(error),
                         Forwarded::NotSent(reason) => {
                             tracing::debug!(owner, %reason, "owner unreachable; waiting for failover");
@@ -604,8 +622,18 @@ impl<H: ShardHandler> Router<H> {
             Ok(bytes) => bytes,
             Err(error) => return Forwarded::Failed(error),
         };
+        if !transport.is_responsive(addr) {
+            return Forwarded::NotSent(format!(
+                "node {owner} at {addr} does not answer (frozen or cut off)"
+            ));
+        }
         let timeout = deadline.saturating_duration_since(Instant::now());
-        match transport.request(addr, bytes, timeout).await {
+        let shard = key.shard(self.shard_count);
+        let answer = tokio::select! {
+            answer = transport.request(addr, bytes, timeout) => answer,
+            () = self.moved_from_silent(shard, owner, addr, transport) => return Forwarded::Unknown,
+        };
+        match answer {
             Ok(answer) => match codec::decode::<Response>(&answer) {
                 Ok(Response::Shard(Ok(reply))) => Forwarded::Reply(reply),
                 Ok(Response::Shard(Err(error))) => Forwarded::Failed(error),
@@ -623,10 +651,36 @@ impl<H: ShardHandler> Router<H> {
                 after,
             }),
             // Sent, maybe handled, no answer: the caller must decide.
+            Err(TransportError::Closed { .. }) => Forwarded::Unknown,
             Err(error) => Forwarded::Failed(Error::Unreachable {
                 node: owner,
                 reason: error.to_string(),
             }),
+        }
+    }
+
+    /// Resolves once `shard` has an owner other than `owner` in this node's table while the
+    /// connection to `owner` at `addr` does not answer: a message in flight to it can no longer
+    /// be answered by anyone who knows its outcome.
+    async fn moved_from_silent(
+        &self,
+        shard: ShardId,
+        owner: NodeId,
+        addr: SocketAddr,
+        transport: &Transport,
+    ) {
+        let mut changes = self.changes.subscribe();
+        let mut health = transport.health_changes();
+        loop {
+            let table = self.table.load();
+            let now_owner = table.state.map.as_ref().and_then(|m| m.owner(shard));
+            if now_owner.is_some_and(|o| o != owner) && !transport.is_responsive(addr) {
+                return;
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return std::future::pending().await },
+                changed = health.changed() => if changed.is_err() { return std::future::pending().await },
+            }
         }
     }
 
@@ -1026,6 +1080,9 @@ enum Enqueue<M> {
 
 /// The outcome of forwarding a message.
 enum Forwarded {
+    /// Sent, and then its owner failed (connection lost, or silent while the shard moved): it
+    /// may or may not have taken effect.
+    Unknown,
     Reply(Vec<u8>),
     Failed(Error),
     /// Not sent at all (connection refused or in backoff): safe to retry.

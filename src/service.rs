@@ -11,7 +11,7 @@ use std::time::Instant;
 use crate::__private::WireMessage;
 use crate::admin::{AdminRequest, AdminResponse, NodeState, StatusReport};
 use crate::codec;
-use crate::consensus::{Command, Consensus};
+use crate::consensus::{ClusterState, Command, Consensus};
 use crate::error::Error;
 use crate::metrics::RouteLabel;
 use crate::router::{Origin, Router};
@@ -146,6 +146,21 @@ impl<H: ShardHandler> Service for NodeService<H> {
             Request::Routing => Box::pin(std::future::ready(encode(&Response::Routing(routing(
                 &self.consensus,
             ))))),
+            Request::WatchRouting { epoch } => {
+                let router = self.router.clone();
+                Box::pin(async move {
+                    let until = tokio::time::Instant::now() + crate::wire::WATCH_HOLD;
+                    let mut changes = router.subscribe();
+                    loop {
+                        let table = router.table();
+                        if table.state.map_epoch() > epoch || tokio::time::Instant::now() >= until {
+                            return encode(&Response::Routing(routing_of(&table.state)));
+                        }
+                        // A change of table or lease wakes the loop; the hold bounds it.
+                        let _ = tokio::time::timeout_at(until, changes.changed()).await;
+                    }
+                })
+            }
         }
     }
 }
@@ -171,17 +186,18 @@ pub(crate) fn status<H: ShardHandler>(consensus: &Consensus, router: &Router<H>)
 }
 
 fn routing(consensus: &Consensus) -> RoutingInfo {
-    let applied = consensus.applied();
+    routing_of(&consensus.applied().state)
+}
+
+fn routing_of(state: &ClusterState) -> RoutingInfo {
     RoutingInfo {
-        epoch: applied.state.map_epoch(),
-        owners: applied
-            .state
+        epoch: state.map_epoch(),
+        owners: state
             .map
             .as_ref()
             .map(|m| m.shards.clone())
             .unwrap_or_default(),
-        addrs: applied
-            .state
+        addrs: state
             .members
             .iter()
             .map(|(id, m)| (*id, m.addr.clone()))

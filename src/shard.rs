@@ -33,6 +33,12 @@ pub trait ShardMessage: Serialize + DeserializeOwned + Send + 'static {
     type Reply: Serialize + DeserializeOwned + Send + 'static;
     /// The stable name of this message on the wire; unique among one handler's messages.
     const TAG: &'static str;
+    /// Whether handling the message twice has the same effect as handling it once (a `set`,
+    /// a `get`; not an increment). An idempotent message whose first attempt may have reached
+    /// an owner that then failed is sent again to the shard's next owner; any other message
+    /// fails with [`Error::OutcomeUnknown`] instead. `#[idempotent]` on the derive sets it;
+    /// the [`Client`](crate::client::Client) can also decide per call. Default: `false`.
+    const IDEMPOTENT: bool = false;
 }
 
 /// An opaque snapshot of a shard's state, handed from the old owner of a shard to the new one on

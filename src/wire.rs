@@ -94,7 +94,17 @@ pub enum Request {
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
+    /// The routing information, as soon as the node's map is newer than `epoch` (or after
+    /// [`WATCH_HOLD`] without a change): clients hold one open to learn map changes promptly,
+    /// so requests to a shard whose owner failed follow the shard.
+    WatchRouting {
+        /// The map epoch the client already has.
+        epoch: u64,
+    },
 }
+
+/// Longest a node holds a [`Request::WatchRouting`] before answering with the unchanged map.
+pub const WATCH_HOLD: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A node's answer to a [`Request`], variant for variant.
 #[derive(Debug, Serialize, Deserialize)]
@@ -117,7 +127,7 @@ pub enum Response {
     HandoffAccepted,
     /// Answer to [`Request::Propose`].
     Proposed(Result<CommandResponse, AdminError>),
-    /// Answer to [`Request::Routing`].
+    /// Answer to [`Request::Routing`] and [`Request::WatchRouting`].
     Routing(RoutingInfo),
     /// Answer to [`Request::HandoffChunk`] when the piece cannot be kept (out of order, or the
     /// snapshot is larger than the receiver accepts).

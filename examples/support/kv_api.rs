@@ -4,10 +4,11 @@
 
 use clusterfunk::prelude::*;
 
-/// Stores `value` under the key.
+/// Stores `value` under the key. Idempotent: storing it twice leaves the same value.
 #[derive(Serialize, Deserialize, ShardMessage)]
 #[reply(())]
 #[tag = "kv.put"]
+#[idempotent]
 pub struct Put {
     /// The value to store.
     pub value: String,
@@ -17,7 +18,19 @@ pub struct Put {
 #[derive(Serialize, Deserialize, ShardMessage)]
 #[reply(Option<String>)]
 #[tag = "kv.get"]
+#[idempotent]
 pub struct Get;
+
+/// Adds `by` to the number stored under the key (absent counts as 0) and answers the new
+/// number, or `None` (changing nothing) when the value is not a number. Not idempotent: a
+/// second application adds again.
+#[derive(Serialize, Deserialize, ShardMessage)]
+#[reply(Option<u64>)]
+#[tag = "kv.incr"]
+pub struct Incr {
+    /// How much to add.
+    pub by: u64,
+}
 
 /// Asks the shard actor that serves the key who it is.
 #[derive(Serialize, Deserialize, ShardMessage)]

@@ -23,8 +23,10 @@ use syn::{
 /// Derives `clusterfunk::ShardMessage` for a message type.
 ///
 /// `#[reply(T)]` names the reply type (required); `#[tag = "name"]` pins the wire tag (default:
-/// the type's name). The type must also derive serde's `Serialize` and `Deserialize`.
-#[proc_macro_derive(ShardMessage, attributes(reply, tag))]
+/// the type's name); `#[idempotent]` declares that handling the message twice has the same
+/// effect as handling it once, so it may be re-sent after a failover (default: not
+/// idempotent). The type must also derive serde's `Serialize` and `Deserialize`.
+#[proc_macro_derive(ShardMessage, attributes(reply, tag, idempotent))]
 pub fn derive_shard_message(input: TokenStream) -> TokenStream {
     let derived = syn::parse::<DeriveInput>(input).and_then(derive_message);
     expand(derived, TokenStream2::new())
@@ -90,7 +92,21 @@ fn derive_message(input: DeriveInput) -> syn::Result<TokenStream2> {
     }
     let mut reply: Option<Type> = None;
     let mut tag: Option<String> = None;
+    let mut idempotent = false;
     for attr in &input.attrs {
+        if attr.path().is_ident("idempotent") {
+            if !matches!(attr.meta, Meta::Path(_)) {
+                return Err(syn::Error::new_spanned(
+                    attr,
+                    "#[idempotent] takes no arguments; leave it out for a message that is not idempotent",
+                ));
+            }
+            if idempotent {
+                return Err(syn::Error::new_spanned(attr, "duplicate #[idempotent]"));
+            }
+            idempotent = true;
+            continue;
+        }
         if attr.path().is_ident("reply") {
             if reply.is_some() {
                 return Err(syn::Error::new_spanned(
@@ -150,6 +166,7 @@ fn derive_message(input: DeriveInput) -> syn::Result<TokenStream2> {
         impl ::clusterfunk::ShardMessage for #name {
             type Reply = #reply;
             const TAG: &'static str = #tag;
+            const IDEMPOTENT: bool = #idempotent;
         }
     })
 }

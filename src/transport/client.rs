@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::codec::{payload_fits, PAYLOAD_OVERHEAD_MAX};
-use super::connection::{raise_frame_limit, split, Connection};
+use super::connection::{raise_frame_limit, split, Connection, LivenessConfig};
 use super::{handshake, lock, Faults, TransportConfig, TransportError, PROTOCOL_VERSION};
 
 /// Sends requests to peers and waits for their responses. Clones share the connections: make
@@ -44,6 +44,8 @@ struct Inner {
     config: TransportConfig,
     peers: Mutex<HashMap<SocketAddr, Peer>>,
     faults: Faults,
+    /// Bumped whenever a connection turns unresponsive or responsive again.
+    health: tokio::sync::watch::Sender<u64>,
 }
 
 /// What the transport knows about one destination.
@@ -87,6 +89,7 @@ impl Transport {
                 config,
                 peers: Mutex::new(HashMap::new()),
                 faults: Faults::new(),
+                health: tokio::sync::watch::channel(0).0,
             }),
         })
     }
@@ -94,6 +97,25 @@ impl Transport {
     /// The configuration this transport was built with.
     pub fn config(&self) -> &TransportConfig {
         &self.inner.config
+    }
+
+    /// Whether `addr` answers: `false` while its connection has requests outstanding and has
+    /// heard nothing, not even the answer to a liveness probe, for
+    /// [`unresponsive_after`](TransportConfig::unresponsive_after) (the peer is frozen, cut
+    /// off without a reset, or stalled). `true` again with the next frame from it, and for an
+    /// address without a connection. Callers avoid sending new work to an unresponsive peer.
+    pub fn is_responsive(&self, addr: SocketAddr) -> bool {
+        lock(&self.inner.peers)
+            .get(&addr)
+            .and_then(|peer| peer.connection.as_ref())
+            .is_none_or(|connection| !connection.is_open() || connection.is_responsive())
+    }
+
+    /// A receiver that changes whenever some connection turns unresponsive or responsive
+    /// again; await [`changed`](tokio::sync::watch::Receiver::changed) and ask
+    /// [`is_responsive`](Self::is_responsive).
+    pub fn health_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.health.subscribe()
     }
 
     /// The fault injection handle of this transport (for tests).
@@ -105,13 +127,20 @@ impl Transport {
     ///
     /// Connects first if there is no connection to `addr` (one per address, shared by all
     /// concurrent requests). While `addr` is in reconnect backoff after a failed attempt, fails
-    /// at once with [`TransportError::Unreachable`]. The timeout covers connecting too.
+    /// at once with [`TransportError::Unreachable`]. The timeout covers connecting too. An empty
+    /// payload is refused: it is the liveness probe, which the peer's connection answers itself.
     pub async fn request(
         &self,
         addr: SocketAddr,
         payload: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, TransportError> {
+        if payload.is_empty() {
+            return Err(TransportError::Protocol {
+                reason: "an empty payload is reserved for liveness probes; send at least one byte"
+                    .to_owned(),
+            });
+        }
         let frame_size_max = self.inner.config.frame_size_max;
         if !payload_fits(payload.len(), frame_size_max) {
             return Err(TransportError::FrameTooLarge {
@@ -185,7 +214,13 @@ impl Transport {
         if let Ready::Open(connection) = self.ready(addr)? {
             return Ok(connection);
         }
-        let result = connect(&self.inner.config, addr, &self.inner.faults).await;
+        let result = connect(
+            &self.inner.config,
+            addr,
+            &self.inner.faults,
+            &self.inner.health,
+        )
+        .await;
         let mut peers = lock(&self.inner.peers);
         let peer = peers.entry(addr).or_insert_with(Peer::new);
         match result {
@@ -262,6 +297,7 @@ async fn connect(
     config: &TransportConfig,
     addr: SocketAddr,
     faults: &Faults,
+    health: &tokio::sync::watch::Sender<u64>,
 ) -> Result<Connection, TransportError> {
     let stream = match tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr)).await
     {
@@ -285,6 +321,13 @@ async fn connect(
     let handshake = handshake::client(&mut reader, &mut writer, config, addr, PROTOCOL_VERSION);
     match tokio::time::timeout(config.handshake_timeout, handshake).await {
         Ok(Ok(_server_node_id)) => {}
+        // Nothing was sent yet: a broken handshake is an unreachable peer.
+        Ok(Err(TransportError::Io(error))) => {
+            return Err(TransportError::Unreachable {
+                addr,
+                reason: format!("the handshake failed: {error}"),
+            })
+        }
         Ok(Err(error)) => return Err(error),
         Err(_) => {
             return Err(TransportError::Unreachable {
@@ -297,7 +340,18 @@ async fn connect(
         }
     }
     raise_frame_limit(&mut reader, &mut writer, config.frame_size_max);
-    Ok(Connection::start(addr, reader, writer, faults.clone()))
+    let liveness = LivenessConfig {
+        probe_after: config.probe_after,
+        unresponsive_after: config.unresponsive_after,
+    };
+    Ok(Connection::start(
+        addr,
+        reader,
+        writer,
+        faults.clone(),
+        liveness,
+        health.clone(),
+    ))
 }
 
 #[cfg(test)]

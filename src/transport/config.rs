@@ -41,6 +41,17 @@ pub struct TransportConfig {
     /// Most requests a server handles at once on one connection; past it, requests are
     /// answered at once with the error `"overloaded"`. Default: 4096.
     pub in_flight_per_connection_max: usize,
+    /// A connection with requests outstanding that has received nothing for this long is
+    /// probed: a tiny request the peer's I/O task answers itself, however busy its handlers
+    /// are. Default: 150 ms.
+    pub probe_after: Duration,
+    /// A connection with requests outstanding that has received nothing (probe answers
+    /// included) for this long counts as unresponsive ([`Transport::is_responsive`]) until
+    /// the next frame arrives: the peer is frozen, cut off, or its runtime stalled. More than
+    /// `probe_after`. Default: 400 ms.
+    ///
+    /// [`Transport::is_responsive`]: super::Transport::is_responsive
+    pub unresponsive_after: Duration,
 }
 
 impl Default for TransportConfig {
@@ -56,6 +67,8 @@ impl Default for TransportConfig {
             reconnect_backoff_max: Duration::from_secs(1),
             connections_max: 1024,
             in_flight_per_connection_max: 4096,
+            probe_after: Duration::from_millis(150),
+            unresponsive_after: Duration::from_millis(400),
         }
     }
 }
@@ -90,6 +103,7 @@ impl TransportConfig {
             ("handshake_timeout", self.handshake_timeout),
             ("connect_timeout", self.connect_timeout),
             ("reconnect_backoff_min", self.reconnect_backoff_min),
+            ("probe_after", self.probe_after),
         ] {
             if value.is_zero() {
                 return invalid(field, "must be longer than zero".to_owned());
@@ -101,6 +115,15 @@ impl TransportConfig {
                 format!(
                     "must be at least reconnect_backoff_min ({:?}), is {:?}",
                     self.reconnect_backoff_min, self.reconnect_backoff_max
+                ),
+            );
+        }
+        if self.unresponsive_after <= self.probe_after {
+            return invalid(
+                "unresponsive_after",
+                format!(
+                    "must be longer than probe_after ({:?}), is {:?}",
+                    self.probe_after, self.unresponsive_after
                 ),
             );
         }

@@ -14,12 +14,14 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinHandle};
+use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{debug, warn};
 
@@ -118,6 +120,41 @@ struct Pending {
     state: Mutex<PendingState>,
     /// Mirrors `state.closed.is_some()` so the request path can check without the lock.
     closed: AtomicBool,
+    /// What the connection heard and when, for the liveness monitor.
+    liveness: Liveness,
+}
+
+/// When a connection last heard from its peer and whether it counts as unresponsive. Times
+/// are milliseconds since the connection started (plus one, so that 0 means "never").
+#[derive(Debug)]
+struct Liveness {
+    started: Instant,
+    /// The last frame received.
+    received_ms: AtomicU64,
+    /// When the oldest request still outstanding was sent, roughly: set when a request is
+    /// registered while none was outstanding.
+    busy_since_ms: AtomicU64,
+    /// The id of the probe in flight (0: none) and when it was sent.
+    probe_id: AtomicU64,
+    probe_sent_ms: AtomicU64,
+    unresponsive: AtomicBool,
+}
+
+impl Liveness {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            received_ms: AtomicU64::new(1),
+            busy_since_ms: AtomicU64::new(1),
+            probe_id: AtomicU64::new(0),
+            probe_sent_ms: AtomicU64::new(0),
+            unresponsive: AtomicBool::new(false),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64 + 1
+    }
 }
 
 #[derive(Debug)]
@@ -133,6 +170,10 @@ impl Pending {
         match state.closed {
             Some(reason) => Err(reason),
             None => {
+                if state.waiters.is_empty() {
+                    let now = self.liveness.now_ms();
+                    self.liveness.busy_since_ms.store(now, Ordering::Relaxed);
+                }
                 state.waiters.insert(id, waiter);
                 Ok(())
             }
@@ -174,6 +215,78 @@ impl Pending {
     fn close_reason(&self) -> CloseReason {
         lock(&self.state).closed.unwrap_or(CloseReason::Closed)
     }
+
+    fn is_idle(&self) -> bool {
+        lock(&self.state).waiters.is_empty()
+    }
+
+    /// Notes a frame from the peer; `true` when the connection was unresponsive until now.
+    fn heard(&self) -> bool {
+        let now = self.liveness.now_ms();
+        self.liveness.received_ms.store(now, Ordering::Relaxed);
+        self.liveness.unresponsive.load(Ordering::Relaxed)
+            && self.liveness.unresponsive.swap(false, Ordering::AcqRel)
+    }
+}
+
+/// When to probe a silent connection and when to call it unresponsive.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LivenessConfig {
+    pub(crate) probe_after: Duration,
+    pub(crate) unresponsive_after: Duration,
+}
+
+/// Probes a connection that has requests outstanding (or was found unresponsive) and heard
+/// nothing for `probe_after`, and flags it unresponsive after `unresponsive_after` of silence,
+/// telling `health` whenever the flag goes up (the reader lowers it on the next frame).
+async fn monitor(
+    pending: Arc<Pending>,
+    queue: mpsc::Sender<Frame>,
+    next_id: Arc<AtomicU64>,
+    config: LivenessConfig,
+    health: watch::Sender<u64>,
+    addr: SocketAddr,
+) {
+    let live = &pending.liveness;
+    let probe_after = config.probe_after.as_millis() as u64;
+    let unresponsive_after = config.unresponsive_after.as_millis() as u64;
+    let tick = (config.probe_after / 3).max(Duration::from_millis(5));
+    let mut ticks = tokio::time::interval(tick);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let unresponsive = live.unresponsive.load(Ordering::Relaxed);
+        if !unresponsive && pending.is_idle() {
+            continue;
+        }
+        let now = live.now_ms();
+        let heard = live.received_ms.load(Ordering::Relaxed);
+        let since = if unresponsive {
+            heard
+        } else {
+            heard.max(live.busy_since_ms.load(Ordering::Relaxed))
+        };
+        let silence = now.saturating_sub(since);
+        if silence < probe_after {
+            continue;
+        }
+        let probe_sent = live.probe_sent_ms.load(Ordering::Relaxed);
+        let probing = live.probe_id.load(Ordering::Relaxed) != 0
+            && now.saturating_sub(probe_sent) < unresponsive_after;
+        if !probing {
+            let id = next_id.fetch_add(1, Ordering::Relaxed);
+            // A full queue means frames are being written; the peer's answers will tell.
+            if queue.try_send(Frame::request(id, Vec::new())).is_ok() {
+                live.probe_id.store(id, Ordering::Relaxed);
+                live.probe_sent_ms.store(now, Ordering::Relaxed);
+            }
+        }
+        if !unresponsive && silence >= unresponsive_after {
+            live.unresponsive.store(true, Ordering::Release);
+            debug!(peer = %addr, silence_ms = silence, "connection unresponsive: requests outstanding, nothing heard");
+            health.send_modify(|v| *v = v.wrapping_add(1));
+        }
+    }
 }
 
 /// Removes a request from [`Pending`] when the request future is dropped before its response
@@ -198,9 +311,10 @@ pub(crate) struct Connection {
     addr: SocketAddr,
     queue: mpsc::Sender<Frame>,
     pending: Arc<Pending>,
-    next_id: AtomicU64,
+    next_id: Arc<AtomicU64>,
     reader: AbortHandle,
     writer: AbortHandle,
+    monitor: AbortHandle,
 }
 
 impl Connection {
@@ -210,6 +324,8 @@ impl Connection {
         reader: FrameReader,
         writer: FrameWriter,
         faults: Faults,
+        liveness: LivenessConfig,
+        health: watch::Sender<u64>,
     ) -> Self {
         let (queue, queue_receiver) = mpsc::channel(QUEUE_CAPACITY);
         let pending = Arc::new(Pending {
@@ -218,7 +334,9 @@ impl Connection {
                 closed: None,
             }),
             closed: AtomicBool::new(false),
+            liveness: Liveness::new(),
         });
+        let next_id = Arc::new(AtomicU64::new(1));
         let writer_task = tokio::spawn(write_loop(writer, queue_receiver, addr));
         let writer = writer_task.abort_handle();
         let reader = tokio::spawn(read_loop(
@@ -227,16 +345,33 @@ impl Connection {
             addr,
             faults,
             writer_task,
+            health.clone(),
+        ))
+        .abort_handle();
+        let monitor = tokio::spawn(monitor(
+            pending.clone(),
+            queue.clone(),
+            next_id.clone(),
+            liveness,
+            health,
+            addr,
         ))
         .abort_handle();
         Self {
             addr,
             queue,
             pending,
-            next_id: AtomicU64::new(1),
+            next_id,
             reader,
             writer,
+            monitor,
         }
+    }
+
+    /// Whether the peer answers: `false` while requests are outstanding and nothing (not even
+    /// a probe's answer) arrived for `unresponsive_after`.
+    pub(crate) fn is_responsive(&self) -> bool {
+        !self.pending.liveness.unresponsive.load(Ordering::Acquire)
     }
 
     /// Whether the connection can still carry requests.
@@ -280,6 +415,7 @@ impl Connection {
         self.pending.close(reason, self.addr);
         self.reader.abort();
         self.writer.abort();
+        self.monitor.abort();
     }
 }
 
@@ -297,22 +433,36 @@ async fn read_loop(
     addr: SocketAddr,
     faults: Faults,
     mut writer: JoinHandle<()>,
+    health: watch::Sender<u64>,
 ) {
     let mut fault_changes = faults.subscribe();
     let reason = loop {
         tokio::select! {
             frame = reader.next() => match frame {
-                // Answers lost on the way (Faults::blackhole_responses) leave their requests
-                // waiting until their own timeouts.
                 Some(Ok(Frame { header: Header::Response { .. } | Header::Failed { .. }, .. }))
                     if faults.get(addr).responses_blackholed =>
                 {
                     debug!(peer = %addr, "dropping an answer: responses blackholed by fault injection");
                 }
+                Some(Ok(Frame { header: Header::Response { id } | Header::Failed { id, .. }, .. }))
+                    if id == pending.liveness.probe_id.load(Ordering::Relaxed) =>
+                {
+                    pending.liveness.probe_id.store(0, Ordering::Relaxed);
+                    if pending.heard() {
+                        debug!(peer = %addr, "connection responsive again");
+                        health.send_modify(|v| *v = v.wrapping_add(1));
+                    }
+                }
                 Some(Ok(Frame { header: Header::Response { id }, payload })) => {
+                    if pending.heard() {
+                        health.send_modify(|v| *v = v.wrapping_add(1));
+                    }
                     pending.complete(id, Ok(payload), addr);
                 }
                 Some(Ok(Frame { header: Header::Failed { id, reason }, .. })) => {
+                    if pending.heard() {
+                        health.send_modify(|v| *v = v.wrapping_add(1));
+                    }
                     pending.complete(id, Err(TransportError::Remote { reason }), addr);
                 }
                 Some(Ok(frame)) => {

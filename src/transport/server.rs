@@ -281,6 +281,12 @@ async fn serve_connection(
                 break;
             }
         };
+        if payload.is_empty() {
+            // A liveness probe: answered here, by the connection, however busy the service is.
+            // A full queue means answers are being written, which tells the peer as much.
+            let _ = queue.try_send(Frame::response(id, Vec::new()));
+            continue;
+        }
         let Ok(permit) = in_flight.clone().try_acquire_owned() else {
             // Waiting for room here is backpressure on the peer, which is what overload needs.
             if queue
