@@ -28,7 +28,7 @@ use crate::shard::ServeObserver;
 use crate::shard::{HandlerFactory, Handles, ShardHandler, ShardMessage};
 use crate::shard_map::{allocate, Epoch, Key, Member, NodeId, ShardId};
 use crate::storage::{LmdbStore, StoreOptions};
-use crate::transport::{serve, Secret, ServerHandle, Transport, TransportConfig};
+use crate::transport::{serve_with_faults, Secret, ServerHandle, Transport, TransportConfig};
 
 /// Settings of one node. Build it with `..Default::default()` or through [`ClusterBuilder`];
 /// [`validate`](NodeConfig::validate) runs before the node starts.
@@ -530,7 +530,8 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             consensus: consensus.clone(),
             router: router.clone(),
         });
-        let server = serve(listener, transport_config, service)
+        let faults = Some(consensus.transport().faults().clone());
+        let server = serve_with_faults(listener, transport_config, service, faults)
             .await
             .map_err(|e| StartError::Failed(e.to_string()))?;
         if let Some(members) = options.initial_members {
@@ -850,7 +851,8 @@ impl<H: ShardHandler> Node<H> {
     }
 
     /// The fault injector of this node's outgoing connections (cluster mode): block or delay
-    /// peers to simulate partitions in tests.
+    /// peers to simulate partitions in tests; [`Faults::isolate`](crate::transport::Faults::isolate)
+    /// also makes the node's server drop every request it receives.
     pub fn faults(&self) -> Option<&crate::transport::Faults> {
         self.inner
             .consensus

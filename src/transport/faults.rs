@@ -16,6 +16,10 @@
 //! blackhole B's requests in A's transport and A's responses in B's transport. The handshake of
 //! a new connection is not affected.
 //!
+//! [`Faults::isolate`] cuts a whole node off without a reset, as a partition does: every frame
+//! its transport sends or receives is dropped, and so is every request its server (which shares
+//! these faults) receives, liveness probes included. Its connections stay open.
+//!
 //! This file does not decide which links to break: fault schedules belong to the test harness.
 //!
 //! [`Transport`]: super::Transport
@@ -57,6 +61,8 @@ struct FaultsInner {
     any: AtomicBool,
     /// Bumped on every change, so that open connections can check whether they were blocked.
     changes: watch::Sender<u64>,
+    /// [`Faults::isolate`]: every destination blackholed both ways, the server deaf.
+    isolated: AtomicBool,
 }
 
 impl Faults {
@@ -66,6 +72,7 @@ impl Faults {
                 rules: Mutex::new(HashMap::new()),
                 any: AtomicBool::new(false),
                 changes: watch::channel(0).0,
+                isolated: AtomicBool::new(false),
             }),
         }
     }
@@ -122,6 +129,23 @@ impl Faults {
         self.update(addr, |fault| fault.delay = delay);
     }
 
+    /// Cuts this transport's owner off (`true`) or heals it (`false`): while isolated, every
+    /// request to any destination is dropped unsent and every answer dropped on arrival (as
+    /// [`blackhole_requests`](Self::blackhole_requests) and
+    /// [`blackhole_responses`](Self::blackhole_responses) of every address), and a server
+    /// sharing these faults (a node's) drops every request it receives without answering.
+    /// Nothing closes: a partition without resets.
+    pub fn isolate(&self, isolated: bool) {
+        let rules = lock(&self.inner.rules);
+        self.inner.isolated.store(isolated, Ordering::Release);
+        self.changed(&rules);
+    }
+
+    /// Whether [`isolate`](Self::isolate) is in force.
+    pub fn is_isolated(&self) -> bool {
+        self.inner.isolated.load(Ordering::Acquire)
+    }
+
     /// Whether `addr` is blocked.
     pub fn is_blocked(&self, addr: SocketAddr) -> bool {
         self.get(addr).blocked
@@ -132,10 +156,18 @@ impl Faults {
         if !self.inner.any.load(Ordering::Acquire) {
             return Fault::default();
         }
-        lock(&self.inner.rules)
+        let rule = lock(&self.inner.rules)
             .get(&addr)
             .copied()
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if self.is_isolated() {
+            return Fault {
+                requests_blackholed: true,
+                responses_blackholed: true,
+                ..rule
+            };
+        }
+        rule
     }
 
     /// A receiver that wakes up on every change of the faults.
@@ -154,7 +186,8 @@ impl Faults {
     }
 
     fn changed(&self, rules: &HashMap<SocketAddr, Fault>) {
-        self.inner.any.store(!rules.is_empty(), Ordering::Release);
+        let any = !rules.is_empty() || self.inner.isolated.load(Ordering::Acquire);
+        self.inner.any.store(any, Ordering::Release);
         self.inner.changes.send_modify(|version| *version += 1);
     }
 }

@@ -19,7 +19,7 @@ use tracing::{debug, warn};
 
 use super::codec::{payload_fits, Frame, Header};
 use super::connection::{raise_frame_limit, split, write_loop, QUEUE_CAPACITY};
-use super::{handshake, TransportConfig, TransportError, PROTOCOL_VERSION};
+use super::{handshake, Faults, TransportConfig, TransportError, PROTOCOL_VERSION};
 
 /// The reason a request is failed with when its connection already has
 /// `in_flight_per_connection_max` requests in progress. Retrying later may succeed.
@@ -121,6 +121,9 @@ impl Drop for ServerHandle {
 struct Context {
     config: TransportConfig,
     service: Arc<dyn Service>,
+    /// The faults of the transport this server shares them with (a node's): while they
+    /// isolate it, requests are dropped unanswered.
+    faults: Option<Faults>,
 }
 
 /// Serves `service` on `listener` until the returned handle is shut down or dropped. Fails
@@ -130,6 +133,17 @@ pub async fn serve(
     config: TransportConfig,
     service: Arc<dyn Service>,
 ) -> Result<ServerHandle, TransportError> {
+    serve_with_faults(listener, config, service, None).await
+}
+
+/// [`serve`], deaf to every request while `faults` isolate their transport
+/// ([`Faults::isolate`]).
+pub(crate) async fn serve_with_faults(
+    listener: TcpListener,
+    config: TransportConfig,
+    service: Arc<dyn Service>,
+    faults: Option<Faults>,
+) -> Result<ServerHandle, TransportError> {
     config.validate()?;
     let local_addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
@@ -138,7 +152,11 @@ pub async fn serve(
         connection_permits: Arc::new(Semaphore::new(config.connections_max)),
         connections_max: config.connections_max,
     });
-    let context = Arc::new(Context { config, service });
+    let context = Arc::new(Context {
+        config,
+        service,
+        faults,
+    });
     let accept_loop = tokio::spawn(accept_loop(
         listener,
         context,
@@ -281,6 +299,10 @@ async fn serve_connection(
                 break;
             }
         };
+        if context.faults.as_ref().is_some_and(Faults::is_isolated) {
+            // Lost on the way in (Faults::isolate): no answer, not even to a probe.
+            continue;
+        }
         if payload.is_empty() {
             // A liveness probe: answered here, by the connection, however busy the service is.
             // A full queue means answers are being written, which tells the peer as much.
