@@ -577,3 +577,100 @@ fn secret_from_file_rejects_empty_and_short_secrets() {
     let error = Secret::from_file(dir.path().join("missing")).expect_err("no file");
     assert!(matches!(error, SecretError::Read { .. }), "{error}");
 }
+
+/// A client config that probes and judges silence quickly.
+fn quick_liveness(secret: Option<Secret>) -> TransportConfig {
+    TransportConfig {
+        probe_after: Duration::from_millis(20),
+        unresponsive_after: Duration::from_millis(60),
+        ..config(secret)
+    }
+}
+
+// Goal: a peer whose handlers are busy, but whose connection works, is never taken for a
+// frozen one: its I/O task answers the liveness probes itself.
+// Method: a request the service never answers stays outstanding for 20 times the silence bound
+// (a wait for nothing to happen: no event marks it); the connection must still be responsive,
+// and no health change may have been announced.
+#[tokio::test]
+async fn a_busy_service_keeps_its_connection_responsive() {
+    let server = start(config(None)).await;
+    let addr = server.local_addr();
+    let transport = client(quick_liveness(None));
+    assert_eq!(
+        ping(&transport, addr).await.expect("answered"),
+        b"echo:ping"
+    );
+    let health = transport.health_changes();
+    let hanging = transport.request(addr, b"hang".to_vec(), Duration::from_millis(1200));
+    let error = hanging.await.expect_err("the service never answers");
+    assert!(matches!(error, TransportError::Timeout { .. }), "{error}");
+    assert!(transport.is_responsive(addr));
+    assert!(
+        !health.has_changed().expect("the transport lives"),
+        "the connection was judged unresponsive while its peer answered probes"
+    );
+    server.shutdown().await;
+}
+
+// Goal: a peer that answers nothing any more (frozen, or cut off without a reset) is flagged
+// unresponsive while requests wait on it, and responsive again with its next frame; the
+// connection stays open throughout.
+// Method: blackhole the answers from the server (the probes' answers included), wait for the
+// health change, check the flag; heal, wait for the next change, and send on the same
+// connection.
+#[tokio::test]
+async fn a_silent_peer_turns_unresponsive_and_recovers_with_its_next_frame() {
+    let server = start(config(None)).await;
+    let addr = server.local_addr();
+    let transport = client(quick_liveness(None));
+    ping(&transport, addr).await.expect("answered");
+    let mut health = transport.health_changes();
+    transport.faults().blackhole_responses(addr);
+    let waiting = {
+        let transport = transport.clone();
+        let timeout = Duration::from_secs(2);
+        tokio::spawn(async move { transport.request(addr, b"ping".to_vec(), timeout).await })
+    };
+    tokio::time::timeout(PATIENCE, health.changed())
+        .await
+        .expect("the silence is noticed")
+        .expect("the transport lives");
+    assert!(!transport.is_responsive(addr));
+    transport.faults().unblackhole(addr);
+    tokio::time::timeout(PATIENCE, health.changed())
+        .await
+        .expect("the next probe's answer is noticed")
+        .expect("the transport lives");
+    assert!(transport.is_responsive(addr));
+    assert_eq!(
+        ping(&transport, addr).await.expect("answered"),
+        b"echo:ping"
+    );
+    // The request whose answer was lost ends by its own timeout, on the open connection.
+    let lost = waiting.await.expect("the request task");
+    assert!(
+        matches!(lost, Err(TransportError::Timeout { .. })),
+        "{lost:?}"
+    );
+    assert_eq!(server.connections_accepted(), 1);
+    server.shutdown().await;
+}
+
+// Goal: an empty payload, which the wire reserves for liveness probes, is refused locally with
+// a reason instead of being swallowed by the peer's connection.
+#[tokio::test]
+async fn an_empty_payload_is_refused_locally() {
+    let server = start(config(None)).await;
+    let transport = client(config(None));
+    let error = transport
+        .request(server.local_addr(), Vec::new(), PATIENCE)
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(&error, TransportError::Protocol { reason } if reason.contains("probe")),
+        "{error}"
+    );
+    assert_eq!(server.connections_accepted(), 0);
+    server.shutdown().await;
+}

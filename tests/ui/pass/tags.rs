@@ -1,4 +1,5 @@
-//! `#[tag = "..."]` pins the wire tag; without it the tag is the type's name.
+//! `#[tag = "..."]` pins the wire tag; without it the tag is the type's name. `#[idempotent]`
+//! declares a message idempotent; without it a message is not.
 use clusterfunk::prelude::*;
 
 #[derive(Serialize, Deserialize, ShardMessage)]
@@ -8,6 +9,7 @@ struct Tagged(u32);
 
 #[derive(Serialize, Deserialize, ShardMessage)]
 #[reply(u32)]
+#[idempotent]
 struct Untagged(u32);
 
 #[derive(Serialize, Deserialize, ShardMessage)]
@@ -40,6 +42,8 @@ fn main() {
     assert_eq!(<Tagged as ShardMessage>::TAG, "custom.tag");
     assert_eq!(<Untagged as ShardMessage>::TAG, "Untagged");
     assert_eq!(<Either as ShardMessage>::TAG, "enum.tag");
+    assert!(<Untagged as ShardMessage>::IDEMPOTENT);
+    assert!(!<Tagged as ShardMessage>::IDEMPOTENT);
     actix::System::new().block_on(async {
         let node = Cluster::builder()
             .shards(8)
