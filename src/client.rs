@@ -232,17 +232,12 @@ impl Client {
         options: CallOptions,
     ) -> Result<M::Reply, ClientError> {
         let key = key.into();
-        let request = Request::Shard {
-            key: key.as_bytes().to_vec(),
-            tag: M::TAG.to_string(),
-            payload: codec::encode(&msg)?,
-        };
-        let payload = codec::encode(&request)?;
+        let message = codec::encode(&msg)?;
         let idempotent = options.idempotent.unwrap_or(M::IDEMPOTENT);
         let budget = options.deadline.unwrap_or(self.shared.timeout);
         let reply = self
             .shared
-            .call_shard(key.as_bytes(), payload, idempotent, budget)
+            .call_shard(key.as_bytes(), M::TAG, message, idempotent, budget)
             .await?;
         Ok(codec::decode(&reply)?)
     }
@@ -366,12 +361,13 @@ impl Shared {
         })
     }
 
-    /// Sends an encoded `Request::Shard` for `key` until it is answered, fails for good, or
-    /// `budget` runs out.
+    /// Sends the encoded message `message` of type `tag` to `key`'s shard until it is answered,
+    /// fails for good, or `budget` runs out.
     async fn call_shard(
         self: &Arc<Self>,
         key: &[u8],
-        payload: Vec<u8>,
+        tag: &str,
+        message: Vec<u8>,
         idempotent: bool,
         budget: Duration,
     ) -> Result<Vec<u8>, ClientError> {
@@ -420,10 +416,17 @@ impl Shared {
                     .await;
                 continue;
             };
+            // The map epoch goes along: a node with an older map catches up before routing.
+            let payload = codec::encode(&Request::ShardAt {
+                key: key.to_vec(),
+                tag: tag.to_owned(),
+                payload: message.clone(),
+                epoch: routing.as_ref().map_or(0, |r| r.epoch),
+            })?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             let sent_to_owner = owner.filter(|(_, _, addr)| *addr == Some(target));
             let attempt = tokio::select! {
-                answer = self.transport.request(target, payload.clone(), remaining) => {
+                answer = self.transport.request(target, payload, remaining) => {
                     classify(shard, target, answer)
                 }
                 () = self.moved_from_silent(key, sent_to_owner, target) => {

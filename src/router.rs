@@ -311,6 +311,22 @@ impl<H: ShardHandler> Router<H> {
         self.changes.subscribe()
     }
 
+    /// Waits until this node's map is at least at `epoch`, at most `unavailable_wait`: a
+    /// client that routed by a newer map must not be forwarded by an older one.
+    pub(crate) async fn catch_up(&self, epoch: Epoch) {
+        if self.map_epoch() >= epoch {
+            return;
+        }
+        let mut changes = self.changes.subscribe();
+        let until = tokio::time::Instant::now() + self.limits.unavailable_wait;
+        while self.map_epoch() < epoch {
+            match tokio::time::timeout_at(until, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return,
+            }
+        }
+    }
+
     /// The current routing table.
     pub(crate) fn table(&self) -> Arc<RoutingTable> {
         self.table.load_full()

@@ -51,6 +51,21 @@ impl<H: ShardHandler> Service for NodeService<H> {
                     encode(&Response::Shard(result))
                 })
             }
+            Request::ShardAt {
+                key,
+                tag,
+                payload,
+                epoch,
+            } => {
+                let router = self.router.clone();
+                Box::pin(async move {
+                    let started = Instant::now();
+                    router.catch_up(epoch).await;
+                    let result = route_wire(&router, key, &tag, &payload, Origin::Local).await;
+                    router.record(RouteLabel::Client, result.as_ref().err(), started);
+                    encode(&Response::Shard(result))
+                })
+            }
             Request::Forward {
                 key, tag, payload, ..
             } => {

@@ -101,6 +101,21 @@ pub enum Request {
         /// The map epoch the client already has.
         epoch: u64,
     },
+    /// [`Request::Shard`] from a client that routed it under map `epoch`: a node whose own
+    /// map is older waits (bounded) until it has caught up before it routes the message, so
+    /// that it never forwards to an owner the client already knows is gone.
+    ShardAt {
+        /// The routing key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        /// The message's wire tag.
+        tag: String,
+        /// The encoded message.
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+        /// The client's map epoch (0 when it has none).
+        epoch: u64,
+    },
 }
 
 /// Longest a node holds a [`Request::WatchRouting`] before answering with the unchanged map.
@@ -119,7 +134,8 @@ pub enum Response {
     ),
     /// Answer to [`Request::Admin`].
     Admin(Result<AdminResponse, AdminError>),
-    /// Answer to [`Request::Shard`] and [`Request::Forward`]: the encoded reply.
+    /// Answer to [`Request::Shard`], [`Request::ShardAt`] and [`Request::Forward`]: the encoded
+    /// reply.
     Shard(Result<Vec<u8>, Error>),
     /// Answer to [`Request::RenewLease`].
     Lease(Result<LeaseGrant, LeaseRefusal>),

@@ -52,8 +52,8 @@ struct Seen {
     last_put: BTreeMap<String, (String, Instant)>,
     /// Failed puts, with the error.
     put_failures: Vec<String>,
-    /// Failed increments, with the error.
-    incr_failures: Vec<ClientError>,
+    /// Failed increments, with the writer, the key, when the request started and the error.
+    incr_failures: Vec<(usize, String, Instant, ClientError)>,
 }
 
 struct Load {
@@ -112,12 +112,15 @@ async fn incr_writer(client: Client, load: Arc<Load>, writer: usize) {
             return;
         }
         let key = format!("count-{writer}-{}", seq % KEYS_PER_WRITER as u64);
+        let started = Instant::now();
         match client.send(key.as_str(), Incr { by: 1 }).await {
             Ok(Some(_)) => {
                 load.acks[WRITERS + writer].fetch_add(1, Ordering::Relaxed);
             }
             Ok(None) => panic!("{key} holds a value that is not a number"),
-            Err(error) => lock(&load.seen).incr_failures.push(error),
+            Err(error) => lock(&load.seen)
+                .incr_failures
+                .push((writer, key, started, error)),
         }
     }
 }
@@ -173,6 +176,7 @@ fn run(name: &str, fault: Fault) {
     wait_acks("before the fault", ACKS_PER_PHASE);
 
     cluster.mark(&format!("fault {fault:?} on node {node}"));
+    let fault_at = Instant::now();
     match fault {
         Fault::FreezeFollower | Fault::FreezeLeader => cluster.pause(node),
         Fault::KillFollower => cluster.kill9(node),
@@ -245,8 +249,8 @@ fn run(name: &str, fault: Fault) {
     let not_unknown: Vec<String> = seen
         .incr_failures
         .iter()
-        .filter(|e| !matches!(e, ClientError::Cluster(Error::OutcomeUnknown { .. })))
-        .map(|e| e.to_string())
+        .filter(|(.., e)| !matches!(e, ClientError::Cluster(Error::OutcomeUnknown { .. })))
+        .map(|(.., e)| e.to_string())
         .collect();
     assert!(
         not_unknown.is_empty(),
@@ -255,8 +259,17 @@ fn run(name: &str, fault: Fault) {
     );
     assert!(
         seen.incr_failures.len() <= WRITERS,
-        "{} increments failed, more than the {WRITERS} writers had outstanding",
-        seen.incr_failures.len()
+        "{} increments failed, more than the {WRITERS} writers had outstanding:\n{}",
+        seen.incr_failures.len(),
+        seen.incr_failures
+            .iter()
+            .map(|(writer, key, started, error)| format!(
+                "writer {writer}, {key} (shard {}), started {:?} after the fault: {error}",
+                shard_for(key.as_bytes(), SHARD_COUNT as u32),
+                started.checked_duration_since(fault_at)
+            ))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
 

@@ -125,6 +125,16 @@ pub struct Put {
 #[reply(Served)]
 pub struct Get;
 
+/// Sets the key's value, like [`Put`], but declared idempotent: when its first attempt's fate
+/// is unknown (its owner went silent and the shard moved), it is sent to the next owner.
+#[derive(Debug, Serialize, Deserialize, ShardMessage)]
+#[reply(Served)]
+#[idempotent]
+pub struct Set {
+    /// The new value.
+    pub value: u64,
+}
+
 /// Sets the key's value after sleeping `millis` (an `async` handler method: the shard takes no
 /// other message meanwhile, and a deactivation waits its turn behind it).
 #[derive(Debug, Serialize, Deserialize, ShardMessage)]
@@ -238,6 +248,11 @@ impl Registers {
     }
 
     fn put(&mut self, key: Key, msg: Put, ctx: &mut ShardContext) -> Served {
+        self.values.insert(key.clone(), msg.value);
+        self.served(&key, ctx)
+    }
+
+    fn set(&mut self, key: Key, msg: Set, ctx: &mut ShardContext) -> Served {
         self.values.insert(key.clone(), msg.value);
         self.served(&key, ctx)
     }
