@@ -355,7 +355,15 @@ impl Shared {
         let payload = codec::encode(request).map_err(|e| TransportError::Protocol {
             reason: e.to_string(),
         })?;
-        let answer = self.transport.request(addr, payload, timeout).await?;
+        let answer = tokio::select! {
+            answer = self.transport.request(addr, payload, timeout) => answer?,
+            () = until_silent(&self.transport, addr) => {
+                return Err(TransportError::Unreachable {
+                    addr,
+                    reason: "the node stopped answering (frozen or cut off)".into(),
+                })
+            }
+        };
         codec::decode(&answer).map_err(|e| TransportError::Protocol {
             reason: e.to_string(),
         })
@@ -450,9 +458,10 @@ impl Shared {
                     if not_ready_rounds > NOT_READY_ROUNDS {
                         return Err(error.into());
                     }
-                    last = Some(error.into());
-                    // The refuser may be behind, or the shard about to move: learn the map
-                    // from someone else, or wait a little for the watch to bring a change.
+                    // The refuser may be behind us or we behind the cluster (a node resumed
+                    // after a freeze refuses at once), or the shard is about to move: retry
+                    // once the map has changed. A node that refuses under the newest map has
+                    // already waited for the shard at its router: its answer stands.
                     let epoch = routing.as_ref().map(|r| r.epoch);
                     let _ = tokio::time::timeout_at(deadline, self.refresh()).await;
                     if self.current().map(|r| r.epoch) == epoch {
@@ -462,6 +471,10 @@ impl Shared {
                         )
                         .await;
                     }
+                    if self.current().map(|r| r.epoch) == epoch {
+                        return Err(error.into());
+                    }
+                    last = Some(error.into());
                 }
                 Attempt::Unknown(error) => {
                     if !idempotent {
@@ -572,6 +585,16 @@ fn classify(
     }
 }
 
+/// Resolves once the connection to `addr` counts as unresponsive.
+async fn until_silent(transport: &Transport, addr: SocketAddr) {
+    let mut health = transport.health_changes();
+    while transport.is_responsive(addr) {
+        if health.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
 /// Holds a [`Request::WatchRouting`] open at one node after another while the client lives,
 /// installing every newer map it brings. A node that does not answer (its connection turns
 /// unresponsive) or refuses is left for the next; while none holds the watch, the map is
@@ -594,22 +617,14 @@ async fn watch_loop(client: Weak<Shared>) {
         }
         let epoch = shared.current().map_or(0, |r| r.epoch);
         let transport = shared.transport.clone();
-        let mut health = transport.health_changes();
         drop(shared);
         let request = Request::WatchRouting { epoch };
         let Ok(payload) = codec::encode(&request) else {
             return;
         };
-        let silent = async {
-            loop {
-                if health.changed().await.is_err() || !transport.is_responsive(addr) {
-                    return;
-                }
-            }
-        };
         let answer = tokio::select! {
             answer = transport.request(addr, payload, WATCH_HOLD + Duration::from_secs(2)) => Some(answer),
-            () = silent => None,
+            () = until_silent(&transport, addr) => None,
         };
         let Some(shared) = client.upgrade() else {
             return;
