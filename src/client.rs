@@ -413,10 +413,13 @@ impl Shared {
                 continue;
             }
             // The owner if reachable, else any other node (seeds first) not known to be down.
-            let target = owner_addr
-                .into_iter()
-                .chain(self.candidates())
-                .find(|addr| !avoid.contains(addr) && self.transport.is_responsive(*addr));
+            // (The owner was checked for responsiveness above; the others are listed only
+            // when the owner cannot be used, off the hot path.)
+            let target = owner_addr.filter(|addr| !avoid.contains(addr)).or_else(|| {
+                self.candidates()
+                    .into_iter()
+                    .find(|addr| !avoid.contains(addr) && self.transport.is_responsive(*addr))
+            });
             let Some(target) = target else {
                 // Everything tried: start over after a pause, bounded by the deadline.
                 avoid.clear();
