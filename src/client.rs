@@ -612,7 +612,7 @@ async fn watch_loop(client: Weak<Shared>) {
         let addr = candidates[next % candidates.len()];
         if !shared.transport.is_responsive(addr) {
             next = next.wrapping_add(1);
-            if next % candidates.len() == 0 {
+            if next.is_multiple_of(candidates.len()) {
                 drop(shared);
                 tokio::time::sleep(WATCH_RETRY_PAUSE).await;
             }
