@@ -119,6 +119,10 @@ const NOT_READY_ROUNDS: u32 = 4;
 const NOT_READY_PAUSE: Duration = Duration::from_millis(250);
 /// How often the map is fetched while the watch cannot be held (every node refused it).
 const REFRESH_EVERY: Duration = Duration::from_secs(1);
+/// How long a map fetch waits for one node before it also asks the next.
+const HEDGE_AFTER: Duration = Duration::from_millis(200);
+/// Most nodes one map fetch asks at once.
+const HEDGED_MAX: usize = 3;
 /// Pause before the watch tries the next node after a failure.
 const WATCH_RETRY_PAUSE: Duration = Duration::from_millis(50);
 
@@ -307,23 +311,43 @@ impl Shared {
         all
     }
 
+    /// Fetches the map from the candidates, responsive ones first, asking the next one
+    /// whenever [`HEDGE_AFTER`] passes without an answer (a node frozen before this client ever
+    /// talked to it accepts the TCP connection and then holds the handshake), and installs the
+    /// first map that arrives.
     async fn refresh(&self) -> Result<(), ClientError> {
-        let mut last = None;
-        // Responsive nodes first: a frozen one would hold the fetch until the timeout.
         let mut candidates = self.candidates();
         candidates.sort_by_key(|addr| !self.transport.is_responsive(*addr));
-        for addr in candidates {
-            match self.call(addr, &Request::Routing, self.timeout).await {
-                Ok(Response::Routing(info)) if !info.owners.is_empty() => {
+        let mut pending = candidates.into_iter();
+        let mut asking = futures_util::stream::FuturesUnordered::new();
+        let mut last = None;
+        loop {
+            if asking.is_empty() || asking.len() < HEDGED_MAX {
+                if let Some(addr) = pending.next() {
+                    asking.push(async move {
+                        (addr, self.call(addr, &Request::Routing, self.timeout).await)
+                    });
+                }
+            }
+            if asking.is_empty() {
+                break;
+            }
+            let answer = tokio::select! {
+                answer = futures_util::StreamExt::next(&mut asking) => answer,
+                () = tokio::time::sleep(HEDGE_AFTER), if pending.len() > 0 => continue,
+            };
+            match answer {
+                Some((_, Ok(Response::Routing(info)))) if !info.owners.is_empty() => {
                     self.install(info);
                     return Ok(());
                 }
-                Ok(_) => {
+                Some((addr, Ok(_))) => {
                     last = Some(TransportError::Protocol {
                         reason: format!("{addr} has no shard map yet"),
                     })
                 }
-                Err(error) => last = Some(error),
+                Some((_, Err(error))) => last = Some(error),
+                None => {}
             }
         }
         Err(ClientError::Unreachable(last.unwrap_or(
