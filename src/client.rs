@@ -16,7 +16,12 @@
 //!   again or for its shards to move.
 //! - A request already sent to it is resolved the moment its shard moves: an idempotent one is
 //!   sent to the new owner, any other fails at once with [`Error::OutcomeUnknown`], since it may
-//!   or may not have taken effect. The same holds when the connection breaks after sending.
+//!   or may not have taken effect. The same holds when the connection breaks after sending. (An
+//!   old owner that still answers, say one cut off from the cluster but not from the client,
+//!   is waited for instead: it refuses as not ready once its lease has lapsed, and such a
+//!   refusal is retried at the new owner.)
+//! - Answers "not ready" make the client fetch the map from the other nodes first: a node cut
+//!   off from the rest of the cluster cannot know that its shards moved.
 //! - A refusal from a node that never started the request (not the owner, lease lapsed, shard
 //!   moving) is retried after the map catches up, never surfaced while the deadline allows.
 //! - Every call is bounded by its deadline ([`CallOptions::deadline`], by default the client's
@@ -316,8 +321,19 @@ impl Shared {
     /// talked to it accepts the TCP connection and then holds the handshake), and installs the
     /// first map that arrives.
     async fn refresh(&self) -> Result<(), ClientError> {
+        self.refresh_avoiding(None).await
+    }
+
+    /// [`refresh`](Self::refresh), asking `doubtful` (a node that just refused as not ready:
+    /// it may be cut off from the cluster and its map stale) only after every other node.
+    async fn refresh_avoiding(&self, doubtful: Option<SocketAddr>) -> Result<(), ClientError> {
         let mut candidates = self.candidates();
-        candidates.sort_by_key(|addr| !self.transport.is_responsive(*addr));
+        candidates.sort_by_key(|addr| {
+            (
+                Some(*addr) == doubtful,
+                !self.transport.is_responsive(*addr),
+            )
+        });
         let mut pending = candidates.into_iter();
         let mut asking = futures_util::stream::FuturesUnordered::new();
         let mut last = None;
@@ -464,7 +480,7 @@ impl Shared {
                 answer = self.transport.request(target, payload, remaining) => {
                     classify(shard, target, answer)
                 }
-                () = self.moved_from_silent(key, sent_to_owner, target) => {
+                () = self.moved_from(key, sent_to_owner, target, idempotent) => {
                     Attempt::Unknown(ClientError::Cluster(Error::OutcomeUnknown { shard }))
                 }
             };
@@ -490,7 +506,8 @@ impl Shared {
                     // once the map has changed. A node that refuses under the newest map has
                     // already waited for the shard at its router: its answer stands.
                     let epoch = routing.as_ref().map(|r| r.epoch);
-                    let _ = tokio::time::timeout_at(deadline, self.refresh()).await;
+                    let _ = tokio::time::timeout_at(deadline, self.refresh_avoiding(Some(target)))
+                        .await;
                     if self.current().map(|r| r.epoch) == epoch {
                         self.wait_for_change(
                             None,
@@ -518,14 +535,18 @@ impl Shared {
     }
 
     /// Resolves once `key`'s shard has moved away from `sent_to` (the owner the request went
-    /// to, if it went to the owner) while `target` does not answer: the request can no longer
-    /// be answered by anyone who knows its outcome. Never resolves for a request sent to a
-    /// non-owner: that node resolves its own forward.
-    async fn moved_from_silent(
+    /// to, if it went to the owner) and the request is better sent again or given up: at once
+    /// for an idempotent request (the old owner serves nothing once the new one may, so a
+    /// second attempt is safe and its answer no older), and only while `target` does not
+    /// answer for any other (a responsive old owner answers, or refuses as not ready, soon:
+    /// its answer says whether the request took effect). Never resolves for a request sent to
+    /// a non-owner: that node resolves its own forward.
+    async fn moved_from(
         &self,
         key: &[u8],
         sent_to: Option<(ShardId, NodeId, Option<SocketAddr>)>,
         target: SocketAddr,
+        idempotent: bool,
     ) {
         let Some((_, owner, _)) = sent_to else {
             return std::future::pending().await;
@@ -537,7 +558,7 @@ impl Shared {
                 .current()
                 .and_then(|r| r.owner(key))
                 .is_some_and(|(_, now, _)| now != owner);
-            if moved && !self.transport.is_responsive(target) {
+            if moved && (idempotent || !self.transport.is_responsive(target)) {
                 return;
             }
             tokio::select! {
@@ -623,11 +644,17 @@ async fn until_silent(transport: &Transport, addr: SocketAddr) {
 }
 
 /// Holds a [`Request::WatchRouting`] open at one node after another while the client lives,
-/// installing every newer map it brings. A node that does not answer (its connection turns
-/// unresponsive) or refuses is left for the next; while none holds the watch, the map is
-/// fetched every [`REFRESH_EVERY`].
+/// installing every newer map it brings; it starts at a random node (clients spread their
+/// watches) and ends as soon as the last clone of the client is dropped. A node that does not
+/// answer (its connection turns unresponsive), refuses, or answers without a newer map (it
+/// cannot vouch for its map, or nothing changed for a whole hold) is left for the next; while
+/// none holds the watch, the map is fetched every [`REFRESH_EVERY`].
 async fn watch_loop(client: Weak<Shared>) {
-    let mut next = 0usize;
+    let mut start = [0u8; 8];
+    let mut next = match getrandom::fill(&mut start) {
+        Ok(()) => u64::from_le_bytes(start) as usize,
+        Err(_) => 0,
+    };
     loop {
         let Some(shared) = client.upgrade() else {
             return;
@@ -644,6 +671,9 @@ async fn watch_loop(client: Weak<Shared>) {
         }
         let epoch = shared.current().map_or(0, |r| r.epoch);
         let transport = shared.transport.clone();
+        // Closed when the client is dropped; changed when a call installs a newer map (the
+        // watch then starts over from that epoch).
+        let mut changes = shared.changes.subscribe();
         drop(shared);
         let request = Request::WatchRouting { epoch };
         let Ok(payload) = codec::encode(&request) else {
@@ -652,16 +682,26 @@ async fn watch_loop(client: Weak<Shared>) {
         let answer = tokio::select! {
             answer = transport.request(addr, payload, WATCH_HOLD + Duration::from_secs(2)) => Some(answer),
             () = until_silent(&transport, addr) => None,
+            changed = changes.changed() => match changed {
+                Ok(()) => continue,
+                Err(_) => return,
+            },
         };
+        drop(transport);
         let Some(shared) = client.upgrade() else {
             return;
         };
         match answer.map(|a| a.map(|bytes| codec::decode::<Response>(&bytes))) {
-            Some(Ok(Ok(Response::Routing(info)))) if !info.owners.is_empty() => {
+            Some(Ok(Ok(Response::Routing(info))))
+                if info.epoch > epoch && !info.owners.is_empty() =>
+            {
                 shared.install(info);
                 continue;
             }
-            Some(Ok(Ok(Response::Routing(_)))) => {}
+            Some(Ok(Ok(Response::Routing(_)))) => {
+                // Nothing newer: this node cannot vouch for its map, or nothing changed for a
+                // whole hold; the next node holds the watch.
+            }
             other => {
                 tracing::debug!(%addr, failed = other.is_some(), "map watch lost; trying the next node");
                 let stale = (shared.created.elapsed().as_millis() as u64)

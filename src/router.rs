@@ -53,8 +53,14 @@ pub(crate) struct RoutingTable {
 /// Where a message comes from: decides whether the router may forward it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
-    /// Sent on this node or by a client: the router forwards it to the owner if needed.
+    /// Sent on this node: the router forwards it to the owner if needed, and sends an
+    /// idempotent message ([`ShardMessage::IDEMPOTENT`]) to the shard's next owner when the
+    /// owner it went to failed before answering.
     Local,
+    /// Sent by a remote client: forwarded like [`Local`](Self::Local), but a forward whose
+    /// outcome is unknown is answered with [`Error::OutcomeUnknown`]: the client decides
+    /// whether to send again (its per-call option may differ from the type's default).
+    Client,
     /// Forwarded by another node: served here or answered with `WrongOwner` (one hop only).
     Forwarded,
 }
@@ -306,25 +312,53 @@ impl<H: ShardHandler> Router<H> {
         self.lease.remaining()
     }
 
-    /// A receiver that changes with every new table (and whenever the lease turns valid).
-    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changes.subscribe()
-    }
-
     /// Waits until this node's map is at least at `epoch`, at most `unavailable_wait`: a
-    /// client that routed by a newer map must not be forwarded by an older one.
-    pub(crate) async fn catch_up(&self, epoch: Epoch) {
+    /// client that routed by a newer map must not be forwarded by an older one. A wait takes
+    /// one of the `waiting_max` places of requests waiting at the router (a flood of requests
+    /// naming a future epoch is refused with [`Error::Overloaded`], not held).
+    pub(crate) async fn catch_up(&self, epoch: Epoch, shard: ShardId) -> Result<(), Error> {
         if self.map_epoch() >= epoch {
-            return;
+            return Ok(());
         }
+        let _waiting = WaitPermit::take(&self.waiting, self.limits.waiting_max)
+            .ok_or(Error::Overloaded { shard })?;
         let mut changes = self.changes.subscribe();
         let until = tokio::time::Instant::now() + self.limits.unavailable_wait;
         while self.map_epoch() < epoch {
             match tokio::time::timeout_at(until, changes.changed()).await {
                 Ok(Ok(())) => {}
-                _ => return,
+                _ => return Ok(()),
             }
         }
+        Ok(())
+    }
+
+    /// The routing table once its map is newer than `epoch`, or after `hold`, whichever comes
+    /// first; at once when this node cannot vouch for its map (it knows no leader, may not
+    /// serve, or its lease lapsed: its map may be stale, and the watcher should ask another
+    /// node) or when `waiting_max` requests already wait here.
+    pub(crate) async fn watch_map(&self, epoch: Epoch, hold: Duration) -> Arc<RoutingTable> {
+        let until = tokio::time::Instant::now() + hold;
+        let mut changes = self.changes.subscribe();
+        let Some(_waiting) = WaitPermit::take(&self.waiting, self.limits.waiting_max) else {
+            return self.table();
+        };
+        loop {
+            let table = self.table();
+            let doubtful = table.not_ready.is_some()
+                || table.leaderless_since.is_some()
+                || !self.lease.is_valid();
+            if doubtful || table.state.map_epoch() > epoch || tokio::time::Instant::now() >= until {
+                return table;
+            }
+            // A change of table or lease wakes the loop; the hold bounds it.
+            let _ = tokio::time::timeout_at(until, changes.changed()).await;
+        }
+    }
+
+    /// The shard of the key whose bytes are `key`.
+    pub(crate) fn shard_of_bytes(&self, key: &[u8]) -> ShardId {
+        crate::shard_map::shard_for(key, self.shard_count)
     }
 
     /// The current routing table.
@@ -423,6 +457,7 @@ impl<H: ShardHandler> Router<H> {
         H: Handles<M>,
     {
         let shard = key.shard(self.shard_count);
+        let arrival = self.map_epoch();
         // The fast path: this node owns the shard. The shard actor checks the lease and any
         // pending move itself (and hands the message back when it may not serve it now).
         let msg = if self.owns_now(shard) {
@@ -435,7 +470,8 @@ impl<H: ShardHandler> Router<H> {
         };
         // Only the slow path (forwarding, waiting) gets a span: the fast path stays lean.
         let span = tracing::debug_span!("route", shard, origin = ?origin);
-        tracing::Instrument::instrument(self.send_slow(shard, key, msg, origin), span).await
+        tracing::Instrument::instrument(self.send_slow(shard, key, msg, origin, arrival), span)
+            .await
     }
 
     /// [`send`](Self::send), counted in the request metrics under `route`.
@@ -479,6 +515,7 @@ impl<H: ShardHandler> Router<H> {
         key: Key,
         msg: M,
         origin: Origin,
+        arrival: Epoch,
     ) -> Result<M::Reply, Error>
     where
         M: ShardMessage,
@@ -496,7 +533,21 @@ impl<H: ShardHandler> Router<H> {
         let mut _waiting: Option<WaitPermit<'_>> = None;
         loop {
             let mut changes = self.changes.subscribe();
-            let reason = match self.route(shard) {
+            let route = self.route(shard);
+            if origin != Origin::Local
+                && matches!(route, Route::Local | Route::Forward(..))
+                && self.map_epoch() != arrival
+            {
+                // It waited here across a change of the map: its sender may have learned that
+                // the shard moved, given up on this copy and sent the message to the next
+                // owner (an idempotent one is re-sent at once). Served or forwarded now, it
+                // could land after a newer write; refused, it was never started, and the
+                // sender retries it under the new map.
+                return Err(Error::NotReady {
+                    reason: NotReadyReason::ShardMoving,
+                });
+            }
+            let reason = match route {
                 Route::Fail(error) => return Err(error),
                 Route::Local => {
                     let Some(m) = msg.take() else {
@@ -561,7 +612,7 @@ impl<H: ShardHandler> Router<H> {
                         // idempotent message goes to the shard's next owner, any other fails
                         // now, honestly.
                         Forwarded::Failed(Error::OutcomeUnknown { .. }) | Forwarded::Unknown
-                            if M::IDEMPOTENT =>
+                            if M::IDEMPOTENT && origin == Origin::Local =>
                         {
                             tracing::debug!(
                                 owner,
@@ -569,7 +620,9 @@ impl<H: ShardHandler> Router<H> {
                             );
                             NotReadyReason::OwnerUnreachable
                         }
-                        Forwarded::Unknown => return Err(Error::OutcomeUnknown { shard }),
+                        Forwarded::Unknown | Forwarded::Failed(Error::OutcomeUnknown { .. }) => {
+                            return Err(Error::OutcomeUnknown { shard })
+                        }
                         Forwarded::Failed(error) => return Err(error),
                         Forwarded::NotSent(reason) => {
                             tracing::debug!(owner, %reason, "owner unreachable; waiting for failover");

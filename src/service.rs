@@ -46,7 +46,7 @@ impl<H: ShardHandler> Service for NodeService<H> {
                 let router = self.router.clone();
                 Box::pin(async move {
                     let started = Instant::now();
-                    let result = route_wire(&router, key, &tag, &payload, Origin::Local).await;
+                    let result = route_wire(&router, key, &tag, &payload, Origin::Client).await;
                     router.record(RouteLabel::Client, result.as_ref().err(), started);
                     encode(&Response::Shard(result))
                 })
@@ -60,8 +60,10 @@ impl<H: ShardHandler> Service for NodeService<H> {
                 let router = self.router.clone();
                 Box::pin(async move {
                     let started = Instant::now();
-                    router.catch_up(epoch).await;
-                    let result = route_wire(&router, key, &tag, &payload, Origin::Local).await;
+                    let result = match router.catch_up(epoch, router.shard_of_bytes(&key)).await {
+                        Ok(()) => route_wire(&router, key, &tag, &payload, Origin::Client).await,
+                        Err(error) => Err(error),
+                    };
                     router.record(RouteLabel::Client, result.as_ref().err(), started);
                     encode(&Response::Shard(result))
                 })
@@ -164,16 +166,8 @@ impl<H: ShardHandler> Service for NodeService<H> {
             Request::WatchRouting { epoch } => {
                 let router = self.router.clone();
                 Box::pin(async move {
-                    let until = tokio::time::Instant::now() + crate::wire::WATCH_HOLD;
-                    let mut changes = router.subscribe();
-                    loop {
-                        let table = router.table();
-                        if table.state.map_epoch() > epoch || tokio::time::Instant::now() >= until {
-                            return encode(&Response::Routing(routing_of(&table.state)));
-                        }
-                        // A change of table or lease wakes the loop; the hold bounds it.
-                        let _ = tokio::time::timeout_at(until, changes.changed()).await;
-                    }
+                    let table = router.watch_map(epoch, crate::wire::WATCH_HOLD).await;
+                    encode(&Response::Routing(routing_of(&table.state)))
                 })
             }
         }

@@ -127,7 +127,9 @@ impl Transport {
     ///
     /// Connects first if there is no connection to `addr` (one per address, shared by all
     /// concurrent requests). While `addr` is in reconnect backoff after a failed attempt, fails
-    /// at once with [`TransportError::Unreachable`]. The timeout covers connecting too. An empty
+    /// at once with [`TransportError::Unreachable`]. The timeout covers connecting too: running out
+    /// of it before the connection is open fails with [`TransportError::Unreachable`] (nothing was
+    /// sent), after that with [`TransportError::Timeout`] (the outcome is unknown). An empty
     /// payload is refused: it is the liveness probe, which the peer's connection answers itself.
     pub async fn request(
         &self,
@@ -148,7 +150,29 @@ impl Transport {
                 max: frame_size_max,
             });
         }
-        match tokio::time::timeout(timeout, self.exchange(addr, payload)).await {
+        let deadline = Instant::now() + timeout;
+        // Nothing is sent until a connection is open: running out of time before that is an
+        // unreachable peer (safe to try elsewhere), not a request whose outcome is unknown.
+        let connection = match tokio::time::timeout_at(deadline, self.open(addr)).await {
+            Ok(Some(connection)) => connection?,
+            Ok(None) => {
+                // Lost on the way, as if sent: its outcome is as unknown as a real loss.
+                tokio::time::sleep_until(deadline).await;
+                return Err(TransportError::Timeout {
+                    addr,
+                    after: timeout,
+                });
+            }
+            Err(_) => {
+                return Err(TransportError::Unreachable {
+                    addr,
+                    reason: format!(
+                        "no connection within {timeout:?} (the peer accepts but does not answer the handshake); nothing was sent"
+                    ),
+                })
+            }
+        };
+        match tokio::time::timeout_at(deadline, connection.call(payload)).await {
             Ok(result) => result,
             Err(_) => Err(TransportError::Timeout {
                 addr,
@@ -166,18 +190,16 @@ impl Transport {
         }
     }
 
-    async fn exchange(
-        &self,
-        addr: SocketAddr,
-        payload: Vec<u8>,
-    ) -> Result<Vec<u8>, TransportError> {
+    /// The connection a request to `addr` goes out on, after the faults injected for `addr`;
+    /// `None` when the request is lost on the way (it is never answered).
+    async fn open(&self, addr: SocketAddr) -> Option<Result<Arc<Connection>, TransportError>> {
         let fault = self.inner.faults.get(addr);
         if fault.blocked {
             self.drop_blocked_connection(addr);
-            return Err(TransportError::Unreachable {
+            return Some(Err(TransportError::Unreachable {
                 addr,
                 reason: "blocked by fault injection (Faults::block)".to_owned(),
-            });
+            }));
         }
         let fault = if fault.delay.is_zero() {
             fault
@@ -188,10 +210,9 @@ impl Transport {
         if fault.requests_blackholed {
             // Lost on the way (Faults::blackhole_requests): no answer ever comes and the
             // connection stays as it is; the caller's timeout ends the wait.
-            return std::future::pending().await;
+            return None;
         }
-        let connection = self.connection(addr).await?;
-        connection.call(payload).await
+        Some(self.connection(addr).await)
     }
 
     fn drop_blocked_connection(&self, addr: SocketAddr) {

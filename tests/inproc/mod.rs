@@ -724,6 +724,12 @@ impl TestCluster {
         cluster
     }
 
+    /// The address node `id` listens on (for a [`clusterfunk::Client`]: the nodes are
+    /// insecure).
+    pub fn addr(&self, id: NodeId) -> SocketAddr {
+        self.slot(id).addr
+    }
+
     /// The node ids, ascending.
     pub fn ids(&self) -> Vec<NodeId> {
         self.slots.iter().map(|slot| slot.id).collect()
