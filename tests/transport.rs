@@ -674,3 +674,29 @@ async fn an_empty_payload_is_refused_locally() {
     assert_eq!(server.connections_accepted(), 0);
     server.shutdown().await;
 }
+
+// Goal: a peer that accepts the TCP connection but never answers the handshake (a process
+// frozen before this client first connected) fails a request as unreachable (nothing was sent:
+// safe to send elsewhere), not as a timeout whose outcome is unknown.
+#[tokio::test]
+async fn a_request_that_never_got_a_connection_is_unreachable_not_timed_out() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    // Accepts, then holds the socket without a word.
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    let transport = client(config(None));
+    let error = transport
+        .request(addr, b"ping".to_vec(), Duration::from_millis(300))
+        .await
+        .expect_err("no handshake, no answer");
+    assert!(
+        matches!(error, TransportError::Unreachable { .. }),
+        "a request that never left is unreachable: {error}"
+    );
+    holder.abort();
+}

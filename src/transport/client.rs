@@ -154,15 +154,7 @@ impl Transport {
         // Nothing is sent until a connection is open: running out of time before that is an
         // unreachable peer (safe to try elsewhere), not a request whose outcome is unknown.
         let connection = match tokio::time::timeout_at(deadline, self.open(addr)).await {
-            Ok(Some(connection)) => connection?,
-            Ok(None) => {
-                // Lost on the way, as if sent: its outcome is as unknown as a real loss.
-                tokio::time::sleep_until(deadline).await;
-                return Err(TransportError::Timeout {
-                    addr,
-                    after: timeout,
-                });
-            }
+            Ok(connection) => connection?,
             Err(_) => {
                 return Err(TransportError::Unreachable {
                     addr,
@@ -172,7 +164,7 @@ impl Transport {
                 })
             }
         };
-        match tokio::time::timeout_at(deadline, connection.call(payload)).await {
+        match tokio::time::timeout_at(deadline, self.send_on(addr, &connection, payload)).await {
             Ok(result) => result,
             Err(_) => Err(TransportError::Timeout {
                 addr,
@@ -190,29 +182,37 @@ impl Transport {
         }
     }
 
-    /// The connection a request to `addr` goes out on, after the faults injected for `addr`;
-    /// `None` when the request is lost on the way (it is never answered).
-    async fn open(&self, addr: SocketAddr) -> Option<Result<Arc<Connection>, TransportError>> {
-        let fault = self.inner.faults.get(addr);
-        if fault.blocked {
+    /// The connection a request to `addr` goes out on, connecting if there is none; fails at
+    /// once while the link is blocked ([`Faults::block`]).
+    async fn open(&self, addr: SocketAddr) -> Result<Arc<Connection>, TransportError> {
+        if self.inner.faults.get(addr).blocked {
             self.drop_blocked_connection(addr);
-            return Some(Err(TransportError::Unreachable {
+            return Err(TransportError::Unreachable {
                 addr,
                 reason: "blocked by fault injection (Faults::block)".to_owned(),
-            }));
+            });
         }
-        let fault = if fault.delay.is_zero() {
-            fault
-        } else {
-            tokio::time::sleep(fault.delay).await;
-            self.inner.faults.get(addr)
-        };
-        if fault.requests_blackholed {
-            // Lost on the way (Faults::blackhole_requests): no answer ever comes and the
-            // connection stays as it is; the caller's timeout ends the wait.
-            return None;
+        self.connection(addr).await
+    }
+
+    /// Sends `payload` on `connection` and waits for the answer, after the faults injected for
+    /// the link: a delay ([`Faults::set_delay`]: the request is on its way meanwhile) and a
+    /// blackhole ([`Faults::blackhole_requests`]: lost on the way, never answered; the caller's
+    /// timeout ends the wait, as for a real loss).
+    async fn send_on(
+        &self,
+        addr: SocketAddr,
+        connection: &Connection,
+        payload: Vec<u8>,
+    ) -> Result<Vec<u8>, TransportError> {
+        let delay = self.inner.faults.get(addr).delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
         }
-        Some(self.connection(addr).await)
+        if self.inner.faults.get(addr).requests_blackholed {
+            return std::future::pending().await;
+        }
+        connection.call(payload).await
     }
 
     fn drop_blocked_connection(&self, addr: SocketAddr) {
