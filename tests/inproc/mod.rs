@@ -726,6 +726,8 @@ impl TestCluster {
 
     /// The address node `id` listens on (for a [`clusterfunk::Client`]: the nodes are
     /// insecure).
+    // Only the client tests use it.
+    #[allow(dead_code)]
     pub fn addr(&self, id: NodeId) -> SocketAddr {
         self.slot(id).addr
     }
