@@ -1541,10 +1541,66 @@ impl Bench<'_> {
         })
     }
 
+    /// Brings `probe` to steady state: one answered probe to a shard of each of `ids`, so that
+    /// it holds the map and a connection to each of them.
+    async fn warm_up(
+        &self,
+        probe: &Client,
+        settled: &Settled,
+        ids: &[NodeId],
+        idempotent: bool,
+    ) -> Result<(), String> {
+        for &id in ids {
+            let shard = settled
+                .owners
+                .iter()
+                .position(|&owner| owner == id)
+                .ok_or(format!("node {id} owns no shard"))?;
+            probe_send(probe, &self.keys[shard], self.payload.clone(), idempotent)
+                .await
+                .map_err(|e| format!("warming up the probe client: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Probes each of `shards` every `--probe-ms` from `t0` until it answers or `deadline`
+    /// passes: when each answered again (an error for one that did not), the failed probes,
+    /// and when the last answer came.
+    async fn probe_shards(
+        &self,
+        probe: &Client,
+        shards: &[usize],
+        idempotent: bool,
+        t0: Instant,
+        deadline: Instant,
+    ) -> (Series, usize, Instant) {
+        let every = Duration::from_millis(self.options.probe_ms.max(1));
+        let probes: FuturesUnordered<_> = shards
+            .iter()
+            .map(|&s| {
+                let (probe, key, payload) =
+                    (probe.clone(), self.keys[s].clone(), self.payload.clone());
+                let attempt = move || {
+                    let (probe, key, payload) = (probe.clone(), key.clone(), payload.clone());
+                    async move { probe_send(&probe, &key, payload, idempotent).await }
+                };
+                probe_until_ok(attempt, t0, every, deadline)
+            })
+            .collect();
+        let answers: Vec<_> = probes.collect().await;
+        let t_back = Instant::now();
+        let mut unavailable = Series::default();
+        let mut probe_errors = 0;
+        for (back, errors, last) in answers {
+            probe_errors += errors;
+            unavailable.push(back.ok_or(last.unwrap_or_else(|| "no answer".into())));
+        }
+        (unavailable, probe_errors, t_back)
+    }
+
     /// Kills one node (the leader or a follower) under load and times its shards' return;
     /// restarts it and waits for the cluster to settle.
     async fn kill_once(&mut self, leader_role: bool, number: usize) -> Result<Kill, String> {
-        let every = Duration::from_millis(self.options.probe_ms.max(1));
         let settled = self.settled(None).await?;
         let ids = self.harness.ids();
         let node = pick_node(&settled, &ids, leader_role, number);
@@ -1559,52 +1615,14 @@ impl Bench<'_> {
                 .map(|&id| self.harness.node(id).addr)
                 .collect(),
         )?;
-        for &id in &survivors {
-            let shard = settled
-                .owners
-                .iter()
-                .position(|&owner| owner == id)
-                .ok_or(format!("node {id} owns no shard"))?;
-            probe
-                .send(
-                    self.keys[shard].as_str(),
-                    Echo {
-                        payload: self.payload.clone(),
-                    },
-                )
-                .await
-                .map_err(|e| format!("warming up the probe client: {e}"))?;
-        }
+        self.warm_up(&probe, &settled, &survivors, false).await?;
         tokio::time::sleep(MEMBERSHIP_MARGIN).await;
 
         let t_kill = self.harness.kill(node)?;
         let deadline = t_kill + self.limit();
-        let probes: FuturesUnordered<_> = shards
-            .iter()
-            .map(|&s| {
-                let (probe, key, payload) =
-                    (probe.clone(), self.keys[s].clone(), self.payload.clone());
-                let attempt = move || {
-                    let (probe, key, payload) = (probe.clone(), key.clone(), payload.clone());
-                    async move {
-                        probe
-                            .send(key, Echo { payload })
-                            .await
-                            .map(drop)
-                            .map_err(|e| e.to_string())
-                    }
-                };
-                probe_until_ok(attempt, t_kill, every, deadline)
-            })
-            .collect();
-        let answers: Vec<_> = probes.collect().await;
-        let t_back = Instant::now();
-        let mut unavailable = Series::default();
-        let mut probe_errors = 0;
-        for (back, errors, last) in answers {
-            probe_errors += errors;
-            unavailable.push(back.ok_or(last.unwrap_or_else(|| "no answer".into())));
-        }
+        let (unavailable, probe_errors, t_back) = self
+            .probe_shards(&probe, &shards, false, t_kill, deadline)
+            .await;
         self.harness.reap(node);
         tokio::time::sleep(MEMBERSHIP_MARGIN).await;
         check_interrupt()?;
@@ -1767,7 +1785,6 @@ impl Bench<'_> {
         leader_role: bool,
         number: usize,
     ) -> Result<Kill, String> {
-        let every = Duration::from_millis(self.options.probe_ms.max(1));
         let settled = self.settled(None).await?;
         let ids = self.harness.ids();
         let node = pick_node(&settled, &ids, leader_role, number);
@@ -1777,22 +1794,7 @@ impl Bench<'_> {
         // A probe client in steady state, seeded with every node (the one to be faulted too,
         // as a real client would be), holding the map and a connection to every node.
         let probe = self.client(self.addrs())?;
-        for &id in &ids {
-            let shard = settled
-                .owners
-                .iter()
-                .position(|&owner| owner == id)
-                .ok_or(format!("node {id} owns no shard"))?;
-            probe
-                .send(
-                    self.keys[shard].as_str(),
-                    IdempotentEcho {
-                        payload: self.payload.clone(),
-                    },
-                )
-                .await
-                .map_err(|e| format!("warming up the probe client: {e}"))?;
-        }
+        self.warm_up(&probe, &settled, &ids, true).await?;
         tokio::time::sleep(MEMBERSHIP_MARGIN).await;
         check_interrupt()?;
 
@@ -1800,39 +1802,12 @@ impl Bench<'_> {
         let t_fault = self.fault_signal(kind, node, begin, true).await?;
         // From here on the node is healed before any error returns.
         let deadline = t_fault + self.limit();
-        let probes: FuturesUnordered<_> = shards
-            .iter()
-            .map(|&s| {
-                let (probe, key, payload) =
-                    (probe.clone(), self.keys[s].clone(), self.payload.clone());
-                let attempt = move || {
-                    let (probe, key, payload) = (probe.clone(), key.clone(), payload.clone());
-                    async move {
-                        probe
-                            .send(key, IdempotentEcho { payload })
-                            .await
-                            .map(drop)
-                            .map_err(|e| e.to_string())
-                    }
-                };
-                probe_until_ok(attempt, t_fault, every, deadline)
-            })
-            .collect();
-        let answered = async {
-            let answers: Vec<_> = probes.collect().await;
-            (answers, Instant::now())
-        };
+        let answered = self.probe_shards(&probe, &shards, true, t_fault, deadline);
         // The node stays faulted for the whole freeze time, so that the cluster moves on
         // without it, and longer while some of its shards have not answered elsewhere.
         let hold = tokio::time::sleep_until((t_fault + self.options.freeze()).into());
-        let ((answers, t_back), ()) = tokio::join!(answered, hold);
+        let ((unavailable, probe_errors, t_back), ()) = tokio::join!(answered, hold);
         let t_heal = self.fault_signal(kind, node, end, false).await?;
-        let mut unavailable = Series::default();
-        let mut probe_errors = 0;
-        for (back, errors, last) in answers {
-            probe_errors += errors;
-            unavailable.push(back.ok_or(last.unwrap_or_else(|| "no answer".into())));
-        }
         let rejoined = self.settled(None).await;
         let t_settled = Instant::now();
         if rejoined.is_err() || !unavailable.failures.is_empty() {
@@ -2189,6 +2164,22 @@ struct Kill {
 }
 
 /// The node to fault: the leader, or follower number `number` (in id order, round robin).
+/// Sends one probe to the shard of `key`: idempotent (re-sent by the client across a failover)
+/// or plain.
+async fn probe_send(
+    probe: &Client,
+    key: &str,
+    payload: Vec<u8>,
+    idempotent: bool,
+) -> Result<(), String> {
+    let sent = if idempotent {
+        probe.send(key, IdempotentEcho { payload }).await.map(drop)
+    } else {
+        probe.send(key, Echo { payload }).await.map(drop)
+    };
+    sent.map_err(|e| e.to_string())
+}
+
 fn pick_node(settled: &Settled, ids: &[NodeId], leader_role: bool, number: usize) -> NodeId {
     if leader_role {
         return settled.leader;
