@@ -310,6 +310,17 @@ impl LeaseGranter {
         })
     }
 
+    /// Restarts every member's wait from `now`: this leader could not hear from anyone until
+    /// now (its process was paused or starved), so their silence is its own. Renewals they sent
+    /// meanwhile may still wait in its sockets; a markdown now would move the shards of healthy
+    /// nodes, whose state would be lost. Marking down later never lets two nodes serve a shard.
+    pub fn restart_waits(&mut self, state: &ClusterState, now: Instant) {
+        for id in state.members.keys() {
+            let last = self.last_grant.entry(*id).or_insert(now);
+            *last = (*last).max(now);
+        }
+    }
+
     /// Members whose leases have certainly expired by `now`: mark them down. Each is returned
     /// once; the leader grants them nothing more until they are marked up.
     pub fn markdowns_due(&mut self, state: &ClusterState, now: Instant) -> Vec<NodeId> {
@@ -603,6 +614,39 @@ mod tests {
             "the new node is not marked down before it could renew: {due:?}"
         );
         assert!(granter.markdowns_due(&state, joined_at + wait).contains(&4));
+    }
+
+    #[test]
+    fn a_leader_resumed_from_a_pause_gives_every_member_a_full_wait() {
+        let state = state();
+        let wait = LeaseConfig::default().markdown_wait();
+        let start = Instant::now();
+        let mut granter = LeaseGranter::new(LeaseConfig::default(), 1, start);
+        granter.on_applied(&state, start);
+        // Both followers renew, then the leader is paused for longer than the wait.
+        for node in [2, 3] {
+            let request = RenewLease {
+                node,
+                epoch: state.epoch,
+                incarnation: 1,
+                request_id: 1,
+            };
+            assert!(matches!(
+                granter.decide(&request, &state, start + ms(10)),
+                Decision::Grant(_)
+            ));
+        }
+        let resumed = start + ms(10) + wait + ms(200);
+        granter.restart_waits(&state, resumed);
+        assert!(
+            granter.markdowns_due(&state, resumed).is_empty(),
+            "members are marked down for the leader's own pause"
+        );
+        assert!(granter
+            .markdowns_due(&state, resumed + wait - ms(1))
+            .is_empty());
+        // A member that still does not renew goes down a full wait after the resume.
+        assert_eq!(granter.markdowns_due(&state, resumed + wait), vec![2, 3]);
     }
 
     #[test]

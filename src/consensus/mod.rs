@@ -982,7 +982,13 @@ async fn lead(consensus: Consensus) {
     let mut metrics = consensus.raft.metrics();
     let mut applied = consensus.subscribe();
     let tick = consensus.lease.renew_period / 2;
+    // This loop runs at least every `tick`; a longer gap means this process was paused or
+    // starved, and could not hear any renewal meanwhile.
+    let mut last_round = Instant::now();
     loop {
+        let round = Instant::now();
+        let stalled = round.saturating_duration_since(last_round);
+        last_round = round;
         let (leading, term) = {
             let m = metrics.borrow_and_update();
             (
@@ -1007,6 +1013,13 @@ async fn lead(consensus: Consensus) {
                 }
                 match granter.as_mut() {
                     Some((_, granter)) => {
+                        if stalled > consensus.lease.renew_period {
+                            tracing::warn!(
+                                ?stalled,
+                                "this leader did not run for a while (paused or starved): every member gets a full wait to renew before any is marked down"
+                            );
+                            granter.restart_waits(&state.state, now);
+                        }
                         granter.on_applied(&state.state, now);
                         granter.markdowns_due(&state.state, now)
                     }
