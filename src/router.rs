@@ -728,9 +728,10 @@ impl<H: ShardHandler> Router<H> {
         }
     }
 
-    /// Resolves once `shard` has an owner other than `owner` in this node's table while the
-    /// connection to `owner` at `addr` does not answer: a message in flight to it can no longer
-    /// be answered by anyone who knows its outcome.
+    /// Resolves once the connection to `owner` at `addr` does not answer while `shard` has an
+    /// owner other than `owner` in this node's table, or while this node cannot vouch for its
+    /// table (no leader, not ready, lease lapsed: in a majority outage the map never moves): a
+    /// message in flight to it can no longer be answered by anyone who knows its outcome.
     async fn moved_from_silent(
         &self,
         shard: ShardId,
@@ -743,10 +744,22 @@ impl<H: ShardHandler> Router<H> {
         loop {
             let table = self.table.load();
             let now_owner = table.state.map.as_ref().and_then(|m| m.owner(shard));
-            if now_owner.is_some_and(|o| o != owner) && !transport.is_responsive(addr) {
+            let moved = now_owner.is_some_and(|o| o != owner);
+            let doubtful = table.not_ready.is_some()
+                || table.leaderless_since.is_some()
+                || !self.lease.is_valid();
+            let silent = !transport.is_responsive(addr);
+            if (moved || doubtful) && silent {
                 return;
             }
+            // A lease lapses without a change notice: look again while the owner is silent.
+            let recheck = if silent {
+                Duration::from_millis(50)
+            } else {
+                Duration::MAX
+            };
             tokio::select! {
+                () = tokio::time::sleep(recheck) => {}
                 changed = changes.changed() => if changed.is_err() { return std::future::pending().await },
                 changed = health.changed() => if changed.is_err() { return std::future::pending().await },
             }
