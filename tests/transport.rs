@@ -700,3 +700,123 @@ async fn a_request_that_never_got_a_connection_is_unreachable_not_timed_out() {
     );
     holder.abort();
 }
+
+/// What the relay in [`relay`] does to the client's first frame after the handshake.
+#[derive(Clone, Copy, Debug)]
+enum Tamper {
+    /// Flips the last byte of the request's payload.
+    Flip,
+    /// Passes the frame on and then sends it a second time.
+    Replay,
+}
+
+/// A relay without the secret between a client and `server`: passes the handshake (the
+/// client's first two frames) as it is and tampers with the third. Returns its address.
+/// `tagged`: whether frames after the handshake end with a 16-byte tag (secure mode).
+async fn relay(server: SocketAddr, tamper: Tamper, tagged: bool) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a free port");
+    let addr = listener.local_addr().expect("bound");
+    tokio::spawn(async move {
+        let Ok((client, _)) = listener.accept().await else {
+            return;
+        };
+        let Ok(upstream) = TcpStream::connect(server).await else {
+            return;
+        };
+        let (mut client_read, mut client_write) = client.into_split();
+        let (mut upstream_read, mut upstream_write) = upstream.into_split();
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut upstream_read, &mut client_write).await;
+        });
+        for index in 0u32.. {
+            let mut prefix = [0u8; 4];
+            if client_read.read_exact(&mut prefix).await.is_err() {
+                return;
+            }
+            let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
+            if client_read.read_exact(&mut body).await.is_err() {
+                return;
+            }
+            let mut frame = [prefix.as_slice(), &body].concat();
+            let copies = match (index, tamper) {
+                // The payload's last byte comes before the tag.
+                (2, Tamper::Flip) => {
+                    let at = frame.len() - 1 - if tagged { 16 } else { 0 };
+                    frame[at] ^= 0x01;
+                    1
+                }
+                (2, Tamper::Replay) => 2,
+                _ => 1,
+            };
+            for _ in 0..copies {
+                if upstream_write.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    addr
+}
+
+// Goal: a relay without the secret cannot alter or replay a frame after the handshake: the
+// server refuses the frame and closes the connection, and its service never sees the altered
+// or repeated request. The same relay in insecure mode gets the altered request served, which
+// shows that the relay does what it claims.
+#[tokio::test]
+async fn a_relay_cannot_alter_or_replay_frames_after_the_handshake() {
+    for (tamper, secret) in [
+        (Tamper::Flip, None),
+        (Tamper::Flip, Some(secret(1))),
+        (Tamper::Replay, Some(secret(1))),
+    ] {
+        let (seen, mut seen_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let recording: Arc<dyn Service> = Arc::new(move |_peer: PeerInfo, payload: Vec<u8>| {
+            let _ = seen.send(payload.clone());
+            async move { Ok::<_, String>([b"echo:".as_slice(), &payload].concat()) }
+        });
+        let server = start_with(config(secret.clone()), recording).await;
+        let through = relay(server.local_addr(), tamper, secret.is_some()).await;
+        let transport = client(config(secret.clone()));
+        let answer = transport.request(through, b"ping".to_vec(), PATIENCE).await;
+        if secret.is_none() {
+            assert_eq!(
+                answer.expect("insecure mode has no defence"),
+                b"echo:pinf",
+                "the relay flips the payload's last byte"
+            );
+            server.shutdown().await;
+            continue;
+        }
+        match tamper {
+            Tamper::Flip => assert!(
+                answer.is_err(),
+                "an altered request was answered: {answer:?}"
+            ),
+            // The genuine frame arrives first and may be answered; its replay is not.
+            Tamper::Replay => {}
+        }
+        // The server closed the connection: the next request on it fails too.
+        let again = transport
+            .request(through, b"again".to_vec(), PATIENCE)
+            .await;
+        assert!(
+            again.is_err(),
+            "the connection survived tampering: {again:?}"
+        );
+        server.shutdown().await;
+        let mut payloads = Vec::new();
+        while let Ok(payload) = seen_rx.try_recv() {
+            payloads.push(payload);
+        }
+        let expected: Vec<Vec<u8>> = match tamper {
+            Tamper::Flip => Vec::new(),
+            Tamper::Replay => vec![b"ping".to_vec()],
+        };
+        assert!(
+            payloads.len() <= expected.len() && payloads.iter().all(|p| expected.contains(p)),
+            "{tamper:?}: the service saw {payloads:?}"
+        );
+    }
+}

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::codec::{payload_fits, PAYLOAD_OVERHEAD_MAX};
-use super::connection::{raise_frame_limit, split, Connection, LivenessConfig};
+use super::connection::{secure_frames, split, Connection, LivenessConfig};
 use super::{handshake, lock, Faults, TransportConfig, TransportError, PROTOCOL_VERSION};
 
 /// Sends requests to peers and waits for their responses. Clones share the connections: make
@@ -340,8 +340,8 @@ async fn connect(
     stream.set_nodelay(true)?;
     let (mut reader, mut writer) = split(stream);
     let handshake = handshake::client(&mut reader, &mut writer, config, addr, PROTOCOL_VERSION);
-    match tokio::time::timeout(config.handshake_timeout, handshake).await {
-        Ok(Ok(_server_node_id)) => {}
+    let established = match tokio::time::timeout(config.handshake_timeout, handshake).await {
+        Ok(Ok(established)) => established,
         // Nothing was sent yet: a broken handshake is an unreachable peer.
         Ok(Err(TransportError::Io(error))) => {
             return Err(TransportError::Unreachable {
@@ -359,8 +359,16 @@ async fn connect(
                 ),
             })
         }
-    }
-    raise_frame_limit(&mut reader, &mut writer, config.frame_size_max);
+    };
+    secure_frames(
+        &mut reader,
+        &mut writer,
+        config.frame_size_max,
+        established
+            .keys
+            .as_ref()
+            .map(handshake::FrameKeys::for_client),
+    );
     let liveness = LivenessConfig {
         probe_after: config.probe_after,
         unresponsive_after: config.unresponsive_after,

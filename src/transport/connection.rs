@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{debug, warn};
 
-use super::codec::{Frame, FrameCodec, Header, HANDSHAKE_FRAME_MAX};
+use super::codec::{Frame, FrameCodec, FrameKey, Header, HANDSHAKE_FRAME_MAX};
 use super::{lock, Faults, TransportError};
 
 /// Frames a connection's queue holds before senders wait: bounds memory per connection and
@@ -41,7 +41,7 @@ pub(crate) type FrameReader = FramedRead<OwnedReadHalf, FrameCodec>;
 pub(crate) type FrameWriter = FramedWrite<OwnedWriteHalf, FrameCodec>;
 
 /// Splits a new TCP stream into framed halves, limited to handshake-sized frames until
-/// [`raise_frame_limit`] is called.
+/// [`secure_frames`] is called.
 pub(crate) fn split(stream: TcpStream) -> (FrameReader, FrameWriter) {
     let (read, write) = stream.into_split();
     (
@@ -50,14 +50,20 @@ pub(crate) fn split(stream: TcpStream) -> (FrameReader, FrameWriter) {
     )
 }
 
-/// Raises the frame limit to the configured one once the peer is authenticated.
-pub(crate) fn raise_frame_limit(
+/// Once the peer is authenticated: raises the frame limit to the configured one and, with a
+/// secret, authenticates every later frame with this side's `(read, write)` keys.
+pub(crate) fn secure_frames(
     reader: &mut FrameReader,
     writer: &mut FrameWriter,
     frame_size_max: usize,
+    keys: Option<(&FrameKey, &FrameKey)>,
 ) {
     reader.decoder_mut().set_frame_size_max(frame_size_max);
     writer.encoder_mut().set_frame_size_max(frame_size_max);
+    if let Some((read, write)) = keys {
+        reader.decoder_mut().authenticate(read);
+        writer.encoder_mut().authenticate(write);
+    }
 }
 
 /// Writes queued frames until the queue closes or writing fails, flushing once per batch.

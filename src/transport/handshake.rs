@@ -32,7 +32,7 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::codec::{bounded_reason, Frame, Header, Nonce, Tag};
+use super::codec::{bounded_reason, Frame, FrameKey, Header, Nonce, Tag};
 use super::{Secret, TransportConfig, TransportError};
 
 const SECRET_ADVICE: &str = "check CLUSTERFUNK_SECRET / --secret-file on both sides";
@@ -54,10 +54,24 @@ struct Transcript<'a> {
     server_nonce: &'a Nonce,
 }
 
+/// What one side computes from the secret and the transcript: a proof, or the key of the
+/// frames it sends once the handshake succeeded.
+const PROOF_LABEL: &[u8] = b"clusterfunk transport handshake\0";
+const FRAME_KEY_LABEL: &[u8] = b"clusterfunk transport frame key\0";
+
 fn mac(secret: &Secret, role: Role, transcript: &Transcript<'_>) -> Hmac<Sha256> {
+    labelled_mac(PROOF_LABEL, secret, role, transcript)
+}
+
+fn labelled_mac(
+    label: &[u8],
+    secret: &Secret,
+    role: Role,
+    transcript: &Transcript<'_>,
+) -> Hmac<Sha256> {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes())
         .expect("HMAC accepts keys of any length");
-    mac.update(b"clusterfunk transport handshake\0");
+    mac.update(label);
     mac.update(&[role as u8]);
     mac.update(&transcript.version.to_be_bytes());
     // Length-prefix the variable-length field so that no two transcripts share an encoding.
@@ -84,6 +98,54 @@ fn prove(secret: &Secret, role: Role, transcript: &Transcript<'_>) -> Tag {
 fn verify(secret: &Secret, role: Role, transcript: &Transcript<'_>, proof: &Tag) -> bool {
     // `verify_slice` compares in constant time.
     mac(secret, role, transcript).verify_slice(proof).is_ok()
+}
+
+/// The keys that authenticate the frames of one connection after its handshake, one per
+/// direction, fresh for each connection (both nonces are in the transcript).
+#[derive(Clone)]
+pub(crate) struct FrameKeys {
+    client_to_server: FrameKey,
+    server_to_client: FrameKey,
+}
+
+impl FrameKeys {
+    fn derive(secret: &Secret, transcript: &Transcript<'_>) -> Self {
+        let key = |role| -> FrameKey {
+            labelled_mac(FRAME_KEY_LABEL, secret, role, transcript)
+                .finalize()
+                .into_bytes()
+                .into()
+        };
+        Self {
+            client_to_server: key(Role::Client),
+            server_to_client: key(Role::Server),
+        }
+    }
+
+    /// The connecting side's keys: (to check what it reads, to tag what it writes).
+    pub(crate) fn for_client(&self) -> (&FrameKey, &FrameKey) {
+        (&self.server_to_client, &self.client_to_server)
+    }
+
+    /// The accepting side's keys: (to check what it reads, to tag what it writes).
+    pub(crate) fn for_server(&self) -> (&FrameKey, &FrameKey) {
+        (&self.client_to_server, &self.server_to_client)
+    }
+}
+
+impl std::fmt::Debug for FrameKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FrameKeys(..)")
+    }
+}
+
+/// What a successful handshake established.
+#[derive(Debug)]
+pub(crate) struct Established {
+    /// The node id the peer announced (`None` for a client that is not a node).
+    pub(crate) peer_node_id: Option<u64>,
+    /// The frame keys; `None` in insecure mode.
+    pub(crate) keys: Option<FrameKeys>,
 }
 
 fn random_nonce() -> Result<Nonce, TransportError> {
@@ -141,7 +203,7 @@ pub(crate) async fn client<R, W>(
     config: &TransportConfig,
     addr: SocketAddr,
     version: u32,
-) -> Result<Option<u64>, TransportError>
+) -> Result<Established, TransportError>
 where
     R: Stream<Item = Result<Frame, TransportError>> + Unpin,
     W: Sink<Frame, Error = TransportError> + Unpin,
@@ -179,8 +241,8 @@ where
         _ => return Err(unexpected(&frame, "ServerHello")),
     };
 
-    let client_proof = match (&config.secret, client_nonce, server_nonce, server_proof) {
-        (None, None, None, None) => None,
+    let (client_proof, keys) = match (&config.secret, client_nonce, server_nonce, server_proof) {
+        (None, None, None, None) => (None, None),
         (Some(secret), Some(client_nonce), Some(server_nonce), Some(server_proof)) => {
             let transcript = Transcript {
                 version,
@@ -193,7 +255,10 @@ where
             if !verify(secret, Role::Server, &transcript, &server_proof) {
                 return Err(refuse(writer, format!("authentication failed: the server at {addr} does not hold the client's cluster secret; {SECRET_ADVICE}")).await);
             }
-            Some(prove(secret, Role::Client, &transcript))
+            (
+                Some(prove(secret, Role::Client, &transcript)),
+                Some(FrameKeys::derive(secret, &transcript)),
+            )
         }
         (Some(_), ..) => {
             return Err(refuse(writer, format!("the client has a cluster secret but the server at {addr} runs without one (insecure mode); {SECRET_ADVICE}")).await)
@@ -210,7 +275,10 @@ where
 
     let frame = next_frame(reader, addr).await?;
     match frame.header {
-        Header::Accepted => Ok(server_node_id),
+        Header::Accepted => Ok(Established {
+            peer_node_id: server_node_id,
+            keys,
+        }),
         Header::Refused { reason } => Err(TransportError::Refused { reason }),
         _ => Err(unexpected(&frame, "Accepted")),
     }
@@ -224,7 +292,7 @@ pub(crate) async fn server<R, W>(
     config: &TransportConfig,
     addr: SocketAddr,
     version: u32,
-) -> Result<Option<u64>, TransportError>
+) -> Result<Established, TransportError>
 where
     R: Stream<Item = Result<Frame, TransportError>> + Unpin,
     W: Sink<Frame, Error = TransportError> + Unpin,
@@ -308,7 +376,13 @@ where
         }
     }
     writer.send(Frame::control(Header::Accepted)).await?;
-    Ok(client_node_id)
+    Ok(Established {
+        peer_node_id: client_node_id,
+        keys: secured
+            .as_ref()
+            .zip(transcript.as_ref())
+            .map(|((secret, ..), transcript)| FrameKeys::derive(secret, transcript)),
+    })
 }
 
 #[cfg(test)]
@@ -389,7 +463,7 @@ mod tests {
             drop(server_writer);
             result
         };
-        tokio::join!(
+        let (client, server) = tokio::join!(
             client(
                 &mut client_reader,
                 &mut client_writer,
@@ -398,6 +472,10 @@ mod tests {
                 client_version
             ),
             server
+        );
+        (
+            client.map(|done| done.peer_node_id),
+            server.map(|done| done.peer_node_id),
         )
     }
 

@@ -3,8 +3,9 @@
 //!
 //! What it owns: framing and the codec (length-delimited frames, bincode headers, size limits),
 //! the handshake that checks protocol version and cluster name and authenticates both sides with
-//! the shared cluster secret, one multiplexed connection per peer address with request ids and
-//! timeouts, reconnecting with backoff, the server's accept loop and its limits, and fault
+//! the shared cluster secret and derives the per-connection keys that authenticate every later
+//! frame with its sequence number, one multiplexed connection per peer address with request ids
+//! and timeouts, reconnecting with backoff, the server's accept loop and its limits, and fault
 //! injection for tests.
 //!
 //! What it does not own: what payloads mean. Shards, the shard map, raft messages and admin
@@ -82,7 +83,7 @@ pub use server::{serve, PeerInfo, ServerHandle, Service, OVERLOADED};
 
 /// Version of the wire protocol, exchanged in the handshake; peers of different versions refuse
 /// each other. Bump it on any change to the frame layout or the handshake.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Locks a mutex, ignoring poisoning: the data behind the transport's locks stays consistent
 /// even if a holder panicked, since every critical section is a single map operation.

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::codec::{payload_fits, Frame, Header};
-use super::connection::{raise_frame_limit, split, write_loop, QUEUE_CAPACITY};
+use super::connection::{secure_frames, split, write_loop, QUEUE_CAPACITY};
 use super::{handshake, Faults, TransportConfig, TransportError, PROTOCOL_VERSION};
 
 /// The reason a request is failed with when its connection already has
@@ -246,10 +246,10 @@ async fn serve_connection(
         config.handshake_timeout,
         handshake::server(&mut reader, &mut writer, config, addr, PROTOCOL_VERSION),
     );
-    let node_id = tokio::select! {
+    let established = tokio::select! {
         _ = shutdown.cancelled() => return,
         result = handshake => match result {
-            Ok(Ok(node_id)) => node_id,
+            Ok(Ok(established)) => established,
             Ok(Err(TransportError::Io(error))) => {
                 debug!(peer = %addr, %error, "connection lost during the handshake");
                 return;
@@ -264,7 +264,16 @@ async fn serve_connection(
             }
         },
     };
-    raise_frame_limit(&mut reader, &mut writer, config.frame_size_max);
+    secure_frames(
+        &mut reader,
+        &mut writer,
+        config.frame_size_max,
+        established
+            .keys
+            .as_ref()
+            .map(handshake::FrameKeys::for_server),
+    );
+    let node_id = established.peer_node_id;
     let peer = PeerInfo { node_id, addr };
     debug!(peer = %addr, ?node_id, "connection accepted");
 
