@@ -345,15 +345,19 @@ impl<H: ShardHandler> Router<H> {
         };
         loop {
             let table = self.table();
-            let doubtful = table.not_ready.is_some()
-                || table.leaderless_since.is_some()
-                || !self.lease.is_valid();
+            let doubtful = self.cannot_vouch(&table);
             if doubtful || table.state.map_epoch() > epoch || tokio::time::Instant::now() >= until {
                 return table;
             }
             // A change of table or lease wakes the loop; the hold bounds it.
             let _ = tokio::time::timeout_at(until, changes.changed()).await;
         }
+    }
+
+    /// Whether this node cannot vouch for `table`: it knows no leader, may not serve, or its
+    /// lease lapsed, so the map may be stale.
+    fn cannot_vouch(&self, table: &RoutingTable) -> bool {
+        table.not_ready.is_some() || table.leaderless_since.is_some() || !self.lease.is_valid()
     }
 
     /// The shard of the key whose bytes are `key`.
@@ -745,9 +749,7 @@ impl<H: ShardHandler> Router<H> {
             let table = self.table.load();
             let now_owner = table.state.map.as_ref().and_then(|m| m.owner(shard));
             let moved = now_owner.is_some_and(|o| o != owner);
-            let doubtful = table.not_ready.is_some()
-                || table.leaderless_since.is_some()
-                || !self.lease.is_valid();
+            let doubtful = self.cannot_vouch(&table);
             let silent = !transport.is_responsive(addr);
             if (moved || doubtful) && silent {
                 return;
