@@ -304,26 +304,28 @@ impl AdminClient {
             request,
             forwarded: false,
         };
-        call_admin(&self.transport, self.node, &request, self.timeout).await
+        call_admin(&self.transport, None, self.node, &request, self.timeout).await
     }
 }
 
 /// Sends an admin request to `node` over `transport`.
 pub(crate) async fn call_admin(
     transport: &Transport,
-    node: SocketAddr,
+    node: Option<NodeId>,
+    addr: SocketAddr,
     request: &Request,
     timeout: Duration,
 ) -> Result<AdminResponse, AdminError> {
     let payload = codec::encode(request).map_err(|e| AdminError::Invalid {
         reason: e.to_string(),
     })?;
-    let answer = transport
-        .request(node, payload, timeout)
-        .await
-        .map_err(|e| AdminError::Unreachable {
-            reason: e.to_string(),
-        })?;
+    let answer = match node {
+        Some(node) => transport.request_node(node, addr, payload, timeout).await,
+        None => transport.request(addr, payload, timeout).await,
+    }
+    .map_err(|e| AdminError::Unreachable {
+        reason: e.to_string(),
+    })?;
     match codec::decode::<Response>(&answer) {
         Ok(Response::Admin(result)) => result,
         Ok(_) => Err(AdminError::Failed {

@@ -477,7 +477,7 @@ impl Shared {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let sent_to_owner = owner.filter(|(_, _, addr)| *addr == Some(target));
             let attempt = tokio::select! {
-                answer = self.transport.request(target, payload, remaining) => {
+                answer = self.transport.request_to(target, sent_to_owner.map(|(_, node, _)| node), payload, remaining) => {
                     classify(shard, target, answer)
                 }
                 () = self.moved_from(key, sent_to_owner, target, idempotent) => {
@@ -600,6 +600,7 @@ fn classify(
         Err(
             error @ (TransportError::Unreachable { .. }
             | TransportError::Refused { .. }
+            | TransportError::WrongNode { .. }
             | TransportError::Io(_)),
         ) => return Attempt::Avoid(ClientError::Unreachable(error)),
         // Sent; the connection broke before the answer.

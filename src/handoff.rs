@@ -406,7 +406,7 @@ async fn send(
         let payload = codec::encode(&request).map_err(|e| not_delivered(e.to_string()))?;
         let answer = consensus
             .transport()
-            .request(addr, payload, HANDOFF_TIMEOUT)
+            .request_node(to, addr, payload, HANDOFF_TIMEOUT)
             .await
             .map_err(|e| not_delivered(e.to_string()))?;
         match codec::decode::<Response>(&answer) {

@@ -98,7 +98,7 @@ async fn renew_remote(
         codec::encode(&Request::RenewLease(request)).map_err(|e| not_reached(e.to_string()))?;
     let answer = consensus
         .transport()
-        .request(addr, payload, timeout)
+        .request_node(leader, addr, payload, timeout)
         .await
         .map_err(|e| not_reached(e.to_string()))?;
     match codec::decode::<Response>(&answer) {

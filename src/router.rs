@@ -703,7 +703,7 @@ impl<H: ShardHandler> Router<H> {
         let timeout = deadline.saturating_duration_since(Instant::now());
         let shard = key.shard(self.shard_count);
         let answer = tokio::select! {
-            answer = transport.request(addr, bytes, timeout) => answer,
+            answer = transport.request_node(owner, addr, bytes, timeout) => answer,
             () = self.moved_from_silent(shard, owner, addr, transport) => return Forwarded::Unknown,
         };
         match answer {
@@ -716,9 +716,11 @@ impl<H: ShardHandler> Router<H> {
                 Err(error) => Forwarded::Failed(error),
             },
             // Never sent: safe to try again once the shard has an owner we can reach.
-            Err(error @ (TransportError::Unreachable { .. } | TransportError::Refused { .. })) => {
-                Forwarded::NotSent(error.to_string())
-            }
+            Err(
+                error @ (TransportError::Unreachable { .. }
+                | TransportError::Refused { .. }
+                | TransportError::WrongNode { .. }),
+            ) => Forwarded::NotSent(error.to_string()),
             Err(TransportError::Timeout { after, .. }) => Forwarded::Failed(Error::Timeout {
                 shard: key.shard(self.shard_count),
                 after,

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 const PATIENCE: Duration = Duration::from_secs(5);
 
 fn secret(byte: u8) -> Secret {
-    Secret::new([byte; 32]).expect("32 bytes is long enough")
+    Secret::new(format!("transport-test-secret-{byte:03}-0123456789")).expect("strong enough")
 }
 
 fn config(secret: Option<Secret>) -> TransportConfig {
@@ -547,9 +547,9 @@ async fn invalid_config_is_rejected() {
     assert!(error.to_string().contains("connections_max"), "{error}");
 }
 
-// Goal: secrets from files are trimmed of their newline and must be long enough.
+// Goal: secrets from files are trimmed of their newline and must be long and varied enough.
 #[test]
-fn secret_from_file_rejects_empty_and_short_secrets() {
+fn secret_from_file_rejects_empty_short_and_weak_secrets() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let path = dir.path().join("secret");
 
@@ -563,15 +563,29 @@ fn secret_from_file_rejects_empty_and_short_secrets() {
         );
     }
 
-    std::fs::write(&path, "fifteen-bytes!!\n").expect("write");
+    std::fs::write(&path, "twenty-three-bytes-long\n").expect("write");
     let error = Secret::from_file(&path).expect_err("short");
     assert!(
-        matches!(error, SecretError::TooShort { length: 15, .. }),
+        matches!(error, SecretError::TooShort { length: 23, .. }),
         "{error}"
     );
-    assert!(error.to_string().contains("at least 16"), "{error}");
+    assert!(error.to_string().contains("at least 24"), "{error}");
 
-    std::fs::write(&path, "sixteen-bytes!!!\n").expect("write");
+    // Sixteen spaces were accepted once; long runs of few characters are refused too.
+    for weak in [" ".repeat(16), " ".repeat(40), "abcabc".repeat(8)] {
+        std::fs::write(&path, format!("{weak}\n")).expect("write");
+        let error = Secret::from_file(&path).expect_err("weak");
+        assert!(
+            matches!(
+                error,
+                SecretError::TooShort { .. } | SecretError::TooWeak { .. }
+            ),
+            "{error}"
+        );
+        assert!(error.to_string().contains("new-secret"), "{error}");
+    }
+
+    std::fs::write(&path, "twenty-four-bytes-long!!\n").expect("write");
     assert!(Secret::from_file(&path).is_ok());
 
     let error = Secret::from_file(dir.path().join("missing")).expect_err("no file");
@@ -818,5 +832,47 @@ async fn a_relay_cannot_alter_or_replay_frames_after_the_handshake() {
             payloads.len() <= expected.len() && payloads.iter().all(|p| expected.contains(p)),
             "{tamper:?}: the service saw {payloads:?}"
         );
+    }
+}
+
+// Goal: a caller that dials for one node never talks to another: raft, forwarding, handoff and
+// routed client requests name the node they want, and a process announcing another id (two
+// nodes configured with one address, a node started with the wrong id) gets nothing.
+// Method: a server that is node 1; requests for node 2 and for node 1 at its address, with and
+// without a secret; the service reports every request it receives.
+#[tokio::test]
+async fn a_request_for_one_node_is_not_sent_to_another_node_at_that_address() {
+    for secret in [Some(secret(5)), None] {
+        let (arrived, mut arrivals) = mpsc::unbounded_channel();
+        let server = start_with(config(secret.clone()), service(Some(arrived))).await;
+        let addr = server.local_addr();
+        let transport = client(TransportConfig {
+            node_id: Some(2),
+            ..config(secret)
+        });
+        let wrong = transport
+            .request_node(2, addr, b"hang".to_vec(), PATIENCE)
+            .await;
+        match &wrong {
+            Err(TransportError::WrongNode {
+                addr: at,
+                expected: 2,
+                announced: Some(1),
+            }) => assert_eq!(*at, addr),
+            other => panic!("expected WrongNode, got {other:?}"),
+        }
+        let message = wrong.expect_err("refused").to_string();
+        assert!(
+            message.contains("is node 1, not node 2") && message.contains("nothing was sent"),
+            "{message}"
+        );
+        // The right node at the same address is served on the same connection...
+        let right = transport
+            .request_node(1, addr, b"ping".to_vec(), PATIENCE)
+            .await;
+        assert_eq!(right.expect("node 1 answers"), b"echo:ping");
+        // ...and the refused request never reached the service.
+        assert!(arrivals.try_recv().is_err(), "the refused request arrived");
+        server.shutdown().await;
     }
 }

@@ -120,6 +120,10 @@ enum Command {
         #[arg(long)]
         i_understand_this_may_lose_data: bool,
     },
+    /// Print a fresh cluster secret (32 random bytes as 64 hex digits), e.g.
+    /// `clusterfunk new-secret > secret && chmod 600 secret`, then `--secret-file secret` on
+    /// every node and tool. For networks you own; across networks you do not, use TLS.
+    NewSecret,
     /// Which failures a layout survives (any node, any zone, any two zones), its warnings and
     /// the nearest better layout. Exit 0: it survives any single node and any single zone
     /// failure; 3: it does not.
@@ -209,6 +213,12 @@ fn run(cli: Cli) -> Result<ExitCode, ToolError> {
         })?;
         return Ok(ExitCode::SUCCESS);
     }
+    if let Command::NewSecret = &cli.command {
+        let secret = clusterfunk::transport::Secret::generate_hex()
+            .map_err(|e| format!("cannot make a secret: {e}"))?;
+        println!("{secret}");
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Command::Plan {
         zones,
         learners,
@@ -247,6 +257,7 @@ fn run(cli: Cli) -> Result<ExitCode, ToolError> {
         Command::Undrain { id } => AdminRequest::Undrain { id },
         Command::Recover { .. } => return Err("recover runs offline".into()),
         Command::Plan { .. } => return Err("plan is handled above".into()),
+        Command::NewSecret => return Err("new-secret is handled above".into()),
     };
     let timeout = Duration::from_secs(cli.timeout.max(1));
     let (response, verdict) = runtime()?.block_on(async {

@@ -376,7 +376,7 @@ impl Consensus {
                 })?;
                 let answer = self
                     .transport
-                    .request(addr, payload, self.config.admin_timeout)
+                    .request_node(leader, addr, payload, self.config.admin_timeout)
                     .await
                     .map_err(|e| AdminError::Unreachable {
                         reason: e.to_string(),
@@ -481,7 +481,14 @@ impl Consensus {
             request,
             forwarded: true,
         };
-        call_admin(&self.transport, addr, &request, self.config.admin_timeout).await
+        call_admin(
+            &self.transport,
+            Some(leader),
+            addr,
+            &request,
+            self.config.admin_timeout,
+        )
+        .await
     }
 
     fn address_of(&self, node: NodeId) -> Result<SocketAddr, AdminError> {
@@ -859,7 +866,14 @@ impl Consensus {
                 request: AdminRequest::Elect,
                 forwarded: true,
             };
-            call_admin(&self.transport, addr, &request, self.config.admin_timeout).await?;
+            call_admin(
+                &self.transport,
+                Some(target),
+                addr,
+                &request,
+                self.config.admin_timeout,
+            )
+            .await?;
             let mut metrics = self.raft.metrics();
             let me = self.node_id;
             let wait = tokio::time::timeout(self.config.election_timeout_max * 20, async move {

@@ -75,7 +75,7 @@ impl PeerClient {
         let payload = codec::encode(&request).map_err(|e| CallError::Protocol(e.to_string()))?;
         let answer = self
             .transport
-            .request(addr, payload, option.hard_ttl())
+            .request_node(self.target, addr, payload, option.hard_ttl())
             .await?;
         codec::decode(&answer).map_err(|e| CallError::Protocol(e.to_string()))
     }
@@ -88,6 +88,7 @@ impl PeerClient {
             CallError::Transport(
                 TransportError::Unreachable { .. }
                 | TransportError::Refused { .. }
+                | TransportError::WrongNode { .. }
                 | TransportError::Closed { .. },
             )
             | CallError::BadAddress { .. } => RPCError::Unreachable(Unreachable::new(&error)),

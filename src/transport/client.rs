@@ -137,6 +137,34 @@ impl Transport {
         payload: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, TransportError> {
+        self.request_to(addr, None, payload, timeout).await
+    }
+
+    /// Like [`request`](Self::request), for a destination known to be node `node`: the request
+    /// is sent only if the peer at `addr` announced itself as `node` in the handshake
+    /// (authenticated by the secret in secret mode), and fails with
+    /// [`TransportError::WrongNode`] otherwise, nothing sent. Raft, forwarding, handoff, lease
+    /// renewals and routed client requests all dial this way, so a process reached under
+    /// another node's address never counts for that node.
+    pub async fn request_node(
+        &self,
+        node: u64,
+        addr: SocketAddr,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, TransportError> {
+        self.request_to(addr, Some(node), payload, timeout).await
+    }
+
+    /// [`request_node`](Self::request_node) when `node` is known, else
+    /// [`request`](Self::request).
+    pub(crate) async fn request_to(
+        &self,
+        addr: SocketAddr,
+        node: Option<u64>,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, TransportError> {
         if payload.is_empty() {
             return Err(TransportError::Protocol {
                 reason: "an empty payload is reserved for liveness probes; send at least one byte"
@@ -164,6 +192,16 @@ impl Transport {
                 })
             }
         };
+        if let Some(expected) = node {
+            let announced = connection.peer_node_id();
+            if announced != Some(expected) {
+                return Err(TransportError::WrongNode {
+                    addr,
+                    expected,
+                    announced,
+                });
+            }
+        }
         match tokio::time::timeout_at(deadline, self.send_on(addr, &connection, payload)).await {
             Ok(result) => result,
             Err(_) => Err(TransportError::Timeout {
@@ -375,6 +413,7 @@ async fn connect(
     };
     Ok(Connection::start(
         addr,
+        established.peer_node_id,
         reader,
         writer,
         faults.clone(),

@@ -315,6 +315,8 @@ impl Drop for Forget<'_> {
 #[derive(Debug)]
 pub(crate) struct Connection {
     addr: SocketAddr,
+    /// The node id the peer announced in the handshake (authenticated with a secret).
+    peer_node_id: Option<u64>,
     queue: mpsc::Sender<Frame>,
     pending: Arc<Pending>,
     next_id: Arc<AtomicU64>,
@@ -327,6 +329,7 @@ impl Connection {
     /// Starts the reader and writer tasks of a connection whose handshake is done.
     pub(crate) fn start(
         addr: SocketAddr,
+        peer_node_id: Option<u64>,
         reader: FrameReader,
         writer: FrameWriter,
         faults: Faults,
@@ -365,6 +368,7 @@ impl Connection {
         .abort_handle();
         Self {
             addr,
+            peer_node_id,
             queue,
             pending,
             next_id,
@@ -372,6 +376,11 @@ impl Connection {
             writer,
             monitor,
         }
+    }
+
+    /// The node id the peer announced in the handshake; `None` for a peer that is no node.
+    pub(crate) fn peer_node_id(&self) -> Option<u64> {
+        self.peer_node_id
     }
 
     /// Whether the peer answers: `false` while requests are outstanding and nothing (not even

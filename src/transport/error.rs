@@ -17,6 +17,18 @@ pub enum TransportError {
         /// What went wrong, in words.
         reason: String,
     },
+    /// The peer at the address answered as another node than the one dialled (or as no node):
+    /// two nodes share an address, a node was started with another node's id, or the address
+    /// in the membership is wrong. Nothing was sent.
+    #[error("the peer at {addr} is {}, not node {expected}; nothing was sent. Two nodes may share that address, or the membership lists a wrong address: compare `clusterfunk nodes` with each node's --node-id and --listen", announced.map_or_else(|| "no node".to_owned(), |id| format!("node {id}")))]
+    WrongNode {
+        /// The destination.
+        addr: SocketAddr,
+        /// The node the caller dialled for.
+        expected: u64,
+        /// The node id the peer announced (`None`: it announced none).
+        announced: Option<u64>,
+    },
     /// No response arrived within the caller's timeout.
     #[error("no response from {addr} within {after:?}; the peer may still process the request, so retry only if it is idempotent, or raise the timeout")]
     Timeout {

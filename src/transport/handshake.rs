@@ -393,7 +393,7 @@ mod tests {
     use tokio_util::codec::{FramedRead, FramedWrite};
 
     fn secret(byte: u8) -> Secret {
-        Secret::new([byte; 32]).expect("long enough")
+        Secret::new(format!("handshake-test-secret-{byte:03}-0123456789")).expect("strong enough")
     }
 
     fn transcript<'a>(client_nonce: &'a Nonce, server_nonce: &'a Nonce) -> Transcript<'a> {

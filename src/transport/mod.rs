@@ -77,7 +77,7 @@ pub use client::Transport;
 pub use config::TransportConfig;
 pub use error::{TransportConfigError, TransportError};
 pub use faults::Faults;
-pub use secret::{Secret, SecretError, SECRET_ENV_VAR, SECRET_LENGTH_MIN};
+pub use secret::{Secret, SecretError, SECRET_DISTINCT_MIN, SECRET_ENV_VAR, SECRET_LENGTH_MIN};
 pub(crate) use server::serve_with_faults;
 pub use server::{serve, PeerInfo, ServerHandle, Service, OVERLOADED};
 

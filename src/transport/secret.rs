@@ -7,16 +7,22 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Shortest secret accepted, in bytes. Anything shorter is too easy to guess offline from one
-/// recorded handshake.
-pub const SECRET_LENGTH_MIN: usize = 16;
+/// Shortest secret accepted, in bytes. A peer that does not hold the secret still receives a
+/// handshake proof it can test guesses against offline, so the secret must be too large a
+/// space to search.
+pub const SECRET_LENGTH_MIN: usize = 24;
+
+/// Fewest distinct byte values a secret must contain: a long run of one character (sixteen
+/// spaces, a repeated letter) is long but easy to guess. Random secrets pass with room to spare
+/// (32 random bytes hold about 30 distinct values; 48 hex digits about 16).
+pub const SECRET_DISTINCT_MIN: usize = 10;
 
 /// Environment variable read by [`Secret::from_env`].
 pub const SECRET_ENV_VAR: &str = "CLUSTERFUNK_SECRET";
 
 /// Advice appended to secret errors: how to make a good secret.
 const SECRET_ADVICE: &str =
-    "use at least 16 random bytes, for example the output of `head -c 32 /dev/urandom | base64`";
+    "use at least 24 random bytes: `clusterfunk new-secret > FILE` writes a fresh one (or `head -c 32 /dev/urandom | base64`)";
 
 /// The cluster secret: bytes every node (and every trusted client) of one cluster shares.
 ///
@@ -53,14 +59,23 @@ pub enum SecretError {
         /// Its length in bytes.
         length: usize,
     },
+    /// The secret is long enough but made of fewer than [`SECRET_DISTINCT_MIN`] distinct byte
+    /// values (a repeated character, a short pattern): easy to guess.
+    #[error("the cluster secret from {origin} has only {distinct} distinct byte values, fewer than the minimum of {SECRET_DISTINCT_MIN}, so it is easy to guess; {SECRET_ADVICE}")]
+    TooWeak {
+        /// Where the secret came from (a file, the environment, or code).
+        origin: String,
+        /// How many distinct byte values it holds.
+        distinct: usize,
+    },
     /// `CLUSTERFUNK_SECRET` is set but is not valid UTF-8.
     #[error("the {SECRET_ENV_VAR} environment variable is not valid UTF-8; {SECRET_ADVICE}, or use --secret-file")]
     NotUnicode,
 }
 
 impl Secret {
-    /// Wraps secret bytes given by code. Fails if they are empty or shorter than
-    /// [`SECRET_LENGTH_MIN`].
+    /// Wraps secret bytes given by code. Fails if they are empty, shorter than
+    /// [`SECRET_LENGTH_MIN`] or hold fewer than [`SECRET_DISTINCT_MIN`] distinct byte values.
     pub fn new(bytes: impl Into<Vec<u8>>) -> Result<Self, SecretError> {
         Self::validated(bytes.into(), "Secret::new")
     }
@@ -81,8 +96,8 @@ impl Secret {
     }
 
     /// Reads the secret from a file, trimming a trailing newline (editors and `echo` add one).
-    /// Fails if the file cannot be read, or the secret is empty or shorter than
-    /// [`SECRET_LENGTH_MIN`].
+    /// Fails if the file cannot be read, or the secret is empty or too weak (see
+    /// [`new`](Self::new)).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, SecretError> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|source| SecretError::Read {
@@ -90,6 +105,19 @@ impl Secret {
             source,
         })?;
         Self::validated(trim_newline(bytes), &format!("the file {}", path.display()))
+    }
+
+    /// A fresh secret of 32 random bytes from the operating system, written as 64 lowercase
+    /// hex digits (so it can go in a file or an environment variable as it is). What
+    /// `clusterfunk new-secret` prints.
+    pub fn generate_hex() -> Result<String, std::io::Error> {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).map_err(|error| {
+            std::io::Error::other(format!(
+                "the operating system's random source failed: {error}"
+            ))
+        })?;
+        Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
     }
 
     /// The secret bytes, for keying the handshake MAC.
@@ -109,6 +137,13 @@ impl Secret {
                 length: bytes.len(),
             });
         }
+        let distinct = distinct_bytes(&bytes);
+        if distinct < SECRET_DISTINCT_MIN {
+            return Err(SecretError::TooWeak {
+                origin: origin.to_owned(),
+                distinct,
+            });
+        }
         Ok(Self {
             bytes: bytes.into(),
         })
@@ -119,6 +154,15 @@ impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(<redacted>)")
     }
+}
+
+/// How many different byte values `bytes` holds.
+fn distinct_bytes(bytes: &[u8]) -> usize {
+    let mut seen = [false; 256];
+    for &b in bytes {
+        seen[usize::from(b)] = true;
+    }
+    seen.iter().filter(|&&s| s).count()
 }
 
 /// Drops trailing `\n` and `\r\n`: only line ends, since other whitespace may be part of the
@@ -155,6 +199,37 @@ mod tests {
             Secret::new("short"),
             Err(SecretError::TooShort { length: 5, .. })
         ));
-        assert!(Secret::new([7u8; SECRET_LENGTH_MIN]).is_ok());
+        assert!(matches!(
+            Secret::new("0123456789abcdefghijklm"),
+            Err(SecretError::TooShort { length: 23, .. })
+        ));
+        assert!(Secret::new("0123456789abcdefghijklmn").is_ok());
+    }
+
+    #[test]
+    fn a_long_secret_of_few_distinct_bytes_is_refused_as_too_weak() {
+        // The attack's secret: sixteen spaces (now also too short), and longer repetitions.
+        assert!(Secret::new(" ".repeat(16)).is_err());
+        for weak in [" ".repeat(64), "ab".repeat(32), "012345678".repeat(4)] {
+            match Secret::new(weak.clone()) {
+                Err(SecretError::TooWeak { distinct, .. }) => {
+                    assert!(distinct < SECRET_DISTINCT_MIN, "{weak:?}")
+                }
+                other => panic!("{weak:?} should be too weak, got {other:?}"),
+            }
+        }
+        let message = Secret::new("ab".repeat(32)).expect_err("weak").to_string();
+        assert!(message.contains("clusterfunk new-secret"), "{message}");
+        // The command-line contract check's secret passes.
+        assert!(Secret::new("contract-check-secret-0123456789").is_ok());
+    }
+
+    #[test]
+    fn generated_secrets_are_accepted_and_differ() {
+        let a = Secret::generate_hex().expect("random source");
+        let b = Secret::generate_hex().expect("random source");
+        assert_eq!(a.len(), 64);
+        assert_ne!(a, b);
+        assert!(Secret::new(a).is_ok());
     }
 }
