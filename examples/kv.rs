@@ -104,6 +104,10 @@ struct Auth {
     /// Run or talk without a secret (local experiments only).
     #[arg(long)]
     insecure: bool,
+    /// The cluster's name: nodes and clients of one cluster share it, and a data dir keeps
+    /// the name it was first started with.
+    #[arg(long, default_value = "clusterfunk")]
+    cluster_name: String,
 }
 
 #[derive(Subcommand)]
@@ -190,7 +194,7 @@ where
         .build()
         .map_err(|e| e.to_string())?;
     runtime.block_on(async {
-        let client = Client::with_config([node], secret, "clusterfunk", Duration::from_secs(10))
+        let client = Client::with_config([node], secret, &auth.cluster_name, Duration::from_secs(10))
             .map_err(|e| e.to_string())?;
         call(client).await.map_err(|e| e.to_string())
     })
@@ -247,6 +251,7 @@ fn serve(settings: Serve) -> Result<ExitCode, String> {
             .node_id(settings.id)
             .listen(settings.listen)
             .data_dir(settings.data_dir)
+            .cluster_name(settings.auth.cluster_name.clone())
             .shards(settings.shards)
             .handler::<Store>();
         if let Some(zone) = settings.zone {

@@ -27,7 +27,7 @@ use crate::service::NodeService;
 use crate::shard::ServeObserver;
 use crate::shard::{HandlerFactory, Handles, ShardHandler, ShardMessage};
 use crate::shard_map::{allocate, Epoch, Key, Member, NodeId, ShardId};
-use crate::storage::{LmdbStore, StoreOptions};
+use crate::storage::{data_dir, DataDirLock, Identity, LmdbStore, StoreOptions};
 use crate::transport::{serve_with_faults, Secret, ServerHandle, Transport, TransportConfig};
 
 /// Settings of one node. Build it with `..Default::default()` or through [`ClusterBuilder`];
@@ -420,6 +420,7 @@ impl<H: ShardHandler> ClusterBuilder<H> {
                 consensus: None,
                 server: Mutex::new(None),
                 undrain_marker: None,
+                data_dir_lock: Mutex::new(None),
             }),
         })
     }
@@ -453,19 +454,32 @@ impl<H: ShardHandler> ClusterBuilder<H> {
                 "the lease is shorter than the renew period plus two election timeouts: a leader election may briefly pause healthy shards (requests wait, they do not fail)"
             );
         }
-        let (log_store, state_machine) = if options.in_memory_for_tests {
-            crate::storage::memory::in_memory_for_tests(ClusterApp)
+        if let Some(members) = &options.initial_members {
+            check_initial_members(members, config.node_id, listen)?;
+        }
+        let (log_store, state_machine, data_dir_lock) = if options.in_memory_for_tests {
+            let (log_store, state_machine) =
+                crate::storage::memory::in_memory_for_tests(ClusterApp);
+            (log_store, state_machine, None)
         } else {
             let dir = config.data_dir.clone().ok_or(ConfigError::Missing {
                 name: "data_dir",
                 hint: "call .data_dir(path): raft logs must be persistent",
             })?;
             let store_options = options.store.clone();
+            let identity = Identity {
+                cluster_name: config.cluster_name.clone(),
+                node_id: config.node_id,
+            };
             // Opening maps the file and may create it: blocking work, off the async thread.
+            // The data dir is claimed first: a second process on it, or a data dir of another
+            // node or cluster, is refused before its log is read.
             tokio::task::spawn_blocking(move || {
+                let lock = data_dir::lock(&dir)?;
+                data_dir::check_identity(&lock, &identity)?;
                 let store = LmdbStore::open(&dir, store_options)?;
                 let state_machine = store.state_machine(ClusterApp)?;
-                Ok::<_, crate::storage::StorageError>((store.log_store(), state_machine))
+                Ok::<_, StartError>((store.log_store(), state_machine, Some(lock)))
             })
             .await
             .map_err(|e| StartError::Failed(format!("storage thread: {e}")))??
@@ -575,6 +589,7 @@ impl<H: ShardHandler> ClusterBuilder<H> {
                 consensus: Some(consensus),
                 server: Mutex::new(Some(server)),
                 undrain_marker,
+                data_dir_lock: Mutex::new(data_dir_lock),
             }),
         })
     }
@@ -764,6 +779,8 @@ struct NodeInner<H: ShardHandler> {
     /// The file that says "drained by a graceful shutdown: undrain on restart" (persistent
     /// nodes only).
     undrain_marker: Option<PathBuf>,
+    /// The data dir's exclusive lock (persistent nodes only), released by `shutdown`.
+    data_dir_lock: Mutex<Option<DataDirLock>>,
 }
 
 impl<H: ShardHandler> Drop for NodeInner<H> {
@@ -996,6 +1013,14 @@ impl<H: ShardHandler> Node<H> {
                 tracing::warn!(error = %e, "raft did not shut down cleanly");
             }
         }
+        // Raft has stopped writing: the data dir may be used by a new node from here.
+        drop(
+            self.inner
+                .data_dir_lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
         tracing::info!(node_id = self.node_id(), "node stopped");
     }
 }
@@ -1011,6 +1036,43 @@ pub enum GracefulShutdown {
         /// Why the drain did not finish.
         reason: String,
     },
+}
+
+/// Refuses an initial member list that would let one process count twice toward the quorum
+/// (two members at one address) or that gives this node another address than it listens on.
+fn check_initial_members(
+    members: &BTreeMap<NodeId, NodeInfo>,
+    me: NodeId,
+    listen: SocketAddr,
+) -> Result<(), ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid {
+        name: "initial_members",
+        reason,
+    };
+    let mut seen: BTreeMap<SocketAddr, NodeId> = BTreeMap::new();
+    for (id, info) in members {
+        let addr: SocketAddr = info.addr.parse().map_err(|_| {
+            invalid(format!(
+                "node {id}'s address `{}` is not IP:PORT",
+                info.addr
+            ))
+        })?;
+        if let Some(other) = seen.insert(addr, *id) {
+            return Err(invalid(format!(
+                "nodes {other} and {id} have the same address {addr}: every node needs its own address (one process must not count twice toward the quorum)"
+            )));
+        }
+    }
+    if let Some(mine) = members.get(&me).and_then(|m| m.addr.parse::<SocketAddr>().ok()) {
+        let same_port = mine.port() == listen.port() || listen.port() == 0;
+        let same_ip = listen.ip().is_unspecified() || mine.ip() == listen.ip();
+        if !(same_port && same_ip) {
+            return Err(invalid(format!(
+                "this node ({me}) is listed at {mine} but listens on {listen}: give it the address it listens on"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A type-erased handle to a node, used by handlers through

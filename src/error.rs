@@ -183,6 +183,9 @@ pub enum StartError {
     /// The data dir could not be opened.
     #[error("storage: {0}")]
     Storage(#[from] crate::storage::StorageError),
+    /// The data dir is in use by another process, or belongs to another node or cluster.
+    #[error(transparent)]
+    DataDir(#[from] crate::storage::DataDirError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}; is another process using the port?")]
     Listen {

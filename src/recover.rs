@@ -28,7 +28,7 @@ use serde::Serialize;
 
 use crate::consensus::{ClusterApp, NodeInfo, TypeConfig};
 use crate::shard_map::NodeId;
-use crate::storage::{LmdbStore, StorageError, StoreOptions};
+use crate::storage::{data_dir, DataDirLock, LmdbStore, StorageError, StoreOptions};
 
 /// Why a recovery (or inspection) could not run. Nothing was written unless the message says so.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +52,9 @@ pub enum RecoverError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The data dir is in use (a node runs on it) or is not usable.
+    #[error(transparent)]
+    DataDir(#[from] crate::storage::DataDirError),
     /// The node seems to be running.
     #[error(
         "a process answers at {addr}, this node's address: stop the node before recovering it"
@@ -95,7 +98,7 @@ pub struct Recovered {
 /// Reads the raft state of a stopped node's data dir. Blocking the calling task only briefly;
 /// call it from a runtime.
 pub async fn inspect(dir: &Path) -> Result<Inspection, RecoverError> {
-    let store = open(dir).await?;
+    let (_lock, store) = open(dir).await?;
     read(&store, dir).await
 }
 
@@ -119,7 +122,19 @@ pub async fn force_new_cluster(
             });
         }
     }
-    let store = open(dir).await?;
+    let (_lock, store) = open(dir).await?;
+    if let Some(identity) = data_dir::read_identity(dir)? {
+        if identity.node_id != me {
+            return Err(RecoverError::Members {
+                reason: format!(
+                    "{} is the data dir of node {}, not node {me}: pass --id {}",
+                    dir.display(),
+                    identity.node_id,
+                    identity.node_id
+                ),
+            });
+        }
+    }
     let before = read(&store, dir).await?;
     if let Some(addr) = before
         .members
@@ -164,18 +179,22 @@ pub async fn force_new_cluster(
     })
 }
 
-/// Opens the store off the async thread (opening maps the file).
-async fn open(dir: &Path) -> Result<LmdbStore, RecoverError> {
+/// Locks the data dir (refused while a node runs on it) and opens the store off the async
+/// thread (opening maps the file). The store is usable while the lock is held.
+async fn open(dir: &Path) -> Result<(DataDirLock, LmdbStore), RecoverError> {
     if !dir.join("data.mdb").exists() {
         return Err(RecoverError::Empty {
             dir: dir.display().to_string(),
         });
     }
     let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || LmdbStore::open(&dir, StoreOptions::default()))
-        .await
-        .map_err(|e| RecoverError::Raft(format!("the storage thread failed: {e}")))?
-        .map_err(RecoverError::from)
+    tokio::task::spawn_blocking(move || {
+        let lock = data_dir::lock(&dir)?;
+        let store = LmdbStore::open(&dir, StoreOptions::default())?;
+        Ok((lock, store))
+    })
+    .await
+    .map_err(|e| RecoverError::Raft(format!("the storage thread failed: {e}")))?
 }
 
 async fn read(store: &LmdbStore, dir: &Path) -> Result<Inspection, RecoverError> {

@@ -640,28 +640,26 @@ impl Consensus {
                 });
             }
         }
+        if let Some((other, _)) = membership
+            .membership()
+            .nodes()
+            .find(|(other, info)| **other != id && info.addr == parsed.to_string())
+        {
+            return Err(AdminError::Invalid {
+                reason: format!(
+                    "{parsed} is the address of member {other}: every node needs its own address; start node {id} on another port (or remove node {other} first)"
+                ),
+            });
+        }
         let node = NodeInfo {
             addr: parsed.to_string(),
             zone,
         };
-        let catch_up = tokio::time::timeout(
-            self.config.catch_up_timeout,
-            self.raft.add_learner(id, node, true),
-        )
-        .await;
-        match catch_up {
-            Ok(result) => {
-                result.map_err(write_error)?;
-            }
-            Err(_) => {
-                return Err(AdminError::Failed {
-                    reason: format!(
-                        "node {id} was added as a learner but did not catch up within {:?}: is it running at {addr} with the cluster's secret? It stays a learner until you retry or remove it",
-                        self.config.catch_up_timeout
-                    ),
-                })
-            }
-        }
+        self.raft
+            .add_learner(id, node, false)
+            .await
+            .map_err(write_error)?;
+        self.wait_caught_up(id, &addr, learner).await?;
         if !learner {
             self.raft
                 .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
@@ -672,6 +670,60 @@ impl Consensus {
         Ok(AdminResponse::Changed(self.change_report(format!(
             "node {id} at {addr} added as a {role}"
         ))))
+    }
+
+    /// Waits until the learner `id` answered the leader and holds every entry the leader had
+    /// when it was added (openraft's own wait counts a learner within its lag threshold as
+    /// caught up, even one that never answered). The dialling side checks the node id, so
+    /// another node at that address never counts. Fails after `catch_up_timeout`; the node
+    /// stays a learner.
+    async fn wait_caught_up(&self, id: NodeId, addr: &str, learner: bool) -> Result<(), AdminError> {
+        let target = self.raft.metrics().borrow().last_log_index.unwrap_or(0);
+        let mut metrics = self.raft.metrics();
+        let caught_up = tokio::time::timeout(
+            self.config.catch_up_timeout,
+            metrics.wait_for(|m| {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id))
+                    .and_then(|matched| matched.as_ref())
+                    .is_some_and(|log_id| log_id.index >= target)
+            }),
+        )
+        .await;
+        match caught_up {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(AdminError::Failed {
+                reason: format!(
+                    "this node stopped while node {id} was catching up; run add-node again"
+                ),
+            }),
+            Err(_) => {
+                let matched = self
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id).cloned().flatten())
+                    .map(|log_id| log_id.index);
+                let progress = match matched {
+                    None => "it never answered".to_owned(),
+                    Some(index) => format!("it holds entries up to {index} of {target}"),
+                };
+                let outcome = if learner {
+                    "it was added as a learner"
+                } else {
+                    "it was added as a learner, NOT promoted to voter"
+                };
+                Err(AdminError::Failed {
+                    reason: format!(
+                        "node {id} did not catch up with the leader's log within {:?} ({progress}); {outcome}. Check that node {id} runs at {addr} with --node-id {id}, this cluster's name and secret, then run add-node again to promote it, or remove-node --id {id}",
+                        self.config.catch_up_timeout
+                    ),
+                })
+            }
+        }
     }
 
     /// Drains (or undrains) a node and waits until it owns no shards and hands none over. A

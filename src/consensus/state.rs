@@ -60,7 +60,7 @@ impl NodeInfo {
     /// Parses a member list `ID=IP:PORT[@ZONE],...` (as `kv serve --init` and `clusterfunk
     /// recover --members` take it). Errors say which item is wrong.
     pub fn parse_members(list: &str) -> Result<BTreeMap<NodeId, NodeInfo>, String> {
-        let mut members = BTreeMap::new();
+        let mut members: BTreeMap<NodeId, NodeInfo> = BTreeMap::new();
         for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let (id, rest) = item
                 .split_once('=')
@@ -84,9 +84,15 @@ impl NodeInfo {
                 addr: addr.to_string(),
                 zone,
             };
-            if members.insert(id, info).is_some() {
+            if members.contains_key(&id) {
                 return Err(format!("node {id} is listed twice"));
             }
+            if let Some((other, _)) = members.iter().find(|(_, m)| m.addr == info.addr) {
+                return Err(format!(
+                    "nodes {other} and {id} have the same address {addr}: every node needs its own address (one process must not count twice toward the quorum)"
+                ));
+            }
+            members.insert(id, info);
         }
         if members.is_empty() {
             return Err("the list is empty: expected ID=IP:PORT[@ZONE],...".into());
@@ -880,5 +886,15 @@ mod tests {
         ] {
             assert!(NodeInfo::parse_members(bad).is_err(), "{bad:?} parsed");
         }
+    }
+
+    #[test]
+    fn a_member_list_with_one_address_twice_is_refused() {
+        let error = NodeInfo::parse_members("1=127.0.0.1:7001,2=127.0.0.1:7001")
+            .expect_err("one process must not count twice");
+        assert!(
+            error.contains("nodes 1 and 2 have the same address 127.0.0.1:7001"),
+            "{error}"
+        );
     }
 }

@@ -50,7 +50,8 @@
 //! `C` must use `Entry = openraft::Entry<C>` and `SnapshotData = std::io::Cursor<Vec<u8>>` (the
 //! defaults of `declare_raft_types!`). Tests may use [`memory::in_memory_for_tests`] instead.
 
-mod codec;
+pub(crate) mod codec;
+pub mod data_dir;
 mod error;
 mod lmdb;
 mod log_store;
@@ -65,6 +66,7 @@ use std::sync::Arc;
 use openraft::RaftTypeConfig;
 
 pub use codec::CodecError;
+pub use data_dir::{DataDirError, DataDirLock, Identity};
 pub use error::{StorageError, Table, Verb};
 pub use log_store::LogStore;
 pub use state_machine::{Applied, StateMachineApp, StateMachineStore};

@@ -665,6 +665,30 @@ impl Cluster {
         }
     }
 
+    /// A `kv serve --id ID --listen ADDR --data-dir DIR EXTRA..` command with the cluster's
+    /// secret, outside the harness's bookkeeping: for tests of what a node refuses to start on
+    /// (run it with [`Cluster::run_within`]); output is piped, not logged.
+    pub fn serve_command(&self, id: u64, listen: &str, data_dir: &Path, extra: &[&str]) -> Command {
+        let mut command = Command::new(&self.kv);
+        command
+            .args(["serve", "--id", &id.to_string(), "--listen", listen])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra);
+        self.client_environment(&mut command);
+        command
+    }
+
+    /// Node `id`'s process id (it must be running).
+    pub fn process_id(&self, id: u64) -> u32 {
+        self.pid(id)
+    }
+
+    /// The `--init` list of the initial members, `1=ADDR,2=ADDR,..`.
+    pub fn initial_member_list(&self) -> String {
+        self.init_list()
+    }
+
     /// Runs `command` to its end like [`Cluster::run`], but bounded by `limit`: `None` when it
     /// ran longer (it is killed). For tests whose point is that a command does not hang.
     pub fn run_within(&self, command: Command, limit: Duration) -> Option<Outcome> {
