@@ -194,8 +194,9 @@ where
         .build()
         .map_err(|e| e.to_string())?;
     runtime.block_on(async {
-        let client = Client::with_config([node], secret, &auth.cluster_name, Duration::from_secs(10))
-            .map_err(|e| e.to_string())?;
+        let client =
+            Client::with_config([node], secret, &auth.cluster_name, Duration::from_secs(10))
+                .map_err(|e| e.to_string())?;
         call(client).await.map_err(|e| e.to_string())
     })
 }
@@ -222,6 +223,10 @@ struct Serve {
     /// Shard count of a new cluster.
     #[arg(long, default_value_t = 1024)]
     shards: u32,
+    /// Most connections (peers, clients, tools) the node holds at once; more wait until one
+    /// closes, while open ones keep being served.
+    #[arg(long, default_value_t = 1024)]
+    connections_max: usize,
     /// Serve Prometheus metrics at http://IP:PORT/metrics.
     #[arg(long)]
     metrics: Option<SocketAddr>,
@@ -252,6 +257,7 @@ fn serve(settings: Serve) -> Result<ExitCode, String> {
             .listen(settings.listen)
             .data_dir(settings.data_dir)
             .cluster_name(settings.auth.cluster_name.clone())
+            .connections_max(settings.connections_max)
             .shards(settings.shards)
             .handler::<Store>();
         if let Some(zone) = settings.zone {

@@ -474,6 +474,14 @@ impl Shared {
                 payload: message.clone(),
                 epoch: routing.as_ref().map_or(0, |r| r.epoch),
             })?;
+            let limit = self.transport.config().payload_max();
+            if payload.len() > limit {
+                return Err(ClientError::Cluster(Error::TooLarge {
+                    what: "message".to_owned(),
+                    size: payload.len() as u64,
+                    limit: limit as u64,
+                }));
+            }
             let remaining = deadline.saturating_duration_since(Instant::now());
             let sent_to_owner = owner.filter(|(_, _, addr)| *addr == Some(target));
             let attempt = tokio::select! {

@@ -69,6 +69,11 @@ pub struct NodeConfig {
     pub waiting_max: usize,
     /// Where to serve Prometheus metrics (`http://ADDR/metrics`), process-wide. Default: none.
     pub metrics: Option<SocketAddr>,
+    /// Most connections (peers, clients, admin tools) the node holds at once; further ones
+    /// wait in the listen backlog until one closes, while the open ones keep being served.
+    /// Count two per other node plus your clients. Default: 1024
+    /// ([`TransportConfig::connections_max`]).
+    pub connections_max: usize,
 }
 
 impl Default for NodeConfig {
@@ -88,6 +93,7 @@ impl Default for NodeConfig {
             unavailable_wait: Duration::from_secs(3),
             waiting_max: 10_000,
             metrics: None,
+            connections_max: TransportConfig::default().connections_max,
         }
     }
 }
@@ -229,6 +235,13 @@ impl<H> ClusterBuilder<H> {
     /// The number of shards (fixed for the life of a cluster). Default: 1024.
     pub fn shards(mut self, shard_count: u32) -> Self {
         self.config.shard_count = shard_count;
+        self
+    }
+
+    /// Most connections the node holds at once (see [`NodeConfig::connections_max`]).
+    /// Default: 1024.
+    pub fn connections_max(mut self, connections: usize) -> Self {
+        self.config.connections_max = connections;
         self
     }
 
@@ -492,6 +505,7 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             // A restarted peer must be reachable again quickly: leases and failover run on
             // sub-second timers.
             reconnect_backoff_max: Duration::from_millis(250),
+            connections_max: config.connections_max,
             ..TransportConfig::default()
         };
         let transport = Transport::new(transport_config.clone())
@@ -1063,7 +1077,10 @@ fn check_initial_members(
             )));
         }
     }
-    if let Some(mine) = members.get(&me).and_then(|m| m.addr.parse::<SocketAddr>().ok()) {
+    if let Some(mine) = members
+        .get(&me)
+        .and_then(|m| m.addr.parse::<SocketAddr>().ok())
+    {
         let same_port = mine.port() == listen.port() || listen.port() == 0;
         let same_ip = listen.ip().is_unspecified() || mine.ip() == listen.ip();
         if !(same_port && same_ip) {

@@ -139,6 +139,18 @@ pub enum Error {
         /// The shard whose handler tried to send.
         shard: ShardId,
     },
+    /// A message or its reply is larger than one frame may carry between nodes and clients
+    /// (`frame_size_max` less the frame's header). Refused before it was sent, or (for a reply)
+    /// instead of the reply: the message was handled, its reply withheld.
+    #[error("the {what} of {size} bytes exceeds the limit of {limit} bytes per frame (frame_size_max); keep values smaller (split them over keys), or raise frame_size_max on every node and client")]
+    TooLarge {
+        /// `"message"` or `"reply"`.
+        what: String,
+        /// Its encoded size in bytes.
+        size: u64,
+        /// The largest payload a frame carries, in bytes.
+        limit: u64,
+    },
 }
 
 /// A configuration value out of range, found before the node starts.

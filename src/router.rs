@@ -725,6 +725,11 @@ impl<H: ShardHandler> Router<H> {
                 shard: key.shard(self.shard_count),
                 after,
             }),
+            Err(TransportError::FrameTooLarge { len, .. }) => Forwarded::Failed(Error::TooLarge {
+                what: "message".to_owned(),
+                size: len as u64,
+                limit: transport.config().payload_max() as u64,
+            }),
             // Sent, maybe handled, no answer: the caller must decide.
             Err(TransportError::Closed { .. }) => Forwarded::Unknown,
             Err(error) => Forwarded::Failed(Error::Unreachable {

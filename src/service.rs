@@ -41,6 +41,7 @@ impl<H: ShardHandler> Service for NodeService<H> {
         };
         // Each kind boxes only its own future (and clones only what it uses): a request for a
         // shard does not pay for the size of raft's futures.
+        let limit = self.consensus.transport().config().payload_max();
         match request {
             Request::Shard { key, tag, payload } => {
                 let router = self.router.clone();
@@ -48,7 +49,7 @@ impl<H: ShardHandler> Service for NodeService<H> {
                     let started = Instant::now();
                     let result = route_wire(&router, key, &tag, &payload, Origin::Client).await;
                     router.record(RouteLabel::Client, result.as_ref().err(), started);
-                    encode(&Response::Shard(result))
+                    encode_shard(result, limit)
                 })
             }
             Request::ShardAt {
@@ -65,7 +66,7 @@ impl<H: ShardHandler> Service for NodeService<H> {
                         Err(error) => Err(error),
                     };
                     router.record(RouteLabel::Client, result.as_ref().err(), started);
-                    encode(&Response::Shard(result))
+                    encode_shard(result, limit)
                 })
             }
             Request::Forward {
@@ -76,7 +77,7 @@ impl<H: ShardHandler> Service for NodeService<H> {
                     let started = Instant::now();
                     let result = route_wire(&router, key, &tag, &payload, Origin::Forwarded).await;
                     router.record(RouteLabel::Forwarded, result.as_ref().err(), started);
-                    encode(&Response::Shard(result))
+                    encode_shard(result, limit)
                 })
             }
             Request::AppendEntries(rpc) => {
@@ -176,6 +177,20 @@ impl<H: ShardHandler> Service for NodeService<H> {
 
 fn encode(response: &Response) -> Result<Vec<u8>, String> {
     codec::encode(response).map_err(|e| e.to_string())
+}
+
+/// Encodes a handler's answer; one too large for a frame becomes [`Error::TooLarge`], so the
+/// sender learns why (the transport would otherwise fail it with a bare string).
+fn encode_shard(result: Result<Vec<u8>, Error>, limit: usize) -> Result<Vec<u8>, String> {
+    let bytes = encode(&Response::Shard(result))?;
+    if bytes.len() <= limit {
+        return Ok(bytes);
+    }
+    encode(&Response::Shard(Err(Error::TooLarge {
+        what: "reply".to_owned(),
+        size: bytes.len() as u64,
+        limit: limit as u64,
+    })))
 }
 
 /// The `status` report with this node's serving state as its router sees it (lease included).

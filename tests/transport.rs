@@ -876,3 +876,71 @@ async fn a_request_for_one_node_is_not_sent_to_another_node_at_that_address() {
         server.shutdown().await;
     }
 }
+
+/// Log lines written by the subscriber of [`capture_logs`].
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn lines_containing(&self, text: &str) -> usize {
+        let bytes = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .filter(|line| line.contains(text))
+            .count()
+    }
+}
+
+// Goal: a flood of refused connections is counted in full but logged only a few lines per
+// window (one WARN per refusal wrote 1 MB of log in 2 s), and a good client is served
+// throughout. Method: this current-thread test runtime's tasks log to a captured writer; 300
+// connections send a frame that is no handshake.
+#[tokio::test]
+async fn a_flood_of_refused_connections_is_counted_but_logged_at_a_bounded_rate() {
+    const FLOOD: u64 = 300;
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _logging = tracing::subscriber::set_default(subscriber);
+
+    let server = start(config(Some(secret(1)))).await;
+    let addr = server.local_addr();
+    let good = client(config(Some(secret(1))));
+    for attempt in 0..FLOOD {
+        let mut garbage = TcpStream::connect(addr).await.expect("connect");
+        garbage.write_all(&8u32.to_be_bytes()).await.expect("write");
+        garbage.write_all(&[0xff; 8]).await.expect("write");
+        read_until_closed(&mut garbage).await;
+        if attempt % 100 == 0 {
+            assert_eq!(ping(&good, addr).await.expect("served"), b"echo:ping");
+        }
+    }
+    assert_eq!(server.connections_refused(), FLOOD, "every refusal counted");
+    let logged = captured.lines_containing("refused connection");
+    println!("{FLOOD} refused connections, {logged} log lines");
+    assert!(logged >= 1, "refusals are still logged");
+    // Ten per 10 s window; the flood may straddle a window boundary on a slow machine.
+    assert!(
+        logged <= 20,
+        "{logged} lines for {FLOOD} refused connections"
+    );
+    assert_eq!(ping(&good, addr).await.expect("served"), b"echo:ping");
+    server.shutdown().await;
+}

@@ -677,7 +677,12 @@ impl Consensus {
     /// caught up, even one that never answered). The dialling side checks the node id, so
     /// another node at that address never counts. Fails after `catch_up_timeout`; the node
     /// stays a learner.
-    async fn wait_caught_up(&self, id: NodeId, addr: &str, learner: bool) -> Result<(), AdminError> {
+    async fn wait_caught_up(
+        &self,
+        id: NodeId,
+        addr: &str,
+        learner: bool,
+    ) -> Result<(), AdminError> {
         let target = self.raft.metrics().borrow().last_log_index.unwrap_or(0);
         let mut metrics = self.raft.metrics();
         let caught_up = tokio::time::timeout(

@@ -194,12 +194,14 @@ pub fn check_identity(lock: &DataDirLock, expected: &Identity) -> Result<(), Dat
 pub fn read_identity(dir: &Path) -> Result<Option<Identity>, DataDirError> {
     let path = dir.join(IDENTITY_FILE);
     match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| DataDirError::BadIdentity {
-                path,
-                reason: e.to_string(),
-            }),
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| DataDirError::BadIdentity {
+                    path,
+                    reason: e.to_string(),
+                })
+        }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(DataDirError::Io {
             action: "read",
@@ -288,7 +290,9 @@ mod tests {
             matches!(other_cluster, DataDirError::OtherCluster { .. }),
             "{other_cluster}"
         );
-        assert!(other_cluster.to_string().contains("--cluster-name \"blue\""));
+        assert!(other_cluster
+            .to_string()
+            .contains("--cluster-name \"blue\""));
     }
 
     #[test]

@@ -74,6 +74,13 @@ impl Default for TransportConfig {
 }
 
 impl TransportConfig {
+    /// The largest payload one request or response may carry: `frame_size_max` less the
+    /// frame's header and tag. Larger payloads are refused before anything is sent.
+    pub fn payload_max(&self) -> usize {
+        self.frame_size_max
+            .saturating_sub(super::codec::PAYLOAD_OVERHEAD_MAX)
+    }
+
     /// Checks every field against its allowed range.
     pub fn validate(&self) -> Result<(), TransportConfigError> {
         let invalid = |field: &'static str, problem: String| {

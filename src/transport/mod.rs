@@ -62,12 +62,13 @@
 //! for how to partition two nodes or drop one direction of a link.
 
 mod client;
-mod codec;
+pub(crate) mod codec;
 mod config;
 mod connection;
 mod error;
 mod faults;
-mod handshake;
+pub(crate) mod handshake;
+mod log_limit;
 mod secret;
 mod server;
 

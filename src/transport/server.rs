@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -19,6 +19,7 @@ use tracing::{debug, warn};
 
 use super::codec::{payload_fits, Frame, Header};
 use super::connection::{secure_frames, split, write_loop, QUEUE_CAPACITY};
+use super::log_limit::LogLimit;
 use super::{handshake, Faults, TransportConfig, TransportError, PROTOCOL_VERSION};
 
 /// The reason a request is failed with when its connection already has
@@ -28,6 +29,12 @@ pub const OVERLOADED: &str = "overloaded";
 /// Pause after a failed `accept` (for example when the process is out of file descriptors), so
 /// the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// Warnings about misbehaving peers (refused handshakes, bad frames) logged per
+/// [`PEER_WARNING_WINDOW`]; the rest are counted and summed up in the next line.
+const PEER_WARNINGS_PER_WINDOW: u32 = 10;
+/// See [`PEER_WARNINGS_PER_WINDOW`].
+const PEER_WARNING_WINDOW: Duration = Duration::from_secs(10);
 
 /// What handles requests on a server.
 pub trait Service: Send + Sync + 'static {
@@ -77,8 +84,14 @@ pub struct ServerHandle {
 #[derive(Debug)]
 struct Counters {
     accepted: AtomicU64,
+    /// Connections closed because the peer failed the handshake or broke the protocol.
+    refused: AtomicU64,
     connection_permits: Arc<Semaphore>,
     connections_max: usize,
+    /// Rate of warnings about misbehaving peers.
+    peer_warnings: LogLimit,
+    /// Rate of warnings that the connection limit was reached.
+    limit_warnings: LogLimit,
 }
 
 impl ServerHandle {
@@ -91,6 +104,13 @@ impl ServerHandle {
     /// their handshake succeeded).
     pub fn connections_accepted(&self) -> u64 {
         self.counters.accepted.load(Ordering::Relaxed)
+    }
+
+    /// How many connections were closed because the peer failed the handshake (wrong secret,
+    /// cluster or version; too slow) or broke the protocol afterwards. Each is counted; only a
+    /// few per 10 s are logged, with the number left out.
+    pub fn connections_refused(&self) -> u64 {
+        self.counters.refused.load(Ordering::Relaxed)
     }
 
     /// How many connections are open now.
@@ -149,8 +169,11 @@ pub(crate) async fn serve_with_faults(
     let shutdown = CancellationToken::new();
     let counters = Arc::new(Counters {
         accepted: AtomicU64::new(0),
+        refused: AtomicU64::new(0),
         connection_permits: Arc::new(Semaphore::new(config.connections_max)),
         connections_max: config.connections_max,
+        peer_warnings: LogLimit::new(PEER_WARNING_WINDOW, PEER_WARNINGS_PER_WINDOW),
+        limit_warnings: LogLimit::new(PEER_WARNING_WINDOW, 1),
     });
     let context = Arc::new(Context {
         config,
@@ -184,10 +207,13 @@ async fn accept_loop(
         let permit = match counters.connection_permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                warn!(
-                    connections_max = counters.connections_max,
-                    "connection limit reached; new connections wait until one closes"
-                );
+                if let Some(suppressed) = counters.limit_warnings.admit(Instant::now()) {
+                    warn!(
+                        connections_max = counters.connections_max,
+                        times_since_last_warning = suppressed + 1,
+                        "connection limit reached; new connections wait until one closes (open ones are still served)"
+                    );
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     permit = counters.connection_permits.clone().acquire_owned() => match permit {
@@ -215,6 +241,7 @@ async fn accept_loop(
             stream,
             peer,
             context.clone(),
+            counters.clone(),
             shutdown.clone(),
             permit,
         ));
@@ -234,10 +261,16 @@ async fn serve_connection(
     stream: TcpStream,
     addr: SocketAddr,
     context: Arc<Context>,
+    counters: Arc<Counters>,
     shutdown: CancellationToken,
     _connection_permit: OwnedSemaphorePermit,
 ) {
     let config = &context.config;
+    // Counts a misbehaving peer; `Some(n)` when a warning may be logged (n left out before it).
+    let refused = || {
+        counters.refused.fetch_add(1, Ordering::Relaxed);
+        counters.peer_warnings.admit(Instant::now())
+    };
     if let Err(error) = stream.set_nodelay(true) {
         debug!(peer = %addr, %error, "cannot set TCP_NODELAY");
     }
@@ -255,11 +288,15 @@ async fn serve_connection(
                 return;
             }
             Ok(Err(error)) => {
-                warn!(peer = %addr, reason = %error, "refused connection");
+                if let Some(left_out) = refused() {
+                    warn!(peer = %addr, reason = %error, warnings_left_out = left_out, "refused connection");
+                }
                 return;
             }
             Err(_) => {
-                warn!(peer = %addr, timeout = ?config.handshake_timeout, "closing connection: handshake not finished in time");
+                if let Some(left_out) = refused() {
+                    warn!(peer = %addr, timeout = ?config.handshake_timeout, warnings_left_out = left_out, "closing connection: handshake not finished in time");
+                }
                 return;
             }
         },
@@ -292,7 +329,9 @@ async fn serve_connection(
                 payload,
             })) => (id, payload),
             Some(Ok(frame)) => {
-                warn!(peer = %addr, kind = frame.header.kind(), "closing connection: protocol violation, expected a request");
+                if let Some(left_out) = refused() {
+                    warn!(peer = %addr, kind = frame.header.kind(), warnings_left_out = left_out, "closing connection: protocol violation, expected a request");
+                }
                 break;
             }
             Some(Err(TransportError::Io(error))) => {
@@ -300,7 +339,9 @@ async fn serve_connection(
                 break;
             }
             Some(Err(error)) => {
-                warn!(peer = %addr, reason = %error, "closing connection: bad frame");
+                if let Some(left_out) = refused() {
+                    warn!(peer = %addr, reason = %error, warnings_left_out = left_out, "closing connection: bad frame");
+                }
                 break;
             }
             None => {
