@@ -279,7 +279,15 @@ fn serve(settings: Serve) -> Result<ExitCode, String> {
             None => builder.insecure(),
         };
         let node = builder.start().await.map_err(|e| e.to_string())?;
-        wait_for_signal().await;
+        tokio::select! {
+            () = wait_for_signal() => {}
+            // Raft could not write its log (a full disk): the node already serves nothing;
+            // exit so that a supervisor notices, with the reason.
+            reason = node.stopped() => {
+                node.shutdown().await;
+                return Err(reason);
+            }
+        }
         tracing::info!("stopping: handing shards over first");
         Ok(
             match node

@@ -434,6 +434,7 @@ impl<H: ShardHandler> ClusterBuilder<H> {
                 server: Mutex::new(None),
                 undrain_marker: None,
                 data_dir_lock: Mutex::new(None),
+                stopped: tokio::sync::watch::channel(None).0,
             }),
         })
     }
@@ -568,7 +569,12 @@ impl<H: ShardHandler> ClusterBuilder<H> {
                 .await
                 .map_err(|e| StartError::Failed(e.to_string()))?;
         }
-        tokio::spawn(follow_consensus(Arc::downgrade(&router), consensus.clone()));
+        let (stopped, _) = tokio::sync::watch::channel(None);
+        tokio::spawn(follow_consensus(
+            Arc::downgrade(&router),
+            consensus.clone(),
+            stopped.clone(),
+        ));
         tokio::spawn(crate::lease_task::keep_lease(
             Arc::downgrade(&router),
             consensus.clone(),
@@ -604,6 +610,7 @@ impl<H: ShardHandler> ClusterBuilder<H> {
                 server: Mutex::new(Some(server)),
                 undrain_marker,
                 data_dir_lock: Mutex::new(data_dir_lock),
+                stopped,
             }),
         })
     }
@@ -612,16 +619,32 @@ impl<H: ShardHandler> ClusterBuilder<H> {
 /// Installs every newly applied cluster state in the router, and tracks since when the node has
 /// known no leader (a node without a leader keeps serving while its lease lasts, rule 4; requests
 /// then fail fast instead of waiting once the outage is older than the wait bound).
-async fn follow_consensus<H: ShardHandler>(router: Weak<Router<H>>, consensus: Consensus) {
+async fn follow_consensus<H: ShardHandler>(
+    weak: Weak<Router<H>>,
+    consensus: Consensus,
+    stopped: tokio::sync::watch::Sender<Option<String>>,
+) {
     let mut metrics = consensus.raft().metrics();
     let mut applied = consensus.subscribe();
     let mut seen: Option<(Option<u64>, bool)> = None;
     let mut leaderless_since = Some(Instant::now());
     loop {
-        let Some(router) = router.upgrade() else {
+        let Some(router) = weak.upgrade() else {
             return;
         };
-        let leader = metrics.borrow_and_update().current_leader;
+        let (leader, running) = {
+            let current = metrics.borrow_and_update();
+            (current.current_leader, current.running_state.clone())
+        };
+        match running {
+            Ok(()) => {}
+            // `Node::shutdown` stopped raft: nothing to report.
+            Err(openraft::error::Fatal::Stopped) => return,
+            Err(fatal) => {
+                stop_for_good(&router, &consensus, &stopped, &fatal.to_string());
+                return;
+            }
+        }
         match (leader, leaderless_since) {
             (Some(_), _) => leaderless_since = None,
             (None, None) => leaderless_since = Some(Instant::now()),
@@ -654,10 +677,35 @@ async fn follow_consensus<H: ShardHandler>(router: Weak<Router<H>>, consensus: C
         }
         drop(router);
         tokio::select! {
-            changed = metrics.changed() => if changed.is_err() { return },
+            changed = metrics.changed() => if changed.is_err() {
+                // The raft task ended without saying why (it panicked), unless it was stopped.
+                if let (Some(router), true) = (weak.upgrade(), metrics.borrow().running_state.is_ok()) {
+                    stop_for_good(&router, &consensus, &stopped, "the raft task ended unexpectedly");
+                }
+                return;
+            },
             changed = applied.changed() => if changed.is_err() { return },
         }
     }
+}
+
+/// Raft stopped on a fatal error (its log could not be written): this node serves nothing
+/// more. Its lease is revoked at once and every request is refused as
+/// [`NotReadyReason::Stopped`]; without renewals the leader marks it down and its shards fail
+/// over. [`Node::stopped`] resolves, so the program can exit.
+fn stop_for_good<H: ShardHandler>(
+    router: &Router<H>,
+    consensus: &Consensus,
+    stopped: &tokio::sync::watch::Sender<Option<String>>,
+    cause: &str,
+) {
+    let reason = format!(
+        "node {} stopped serving for good: raft failed ({cause}). A full disk or an I/O error on the data dir is the usual cause: fix it and restart the node; its shards fail over to the other nodes meanwhile",
+        consensus.node_id()
+    );
+    tracing::error!("{reason}");
+    router.stop_for_good();
+    stopped.send_replace(Some(reason));
 }
 
 /// The file in the data dir that marks a node drained by its own graceful shutdown.
@@ -795,6 +843,8 @@ struct NodeInner<H: ShardHandler> {
     undrain_marker: Option<PathBuf>,
     /// The data dir's exclusive lock (persistent nodes only), released by `shutdown`.
     data_dir_lock: Mutex<Option<DataDirLock>>,
+    /// Why the node stopped serving for good, once it did (see [`Node::stopped`]).
+    stopped: tokio::sync::watch::Sender<Option<String>>,
 }
 
 impl<H: ShardHandler> Drop for NodeInner<H> {
@@ -1007,6 +1057,37 @@ impl<H: ShardHandler> Node<H> {
         }
         self.shutdown().await;
         outcome
+    }
+
+    /// Resolves when the node has stopped serving for good on its own, with the reason: its raft
+    /// log could not be written (a full disk, an I/O error). From then on it refuses every
+    /// request ([`NotReadyReason::Stopped`]) and its shards fail over to the other nodes; exit
+    /// (after [`shutdown`](Self::shutdown)) with the reason and restart the node once the disk
+    /// is fixed. Never resolves on a healthy node or after an ordinary shutdown.
+    ///
+    /// ```no_run
+    /// # async fn run(node: clusterfunk::Node<impl clusterfunk::ShardHandler>) {
+    /// tokio::select! {
+    ///     _ = tokio::signal::ctrl_c() => node.shutdown().await,
+    ///     reason = node.stopped() => {
+    ///         eprintln!("error: {reason}");
+    ///         node.shutdown().await;
+    ///         std::process::exit(1);
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub async fn stopped(&self) -> String {
+        let mut stopped = self.inner.stopped.subscribe();
+        let reason = stopped
+            .wait_for(Option::is_some)
+            .await
+            .map(|reason| reason.clone().unwrap_or_default());
+        match reason {
+            Ok(reason) => reason,
+            // The sender lives as long as the node: unreachable while `self` exists.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// Stops taking messages, runs `on_deactivate` on every active shard and stops them. Sends

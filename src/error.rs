@@ -25,6 +25,10 @@ pub enum NotReadyReason {
     OwnerUnreachable,
     /// This node was started with a shard count other than the cluster's: it cannot route.
     ShardCountMismatch,
+    /// The node stopped serving for good: its raft storage failed (a full disk, an I/O error).
+    /// Its shards fail over to the others; restart it once the disk is fixed.
+    // New variants go last: the wire format numbers them in order.
+    Stopped,
 }
 
 impl std::fmt::Display for NotReadyReason {
@@ -38,6 +42,9 @@ impl std::fmt::Display for NotReadyReason {
             NotReadyReason::OwnerUnreachable => "the shard's owner cannot be reached",
             NotReadyReason::ShardCountMismatch => {
                 "this node was started with a shard count other than the cluster's; restart it with the cluster's shard count"
+            }
+            NotReadyReason::Stopped => {
+                "the node stopped serving for good because its raft storage failed (see its log); send through another node, and restart it once its disk is fixed"
             }
         })
     }

@@ -85,6 +85,8 @@ pub(crate) struct LeaseGate {
     base: Instant,
     until_nanos: AtomicU64,
     epoch: AtomicU64,
+    /// Set for good when the node stops serving (its storage failed): no grant counts after.
+    revoked: AtomicBool,
 }
 
 impl LeaseGate {
@@ -93,6 +95,7 @@ impl LeaseGate {
             base: Instant::now(),
             until_nanos: AtomicU64::new(if forever { u64::MAX } else { 0 }),
             epoch: AtomicU64::new(0),
+            revoked: AtomicBool::new(false),
         }
     }
 
@@ -112,6 +115,9 @@ impl LeaseGate {
     }
 
     fn is_valid(&self) -> bool {
+        if self.revoked.load(Ordering::Acquire) {
+            return false;
+        }
         let until = self.until_nanos.load(Ordering::Acquire);
         until == u64::MAX || (until != 0 && (self.base.elapsed().as_nanos() as u64) < until)
     }
@@ -127,6 +133,9 @@ impl LeaseGate {
     }
 
     fn remaining(&self) -> Option<Duration> {
+        if self.revoked.load(Ordering::Acquire) {
+            return None;
+        }
         let until = self.until_nanos.load(Ordering::Acquire);
         if until == u64::MAX {
             return Some(Duration::MAX);
@@ -307,6 +316,18 @@ impl<H: ShardHandler> Router<H> {
         }
     }
 
+    /// Stops serving for good (the node's raft storage failed): the lease no longer counts and
+    /// every request is refused as [`NotReadyReason::Stopped`].
+    pub(crate) fn stop_for_good(&self) {
+        self.lease.revoked.store(true, Ordering::Release);
+        let current = self.table();
+        self.set_table(RoutingTable {
+            state: current.state.clone(),
+            not_ready: Some(NotReadyReason::Stopped),
+            leaderless_since: current.leaderless_since,
+        });
+    }
+
     /// How long the lease still runs, if it is valid.
     pub(crate) fn lease_remaining(&self) -> Option<Duration> {
         self.lease.remaining()
@@ -422,8 +443,12 @@ impl<H: ShardHandler> Router<H> {
         }
         let table = self.table.load();
         if let Some(reason) = table.not_ready {
-            if reason == NotReadyReason::ShardCountMismatch {
-                // Waiting cannot help: only a restart with the right count does.
+            if matches!(
+                reason,
+                NotReadyReason::ShardCountMismatch | NotReadyReason::Stopped
+            ) {
+                // Waiting cannot help: only a restart (with the right count, on a working
+                // disk) does.
                 return Route::Fail(Error::NotReady { reason });
             }
             return Route::Wait(reason);
