@@ -75,6 +75,8 @@ mod server;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 pub use client::Transport;
+#[doc(hidden)]
+pub use codec::FramePipe;
 pub use config::TransportConfig;
 pub use error::{TransportConfigError, TransportError};
 pub use faults::Faults;
