@@ -722,6 +722,44 @@ enum Tamper {
     Flip,
     /// Passes the frame on and then sends it a second time.
     Replay,
+    /// Sends its own request first (the client's frame with another payload byte, as a relay
+    /// without the keys would forge one), then the client's.
+    Inject,
+    /// Passes the request on and flips the last byte of the server's answer on its way back.
+    AlterAnswer,
+}
+
+/// Copies length-prefixed frames from `from` to `to`; frame `index` 2 (the first after the
+/// handshake's two) goes through `tamper`, which returns the frames to send in its place.
+async fn relay_frames<R, W>(
+    mut from: R,
+    mut to: W,
+    tamper: impl Fn(Vec<u8>) -> Vec<Vec<u8>> + Send + 'static,
+) where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    for index in 0u32.. {
+        let mut prefix = [0u8; 4];
+        if from.read_exact(&mut prefix).await.is_err() {
+            return;
+        }
+        let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
+        if from.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        let frame = [prefix.as_slice(), &body].concat();
+        let frames = if index == 2 {
+            tamper(frame)
+        } else {
+            vec![frame]
+        };
+        for frame in frames {
+            if to.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+    }
 }
 
 /// A relay without the secret between a client and `server`: passes the handshake (the
@@ -739,44 +777,37 @@ async fn relay(server: SocketAddr, tamper: Tamper, tagged: bool) -> SocketAddr {
         let Ok(upstream) = TcpStream::connect(server).await else {
             return;
         };
-        let (mut client_read, mut client_write) = client.into_split();
-        let (mut upstream_read, mut upstream_write) = upstream.into_split();
-        tokio::spawn(async move {
-            let _ = tokio::io::copy(&mut upstream_read, &mut client_write).await;
-        });
-        for index in 0u32.. {
-            let mut prefix = [0u8; 4];
-            if client_read.read_exact(&mut prefix).await.is_err() {
-                return;
-            }
-            let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
-            if client_read.read_exact(&mut body).await.is_err() {
-                return;
-            }
-            let mut frame = [prefix.as_slice(), &body].concat();
-            let copies = match (index, tamper) {
-                // The payload's last byte comes before the tag.
-                (2, Tamper::Flip) => {
-                    let at = frame.len() - 1 - if tagged { 16 } else { 0 };
-                    frame[at] ^= 0x01;
-                    1
-                }
-                (2, Tamper::Replay) => 2,
-                _ => 1,
-            };
-            for _ in 0..copies {
-                if upstream_write.write_all(&frame).await.is_err() {
-                    return;
-                }
-            }
-        }
+        let (client_read, client_write) = client.into_split();
+        let (upstream_read, upstream_write) = upstream.into_split();
+        // The payload's last byte comes before the tag.
+        let flip_last = move |mut frame: Vec<u8>| {
+            let at = frame.len() - 1 - if tagged { 16 } else { 0 };
+            frame[at] ^= 0x01;
+            frame
+        };
+        tokio::spawn(relay_frames(
+            upstream_read,
+            client_write,
+            move |frame| match tamper {
+                Tamper::AlterAnswer => vec![flip_last(frame)],
+                _ => vec![frame],
+            },
+        ));
+        relay_frames(client_read, upstream_write, move |frame| match tamper {
+            Tamper::Flip => vec![flip_last(frame)],
+            Tamper::Replay => vec![frame.clone(), frame],
+            Tamper::Inject => vec![flip_last(frame.clone()), frame],
+            Tamper::AlterAnswer => vec![frame],
+        })
+        .await;
     });
     addr
 }
 
-// Goal: a relay without the secret cannot alter or replay a frame after the handshake: the
-// server refuses the frame and closes the connection, and its service never sees the altered
-// or repeated request. The same relay in insecure mode gets the altered request served, which
+// Goal: a relay without the secret cannot alter, replay or inject a frame after the
+// handshake, in either direction: the receiver refuses the frame and the connection closes;
+// the service never sees an altered, repeated or forged request and the client never accepts
+// an altered answer. The same relay in insecure mode gets the altered request served, which
 // shows that the relay does what it claims.
 #[tokio::test]
 async fn a_relay_cannot_alter_or_replay_frames_after_the_handshake() {
@@ -784,6 +815,8 @@ async fn a_relay_cannot_alter_or_replay_frames_after_the_handshake() {
         (Tamper::Flip, None),
         (Tamper::Flip, Some(secret(1))),
         (Tamper::Replay, Some(secret(1))),
+        (Tamper::Inject, Some(secret(1))),
+        (Tamper::AlterAnswer, Some(secret(1))),
     ] {
         let (seen, mut seen_rx) = mpsc::unbounded_channel::<Vec<u8>>();
         let recording: Arc<dyn Service> = Arc::new(move |_peer: PeerInfo, payload: Vec<u8>| {
@@ -804,9 +837,14 @@ async fn a_relay_cannot_alter_or_replay_frames_after_the_handshake() {
             continue;
         }
         match tamper {
-            Tamper::Flip => assert!(
+            Tamper::Flip | Tamper::Inject => assert!(
                 answer.is_err(),
-                "an altered request was answered: {answer:?}"
+                "{tamper:?}: a forged request was answered: {answer:?}"
+            ),
+            // The service answered the genuine request; the client refuses the altered answer.
+            Tamper::AlterAnswer => assert!(
+                answer.is_err(),
+                "an altered answer was accepted: {answer:?}"
             ),
             // The genuine frame arrives first and may be answered; its replay is not.
             Tamper::Replay => {}
@@ -825,8 +863,8 @@ async fn a_relay_cannot_alter_or_replay_frames_after_the_handshake() {
             payloads.push(payload);
         }
         let expected: Vec<Vec<u8>> = match tamper {
-            Tamper::Flip => Vec::new(),
-            Tamper::Replay => vec![b"ping".to_vec()],
+            Tamper::Flip | Tamper::Inject => Vec::new(),
+            Tamper::Replay | Tamper::AlterAnswer => vec![b"ping".to_vec()],
         };
         assert!(
             payloads.len() <= expected.len() && payloads.iter().all(|p| expected.contains(p)),
