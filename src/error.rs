@@ -149,7 +149,7 @@ pub enum Error {
     /// A message or its reply is larger than one frame may carry between nodes and clients
     /// (`frame_size_max` less the frame's header). Refused before it was sent, or (for a reply)
     /// instead of the reply: the message was handled, its reply withheld.
-    #[error("the {what} of {size} bytes exceeds the limit of {limit} bytes per frame (frame_size_max); keep values smaller (split them over keys), or raise frame_size_max on every node and client")]
+    #[error("the {what} of {size} bytes exceeds the limit of {limit} bytes per frame between nodes and clients; keep values smaller (split large ones over several keys)")]
     TooLarge {
         /// `"message"` or `"reply"`.
         what: String,

@@ -723,7 +723,7 @@ impl Consensus {
                 };
                 Err(AdminError::Failed {
                     reason: format!(
-                        "node {id} did not catch up with the leader's log within {:?} ({progress}); {outcome}. Check that node {id} runs at {addr} with --node-id {id}, this cluster's name and secret, then run add-node again to promote it, or remove-node --id {id}",
+                        "node {id} did not catch up with the leader's log within {:?} ({progress}); {outcome}. Check that node {id} runs at {addr} with node id {id} (`kv serve --id {id}`), this cluster's name and secret, then run add-node again to promote it, or remove-node --id {id}",
                         self.config.catch_up_timeout
                     ),
                 })

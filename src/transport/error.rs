@@ -20,7 +20,7 @@ pub enum TransportError {
     /// The peer at the address answered as another node than the one dialled (or as no node):
     /// two nodes share an address, a node was started with another node's id, or the address
     /// in the membership is wrong. Nothing was sent.
-    #[error("the peer at {addr} is {}, not node {expected}; nothing was sent. Two nodes may share that address, or the membership lists a wrong address: compare `clusterfunk nodes` with each node's --node-id and --listen", announced.map_or_else(|| "no node".to_owned(), |id| format!("node {id}")))]
+    #[error("the peer at {addr} is {}, not node {expected}; nothing was sent. Two nodes may share that address, or the membership lists a wrong address: compare `clusterfunk nodes` with each node's id and listen address (`kv serve --id --listen`)", announced.map_or_else(|| "no node".to_owned(), |id| format!("node {id}")))]
     WrongNode {
         /// The destination.
         addr: SocketAddr,
