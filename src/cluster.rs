@@ -512,6 +512,9 @@ impl<H: ShardHandler> ClusterBuilder<H> {
         let transport = Transport::new(transport_config.clone())
             .map_err(|e| StartError::Failed(e.to_string()))?;
         let network = Network::new(transport.clone());
+        let forwarding =
+            Transport::with_faults(transport_config.clone(), transport.faults().clone())
+                .map_err(|e| StartError::Failed(e.to_string()))?;
         let raft = Raft::new(
             config.node_id,
             raft_config,
@@ -552,7 +555,10 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             arbiter,
             factory,
             limits: config.router_limits(),
-            transport: Some(transport),
+            // Forwarded messages get connections of their own: a flood of them filling a
+            // connection's in-flight limit must not starve raft heartbeats and lease renewals
+            // (found by a test: the flooding node lost its lease and was marked down).
+            transport: Some(forwarding),
             observer: self.observer,
         });
         let service = Arc::new(NodeService {

@@ -36,7 +36,7 @@ use crate::shard::{
     ServeObserver, ShardActor, ShardHandler, ShardMessage, Undelivered,
 };
 use crate::shard_map::{Epoch, Key, NodeId, ShardId};
-use crate::transport::{Transport, TransportError};
+use crate::transport::{Transport, TransportError, OVERLOADED};
 use crate::wire::{Request, Response};
 
 /// What the router routes by.
@@ -755,6 +755,12 @@ impl<H: ShardHandler> Router<H> {
                 size: len as u64,
                 limit: transport.config().payload_max() as u64,
             }),
+            // The owner's connection had too many requests in progress: refused unstarted.
+            Err(TransportError::Remote { reason }) if reason == OVERLOADED => {
+                Forwarded::Failed(Error::Overloaded {
+                    shard: key.shard(self.shard_count),
+                })
+            }
             // Sent, maybe handled, no answer: the caller must decide.
             Err(TransportError::Closed { .. }) => Forwarded::Unknown,
             Err(error) => Forwarded::Failed(Error::Unreachable {

@@ -83,12 +83,21 @@ impl Transport {
     /// Makes a transport after validating `config`. It opens no connection until the first
     /// request to a peer; it must be used inside a tokio runtime.
     pub fn new(config: TransportConfig) -> Result<Self, TransportError> {
+        Self::with_faults(config, Faults::new())
+    }
+
+    /// A transport with connections of its own that obeys `faults` (shared with another
+    /// transport, so that a test's partition cuts both).
+    pub(crate) fn with_faults(
+        config: TransportConfig,
+        faults: Faults,
+    ) -> Result<Self, TransportError> {
         config.validate()?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
                 peers: Mutex::new(HashMap::new()),
-                faults: Faults::new(),
+                faults,
                 health: tokio::sync::watch::channel(0).0,
             }),
         })
