@@ -84,6 +84,9 @@ pub mod cluster;
 pub mod codec;
 pub mod consensus;
 pub mod error;
+// Not a public API: the decoders for the fuzz targets (tests/fuzz) and tests/decoders.rs.
+#[doc(hidden)]
+pub mod fuzzing;
 mod handoff;
 pub mod lease;
 mod lease_task;

@@ -18,7 +18,7 @@ use crate::router::{Origin, Router};
 use crate::shard::ShardHandler;
 use crate::shard_map::Key;
 use crate::transport::{PeerInfo, Service};
-use crate::wire::{Request, Response, RoutingInfo};
+use crate::wire::{RemoteRaftError, Request, Response, RoutingInfo};
 
 /// Serves one node's requests.
 pub(crate) struct NodeService<H: ShardHandler> {
@@ -84,19 +84,31 @@ impl<H: ShardHandler> Service for NodeService<H> {
                 let consensus = self.consensus.clone();
                 Box::pin(async move {
                     encode(&Response::AppendEntries(
-                        consensus.raft().append_entries(rpc).await,
+                        consensus
+                            .raft()
+                            .append_entries(rpc)
+                            .await
+                            .map_err(|e| RemoteRaftError::flatten(e, |never| match never {})),
                     ))
                 })
             }
             Request::Vote(rpc) => {
                 let consensus = self.consensus.clone();
-                Box::pin(async move { encode(&Response::Vote(consensus.raft().vote(rpc).await)) })
+                Box::pin(async move {
+                    encode(&Response::Vote(consensus.raft().vote(rpc).await.map_err(
+                        |e| RemoteRaftError::flatten(e, |never| match never {}),
+                    )))
+                })
             }
             Request::InstallSnapshot(rpc) => {
                 let consensus = self.consensus.clone();
                 Box::pin(async move {
                     encode(&Response::InstallSnapshot(
-                        consensus.raft().install_snapshot(rpc).await,
+                        consensus
+                            .raft()
+                            .install_snapshot(rpc)
+                            .await
+                            .map_err(RemoteRaftError::from_install_snapshot),
                     ))
                 })
             }

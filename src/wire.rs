@@ -4,11 +4,12 @@
 //! This module only names the messages; the node's service answers them and the raft network,
 //! the admin client and the shard client send them.
 
-use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::error::{Fatal, InstallSnapshotError, RaftError, SnapshotMismatch};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use openraft::{AnyError, ErrorSubject, ErrorVerb, StorageError, StorageIOError};
 use serde::{Deserialize, Serialize};
 
 use crate::admin::{AdminError, AdminRequest, AdminResponse};
@@ -118,6 +119,95 @@ pub enum Request {
     },
 }
 
+/// A raft error as it crosses the wire. Flat on purpose: openraft's own errors carry a chain of
+/// causes (`AnyError::source`) that a decoder follows one stack frame per level, so a peer could
+/// send a few hundred kilobytes of nested causes and overflow the stack of whoever decodes the
+/// answer (found by reading the code while fuzzing the decoders).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RemoteRaftError {
+    /// The peer's raft has stopped: shut down (`stopped`), or failed on a fatal error, whose
+    /// message (cut to 4 KiB) is given.
+    Fatal {
+        /// Shut down normally rather than failed.
+        stopped: bool,
+        /// What failed, in words.
+        message: String,
+    },
+    /// An install-snapshot segment was not the one the peer expected.
+    SnapshotMismatch(SnapshotMismatch),
+}
+
+/// Longest message of a [`RemoteRaftError::Fatal`].
+const REMOTE_MESSAGE_MAX: usize = 4096;
+
+impl RemoteRaftError {
+    /// The wire form of a raft error whose API error `E` is flattened by `api`.
+    pub(crate) fn flatten<E>(error: RaftError<NodeId, E>, api: impl FnOnce(E) -> Self) -> Self
+    where
+        E: std::error::Error,
+    {
+        match error {
+            RaftError::APIError(error) => api(error),
+            RaftError::Fatal(Fatal::Stopped) => RemoteRaftError::Fatal {
+                stopped: true,
+                message: "raft stopped".to_owned(),
+            },
+            RaftError::Fatal(fatal) => {
+                let mut message = fatal.to_string();
+                if message.len() > REMOTE_MESSAGE_MAX {
+                    let mut cut = REMOTE_MESSAGE_MAX;
+                    while !message.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    message.truncate(cut);
+                }
+                RemoteRaftError::Fatal {
+                    stopped: false,
+                    message,
+                }
+            }
+        }
+    }
+
+    /// The wire form of an install-snapshot error.
+    pub(crate) fn from_install_snapshot(error: RaftError<NodeId, InstallSnapshotError>) -> Self {
+        Self::flatten(error, |InstallSnapshotError::SnapshotMismatch(mismatch)| {
+            RemoteRaftError::SnapshotMismatch(mismatch)
+        })
+    }
+
+    /// The raft error for the caller's openraft; `api` turns a snapshot mismatch into the API
+    /// error `E` (`None`: the answer does not fit the request).
+    pub(crate) fn into_raft<E>(
+        self,
+        api: impl FnOnce(SnapshotMismatch) -> Option<E>,
+    ) -> RaftError<NodeId, E> {
+        match self {
+            RemoteRaftError::Fatal { stopped: true, .. } => RaftError::Fatal(Fatal::Stopped),
+            RemoteRaftError::Fatal { message, .. } => {
+                RaftError::Fatal(Fatal::StorageError(StorageError::IO {
+                    source: StorageIOError::new(
+                        ErrorSubject::Store,
+                        ErrorVerb::Write,
+                        AnyError::error(format!("on the peer: {message}")),
+                    ),
+                }))
+            }
+            RemoteRaftError::SnapshotMismatch(mismatch) => {
+                let message = format!("unexpected snapshot mismatch answer: {mismatch}");
+                match api(mismatch) {
+                    Some(error) => RaftError::APIError(error),
+                    None => RemoteRaftError::Fatal {
+                        stopped: false,
+                        message,
+                    }
+                    .into_raft(|_| None),
+                }
+            }
+        }
+    }
+}
+
 /// Longest a node holds a [`Request::WatchRouting`] before answering with the unchanged map.
 pub const WATCH_HOLD: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -125,13 +215,11 @@ pub const WATCH_HOLD: std::time::Duration = std::time::Duration::from_secs(5);
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Response {
     /// Answer to [`Request::AppendEntries`].
-    AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    AppendEntries(Result<AppendEntriesResponse<NodeId>, RemoteRaftError>),
     /// Answer to [`Request::Vote`].
-    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    Vote(Result<VoteResponse<NodeId>, RemoteRaftError>),
     /// Answer to [`Request::InstallSnapshot`].
-    InstallSnapshot(
-        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
-    ),
+    InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RemoteRaftError>),
     /// Answer to [`Request::Admin`].
     Admin(Result<AdminResponse, AdminError>),
     /// Answer to [`Request::Shard`], [`Request::ShardAt`] and [`Request::Forward`]: the encoded

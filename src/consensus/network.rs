@@ -122,9 +122,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeInfo, RaftError<NodeId>>> {
         match self.call(Request::AppendEntries(rpc), &option).await {
             Ok(Response::AppendEntries(Ok(response))) => Ok(response),
-            Ok(Response::AppendEntries(Err(error))) => {
-                Err(RPCError::RemoteError(RemoteError::new(self.target, error)))
-            }
+            Ok(Response::AppendEntries(Err(error))) => Err(RPCError::RemoteError(
+                RemoteError::new(self.target, error.into_raft(|_| None)),
+            )),
             Ok(_) => Err(self.unexpected("append-entries")),
             Err(error) => Err(self.rpc_error(error)),
         }
@@ -141,7 +141,12 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         match self.call(Request::InstallSnapshot(rpc), &option).await {
             Ok(Response::InstallSnapshot(Ok(response))) => Ok(response),
             Ok(Response::InstallSnapshot(Err(error))) => {
-                Err(RPCError::RemoteError(RemoteError::new(self.target, error)))
+                Err(RPCError::RemoteError(RemoteError::new(
+                    self.target,
+                    error.into_raft(|mismatch| {
+                        Some(InstallSnapshotError::SnapshotMismatch(mismatch))
+                    }),
+                )))
             }
             Ok(_) => Err(self.unexpected("install-snapshot")),
             Err(error) => Err(self.rpc_error(error)),
@@ -155,9 +160,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, NodeInfo, RaftError<NodeId>>> {
         match self.call(Request::Vote(rpc), &option).await {
             Ok(Response::Vote(Ok(response))) => Ok(response),
-            Ok(Response::Vote(Err(error))) => {
-                Err(RPCError::RemoteError(RemoteError::new(self.target, error)))
-            }
+            Ok(Response::Vote(Err(error))) => Err(RPCError::RemoteError(RemoteError::new(
+                self.target,
+                error.into_raft(|_| None),
+            ))),
             Ok(_) => Err(self.unexpected("vote")),
             Err(error) => Err(self.rpc_error(error)),
         }
