@@ -184,28 +184,27 @@ impl RemoteRaftError {
     ) -> RaftError<NodeId, E> {
         match self {
             RemoteRaftError::Fatal { stopped: true, .. } => RaftError::Fatal(Fatal::Stopped),
-            RemoteRaftError::Fatal { message, .. } => {
-                RaftError::Fatal(Fatal::StorageError(StorageError::IO {
-                    source: StorageIOError::new(
-                        ErrorSubject::Store,
-                        ErrorVerb::Write,
-                        AnyError::error(format!("on the peer: {message}")),
-                    ),
-                }))
-            }
+            RemoteRaftError::Fatal { message, .. } => RaftError::Fatal(remote_fatal(&message)),
             RemoteRaftError::SnapshotMismatch(mismatch) => {
                 let message = format!("unexpected snapshot mismatch answer: {mismatch}");
                 match api(mismatch) {
                     Some(error) => RaftError::APIError(error),
-                    None => RemoteRaftError::Fatal {
-                        stopped: false,
-                        message,
-                    }
-                    .into_raft(|_| None),
+                    None => RaftError::Fatal(remote_fatal(&message)),
                 }
             }
         }
     }
+}
+
+/// A peer's fatal raft failure, described by `message`, as the caller's openraft error.
+fn remote_fatal(message: &str) -> Fatal<NodeId> {
+    Fatal::StorageError(StorageError::IO {
+        source: StorageIOError::new(
+            ErrorSubject::Store,
+            ErrorVerb::Write,
+            AnyError::error(format!("on the peer: {message}")),
+        ),
+    })
 }
 
 /// Longest a node holds a [`Request::WatchRouting`] before answering with the unchanged map.
