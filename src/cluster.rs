@@ -419,6 +419,7 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             factory,
             limits: config.router_limits(),
             transport: None,
+            peers: None,
             observer: self.observer,
         });
         tracing::info!(
@@ -559,6 +560,7 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             // connection's in-flight limit must not starve raft heartbeats and lease renewals
             // (found by a test: the flooding node lost its lease and was marked down).
             transport: Some(forwarding),
+            peers: Some(transport.clone()),
             observer: self.observer,
         });
         let service = Arc::new(NodeService {

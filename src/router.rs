@@ -187,6 +187,9 @@ pub struct Router<H: ShardHandler> {
     factory: HandlerFactory<H>,
     limits: RouterLimits,
     transport: Option<Transport>,
+    /// The node's raft and lease connections, asked only whether a peer answers: they hear
+    /// from every member all the time, so they know a frozen owner before a forward would.
+    peers: Option<Transport>,
     observer: Option<Arc<dyn ServeObserver>>,
     /// Request counters and histograms; `None` without a metrics endpoint.
     metrics: Option<RequestMetrics>,
@@ -220,6 +223,8 @@ pub(crate) struct RouterParts<H: ShardHandler> {
     pub(crate) limits: RouterLimits,
     /// `None` for a standalone node, which serves everything forever.
     pub(crate) transport: Option<Transport>,
+    /// The node's raft and lease transport, consulted for peer health only.
+    pub(crate) peers: Option<Transport>,
     pub(crate) observer: Option<Arc<dyn ServeObserver>>,
 }
 
@@ -244,6 +249,7 @@ impl<H: ShardHandler> Router<H> {
             factory: parts.factory,
             limits: parts.limits,
             transport: parts.transport,
+            peers: parts.peers,
             observer: parts.observer,
             metrics: RequestMetrics::new(),
             self_ref: self_ref.clone(),
@@ -720,7 +726,7 @@ impl<H: ShardHandler> Router<H> {
             Ok(bytes) => bytes,
             Err(error) => return Forwarded::Failed(error),
         };
-        if !transport.is_responsive(addr) {
+        if self.silent(transport, addr) {
             return Forwarded::NotSent(format!(
                 "node {owner} at {addr} does not answer (frozen or cut off)"
             ));
@@ -783,12 +789,13 @@ impl<H: ShardHandler> Router<H> {
     ) {
         let mut changes = self.changes.subscribe();
         let mut health = transport.health_changes();
+        let mut peer_health = self.peers.as_ref().map(Transport::health_changes);
         loop {
             let table = self.table.load();
             let now_owner = table.state.map.as_ref().and_then(|m| m.owner(shard));
             let moved = now_owner.is_some_and(|o| o != owner);
             let doubtful = self.cannot_vouch(&table);
-            let silent = !transport.is_responsive(addr);
+            let silent = self.silent(transport, addr);
             if (moved || doubtful) && silent {
                 return;
             }
@@ -802,8 +809,24 @@ impl<H: ShardHandler> Router<H> {
                 () = tokio::time::sleep(recheck) => {}
                 changed = changes.changed() => if changed.is_err() { return std::future::pending().await },
                 changed = health.changed() => if changed.is_err() { return std::future::pending().await },
+                changed = async {
+                    match peer_health.as_mut() {
+                        Some(peer_health) => peer_health.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => if changed.is_err() { peer_health = None },
             }
         }
+    }
+
+    /// Whether the node at `addr` does not answer: on the forwarding connection, or on the
+    /// node's raft and lease connections, which hear from it all the time.
+    fn silent(&self, transport: &Transport, addr: SocketAddr) -> bool {
+        !transport.is_responsive(addr)
+            || self
+                .peers
+                .as_ref()
+                .is_some_and(|peers| !peers.is_responsive(addr))
     }
 
     /// Delivers to the local actor. `Err((msg, why))` when the node does not serve the shard

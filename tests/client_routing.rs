@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use clusterfunk::client::{Client, ClientError};
-use clusterfunk::Error;
-use inproc::{key_of_shard, shards_of, Get, Incr, Served, Set, TestCluster};
+use clusterfunk::{Error, NotReadyReason};
+use inproc::{key_of_shard, shards_of, Get, Incr, SendError, Served, Set, TestCluster};
 
 /// Rounds of writes after the client saw the shards move; each writes every key once.
 const ROUNDS: u64 = 20;
@@ -143,21 +143,19 @@ async fn a_client_seeded_with_a_cut_off_node_follows_the_majority() {
     );
 }
 
-/// A deadline far above what the node needs to give up on a silent owner in a majority
-/// outage (its lease lapses within 0.5 s, the owner misses its probes within 0.4 s) on top of
-/// the client's own wait for a handshake with the frozen owner (2 s), and below the node's own
-/// request timeout (5 s), which bounded the wait before.
-const OUTAGE_DEADLINE: Duration = Duration::from_millis(4500);
-/// How long the majority stays frozen: past every wait of the test.
+/// How long the majority stays frozen: shorter than the node's request timeout, so that a
+/// forward that waits for the owner (the regression) ends with the owner's reply, not an error.
 const OUTAGE: Duration = Duration::from_secs(8);
 
 /// In a majority outage the map never moves, so "the shard moved" never resolves a message
 /// forwarded to a silent owner: the forwarding node gives up on it once it cannot vouch for
-/// its own map either, and says the outcome is unknown, instead of holding the client until
-/// its deadline (regression: every call waited the node's request timeout).
+/// its own map either, and says the outcome is unknown (or, had it not sent it yet, that the
+/// owner is unreachable), instead of holding the caller until the owner comes back or its
+/// request timeout (regression: every call waited the node's request timeout).
 #[tokio::test]
 async fn a_message_forwarded_to_a_silent_owner_in_a_majority_outage_ends_as_outcome_unknown_not_timeout(
 ) {
+    const _: () = assert!(OUTAGE.as_millis() < inproc::REQUEST_TIMEOUT.as_millis());
     let cluster = TestCluster::start("forwarded_in_majority_outage", 3).await;
     let leader = cluster.wait_ready().await;
     let (survivor, others) = cluster.follower_and_others(leader);
@@ -165,27 +163,21 @@ async fn a_message_forwarded_to_a_silent_owner_in_a_majority_outage_ends_as_outc
     let owner = others[0];
     let shard = shards_of(&owners, owner)[0];
     let key = key_of_shard("outage", shard);
-    // The survivor forwards once, so that its connection to the owner is open and idle.
-    let first = Client::with_config([cluster.addr(survivor)], None, "clusterfunk", CALL_DEADLINE)
-        .expect("a client for the cluster");
-    first
-        .send(key.as_str(), Incr)
+    // The survivor forwards once, so that its forwarding connection to the owner is open.
+    cluster
+        .send(survivor, key.as_str(), Incr)
         .await
-        .unwrap_or_else(|e| panic!("{key} before the outage: {e}"));
+        .unwrap_or_else(|e| panic!("{key} forwarded before the outage: {e:?}"));
     for &node in &others {
         cluster.pause(node, OUTAGE).await;
     }
-    // A client that starts during the outage, as a command-line call would: it cannot reach
-    // the owner, so the survivor forwards its increment.
-    let client = Client::with_config(
-        [cluster.addr(survivor)],
-        None,
-        "clusterfunk",
-        OUTAGE_DEADLINE,
-    )
-    .expect("a client for the cluster");
-    match client.send(key.as_str(), Incr).await {
-        Err(ClientError::Cluster(Error::OutcomeUnknown { .. })) => {}
+    // The survivor forwards again at once, on the open connection, to an owner that is now
+    // frozen along with the rest of the majority.
+    match cluster.send(survivor, key.as_str(), Incr).await {
+        Err(SendError::Node(Error::OutcomeUnknown { .. }))
+        | Err(SendError::Node(Error::NotReady {
+            reason: NotReadyReason::OwnerUnreachable,
+        })) => {}
         other => panic!(
             "an increment forwarded to frozen node {owner} in a majority outage ends as outcome unknown, got {other:?}\n{}",
             cluster.report()
