@@ -210,6 +210,9 @@ struct ServeArgs {
     /// Timing profile: `default` or `fast` (as `kv serve --timing`).
     #[arg(long, default_value = "default", value_parser = ["default", "fast"])]
     timing: String,
+    /// Run without the cluster secret (as `kv serve --insecure`).
+    #[arg(long)]
+    insecure: bool,
 }
 
 /// The load generator's options.
@@ -241,6 +244,10 @@ struct Options {
     /// Bytes of the `Echo` message's payload (and of its answer).
     #[arg(long, default_value_t = 32)]
     payload_bytes: usize,
+    /// Run the nodes and the load without the cluster secret (`kv serve --insecure`): frames
+    /// go unauthenticated. For measuring what the secret mode costs; never in production.
+    #[arg(long)]
+    insecure: bool,
     /// Follower kills in `failover` (follower freezes in `freeze`, partitions in `partition`);
     /// as many leader kills (freezes, partitions) follow.
     #[arg(long, default_value_t = 1)]
@@ -1010,7 +1017,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let secret = resolve_secret(None, false)?;
+    let secret = resolve_secret(None, args.insecure)?;
     let initial = args
         .init
         .as_deref()
@@ -1347,7 +1354,7 @@ impl Bench<'_> {
     fn client(&self, seeds: Vec<SocketAddr>) -> Result<Client, String> {
         Client::with_config(
             seeds,
-            Some(self.harness.launch.secret()?),
+            self.harness.launch.secret()?,
             CLUSTER_NAME,
             REQUEST_TIMEOUT,
         )
@@ -1460,7 +1467,7 @@ impl Bench<'_> {
         let transport = Transport::new(TransportConfig {
             cluster_name: CLUSTER_NAME.to_owned(),
             node_id: None,
-            secret: Some(self.harness.launch.secret()?),
+            secret: self.harness.launch.secret()?,
             reconnect_backoff_max: Duration::from_millis(250),
             ..TransportConfig::default()
         })
@@ -2818,7 +2825,8 @@ fn run(options: Options) -> Result<(), String> {
     options.check()?;
     watch_interrupt(PROGRAM);
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
-    let launch = Launch::new(PROGRAM, Binaries::node_program(exe), &options.node)?;
+    let mut launch = Launch::new(PROGRAM, Binaries::node_program(exe), &options.node)?;
+    launch.insecure = options.insecure;
     let addrs = free_ports(options.nodes, &launch.secret)?
         .into_iter()
         .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
@@ -2826,9 +2834,14 @@ fn run(options: Options) -> Result<(), String> {
     let mut harness = Harness::new(launch, addrs, options.node.keep_dir)?;
     let load_before = load_average();
     println!(
-        "bench: {} nodes ({} shards) as processes, nodes in {} (RUST_LOG={}); load average {}",
+        "bench: {} nodes ({} shards) as processes, {}, nodes in {} (RUST_LOG={}); load average {}",
         options.nodes,
         SHARD_COUNT,
+        if options.insecure {
+            "insecure (frames unauthenticated)"
+        } else {
+            "secret mode (frames authenticated)"
+        },
         harness.path().display(),
         options.node.rust_log,
         load_before.as_deref().unwrap_or("?")

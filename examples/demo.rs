@@ -872,9 +872,8 @@ impl Story<'_> {
             // Each client starts from a different node, as clients spread over a cluster would.
             let mut seeds: Vec<SocketAddr> = ids.iter().map(|id| self.members[id]).collect();
             seeds.rotate_left(index % ids.len());
-            let client =
-                Client::with_config(seeds, Some(secret.clone()), "clusterfunk", REQUEST_TIMEOUT)
-                    .map_err(|e| e.to_string())?;
+            let client = Client::with_config(seeds, secret.clone(), "clusterfunk", REQUEST_TIMEOUT)
+                .map_err(|e| e.to_string())?;
             self.traffic.push(tokio::spawn(traffic(
                 client,
                 index,
@@ -910,7 +909,7 @@ impl Story<'_> {
         let seeds: Vec<SocketAddr> = survivors.iter().map(|id| self.members[id]).collect();
         let probe = Client::with_config(
             seeds,
-            Some(self.harness.launch.secret()?),
+            self.harness.launch.secret()?,
             "clusterfunk",
             REQUEST_TIMEOUT,
         )

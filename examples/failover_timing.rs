@@ -124,8 +124,7 @@ struct Options {
 fn shard_client(harness: &Harness, ids: &[NodeId]) -> Result<Client, String> {
     let seeds: Vec<SocketAddr> = ids.iter().map(|&id| harness.node(id).addr).collect();
     let secret = harness.launch.secret()?;
-    Client::with_config(seeds, Some(secret), "clusterfunk", REQUEST_TIMEOUT)
-        .map_err(|e| e.to_string())
+    Client::with_config(seeds, secret, "clusterfunk", REQUEST_TIMEOUT).map_err(|e| e.to_string())
 }
 
 // ---------------------------------------------------------------------------------------------

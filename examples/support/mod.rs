@@ -157,6 +157,9 @@ pub struct Launch {
     pub rust_log: String,
     /// The nodes' timing profile, passed as `--timing`.
     pub timing: String,
+    /// Nodes and clients run without the secret (`kv serve --insecure`; only the bench sets
+    /// it, to measure what the secret mode costs).
+    pub insecure: bool,
 }
 
 impl Launch {
@@ -172,6 +175,7 @@ impl Launch {
             secret: make_secret()?,
             rust_log: options.rust_log.clone(),
             timing: options.timing.clone(),
+            insecure: false,
         })
     }
 
@@ -211,8 +215,12 @@ impl Launch {
             command.arg("--init").arg(init);
         }
         command.arg("--timing").arg(&self.timing);
+        if self.insecure {
+            command.arg("--insecure").env_remove(SECRET_ENV_VAR);
+        } else {
+            command.env(SECRET_ENV_VAR, &self.secret);
+        }
         let child = command
-            .env(SECRET_ENV_VAR, &self.secret)
             .env("RUST_LOG", &self.rust_log)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -224,15 +232,19 @@ impl Launch {
         Ok(())
     }
 
-    /// The cluster secret for the library's clients.
-    pub fn secret(&self) -> Result<Secret, String> {
-        Secret::new(self.secret.clone()).map_err(|e| e.to_string())
+    /// The cluster secret for the library's clients (`None` with `--insecure`).
+    pub fn secret(&self) -> Result<Option<Secret>, String> {
+        if self.insecure {
+            return Ok(None);
+        }
+        Secret::new(self.secret.clone())
+            .map(Some)
+            .map_err(|e| e.to_string())
     }
 
     /// A library admin client for the node at `addr`, each call bounded by `timeout`.
     pub fn admin(&self, addr: SocketAddr, timeout: Duration) -> Result<AdminClient, String> {
-        AdminClient::new(addr, "clusterfunk", Some(self.secret()?), timeout)
-            .map_err(|e| e.to_string())
+        AdminClient::new(addr, "clusterfunk", self.secret()?, timeout).map_err(|e| e.to_string())
     }
 }
 
