@@ -1032,16 +1032,28 @@ async fn write_shard_count_when_leading(consensus: Consensus, shard_count: u32) 
                 .client_write(Command::Init { shard_count })
                 .await
             {
-                Ok(_) => tracing::info!(shard_count, "cluster initialised with its shard count"),
+                Ok(_) => {
+                    tracing::info!(shard_count, "cluster initialised with its shard count");
+                    continue;
+                }
+                // Raft has stopped (a log it cannot write): the node stops for good elsewhere;
+                // retrying would spin on an error that never goes away.
+                Err(RaftError::Fatal(_)) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, "could not write the shard count; retrying when leading")
                 }
             }
-            continue;
         }
+        // After a failed write, look again on a change or after a pause, never in a spin.
+        let pause = if leading {
+            Duration::from_millis(100)
+        } else {
+            Duration::MAX
+        };
         tokio::select! {
             changed = metrics.changed() => if changed.is_err() { return },
             changed = applied.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(pause) => {}
         }
     }
 }
