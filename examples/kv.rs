@@ -14,7 +14,7 @@
 //! SIGTERM or Ctrl-C stops a node gracefully: it drains its shards to the other nodes (bounded by
 //! `--drain-timeout`, default 30 s), hands over leadership if it leads, and exits 0 (2 when the
 //! drain did not finish). Started again from the same data dir, it undrains itself once it has
-//! rejoined. `RUST_LOG` filters the log (default `info`).
+//! rejoined. `RUST_LOG` filters the log (default `info` with openraft's per-retry lines about unreachable peers off: `clusterfunk::QUIET_OPENRAFT_LOG`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -144,7 +144,8 @@ enum Command {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| format!("info,{}", clusterfunk::QUIET_OPENRAFT_LOG).into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -1160,7 +1160,7 @@ fn check_initial_members(
                 info.addr
             ))
         })?;
-        if let Some(other) = seen.insert(addr, *id) {
+        if let Some(other) = seen.insert(crate::consensus::state::canonical_addr(addr), *id) {
             return Err(invalid(format!(
                 "nodes {other} and {id} have the same address {addr}: every node needs its own address (one process must not count twice toward the quorum)"
             )));

@@ -296,12 +296,13 @@ fn sample_frames() -> Vec<Frame> {
             cluster_name: "clusterfunk".to_owned(),
             node_id: Some(1),
             nonce: Some([8; 32]),
-            proof: Some([9; 32]),
         }),
         Frame::control(Header::ClientProof {
             proof: Some([10; 32]),
         }),
-        Frame::control(Header::Accepted),
+        Frame::control(Header::Accepted {
+            proof: Some([9; 32]),
+        }),
         Frame::control(Header::Refused {
             reason: "cluster name mismatch".to_owned(),
         }),
@@ -421,17 +422,16 @@ fn handshake_seeds() -> Vec<Vec<u8>> {
             nonce,
         })
     };
-    let server_hello = |node_id, nonce, proof| {
+    let server_hello = |node_id, nonce| {
         Frame::control(Header::ServerHello {
             version: PROTOCOL_VERSION,
             cluster_name: "clusterfunk".to_owned(),
             node_id,
             nonce,
-            proof,
         })
     };
     let proof = |proof| Frame::control(Header::ClientProof { proof });
-    let accepted = Frame::control(Header::Accepted);
+    let accepted = |proof| Frame::control(Header::Accepted { proof });
     let refused = Frame::control(Header::Refused {
         reason: "authentication failed".to_owned(),
     });
@@ -485,19 +485,19 @@ fn handshake_seeds() -> Vec<Vec<u8>> {
         (
             MODE_NODE_ID,
             vec![
-                server_hello(Some(1), None, None),
-                accepted.clone(),
+                server_hello(Some(1), None),
+                accepted(None),
                 Frame::response(1, b"pong".to_vec()),
                 Frame::failed(2, "overloaded".to_owned()),
             ],
         ),
-        (0, vec![server_hello(None, None, None), accepted.clone()]),
+        (0, vec![server_hello(None, None), accepted(None)]),
         // Secure client: the server's proof cannot be right.
         (
             MODE_SECRET,
             vec![
-                server_hello(Some(1), Some([5; 32]), Some([6; 32])),
-                accepted,
+                server_hello(Some(1), Some([5; 32])),
+                accepted(Some([6; 32])),
             ],
         ),
         (MODE_SECRET | MODE_NODE_ID, vec![refused]),

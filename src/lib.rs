@@ -106,6 +106,15 @@ pub use cluster::{
     Cluster, ClusterBuilder, ClusterHandle, GracefulShutdown, Node, NodeConfig, NodeStatus,
 };
 pub use consensus::ConsensusConfig;
+
+/// Log filter directives that turn off openraft's per-retry lines about an unreachable peer
+/// (a leader retries a dead member every 50 ms and openraft logs an error and warnings each
+/// time). clusterfunk logs an unreachable peer itself, once per 30 s with a count of the
+/// failures left out, under the target `clusterfunk::raft`. Append it to your filter, e.g.
+/// `EnvFilter::new(format!("info,{QUIET_OPENRAFT_LOG}"))`; `kv serve` does so unless `RUST_LOG`
+/// is set.
+pub const QUIET_OPENRAFT_LOG: &str =
+    "openraft::replication=off,openraft::engine::handler::replication_handler=off";
 pub use error::{ConfigError, Error, NotReadyReason, StartError};
 pub use lease::LeaseConfig;
 pub use shard::{

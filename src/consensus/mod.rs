@@ -626,12 +626,13 @@ impl Consensus {
         zone: Option<String>,
         learner: bool,
     ) -> Result<AdminResponse, AdminError> {
-        let parsed: SocketAddr = addr.parse().map_err(|_| AdminError::Invalid {
-            reason: format!("`{addr}` is not an IP:PORT address"),
-        })?;
+        let parsed: SocketAddr =
+            state::canonical_addr(addr.parse().map_err(|_| AdminError::Invalid {
+                reason: format!("`{addr}` is not an IP:PORT address"),
+            })?);
         let membership = self.raft.metrics().borrow().membership_config.clone();
         if let Some(existing) = membership.membership().get_node(&id) {
-            if existing.addr != parsed.to_string() {
+            if !state::same_addr(&existing.addr, &parsed.to_string()) {
                 return Err(AdminError::Invalid {
                     reason: format!(
                         "node {id} is already a member at {}; remove it first",
@@ -640,11 +641,9 @@ impl Consensus {
                 });
             }
         }
-        if let Some((other, _)) = membership
-            .membership()
-            .nodes()
-            .find(|(other, info)| **other != id && info.addr == parsed.to_string())
-        {
+        if let Some((other, _)) = membership.membership().nodes().find(|(other, info)| {
+            **other != id && state::same_addr(&info.addr, &parsed.to_string())
+        }) {
             return Err(AdminError::Invalid {
                 reason: format!(
                     "{parsed} is the address of member {other}: every node needs its own address; start node {id} on another port (or remove node {other} first)"

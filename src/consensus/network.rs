@@ -18,6 +18,7 @@ use openraft::raft::{
 use super::{NodeInfo, TypeConfig};
 use crate::codec;
 use crate::shard_map::NodeId;
+use crate::transport::log_limit::LogLimit;
 use crate::transport::{Transport, TransportError};
 use crate::wire::{Request, Response};
 
@@ -42,6 +43,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             transport: self.transport.clone(),
             target,
             addr: node.addr.parse().map_err(|_| node.addr.clone()),
+            unreachable_warnings: LogLimit::new(UNREACHABLE_WARNING_WINDOW, 1),
         }
     }
 }
@@ -53,7 +55,14 @@ pub struct PeerClient {
     target: NodeId,
     /// The peer's address, or the unparsable string the membership holds for it.
     addr: Result<SocketAddr, String>,
+    /// Bounds the warnings about a peer that does not answer: raft retries it every 50 ms.
+    unreachable_warnings: LogLimit,
 }
+
+/// One warning per this window about a raft peer that does not answer (with a count of the
+/// failures left out). openraft's own lines about it, one or more per retry, are what
+/// [`QUIET_OPENRAFT_LOG`](crate::QUIET_OPENRAFT_LOG) turns off.
+const UNREACHABLE_WARNING_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A failure before the peer's raft answered.
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +100,18 @@ impl PeerClient {
                 | TransportError::WrongNode { .. }
                 | TransportError::Closed { .. },
             )
-            | CallError::BadAddress { .. } => RPCError::Unreachable(Unreachable::new(&error)),
+            | CallError::BadAddress { .. } => {
+                if let Some(left_out) = self.unreachable_warnings.admit(std::time::Instant::now()) {
+                    tracing::warn!(
+                        target: "clusterfunk::raft",
+                        node = self.target,
+                        "raft cannot reach node {}: {error} ({left_out} more failures since the last warning; the leader keeps retrying every {} ms; see `clusterfunk status` for members down)",
+                        self.target,
+                        UNREACHABLE_RETRY.as_millis(),
+                    );
+                }
+                RPCError::Unreachable(Unreachable::new(&error))
+            }
             _ => RPCError::Network(NetworkError::new(&error)),
         }
     }
@@ -167,5 +187,82 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             Ok(_) => Err(self.unexpected("vote")),
             Err(error) => Err(self.rpc_error(error)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use openraft::Vote;
+
+    use super::*;
+    use crate::transport::TransportConfig;
+
+    /// Collects what a tracing subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_peer_is_warned_about_once_per_window_not_once_per_retry() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        // A port where nothing listens: bound, then closed.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = closed.local_addr().expect("local addr");
+        drop(closed);
+        let transport = Transport::new(TransportConfig {
+            node_id: Some(1),
+            ..TransportConfig::default()
+        })
+        .expect("transport");
+        let mut network = Network::new(transport);
+        let mut peer = network
+            .new_client(
+                3,
+                &NodeInfo {
+                    addr: addr.to_string(),
+                    zone: None,
+                },
+            )
+            .await;
+        let mut failures = 0;
+        for _ in 0..40 {
+            let request = VoteRequest::new(Vote::new(2, 1), None);
+            let result = peer
+                .vote(request, RPCOption::new(Duration::from_secs(5)))
+                .await;
+            if matches!(result, Err(RPCError::Unreachable(_))) {
+                failures += 1;
+            }
+        }
+        assert_eq!(
+            failures, 40,
+            "every call to the dead peer fails as unreachable"
+        );
+        let text = String::from_utf8_lossy(&captured.0.lock().expect("lock")).into_owned();
+        let warnings = text.matches("raft cannot reach node 3").count();
+        assert_eq!(warnings, 1, "one warning for 40 failures: {text}");
     }
 }

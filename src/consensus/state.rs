@@ -7,6 +7,7 @@
 //! not talk to raft or the network: the consensus actor feeds it entries.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +57,22 @@ pub struct NodeInfo {
     pub zone: Option<String>,
 }
 
+/// The one spelling of an address that members are compared by: an IPv4 address written as
+/// IPv6 (`[::ffff:127.0.0.1]:7000`) is the IPv4 address, so one process cannot be listed twice
+/// under two spellings.
+pub fn canonical_addr(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// Whether two member addresses (as stored in [`NodeInfo::addr`]) name the same socket; an
+/// address that does not parse is compared as written.
+pub fn same_addr(a: &str, b: &str) -> bool {
+    match (a.parse::<SocketAddr>(), b.parse::<SocketAddr>()) {
+        (Ok(a), Ok(b)) => canonical_addr(a) == canonical_addr(b),
+        _ => a == b,
+    }
+}
+
 impl NodeInfo {
     /// Parses a member list `ID=IP:PORT[@ZONE],...` (as `kv serve --init` and `clusterfunk
     /// recover --members` take it). Errors say which item is wrong.
@@ -76,10 +93,11 @@ impl NodeInfo {
                 Some(_) => return Err(format!("`{item}`: the zone after `@` is empty")),
                 None => (rest, None),
             };
-            let addr: std::net::SocketAddr = addr
-                .trim()
-                .parse()
-                .map_err(|_| format!("`{addr}` is not IP:PORT"))?;
+            let addr: SocketAddr = canonical_addr(
+                addr.trim()
+                    .parse()
+                    .map_err(|_| format!("`{addr}` is not IP:PORT"))?,
+            );
             let info = NodeInfo {
                 addr: addr.to_string(),
                 zone,
@@ -87,7 +105,7 @@ impl NodeInfo {
             if members.contains_key(&id) {
                 return Err(format!("node {id} is listed twice"));
             }
-            if let Some((other, _)) = members.iter().find(|(_, m)| m.addr == info.addr) {
+            if let Some((other, _)) = members.iter().find(|(_, m)| same_addr(&m.addr, &info.addr)) {
                 return Err(format!(
                     "nodes {other} and {id} have the same address {addr}: every node needs its own address (one process must not count twice toward the quorum)"
                 ));
@@ -896,5 +914,17 @@ mod tests {
             error.contains("nodes 1 and 2 have the same address 127.0.0.1:7001"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn one_address_spelled_as_ipv4_and_as_ipv6_is_one_address() {
+        let error = NodeInfo::parse_members("1=127.0.0.1:7001,2=[::ffff:127.0.0.1]:7001")
+            .expect_err("an IPv4-mapped IPv6 address is the IPv4 address");
+        assert!(error.contains("the same address"), "{error}");
+        let members = NodeInfo::parse_members("1=[::ffff:10.0.0.1]:7001").expect("parses");
+        assert_eq!(members[&1].addr, "10.0.0.1:7001", "stored in one spelling");
+        assert!(same_addr("[::ffff:127.0.0.1]:1", "127.0.0.1:1"));
+        assert!(!same_addr("127.0.0.1:1", "127.0.0.2:1"));
+        assert!(!same_addr("[::1]:1", "127.0.0.1:1"));
     }
 }

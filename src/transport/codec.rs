@@ -69,13 +69,14 @@ pub(crate) enum Header {
         node_id: Option<u64>,
         /// `None` in insecure mode.
         nonce: Option<Nonce>,
-        /// The server's proof that it holds the secret; `None` in insecure mode.
-        proof: Option<Tag>,
     },
     /// The connecting side's proof that it holds the secret; `None` in insecure mode.
     ClientProof { proof: Option<Tag> },
-    /// The server accepts the connection; requests may follow.
-    Accepted,
+    /// The server accepts the connection; requests may follow. Carries the server's proof
+    /// that it holds the secret (`None` in insecure mode): the server proves only to a client
+    /// that proved first, so a peer without the secret never receives a proof to test
+    /// guesses against.
+    Accepted { proof: Option<Tag> },
     /// Either side refuses the connection and closes it.
     Refused { reason: String },
     /// A request; the payload follows the header.
@@ -93,7 +94,7 @@ impl Header {
             Header::ClientHello { .. } => "ClientHello",
             Header::ServerHello { .. } => "ServerHello",
             Header::ClientProof { .. } => "ClientProof",
-            Header::Accepted => "Accepted",
+            Header::Accepted { .. } => "Accepted",
             Header::Refused { .. } => "Refused",
             Header::Request { .. } => "Request",
             Header::Response { .. } => "Response",
@@ -447,7 +448,7 @@ mod tests {
                 node_id: Some(3),
                 nonce: Some([5; 32]),
             }),
-            Frame::control(Header::Accepted),
+            Frame::control(Header::Accepted { proof: None }),
         ];
         for frame in frames {
             assert_eq!(round_trip(frame.clone()), frame);
@@ -513,7 +514,8 @@ mod tests {
     #[test]
     fn trailing_bytes_after_control_frames_are_rejected() {
         let mut body =
-            bincode::serde::encode_to_vec(Header::Accepted, bincode_config()).expect("encodes");
+            bincode::serde::encode_to_vec(Header::Accepted { proof: None }, bincode_config())
+                .expect("encodes");
         body.push(0);
         assert!(decode_body(&body).is_err());
     }

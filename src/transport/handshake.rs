@@ -5,11 +5,11 @@
 //! client                                              server
 //!   ClientHello { version, cluster, node, nonce_c } ──►
 //!                                                     checks version, cluster, secure mode
-//!   ◄── ServerHello { version, cluster, node, nonce_s, proof_s }   (or Refused, then close)
-//!   checks proof_s
+//!   ◄── ServerHello { version, cluster, node, nonce_s }   (or Refused, then close)
 //!   ClientProof { proof_c } ─────────────────────────►   (or Refused, then close)
 //!                                                     checks proof_c
-//!   ◄── Accepted                                         (or Refused, then close)
+//!   ◄── Accepted { proof_s }                             (or Refused, then close)
+//!   checks proof_s                                       (or Refused, then close)
 //! ```
 //!
 //! A proof is HMAC-SHA256, keyed with the secret, over a domain tag, the prover's role, the
@@ -21,8 +21,11 @@
 //! What the handshake does not do: encrypt or protect the frames that follow. It keeps nodes of
 //! other clusters and clients without the secret out; on a network where an attacker can
 //! intercept and alter traffic, run the cluster inside a private network or an encrypted tunnel.
-//! One side always reveals a proof to a peer it has not yet authenticated, so the secret must be
-//! random (at least 16 random bytes), never a guessable password.
+//! The client proves first and the server proves only to a client whose proof it checked, so a
+//! peer without the secret that connects to a node learns nothing to test guesses against. A
+//! client still reveals its proof to whatever answers at the address it dials (an attacker who
+//! can take over a node's address can test guesses offline), so the secret must be random
+//! (`clusterfunk new-secret`), never a password.
 //!
 //! This file does not own the framing (`codec.rs`) or what happens after `Accepted`.
 
@@ -219,14 +222,13 @@ where
         .await?;
 
     let frame = next_frame(reader, addr).await?;
-    let (server_node_id, server_nonce, server_proof) = match frame.header {
+    let (server_node_id, server_nonce) = match frame.header {
         Header::Refused { reason } => return Err(TransportError::Refused { reason }),
         Header::ServerHello {
             version: server_version,
             cluster_name,
             node_id,
             nonce,
-            proof,
         } => {
             // The server checks these first; checking again guards against a server that is
             // not ours.
@@ -236,29 +238,17 @@ where
             if cluster_name != config.cluster_name {
                 return Err(refuse(writer, format!("cluster name mismatch: the client belongs to {:?}, the server at {addr} to {cluster_name:?}; give both sides the same cluster name", config.cluster_name)).await);
             }
-            (node_id, nonce, proof)
+            (node_id, nonce)
         }
         _ => return Err(unexpected(&frame, "ServerHello")),
     };
 
-    let (client_proof, keys) = match (&config.secret, client_nonce, server_nonce, server_proof) {
-        (None, None, None, None) => (None, None),
-        (Some(secret), Some(client_nonce), Some(server_nonce), Some(server_proof)) => {
-            let transcript = Transcript {
-                version,
-                cluster_name: &config.cluster_name,
-                client_node_id: config.node_id,
-                server_node_id,
-                client_nonce: &client_nonce,
-                server_nonce: &server_nonce,
-            };
-            if !verify(secret, Role::Server, &transcript, &server_proof) {
-                return Err(refuse(writer, format!("authentication failed: the server at {addr} does not hold the client's cluster secret; {SECRET_ADVICE}")).await);
-            }
-            (
-                Some(prove(secret, Role::Client, &transcript)),
-                Some(FrameKeys::derive(secret, &transcript)),
-            )
+    // The client proves first; the server proves in `Accepted`, once it knows the client holds
+    // the secret. So a peer without the secret that connects to a node never receives a proof.
+    let secured = match (&config.secret, client_nonce, server_nonce) {
+        (None, None, None) => None,
+        (Some(secret), Some(client_nonce), Some(server_nonce)) => {
+            Some((secret, client_nonce, server_nonce))
         }
         (Some(_), ..) => {
             return Err(refuse(writer, format!("the client has a cluster secret but the server at {addr} runs without one (insecure mode); {SECRET_ADVICE}")).await)
@@ -267,21 +257,44 @@ where
             return Err(refuse(writer, format!("the server at {addr} requires the cluster secret but the client has none; {SECRET_ADVICE}")).await)
         }
     };
+    let transcript = secured
+        .as_ref()
+        .map(|(_, client_nonce, server_nonce)| Transcript {
+            version,
+            cluster_name: &config.cluster_name,
+            client_node_id: config.node_id,
+            server_node_id,
+            client_nonce,
+            server_nonce,
+        });
+    let with_secret = secured
+        .as_ref()
+        .map(|(secret, ..)| *secret)
+        .zip(transcript.as_ref());
     writer
         .send(Frame::control(Header::ClientProof {
-            proof: client_proof,
+            proof: with_secret.map(|(secret, transcript)| prove(secret, Role::Client, transcript)),
         }))
         .await?;
 
     let frame = next_frame(reader, addr).await?;
-    match frame.header {
-        Header::Accepted => Ok(Established {
-            peer_node_id: server_node_id,
-            keys,
-        }),
-        Header::Refused { reason } => Err(TransportError::Refused { reason }),
-        _ => Err(unexpected(&frame, "Accepted")),
+    let server_proof = match frame.header {
+        Header::Accepted { proof } => proof,
+        Header::Refused { reason } => return Err(TransportError::Refused { reason }),
+        _ => return Err(unexpected(&frame, "Accepted")),
+    };
+    match (with_secret, server_proof) {
+        (None, None) => {}
+        (Some((secret, transcript)), Some(proof))
+            if verify(secret, Role::Server, transcript, &proof) => {}
+        _ => {
+            return Err(refuse(writer, format!("authentication failed: the server at {addr} does not hold the client's cluster secret; {SECRET_ADVICE}")).await)
+        }
     }
+    Ok(Established {
+        peer_node_id: server_node_id,
+        keys: with_secret.map(|(secret, transcript)| FrameKeys::derive(secret, transcript)),
+    })
 }
 
 /// Runs the accepting side's handshake. Returns the client's node id. On any failure the
@@ -353,35 +366,36 @@ where
             cluster_name: config.cluster_name.clone(),
             node_id: config.node_id,
             nonce: secured.as_ref().map(|(_, _, server_nonce)| *server_nonce),
-            proof: secured
-                .as_ref()
-                .zip(transcript.as_ref())
-                .map(|((secret, ..), transcript)| prove(secret, Role::Server, transcript)),
         }))
         .await?;
 
     let frame = next_frame(reader, addr).await?;
     let client_proof = match frame.header {
         Header::ClientProof { proof } => proof,
-        // The client refused us (it does not trust our proof, or our mode): nothing to answer.
+        // The client refused us (our mode, our cluster): nothing to answer.
         Header::Refused { reason } => return Err(TransportError::Refused { reason }),
         _ => return Err(refuse(writer, unexpected(&frame, "ClientProof").to_string()).await),
     };
-    match (secured.as_ref().zip(transcript.as_ref()), client_proof) {
+    let with_secret = secured
+        .as_ref()
+        .map(|(secret, ..)| *secret)
+        .zip(transcript.as_ref());
+    match (with_secret, client_proof) {
         (None, None) => {}
-        (Some(((secret, ..), transcript)), Some(proof))
+        (Some((secret, transcript)), Some(proof))
             if verify(secret, Role::Client, transcript, &proof) => {}
         _ => {
             return Err(refuse(writer, format!("authentication failed: the client does not hold the server's cluster secret; {SECRET_ADVICE}")).await)
         }
     }
-    writer.send(Frame::control(Header::Accepted)).await?;
+    writer
+        .send(Frame::control(Header::Accepted {
+            proof: with_secret.map(|(secret, transcript)| prove(secret, Role::Server, transcript)),
+        }))
+        .await?;
     Ok(Established {
         peer_node_id: client_node_id,
-        keys: secured
-            .as_ref()
-            .zip(transcript.as_ref())
-            .map(|((secret, ..), transcript)| FrameKeys::derive(secret, transcript)),
+        keys: with_secret.map(|(secret, transcript)| FrameKeys::derive(secret, transcript)),
     })
 }
 
@@ -528,5 +542,95 @@ mod tests {
         let error = client.expect_err("refused");
         assert!(error.to_string().contains("CLUSTERFUNK_SECRET"), "{error}");
         assert!(server.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_wrong_secret_is_refused_on_both_sides() {
+        let (client, server) = run(
+            config(Some(secret(1)), None),
+            PROTOCOL_VERSION,
+            config(Some(secret(2)), Some(1)),
+        )
+        .await;
+        let error = server.expect_err("the server refuses a client with another secret");
+        assert!(
+            error.to_string().contains("authentication failed"),
+            "{error}"
+        );
+        let error = client.expect_err("the client learns it was refused");
+        assert!(
+            error.to_string().contains("authentication failed"),
+            "{error}"
+        );
+    }
+
+    /// A peer without the secret that connects to a node must not receive the node's proof:
+    /// it could test guesses of the secret against it offline.
+    #[tokio::test]
+    async fn a_peer_without_the_secret_receives_no_proof_from_a_node() {
+        let (peer_io, server_io) = tokio::io::duplex(HANDSHAKE_FRAME_MAX);
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        let (peer_read, peer_write) = tokio::io::split(peer_io);
+        let (server_read, server_write) = tokio::io::split(server_io);
+        let mut peer_reader = FramedRead::new(peer_read, FrameCodec::new(HANDSHAKE_FRAME_MAX));
+        let mut peer_writer = FramedWrite::new(peer_write, FrameCodec::new(HANDSHAKE_FRAME_MAX));
+        let mut server_reader = FramedRead::new(server_read, FrameCodec::new(HANDSHAKE_FRAME_MAX));
+        let mut server_writer =
+            FramedWrite::new(server_write, FrameCodec::new(HANDSHAKE_FRAME_MAX));
+        let server_config = config(Some(secret(1)), Some(1));
+        let server = async {
+            let result = server(
+                &mut server_reader,
+                &mut server_writer,
+                &server_config,
+                addr,
+                PROTOCOL_VERSION,
+            )
+            .await;
+            // Both halves gone: the peer reads the end of the stream.
+            drop(server_writer);
+            drop(server_reader);
+            result
+        };
+        let peer = async {
+            peer_writer
+                .send(Frame::control(Header::ClientHello {
+                    version: PROTOCOL_VERSION,
+                    cluster_name: server_config.cluster_name.clone(),
+                    node_id: None,
+                    nonce: Some([3; 32]),
+                }))
+                .await
+                .expect("hello sent");
+            // The attacker has no secret: it answers with a made-up proof.
+            let hello = peer_reader
+                .next()
+                .await
+                .expect("server hello")
+                .expect("decodes");
+            assert!(
+                matches!(hello.header, Header::ServerHello { .. }),
+                "{hello:?}"
+            );
+            peer_writer
+                .send(Frame::control(Header::ClientProof {
+                    proof: Some([4; 32]),
+                }))
+                .await
+                .expect("proof sent");
+            let mut rest = Vec::new();
+            while let Some(Ok(frame)) = peer_reader.next().await {
+                rest.push(frame.header);
+            }
+            rest
+        };
+        let (server, rest) = tokio::join!(server, peer);
+        assert!(server.is_err(), "the made-up proof is refused");
+        assert!(
+            rest.iter()
+                .all(|header| matches!(header, Header::Refused { .. })),
+            "after its hello the server sent only a refusal, never a proof: {rest:?}"
+        );
+        assert!(!rest.is_empty(), "the peer is told why it is refused");
     }
 }

@@ -68,6 +68,15 @@ pub enum SecretError {
         /// How many distinct byte values it holds.
         distinct: usize,
     },
+    /// The secret is a shorter piece repeated (`password1234password1234`): as easy to guess
+    /// as the piece.
+    #[error("the cluster secret from {origin} is a {period}-byte piece repeated, so it is as easy to guess as the piece; {SECRET_ADVICE}")]
+    Repeated {
+        /// Where the secret came from (a file, the environment, or code).
+        origin: String,
+        /// The length of the repeated piece.
+        period: usize,
+    },
     /// `CLUSTERFUNK_SECRET` is set but is not valid UTF-8.
     #[error("the {SECRET_ENV_VAR} environment variable is not valid UTF-8; {SECRET_ADVICE}, or use --secret-file")]
     NotUnicode,
@@ -144,6 +153,12 @@ impl Secret {
                 distinct,
             });
         }
+        if let Some(period) = repeated_period(&bytes) {
+            return Err(SecretError::Repeated {
+                origin: origin.to_owned(),
+                period,
+            });
+        }
         Ok(Self {
             bytes: bytes.into(),
         })
@@ -163,6 +178,12 @@ fn distinct_bytes(bytes: &[u8]) -> usize {
         seen[usize::from(b)] = true;
     }
     seen.iter().filter(|&&s| s).count()
+}
+
+/// The length of the shortest piece that `bytes` repeats (at least twice, the last time
+/// perhaps cut short), if there is one.
+fn repeated_period(bytes: &[u8]) -> Option<usize> {
+    (1..=bytes.len() / 2).find(|&period| bytes[period..] == bytes[..bytes.len() - period])
 }
 
 /// Drops trailing `\n` and `\r\n`: only line ends, since other whitespace may be part of the
@@ -222,6 +243,25 @@ mod tests {
         assert!(message.contains("clusterfunk new-secret"), "{message}");
         // The command-line contract check's secret passes.
         assert!(Secret::new("contract-check-secret-0123456789").is_ok());
+    }
+
+    #[test]
+    fn a_secret_that_repeats_a_shorter_piece_is_refused() {
+        for weak in [
+            "password1234password1234",
+            "Correct-Horse!9Correct-Horse!9Co",
+        ] {
+            assert!(
+                matches!(Secret::new(weak), Err(SecretError::Repeated { .. })),
+                "{weak:?} should be refused as repeated"
+            );
+        }
+        assert_eq!(repeated_period(b"abcabcab"), Some(3));
+        assert_eq!(repeated_period(b"abcabd"), None);
+        let message = Secret::new("password1234password1234")
+            .expect_err("repeated")
+            .to_string();
+        assert!(message.contains("12-byte piece repeated"), "{message}");
     }
 
     #[test]
