@@ -99,6 +99,7 @@ mod service;
 pub mod shard;
 pub mod shard_map;
 pub mod storage;
+pub mod tls;
 pub mod transport;
 pub mod wire;
 

@@ -1,0 +1,20 @@
+//! TLS with client certificates: every connection encrypted and both ends identified by a
+//! certificate of the cluster's CA, whose identity (cluster, role, node id) decides what the
+//! peer may do.
+//!
+//! `identity.rs` owns the identity format, `certs.rs` issuing certificates (what `clusterfunk
+//! certs` writes), `config.rs` loading a certificate directory into rustls configurations.
+
+pub mod certs;
+pub mod identity;
+
+pub use identity::{CertIdentity, Role};
+
+/// The CA certificate in every certificate directory.
+pub const CA_FILE: &str = "ca.pem";
+/// The holder's certificate in a certificate directory.
+pub const CERT_FILE: &str = "cert.pem";
+/// The holder's private key in a certificate directory.
+pub const KEY_FILE: &str = "key.pem";
+/// The CA's private key, only in the CA's own directory (`D/ca/`).
+pub const CA_KEY_FILE: &str = "ca.key";
