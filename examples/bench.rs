@@ -110,11 +110,14 @@ use std::time::{Duration, Instant};
 use actix::prelude::{Actor, Addr, Context, Handler, Message};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use clusterfunk::admin::{resolve_secret, AdminClient, AdminRequest, AdminResponse};
+use clusterfunk::admin::{
+    resolve_credentials, AdminClient, AdminRequest, AdminResponse, Credentials,
+};
 use clusterfunk::client::Client;
 use clusterfunk::codec;
 use clusterfunk::consensus::NodeInfo;
 use clusterfunk::prelude::*;
+use clusterfunk::tls::certs::{self, NodeSpec};
 use clusterfunk::transport::{Transport, TransportConfig};
 use clusterfunk::wire::{Request, Response};
 use futures_util::stream::FuturesUnordered;
@@ -213,6 +216,9 @@ struct ServeArgs {
     /// Run without the cluster secret (as `kv serve --insecure`).
     #[arg(long)]
     insecure: bool,
+    /// Run with TLS, this node's certificates in this directory (as `kv serve --tls-dir`).
+    #[arg(long, conflicts_with = "insecure")]
+    tls_dir: Option<PathBuf>,
 }
 
 /// The load generator's options.
@@ -248,6 +254,10 @@ struct Options {
     /// go unauthenticated. For measuring what the secret mode costs; never in production.
     #[arg(long)]
     insecure: bool,
+    /// Run the nodes and the load with TLS 1.3 and client certificates (made with
+    /// `clusterfunk::tls::certs` in the bench's directory), to compare with the secret mode.
+    #[arg(long, conflicts_with = "insecure")]
+    tls: bool,
     /// Follower kills in `failover` (follower freezes in `freeze`, partitions in `partition`);
     /// as many leader kills (freezes, partitions) follow.
     #[arg(long, default_value_t = 1)]
@@ -1017,7 +1027,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let secret = resolve_secret(None, args.insecure)?;
+    let credentials = resolve_credentials(args.tls_dir.as_deref(), None, args.insecure)?;
     let initial = args
         .init
         .as_deref()
@@ -1038,9 +1048,10 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 .lease(clusterfunk::LeaseConfig::fast())
                 .consensus(clusterfunk::ConsensusConfig::fast());
         }
-        builder = match secret {
-            Some(secret) => builder.secret(secret),
-            None => builder.insecure(),
+        builder = match credentials {
+            Credentials::Tls(tls) => builder.tls(tls),
+            Credentials::Secret(secret) => builder.secret(secret),
+            Credentials::Insecure => builder.insecure(),
         };
         let node = builder.start().await.map_err(|e| e.to_string())?;
         if let Some(faults) = node.faults() {
@@ -1352,9 +1363,9 @@ impl Bench<'_> {
     }
 
     fn client(&self, seeds: Vec<SocketAddr>) -> Result<Client, String> {
-        Client::with_config(
+        Client::with_credentials(
             seeds,
-            self.harness.launch.secret()?,
+            &self.harness.launch.credentials("client")?,
             CLUSTER_NAME,
             REQUEST_TIMEOUT,
         )
@@ -1468,6 +1479,7 @@ impl Bench<'_> {
             cluster_name: CLUSTER_NAME.to_owned(),
             node_id: None,
             secret: self.harness.launch.secret()?,
+            tls: self.harness.launch.credentials("client")?.tls(),
             reconnect_backoff_max: Duration::from_millis(250),
             ..TransportConfig::default()
         })
@@ -2827,17 +2839,32 @@ fn run(options: Options) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
     let mut launch = Launch::new(PROGRAM, Binaries::node_program(exe), &options.node)?;
     launch.insecure = options.insecure;
-    let addrs = free_ports(options.nodes, &launch.secret)?
+    let addrs: Vec<SocketAddr> = free_ports(options.nodes, &launch.secret)?
         .into_iter()
         .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
         .collect();
-    let mut harness = Harness::new(launch, addrs, options.node.keep_dir)?;
+    let mut harness = Harness::new(launch, addrs.clone(), options.node.keep_dir)?;
+    if options.tls {
+        let dir = harness.path().join("certs");
+        let nodes: Vec<NodeSpec> = harness
+            .nodes
+            .iter()
+            .map(|node| NodeSpec {
+                id: node.id,
+                addr: node.addr,
+            })
+            .collect();
+        certs::write_cluster(&dir, CLUSTER_NAME, &nodes).map_err(|e| e.to_string())?;
+        harness.launch.tls_dir = Some(dir);
+    }
     let load_before = load_average();
     println!(
         "bench: {} nodes ({} shards) as processes, {}, nodes in {} (RUST_LOG={}); load average {}",
         options.nodes,
         SHARD_COUNT,
-        if options.insecure {
+        if options.tls {
+            "TLS 1.3 with client certificates"
+        } else if options.insecure {
             "insecure (frames unauthenticated)"
         } else {
             "secret mode (frames authenticated)"

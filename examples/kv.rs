@@ -23,7 +23,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use clusterfunk::admin::resolve_secret;
+use clusterfunk::admin::{resolve_credentials, Credentials};
 use clusterfunk::client::{Client, ClientError};
 use clusterfunk::consensus::NodeInfo;
 use clusterfunk::prelude::*;
@@ -98,6 +98,11 @@ struct Cli {
 
 #[derive(Args)]
 struct Auth {
+    /// Use TLS with the certificates in this directory (`clusterfunk certs` writes them:
+    /// D/node-ID for `serve`, D/client for put, get and owner). Excludes a secret and
+    /// --insecure.
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
     /// File holding the cluster secret (default: CLUSTERFUNK_SECRET).
     #[arg(long)]
     secret_file: Option<PathBuf>,
@@ -189,15 +194,23 @@ where
     F: FnOnce(Client) -> Fut,
     Fut: std::future::Future<Output = Result<ExitCode, ClientError>>,
 {
-    let secret = resolve_secret(auth.secret_file.as_deref(), auth.insecure)?;
+    let credentials = resolve_credentials(
+        auth.tls_dir.as_deref(),
+        auth.secret_file.as_deref(),
+        auth.insecure,
+    )?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     runtime.block_on(async {
-        let client =
-            Client::with_config([node], secret, &auth.cluster_name, Duration::from_secs(10))
-                .map_err(|e| e.to_string())?;
+        let client = Client::with_credentials(
+            [node],
+            &credentials,
+            &auth.cluster_name,
+            Duration::from_secs(10),
+        )
+        .map_err(|e| e.to_string())?;
         call(client).await.map_err(|e| e.to_string())
     })
 }
@@ -246,7 +259,11 @@ struct Serve {
 /// Runs a node until SIGTERM or Ctrl-C, then leaves gracefully: exit 0 when every shard was
 /// handed over, 2 when the drain did not finish in time.
 fn serve(settings: Serve) -> Result<ExitCode, String> {
-    let secret = resolve_secret(settings.auth.secret_file.as_deref(), settings.auth.insecure)?;
+    let credentials = resolve_credentials(
+        settings.auth.tls_dir.as_deref(),
+        settings.auth.secret_file.as_deref(),
+        settings.auth.insecure,
+    )?;
     let initial = settings
         .init
         .as_deref()
@@ -275,9 +292,10 @@ fn serve(settings: Serve) -> Result<ExitCode, String> {
                 .lease(clusterfunk::LeaseConfig::fast())
                 .consensus(clusterfunk::ConsensusConfig::fast());
         }
-        builder = match secret {
-            Some(secret) => builder.secret(secret),
-            None => builder.insecure(),
+        builder = match credentials {
+            Credentials::Tls(tls) => builder.tls(tls),
+            Credentials::Secret(secret) => builder.secret(secret),
+            Credentials::Insecure => builder.insecure(),
         };
         let node = builder.start().await.map_err(|e| e.to_string())?;
         tokio::select! {

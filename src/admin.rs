@@ -282,13 +282,65 @@ impl AdminClient {
         secret: Option<Secret>,
         timeout: Duration,
     ) -> Result<Self, AdminError> {
-        let transport = Transport::new(TransportConfig {
-            cluster_name: cluster_name.to_string(),
-            node_id: None,
-            secret,
-            ..TransportConfig::default()
-        })
-        .map_err(|e| AdminError::Invalid {
+        Self::with_transport_config(
+            node,
+            TransportConfig {
+                cluster_name: cluster_name.to_string(),
+                node_id: None,
+                secret,
+                ..TransportConfig::default()
+            },
+            timeout,
+        )
+    }
+
+    /// A client for the node at `node` over TLS with the certificate in `tls` (the `admin`
+    /// certificate for operator commands; a `client` certificate may only read status, nodes
+    /// and shards). The cluster name is the one the certificate names.
+    pub fn with_tls(
+        node: SocketAddr,
+        tls: crate::tls::TlsConfig,
+        timeout: Duration,
+    ) -> Result<Self, AdminError> {
+        Self::with_transport_config(
+            node,
+            TransportConfig {
+                cluster_name: tls.identity().cluster.clone(),
+                node_id: None,
+                tls: Some(tls),
+                ..TransportConfig::default()
+            },
+            timeout,
+        )
+    }
+
+    /// A client for the node at `node` with resolved [`Credentials`]; with TLS the cluster
+    /// name must be the one the certificate names.
+    pub fn with_credentials(
+        node: SocketAddr,
+        cluster_name: &str,
+        credentials: &Credentials,
+        timeout: Duration,
+    ) -> Result<Self, AdminError> {
+        Self::with_transport_config(
+            node,
+            TransportConfig {
+                cluster_name: cluster_name.to_string(),
+                node_id: None,
+                secret: credentials.secret(),
+                tls: credentials.tls(),
+                ..TransportConfig::default()
+            },
+            timeout,
+        )
+    }
+
+    fn with_transport_config(
+        node: SocketAddr,
+        config: TransportConfig,
+        timeout: Duration,
+    ) -> Result<Self, AdminError> {
+        let transport = Transport::new(config).map_err(|e| AdminError::Invalid {
             reason: e.to_string(),
         })?;
         Ok(AdminClient {
@@ -335,6 +387,60 @@ pub(crate) async fn call_admin(
             reason: format!("undecodable answer: {e}"),
         }),
     }
+}
+
+/// How a tool, client or node proves who it is: what the binaries' `--tls-dir`,
+/// `--secret-file`, `CLUSTERFUNK_SECRET` and `--insecure` resolve to.
+#[derive(Debug, Clone)]
+pub enum Credentials {
+    /// TLS with the certificates of one directory (`clusterfunk certs` writes them).
+    Tls(crate::tls::TlsConfig),
+    /// The shared cluster secret.
+    Secret(Secret),
+    /// Nothing: only clusters that run insecure accept it.
+    Insecure,
+}
+
+impl Credentials {
+    /// The cluster secret, if these are secret credentials.
+    pub fn secret(&self) -> Option<Secret> {
+        match self {
+            Credentials::Secret(secret) => Some(secret.clone()),
+            _ => None,
+        }
+    }
+
+    /// The TLS settings, if these are TLS credentials.
+    pub fn tls(&self) -> Option<crate::tls::TlsConfig> {
+        match self {
+            Credentials::Tls(tls) => Some(tls.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// Resolves credentials the way the binaries do: `--tls-dir` (which excludes a secret and
+/// `--insecure`), else the secret as [`resolve_secret`] finds it.
+pub fn resolve_credentials(
+    tls_dir: Option<&std::path::Path>,
+    secret_file: Option<&std::path::Path>,
+    insecure: bool,
+) -> Result<Credentials, String> {
+    let Some(dir) = tls_dir else {
+        return Ok(match resolve_secret(secret_file, insecure)? {
+            Some(secret) => Credentials::Secret(secret),
+            None => Credentials::Insecure,
+        });
+    };
+    if insecure {
+        return Err("--tls-dir cannot be combined with --insecure: TLS authenticates every connection; drop one of them".into());
+    }
+    if secret_file.is_some() || std::env::var_os(crate::transport::SECRET_ENV_VAR).is_some() {
+        return Err(format!("--tls-dir cannot be combined with a cluster secret (--secret-file or {}): a cluster runs in one mode; drop the secret", crate::transport::SECRET_ENV_VAR));
+    }
+    crate::tls::TlsConfig::from_dir(dir)
+        .map(Credentials::Tls)
+        .map_err(|e| e.to_string())
 }
 
 /// Resolves the cluster secret the way the binaries do: `--secret-file` first, then the

@@ -53,7 +53,7 @@ pub enum ClientError {
     #[error(transparent)]
     Cluster(#[from] Error),
     /// No node could be reached; the last failure is given.
-    #[error("no node reachable: {0}; check the addresses and that CLUSTERFUNK_SECRET matches the cluster's")]
+    #[error("no node reachable: {0}; check the addresses and that this client's credentials (CLUSTERFUNK_SECRET, or the certificates of --tls-dir) match the cluster's")]
     Unreachable(TransportError),
     /// The client was built without seeds or with a bad configuration.
     #[error("invalid client configuration: {0}")]
@@ -183,14 +183,80 @@ impl Client {
                 "the timeout must be longer than zero".into(),
             ));
         }
-        let transport = Transport::new(TransportConfig {
-            cluster_name: cluster_name.to_string(),
-            node_id: None,
-            secret,
-            reconnect_backoff_max: Duration::from_millis(250),
-            ..TransportConfig::default()
-        })
-        .map_err(|e| ClientError::Invalid(e.to_string()))?;
+        Self::with_transport_config(
+            seeds,
+            TransportConfig {
+                cluster_name: cluster_name.to_string(),
+                node_id: None,
+                secret,
+                reconnect_backoff_max: Duration::from_millis(250),
+                ..TransportConfig::default()
+            },
+            timeout,
+        )
+    }
+
+    /// A client that talks TLS with the certificate in `tls` (a `client` certificate of the
+    /// cluster's CA, e.g. `TlsConfig::from_dir("D/client")`); the cluster name is the one the
+    /// certificate names. `timeout` is the default deadline of a call.
+    pub fn with_tls(
+        seeds: impl IntoIterator<Item = SocketAddr>,
+        tls: crate::tls::TlsConfig,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        Self::with_transport_config(
+            seeds,
+            TransportConfig {
+                cluster_name: tls.identity().cluster.clone(),
+                node_id: None,
+                tls: Some(tls),
+                reconnect_backoff_max: Duration::from_millis(250),
+                ..TransportConfig::default()
+            },
+            timeout,
+        )
+    }
+
+    /// A client with resolved [`Credentials`](crate::admin::Credentials) (what `kv`'s
+    /// `--tls-dir`, `--secret-file` and `--insecure` resolve to); with TLS the cluster name
+    /// must be the one the certificate names.
+    pub fn with_credentials(
+        seeds: impl IntoIterator<Item = SocketAddr>,
+        credentials: &crate::admin::Credentials,
+        cluster_name: &str,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        Self::with_transport_config(
+            seeds,
+            TransportConfig {
+                cluster_name: cluster_name.to_string(),
+                node_id: None,
+                secret: credentials.secret(),
+                tls: credentials.tls(),
+                reconnect_backoff_max: Duration::from_millis(250),
+                ..TransportConfig::default()
+            },
+            timeout,
+        )
+    }
+
+    fn with_transport_config(
+        seeds: impl IntoIterator<Item = SocketAddr>,
+        config: TransportConfig,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let seeds: Vec<SocketAddr> = seeds.into_iter().collect();
+        if seeds.is_empty() {
+            return Err(ClientError::Invalid(
+                "give at least one seed address".into(),
+            ));
+        }
+        if timeout.is_zero() {
+            return Err(ClientError::Invalid(
+                "the timeout must be longer than zero".into(),
+            ));
+        }
+        let transport = Transport::new(config).map_err(|e| ClientError::Invalid(e.to_string()))?;
         Ok(Client {
             shared: Arc::new(Shared {
                 transport,
@@ -427,6 +493,9 @@ impl Shared {
             let _ = tokio::time::timeout_at(deadline, self.refresh()).await;
         }
         let mut avoid: Vec<SocketAddr> = Vec::new();
+        // Nodes whose handshake refused this client (wrong secret, certificate or cluster
+        // name): a configuration mistake that waiting does not fix.
+        let mut refused: Vec<SocketAddr> = Vec::new();
         let mut last: Option<ClientError> = None;
         let mut not_ready_rounds = 0;
         let timed_out = |shard| {
@@ -461,6 +530,12 @@ impl Shared {
                     .find(|addr| !avoid.contains(addr) && self.transport.is_responsive(*addr))
             });
             let Some(target) = target else {
+                // Every node refused the handshake: say so now rather than at the deadline.
+                if !refused.is_empty() && self.candidates().iter().all(|a| refused.contains(a)) {
+                    if let Some(error) = last {
+                        return Err(error);
+                    }
+                }
                 // Everything tried: start over after a pause, bounded by the deadline.
                 avoid.clear();
                 self.wait_for_change(None, (Instant::now() + WATCH_RETRY_PAUSE).min(deadline))
@@ -497,6 +572,12 @@ impl Shared {
                 Attempt::Fail(error) => return Err(error),
                 Attempt::Avoid(error) => {
                     avoid.push(target);
+                    if matches!(
+                        error,
+                        ClientError::Unreachable(TransportError::Refused { .. })
+                    ) {
+                        refused.push(target);
+                    }
                     last = Some(error);
                 }
                 Attempt::Retry(error) => {

@@ -210,6 +210,7 @@ const STUCK_MOVE_LEASES: u32 = 4;
 #[derive(Default)]
 struct ClusterOptions {
     secret: Option<Secret>,
+    tls: Option<crate::tls::TlsConfig>,
     insecure: bool,
     in_memory_for_tests: bool,
     initial_members: Option<BTreeMap<NodeId, NodeInfo>>,
@@ -331,6 +332,15 @@ impl<H> ClusterBuilder<H> {
         self
     }
 
+    /// Runs every connection over TLS 1.3 with certificates of the cluster CA (see
+    /// [`TlsConfig`](crate::tls::TlsConfig)): traffic is encrypted, and each peer's certificate
+    /// decides what it may do (`node`, `admin`, `client`). This node's certificate must name
+    /// its node id. Excludes [`secret`](Self::secret) and [`insecure`](Self::insecure).
+    pub fn tls(mut self, tls: crate::tls::TlsConfig) -> Self {
+        self.cluster.tls = Some(tls);
+        self
+    }
+
     /// Runs without a secret: anyone who reaches the port can join or send. For local
     /// experiments only. Default: off.
     pub fn insecure(mut self) -> Self {
@@ -447,14 +457,24 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             name: "listen",
             hint: "call .listen(addr) or use .standalone()",
         })?;
-        if options.secret.is_none() && !options.insecure {
-            return Err(ConfigError::Missing {
-                name: "secret",
-                hint: "set CLUSTERFUNK_SECRET or pass a secret file; use insecure mode only for local experiments",
+        if options.tls.is_some() && (options.secret.is_some() || options.insecure) {
+            return Err(ConfigError::Invalid {
+                name: "tls",
+                reason: format!(
+                    "TLS cannot be combined with {}: certificates authenticate every connection; choose one mode",
+                    if options.insecure { "insecure mode" } else { "a cluster secret" }
+                ),
             }
             .into());
         }
-        if options.secret.is_none() {
+        if options.secret.is_none() && options.tls.is_none() && !options.insecure {
+            return Err(ConfigError::Missing {
+                name: "secret",
+                hint: "set CLUSTERFUNK_SECRET or pass a secret file (or use TLS certificates); use insecure mode only for local experiments",
+            }
+            .into());
+        }
+        if options.secret.is_none() && options.tls.is_none() {
             tracing::warn!(
                 %listen,
                 "INSECURE: this node runs without a cluster secret; anyone who reaches {listen} can join the cluster or send it messages"
@@ -504,6 +524,7 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             cluster_name: config.cluster_name.clone(),
             node_id: Some(config.node_id),
             secret: options.secret.clone(),
+            tls: options.tls.clone(),
             // A restarted peer must be reachable again quickly: leases and failover run on
             // sub-second timers.
             reconnect_backoff_max: Duration::from_millis(250),

@@ -17,6 +17,7 @@ use crate::metrics::RouteLabel;
 use crate::router::{Origin, Router};
 use crate::shard::ShardHandler;
 use crate::shard_map::Key;
+use crate::tls::Role;
 use crate::transport::{PeerInfo, Service};
 use crate::wire::{RemoteRaftError, Request, Response, RoutingInfo};
 
@@ -39,6 +40,10 @@ impl<H: ShardHandler> Service for NodeService<H> {
                 return Box::pin(std::future::ready(Err(e.to_string())));
             }
         };
+        if let Err(reason) = authorize(peer.role, &request) {
+            tracing::warn!(peer = %peer.addr, %reason, "request refused");
+            return Box::pin(std::future::ready(Err(reason)));
+        }
         // Each kind boxes only its own future (and clones only what it uses): a request for a
         // shard does not pay for the size of raft's futures.
         let limit = self.consensus.transport().config().payload_max();
@@ -187,6 +192,49 @@ impl<H: ShardHandler> Service for NodeService<H> {
     }
 }
 
+/// What a peer's certificate allows (TLS only; without TLS `role` is `None` and every peer
+/// that passed the handshake may do everything). Decided from the certificate, never from a
+/// request field: a client that marks an admin request as forwarded is still a client.
+fn authorize(role: Option<Role>, request: &Request) -> Result<(), String> {
+    let Some(role) = role else { return Ok(()) };
+    let what = match request {
+        // What a client does: send to shards, read the map and status.
+        Request::Shard { .. }
+        | Request::ShardAt { .. }
+        | Request::Routing
+        | Request::WatchRouting { .. }
+        | Request::Admin {
+            request: AdminRequest::Status | AdminRequest::Nodes | AdminRequest::Shards,
+            forwarded: false,
+        } => return Ok(()),
+        // Operator commands: admins (and nodes).
+        Request::Admin {
+            forwarded: false, ..
+        } if role == Role::Admin => return Ok(()),
+        _ if matches!(role, Role::Node(_)) => return Ok(()),
+        Request::Admin {
+            forwarded: false, ..
+        } => "operator commands",
+        Request::Admin {
+            forwarded: true, ..
+        } => "admin commands forwarded between nodes",
+        Request::Forward { .. } => "forwarded messages",
+        Request::AppendEntries(_) | Request::Vote(_) | Request::InstallSnapshot(_) => {
+            "raft messages"
+        }
+        Request::RenewLease(_) => "lease renewals",
+        Request::Handoff { .. } | Request::HandoffChunk { .. } => "shard handoffs",
+        Request::Propose(_) => "proposals",
+    };
+    let advice = match role {
+        Role::Client => "operator commands need the admin certificate (--tls-dir D/admin)",
+        _ => "only nodes send them",
+    };
+    Err(format!(
+        "not authorized: {role} certificates may not send {what}; {advice}"
+    ))
+}
+
 fn encode(response: &Response) -> Result<Vec<u8>, String> {
     codec::encode(response).map_err(|e| e.to_string())
 }
@@ -250,4 +298,58 @@ async fn route_wire<H: ShardHandler>(
 ) -> Result<Vec<u8>, Error> {
     let message = H::Message::decode(tag, payload)?;
     message.route_wire(router, Key::from(key), origin).await
+}
+
+#[cfg(test)]
+mod authorization_tests {
+    use super::*;
+
+    fn admin(request: AdminRequest, forwarded: bool) -> Request {
+        Request::Admin { request, forwarded }
+    }
+
+    #[test]
+    fn a_certificate_role_decides_what_a_peer_may_send_not_a_request_field() {
+        let shard = Request::Shard {
+            key: b"k".to_vec(),
+            tag: "t".into(),
+            payload: Vec::new(),
+        };
+        let drain = || admin(AdminRequest::Drain { id: 1 }, false);
+        let forward = Request::Forward {
+            key: b"k".to_vec(),
+            tag: "t".into(),
+            payload: Vec::new(),
+            epoch: 1,
+        };
+        // Without TLS there are no roles.
+        assert!(authorize(None, &drain()).is_ok());
+        // Clients: shards, map and status only.
+        assert!(authorize(Some(Role::Client), &shard).is_ok());
+        assert!(authorize(Some(Role::Client), &Request::Routing).is_ok());
+        assert!(authorize(Some(Role::Client), &admin(AdminRequest::Status, false)).is_ok());
+        let refused = authorize(Some(Role::Client), &drain()).expect_err("a client may not drain");
+        assert!(refused.starts_with("not authorized"), "{refused}");
+        assert!(refused.contains("D/admin"), "{refused}");
+        // Marking the request as forwarded by a node does not make the client a node.
+        for request in [
+            admin(AdminRequest::Status, true),
+            admin(AdminRequest::Drain { id: 1 }, true),
+        ] {
+            assert!(authorize(Some(Role::Client), &request).is_err());
+            assert!(authorize(Some(Role::Admin), &request).is_err());
+        }
+        assert!(authorize(Some(Role::Client), &forward).is_err());
+        // Admins: operator commands too, nothing of the nodes' own protocol.
+        assert!(authorize(Some(Role::Admin), &drain()).is_ok());
+        assert!(authorize(Some(Role::Admin), &shard).is_ok());
+        assert!(authorize(Some(Role::Admin), &forward).is_err());
+        // Nodes: everything.
+        assert!(authorize(Some(Role::Node(2)), &forward).is_ok());
+        assert!(authorize(
+            Some(Role::Node(2)),
+            &admin(AdminRequest::Drain { id: 1 }, true)
+        )
+        .is_ok());
+    }
 }

@@ -22,8 +22,11 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use clusterfunk::admin::{AdminClient, AdminRequest, AdminResponse, NodeState, StatusReport};
+use clusterfunk::admin::{
+    AdminClient, AdminRequest, AdminResponse, Credentials, NodeState, StatusReport,
+};
 use clusterfunk::shard_map::shard_for;
+use clusterfunk::tls::TlsConfig;
 use clusterfunk::transport::{Secret, SECRET_ENV_VAR};
 use clusterfunk::NodeId;
 use serde_json::{json, Value};
@@ -160,6 +163,10 @@ pub struct Launch {
     /// Nodes and clients run without the secret (`kv serve --insecure`; only the bench sets
     /// it, to measure what the secret mode costs).
     pub insecure: bool,
+    /// Nodes and clients run with TLS: certificates from `clusterfunk certs` in this
+    /// directory (`node-ID` for nodes, `client` for the library's clients, `admin` for admin
+    /// calls). Only the bench sets it, to measure what TLS costs.
+    pub tls_dir: Option<PathBuf>,
 }
 
 impl Launch {
@@ -176,6 +183,7 @@ impl Launch {
             rust_log: options.rust_log.clone(),
             timing: options.timing.clone(),
             insecure: false,
+            tls_dir: None,
         })
     }
 
@@ -215,7 +223,12 @@ impl Launch {
             command.arg("--init").arg(init);
         }
         command.arg("--timing").arg(&self.timing);
-        if self.insecure {
+        if let Some(dir) = &self.tls_dir {
+            command
+                .arg("--tls-dir")
+                .arg(dir.join(format!("node-{}", node.id)))
+                .env_remove(SECRET_ENV_VAR);
+        } else if self.insecure {
             command.arg("--insecure").env_remove(SECRET_ENV_VAR);
         } else {
             command.env(SECRET_ENV_VAR, &self.secret);
@@ -232,9 +245,23 @@ impl Launch {
         Ok(())
     }
 
-    /// The cluster secret for the library's clients (`None` with `--insecure`).
+    /// What the library's clients (`holder` "client") and admin calls ("admin") authenticate
+    /// with: TLS, the secret, or nothing.
+    pub fn credentials(&self, holder: &str) -> Result<Credentials, String> {
+        if let Some(dir) = &self.tls_dir {
+            return TlsConfig::from_dir(dir.join(holder))
+                .map(Credentials::Tls)
+                .map_err(|e| e.to_string());
+        }
+        Ok(match self.secret()? {
+            Some(secret) => Credentials::Secret(secret),
+            None => Credentials::Insecure,
+        })
+    }
+
+    /// The cluster secret for the library's clients (`None` with `--insecure` or TLS).
     pub fn secret(&self) -> Result<Option<Secret>, String> {
-        if self.insecure {
+        if self.insecure || self.tls_dir.is_some() {
             return Ok(None);
         }
         Secret::new(self.secret.clone())
@@ -244,7 +271,8 @@ impl Launch {
 
     /// A library admin client for the node at `addr`, each call bounded by `timeout`.
     pub fn admin(&self, addr: SocketAddr, timeout: Duration) -> Result<AdminClient, String> {
-        AdminClient::new(addr, "clusterfunk", self.secret()?, timeout).map_err(|e| e.to_string())
+        AdminClient::with_credentials(addr, "clusterfunk", &self.credentials("admin")?, timeout)
+            .map_err(|e| e.to_string())
     }
 }
 

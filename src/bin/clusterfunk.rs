@@ -11,17 +11,25 @@
 //! does not, so scripts can gate on it; 1 and 2 keep their meaning. `add-node` and `remove-node`
 //! print the same verdict for the layout they leave (under `plan` in `--json`); their exit code
 //! does not depend on it.
+//!
+//! `certs`, `new-secret`, `plan --zones` and `recover` work offline, without a node or the
+//! secret. `certs` writes the cluster's TLS certificates (see `clusterfunk::tls::certs`): a new
+//! CA with certificates for every node, the operator tools and the clients (`--nodes`), or one
+//! more node's with the existing CA (`--add-node`).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{ArgGroup, Parser, Subcommand};
 use clusterfunk::admin::{
-    resolve_secret, AdminClient, AdminRequest, AdminResponse, ChangeReport, NodesReport,
+    resolve_credentials, AdminClient, AdminRequest, AdminResponse, ChangeReport, NodesReport,
 };
 use clusterfunk::plan::{Failure, Layout, Plan, Role};
+use clusterfunk::tls;
+use clusterfunk::tls::certs::{self, CertsError, NodeSpec, CA_DIR};
 use serde::Serialize;
 
 /// The command failed (an error, or the node refused it).
@@ -40,6 +48,10 @@ struct Cli {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// Talk TLS with the certificates in this directory (D/admin from `clusterfunk certs`;
+    /// D/client may only read status, nodes and shards). Excludes a secret and --insecure.
+    #[arg(long, global = true)]
+    tls_dir: Option<PathBuf>,
     /// File holding the cluster secret (default: the CLUSTERFUNK_SECRET environment variable).
     #[arg(long, global = true)]
     secret_file: Option<PathBuf>,
@@ -144,6 +156,35 @@ enum Command {
         #[arg(long, value_name = "IP:PORT", group = "source")]
         from_cluster: Option<SocketAddr>,
     },
+    /// Write the cluster's TLS certificates (offline): with --nodes a new CA and certificates
+    /// for every node, the operator tools (admin) and application clients; with --add-node one
+    /// more node's, signed by the CA already in DIR/ca. Keep DIR/ca/ca.key off the nodes.
+    #[command(group(ArgGroup::new("issue").required(true).multiple(false)))]
+    Certs {
+        /// The directory to write (created if needed): DIR/ca, DIR/node-ID, DIR/admin,
+        /// DIR/client.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Every node as ID=IP:PORT,...: the address the others dial it at, whose IP goes
+        /// into its certificate.
+        #[arg(long, value_name = "ID=IP:PORT,...", group = "issue")]
+        nodes: Option<NodeList>,
+        /// One more node, ID=IP:PORT, with the existing CA in DIR/ca.
+        #[arg(long, value_name = "ID=IP:PORT", group = "issue")]
+        add_node: Option<NodeSpec>,
+    },
+}
+
+/// `certs --nodes`: the nodes as clap reads them, checked as a whole (ids and addresses once).
+#[derive(Clone, Debug)]
+struct NodeList(Vec<NodeSpec>);
+
+impl FromStr for NodeList {
+    type Err = CertsError;
+
+    fn from_str(list: &str) -> Result<NodeList, CertsError> {
+        NodeSpec::parse_list(list).map(NodeList)
+    }
 }
 
 /// Why the tool stops with a non-zero exit code.
@@ -219,6 +260,20 @@ fn run(cli: Cli) -> Result<ExitCode, ToolError> {
         println!("{secret}");
         return Ok(ExitCode::SUCCESS);
     }
+    if let Command::Certs {
+        dir,
+        nodes,
+        add_node,
+    } = &cli.command
+    {
+        return write_certificates(
+            dir,
+            &cli.cluster_name,
+            nodes.as_ref(),
+            add_node.as_ref(),
+            cli.json,
+        );
+    }
     if let Command::Plan {
         zones,
         learners,
@@ -228,7 +283,11 @@ fn run(cli: Cli) -> Result<ExitCode, ToolError> {
         return plan(&cli, zones.as_ref(), learners.as_deref(), *from_cluster);
     }
     let node = cli.node.ok_or("--node IP:PORT is required")?;
-    let secret = resolve_secret(cli.secret_file.as_deref(), cli.insecure)?;
+    let credentials = resolve_credentials(
+        cli.tls_dir.as_deref(),
+        cli.secret_file.as_deref(),
+        cli.insecure,
+    )?;
     // add-node and remove-node also print the verdict on the layout they leave; add-node's
     // zone is remembered in case the node answering `nodes` has not seen the new member yet.
     let (membership_change, added) = match &cli.command {
@@ -258,10 +317,11 @@ fn run(cli: Cli) -> Result<ExitCode, ToolError> {
         Command::Recover { .. } => return Err("recover runs offline".into()),
         Command::Plan { .. } => return Err("plan is handled above".into()),
         Command::NewSecret => return Err("new-secret is handled above".into()),
+        Command::Certs { .. } => return Err("certs is handled above".into()),
     };
     let timeout = Duration::from_secs(cli.timeout.max(1));
     let (response, verdict) = runtime()?.block_on(async {
-        let client = AdminClient::new(node, &cli.cluster_name, secret, timeout)
+        let client = AdminClient::with_credentials(node, &cli.cluster_name, &credentials, timeout)
             .map_err(|e| e.to_string())?;
         let response = client.request(request).await.map_err(|e| e.to_string())?;
         let verdict = match &response {
@@ -292,6 +352,77 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start the runtime: {e}"))
 }
 
+/// `certs`: writes the certificates and prints each directory written with what it is for.
+fn write_certificates(
+    dir: &Path,
+    cluster: &str,
+    nodes: Option<&NodeList>,
+    added: Option<&NodeSpec>,
+    as_json: bool,
+) -> Result<ExitCode, ToolError> {
+    let node_line = |node: &NodeSpec| {
+        (
+            certs::holder_dir(dir, tls::Role::Node(node.id)),
+            format!("node {} at {}: copy it to that node", node.id, node.addr),
+        )
+    };
+    let written: Vec<(PathBuf, String)> = match (nodes, added) {
+        (Some(NodeList(nodes)), None) => {
+            certs::write_cluster(dir, cluster, nodes).map_err(|e| e.to_string())?;
+            std::iter::once((
+                dir.join(CA_DIR),
+                format!("the CA of cluster {cluster}: keep ca.key private, off the nodes"),
+            ))
+            .chain(nodes.iter().map(node_line))
+            .chain([
+                (
+                    certs::holder_dir(dir, tls::Role::Admin),
+                    "admin: for clusterfunk and other operator tools".to_owned(),
+                ),
+                (
+                    certs::holder_dir(dir, tls::Role::Client),
+                    "client: for application clients".to_owned(),
+                ),
+            ])
+            .collect()
+        }
+        (None, Some(node)) => {
+            certs::add_node(dir, cluster, node).map_err(|e| e.to_string())?;
+            vec![node_line(node)]
+        }
+        _ => {
+            return Err(ToolError::usage(
+                "give either --nodes ID=IP:PORT,... or --add-node ID=IP:PORT",
+            ))
+        }
+    };
+    if as_json {
+        #[derive(Serialize)]
+        struct Written {
+            dir: String,
+            written: Vec<String>,
+        }
+        let report = Written {
+            dir: dir.display().to_string(),
+            written: written
+                .iter()
+                .map(|(path, _)| path.display().to_string())
+                .collect(),
+        };
+        println!("{}", json(&report)?);
+    } else {
+        let width = written
+            .iter()
+            .map(|(path, _)| path.display().to_string().len())
+            .max()
+            .unwrap_or(0);
+        for (path, what) in &written {
+            println!("{:width$}  {what}", path.display().to_string());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `plan`: judges the layout given by `--zones` (and `--learners`) or read from a cluster.
 fn plan(
     cli: &Cli,
@@ -308,11 +439,16 @@ fn plan(
             None => layout.clone(),
         },
         (None, Some(node)) => {
-            let secret = resolve_secret(cli.secret_file.as_deref(), cli.insecure)?;
+            let credentials = resolve_credentials(
+                cli.tls_dir.as_deref(),
+                cli.secret_file.as_deref(),
+                cli.insecure,
+            )?;
             let timeout = Duration::from_secs(cli.timeout.max(1));
             let nodes = runtime()?.block_on(async {
-                let client = AdminClient::new(node, &cli.cluster_name, secret, timeout)
-                    .map_err(|e| e.to_string())?;
+                let client =
+                    AdminClient::with_credentials(node, &cli.cluster_name, &credentials, timeout)
+                        .map_err(|e| e.to_string())?;
                 fetch_nodes(&client).await
             })?;
             for member in &nodes.nodes {
@@ -767,6 +903,7 @@ mod tests {
     use clap::error::ErrorKind;
     use clap::CommandFactory;
     use clusterfunk::admin::NodeReport;
+    use rustls_pki_types::pem::PemObject;
 
     use super::*;
 
@@ -935,6 +1072,126 @@ mod tests {
             with_plan.as_object().expect("an object").len(),
             alone.len() + 1
         );
+    }
+
+    #[test]
+    fn certs_takes_a_node_list_or_one_added_node() {
+        let cli = parse(&[
+            "certs",
+            "--dir",
+            "d",
+            "--nodes",
+            "1=127.0.0.1:7001,2=127.0.0.1:7002",
+        ])
+        .expect("--nodes parses");
+        match cli.command {
+            Command::Certs {
+                nodes: Some(NodeList(nodes)),
+                add_node: None,
+                ..
+            } => assert_eq!(nodes.iter().map(|n| n.id).collect::<Vec<_>>(), [1, 2]),
+            _ => panic!("not certs --nodes"),
+        }
+        let cli = parse(&["certs", "--dir", "d", "--add-node", "3=10.0.0.3:7001"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Certs {
+                nodes: None,
+                add_node: Some(NodeSpec { id: 3, .. }),
+                ..
+            }
+        ));
+        let kind = |args: &[&str]| parse(args).err().map(|e| (e.kind(), e.exit_code()));
+        assert_eq!(
+            kind(&["certs", "--dir", "d"]),
+            Some((ErrorKind::MissingRequiredArgument, 2))
+        );
+        assert_eq!(
+            kind(&["certs", "--nodes", "1=127.0.0.1:7001"]),
+            Some((ErrorKind::MissingRequiredArgument, 2))
+        );
+        assert_eq!(
+            kind(&[
+                "certs",
+                "--dir",
+                "d",
+                "--nodes",
+                "1=127.0.0.1:7001",
+                "--add-node",
+                "2=127.0.0.1:7002"
+            ]),
+            Some((ErrorKind::ArgumentConflict, 2))
+        );
+        // A bad list is bad usage (exit 2), and the message says what is wrong.
+        let error = parse(&[
+            "certs",
+            "--dir",
+            "d",
+            "--nodes",
+            "1=127.0.0.1:7001,1=127.0.0.1:7002",
+        ])
+        .err()
+        .expect("refused");
+        assert_eq!(
+            (error.kind(), error.exit_code()),
+            (ErrorKind::ValueValidation, 2)
+        );
+        assert!(
+            error.to_string().contains("node 1 is listed twice"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn certs_writes_offline_then_adds_a_node_and_refuses_to_overwrite() {
+        let temporary = tempfile::tempdir().expect("a temporary directory");
+        let dir = temporary.path().join("certs");
+        let dir_arg = dir.to_str().expect("a UTF-8 path");
+        let run_args = |args: &[&str]| {
+            run(parse(args).expect("parses")).map_err(|ToolError { message, code }| (code, message))
+        };
+        // No --node and no secret: certs never talks to a cluster.
+        let first = [
+            "--cluster-name",
+            "prod",
+            "certs",
+            "--dir",
+            dir_arg,
+            "--nodes",
+            "1=127.0.0.1:7001,2=127.0.0.1:7002",
+        ];
+        assert_eq!(run_args(&first), Ok(ExitCode::SUCCESS));
+        for name in ["ca", "node-1", "node-2", "admin", "client"] {
+            assert!(dir.join(name).is_dir(), "{name}");
+        }
+        let again = run_args(&first).expect_err("a CA exists");
+        assert_eq!(again.0, EXIT_FAILED);
+        assert!(again.1.contains("--add-node"), "{}", again.1);
+
+        let add = |cluster: &str| {
+            run_args(&[
+                "--json",
+                "--cluster-name",
+                cluster,
+                "certs",
+                "--dir",
+                dir_arg,
+                "--add-node",
+                "3=127.0.0.1:7003",
+            ])
+        };
+        let other = add("staging").expect_err("another cluster's name");
+        assert_eq!(other.0, EXIT_FAILED);
+        assert!(other.1.contains("--cluster-name prod"), "{}", other.1);
+        assert_eq!(add("prod"), Ok(ExitCode::SUCCESS));
+        let der = rustls_pki_types::CertificateDer::from_pem_file(
+            dir.join("node-3").join(tls::CERT_FILE),
+        )
+        .expect("a certificate");
+        let identity = tls::CertIdentity::from_certificate(&der).expect("an identity");
+        assert_eq!(identity.role, tls::Role::Node(3));
+        assert_eq!(identity.cluster, "prod");
+        assert_eq!(add("prod").expect_err("node 3 exists").0, EXIT_FAILED);
     }
 
     #[test]

@@ -130,7 +130,12 @@ mod tests {
 
     #[test]
     fn identities_survive_their_uri() {
-        for role in [Role::Node(7), Role::Node(u64::MAX), Role::Admin, Role::Client] {
+        for role in [
+            Role::Node(7),
+            Role::Node(u64::MAX),
+            Role::Admin,
+            Role::Client,
+        ] {
             let identity = CertIdentity {
                 cluster: "prod-eu_1.a".into(),
                 role,

@@ -6,8 +6,11 @@
 //! certs` writes), `config.rs` loading a certificate directory into rustls configurations.
 
 pub mod certs;
+mod config;
 pub mod identity;
 
+pub(crate) use config::peer_identity;
+pub use config::{TlsConfig, TlsError};
 pub use identity::{CertIdentity, Role};
 
 /// The CA certificate in every certificate directory.

@@ -15,7 +15,9 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::codec::{payload_fits, PAYLOAD_OVERHEAD_MAX};
-use super::connection::{secure_frames, split, Connection, LivenessConfig};
+use super::connection::{
+    secure_frames, split, split_tls, Connection, FrameReader, FrameWriter, LivenessConfig,
+};
 use super::{handshake, lock, Faults, TransportConfig, TransportError, PROTOCOL_VERSION};
 
 /// Sends requests to peers and waits for their responses. Clones share the connections: make
@@ -59,6 +61,10 @@ struct Peer {
     retry_at: Option<Instant>,
     /// Why the last attempt failed, for the fail-fast error.
     last_error: String,
+    /// Whether the last attempt was refused by the handshake (secret, certificate, cluster
+    /// name): the fail-fast error is then a refusal too, so callers can tell a configuration
+    /// mistake from a node that is down.
+    last_refused: bool,
 }
 
 impl Peer {
@@ -69,6 +75,7 @@ impl Peer {
             failures: 0,
             retry_at: None,
             last_error: String::new(),
+            last_refused: false,
         }
     }
 }
@@ -306,8 +313,10 @@ impl Transport {
                 peer.retry_at = Some(Instant::now() + wait);
                 peer.last_error = match &error {
                     TransportError::Unreachable { reason, .. } => reason.clone(),
+                    TransportError::Refused { reason } => reason.clone(),
                     other => other.to_string(),
                 };
+                peer.last_refused = matches!(error, TransportError::Refused { .. });
                 debug!(peer = %addr, %error, failures = peer.failures, ?wait, "connecting failed");
                 Err(error)
             }
@@ -325,6 +334,16 @@ impl Transport {
         }
         if let Some(retry_at) = peer.retry_at {
             let now = Instant::now();
+            if now < retry_at && peer.last_refused {
+                return Err(TransportError::Refused {
+                    reason: format!(
+                        "{} (the same refusal {} time(s) in a row; the next attempt in {:?})",
+                        peer.last_error,
+                        peer.failures,
+                        retry_at - now
+                    ),
+                });
+            }
             if now < retry_at {
                 return Err(TransportError::Unreachable {
                     addr,
@@ -385,10 +404,28 @@ async fn connect(
     };
     // Requests are small and latency-bound; the writer batches on its own.
     stream.set_nodelay(true)?;
-    let (mut reader, mut writer) = split(stream);
+    let (mut reader, mut writer, certified) = match &config.tls {
+        None => {
+            let (reader, writer) = split(stream);
+            (reader, writer, None)
+        }
+        Some(tls) => {
+            let (reader, writer, node) = connect_tls(config, tls, addr, stream).await?;
+            (reader, writer, Some(node))
+        }
+    };
     let handshake = handshake::client(&mut reader, &mut writer, config, addr, PROTOCOL_VERSION);
     let established = match tokio::time::timeout(config.handshake_timeout, handshake).await {
         Ok(Ok(established)) => established,
+        // A TLS alert (the node refused this process's certificate) arrives as invalid data
+        // on the first read after the TLS handshake.
+        Ok(Err(TransportError::Io(error)))
+            if config.tls.is_some() && error.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            return Err(TransportError::Refused {
+                reason: format!("the node at {addr} refused this process's certificate: {error}; use a certificate issued by the cluster's CA (`clusterfunk certs`)"),
+            })
+        }
         // Nothing was sent yet: a broken handshake is an unreachable peer.
         Ok(Err(TransportError::Io(error))) => {
             return Err(TransportError::Unreachable {
@@ -407,6 +444,18 @@ async fn connect(
             })
         }
     };
+    if let Some(certified) = certified {
+        if established.peer_node_id != Some(certified) {
+            return Err(TransportError::Refused {
+                reason: format!(
+                    "the peer at {addr} holds the certificate of node {certified} but announced {}; it is not a node of this cluster as configured",
+                    established
+                        .peer_node_id
+                        .map_or_else(|| "no node id".to_owned(), |id| format!("node {id}"))
+                ),
+            });
+        }
+    }
     secure_frames(
         &mut reader,
         &mut writer,
@@ -429,6 +478,63 @@ async fn connect(
         liveness,
         health.clone(),
     ))
+}
+
+/// Runs the TLS handshake on a new TCP stream: the node must present a certificate of the
+/// cluster CA for the IP address dialled that names a node of this cluster. Returns the framed
+/// halves and the node id the certificate names.
+async fn connect_tls(
+    config: &TransportConfig,
+    tls: &crate::tls::TlsConfig,
+    addr: SocketAddr,
+    stream: TcpStream,
+) -> Result<(FrameReader, FrameWriter, u64), TransportError> {
+    let connector = tokio_rustls::TlsConnector::from(tls.client());
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let stream =
+        match tokio::time::timeout(config.handshake_timeout, connector.connect(name, stream)).await
+        {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) if error.kind() == std::io::ErrorKind::InvalidData => {
+                return Err(TransportError::Refused {
+                    reason: format!("the TLS handshake with {addr} failed: {error}; the node must run with --tls-dir holding a certificate of this cluster's CA issued for the address dialled (`clusterfunk certs --nodes ID=IP:PORT`)"),
+                })
+            }
+            Ok(Err(error)) => {
+                return Err(TransportError::Unreachable {
+                    addr,
+                    reason: format!("the TLS handshake failed: {error}"),
+                })
+            }
+            Err(_) => {
+                return Err(TransportError::Unreachable {
+                    addr,
+                    reason: format!(
+                        "the TLS handshake did not finish within {:?}; is a clusterfunk node with --tls-dir listening there?",
+                        config.handshake_timeout
+                    ),
+                })
+            }
+        };
+    let identity =
+        crate::tls::peer_identity(stream.get_ref().1.peer_certificates()).map_err(|reason| {
+            TransportError::Refused {
+                reason: format!("the node at {addr} presented an unusable certificate: {reason}"),
+            }
+        })?;
+    let node = match identity.role {
+        crate::tls::Role::Node(id) if identity.cluster == config.cluster_name => id,
+        _ => {
+            return Err(TransportError::Refused {
+                reason: format!(
+                    "the peer at {addr} holds the certificate of {identity}, not of a node of cluster {:?}",
+                    config.cluster_name
+                ),
+            })
+        }
+    };
+    let (reader, writer) = split_tls(stream);
+    Ok((reader, writer, node))
 }
 
 #[cfg(test)]

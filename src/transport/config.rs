@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::codec::HANDSHAKE_FRAME_MAX;
 use super::{Secret, TransportConfigError};
+use crate::tls::{Role, TlsConfig};
 
 /// Settings shared by the client side ([`Transport`](super::Transport)) and the server side
 /// ([`serve`](super::serve)). Build it with `..Default::default()` and check it with
@@ -21,6 +22,10 @@ pub struct TransportConfig {
     /// The shared cluster secret both sides must prove they hold. `None` is insecure mode, which
     /// only talks to peers that are insecure too. Default: `None`.
     pub secret: Option<Secret>,
+    /// TLS 1.3 with certificates of the cluster CA on both sides (see [`TlsConfig`]). Excludes
+    /// `secret`: TLS authenticates and encrypts every connection, and the certificate's role
+    /// decides what the peer may do. Default: `None`.
+    pub tls: Option<TlsConfig>,
     /// Largest frame accepted or sent after the handshake, in bytes (a payload plus up to 16
     /// bytes of header). Between 64 KiB and 4 GiB − 1. Default: 16 MiB. Handshake frames are
     /// always limited to 64 KiB, so an unauthenticated peer cannot make a node reserve more.
@@ -60,6 +65,7 @@ impl Default for TransportConfig {
             cluster_name: "clusterfunk".to_owned(),
             node_id: None,
             secret: None,
+            tls: None,
             frame_size_max: 16 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(1),
@@ -94,6 +100,46 @@ impl TransportConfig {
                     self.cluster_name.len()
                 ),
             );
+        }
+        if let Some(tls) = &self.tls {
+            if self.secret.is_some() {
+                return invalid(
+                    "tls",
+                    "cannot be combined with a cluster secret: TLS authenticates every connection with certificates; drop the secret (CLUSTERFUNK_SECRET, --secret-file) or --tls-dir".to_owned(),
+                );
+            }
+            let identity = tls.identity();
+            if identity.cluster != self.cluster_name {
+                return invalid(
+                    "tls",
+                    format!(
+                        "holds a certificate of cluster {:?}, but the cluster name is {:?}; use that cluster's certificates or --cluster-name {:?}",
+                        identity.cluster, self.cluster_name, identity.cluster
+                    ),
+                );
+            }
+            match (identity.role, self.node_id) {
+                (Role::Node(id), Some(node)) if id == node => {}
+                (Role::Node(id), Some(node)) => {
+                    return invalid(
+                        "tls",
+                        format!("holds the certificate of node {id}, but this is node {node}; give each node its own directory (D/node-{node})"),
+                    )
+                }
+                (role, Some(node)) => {
+                    return invalid(
+                        "tls",
+                        format!("holds a certificate for {role}, but node {node} needs a node certificate (D/node-{node})"),
+                    )
+                }
+                (Role::Node(id), None) => {
+                    return invalid(
+                        "tls",
+                        format!("holds the certificate of node {id}, which only that node uses; tools take D/admin, applications D/client"),
+                    )
+                }
+                (Role::Admin | Role::Client, None) => {}
+            }
         }
         // The length prefix on the wire is a u32.
         let frame_size_limit = u32::MAX as usize;

@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinHandle};
@@ -35,15 +35,32 @@ pub(crate) const QUEUE_CAPACITY: usize = 1024;
 /// first flush indefinitely.
 const WRITE_BATCH_MAX: usize = 256;
 
+/// The read half of a connection's byte stream: TCP, or TLS over TCP.
+pub(crate) type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+/// The write half of a connection's byte stream: TCP, or TLS over TCP.
+pub(crate) type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
 /// The framed read half of a connection.
-pub(crate) type FrameReader = FramedRead<OwnedReadHalf, FrameCodec>;
+pub(crate) type FrameReader = FramedRead<ReadHalf, FrameCodec>;
 /// The framed write half of a connection.
-pub(crate) type FrameWriter = FramedWrite<OwnedWriteHalf, FrameCodec>;
+pub(crate) type FrameWriter = FramedWrite<WriteHalf, FrameCodec>;
 
 /// Splits a new TCP stream into framed halves, limited to handshake-sized frames until
 /// [`secure_frames`] is called.
 pub(crate) fn split(stream: TcpStream) -> (FrameReader, FrameWriter) {
     let (read, write) = stream.into_split();
+    framed(Box::new(read), Box::new(write))
+}
+
+/// Splits a TLS stream into framed halves, as [`split`] does a TCP stream.
+pub(crate) fn split_tls<S>(stream: S) -> (FrameReader, FrameWriter)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (read, write) = tokio::io::split(stream);
+    framed(Box::new(read), Box::new(write))
+}
+
+fn framed(read: ReadHalf, write: WriteHalf) -> (FrameReader, FrameWriter) {
     (
         FramedRead::new(read, FrameCodec::new(HANDSHAKE_FRAME_MAX)),
         FramedWrite::new(write, FrameCodec::new(HANDSHAKE_FRAME_MAX)),

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
@@ -18,9 +18,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::codec::{payload_fits, Frame, Header};
-use super::connection::{secure_frames, split, write_loop, QUEUE_CAPACITY};
+use super::connection::{secure_frames, split, split_tls, write_loop, QUEUE_CAPACITY};
 use super::log_limit::LogLimit;
 use super::{handshake, Faults, TransportConfig, TransportError, PROTOCOL_VERSION};
+use crate::tls::Role;
 
 /// The reason a request is failed with when its connection already has
 /// `in_flight_per_connection_max` requests in progress. Retrying later may succeed.
@@ -70,6 +71,9 @@ pub struct PeerInfo {
     pub node_id: Option<u64>,
     /// The peer's socket address (its outgoing port, not its listening address).
     pub addr: SocketAddr,
+    /// With TLS, the role its certificate gives it (which decides what it may do); `None`
+    /// without TLS, where every peer that passed the handshake is trusted alike.
+    pub role: Option<Role>,
 }
 
 /// Controls a running server. Dropping it stops the server too, without waiting.
@@ -274,7 +278,62 @@ async fn serve_connection(
     if let Err(error) = stream.set_nodelay(true) {
         debug!(peer = %addr, %error, "cannot set TCP_NODELAY");
     }
-    let (mut reader, mut writer) = split(stream);
+    let (mut reader, mut writer, certified) = match &config.tls {
+        None => {
+            let (reader, writer) = split(stream);
+            (reader, writer, None)
+        }
+        Some(tls) => {
+            let accept = tokio::time::timeout(
+                config.handshake_timeout,
+                tokio_rustls::TlsAcceptor::from(tls.server()).accept(stream),
+            );
+            let stream = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = accept => match accepted {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        if let Some(left_out) = refused() {
+                            warn!(peer = %addr, %error, warnings_left_out = left_out, "refused connection: TLS handshake failed (no certificate of the cluster CA?)");
+                        }
+                        return;
+                    }
+                    Err(_) => {
+                        if let Some(left_out) = refused() {
+                            warn!(peer = %addr, timeout = ?config.handshake_timeout, warnings_left_out = left_out, "closing connection: TLS handshake not finished in time");
+                        }
+                        return;
+                    }
+                },
+            };
+            let identity = crate::tls::peer_identity(stream.get_ref().1.peer_certificates());
+            let (reader, mut writer) = split_tls(stream);
+            let identity = match identity {
+                Ok(identity) if identity.cluster == config.cluster_name => identity,
+                other => {
+                    let reason = match other {
+                        Ok(identity) => format!(
+                            "the certificate is of {identity}, not of cluster {:?}",
+                            config.cluster_name
+                        ),
+                        Err(reason) => format!("the certificate cannot be used: {reason}"),
+                    };
+                    // Tell the peer why (it is past TLS, so it reads our frames) and close.
+                    let _ = writer
+                        .send(Frame::control(Header::Refused {
+                            reason: super::codec::bounded_reason(reason.clone()),
+                        }))
+                        .await;
+                    if let Some(left_out) = refused() {
+                        warn!(peer = %addr, %reason, warnings_left_out = left_out, "refused connection");
+                    }
+                    drop(reader);
+                    return;
+                }
+            };
+            (reader, writer, Some(identity.role))
+        }
+    };
     let handshake = tokio::time::timeout(
         config.handshake_timeout,
         handshake::server(&mut reader, &mut writer, config, addr, PROTOCOL_VERSION),
@@ -311,7 +370,23 @@ async fn serve_connection(
             .map(handshake::FrameKeys::for_server),
     );
     let node_id = established.peer_node_id;
-    let peer = PeerInfo { node_id, addr };
+    // A certificate binds what the peer may announce: a node its own id, tools and clients none.
+    let announced_as_certified = match certified {
+        None => true,
+        Some(Role::Node(id)) => node_id == Some(id),
+        Some(Role::Admin | Role::Client) => node_id.is_none(),
+    };
+    if !announced_as_certified {
+        if let Some(left_out) = refused() {
+            warn!(peer = %addr, ?node_id, certificate = ?certified, warnings_left_out = left_out, "closing connection: the peer announced a node id its certificate does not name");
+        }
+        return;
+    }
+    let peer = PeerInfo {
+        node_id,
+        addr,
+        role: certified,
+    };
     debug!(peer = %addr, ?node_id, "connection accepted");
 
     let (queue, queue_receiver) = mpsc::channel(QUEUE_CAPACITY);
