@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec;
 use crate::shard_map::{Epoch, NodeId, ShardId};
-use crate::transport::{Secret, Transport, TransportConfig};
+use crate::transport::{Secret, Transport, TransportConfig, TransportError};
 use crate::wire::{Request, Response};
 
 /// An operator command.
@@ -259,6 +259,14 @@ pub enum AdminError {
         /// The node the command would drain.
         node: NodeId,
     },
+    /// With TLS: the certificate this tool connected with does not allow the command (a
+    /// `client` certificate asked for an operator command). The reason names the certificate
+    /// that would.
+    #[error("{reason}")]
+    NotAuthorized {
+        /// The node's refusal.
+        reason: String,
+    },
 }
 
 // The voter-count rules live in the planner, their one home; re-exported here for the
@@ -375,8 +383,13 @@ pub(crate) async fn call_admin(
         Some(node) => transport.request_node(node, addr, payload, timeout).await,
         None => transport.request(addr, payload, timeout).await,
     }
-    .map_err(|e| AdminError::Unreachable {
-        reason: e.to_string(),
+    .map_err(|e| match e {
+        TransportError::Remote { reason } if reason.starts_with(crate::tls::NOT_AUTHORIZED) => {
+            AdminError::NotAuthorized { reason }
+        }
+        e => AdminError::Unreachable {
+            reason: e.to_string(),
+        },
     })?;
     match codec::decode::<Response>(&answer) {
         Ok(Response::Admin(result)) => result,

@@ -55,6 +55,10 @@ pub enum ClientError {
     /// No node could be reached; the last failure is given.
     #[error("no node reachable: {0}; check the addresses and that this client's credentials (CLUSTERFUNK_SECRET, or the certificates of --tls-dir) match the cluster's")]
     Unreachable(TransportError),
+    /// With TLS: the node refused the request because this client's certificate does not
+    /// allow it; the reason names the certificate that would.
+    #[error("{0}")]
+    NotAuthorized(String),
     /// The client was built without seeds or with a bad configuration.
     #[error("invalid client configuration: {0}")]
     Invalid(String),
@@ -699,6 +703,11 @@ fn classify(
         }
         Err(TransportError::Remote { reason }) if reason == OVERLOADED => {
             return Attempt::Fail(ClientError::Cluster(Error::Overloaded { shard }))
+        }
+        Err(TransportError::Remote { reason })
+            if reason.starts_with(crate::tls::NOT_AUTHORIZED) =>
+        {
+            return Attempt::Fail(ClientError::NotAuthorized(reason))
         }
         Err(error) => return Attempt::Fail(ClientError::Unreachable(error)),
     };

@@ -231,7 +231,8 @@ fn authorize(role: Option<Role>, request: &Request) -> Result<(), String> {
         _ => "only nodes send them",
     };
     Err(format!(
-        "not authorized: {role} certificates may not send {what}; {advice}"
+        "{}: {role} certificates may not send {what}; {advice}",
+        crate::tls::NOT_AUTHORIZED
     ))
 }
 

@@ -10,13 +10,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clusterfunk::admin::{AdminClient, AdminRequest, AdminResponse};
+use clusterfunk::admin::{AdminClient, AdminError, AdminRequest, AdminResponse};
 use clusterfunk::client::Client;
 use clusterfunk::consensus::NodeInfo;
 use clusterfunk::prelude::*;
 use clusterfunk::tls::certs::{self, NodeSpec};
 use clusterfunk::tls::TlsConfig;
-use clusterfunk::transport::{Transport, TransportConfig, TransportError};
+use clusterfunk::transport::{Secret, Transport, TransportConfig, TransportError};
 use clusterfunk::wire::{Request, Response};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -204,10 +204,27 @@ fn a_tls_cluster_serves_clients_and_their_certificates_decide_what_they_may_do()
         ));
         let drain = as_client.request(AdminRequest::Drain { id: 1 }).await;
         let message = match drain {
-            Err(error) => error.to_string(),
-            Ok(answer) => panic!("a client certificate drained a node: {answer:?}"),
+            Err(error @ AdminError::NotAuthorized { .. }) => error.to_string(),
+            other => panic!("a client certificate asked to drain a node: {other:?}"),
         };
-        assert!(message.contains("not authorized"), "{message}");
+        assert!(
+            message.starts_with("not authorized") && message.contains("D/admin"),
+            "{message}"
+        );
+
+        // A client with a secret instead of a certificate is told the cluster speaks TLS.
+        let with_secret = Client::with_config(
+            [addr(1)],
+            Some(Secret::new("tls-test-secret-0123456789abcdef").expect("secret")),
+            "clusterfunk",
+            DEADLINE,
+        )
+        .expect("a secret-mode client");
+        let refused = with_secret
+            .send("key-1", Get)
+            .await
+            .expect_err("a secret-mode client cannot talk to a TLS cluster");
+        assert!(refused.to_string().contains("speaks TLS"), "{refused}");
 
         // A client certificate cannot speak for a node: a raw forwarded message and an admin
         // request marked as forwarded are refused whatever the request says.
@@ -302,10 +319,7 @@ fn tls_with_a_secret_or_with_another_nodes_certificate_is_refused_at_start() {
             .listen(addr(11))
             .data_dir(dir.path().join("a"))
             .tls(tls(&certs_dir, "node-1"))
-            .secret(
-                clusterfunk::transport::Secret::new("tls-test-secret-0123456789abcdef")
-                    .expect("secret"),
-            )
+            .secret(Secret::new("tls-test-secret-0123456789abcdef").expect("secret"))
             .handler::<Values>()
             .start()
             .await;

@@ -13,6 +13,10 @@ pub(crate) use config::peer_identity;
 pub use config::{TlsConfig, TlsError};
 pub use identity::{CertIdentity, Role};
 
+/// How a node's refusal of a request its peer's certificate does not allow begins (the rest
+/// says what the role may not do and which certificate would).
+pub const NOT_AUTHORIZED: &str = "not authorized";
+
 /// The CA certificate in every certificate directory.
 pub const CA_FILE: &str = "ca.pem";
 /// The holder's certificate in a certificate directory.

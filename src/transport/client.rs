@@ -426,6 +426,15 @@ async fn connect(
                 reason: format!("the node at {addr} refused this process's certificate: {error}; use a certificate issued by the cluster's CA (`clusterfunk certs`)"),
             })
         }
+        // A TLS record (an alert or a handshake, version 3.x) read as a frame length: the node runs
+        // with certificates and this process without.
+        Ok(Err(TransportError::FrameTooLarge { len, .. }))
+            if config.tls.is_none() && matches!(len >> 16, 0x1503 | 0x1603) =>
+        {
+            return Err(TransportError::Refused {
+                reason: format!("the node at {addr} speaks TLS: the cluster runs with certificates, so give this process its certificate directory (--tls-dir D/client for applications, D/admin for clusterfunk) instead of a secret"),
+            })
+        }
         // Nothing was sent yet: a broken handshake is an unreachable peer.
         Ok(Err(TransportError::Io(error))) => {
             return Err(TransportError::Unreachable {
