@@ -94,6 +94,9 @@ pub struct Cluster {
     clusterfunk: PathBuf,
     /// The metrics port of each node (`--metrics`), when enabled.
     metrics_ports: Option<Vec<u16>>,
+    /// With TLS: the directory `clusterfunk certs` wrote (nodes get `node-ID`, `clusterfunk`
+    /// gets `admin`, `kv` clients get `client`), and no process gets the secret.
+    tls_dir: Option<PathBuf>,
 }
 
 /// What a set of nodes agrees on, from their `status --json`.
@@ -208,7 +211,63 @@ impl Cluster {
             kv,
             clusterfunk,
             metrics_ports: None,
+            tls_dir: None,
         }
+    }
+
+    /// Runs the cluster with TLS: `clusterfunk certs` writes certificates for the initial
+    /// members into the cluster's directory (later nodes get theirs with
+    /// [`Cluster::issue_certificate`]).
+    pub fn with_tls(mut self) -> Cluster {
+        let dir = self.dir().join("certs");
+        let mut command = Command::new(&self.clusterfunk);
+        command
+            .arg("certs")
+            .arg("--dir")
+            .arg(&dir)
+            .args(["--nodes", &self.init_list()])
+            .env_remove("CLUSTERFUNK_SECRET");
+        let (code, _, stderr) =
+            run_bounded(command, COMMAND_DEADLINE).expect("clusterfunk certs finishes");
+        assert_eq!(code, 0, "clusterfunk certs failed: {stderr}");
+        self.tls_dir = Some(dir);
+        self
+    }
+
+    /// With TLS: issues node `id`'s certificate (`clusterfunk certs --add-node`).
+    pub fn issue_certificate(&self, id: u64) -> Outcome {
+        let dir = self
+            .tls_dir
+            .as_ref()
+            .expect("the cluster was built with_tls");
+        let mut command = Command::new(&self.clusterfunk);
+        command
+            .arg("certs")
+            .arg("--dir")
+            .arg(dir)
+            .args(["--add-node", &format!("{id}={}", self.addr(id))])
+            .env_remove("CLUSTERFUNK_SECRET");
+        self.run(command)
+    }
+
+    /// With TLS: runs `clusterfunk ARGS` with `holder`'s certificates (`admin`, `client`)
+    /// instead of the admin ones.
+    pub fn cf_as(&self, holder: &str, args: &[&str]) -> Outcome {
+        let mut command = Command::new(&self.clusterfunk);
+        command
+            .args(args)
+            .arg("--tls-dir")
+            .arg(self.tls_dir(holder));
+        self.client_environment(&mut command);
+        self.run(command)
+    }
+
+    /// With TLS: the certificate directory of `holder` (`node-ID`, `admin`, `client`).
+    pub fn tls_dir(&self, holder: &str) -> PathBuf {
+        self.tls_dir
+            .as_ref()
+            .expect("the cluster was built with_tls")
+            .join(holder)
     }
 
     /// Gives every node a Prometheus endpoint (`kv serve --metrics`) on a port of its own; see
@@ -349,6 +408,9 @@ impl Cluster {
     pub fn cf_command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(&self.clusterfunk);
         command.args(args);
+        if self.tls_dir.is_some() {
+            command.arg("--tls-dir").arg(self.tls_dir("admin"));
+        }
         self.client_environment(&mut command);
         command
     }
@@ -361,6 +423,9 @@ impl Cluster {
             .arg(subcommand)
             .args(["--node", &self.addr(id)])
             .args(rest);
+        if self.tls_dir.is_some() {
+            command.arg("--tls-dir").arg(self.tls_dir("client"));
+        }
         self.client_environment(&mut command);
         command
     }
@@ -558,6 +623,11 @@ impl Cluster {
         if id as usize <= self.initial_members {
             command.args(["--init", &self.init_list()]);
         }
+        if self.tls_dir.is_some() {
+            command
+                .arg("--tls-dir")
+                .arg(self.tls_dir(&format!("node-{id}")));
+        }
         let mut log: File = OpenOptions::new()
             .create(true)
             .append(true)
@@ -569,8 +639,12 @@ impl Cluster {
             *starts
         )
         .expect("write the node's log");
+        if self.tls_dir.is_none() {
+            command.env("CLUSTERFUNK_SECRET", &self.secret);
+        } else {
+            command.env_remove("CLUSTERFUNK_SECRET");
+        }
         command
-            .env("CLUSTERFUNK_SECRET", &self.secret)
             .env("RUST_LOG", &self.log_filter)
             .env("RUST_BACKTRACE", "1")
             .env("NO_COLOR", "1")
@@ -616,8 +690,12 @@ impl Cluster {
     }
 
     fn client_environment(&self, command: &mut Command) {
+        if self.tls_dir.is_none() {
+            command.env("CLUSTERFUNK_SECRET", &self.secret);
+        } else {
+            command.env_remove("CLUSTERFUNK_SECRET");
+        }
         command
-            .env("CLUSTERFUNK_SECRET", &self.secret)
             // The tools' own logs would clutter the stderr the tests look at.
             .env("RUST_LOG", "error")
             .env("NO_COLOR", "1")
