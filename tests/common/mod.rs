@@ -218,6 +218,7 @@ impl Cluster {
     /// Runs the cluster with TLS: `clusterfunk certs` writes certificates for the initial
     /// members into the cluster's directory (later nodes get theirs with
     /// [`Cluster::issue_certificate`]).
+    #[allow(dead_code)] // only the TLS tests use it
     pub fn with_tls(mut self) -> Cluster {
         let dir = self.dir().join("certs");
         let mut command = Command::new(&self.clusterfunk);
@@ -235,6 +236,7 @@ impl Cluster {
     }
 
     /// With TLS: issues node `id`'s certificate (`clusterfunk certs --add-node`).
+    #[allow(dead_code)] // only the TLS tests use it
     pub fn issue_certificate(&self, id: u64) -> Outcome {
         let dir = self
             .tls_dir
@@ -252,6 +254,7 @@ impl Cluster {
 
     /// With TLS: runs `clusterfunk ARGS` with `holder`'s certificates (`admin`, `client`)
     /// instead of the admin ones.
+    #[allow(dead_code)] // only the TLS tests use it
     pub fn cf_as(&self, holder: &str, args: &[&str]) -> Outcome {
         let mut command = Command::new(&self.clusterfunk);
         command
