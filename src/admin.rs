@@ -310,16 +310,8 @@ impl AdminClient {
         tls: crate::tls::TlsConfig,
         timeout: Duration,
     ) -> Result<Self, AdminError> {
-        Self::with_transport_config(
-            node,
-            TransportConfig {
-                cluster_name: tls.identity().cluster.clone(),
-                node_id: None,
-                tls: Some(tls),
-                ..TransportConfig::default()
-            },
-            timeout,
-        )
+        let cluster_name = tls.identity().cluster.clone();
+        Self::with_credentials(node, &cluster_name, &Credentials::Tls(tls), timeout)
     }
 
     /// A client for the node at `node` with resolved [`Credentials`]; with TLS the cluster

@@ -176,28 +176,11 @@ impl Client {
         cluster_name: &str,
         timeout: Duration,
     ) -> Result<Self, ClientError> {
-        let seeds: Vec<SocketAddr> = seeds.into_iter().collect();
-        if seeds.is_empty() {
-            return Err(ClientError::Invalid(
-                "give at least one seed address".into(),
-            ));
-        }
-        if timeout.is_zero() {
-            return Err(ClientError::Invalid(
-                "the timeout must be longer than zero".into(),
-            ));
-        }
-        Self::with_transport_config(
-            seeds,
-            TransportConfig {
-                cluster_name: cluster_name.to_string(),
-                node_id: None,
-                secret,
-                reconnect_backoff_max: Duration::from_millis(250),
-                ..TransportConfig::default()
-            },
-            timeout,
-        )
+        let credentials = match secret {
+            Some(secret) => crate::admin::Credentials::Secret(secret),
+            None => crate::admin::Credentials::Insecure,
+        };
+        Self::with_credentials(seeds, &credentials, cluster_name, timeout)
     }
 
     /// A client that talks TLS with the certificate in `tls` (a `client` certificate of the
@@ -208,15 +191,11 @@ impl Client {
         tls: crate::tls::TlsConfig,
         timeout: Duration,
     ) -> Result<Self, ClientError> {
-        Self::with_transport_config(
+        let cluster_name = tls.identity().cluster.clone();
+        Self::with_credentials(
             seeds,
-            TransportConfig {
-                cluster_name: tls.identity().cluster.clone(),
-                node_id: None,
-                tls: Some(tls),
-                reconnect_backoff_max: Duration::from_millis(250),
-                ..TransportConfig::default()
-            },
+            &crate::admin::Credentials::Tls(tls),
+            &cluster_name,
             timeout,
         )
     }

@@ -445,6 +445,22 @@ mod tests {
         );
     }
 
+    type Reader = FramedRead<tokio::io::ReadHalf<tokio::io::DuplexStream>, FrameCodec>;
+    type Writer = FramedWrite<tokio::io::WriteHalf<tokio::io::DuplexStream>, FrameCodec>;
+
+    /// The two framed ends of an in-memory pipe: (client side, server side).
+    fn pipe() -> ((Reader, Writer), (Reader, Writer)) {
+        let (client_io, server_io) = tokio::io::duplex(HANDSHAKE_FRAME_MAX);
+        let framed = |io| {
+            let (read, write) = tokio::io::split(io);
+            (
+                FramedRead::new(read, FrameCodec::new(HANDSHAKE_FRAME_MAX)),
+                FramedWrite::new(write, FrameCodec::new(HANDSHAKE_FRAME_MAX)),
+            )
+        };
+        (framed(client_io), framed(server_io))
+    }
+
     /// Runs both sides over an in-memory pipe and returns (client result, server result).
     async fn run(
         client_config: TransportConfig,
@@ -454,16 +470,9 @@ mod tests {
         Result<Option<u64>, TransportError>,
         Result<Option<u64>, TransportError>,
     ) {
-        let (client_io, server_io) = tokio::io::duplex(HANDSHAKE_FRAME_MAX);
         let addr = SocketAddr::from(([127, 0, 0, 1], 1));
-        let (client_read, client_write) = tokio::io::split(client_io);
-        let (server_read, server_write) = tokio::io::split(server_io);
-        let mut client_reader = FramedRead::new(client_read, FrameCodec::new(HANDSHAKE_FRAME_MAX));
-        let mut client_writer =
-            FramedWrite::new(client_write, FrameCodec::new(HANDSHAKE_FRAME_MAX));
-        let mut server_reader = FramedRead::new(server_read, FrameCodec::new(HANDSHAKE_FRAME_MAX));
-        let mut server_writer =
-            FramedWrite::new(server_write, FrameCodec::new(HANDSHAKE_FRAME_MAX));
+        let ((mut client_reader, mut client_writer), (mut server_reader, mut server_writer)) =
+            pipe();
         let server = async {
             let result = server(
                 &mut server_reader,
@@ -568,15 +577,8 @@ mod tests {
     /// it could test guesses of the secret against it offline.
     #[tokio::test]
     async fn a_peer_without_the_secret_receives_no_proof_from_a_node() {
-        let (peer_io, server_io) = tokio::io::duplex(HANDSHAKE_FRAME_MAX);
         let addr = SocketAddr::from(([127, 0, 0, 1], 1));
-        let (peer_read, peer_write) = tokio::io::split(peer_io);
-        let (server_read, server_write) = tokio::io::split(server_io);
-        let mut peer_reader = FramedRead::new(peer_read, FrameCodec::new(HANDSHAKE_FRAME_MAX));
-        let mut peer_writer = FramedWrite::new(peer_write, FrameCodec::new(HANDSHAKE_FRAME_MAX));
-        let mut server_reader = FramedRead::new(server_read, FrameCodec::new(HANDSHAKE_FRAME_MAX));
-        let mut server_writer =
-            FramedWrite::new(server_write, FrameCodec::new(HANDSHAKE_FRAME_MAX));
+        let ((mut peer_reader, mut peer_writer), (mut server_reader, mut server_writer)) = pipe();
         let server_config = config(Some(secret(1)), Some(1));
         let server = async {
             let result = server(
