@@ -460,6 +460,6 @@ pub fn resolve_secret(
     match Secret::from_env().map_err(|e| e.to_string())? {
         Some(secret) => Ok(Some(secret)),
         None if insecure => Ok(None),
-        None => Err("no cluster secret: set CLUSTERFUNK_SECRET or pass --secret-file FILE (or --insecure for a cluster without one)".into()),
+        None => Err("no credentials: set CLUSTERFUNK_SECRET or pass --secret-file FILE for a cluster with a secret, --tls-dir DIR for a cluster with certificates, or --insecure for a cluster without either".into()),
     }
 }

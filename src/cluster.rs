@@ -587,6 +587,10 @@ impl<H: ShardHandler> ClusterBuilder<H> {
         let service = Arc::new(NodeService {
             consensus: consensus.clone(),
             router: router.clone(),
+            warnings: crate::transport::log_limit::LogLimit::new(
+                crate::service::REFUSAL_WARNING_WINDOW,
+                crate::service::REFUSAL_WARNINGS_PER_WINDOW,
+            ),
         });
         let faults = Some(consensus.transport().faults().clone());
         let server = serve_with_faults(listener, transport_config, service, faults)

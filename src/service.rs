@@ -3,6 +3,7 @@
 //!
 //! It owns no state and makes no decisions: it only dispatches.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,8 +17,9 @@ use crate::error::Error;
 use crate::metrics::RouteLabel;
 use crate::router::{Origin, Router};
 use crate::shard::ShardHandler;
-use crate::shard_map::Key;
+use crate::shard_map::{Key, NodeId};
 use crate::tls::Role;
+use crate::transport::log_limit::LogLimit;
 use crate::transport::{PeerInfo, Service};
 use crate::wire::{RemoteRaftError, Request, Response, RoutingInfo};
 
@@ -25,6 +27,37 @@ use crate::wire::{RemoteRaftError, Request, Response, RoutingInfo};
 pub(crate) struct NodeService<H: ShardHandler> {
     pub(crate) consensus: Consensus,
     pub(crate) router: Arc<Router<H>>,
+    /// Bounds the warnings about refused and undecodable requests: a peer can send them as
+    /// fast as it likes.
+    pub(crate) warnings: LogLimit,
+}
+
+/// Warnings about refused requests: at most this many per [`REFUSAL_WARNING_WINDOW`].
+pub(crate) const REFUSAL_WARNINGS_PER_WINDOW: u32 = 10;
+/// The window of [`REFUSAL_WARNINGS_PER_WINDOW`].
+pub(crate) const REFUSAL_WARNING_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl<H: ShardHandler> NodeService<H> {
+    /// The ids of the members this node knows (voters and learners); `None` while it knows no
+    /// membership (a node not yet added: its first log entries come from a leader it cannot
+    /// know yet).
+    fn members(&self) -> Option<BTreeSet<NodeId>> {
+        let metrics = self.consensus.raft().metrics();
+        let metrics = metrics.borrow();
+        let ids: BTreeSet<NodeId> = metrics
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect();
+        (!ids.is_empty()).then_some(ids)
+    }
+
+    fn warn_refused(&self, peer: &PeerInfo, reason: &dyn std::fmt::Display) {
+        if let Some(left_out) = self.warnings.admit(Instant::now()) {
+            tracing::warn!(peer = %peer.addr, %reason, warnings_left_out = left_out, "request refused");
+        }
+    }
 }
 
 impl<H: ShardHandler> Service for NodeService<H> {
@@ -36,12 +69,16 @@ impl<H: ShardHandler> Service for NodeService<H> {
         let request: Request = match codec::decode(&payload) {
             Ok(request) => request,
             Err(e) => {
-                tracing::warn!(peer = %peer.addr, error = %e, "undecodable request");
+                self.warn_refused(&peer, &format_args!("undecodable request: {e}"));
                 return Box::pin(std::future::ready(Err(e.to_string())));
             }
         };
-        if let Err(reason) = authorize(peer.role, &request) {
-            tracing::warn!(peer = %peer.addr, %reason, "request refused");
+        let members = match peer.role {
+            Some(Role::Node(_)) => self.members(),
+            _ => None,
+        };
+        if let Err(reason) = authorize(peer.role, &request, members.as_ref()) {
+            self.warn_refused(&peer, &reason);
             return Box::pin(std::future::ready(Err(reason)));
         }
         // Each kind boxes only its own future (and clones only what it uses): a request for a
@@ -194,9 +231,23 @@ impl<H: ShardHandler> Service for NodeService<H> {
 
 /// What a peer's certificate allows (TLS only; without TLS `role` is `None` and every peer
 /// that passed the handshake may do everything). Decided from the certificate, never from a
-/// request field: a client that marks an admin request as forwarded is still a client.
-fn authorize(role: Option<Role>, request: &Request) -> Result<(), String> {
+/// request field: a client that marks an admin request as forwarded is still a client, and a
+/// node speaks only for itself (the node id in a renewal, handoff or release must be its own)
+/// and only while it is a member (`members`: the members this node knows, `None` while it
+/// knows none).
+fn authorize(
+    role: Option<Role>,
+    request: &Request,
+    members: Option<&BTreeSet<NodeId>>,
+) -> Result<(), String> {
     let Some(role) = role else { return Ok(()) };
+    let refuse = |what: &str, advice: &str| {
+        Err(format!(
+            "{}: {role} certificates may not send {what}; {advice}",
+            crate::tls::NOT_AUTHORIZED
+        ))
+    };
+    let nodes_only = "only nodes of the cluster send them";
     let what = match request {
         // What a client does: send to shards, read the map and status.
         Request::Shard { .. }
@@ -207,18 +258,27 @@ fn authorize(role: Option<Role>, request: &Request) -> Result<(), String> {
             request: AdminRequest::Status | AdminRequest::Nodes | AdminRequest::Shards,
             forwarded: false,
         } => return Ok(()),
-        // Operator commands: admins (and nodes).
+        // Operator commands: admins (and member nodes).
         Request::Admin {
             forwarded: false, ..
-        } if role == Role::Admin => return Ok(()),
-        _ if matches!(role, Role::Node(_)) => return Ok(()),
-        Request::Admin {
-            forwarded: false, ..
-        } => "operator commands",
+        } => {
+            if role == Role::Admin {
+                return Ok(());
+            }
+            if role == Role::Client {
+                return refuse(
+                    "operator commands",
+                    "operator commands need the admin certificate (--tls-dir D/admin)",
+                );
+            }
+            "operator commands"
+        }
+        // A forwarded client message is worth no more than the client's own.
+        Request::Forward { .. } if matches!(role, Role::Node(_)) => return Ok(()),
+        Request::Forward { .. } => "forwarded messages",
         Request::Admin {
             forwarded: true, ..
         } => "admin commands forwarded between nodes",
-        Request::Forward { .. } => "forwarded messages",
         Request::AppendEntries(_) | Request::Vote(_) | Request::InstallSnapshot(_) => {
             "raft messages"
         }
@@ -226,14 +286,30 @@ fn authorize(role: Option<Role>, request: &Request) -> Result<(), String> {
         Request::Handoff { .. } | Request::HandoffChunk { .. } => "shard handoffs",
         Request::Propose(_) => "proposals",
     };
-    let advice = match role {
-        Role::Client => "operator commands need the admin certificate (--tls-dir D/admin)",
-        _ => "only nodes send them",
+    let Role::Node(id) = role else {
+        return refuse(what, nodes_only);
     };
-    Err(format!(
-        "{}: {role} certificates may not send {what}; {advice}",
-        crate::tls::NOT_AUTHORIZED
-    ))
+    if members.is_some_and(|members| !members.contains(&id)) {
+        return Err(format!(
+            "{}: node {id} is not a member of this cluster (a certificate issued for a node never added, or for one removed), so it may not send {what}; add it with `clusterfunk add-node` first",
+            crate::tls::NOT_AUTHORIZED
+        ));
+    }
+    let speaks_for = match request {
+        Request::RenewLease(renew) => Some(renew.node),
+        Request::Handoff { from, .. } | Request::HandoffChunk { from, .. } => Some(*from),
+        Request::Propose(Command::Released { from, .. } | Command::MoveStuck { from, .. }) => {
+            Some(*from)
+        }
+        _ => None,
+    };
+    match speaks_for {
+        Some(other) if other != id => Err(format!(
+            "{}: node {id}'s certificate may not send {what} for node {other}; a node speaks only for itself",
+            crate::tls::NOT_AUTHORIZED
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn encode(response: &Response) -> Result<Vec<u8>, String> {
@@ -324,12 +400,18 @@ mod authorization_tests {
             epoch: 1,
         };
         // Without TLS there are no roles.
-        assert!(authorize(None, &drain()).is_ok());
+        assert!(authorize(None, &drain(), None).is_ok());
         // Clients: shards, map and status only.
-        assert!(authorize(Some(Role::Client), &shard).is_ok());
-        assert!(authorize(Some(Role::Client), &Request::Routing).is_ok());
-        assert!(authorize(Some(Role::Client), &admin(AdminRequest::Status, false)).is_ok());
-        let refused = authorize(Some(Role::Client), &drain()).expect_err("a client may not drain");
+        assert!(authorize(Some(Role::Client), &shard, None).is_ok());
+        assert!(authorize(Some(Role::Client), &Request::Routing, None).is_ok());
+        assert!(authorize(
+            Some(Role::Client),
+            &admin(AdminRequest::Status, false),
+            None
+        )
+        .is_ok());
+        let refused =
+            authorize(Some(Role::Client), &drain(), None).expect_err("a client may not drain");
         assert!(refused.starts_with("not authorized"), "{refused}");
         assert!(refused.contains("D/admin"), "{refused}");
         // Marking the request as forwarded by a node does not make the client a node.
@@ -337,19 +419,54 @@ mod authorization_tests {
             admin(AdminRequest::Status, true),
             admin(AdminRequest::Drain { id: 1 }, true),
         ] {
-            assert!(authorize(Some(Role::Client), &request).is_err());
-            assert!(authorize(Some(Role::Admin), &request).is_err());
+            assert!(authorize(Some(Role::Client), &request, None).is_err());
+            assert!(authorize(Some(Role::Admin), &request, None).is_err());
         }
-        assert!(authorize(Some(Role::Client), &forward).is_err());
+        assert!(authorize(Some(Role::Client), &forward, None).is_err());
         // Admins: operator commands too, nothing of the nodes' own protocol.
-        assert!(authorize(Some(Role::Admin), &drain()).is_ok());
-        assert!(authorize(Some(Role::Admin), &shard).is_ok());
-        assert!(authorize(Some(Role::Admin), &forward).is_err());
-        // Nodes: everything.
-        assert!(authorize(Some(Role::Node(2)), &forward).is_ok());
+        assert!(authorize(Some(Role::Admin), &drain(), None).is_ok());
+        assert!(authorize(Some(Role::Admin), &shard, None).is_ok());
+        assert!(authorize(Some(Role::Admin), &forward, None).is_err());
+        // Member nodes: everything, for themselves.
+        let members: BTreeSet<NodeId> = [1, 2, 3].into();
+        let as_node =
+            |id, request: &Request| authorize(Some(Role::Node(id)), request, Some(&members));
+        assert!(as_node(2, &forward).is_ok());
+        assert!(as_node(2, &admin(AdminRequest::Drain { id: 1 }, true)).is_ok());
+        let renew = |node| {
+            Request::RenewLease(crate::lease::RenewLease {
+                node,
+                epoch: 1,
+                incarnation: 1,
+                request_id: 1,
+            })
+        };
+        assert!(as_node(2, &renew(2)).is_ok());
+        let handoff = |from| Request::Handoff {
+            from,
+            epoch: 1,
+            shards: Vec::new(),
+        };
+        assert!(as_node(2, &handoff(2)).is_ok());
+        // ... but never for another node: a renewal for node 3 would keep a dead node's shards
+        // where nobody serves them.
+        for request in [renew(3), handoff(3)] {
+            let refused = as_node(2, &request).expect_err("a node speaks only for itself");
+            assert!(refused.contains("for node 3"), "{refused}");
+        }
+        // A node certificate of a node that is not (or no longer) a member has no node power.
+        let refused = as_node(9, &admin(AdminRequest::Drain { id: 3 }, true))
+            .expect_err("node 9 is not a member");
+        assert!(refused.contains("not a member"), "{refused}");
+        assert!(as_node(9, &renew(9)).is_err());
+        // Its forwarded client messages are a client's.
+        assert!(as_node(9, &forward).is_ok());
+        // A node that knows no membership yet (being added) takes raft messages from anyone with
+        // a node certificate: its first entries come from a leader it cannot know yet.
         assert!(authorize(
-            Some(Role::Node(2)),
-            &admin(AdminRequest::Drain { id: 1 }, true)
+            Some(Role::Node(9)),
+            &admin(AdminRequest::Status, true),
+            None
         )
         .is_ok());
     }

@@ -258,6 +258,52 @@ fn a_tls_cluster_serves_clients_and_their_certificates_decide_what_they_may_do()
             }
         }
 
+        // A node certificate of a node never added (issued with `certs --add-node`) has no node
+        // power: it may not drain through the leader's forwarding path, nor renew a lease for a
+        // member (which would keep that member's shards where nobody serves them).
+        certs::add_node(
+            &certs_dir,
+            "clusterfunk",
+            &NodeSpec {
+                id: 9,
+                addr: addr(9),
+            },
+        )
+        .expect("a certificate for node 9");
+        let rogue = Transport::new(TransportConfig {
+            node_id: Some(9),
+            tls: Some(tls(&certs_dir, "node-9")),
+            ..TransportConfig::default()
+        })
+        .expect("a transport with node 9's certificate");
+        for (request, expected) in [
+            (
+                Request::Admin {
+                    request: AdminRequest::Drain { id: 3 },
+                    forwarded: true,
+                },
+                "not a member",
+            ),
+            (
+                Request::RenewLease(clusterfunk::lease::RenewLease {
+                    node: 3,
+                    epoch: 1,
+                    incarnation: 1,
+                    request_id: 1,
+                }),
+                "not a member",
+            ),
+        ] {
+            let payload = clusterfunk::codec::encode(&request).expect("encodes");
+            match rogue.request(addr(2), payload, DEADLINE).await {
+                Err(TransportError::Remote { reason }) => {
+                    assert!(reason.contains(expected), "{reason}")
+                }
+                Ok(_) => panic!("node 9, never added, was served as a node: {request:?}"),
+                Err(other) => panic!("expected a refusal, got {other}"),
+            }
+        }
+
         // Another CA's certificates are refused during the handshake, both ways.
         let stranger = Client::with_tls([addr(1)], tls(&other_dir, "client"), DEADLINE)
             .expect("a client of another CA");

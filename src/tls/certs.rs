@@ -102,10 +102,20 @@ impl FromStr for NodeSpec {
         let id = id
             .parse()
             .map_err(|_| invalid("the id does not fit in 64 bits"))?;
-        let addr = addr
-            .trim()
-            .parse()
-            .map_err(|_| invalid("the address is not IP:PORT"))?;
+        // One spelling: an IPv4 address written as IPv6 is the IPv4 address others dial.
+        let addr = crate::consensus::state::canonical_addr(
+            addr.trim()
+                .parse()
+                .map_err(|_| invalid("the address is not IP:PORT"))?,
+        );
+        if addr.port() == 0 {
+            return Err(invalid("port 0 is not a port others can dial"));
+        }
+        if addr.ip().is_multicast() || addr.ip() == std::net::Ipv4Addr::BROADCAST {
+            return Err(invalid(
+                "a broadcast or multicast address is not a node's address",
+            ));
+        }
         let node = NodeSpec { id, addr };
         if addr.ip().is_unspecified() {
             return Err(CertsError::UnspecifiedAddress { id, addr });
@@ -1145,6 +1155,19 @@ mod tests {
         );
         assert_eq!(problem("1=127.0.0.1"), "the address is not IP:PORT");
         assert_eq!(problem("1=localhost:7001"), "the address is not IP:PORT");
+        assert_eq!(
+            problem("1=127.0.0.1:0"),
+            "port 0 is not a port others can dial"
+        );
+        assert_eq!(
+            problem("1=255.255.255.255:7001"),
+            "a broadcast or multicast address is not a node's address"
+        );
+        // An IPv4 address written as IPv6 is issued for the IPv4 address others dial.
+        assert_eq!(
+            NodeSpec::parse_list("3=[::ffff:127.0.0.95]:7001").expect("a list")[0].addr,
+            "127.0.0.95:7001".parse().expect("an address")
+        );
         assert_eq!(
             problem("1=127.0.0.1:1,,2=127.0.0.1:2"),
             "there is no `=` between the id and the address"

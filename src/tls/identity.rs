@@ -70,7 +70,11 @@ impl CertIdentity {
             _ => {
                 let id = role.strip_prefix("node/")?;
                 // Digits only: `+1` or ` 1` would parse but are not how ids are written.
-                if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+                // One spelling per id: `01` is not node 1.
+                if id.is_empty()
+                    || !id.bytes().all(|b| b.is_ascii_digit())
+                    || (id.len() > 1 && id.starts_with('0'))
+                {
                     return None;
                 }
                 Role::Node(id.parse().ok()?)
@@ -149,6 +153,7 @@ mod tests {
         for bad in [
             "clusterfunk://c/node/",
             "clusterfunk://c/node/+1",
+            "clusterfunk://c/node/01",
             "clusterfunk://c/node/1/extra",
             "clusterfunk://c/root",
             "clusterfunk:///admin",

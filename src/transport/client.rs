@@ -432,7 +432,7 @@ async fn connect(
             if config.tls.is_none() && matches!(len >> 16, 0x1503 | 0x1603) =>
         {
             return Err(TransportError::Refused {
-                reason: format!("the node at {addr} speaks TLS: the cluster runs with certificates, so give this process its certificate directory (--tls-dir D/client for applications, D/admin for clusterfunk) instead of a secret"),
+                reason: format!("the node at {addr} speaks TLS: the cluster runs with certificates, so give this process its certificate directory (--tls-dir D/client for applications, D/admin for clusterfunk) instead of a secret or --insecure"),
             })
         }
         // Nothing was sent yet: a broken handshake is an unreachable peer.
