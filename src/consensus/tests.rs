@@ -54,10 +54,7 @@ async fn fake_follower(commits: Arc<AtomicBool>) -> ServerHandle {
         async move {
             let request: Request = codec::decode(&payload).map_err(|e| e.to_string())?;
             let response = match request {
-                Request::Vote(vote) => Response::Vote {
-                    result: Ok(VoteResponse::new(vote.vote, None, true)),
-                    since_contact: None,
-                },
+                Request::Vote(vote) => Response::Vote(Ok(VoteResponse::new(vote.vote, None, true))),
                 Request::AppendEntries(append)
                     if append.entries.is_empty() || commits.load(Ordering::Acquire) =>
                 {
@@ -98,7 +95,6 @@ async fn leader(commits: bool) -> Leader {
         config,
         LeaseConfig::default(),
         4,
-        Arc::default(),
     );
     let members = BTreeMap::from([
         (
