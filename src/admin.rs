@@ -290,11 +290,16 @@ impl AdminClient {
         secret: Option<Secret>,
         timeout: Duration,
     ) -> Result<Self, AdminError> {
-        let credentials = match secret {
-            Some(secret) => Credentials::Secret(secret),
-            None => Credentials::Insecure,
-        };
-        Self::with_credentials(node, cluster_name, &credentials, timeout)
+        Self::with_transport_config(
+            node,
+            TransportConfig {
+                cluster_name: cluster_name.to_string(),
+                node_id: None,
+                secret,
+                ..TransportConfig::default()
+            },
+            timeout,
+        )
     }
 
     /// A client for the node at `node` over TLS with the certificate in `tls` (the `admin`
