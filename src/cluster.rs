@@ -533,7 +533,8 @@ impl<H: ShardHandler> ClusterBuilder<H> {
         };
         let transport = Transport::new(transport_config.clone())
             .map_err(|e| StartError::Failed(e.to_string()))?;
-        let network = Network::new(transport.clone());
+        let contact = Arc::new(crate::consensus::Contact::default());
+        let network = Network::with_contact(transport.clone(), contact.clone());
         let forwarding =
             Transport::with_faults(transport_config.clone(), transport.faults().clone())
                 .map_err(|e| StartError::Failed(e.to_string()))?;
@@ -554,6 +555,7 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             config.consensus.clone(),
             config.lease.clone(),
             config.shard_count,
+            contact,
         );
         let listener = tokio::net::TcpListener::bind(listen)
             .await

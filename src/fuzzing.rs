@@ -918,11 +918,14 @@ fn wire_seeds() -> Vec<Vec<u8>> {
             stopped: false,
             message: "when Write Logs: disk full".to_owned(),
         })),
-        Response::Vote(Ok(VoteResponse {
-            vote: Vote::new(3, 2),
-            vote_granted: true,
-            last_log_id: Some(log_id(2, 2, 4)),
-        })),
+        Response::Vote {
+            result: Ok(VoteResponse {
+                vote: Vote::new(3, 2),
+                vote_granted: true,
+                last_log_id: Some(log_id(2, 2, 4)),
+            }),
+            since_contact: Some(std::time::Duration::from_micros(312_345)),
+        },
         Response::InstallSnapshot(Ok(InstallSnapshotResponse { vote })),
         Response::Admin(Ok(AdminResponse::Status(sample_status()))),
         Response::Admin(Err(AdminError::NotLeader { leader: Some(2) })),

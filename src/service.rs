@@ -123,6 +123,9 @@ impl<H: ShardHandler> Service for NodeService<H> {
                 })
             }
             Request::AppendEntries(rpc) => {
+                // Before raft sees it: a receipt recorded late would start a new leader's wait
+                // late (safe); recorded after raft acknowledged, a grant could slip before it.
+                self.consensus.contact().heard_from_leader();
                 let consensus = self.consensus.clone();
                 Box::pin(async move {
                     encode(&Response::AppendEntries(
@@ -137,9 +140,22 @@ impl<H: ShardHandler> Service for NodeService<H> {
             Request::Vote(rpc) => {
                 let consensus = self.consensus.clone();
                 Box::pin(async move {
-                    encode(&Response::Vote(consensus.raft().vote(rpc).await.map_err(
-                        |e| RemoteRaftError::flatten(e, |never| match never {}),
-                    )))
+                    let result = consensus
+                        .raft()
+                        .vote(rpc)
+                        .await
+                        .map_err(|e| RemoteRaftError::flatten(e, |never| match never {}));
+                    // Measured after raft granted: a receipt in between only shortens it.
+                    let since_contact = match &result {
+                        Ok(response) if response.vote_granted => {
+                            Some(consensus.contact().since_last())
+                        }
+                        _ => None,
+                    };
+                    encode(&Response::Vote {
+                        result,
+                        since_contact,
+                    })
                 })
             }
             Request::InstallSnapshot(rpc) => {

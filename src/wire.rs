@@ -216,7 +216,13 @@ pub enum Response {
     /// Answer to [`Request::AppendEntries`].
     AppendEntries(Result<AppendEntriesResponse<NodeId>, RemoteRaftError>),
     /// Answer to [`Request::Vote`].
-    Vote(Result<VoteResponse<NodeId>, RemoteRaftError>),
+    Vote {
+        /// Raft's answer.
+        result: Result<VoteResponse<NodeId>, RemoteRaftError>,
+        /// With a granted vote: the time since the voter last received an append from a
+        /// leader (or since it started), on its clock, rounded down (the receipt rule).
+        since_contact: Option<std::time::Duration>,
+    },
     /// Answer to [`Request::InstallSnapshot`].
     InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RemoteRaftError>),
     /// Answer to [`Request::Admin`].

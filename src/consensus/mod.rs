@@ -6,6 +6,7 @@
 //! module does not route messages: it publishes applied states, and the node installs each new
 //! map in the router.
 
+mod contact;
 pub mod network;
 pub mod state;
 #[cfg(test)]
@@ -23,6 +24,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, LogId, Membership, RaftMetrics, ServerState};
 use tokio::sync::watch;
 
+pub use contact::Contact;
 pub use state::{ClusterState, Command, CommandResponse, MemberRecord, NodeInfo};
 
 use crate::admin::{
@@ -174,6 +176,8 @@ pub struct Consensus {
     granter: Arc<Mutex<Option<(u64, LeaseGranter)>>>,
     /// The lease renewals this node answers as leader, and their confirmation rounds.
     renewals: Arc<Renewals>,
+    /// Leader contacts and the evidence of this node's elections (the receipt rule).
+    contact: Arc<Contact>,
 }
 
 impl std::fmt::Debug for Consensus {
@@ -195,6 +199,7 @@ impl Consensus {
         config: ConsensusConfig,
         lease: LeaseConfig,
         shard_count: u32,
+        contact: Arc<Contact>,
     ) -> Self {
         let actor = ConsensusActor { consensus: None }.start();
         let consensus = Consensus {
@@ -207,6 +212,7 @@ impl Consensus {
             actor,
             granter: Arc::new(Mutex::new(None)),
             renewals: Arc::new(Renewals::default()),
+            contact,
         };
         consensus.actor.do_send(Attach(consensus.clone()));
         tokio::spawn(write_shard_count_when_leading(
@@ -220,6 +226,11 @@ impl Consensus {
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
         self.node_id
+    }
+
+    /// Leader contacts and the evidence of this node's elections (the receipt rule).
+    pub fn contact(&self) -> &Contact {
+        &self.contact
     }
 
     /// The lease settings.
@@ -1088,8 +1099,17 @@ async fn lead(consensus: Consensus) {
             } else {
                 if granter.as_ref().is_none_or(|(t, _)| *t != term) {
                     tracing::info!(term, "leading: lease granter started");
+                    // The receipt rule: the wait before this leader may take a silent node's
+                    // shards starts at the latest contact any voter of its election had with
+                    // an earlier leader, not at the election (tests/model, RESULTS.md).
+                    let since = consensus.contact.wait_from(term, now);
+                    tracing::info!(
+                        term,
+                        credited_ms = now.saturating_duration_since(since).as_millis() as u64,
+                        "leading: the markdown wait starts at the voters' last leader contact"
+                    );
                     let mut fresh =
-                        LeaseGranter::new(consensus.lease.clone(), consensus.node_id, now);
+                        LeaseGranter::new(consensus.lease.clone(), consensus.node_id, since);
                     fresh.on_applied(&state.state, now);
                     *granter = Some((term, fresh));
                 }

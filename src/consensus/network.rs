@@ -5,6 +5,8 @@
 //! make openraft back off); it does not own connections (the transport does).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -15,6 +17,7 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 
+use super::contact::Contact;
 use super::{NodeInfo, TypeConfig};
 use crate::codec;
 use crate::shard_map::NodeId;
@@ -26,12 +29,19 @@ use crate::wire::{Request, Response};
 #[derive(Clone, Debug)]
 pub struct Network {
     transport: Transport,
+    contact: Arc<Contact>,
 }
 
 impl Network {
-    /// A network sending over `transport`.
+    /// A network sending over `transport`, with evidence of its own.
     pub fn new(transport: Transport) -> Self {
-        Network { transport }
+        Self::with_contact(transport, Arc::default())
+    }
+
+    /// A network sending over `transport` that records its leader contacts and the evidence
+    /// of its elections in `contact` (shared with the node's service and lease granter).
+    pub fn with_contact(transport: Transport, contact: Arc<Contact>) -> Self {
+        Network { transport, contact }
     }
 }
 
@@ -44,6 +54,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: node.addr.parse().map_err(|_| node.addr.clone()),
             unreachable_warnings: LogLimit::new(UNREACHABLE_WARNING_WINDOW, 1),
+            contact: self.contact.clone(),
         }
     }
 }
@@ -57,6 +68,8 @@ pub struct PeerClient {
     addr: Result<SocketAddr, String>,
     /// Bounds the warnings about a peer that does not answer: raft retries it every 50 ms.
     unreachable_warnings: LogLimit,
+    /// Leader contacts and election evidence (the receipt rule).
+    contact: Arc<Contact>,
 }
 
 /// One warning per this window about a raft peer that does not answer (with a count of the
@@ -140,6 +153,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeInfo, RaftError<NodeId>>> {
+        // Only a leader sends appends: a leader's own sends are receipts (a former leader's
+        // voters must not report a time before its last grant's confirmation round).
+        self.contact.heard_from_leader();
         match self.call(Request::AppendEntries(rpc), &option).await {
             Ok(Response::AppendEntries(Ok(response))) => Ok(response),
             Ok(Response::AppendEntries(Err(error))) => Err(RPCError::RemoteError(
@@ -178,9 +194,25 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, NodeInfo, RaftError<NodeId>>> {
+        let term = rpc.vote.leader_id.term;
+        self.contact.campaigning(term);
         match self.call(Request::Vote(rpc), &option).await {
-            Ok(Response::Vote(Ok(response))) => Ok(response),
-            Ok(Response::Vote(Err(error))) => Err(RPCError::RemoteError(RemoteError::new(
+            Ok(Response::Vote {
+                result: Ok(response),
+                since_contact,
+            }) => {
+                if response.vote_granted {
+                    match since_contact {
+                        Some(elapsed) => self.contact.granted(term, Instant::now(), elapsed),
+                        // A voter that reports nothing: as if it heard from a leader just now.
+                        None => self.contact.granted(term, Instant::now(), Duration::ZERO),
+                    }
+                }
+                Ok(response)
+            }
+            Ok(Response::Vote {
+                result: Err(error), ..
+            }) => Err(RPCError::RemoteError(RemoteError::new(
                 self.target,
                 error.into_raft(|_| None),
             ))),

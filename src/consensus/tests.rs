@@ -54,7 +54,10 @@ async fn fake_follower(commits: Arc<AtomicBool>) -> ServerHandle {
         async move {
             let request: Request = codec::decode(&payload).map_err(|e| e.to_string())?;
             let response = match request {
-                Request::Vote(vote) => Response::Vote(Ok(VoteResponse::new(vote.vote, None, true))),
+                Request::Vote(vote) => Response::Vote {
+                    result: Ok(VoteResponse::new(vote.vote, None, true)),
+                    since_contact: None,
+                },
                 Request::AppendEntries(append)
                     if append.entries.is_empty() || commits.load(Ordering::Acquire) =>
                 {
@@ -95,6 +98,7 @@ async fn leader(commits: bool) -> Leader {
         config,
         LeaseConfig::default(),
         4,
+        Arc::default(),
     );
     let members = BTreeMap::from([
         (

@@ -86,7 +86,7 @@ pub use server::{serve, PeerInfo, ServerHandle, Service, OVERLOADED};
 
 /// Version of the wire protocol, exchanged in the handshake; peers of different versions refuse
 /// each other. Bump it on any change to the frame layout or the handshake.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Locks a mutex, ignoring poisoning: the data behind the transport's locks stays consistent
 /// even if a holder panicked, since every critical section is a single map operation.
