@@ -2306,6 +2306,9 @@ struct FaultLoad {
     failed_per_requester_max: u64,
     /// The longest request, ms, successful or not.
     longest_request_ms: f64,
+    /// The longest request to a shard the faulted node did not own, ms: how long a leader
+    /// change (or the fault's other effects) paused healthy shards.
+    healthy_longest_request_ms: f64,
     /// When the first and the last failed non-idempotent request were sent, in ms from the
     /// fault (negative: before it).
     failed_sent_ms_from_fault: Option<(f64, f64)>,
@@ -2331,6 +2334,10 @@ impl FaultLoad {
                 .get(sample.call.shard as usize)
                 .copied()
                 .unwrap_or(false);
+            if !owned {
+                load.healthy_longest_request_ms =
+                    load.healthy_longest_request_ms.max(ms(sample.latency));
+            }
             let outstanding = owned && sample.start <= fault.t_kill;
             if sample.call.idempotent {
                 load.idempotent_outstanding_at_fault += u64::from(outstanding);
@@ -2388,6 +2395,9 @@ impl FaultLoad {
             .failed_per_requester_max
             .max(other.failed_per_requester_max);
         self.longest_request_ms = self.longest_request_ms.max(other.longest_request_ms);
+        self.healthy_longest_request_ms = self
+            .healthy_longest_request_ms
+            .max(other.healthy_longest_request_ms);
         self.faults += other.faults;
         self.faults_within_outstanding += other.faults_within_outstanding;
     }
@@ -2428,6 +2438,10 @@ impl FaultLoad {
             "longest_request_ms".into(),
             json!(round3(self.longest_request_ms)),
         );
+        fields.insert(
+            "healthy_longest_request_ms".into(),
+            json!(round3(self.healthy_longest_request_ms)),
+        );
         fields
     }
 
@@ -2439,7 +2453,7 @@ impl FaultLoad {
             String::new()
         };
         format!(
-            "{} request(s) failed ({} outcome-unknown, {} other; {} sent after the fault, up to {} ms after; at most {} per requester) with {} outstanding at the fault{idempotent}, longest request {:.0} ms",
+            "{} request(s) failed ({} outcome-unknown, {} other; {} sent after the fault, up to {} ms after; at most {} per requester) with {} outstanding at the fault{idempotent}, longest request {:.0} ms (on shards the node did not own: {:.0} ms)",
             self.failed_requests,
             self.outcome_unknown,
             self.other_failures,
@@ -2447,7 +2461,8 @@ impl FaultLoad {
             fmt_ms(self.failed_sent_ms_from_fault.map(|(_, last)| last)),
             self.failed_per_requester_max,
             self.outstanding_at_fault,
-            self.longest_request_ms
+            self.longest_request_ms,
+            self.healthy_longest_request_ms
         )
     }
 }
