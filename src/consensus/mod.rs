@@ -190,7 +190,11 @@ impl std::fmt::Debug for Consensus {
 
 impl Consensus {
     /// Wraps a started raft instance and starts the consensus actor and the task that writes the
-    /// shard count once this node leads a cluster that has none.
+    /// shard count once this node leads a cluster that has none. `contact` must be the one the
+    /// raft instance's [`Network`](network::Network) records into.
+    // Eight parts that each come from a different place in the node's start; a struct for
+    // them would only be built here once.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         node_id: NodeId,
         raft: Raft,
