@@ -9,7 +9,11 @@
 //! the request arrived (both given by openraft's `ensure_linearizable`), and (iii) when the
 //! node's allocation epoch is the newest committed one. Any newer leader was therefore elected
 //! after `t0`; it waits `L·(1+ρ)/(1−ρ)` after its election, and after its own last grant to a
-//! node, before it marks the node down and moves its shards. This module does not send
+//! node, before it marks the node down and moves its shards. With the receipt rule
+//! ([`LeaseGranter::with_evidence`]) the wait after the election starts instead at the latest
+//! time any voter of the election heard from an earlier leader (a quorum heard from the old
+//! leader after each of its grants' requests); every member still gets
+//! [`LeaseConfig::renew_grace`] after the election to renew before it may be marked down. This module does not send
 //! anything, read clocks or touch raft.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -62,6 +66,15 @@ impl LeaseConfig {
     pub fn markdown_wait(&self) -> Duration {
         self.lease
             .mul_f64((1.0 + self.clock_drift_max) / (1.0 - self.clock_drift_max))
+    }
+
+    /// How long a new leader gives a member it has not granted anything yet to renew with it,
+    /// counted from its election: two renew periods (the first renewal of a live node may time
+    /// out once). Marking down later is always safe; this bound keeps the receipt rule from
+    /// marking a live node down whose lease lapsed only because the old leader is gone (its
+    /// shards would move without a handoff).
+    pub fn renew_grace(&self) -> Duration {
+        self.renew_period * 2
     }
 
     /// Checks the relations the protocol needs, given the raft election timeout and heartbeat
@@ -255,7 +268,12 @@ pub enum Decision {
 pub struct LeaseGranter {
     config: LeaseConfig,
     me: NodeId,
+    /// Where the markdown wait of members without a grant from this leader starts: its election,
+    /// or the receipt rule's earlier evidence.
     leader_since: Instant,
+    /// When this leader noticed its election: members get [`LeaseConfig::renew_grace`] from then
+    /// to renew before they may be marked down.
+    elected: Instant,
     last_grant: BTreeMap<NodeId, Instant>,
     markdown_proposed: BTreeSet<NodeId>,
     markup_proposed: BTreeSet<NodeId>,
@@ -268,10 +286,24 @@ pub struct LeaseGranter {
 impl LeaseGranter {
     /// A granter for leader `me`, elected at `leader_since` (its own clock).
     pub fn new(config: LeaseConfig, me: NodeId, leader_since: Instant) -> Self {
+        Self::with_evidence(config, me, leader_since, leader_since)
+    }
+
+    /// A granter for leader `me`, elected at `elected`, whose voters last heard from an earlier
+    /// leader at `last_contact` (the receipt rule; never after `elected`): the wait of members it
+    /// has granted nothing starts at `last_contact`, but none is marked down before it had
+    /// [`LeaseConfig::renew_grace`] after the election to renew.
+    pub fn with_evidence(
+        config: LeaseConfig,
+        me: NodeId,
+        elected: Instant,
+        last_contact: Instant,
+    ) -> Self {
         LeaseGranter {
             config,
             me,
-            leader_since,
+            leader_since: last_contact.min(elected),
+            elected,
             last_grant: BTreeMap::new(),
             markdown_proposed: BTreeSet::new(),
             markup_proposed: BTreeSet::new(),
@@ -328,16 +360,18 @@ impl LeaseGranter {
         if now < self.leader_since + wait {
             return Vec::new();
         }
+        let grace_over = now >= self.elected + self.config.renew_grace();
         let mut due = Vec::new();
         for (id, member) in &state.members {
             if *id == self.me || member.down || self.markdown_proposed.contains(id) {
                 continue;
             }
-            let last = self
-                .last_grant
-                .get(id)
-                .copied()
-                .unwrap_or(self.leader_since);
+            let last = match self.last_grant.get(id) {
+                Some(granted) => *granted,
+                // Not heard from under this leader: give a live node its chance to renew.
+                None if !grace_over => continue,
+                None => self.leader_since,
+            };
             if now >= last + wait {
                 self.markdown_proposed.insert(*id);
                 due.push(*id);
@@ -521,6 +555,66 @@ mod tests {
         assert!(
             granter.markdowns_due(&state, elected + wait * 2).is_empty(),
             "each once"
+        );
+    }
+
+    #[test]
+    fn with_the_receipt_rule_a_silent_member_is_marked_down_a_wait_after_the_voters_last_contact() {
+        let state = state();
+        let config = LeaseConfig::default();
+        let wait = config.markdown_wait();
+        let contact = Instant::now();
+        // Elected 300 ms after its voters last heard from the old leader (its renew grace ends
+        // before the wait from the contact does).
+        let elected = contact + ms(300);
+        assert!(elected + config.renew_grace() < contact + wait);
+        let mut granter = LeaseGranter::with_evidence(config.clone(), 1, elected, contact);
+        assert!(granter
+            .markdowns_due(&state, contact + wait - ms(1))
+            .is_empty());
+        assert_eq!(
+            granter.markdowns_due(&state, contact + wait),
+            vec![2, 3],
+            "the wait starts at the contact, not at the election"
+        );
+        // Evidence after the election is not believed: the wait never starts later than the
+        // old rule's and never after the election.
+        let mut granter = LeaseGranter::with_evidence(config, 1, elected, elected + ms(100));
+        assert_eq!(granter.markdowns_due(&state, elected + wait), vec![2, 3]);
+    }
+
+    #[test]
+    fn a_live_member_gets_a_renew_grace_after_the_election_whatever_the_evidence() {
+        let state = state();
+        let config = LeaseConfig::default();
+        let wait = config.markdown_wait();
+        let grace = config.renew_grace();
+        let contact = Instant::now();
+        // The voters' last contact is so old that the wait from it ended before the election.
+        let elected = contact + wait + ms(50);
+        let mut granter = LeaseGranter::with_evidence(config, 1, elected, contact);
+        assert!(
+            granter.markdowns_due(&state, elected).is_empty(),
+            "no member is marked down before it could renew with the new leader"
+        );
+        // Node 2 renews within the grace; node 3 stays silent.
+        let request = RenewLease {
+            node: 2,
+            epoch: state.epoch,
+            incarnation: 1,
+            request_id: 1,
+        };
+        assert!(matches!(
+            granter.decide(&request, &state, elected + ms(20)),
+            Decision::Grant(_)
+        ));
+        assert!(granter
+            .markdowns_due(&state, elected + grace - ms(1))
+            .is_empty());
+        assert_eq!(
+            granter.markdowns_due(&state, elected + grace),
+            vec![3],
+            "the silent member, once the grace is over; the live one keeps its lease"
         );
     }
 

@@ -1112,8 +1112,12 @@ async fn lead(consensus: Consensus) {
                         credited_ms = now.saturating_duration_since(since).as_millis() as u64,
                         "leading: the markdown wait starts at the voters' last leader contact"
                     );
-                    let mut fresh =
-                        LeaseGranter::new(consensus.lease.clone(), consensus.node_id, since);
+                    let mut fresh = LeaseGranter::with_evidence(
+                        consensus.lease.clone(),
+                        consensus.node_id,
+                        now,
+                        since,
+                    );
                     fresh.on_applied(&state.state, now);
                     *granter = Some((term, fresh));
                 }
