@@ -68,11 +68,13 @@ impl LeaseConfig {
             .mul_f64((1.0 + self.clock_drift_max) / (1.0 - self.clock_drift_max))
     }
 
-    /// How long a new leader gives a member it has not granted anything yet to renew with it,
-    /// counted from its election: two renew periods (the first renewal of a live node may time
-    /// out once). Marking down later is always safe; this bound keeps the receipt rule from
-    /// marking a live node down whose lease lapsed only because the old leader is gone (its
-    /// shards would move without a handoff).
+    /// How long a new leader gives a member it knows to be alive (it answered a vote or append
+    /// request of this leader's election or term) but has not granted anything yet to renew with
+    /// it, counted from its election: two renew periods (a first renewal may time out once).
+    /// Marking down later is always safe; this bound keeps the receipt rule from marking a live
+    /// node down whose lease lapsed only because the old leader is gone (its shards would move
+    /// without a handoff). A member that answered nothing gets the consensus's two heartbeat
+    /// intervals instead (the answer to the new leader's first heartbeat may be on its way).
     pub fn renew_grace(&self) -> Duration {
         self.renew_period * 2
     }
@@ -271,9 +273,14 @@ pub struct LeaseGranter {
     /// Where the markdown wait of members without a grant from this leader starts: its election,
     /// or the receipt rule's earlier evidence.
     leader_since: Instant,
-    /// When this leader noticed its election: members get [`LeaseConfig::renew_grace`] from then
-    /// to renew before they may be marked down.
+    /// When this leader noticed its election: members get a grace from then to renew before they
+    /// may be marked down ([`LeaseConfig::renew_grace`] if they answered this leader, else
+    /// `silent_grace`).
     elected: Instant,
+    /// The grace after the election of members that answered nothing yet.
+    silent_grace: Duration,
+    /// When each member last answered this leader (from its network layer).
+    answered: BTreeMap<NodeId, Instant>,
     last_grant: BTreeMap<NodeId, Instant>,
     markdown_proposed: BTreeSet<NodeId>,
     markup_proposed: BTreeSet<NodeId>,
@@ -286,29 +293,43 @@ pub struct LeaseGranter {
 impl LeaseGranter {
     /// A granter for leader `me`, elected at `leader_since` (its own clock).
     pub fn new(config: LeaseConfig, me: NodeId, leader_since: Instant) -> Self {
-        Self::with_evidence(config, me, leader_since, leader_since)
+        Self::with_evidence(config, me, leader_since, leader_since, Duration::ZERO)
     }
 
     /// A granter for leader `me`, elected at `elected`, whose voters last heard from an earlier
     /// leader at `last_contact` (the receipt rule; never after `elected`): the wait of members it
-    /// has granted nothing starts at `last_contact`, but none is marked down before it had
-    /// [`LeaseConfig::renew_grace`] after the election to renew.
+    /// has granted nothing starts at `last_contact`, but none is marked down before it had a
+    /// grace after the election to renew: [`LeaseConfig::renew_grace`] for members known alive
+    /// ([`LeaseGranter::answered`]), `silent_grace` for the others.
     pub fn with_evidence(
         config: LeaseConfig,
         me: NodeId,
         elected: Instant,
         last_contact: Instant,
+        silent_grace: Duration,
     ) -> Self {
         LeaseGranter {
             config,
             me,
             leader_since: last_contact.min(elected),
             elected,
+            silent_grace,
+            answered: BTreeMap::new(),
             last_grant: BTreeMap::new(),
             markdown_proposed: BTreeSet::new(),
             markup_proposed: BTreeSet::new(),
             known_down: BTreeSet::new(),
             known: BTreeSet::new(),
+        }
+    }
+
+    /// Member `node` answered a vote or append request of this leader at `at`: it is alive, so it
+    /// gets the longer grace to renew (answers from before the voters' last contact with an
+    /// earlier leader do not count).
+    pub fn answered(&mut self, node: NodeId, at: Instant) {
+        if at >= self.leader_since {
+            let last = self.answered.entry(node).or_insert(at);
+            *last = (*last).max(at);
         }
     }
 
@@ -360,7 +381,8 @@ impl LeaseGranter {
         if now < self.leader_since + wait {
             return Vec::new();
         }
-        let grace_over = now >= self.elected + self.config.renew_grace();
+        let live_grace_over = now >= self.elected + self.config.renew_grace();
+        let silent_grace_over = now >= self.elected + self.silent_grace;
         let mut due = Vec::new();
         for (id, member) in &state.members {
             if *id == self.me || member.down || self.markdown_proposed.contains(id) {
@@ -368,8 +390,9 @@ impl LeaseGranter {
             }
             let last = match self.last_grant.get(id) {
                 Some(granted) => *granted,
-                // Not heard from under this leader: give a live node its chance to renew.
-                None if !grace_over => continue,
+                // No grant from this leader yet: give a live node its chance to renew.
+                None if !silent_grace_over => continue,
+                None if !live_grace_over && self.answered.contains_key(id) => continue,
                 None => self.leader_since,
             };
             if now >= last + wait {
@@ -568,7 +591,8 @@ mod tests {
         // before the wait from the contact does).
         let elected = contact + ms(300);
         assert!(elected + config.renew_grace() < contact + wait);
-        let mut granter = LeaseGranter::with_evidence(config.clone(), 1, elected, contact);
+        let mut granter =
+            LeaseGranter::with_evidence(config.clone(), 1, elected, contact, Duration::ZERO);
         assert!(granter
             .markdowns_due(&state, contact + wait - ms(1))
             .is_empty());
@@ -579,7 +603,8 @@ mod tests {
         );
         // Evidence after the election is not believed: the wait never starts later than the
         // old rule's and never after the election.
-        let mut granter = LeaseGranter::with_evidence(config, 1, elected, elected + ms(100));
+        let mut granter =
+            LeaseGranter::with_evidence(config, 1, elected, elected + ms(100), Duration::ZERO);
         assert_eq!(granter.markdowns_due(&state, elected + wait), vec![2, 3]);
     }
 
@@ -589,15 +614,18 @@ mod tests {
         let config = LeaseConfig::default();
         let wait = config.markdown_wait();
         let grace = config.renew_grace();
+        let silent_grace = ms(100);
         let contact = Instant::now();
         // The voters' last contact is so old that the wait from it ended before the election.
         let elected = contact + wait + ms(50);
-        let mut granter = LeaseGranter::with_evidence(config, 1, elected, contact);
+        let mut granter = LeaseGranter::with_evidence(config, 1, elected, contact, silent_grace);
         assert!(
             granter.markdowns_due(&state, elected).is_empty(),
-            "no member is marked down before it could renew with the new leader"
+            "no member is marked down before the answer to the first heartbeat could arrive"
         );
-        // Node 2 renews within the grace; node 3 stays silent.
+        // Nodes 2 and 3 answered (they are alive); 2 renews within the grace, 3 does not.
+        granter.answered(2, elected - ms(5));
+        granter.answered(3, elected + ms(5));
         let request = RenewLease {
             node: 2,
             epoch: state.epoch,
@@ -614,7 +642,29 @@ mod tests {
         assert_eq!(
             granter.markdowns_due(&state, elected + grace),
             vec![3],
-            "the silent member, once the grace is over; the live one keeps its lease"
+            "the live member that never renewed, once its grace is over; the renewed one stays"
+        );
+    }
+
+    #[test]
+    fn a_member_that_never_answered_gets_only_the_silent_grace() {
+        let state = state();
+        let config = LeaseConfig::default();
+        let wait = config.markdown_wait();
+        let silent_grace = ms(100);
+        let contact = Instant::now();
+        let elected = contact + wait + ms(50);
+        let mut granter = LeaseGranter::with_evidence(config, 1, elected, contact, silent_grace);
+        // Node 2 answered the election; node 3 (dead) answered nothing, ever, or before the
+        // voters' last contact with the old leader, which does not count.
+        granter.answered(2, elected - ms(5));
+        granter.answered(3, contact - ms(1));
+        assert!(granter
+            .markdowns_due(&state, elected + silent_grace - ms(1))
+            .is_empty());
+        assert_eq!(
+            granter.markdowns_due(&state, elected + silent_grace),
+            vec![3]
         );
     }
 

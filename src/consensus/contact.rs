@@ -19,6 +19,8 @@
 //! This file owns the bookkeeping and the rule; the network and the service call it.
 
 use std::collections::BTreeMap;
+
+use crate::shard_map::NodeId;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -32,6 +34,9 @@ pub struct Contact {
     /// Per term this node campaigned in: the latest receipt over itself and every voter that
     /// granted its vote, on this node's clock.
     elections: Mutex<BTreeMap<u64, Instant>>,
+    /// When each peer last answered a vote or append request of this node: a live peer, which a
+    /// new leader gives time to renew (not part of the rule's safety, only of availability).
+    answers: Mutex<BTreeMap<NodeId, Instant>>,
 }
 
 impl Default for Contact {
@@ -50,6 +55,7 @@ impl Contact {
             started,
             last: Mutex::new(started),
             elections: Mutex::new(BTreeMap::new()),
+            answers: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -84,6 +90,16 @@ impl Contact {
         let mut elections = lock(&self.elections);
         let entry = elections.entry(term).or_insert(receipt);
         *entry = (*entry).max(receipt);
+    }
+
+    /// Peer `node` answered a vote or append request of this node just now.
+    pub fn answered(&self, node: NodeId) {
+        lock(&self.answers).insert(node, Instant::now());
+    }
+
+    /// When peer `node` last answered a vote or append request of this node, if ever.
+    pub fn last_answer(&self, node: NodeId) -> Option<Instant> {
+        lock(&self.answers).get(&node).copied()
     }
 
     /// Where the wait of a leader elected in `term`, that noticed its leadership at

@@ -1117,6 +1117,7 @@ async fn lead(consensus: Consensus) {
                         consensus.node_id,
                         now,
                         since,
+                        consensus.config.heartbeat_interval * 2,
                     );
                     fresh.on_applied(&state.state, now);
                     *granter = Some((term, fresh));
@@ -1131,6 +1132,11 @@ async fn lead(consensus: Consensus) {
                             granter.restart_waits(&state.state, now);
                         }
                         granter.on_applied(&state.state, now);
+                        for id in state.state.members.keys() {
+                            if let Some(at) = consensus.contact.last_answer(*id) {
+                                granter.answered(*id, at);
+                            }
+                        }
                         granter.markdowns_due(&state.state, now)
                     }
                     None => Vec::new(),

@@ -157,7 +157,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         // voters must not report a time before its last grant's confirmation round).
         self.contact.heard_from_leader();
         match self.call(Request::AppendEntries(rpc), &option).await {
-            Ok(Response::AppendEntries(Ok(response))) => Ok(response),
+            Ok(Response::AppendEntries(Ok(response))) => {
+                self.contact.answered(self.target);
+                Ok(response)
+            }
             Ok(Response::AppendEntries(Err(error))) => Err(RPCError::RemoteError(
                 RemoteError::new(self.target, error.into_raft(|_| None)),
             )),
@@ -201,6 +204,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 result: Ok(response),
                 since_contact,
             }) => {
+                self.contact.answered(self.target);
                 if response.vote_granted {
                     match since_contact {
                         Some(elapsed) => self.contact.granted(term, Instant::now(), elapsed),
