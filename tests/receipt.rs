@@ -10,6 +10,8 @@
 //! The candidate side (the latest receipt over every granting voter, the candidate's own
 //! included, credited as measured) is pinned by the unit tests in `src/consensus/contact.rs`.
 
+// Each test file uses only part of the harness.
+#[allow(dead_code)]
 mod inproc;
 
 use std::time::{Duration, Instant};
@@ -83,16 +85,6 @@ async fn vote_granted_by(cluster: &TestCluster, voter: NodeId) -> (Instant, Answ
         .await
 }
 
-/// Cuts every link to and from `node` (the test's own transport still reaches it).
-fn isolate(cluster: &TestCluster, node: NodeId) {
-    for other in cluster.ids() {
-        if other != node {
-            cluster.block(other, node);
-            cluster.block(node, other);
-        }
-    }
-}
-
 /// A voter records every append it receives from a leader, and reports with a granted vote the
 /// time since the last one: the report covers the voter's silence, and never reaches back before
 /// an append the voter is known to have received.
@@ -129,7 +121,7 @@ async fn a_granted_vote_reports_the_time_since_the_voters_last_leader_append() {
     // The voter is cut off (so that it can neither hear from the leader nor win an election of
     // its own). Once it campaigns it has not heard from a leader for an election timeout; wait
     // for a second campaign so that its silence is long enough to see in its report.
-    isolate(cluster, voter);
+    cluster.isolate(voter);
     let term = cluster.status(voter).expect("the voter runs").term;
     let silent = cluster
         .wait_until(
@@ -179,7 +171,7 @@ async fn a_restarted_voter_reports_its_start_not_what_it_heard_before() {
     let (voter, _) = cluster.follower_and_others(leader);
 
     // The voter restarts where no leader's append reaches it.
-    isolate(cluster, voter);
+    cluster.isolate(voter);
     cluster.kill(voter).await;
     let restarting = Instant::now();
     cluster.restart(voter).await;
