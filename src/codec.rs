@@ -2,10 +2,11 @@
 //!
 //! Everything that leaves the process goes through these functions, so the format can change in
 //! one place. Decoding is bounded by [`DECODE_LIMIT_BYTES`] so a corrupt length prefix cannot make
-//! the decoder allocate without bound. This module knows nothing about what it encodes.
+//! the decoder allocate without bound. This module knows nothing about what it encodes; [`Handoff`] is an encoded
+//! value with a name (a shard's state on its way to the shard's next owner).
 
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 
@@ -44,6 +45,35 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
     bincode::serde::decode_from_slice(bytes, config)
         .map(|(value, _)| value)
         .map_err(|e| Error::Codec(format!("decode: {e}")))
+}
+
+/// An opaque snapshot of a shard's state, handed from the old owner of a shard to the new one on
+/// a planned move (`on_deactivate` returns it, `on_restore` receives it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handoff {
+    bytes: Vec<u8>,
+}
+
+impl Handoff {
+    /// Encodes `state` with the crate's wire codec.
+    pub fn encode<T: Serialize>(state: &T) -> Result<Self, Error> {
+        encode(state).map(|bytes| Handoff { bytes })
+    }
+
+    /// Decodes the snapshot back into `T`; fails if it was encoded from another type.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, Error> {
+        decode(&self.bytes)
+    }
+
+    /// Wraps raw bytes (for handlers that bring their own format).
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        Handoff { bytes }
+    }
+
+    /// The raw bytes of the snapshot.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
 }
 
 #[cfg(test)]

@@ -47,7 +47,7 @@ use crate::codec;
 use crate::consensus::{ClusterState, Command, CommandResponse, NodeInfo, TypeConfig};
 use crate::error::{Error, NotReadyReason};
 use crate::lease::{LeaseGrant, LeaseRefusal, RenewLease};
-use crate::shard::Handoff;
+use crate::codec::Handoff;
 use crate::shard_map::NodeId;
 use crate::storage::codec as storage_codec;
 use crate::storage::Identity;

@@ -21,7 +21,8 @@ use crate::codec;
 use crate::consensus::{Command, CommandResponse, Consensus};
 use crate::ledger::{MoveStep, Sent};
 use crate::router::Router;
-use crate::shard::{Handoff, ShardHandler};
+use crate::codec::Handoff;
+use crate::shard::ShardHandler;
 use crate::shard_map::{NodeId, ShardId};
 use crate::wire::{Request, Response};
 

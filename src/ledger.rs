@@ -24,7 +24,7 @@
 //!
 //! It does not decide the map (consensus does), nor run handler code (shard actors do).
 
-use crate::shard::Handoff;
+use crate::codec::Handoff;
 use crate::shard_map::NodeId;
 
 /// Where a shard's state is on this node. `A` is the handle of a running actor.

@@ -118,8 +118,9 @@ pub const QUIET_OPENRAFT_LOG: &str =
     "openraft::replication=off,openraft::engine::handler::replication_handler=off";
 pub use error::{ConfigError, Error, NotReadyReason, StartError};
 pub use lease::LeaseConfig;
+pub use codec::Handoff;
 pub use shard::{
-    Handoff, ServeEvent, ServeEventKind, ServeObserver, ShardActor, ShardContext, ShardHandler,
+    ServeEvent, ServeEventKind, ServeObserver, ShardActor, ShardContext, ShardHandler,
     ShardMessage,
 };
 pub use shard_map::{Key, NodeId, ShardId};

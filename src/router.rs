@@ -31,9 +31,10 @@ use crate::consensus::ClusterState;
 use crate::error::{Error, NotReadyReason};
 use crate::ledger::{Intake, MoveStep, Place, Sent, ShardLedger, ShardView};
 use crate::metrics::{RequestMetrics, RouteLabel};
+use crate::codec::Handoff;
 use crate::shard::{
-    Deactivate, Deliver, HandlerFactory, Handles, Handoff, ServeEvent, ServeEventKind,
-    ServeObserver, ShardActor, ShardHandler, ShardMessage, Undelivered,
+    Deactivate, Deliver, HandlerFactory, Handles, ServeEvent, ServeEventKind, ServeObserver,
+    ShardActor, ShardHandler, ShardMessage, Undelivered,
 };
 use crate::shard_map::{Epoch, Key, NodeId, ShardId};
 use crate::transport::{Transport, TransportError, OVERLOADED};

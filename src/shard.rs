@@ -19,6 +19,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::cluster::ClusterHandle;
+use crate::codec::Handoff;
 use crate::error::Error;
 use crate::router::Router;
 use crate::shard_map::{Epoch, Key, NodeId, ShardId};
@@ -39,35 +40,6 @@ pub trait ShardMessage: Serialize + DeserializeOwned + Send + 'static {
     /// fails with [`Error::OutcomeUnknown`] instead. `#[idempotent]` on the derive sets it;
     /// the [`Client`](crate::client::Client) can also decide per call. Default: `false`.
     const IDEMPOTENT: bool = false;
-}
-
-/// An opaque snapshot of a shard's state, handed from the old owner of a shard to the new one on
-/// a planned move (`on_deactivate` returns it, `on_restore` receives it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct Handoff {
-    bytes: Vec<u8>,
-}
-
-impl Handoff {
-    /// Encodes `state` with the crate's wire codec.
-    pub fn encode<T: Serialize>(state: &T) -> Result<Self, Error> {
-        crate::codec::encode(state).map(|bytes| Handoff { bytes })
-    }
-
-    /// Decodes the snapshot back into `T`; fails if it was encoded from another type.
-    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, Error> {
-        crate::codec::decode(&self.bytes)
-    }
-
-    /// Wraps raw bytes (for handlers that bring their own format).
-    pub fn from_bytes(bytes: Vec<u8>) -> Self {
-        Handoff { bytes }
-    }
-
-    /// The raw bytes of the snapshot.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes
-    }
 }
 
 /// The state of one shard: every key that hashes to the shard is handled by one value of this

@@ -16,7 +16,7 @@ use crate::admin::{AdminError, AdminRequest, AdminResponse};
 use crate::consensus::{Command, CommandResponse, TypeConfig};
 use crate::error::Error;
 use crate::lease::{LeaseGrant, LeaseRefusal, RenewLease};
-use crate::shard::Handoff;
+use crate::codec::Handoff;
 use crate::shard_map::{NodeId, ShardId};
 
 /// A request to a node.

@@ -13,7 +13,6 @@ pub mod state;
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Cursor;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,7 +24,7 @@ use openraft::{ChangeMembers, LogId, Membership, RaftMetrics, ServerState};
 use tokio::sync::watch;
 
 pub use contact::Contact;
-pub use state::{ClusterState, Command, CommandResponse, MemberRecord, NodeInfo};
+pub use state::{ClusterState, Command, CommandResponse, MemberRecord, NodeInfo, TypeConfig};
 
 use crate::admin::{
     call_admin, failures_tolerated, layout_warnings, AdminError, AdminRequest, AdminResponse,
@@ -37,15 +36,6 @@ use crate::shard_map::NodeId;
 use crate::storage::{Applied, StateMachineApp};
 use crate::transport::Transport;
 use crate::wire::Request;
-
-openraft::declare_raft_types!(
-    /// The raft types of clusterfunk: commands change the [`ClusterState`].
-    pub TypeConfig:
-        D = Command,
-        R = CommandResponse,
-        NodeId = NodeId,
-        Node = NodeInfo,
-);
 
 /// The raft instance of a node.
 pub type Raft = openraft::Raft<TypeConfig>;
@@ -1370,7 +1360,3 @@ impl Handler<Write> for ConsensusActor {
         ))
     }
 }
-
-// `declare_raft_types!` names `Cursor` for the snapshot data type.
-#[allow(dead_code)]
-type SnapshotData = Cursor<Vec<u8>>;

@@ -7,11 +7,25 @@
 //! not talk to raft or the network: the consensus actor feeds it entries.
 
 use std::collections::BTreeMap;
+use std::io::Cursor;
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
 use crate::shard_map::{allocate, Member, NodeId, ShardId, ShardMap};
+
+openraft::declare_raft_types!(
+    /// The raft types of clusterfunk: commands change the [`ClusterState`].
+    pub TypeConfig:
+        D = Command,
+        R = CommandResponse,
+        NodeId = NodeId,
+        Node = NodeInfo,
+);
+
+// `declare_raft_types!` names `Cursor` for the snapshot data type.
+#[allow(dead_code)]
+type SnapshotData = Cursor<Vec<u8>>;
 
 /// What the cluster knows of one member.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
