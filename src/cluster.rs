@@ -4,7 +4,6 @@
 //! This module wires the parts together and owns the node's configuration ([`NodeConfig`]); it
 //! does no routing itself (the router does) and holds no handler state (shard actors do).
 
-use std::any::Any;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -21,10 +20,11 @@ use crate::consensus::{ClusterApp, ClusterState, Consensus, ConsensusConfig, Nod
 use crate::error::{ConfigError, Error, NotReadyReason, StartError};
 use crate::lease::LeaseConfig;
 use crate::metrics::RouteLabel;
-use crate::router::{Origin, RouterParts};
-use crate::router::{RouteAny, Router, RouterLimits, RoutingTable};
+use crate::router::RouterParts;
+use crate::router::{Router, RouterLimits, RoutingTable};
 use crate::service::NodeService;
 use crate::shard::ServeObserver;
+use crate::shard::{ClusterHandle, Origin};
 use crate::shard::{HandlerFactory, Handles, ShardHandler, ShardMessage};
 use crate::shard_map::{allocate, Epoch, Key, Member, NodeId, ShardId};
 use crate::storage::{data_dir, DataDirLock, Identity, LmdbStore, StoreOptions};
@@ -1206,62 +1206,4 @@ fn check_initial_members(
         }
     }
     Ok(())
-}
-
-/// A type-erased handle to a node, used by handlers through
-/// [`ShardContext::cluster`](crate::ShardContext::cluster). Cheap to clone.
-///
-/// Its `send` checks at run time that the node's handler handles the message type
-/// ([`Error::UnknownMessage`] otherwise) where [`Node::send`] checks at compile time.
-#[derive(Clone)]
-pub struct ClusterHandle {
-    router: Weak<dyn RouteAny>,
-    /// The shard (and its activation, the shard actor's number) whose handler holds this
-    /// handle; `None` outside handlers.
-    origin: Option<(ShardId, u64)>,
-}
-
-impl std::fmt::Debug for ClusterHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClusterHandle")
-            .field("origin", &self.origin)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ClusterHandle {
-    pub(crate) fn new(router: Weak<dyn RouteAny>, origin: Option<(ShardId, u64)>) -> Self {
-        ClusterHandle { router, origin }
-    }
-
-    /// Sends `msg` to the shard owning `key` and returns the reply. The returned future owns
-    /// everything it needs, so an `async` handler can hold it across `.await`s.
-    pub fn send<M: ShardMessage>(
-        &self,
-        key: impl Into<Key>,
-        msg: M,
-    ) -> impl Future<Output = Result<M::Reply, Error>> + Send + 'static {
-        let key = key.into();
-        let router = self.router.upgrade();
-        let origin = self.origin;
-        async move {
-            let router = router.ok_or(Error::ShuttingDown)?;
-            if let Some((origin, actor)) = origin {
-                if router.shard_of(&key) == origin {
-                    return Err(Error::Reentrant { shard: origin });
-                }
-                // A handler whose activation no longer holds its shard must not act for it.
-                if !router.may_act_for(origin, actor) {
-                    return Err(Error::OriginNotServed { shard: origin });
-                }
-            }
-            let reply = router
-                .send_any(key, M::TAG, Box::new(msg) as Box<dyn Any + Send>)
-                .await?;
-            reply
-                .downcast::<M::Reply>()
-                .map(|reply| *reply)
-                .map_err(|_| Error::Codec(format!("reply of `{}` has an unexpected type", M::TAG)))
-        }
-    }
 }

@@ -44,10 +44,10 @@ use crate::admin::{
     ShardOwner, ShardsReport, StatusReport,
 };
 use crate::codec;
+use crate::codec::Handoff;
 use crate::consensus::{ClusterState, Command, CommandResponse, NodeInfo, TypeConfig};
 use crate::error::{Error, NotReadyReason};
 use crate::lease::{LeaseGrant, LeaseRefusal, RenewLease};
-use crate::codec::Handoff;
 use crate::shard_map::NodeId;
 use crate::storage::codec as storage_codec;
 use crate::storage::Identity;

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 use crate::codec;
+use crate::codec::Handoff;
 use crate::consensus::{Command, CommandResponse, Consensus};
 use crate::ledger::{MoveStep, Sent};
 use crate::router::Router;
-use crate::codec::Handoff;
 use crate::shard::ShardHandler;
 use crate::shard_map::{NodeId, ShardId};
 use crate::wire::{Request, Response};

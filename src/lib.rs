@@ -103,9 +103,7 @@ pub mod tls;
 pub mod transport;
 pub mod wire;
 
-pub use cluster::{
-    Cluster, ClusterBuilder, ClusterHandle, GracefulShutdown, Node, NodeConfig, NodeStatus,
-};
+pub use cluster::{Cluster, ClusterBuilder, GracefulShutdown, Node, NodeConfig, NodeStatus};
 pub use consensus::ConsensusConfig;
 
 /// Log filter directives that turn off openraft's per-retry lines about an unreachable peer
@@ -116,12 +114,12 @@ pub use consensus::ConsensusConfig;
 /// is set.
 pub const QUIET_OPENRAFT_LOG: &str =
     "openraft::replication=off,openraft::engine::handler::replication_handler=off";
+pub use codec::Handoff;
 pub use error::{ConfigError, Error, NotReadyReason, StartError};
 pub use lease::LeaseConfig;
-pub use codec::Handoff;
 pub use shard::{
-    ServeEvent, ServeEventKind, ServeObserver, ShardActor, ShardContext, ShardHandler,
-    ShardMessage,
+    ClusterHandle, ServeEvent, ServeEventKind, ServeObserver, ShardActor, ShardContext,
+    ShardHandler, ShardMessage,
 };
 pub use shard_map::{Key, NodeId, ShardId};
 
@@ -147,84 +145,12 @@ pub mod prelude {
 /// Items the macros expand to. Not public API: may change in any release.
 #[doc(hidden)]
 pub mod __private {
-    use std::any::Any;
-    use std::sync::Arc;
-
     pub use futures_util::future::{BoxFuture, LocalBoxFuture};
 
-    pub use crate::router::{Origin, Router};
-    pub use crate::shard::{Handled, Handles, Slot};
-    use crate::{Error, Key, ShardHandler, ShardMessage};
-
-    /// The wire enum of a handler: one variant per message type.
-    pub trait WireMessage<H: ShardHandler>: Sized + Send + 'static {
-        /// The wire tags of the variants, in declaration order.
-        const TAGS: &'static [&'static str];
-        /// Recovers the variant from a boxed message, or hands the box back.
-        fn from_any(msg: Box<dyn Any + Send>) -> Result<Self, Box<dyn Any + Send>>;
-        /// Decodes the variant named by `tag` from its encoded payload.
-        fn decode(tag: &str, bytes: &[u8]) -> Result<Self, Error>;
-        /// Routes the message on `router`, boxing the reply.
-        fn route_any(
-            self,
-            router: &Arc<Router<H>>,
-            key: Key,
-        ) -> BoxFuture<'static, Result<Box<dyn Any + Send>, Error>>;
-        /// Routes the message on `router`, encoding the reply.
-        fn route_wire(
-            self,
-            router: &Arc<Router<H>>,
-            key: Key,
-            origin: Origin,
-        ) -> BoxFuture<'static, Result<Vec<u8>, Error>>;
-    }
-
-    /// Decodes one message type.
-    pub fn decode<M: ShardMessage>(bytes: &[u8]) -> Result<M, Error> {
-        crate::codec::decode(bytes)
-    }
-
-    /// The error for a tag no variant has.
-    pub fn unknown_tag(tag: &str) -> Error {
-        Error::UnknownMessage {
-            tag: tag.to_string(),
-        }
-    }
-
-    /// Routes one typed message, boxing its reply.
-    pub fn route_any<H, M>(
-        router: &Arc<Router<H>>,
-        key: Key,
-        msg: M,
-    ) -> BoxFuture<'static, Result<Box<dyn Any + Send>, Error>>
-    where
-        H: Handles<M>,
-        M: ShardMessage,
-    {
-        let router = router.clone();
-        Box::pin(async move {
-            let reply = router.send(key, msg, Origin::Local).await?;
-            Ok(Box::new(reply) as Box<dyn Any + Send>)
-        })
-    }
-
-    /// Routes one typed message, encoding its reply.
-    pub fn route_wire<H, M>(
-        router: &Arc<Router<H>>,
-        key: Key,
-        msg: M,
-        origin: Origin,
-    ) -> BoxFuture<'static, Result<Vec<u8>, Error>>
-    where
-        H: Handles<M>,
-        M: ShardMessage,
-    {
-        let router = router.clone();
-        Box::pin(async move {
-            let reply = router.send(key, msg, origin).await?;
-            crate::codec::encode(&reply)
-        })
-    }
+    pub use crate::shard::{
+        decode, route_any, route_wire, unknown_tag, Dispatch, Handled, Handles, Origin, Slot,
+        WireMessage,
+    };
 }
 
 /// The guide's chapters (`guide/src/*.md`), compiled as doctests so that every Rust sample in

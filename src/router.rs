@@ -24,17 +24,16 @@ use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
 use tokio::sync::{oneshot, watch};
 
-use crate::__private::WireMessage;
-use crate::cluster::ClusterHandle;
 use crate::codec;
+use crate::codec::Handoff;
 use crate::consensus::ClusterState;
 use crate::error::{Error, NotReadyReason};
 use crate::ledger::{Intake, MoveStep, Place, Sent, ShardLedger, ShardView};
 use crate::metrics::{RequestMetrics, RouteLabel};
-use crate::codec::Handoff;
 use crate::shard::{
-    Deactivate, Deliver, HandlerFactory, Handles, ServeEvent, ServeEventKind, ServeObserver,
-    ShardActor, ShardHandler, ShardMessage, Undelivered,
+    ClusterHandle, Deactivate, Deliver, Dispatch, HandlerFactory, Handles, Origin, RouteAny,
+    ServeEvent, ServeEventKind, ServeObserver, ShardActor, ShardHandler, ShardHost, ShardMessage,
+    Undelivered, WireMessage,
 };
 use crate::shard_map::{Epoch, Key, NodeId, ShardId};
 use crate::transport::{Transport, TransportError, OVERLOADED};
@@ -49,21 +48,6 @@ pub(crate) struct RoutingTable {
     pub(crate) not_ready: Option<NotReadyReason>,
     /// Since when the node has known no leader, if it knows none.
     pub(crate) leaderless_since: Option<Instant>,
-}
-
-/// Where a message comes from: decides whether the router may forward it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
-    /// Sent on this node: the router forwards it to the owner if needed, and sends an
-    /// idempotent message ([`ShardMessage::IDEMPOTENT`]) to the shard's next owner when the
-    /// owner it went to failed before answering.
-    Local,
-    /// Sent by a remote client: forwarded like [`Local`](Self::Local), but a forward whose
-    /// outcome is unknown is answered with [`Error::OutcomeUnknown`]: the client decides
-    /// whether to send again (its per-call option may differ from the type's default).
-    Client,
-    /// Forwarded by another node: served here or answered with `WrongOwner` (one hop only).
-    Forwarded,
 }
 
 /// Limits and timeouts of the router.
@@ -1254,22 +1238,46 @@ impl Drop for WaitPermit<'_> {
     }
 }
 
-/// The type-erased face of a router, behind [`ClusterHandle`].
-pub(crate) trait RouteAny: Send + Sync + 'static {
-    /// Sends a boxed message (already type-checked by the caller against `tag`).
-    fn send_any(
-        &self,
+impl<H: ShardHandler> Dispatch<H> for Router<H> {
+    fn dispatch<M>(
+        router: &Arc<Self>,
         key: Key,
-        tag: &'static str,
-        msg: Box<dyn Any + Send>,
-    ) -> BoxFuture<'static, Result<Box<dyn Any + Send>, Error>>;
+        msg: M,
+        origin: Origin,
+    ) -> BoxFuture<'static, Result<M::Reply, Error>>
+    where
+        M: ShardMessage,
+        H: Handles<M>,
+    {
+        let router = router.clone();
+        Box::pin(async move { router.send(key, msg, origin).await })
+    }
+}
 
-    /// The shard of `key`.
-    fn shard_of(&self, key: &Key) -> ShardId;
+impl<H: ShardHandler> ShardHost<H> for Router<H> {
+    fn node_id(&self) -> NodeId {
+        self.node_id
+    }
 
-    /// Whether the handler of `shard` in actor `actor` may still act for it: see
-    /// [`Router::may_reply`].
-    fn may_act_for(&self, shard: ShardId, actor: u64) -> bool;
+    fn map_epoch(&self) -> Epoch {
+        Router::map_epoch(self)
+    }
+
+    fn serves_now(&self, shard: ShardId) -> Option<Epoch> {
+        Router::serves_now(self, shard)
+    }
+
+    fn may_reply(&self, shard: ShardId, actor: u64) -> bool {
+        Router::may_reply(self, shard, actor)
+    }
+
+    fn observe(&self, shard: ShardId, kind: ServeEventKind, epoch: Epoch) {
+        Router::observe(self, shard, kind, epoch)
+    }
+
+    fn retired(&self, shard: ShardId, actor: u64, snapshot: Option<Handoff>) {
+        Router::retired(self, shard, actor, snapshot)
+    }
 }
 
 impl<H: ShardHandler> RouteAny for Router<H> {

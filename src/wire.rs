@@ -13,10 +13,10 @@ use openraft::{AnyError, ErrorSubject, ErrorVerb, StorageError, StorageIOError};
 use serde::{Deserialize, Serialize};
 
 use crate::admin::{AdminError, AdminRequest, AdminResponse};
+use crate::codec::Handoff;
 use crate::consensus::{Command, CommandResponse, TypeConfig};
 use crate::error::Error;
 use crate::lease::{LeaseGrant, LeaseRefusal, RenewLease};
-use crate::codec::Handoff;
 use crate::shard_map::{NodeId, ShardId};
 
 /// A request to a node.

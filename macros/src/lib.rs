@@ -357,9 +357,9 @@ fn handler(mut item: ItemImpl) -> syn::Result<TokenStream2> {
                 ::std::result::Result::Err(::clusterfunk::__private::unknown_tag(tag))
             }
 
-            fn route_any(
+            fn route_any<R: ::clusterfunk::__private::Dispatch<#self_ty>>(
                 self,
-                router: &::std::sync::Arc<::clusterfunk::__private::Router<#self_ty>>,
+                router: &::std::sync::Arc<R>,
                 key: ::clusterfunk::Key,
             ) -> ::clusterfunk::__private::BoxFuture<'static, ::std::result::Result<::std::boxed::Box<dyn ::std::any::Any + ::std::marker::Send>, ::clusterfunk::Error>> {
                 match self {
@@ -367,9 +367,9 @@ fn handler(mut item: ItemImpl) -> syn::Result<TokenStream2> {
                 }
             }
 
-            fn route_wire(
+            fn route_wire<R: ::clusterfunk::__private::Dispatch<#self_ty>>(
                 self,
-                router: &::std::sync::Arc<::clusterfunk::__private::Router<#self_ty>>,
+                router: &::std::sync::Arc<R>,
                 key: ::clusterfunk::Key,
                 origin: ::clusterfunk::__private::Origin,
             ) -> ::clusterfunk::__private::BoxFuture<'static, ::std::result::Result<::std::vec::Vec<u8>, ::clusterfunk::Error>> {
