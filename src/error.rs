@@ -215,8 +215,28 @@ pub enum StartError {
     },
     /// The metrics endpoint could not start.
     #[error(transparent)]
-    Metrics(#[from] crate::metrics::MetricsError),
+    Metrics(#[from] MetricsError),
     /// Raft or the transport failed to start; the message says which.
     #[error("start-up failed: {0}")]
     Failed(String),
+}
+
+/// Why the metrics endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MetricsError {
+    /// This process already serves metrics on another address.
+    #[error("this process already serves metrics on {existing}; one endpoint per process: use {existing} for every node in it")]
+    AlreadyInstalled {
+        /// Where the endpoint runs.
+        existing: std::net::SocketAddr,
+    },
+    /// The exporter could not be built or bound.
+    #[error("cannot serve metrics on {addr}: {reason}; is the port free?")]
+    Exporter {
+        /// The requested address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        reason: String,
+    },
 }

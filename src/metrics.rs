@@ -1,5 +1,5 @@
 //! Prometheus metrics: the scrape endpoint, the request counters and latency histograms of the
-//! router, and a sampler that publishes the node's state as gauges.
+//! router, and the names of the gauges the node's sampler (in `cluster`) publishes.
 //!
 //! Metrics go through the [`metrics`] facade into one process-wide recorder, installed by the
 //! first node started with [`ClusterBuilder::metrics`](crate::ClusterBuilder::metrics); the
@@ -8,60 +8,57 @@
 //! metrics reference lists every metric this module names.
 
 use std::net::SocketAddr;
-use std::sync::{Mutex, OnceLock, Weak};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use metrics::{Counter, Gauge, Histogram};
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
-use crate::consensus::Consensus;
 use crate::error::Error;
-use crate::router::Router;
-use crate::shard::ShardHandler;
 
 /// Requests by route and outcome.
 pub(crate) const REQUESTS: &str = "clusterfunk_requests_total";
 /// Request latency by route.
 pub(crate) const REQUEST_DURATION: &str = "clusterfunk_request_duration_seconds";
 /// Shards the map assigns to this node.
-const SHARDS_OWNED: &str = "clusterfunk_shards_owned";
+pub(crate) const SHARDS_OWNED: &str = "clusterfunk_shards_owned";
 /// Shard actors running on this node.
-const SHARDS_ACTIVE: &str = "clusterfunk_shards_active";
+pub(crate) const SHARDS_ACTIVE: &str = "clusterfunk_shards_active";
 /// The map's fencing epoch.
-const MAP_EPOCH: &str = "clusterfunk_map_epoch";
+pub(crate) const MAP_EPOCH: &str = "clusterfunk_map_epoch";
 /// The raft term.
-const RAFT_TERM: &str = "clusterfunk_raft_term";
+pub(crate) const RAFT_TERM: &str = "clusterfunk_raft_term";
 /// The leader's id, -1 when none is known.
-const RAFT_LEADER_ID: &str = "clusterfunk_raft_leader_id";
+pub(crate) const RAFT_LEADER_ID: &str = "clusterfunk_raft_leader_id";
 /// 1 on the leader.
-const IS_LEADER: &str = "clusterfunk_is_leader";
+pub(crate) const IS_LEADER: &str = "clusterfunk_is_leader";
 /// The index of the last applied raft entry.
-const RAFT_LAST_APPLIED: &str = "clusterfunk_raft_last_applied";
+pub(crate) const RAFT_LAST_APPLIED: &str = "clusterfunk_raft_last_applied";
 /// Seconds left on this node's lease (0 without one).
-const LEASE_REMAINING: &str = "clusterfunk_lease_remaining_seconds";
+pub(crate) const LEASE_REMAINING: &str = "clusterfunk_lease_remaining_seconds";
 /// 1 when the node serves, 0 when it answers `NotReady`.
-const READY: &str = "clusterfunk_ready";
+pub(crate) const READY: &str = "clusterfunk_ready";
 /// Voting members.
-const VOTERS: &str = "clusterfunk_voters";
+pub(crate) const VOTERS: &str = "clusterfunk_voters";
 /// Non-voting members.
-const LEARNERS: &str = "clusterfunk_learners";
+pub(crate) const LEARNERS: &str = "clusterfunk_learners";
 /// Members marked down.
-const MEMBERS_DOWN: &str = "clusterfunk_members_down";
+pub(crate) const MEMBERS_DOWN: &str = "clusterfunk_members_down";
 /// Shards this node is handing over now.
-const HANDOFFS_IN_PROGRESS: &str = "clusterfunk_handoffs_in_progress";
+pub(crate) const HANDOFFS_IN_PROGRESS: &str = "clusterfunk_handoffs_in_progress";
 /// Shards handed over, by direction.
 pub(crate) const HANDOFFS_COMPLETED: &str = "clusterfunk_handoffs_completed_total";
 /// Messages queued in this node's shard mailboxes.
-const QUEUE_DEPTH: &str = "clusterfunk_queue_depth";
+pub(crate) const QUEUE_DEPTH: &str = "clusterfunk_queue_depth";
 /// Requests waiting at the router for a serving owner.
-const WAITING_REQUESTS: &str = "clusterfunk_waiting_requests";
+pub(crate) const WAITING_REQUESTS: &str = "clusterfunk_waiting_requests";
 /// Membership changes run by this node, by change and outcome.
 pub(crate) const MEMBERSHIP_CHANGES: &str = "clusterfunk_membership_changes_total";
 /// Handler panics.
 pub(crate) const SHARD_FAILURES: &str = "clusterfunk_shard_failures_total";
 
 /// How often the sampler publishes the gauges.
-const SAMPLE_EVERY: Duration = Duration::from_millis(500);
+pub(crate) const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 
 /// Latency buckets, in seconds: 50 µs to 10 s.
 const BUCKETS: &[f64] = &[
@@ -69,25 +66,7 @@ const BUCKETS: &[f64] = &[
     1.0, 2.5, 5.0, 10.0,
 ];
 
-/// Why the metrics endpoint could not start.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum MetricsError {
-    /// This process already serves metrics on another address.
-    #[error("this process already serves metrics on {existing}; one endpoint per process: use {existing} for every node in it")]
-    AlreadyInstalled {
-        /// Where the endpoint runs.
-        existing: SocketAddr,
-    },
-    /// The exporter could not be built or bound.
-    #[error("cannot serve metrics on {addr}: {reason}; is the port free?")]
-    Exporter {
-        /// The requested address.
-        addr: SocketAddr,
-        /// Why.
-        reason: String,
-    },
-}
+pub use crate::error::MetricsError;
 
 static INSTALLED: OnceLock<SocketAddr> = OnceLock::new();
 static INSTALLING: Mutex<()> = Mutex::new(());
@@ -322,59 +301,6 @@ pub(crate) fn membership_change(change: &'static str, ok: bool) {
 pub(crate) fn shard_failure() {
     if enabled() {
         metrics::counter!(SHARD_FAILURES).increment(1);
-    }
-}
-
-/// Publishes the node's state as gauges every [`SAMPLE_EVERY`] until the router is gone.
-pub(crate) async fn sample<H: ShardHandler>(router: Weak<Router<H>>, consensus: Consensus) {
-    let gauge = |name: &'static str| -> Gauge { metrics::gauge!(name) };
-    let (owned, active, epoch, term, leader_id, is_leader, applied_index) = (
-        gauge(SHARDS_OWNED),
-        gauge(SHARDS_ACTIVE),
-        gauge(MAP_EPOCH),
-        gauge(RAFT_TERM),
-        gauge(RAFT_LEADER_ID),
-        gauge(IS_LEADER),
-        gauge(RAFT_LAST_APPLIED),
-    );
-    let (lease, ready, voters, learners, down, moving, queued, waiting) = (
-        gauge(LEASE_REMAINING),
-        gauge(READY),
-        gauge(VOTERS),
-        gauge(LEARNERS),
-        gauge(MEMBERS_DOWN),
-        gauge(HANDOFFS_IN_PROGRESS),
-        gauge(QUEUE_DEPTH),
-        gauge(WAITING_REQUESTS),
-    );
-    let me = consensus.node_id();
-    let mut ticks = tokio::time::interval(SAMPLE_EVERY);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticks.tick().await;
-        let Some(router) = router.upgrade() else {
-            return;
-        };
-        let table = router.table();
-        let state = &table.state;
-        owned.set(state.map.as_ref().map_or(0, |m| m.shards_of(me).count()) as f64);
-        active.set(router.active_shards() as f64);
-        epoch.set(state.map_epoch() as f64);
-        let raft = consensus.raft().metrics().borrow().clone();
-        term.set(raft.current_term as f64);
-        leader_id.set(raft.current_leader.map_or(-1.0, |id| id as f64));
-        is_leader.set(f64::from(u8::from(raft.current_leader == Some(me))));
-        applied_index.set(raft.last_applied.map_or(0.0, |l| l.index as f64));
-        let remaining = router.lease_remaining();
-        lease.set(remaining.map_or(0.0, |d| d.as_secs_f64().min(1e9)));
-        let serving = table.not_ready.is_none() && state.map.is_some() && remaining.is_some();
-        ready.set(f64::from(u8::from(serving)));
-        voters.set(state.members.values().filter(|m| m.voter).count() as f64);
-        learners.set(state.members.values().filter(|m| !m.voter).count() as f64);
-        down.set(state.members.values().filter(|m| m.down).count() as f64);
-        moving.set(state.moving_away(me).count() as f64);
-        queued.set(router.queue_depth() as f64);
-        waiting.set(router.waiting_requests() as f64);
     }
 }
 

@@ -1,0 +1,603 @@
+//! [`Cluster::builder`] and the start of a node: standalone, or clustered in named steps.
+
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix_rt::{Arbiter, ArbiterHandle, System};
+
+use super::config::NodeConfig;
+use super::node::{Node, NodeInner};
+use super::tasks::{follow_consensus, sample_metrics, undrain_after_restart, UNDRAIN_MARKER};
+use crate::consensus::network::Network;
+use crate::consensus::{ClusterApp, ClusterState, Consensus, ConsensusConfig, NodeInfo, Raft};
+use crate::error::{ConfigError, NotReadyReason, StartError};
+use crate::lease::LeaseConfig;
+use crate::router::RouterParts;
+use crate::router::{Router, RoutingTable};
+use crate::service::NodeService;
+use crate::shard::ServeObserver;
+use crate::shard::{HandlerFactory, ShardHandler};
+use crate::shard_map::{allocate, Member, NodeId, ShardId};
+use crate::storage::{data_dir, Identity, LmdbStore, StoreOptions};
+use crate::transport::{serve_with_faults, Secret, Transport, TransportConfig};
+
+/// Starts nodes: `Cluster::builder()`.
+#[derive(Debug)]
+pub struct Cluster(());
+
+impl Cluster {
+    /// A builder with default settings and no handler yet.
+    pub fn builder() -> ClusterBuilder<()> {
+        ClusterBuilder {
+            config: NodeConfig::default(),
+            factory: None,
+            standalone: false,
+            cluster: ClusterOptions::default(),
+            observer: None,
+            marker: PhantomData,
+        }
+    }
+}
+
+/// Configures and starts a node. `H` is the shard handler type, set by
+/// [`handler`](Self::handler) or [`handler_with`](Self::handler_with).
+pub struct ClusterBuilder<H> {
+    config: NodeConfig,
+    factory: Option<HandlerFactory<H>>,
+    standalone: bool,
+    cluster: ClusterOptions,
+    observer: Option<Arc<dyn ServeObserver>>,
+    marker: PhantomData<fn() -> H>,
+}
+
+/// A planned move whose snapshots could not be delivered for this many lease periods is reported
+/// as stuck and cancelled or re-targeted (a few periods: long enough that a leader election or a
+/// brief network hiccup does not re-target, short enough that a shard is not unavailable long).
+const STUCK_MOVE_LEASES: u32 = 4;
+
+/// The builder's cluster-mode settings that are not plain configuration.
+#[derive(Default)]
+struct ClusterOptions {
+    secret: Option<Secret>,
+    tls: Option<crate::tls::TlsConfig>,
+    insecure: bool,
+    in_memory_for_tests: bool,
+    initial_members: Option<BTreeMap<NodeId, NodeInfo>>,
+    store: StoreOptions,
+}
+
+impl<H> std::fmt::Debug for ClusterBuilder<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterBuilder")
+            .field("config", &self.config)
+            .field("standalone", &self.standalone)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H> ClusterBuilder<H> {
+    /// This node's id, unique in the cluster. Default: 1.
+    pub fn node_id(mut self, id: NodeId) -> Self {
+        self.config.node_id = id;
+        self
+    }
+
+    /// The number of shards (fixed for the life of a cluster). Default: 1024.
+    pub fn shards(mut self, shard_count: u32) -> Self {
+        self.config.shard_count = shard_count;
+        self
+    }
+
+    /// Most connections the node holds at once (see [`NodeConfig::connections_max`]).
+    /// Default: 1024.
+    pub fn connections_max(mut self, connections: usize) -> Self {
+        self.config.connections_max = connections;
+        self
+    }
+
+    /// The capacity of each shard's mailbox. Default: 1024.
+    pub fn mailbox_capacity(mut self, capacity: usize) -> Self {
+        self.config.mailbox_capacity = capacity;
+        self
+    }
+
+    /// How long `send` waits for a reply. Default: 5 s.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.config.request_timeout = timeout;
+        self
+    }
+
+    /// Replaces all settings at once.
+    pub fn config(mut self, config: NodeConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Runs the node alone, owning every shard, without consensus: for development and for unit
+    /// tests of handlers. Default: off.
+    pub fn standalone(mut self) -> Self {
+        self.standalone = true;
+        self
+    }
+
+    /// Uses `H2::default()` to build each shard's handler.
+    pub fn handler<H2: ShardHandler + Default>(self) -> ClusterBuilder<H2> {
+        self.handler_with(|_shard| H2::default())
+    }
+
+    /// Uses `factory(shard)` to build each shard's handler (on activation, and again after a
+    /// handler panicked). Use it to hand handlers shared resources such as a database pool.
+    pub fn handler_with<H2, F>(self, factory: F) -> ClusterBuilder<H2>
+    where
+        H2: ShardHandler,
+        F: Fn(ShardId) -> H2 + Send + Sync + 'static,
+    {
+        ClusterBuilder {
+            config: self.config,
+            factory: Some(Arc::new(factory)),
+            standalone: self.standalone,
+            cluster: self.cluster,
+            observer: self.observer,
+            marker: PhantomData,
+        }
+    }
+
+    /// The address to listen on, `IP:PORT` (cluster mode; required there). Default: none.
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.config.listen = Some(addr);
+        self
+    }
+
+    /// The directory of the node's durable storage (cluster mode; required there unless
+    /// [`in_memory_for_tests`](Self::in_memory_for_tests)). Default: none.
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.data_dir = Some(dir.into());
+        self
+    }
+
+    /// Keeps the raft log in memory. **For tests only**: a restarted node forgets its vote and
+    /// log, which raft's safety does not allow in production. Default: off.
+    pub fn in_memory_for_tests(mut self) -> Self {
+        self.cluster.in_memory_for_tests = true;
+        self
+    }
+
+    /// The cluster's name. Default: `"clusterfunk"`.
+    pub fn cluster_name(mut self, name: impl Into<String>) -> Self {
+        self.config.cluster_name = name.into();
+        self
+    }
+
+    /// This node's zone. Default: none.
+    pub fn zone(mut self, zone: impl Into<String>) -> Self {
+        self.config.zone = Some(zone.into());
+        self
+    }
+
+    /// The shared cluster secret that authenticates nodes and clients. Default: none, and a
+    /// node without a secret refuses to start unless [`insecure`](Self::insecure).
+    pub fn secret(mut self, secret: Secret) -> Self {
+        self.cluster.secret = Some(secret);
+        self
+    }
+
+    /// Runs every connection over TLS 1.3 with certificates of the cluster CA (see
+    /// [`TlsConfig`](crate::tls::TlsConfig)): traffic is encrypted, and each peer's certificate
+    /// decides what it may do (`node`, `admin`, `client`). This node's certificate must name
+    /// its node id. Excludes [`secret`](Self::secret) and [`insecure`](Self::insecure).
+    pub fn tls(mut self, tls: crate::tls::TlsConfig) -> Self {
+        self.cluster.tls = Some(tls);
+        self
+    }
+
+    /// Runs without a secret: anyone who reaches the port can join or send. For local
+    /// experiments only. Default: off.
+    pub fn insecure(mut self) -> Self {
+        self.cluster.insecure = true;
+        self
+    }
+
+    /// Bootstraps a new cluster with these voters on first start (every initial node gets the
+    /// same list). A node whose storage already holds a cluster ignores it and rejoins from disk.
+    pub fn initial_members(
+        mut self,
+        members: impl IntoIterator<Item = (NodeId, NodeInfo)>,
+    ) -> Self {
+        self.cluster.initial_members = Some(members.into_iter().collect());
+        self
+    }
+
+    /// Lease timing. Default: [`LeaseConfig::default`].
+    pub fn lease(mut self, lease: LeaseConfig) -> Self {
+        self.config.lease = lease;
+        self
+    }
+
+    /// Receives every activation, delivery and deactivation of a shard on this node: for tests
+    /// that check that no two nodes serve one shard at once. Default: none.
+    pub fn observer(mut self, observer: Arc<dyn ServeObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Raft timing and log settings. Default: [`ConsensusConfig::default`].
+    pub fn consensus(mut self, consensus: ConsensusConfig) -> Self {
+        self.config.consensus = consensus;
+        self
+    }
+
+    /// Serves Prometheus metrics at `http://addr/metrics` (see the guide's metrics reference).
+    /// The endpoint is process-wide: every node of one process must name the same address.
+    /// Default: none.
+    pub fn metrics(mut self, addr: SocketAddr) -> Self {
+        self.config.metrics = Some(addr);
+        self
+    }
+
+    /// LMDB options (map size, fsync). Default: [`StoreOptions::default`].
+    pub fn store_options(mut self, options: StoreOptions) -> Self {
+        self.cluster.store = options;
+        self
+    }
+}
+
+impl<H: ShardHandler> ClusterBuilder<H> {
+    /// Validates the settings and starts the node.
+    ///
+    /// Shard actors run on the current actix arbiter when called inside an actix `System` (the
+    /// fast path: same-thread sends), otherwise on a thread of their own.
+    pub async fn start(self) -> Result<Node<H>, StartError> {
+        self.config.validate()?;
+        let factory = self.factory.clone().ok_or(ConfigError::Missing {
+            name: "handler",
+            hint: "call .handler::<YourHandler>() or .handler_with(|shard| ..) on the builder",
+        })?;
+        check_tags::<H>()?;
+        if let Some(addr) = self.config.metrics {
+            crate::metrics::install(addr)?;
+        }
+        if !self.standalone {
+            return self.start_clustered(factory).await;
+        }
+        let (arbiter, system) = match System::try_current() {
+            Some(_) => (Arbiter::current(), None),
+            None => spawn_system(),
+        };
+        let config = self.config;
+        let state = standalone_state(config.node_id, config.shard_count)?;
+        let table = RoutingTable {
+            state: Arc::new(state),
+            not_ready: None,
+            leaderless_since: None,
+        };
+        let router = Router::new(RouterParts {
+            node_id: config.node_id,
+            shard_count: config.shard_count,
+            table,
+            arbiter,
+            factory,
+            limits: config.router_limits(),
+            transport: None,
+            peers: None,
+            observer: self.observer,
+        });
+        tracing::info!(
+            node_id = config.node_id,
+            shards = config.shard_count,
+            "standalone node started"
+        );
+        Ok(Node {
+            inner: Arc::new(NodeInner {
+                router,
+                system,
+                consensus: None,
+                server: Mutex::new(None),
+                undrain_marker: None,
+                data_dir_lock: Mutex::new(None),
+                stopped: tokio::sync::watch::channel(None).0,
+            }),
+        })
+    }
+
+    async fn start_clustered(self, factory: HandlerFactory<H>) -> Result<Node<H>, StartError> {
+        let config = self.config;
+        let options = self.cluster;
+        let listen = config.listen.ok_or(ConfigError::Missing {
+            name: "listen",
+            hint: "call .listen(addr) or use .standalone()",
+        })?;
+        if options.tls.is_some() && (options.secret.is_some() || options.insecure) {
+            return Err(ConfigError::Invalid {
+                name: "tls",
+                reason: format!(
+                    "TLS cannot be combined with {}: certificates authenticate every connection; choose one mode",
+                    if options.insecure { "insecure mode" } else { "a cluster secret" }
+                ),
+            }
+            .into());
+        }
+        if options.secret.is_none() && options.tls.is_none() && !options.insecure {
+            return Err(ConfigError::Missing {
+                name: "secret",
+                hint: "set CLUSTERFUNK_SECRET or pass a secret file (or use TLS certificates); use insecure mode only for local experiments",
+            }
+            .into());
+        }
+        if options.secret.is_none() && options.tls.is_none() {
+            tracing::warn!(
+                %listen,
+                "INSECURE: this node runs without a cluster secret; anyone who reaches {listen} can join the cluster or send it messages"
+            );
+        }
+        let raft_config = config.consensus.raft_config(&config.cluster_name)?;
+        let advised = config.lease.renew_period + config.consensus.election_timeout_max * 2;
+        if config.lease.lease < advised {
+            tracing::warn!(
+                lease = ?config.lease.lease,
+                advised = ?advised,
+                "the lease is shorter than the renew period plus two election timeouts: a leader election may briefly pause healthy shards (requests wait, they do not fail)"
+            );
+        }
+        if let Some(members) = &options.initial_members {
+            check_initial_members(members, config.node_id, listen)?;
+        }
+        let (log_store, state_machine, data_dir_lock) = if options.in_memory_for_tests {
+            let (log_store, state_machine) =
+                crate::storage::memory::in_memory_for_tests(ClusterApp);
+            (log_store, state_machine, None)
+        } else {
+            let dir = config.data_dir.clone().ok_or(ConfigError::Missing {
+                name: "data_dir",
+                hint: "call .data_dir(path): raft logs must be persistent",
+            })?;
+            let store_options = options.store.clone();
+            let identity = Identity {
+                cluster_name: config.cluster_name.clone(),
+                node_id: config.node_id,
+            };
+            // Opening maps the file and may create it: blocking work, off the async thread.
+            // The data dir is claimed first: a second process on it, or a data dir of another
+            // node or cluster, is refused before its log is read.
+            tokio::task::spawn_blocking(move || {
+                let lock = data_dir::lock(&dir)?;
+                data_dir::check_identity(&lock, &identity)?;
+                let store = LmdbStore::open(&dir, store_options)?;
+                let state_machine = store.state_machine(ClusterApp)?;
+                Ok::<_, StartError>((store.log_store(), state_machine, Some(lock)))
+            })
+            .await
+            .map_err(|e| StartError::Failed(format!("storage thread: {e}")))??
+        };
+        let applied = state_machine.subscribe();
+        let transport_config = TransportConfig {
+            cluster_name: config.cluster_name.clone(),
+            node_id: Some(config.node_id),
+            secret: options.secret.clone(),
+            tls: options.tls.clone(),
+            // A restarted peer must be reachable again quickly: leases and failover run on
+            // sub-second timers.
+            reconnect_backoff_max: Duration::from_millis(250),
+            connections_max: config.connections_max,
+            ..TransportConfig::default()
+        };
+        let transport = Transport::new(transport_config.clone())
+            .map_err(|e| StartError::Failed(e.to_string()))?;
+        let contact = Arc::new(crate::consensus::Contact::default());
+        let network = Network::with_contact(transport.clone(), contact.clone());
+        let forwarding =
+            Transport::with_faults(transport_config.clone(), transport.faults().clone())
+                .map_err(|e| StartError::Failed(e.to_string()))?;
+        let raft = Raft::new(
+            config.node_id,
+            raft_config,
+            network,
+            log_store,
+            state_machine,
+        )
+        .await
+        .map_err(|e| StartError::Failed(format!("raft: {e}")))?;
+        let consensus = Consensus::new(
+            config.node_id,
+            raft,
+            applied,
+            transport.clone(),
+            config.consensus.clone(),
+            config.lease.clone(),
+            config.shard_count,
+            contact,
+        );
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: listen,
+                source,
+            })?;
+        let (arbiter, system) = match System::try_current() {
+            Some(_) => (Arbiter::current(), None),
+            None => spawn_system(),
+        };
+        let table = RoutingTable {
+            state: Arc::new(ClusterState::default()),
+            not_ready: Some(NotReadyReason::Starting),
+            leaderless_since: Some(Instant::now()),
+        };
+        let router = Router::new(RouterParts {
+            node_id: config.node_id,
+            shard_count: config.shard_count,
+            table,
+            arbiter,
+            factory,
+            limits: config.router_limits(),
+            // Forwarded messages get connections of their own: a flood of them filling a
+            // connection's in-flight limit must not starve raft heartbeats and lease renewals
+            // (found by a test: the flooding node lost its lease and was marked down).
+            transport: Some(forwarding),
+            peers: Some(transport.clone()),
+            observer: self.observer,
+        });
+        let service = Arc::new(NodeService {
+            consensus: consensus.clone(),
+            router: router.clone(),
+            warnings: crate::transport::log_limit::LogLimit::new(
+                crate::service::REFUSAL_WARNING_WINDOW,
+                crate::service::REFUSAL_WARNINGS_PER_WINDOW,
+            ),
+        });
+        let faults = Some(consensus.transport().faults().clone());
+        let server = serve_with_faults(listener, transport_config, service, faults)
+            .await
+            .map_err(|e| StartError::Failed(e.to_string()))?;
+        if let Some(members) = options.initial_members {
+            consensus
+                .bootstrap(members)
+                .await
+                .map_err(|e| StartError::Failed(e.to_string()))?;
+        }
+        let (stopped, _) = tokio::sync::watch::channel(None);
+        tokio::spawn(follow_consensus(
+            Arc::downgrade(&router),
+            consensus.clone(),
+            stopped.clone(),
+        ));
+        tokio::spawn(crate::lease_task::keep_lease(
+            Arc::downgrade(&router),
+            consensus.clone(),
+        ));
+        tokio::spawn(crate::handoff::hand_off(
+            Arc::downgrade(&router),
+            consensus.clone(),
+            config.deactivate_timeout,
+            config.lease.lease * STUCK_MOVE_LEASES,
+        ));
+        if crate::metrics::enabled() {
+            tokio::spawn(sample_metrics(Arc::downgrade(&router), consensus.clone()));
+        }
+        let undrain_marker = (!options.in_memory_for_tests)
+            .then(|| config.data_dir.as_ref().map(|dir| dir.join(UNDRAIN_MARKER)))
+            .flatten();
+        if let Some(marker) = undrain_marker.clone().filter(|m| m.exists()) {
+            tokio::spawn(undrain_after_restart(
+                Arc::downgrade(&router),
+                consensus.clone(),
+                marker,
+            ));
+        }
+        tracing::info!(node_id = config.node_id, %listen, "node started");
+        Ok(Node {
+            inner: Arc::new(NodeInner {
+                router,
+                system,
+                consensus: Some(consensus),
+                server: Mutex::new(Some(server)),
+                undrain_marker,
+                data_dir_lock: Mutex::new(data_dir_lock),
+                stopped,
+            }),
+        })
+    }
+}
+
+/// The cluster state of a standalone node: one member owning every shard.
+fn standalone_state(node_id: NodeId, shard_count: u32) -> Result<ClusterState, ConfigError> {
+    let map =
+        allocate(None, &[Member::new(node_id)], shard_count).map_err(|e| ConfigError::Invalid {
+            name: "shard_count",
+            reason: e.to_string(),
+        })?;
+    let mut state = ClusterState {
+        shard_count: Some(shard_count),
+        epoch: 1,
+        map: Some(map.clone()),
+        target: Some(map),
+        ..ClusterState::default()
+    };
+    state.members.insert(
+        node_id,
+        crate::consensus::MemberRecord {
+            addr: String::new(),
+            zone: None,
+            voter: true,
+            draining: false,
+            down: false,
+        },
+    );
+    Ok(state)
+}
+
+/// Refuses a handler whose messages share a wire tag (they could not be told apart on the wire).
+fn check_tags<H: ShardHandler>() -> Result<(), ConfigError> {
+    use crate::__private::WireMessage;
+    let tags = <H::Message as WireMessage<H>>::TAGS;
+    for (i, tag) in tags.iter().enumerate() {
+        if tags[..i].contains(tag) {
+            return Err(ConfigError::OutOfRange {
+                name: "message tags",
+                value: (*tag).to_string(),
+                expected: "unique among one handler's messages: give one of them #[tag = \"...\"]",
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Starts an actix `System` on a thread of its own for callers outside any actix runtime.
+fn spawn_system() -> (ArbiterHandle, Option<System>) {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("clusterfunk-node".into())
+        .spawn(move || {
+            let system = System::new();
+            let _ = sender.send((Arbiter::current(), System::current()));
+            system.run()
+        });
+    match spawned.ok().and_then(|_| receiver.recv().ok()) {
+        Some((arbiter, system)) => (arbiter, Some(system)),
+        // Without a thread the node cannot run at all; this only happens when the OS refuses
+        // to create threads, and the arbiter of a stopped system makes every send fail cleanly.
+        None => (Arbiter::new().handle(), None),
+    }
+}
+
+/// Refuses an initial member list that would let one process count twice toward the quorum
+/// (two members at one address) or that gives this node another address than it listens on.
+fn check_initial_members(
+    members: &BTreeMap<NodeId, NodeInfo>,
+    me: NodeId,
+    listen: SocketAddr,
+) -> Result<(), ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid {
+        name: "initial_members",
+        reason,
+    };
+    let mut seen: BTreeMap<SocketAddr, NodeId> = BTreeMap::new();
+    for (id, info) in members {
+        let addr: SocketAddr = info.addr.parse().map_err(|_| {
+            invalid(format!(
+                "node {id}'s address `{}` is not IP:PORT",
+                info.addr
+            ))
+        })?;
+        if let Some(other) = seen.insert(crate::consensus::state::canonical_addr(addr), *id) {
+            return Err(invalid(format!(
+                "nodes {other} and {id} have the same address {addr}: every node needs its own address (one process must not count twice toward the quorum)"
+            )));
+        }
+    }
+    if let Some(mine) = members
+        .get(&me)
+        .and_then(|m| m.addr.parse::<SocketAddr>().ok())
+    {
+        let same_port = mine.port() == listen.port() || listen.port() == 0;
+        let same_ip = listen.ip().is_unspecified() || mine.ip() == listen.ip();
+        if !(same_port && same_ip) {
+            return Err(invalid(format!(
+                "this node ({me}) is listed at {mine} but listens on {listen}: give it the address it listens on"
+            )));
+        }
+    }
+    Ok(())
+}
