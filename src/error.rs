@@ -231,6 +231,12 @@ pub enum MetricsError {
         /// Where the endpoint runs.
         existing: std::net::SocketAddr,
     },
+    /// This build of clusterfunk has no Prometheus exporter (its `prometheus` feature is off).
+    #[error("cannot serve metrics on {addr}: this build has no Prometheus exporter; enable clusterfunk's `prometheus` feature (on by default) or do not set a metrics address")]
+    NotBuilt {
+        /// The requested address.
+        addr: std::net::SocketAddr,
+    },
     /// The exporter could not be built or bound.
     #[error("cannot serve metrics on {addr}: {reason}; is the port free?")]
     Exporter {

@@ -12,6 +12,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use metrics::{Counter, Histogram};
+#[cfg(feature = "prometheus")]
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 use crate::error::Error;
@@ -61,6 +62,7 @@ pub(crate) const SHARD_FAILURES: &str = "clusterfunk_shard_failures_total";
 pub(crate) const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 
 /// Latency buckets, in seconds: 50 µs to 10 s.
+#[cfg(feature = "prometheus")]
 const BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0,
@@ -89,6 +91,24 @@ pub(crate) fn install(addr: SocketAddr) -> Result<(), MetricsError> {
             })
         };
     }
+    #[cfg(not(feature = "prometheus"))]
+    {
+        Err(MetricsError::NotBuilt { addr })
+    }
+    #[cfg(feature = "prometheus")]
+    {
+        serve(addr)?;
+        // Only after the recorder is in place: set fails once set.
+        let _ = INSTALLED.set(addr);
+        describe();
+        tracing::info!(%addr, "serving metrics at http://{addr}/metrics");
+        Ok(())
+    }
+}
+
+/// Starts the Prometheus exporter on a thread of its own and installs its recorder.
+#[cfg(feature = "prometheus")]
+fn serve(addr: SocketAddr) -> Result<(), MetricsError> {
     let exporter_error = |reason: String| MetricsError::Exporter { addr, reason };
     // The exporter binds and serves on a runtime of its own, on its own thread.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -133,14 +153,10 @@ pub(crate) fn install(addr: SocketAddr) -> Result<(), MetricsError> {
     ready_rx
         .recv()
         .map_err(|_| exporter_error("the metrics thread ended".into()))?
-        .map_err(exporter_error)?;
-    // Only after the recorder is in place: set fails once set.
-    let _ = INSTALLED.set(addr);
-    describe();
-    tracing::info!(%addr, "serving metrics at http://{addr}/metrics");
-    Ok(())
+        .map_err(exporter_error)
 }
 
+#[cfg(feature = "prometheus")]
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(
