@@ -541,28 +541,15 @@ impl<H: ShardHandler> Router<H> {
         M: ShardMessage,
         H: Handles<M>,
     {
-        let started = Instant::now();
-        let deadline = started + self.limits.request_timeout;
-        let wait_deadline = started
-            + self
-                .limits
-                .unavailable_wait
-                .min(self.limits.request_timeout);
+        let bounds = WaitBounds::new(Instant::now(), &self.limits);
+        let (deadline, wait_deadline) = (bounds.deadline, bounds.wait_deadline);
         let mut msg = Some(msg);
         let mut encoded: Option<Vec<u8>> = None;
         let mut _waiting: Option<WaitPermit<'_>> = None;
         loop {
             let mut changes = self.changes.subscribe();
             let route = self.route(shard);
-            if origin != Origin::Local
-                && matches!(route, Route::Local | Route::Forward(..))
-                && self.map_epoch() != arrival
-            {
-                // It waited here across a change of the map: its sender may have learned that
-                // the shard moved, given up on this copy and sent the message to the next
-                // owner (an idempotent one is re-sent at once). Served or forwarded now, it
-                // could land after a newer write; refused, it was never started, and the
-                // sender retries it under the new map.
+            if refuse_after_map_change(origin, &route, arrival, self.map_epoch()) {
                 return Err(Error::NotReady {
                     reason: NotReadyReason::ShardMoving,
                 });
@@ -601,14 +588,27 @@ impl<H: ShardHandler> Router<H> {
                             bytes
                         }
                     };
-                    match self
+                    let forwarded = self
                         .forward(owner, addr, &key, M::TAG, payload, epoch, deadline)
-                        .await
-                    {
-                        Forwarded::Reply(bytes) => return codec::decode(&bytes),
-                        Forwarded::Failed(Error::WrongOwner { epoch: theirs, .. })
-                            if theirs > epoch =>
+                        .await;
+                    match &forwarded {
+                        Forwarded::NotSent(reason) => {
+                            tracing::debug!(owner, %reason, "owner unreachable; waiting for failover");
+                        }
+                        Forwarded::Unknown | Forwarded::Failed(Error::OutcomeUnknown { .. })
+                            if M::IDEMPOTENT && origin == Origin::Local =>
                         {
+                            tracing::debug!(
+                                owner,
+                                "outcome unknown; re-sending an idempotent message"
+                            );
+                        }
+                        _ => {}
+                    }
+                    match after_forward(forwarded, shard, epoch, M::IDEMPOTENT, origin) {
+                        AfterForward::Reply(bytes) => return codec::decode(&bytes),
+                        AfterForward::Fail(error) => return Err(error),
+                        AfterForward::CatchUp(theirs) => {
                             // Our map is behind theirs: catch up, then route again.
                             while self.map_epoch() < theirs && Instant::now() < wait_deadline {
                                 let _ = tokio::time::timeout_at(
@@ -624,52 +624,16 @@ impl<H: ShardHandler> Router<H> {
                             }
                             continue;
                         }
-                        // They are behind us (the new owner has not applied the map that names
-                        // it yet): wait, bounded, like for any shard without a serving owner.
-                        Forwarded::Failed(Error::WrongOwner { .. }) => NotReadyReason::ShardMoving,
-                        Forwarded::Failed(Error::NotReady { reason }) => reason,
-                        // Sent, and the owner failed or the shard moved before it answered: an
-                        // idempotent message goes to the shard's next owner, any other fails
-                        // now, honestly.
-                        Forwarded::Failed(Error::OutcomeUnknown { .. }) | Forwarded::Unknown
-                            if M::IDEMPOTENT && origin == Origin::Local =>
-                        {
-                            tracing::debug!(
-                                owner,
-                                "outcome unknown; re-sending an idempotent message"
-                            );
-                            NotReadyReason::OwnerUnreachable
-                        }
-                        Forwarded::Unknown | Forwarded::Failed(Error::OutcomeUnknown { .. }) => {
-                            return Err(Error::OutcomeUnknown { shard })
-                        }
-                        Forwarded::Failed(error) => return Err(error),
-                        Forwarded::NotSent(reason) => {
-                            tracing::debug!(owner, %reason, "owner unreachable; waiting for failover");
-                            NotReadyReason::OwnerUnreachable
-                        }
+                        AfterForward::Wait(reason) => reason,
                     }
                 }
                 Route::Wait(reason) => reason,
             };
             // No serving owner now: wait (bounded) for the table, the lease or the owner.
             let now = Instant::now();
-            if now >= wait_deadline || now >= deadline {
-                return Err(Error::NotReady { reason });
-            }
-            let table = self.table.load();
-            if let Some(since) = table.leaderless_since {
-                // A cluster that lost its leader before this request arrived is down, not
-                // failing over: answer at once instead of making every caller wait.
-                if since + self.limits.unavailable_wait <= started {
-                    return Err(Error::NotReady { reason });
-                }
-            }
-            if reason == NotReadyReason::LeaseExpired
-                && self.lease.expired_for(self.limits.unavailable_wait)
-            {
-                // A node that could not renew for that long is cut off (even a leader that still
-                // believes it leads): answer at once.
+            let cut_off = reason == NotReadyReason::LeaseExpired
+                && self.lease.expired_for(self.limits.unavailable_wait);
+            if !keep_waiting(&bounds, now, self.table.load().leaderless_since, cut_off) {
                 return Err(Error::NotReady { reason });
             }
             if _waiting.is_none() {
@@ -1208,6 +1172,103 @@ enum Enqueue<M> {
     Elsewhere(M),
 }
 
+/// The time limits of one request (rule 5: a request for a shard without a serving owner waits
+/// at the router, bounded, instead of failing).
+#[derive(Debug, Clone, Copy)]
+struct WaitBounds {
+    /// When the request arrived.
+    started: Instant,
+    /// When it times out altogether (`request_timeout`).
+    deadline: Instant,
+    /// How long it may wait for a serving owner (`unavailable_wait`, within the timeout).
+    wait_deadline: Instant,
+    /// The wait bound itself: a cluster leaderless for longer is down, not failing over.
+    unavailable_wait: Duration,
+}
+
+impl WaitBounds {
+    fn new(started: Instant, limits: &RouterLimits) -> Self {
+        WaitBounds {
+            started,
+            deadline: started + limits.request_timeout,
+            wait_deadline: started + limits.unavailable_wait.min(limits.request_timeout),
+            unavailable_wait: limits.unavailable_wait,
+        }
+    }
+}
+
+/// Whether a request without a serving owner waits on (rule 5) instead of failing `NotReady` now.
+/// It stops at its bounds; at once when the cluster had been leaderless for the whole wait bound
+/// before it arrived (down, not failing over); and at once when this node is `cut_off` (it could
+/// not renew its lease for the wait bound, even a leader that still believes it leads).
+fn keep_waiting(
+    bounds: &WaitBounds,
+    now: Instant,
+    leaderless_since: Option<Instant>,
+    cut_off: bool,
+) -> bool {
+    if now >= bounds.wait_deadline || now >= bounds.deadline || cut_off {
+        return false;
+    }
+    leaderless_since.is_none_or(|since| since + bounds.unavailable_wait > bounds.started)
+}
+
+/// Whether a request that came from elsewhere (a remote client or another node) must be refused
+/// because the map changed while it waited here: its sender may have learned that the shard
+/// moved, given up on this copy and sent the message to the next owner (an idempotent one is
+/// re-sent at once). Served or forwarded now, it could land after a newer write; refused, it was
+/// never started, and the sender retries it under the new map.
+fn refuse_after_map_change(origin: Origin, route: &Route, arrival: Epoch, now: Epoch) -> bool {
+    origin != Origin::Local && matches!(route, Route::Local | Route::Forward(..)) && now != arrival
+}
+
+/// What a request does after forwarding it to the owner in our map.
+#[derive(Debug, PartialEq)]
+enum AfterForward {
+    /// The owner answered.
+    Reply(Vec<u8>),
+    /// Rule 6: the owner's map is newer than ours: catch up to its epoch, then route again.
+    CatchUp(Epoch),
+    /// No serving owner now: wait (bounded, rule 5) and route again.
+    Wait(NotReadyReason),
+    /// The request fails with this error.
+    Fail(Error),
+}
+
+/// Decides what follows a forward (rule 6, fencing by epoch, and the outcome rules): a
+/// `WrongOwner` from a newer map catches up; from an older map (the new owner has not applied
+/// the map that names it yet) waits; a message sent whose owner then failed is re-sent only when
+/// it is idempotent and this node is its origin (a forwarded copy never forwards again), any
+/// other fails `OutcomeUnknown`; a message never sent waits for failover.
+fn after_forward(
+    forwarded: Forwarded,
+    shard: ShardId,
+    our_epoch: Epoch,
+    idempotent: bool,
+    origin: Origin,
+) -> AfterForward {
+    match forwarded {
+        Forwarded::Reply(bytes) => AfterForward::Reply(bytes),
+        Forwarded::Failed(Error::WrongOwner { epoch: theirs, .. }) if theirs > our_epoch => {
+            AfterForward::CatchUp(theirs)
+        }
+        Forwarded::Failed(Error::WrongOwner { .. }) => {
+            AfterForward::Wait(NotReadyReason::ShardMoving)
+        }
+        Forwarded::Failed(Error::NotReady { reason }) => AfterForward::Wait(reason),
+        Forwarded::Failed(Error::OutcomeUnknown { .. }) | Forwarded::Unknown
+            if idempotent && origin == Origin::Local =>
+        {
+            AfterForward::Wait(NotReadyReason::OwnerUnreachable)
+        }
+        Forwarded::Unknown | Forwarded::Failed(Error::OutcomeUnknown { .. }) => {
+            AfterForward::Fail(Error::OutcomeUnknown { shard })
+        }
+        Forwarded::Failed(error) => AfterForward::Fail(error),
+        Forwarded::NotSent(_) => AfterForward::Wait(NotReadyReason::OwnerUnreachable),
+    }
+}
+
 /// The outcome of forwarding a message.
 enum Forwarded {
     /// Sent, and then its owner failed (connection lost, or silent while the shard moved): it
@@ -1319,6 +1380,167 @@ impl<H: ShardHandler> RouteAny for Router<H> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn limits(unavailable_wait_ms: u64, request_timeout_ms: u64) -> RouterLimits {
+        RouterLimits {
+            mailbox_capacity: 16,
+            request_timeout: Duration::from_millis(request_timeout_ms),
+            deactivate_timeout: Duration::from_secs(1),
+            unavailable_wait: Duration::from_millis(unavailable_wait_ms),
+            waiting_max: 16,
+        }
+    }
+
+    const SHARD: ShardId = 3;
+
+    fn wrong_owner(epoch: Epoch) -> Forwarded {
+        Forwarded::Failed(Error::WrongOwner {
+            shard: SHARD,
+            owner: 2,
+            epoch,
+        })
+    }
+
+    #[test]
+    fn a_wrong_owner_answer_from_a_newer_map_catches_up_and_from_an_older_map_waits() {
+        // Rule 6: the sender catches up to the receiver's epoch and routes again.
+        assert_eq!(
+            after_forward(wrong_owner(9), SHARD, 7, false, Origin::Local),
+            AfterForward::CatchUp(9)
+        );
+        // The receiver is behind (it has not applied the map naming it): wait, do not fail.
+        for theirs in [6, 7] {
+            assert_eq!(
+                after_forward(wrong_owner(theirs), SHARD, 7, false, Origin::Local),
+                AfterForward::Wait(NotReadyReason::ShardMoving)
+            );
+        }
+    }
+
+    #[test]
+    fn an_unknown_outcome_is_resent_only_for_an_idempotent_message_from_its_origin() {
+        let unknowns = || {
+            [
+                Forwarded::Unknown,
+                Forwarded::Failed(Error::OutcomeUnknown { shard: SHARD }),
+            ]
+        };
+        for forwarded in unknowns() {
+            assert_eq!(
+                after_forward(forwarded, SHARD, 7, true, Origin::Local),
+                AfterForward::Wait(NotReadyReason::OwnerUnreachable)
+            );
+        }
+        // Not idempotent, or a copy another node forwarded: never applied twice by us.
+        // (A remote client decides itself whether to send again.)
+        for (idempotent, origin) in [
+            (false, Origin::Local),
+            (true, Origin::Forwarded),
+            (false, Origin::Forwarded),
+            (true, Origin::Client),
+        ] {
+            for forwarded in unknowns() {
+                assert_eq!(
+                    after_forward(forwarded, SHARD, 7, idempotent, origin),
+                    AfterForward::Fail(Error::OutcomeUnknown { shard: SHARD })
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_unsent_message_or_a_not_ready_owner_waits_and_other_errors_fail() {
+        assert_eq!(
+            after_forward(
+                Forwarded::NotSent("refused".into()),
+                SHARD,
+                7,
+                false,
+                Origin::Local
+            ),
+            AfterForward::Wait(NotReadyReason::OwnerUnreachable)
+        );
+        assert_eq!(
+            after_forward(
+                Forwarded::Failed(Error::NotReady {
+                    reason: NotReadyReason::LeaseExpired
+                }),
+                SHARD,
+                7,
+                false,
+                Origin::Local
+            ),
+            AfterForward::Wait(NotReadyReason::LeaseExpired)
+        );
+        let overloaded = Error::Overloaded { shard: SHARD };
+        assert_eq!(
+            after_forward(
+                Forwarded::Failed(overloaded.clone()),
+                SHARD,
+                7,
+                true,
+                Origin::Local
+            ),
+            AfterForward::Fail(overloaded)
+        );
+        assert_eq!(
+            after_forward(Forwarded::Reply(vec![1, 2]), SHARD, 7, false, Origin::Local),
+            AfterForward::Reply(vec![1, 2])
+        );
+    }
+
+    #[test]
+    fn a_waiting_request_stops_at_its_wait_bound_or_timeout_whichever_is_first() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let bounds = WaitBounds::new(t0, &limits(500, 2_000));
+        assert!(keep_waiting(&bounds, t0 + ms(499), None, false));
+        assert!(!keep_waiting(&bounds, t0 + ms(500), None, false));
+        // A request timeout shorter than the wait bound ends the wait first.
+        let short = WaitBounds::new(t0, &limits(500, 200));
+        assert!(keep_waiting(&short, t0 + ms(199), None, false));
+        assert!(!keep_waiting(&short, t0 + ms(200), None, false));
+    }
+
+    #[test]
+    fn a_request_to_a_cluster_leaderless_for_the_whole_wait_bound_fails_at_once() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now() + ms(10_000);
+        let bounds = WaitBounds::new(t0, &limits(500, 2_000));
+        // Leaderless since long before the request arrived: the cluster is down.
+        assert!(!keep_waiting(&bounds, t0, Some(t0 - ms(500)), false));
+        // The leader was lost just before: a failover is under way, so wait for it.
+        assert!(keep_waiting(&bounds, t0, Some(t0 - ms(499)), false));
+        assert!(keep_waiting(
+            &bounds,
+            t0 + ms(100),
+            Some(t0 + ms(50)),
+            false
+        ));
+    }
+
+    #[test]
+    fn a_node_cut_off_from_renewals_answers_at_once_instead_of_waiting() {
+        let t0 = Instant::now();
+        let bounds = WaitBounds::new(t0, &limits(500, 2_000));
+        assert!(!keep_waiting(&bounds, t0, None, true));
+    }
+
+    #[test]
+    fn a_forwarded_request_that_waited_across_a_map_change_is_refused_not_served() {
+        let forward = Route::Forward(2, "127.0.0.1:1".parse().expect("addr"));
+        for route in [Route::Local, forward] {
+            for remote in [Origin::Forwarded, Origin::Client] {
+                assert!(refuse_after_map_change(remote, &route, 7, 8));
+                assert!(!refuse_after_map_change(remote, &route, 7, 7));
+            }
+            // The node's own callers are not at risk of a duplicate elsewhere: served.
+            assert!(!refuse_after_map_change(Origin::Local, &route, 7, 8));
+        }
+        // Still waiting: nothing was started, nothing to refuse.
+        let waiting = Route::Wait(NotReadyReason::ShardMoving);
+        assert!(!refuse_after_map_change(Origin::Forwarded, &waiting, 7, 8));
+    }
 
     #[test]
     fn a_lease_for_a_newer_epoch_does_not_cover_an_older_table() {
