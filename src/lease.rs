@@ -12,9 +12,11 @@
 //! node, before it marks the node down and moves its shards. With the receipt rule
 //! ([`LeaseGranter::with_evidence`]) the wait after the election starts instead at the latest
 //! time any voter of the election heard from an earlier leader (a quorum heard from the old
-//! leader after each of its grants' requests); every member still gets
-//! [`LeaseConfig::renew_grace`] after the election to renew before it may be marked down. This module does not send
-//! anything, read clocks or touch raft.
+//! leader after each of its grants' requests), but only for the leader it replaces (the one
+//! whose silence caused the election), which also gets a short grace after the election to
+//! answer. Every other member, live as far as anyone knows, keeps the full wait from the
+//! election to renew with the new leader: a follower paused briefly around an election must not
+//! lose its shards. This module does not send anything, read clocks or touch raft.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -270,14 +272,15 @@ pub enum Decision {
 pub struct LeaseGranter {
     config: LeaseConfig,
     me: NodeId,
-    /// Where the markdown wait of members without a grant from this leader starts: its election,
-    /// or the receipt rule's earlier evidence.
+    /// Where the markdown wait of the previous leader (without a grant from this leader) starts:
+    /// the receipt rule's evidence, or the election.
     leader_since: Instant,
-    /// When this leader noticed its election: members get a grace from then to renew before they
-    /// may be marked down ([`LeaseConfig::renew_grace`] if they answered this leader, else
-    /// `silent_grace`).
+    /// When this leader noticed its election: where every other member's wait starts.
     elected: Instant,
-    /// The grace after the election of members that answered nothing yet.
+    /// The leader this one replaces, when known: the only member the receipt rule applies to.
+    previous_leader: Option<NodeId>,
+    /// The previous leader's grace after the election when it answered nothing of this leader
+    /// ([`LeaseConfig::renew_grace`] when it did: a leader that stepped down is alive).
     silent_grace: Duration,
     /// When each member last answered this leader (from its network layer).
     answered: BTreeMap<NodeId, Instant>,
@@ -293,19 +296,21 @@ pub struct LeaseGranter {
 impl LeaseGranter {
     /// A granter for leader `me`, elected at `leader_since` (its own clock).
     pub fn new(config: LeaseConfig, me: NodeId, leader_since: Instant) -> Self {
-        Self::with_evidence(config, me, leader_since, leader_since, Duration::ZERO)
+        Self::with_evidence(config, me, leader_since, leader_since, None, Duration::ZERO)
     }
 
     /// A granter for leader `me`, elected at `elected`, whose voters last heard from an earlier
-    /// leader at `last_contact` (the receipt rule; never after `elected`): the wait of members it
-    /// has granted nothing starts at `last_contact`, but none is marked down before it had a
-    /// grace after the election to renew: [`LeaseConfig::renew_grace`] for members known alive
-    /// ([`LeaseGranter::answered`]), `silent_grace` for the others.
+    /// leader at `last_contact` (the receipt rule; never after `elected`), that leader being
+    /// `previous_leader` when known. Only the previous leader's wait starts at `last_contact`, and
+    /// it is not marked down before a grace after the election: [`LeaseConfig::renew_grace`] if
+    /// it answered this leader ([`LeaseGranter::answered`]), `silent_grace` if not. Every other
+    /// member's wait starts at the election.
     pub fn with_evidence(
         config: LeaseConfig,
         me: NodeId,
         elected: Instant,
         last_contact: Instant,
+        previous_leader: Option<NodeId>,
         silent_grace: Duration,
     ) -> Self {
         LeaseGranter {
@@ -313,6 +318,7 @@ impl LeaseGranter {
             me,
             leader_since: last_contact.min(elected),
             elected,
+            previous_leader,
             silent_grace,
             answered: BTreeMap::new(),
             last_grant: BTreeMap::new(),
@@ -381,8 +387,6 @@ impl LeaseGranter {
         if now < self.leader_since + wait {
             return Vec::new();
         }
-        let live_grace_over = now >= self.elected + self.config.renew_grace();
-        let silent_grace_over = now >= self.elected + self.silent_grace;
         let mut due = Vec::new();
         for (id, member) in &state.members {
             if *id == self.me || member.down || self.markdown_proposed.contains(id) {
@@ -390,10 +394,24 @@ impl LeaseGranter {
             }
             let last = match self.last_grant.get(id) {
                 Some(granted) => *granted,
-                // No grant from this leader yet: give a live node its chance to renew.
-                None if !silent_grace_over => continue,
-                None if !live_grace_over && self.answered.contains_key(id) => continue,
-                None => self.leader_since,
+                // The leader this one replaced: its leases ended by the receipt rule's wait; it
+                // still gets a moment after the election to answer (a leader that stepped down,
+                // or one paused just past the election timeout, is alive).
+                None if self.previous_leader == Some(*id) => {
+                    let grace = if self.answered.contains_key(id) {
+                        self.config.renew_grace()
+                    } else {
+                        self.silent_grace
+                    };
+                    if now < self.elected + grace {
+                        continue;
+                    }
+                    self.leader_since
+                }
+                // Any other member was live as far as anyone knows (a follower paused briefly
+                // around the election, or cut off from a leader without a quorum): the full
+                // wait from the election to renew with this leader.
+                None => self.elected,
             };
             if now >= last + wait {
                 self.markdown_proposed.insert(*id);
@@ -582,34 +600,62 @@ mod tests {
     }
 
     #[test]
-    fn with_the_receipt_rule_a_silent_member_is_marked_down_a_wait_after_the_voters_last_contact() {
+    fn with_the_receipt_rule_the_previous_leader_is_marked_down_a_wait_after_the_voters_last_contact(
+    ) {
         let state = state();
         let config = LeaseConfig::default();
         let wait = config.markdown_wait();
         let contact = Instant::now();
-        // Elected 300 ms after its voters last heard from the old leader (its renew grace ends
-        // before the wait from the contact does).
+        // Elected 300 ms after its voters last heard from the old leader, node 3.
         let elected = contact + ms(300);
-        assert!(elected + config.renew_grace() < contact + wait);
         let mut granter =
-            LeaseGranter::with_evidence(config.clone(), 1, elected, contact, Duration::ZERO);
+            LeaseGranter::with_evidence(config.clone(), 1, elected, contact, Some(3), ms(100));
         assert!(granter
             .markdowns_due(&state, contact + wait - ms(1))
             .is_empty());
         assert_eq!(
             granter.markdowns_due(&state, contact + wait),
-            vec![2, 3],
-            "the wait starts at the contact, not at the election"
+            vec![3],
+            "the old leader's wait starts at the contact, not at the election"
         );
         // Evidence after the election is not believed: the wait never starts later than the
         // old rule's and never after the election.
         let mut granter =
-            LeaseGranter::with_evidence(config, 1, elected, elected + ms(100), Duration::ZERO);
+            LeaseGranter::with_evidence(config, 1, elected, elected + ms(100), Some(3), ms(100));
         assert_eq!(granter.markdowns_due(&state, elected + wait), vec![2, 3]);
     }
 
     #[test]
-    fn a_live_member_gets_a_renew_grace_after_the_election_whatever_the_evidence() {
+    fn a_silent_member_other_than_the_previous_leader_gets_the_full_wait_from_the_election() {
+        // Regression (issue 15's attack review): a follower paused for 120 ms around the
+        // election had answered nothing of the new leader and lost its shards 60 ms after the
+        // election, with every value on them.
+        let state = state();
+        let config = LeaseConfig::default();
+        let wait = config.markdown_wait();
+        let contact = Instant::now();
+        let elected = contact + ms(300);
+        let mut granter =
+            LeaseGranter::with_evidence(config, 1, elected, contact, Some(3), ms(100));
+        assert_eq!(granter.markdowns_due(&state, contact + wait), vec![3]);
+        assert!(
+            granter
+                .markdowns_due(&state, elected + wait - ms(1))
+                .is_empty(),
+            "node 2 (silent, not the old leader) keeps the wait from the election"
+        );
+        assert_eq!(granter.markdowns_due(&state, elected + wait), vec![2]);
+        // Without knowing the previous leader, nobody's wait is shortened.
+        let mut unknown =
+            LeaseGranter::with_evidence(LeaseConfig::default(), 1, elected, contact, None, ms(100));
+        assert!(unknown
+            .markdowns_due(&state, elected + wait - ms(1))
+            .is_empty());
+        assert_eq!(unknown.markdowns_due(&state, elected + wait), vec![2, 3]);
+    }
+
+    #[test]
+    fn a_previous_leader_that_answered_gets_a_renew_grace_after_the_election() {
         let state = state();
         let config = LeaseConfig::default();
         let wait = config.markdown_wait();
@@ -618,46 +664,36 @@ mod tests {
         let contact = Instant::now();
         // The voters' last contact is so old that the wait from it ended before the election.
         let elected = contact + wait + ms(50);
-        let mut granter = LeaseGranter::with_evidence(config, 1, elected, contact, silent_grace);
+        let mut granter =
+            LeaseGranter::with_evidence(config, 1, elected, contact, Some(3), silent_grace);
         assert!(
             granter.markdowns_due(&state, elected).is_empty(),
             "no member is marked down before the answer to the first heartbeat could arrive"
         );
-        // Nodes 2 and 3 answered (they are alive); 2 renews within the grace, 3 does not.
-        granter.answered(2, elected - ms(5));
+        // The old leader answered this leader (it stepped down, or was paused): it is alive.
         granter.answered(3, elected + ms(5));
-        let request = RenewLease {
-            node: 2,
-            epoch: state.epoch,
-            incarnation: 1,
-            request_id: 1,
-        };
-        assert!(matches!(
-            granter.decide(&request, &state, elected + ms(20)),
-            Decision::Grant(_)
-        ));
         assert!(granter
             .markdowns_due(&state, elected + grace - ms(1))
             .is_empty());
         assert_eq!(
             granter.markdowns_due(&state, elected + grace),
             vec![3],
-            "the live member that never renewed, once its grace is over; the renewed one stays"
+            "the old leader, alive but not renewing, once its grace is over"
         );
     }
 
     #[test]
-    fn a_member_that_never_answered_gets_only_the_silent_grace() {
+    fn a_previous_leader_that_never_answered_gets_only_the_silent_grace() {
         let state = state();
         let config = LeaseConfig::default();
         let wait = config.markdown_wait();
         let silent_grace = ms(100);
         let contact = Instant::now();
         let elected = contact + wait + ms(50);
-        let mut granter = LeaseGranter::with_evidence(config, 1, elected, contact, silent_grace);
-        // Node 2 answered the election; node 3 (dead) answered nothing, ever, or before the
-        // voters' last contact with the old leader, which does not count.
-        granter.answered(2, elected - ms(5));
+        let mut granter =
+            LeaseGranter::with_evidence(config, 1, elected, contact, Some(3), silent_grace);
+        // Node 3 (the dead old leader) answered nothing, or before the voters' last contact
+        // with it, which does not count.
         granter.answered(3, contact - ms(1));
         assert!(granter
             .markdowns_due(&state, elected + silent_grace - ms(1))

@@ -99,6 +99,7 @@ mod service;
 pub mod shard;
 pub mod shard_map;
 pub mod storage;
+mod tasks;
 pub mod tls;
 pub mod transport;
 pub mod wire;

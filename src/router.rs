@@ -1122,6 +1122,10 @@ impl<H: ShardHandler> Router<H> {
             }
         });
         futures_util::future::join_all(deactivations).await;
+        // Nothing more is forwarded: the forwarding connections' tasks end here.
+        for transport in self.transport.iter().chain(self.peers.iter()) {
+            transport.close_all();
+        }
     }
 
     /// Messages queued in this node's shard mailboxes.

@@ -126,7 +126,9 @@ impl<H: ShardHandler> Service for NodeService<H> {
             Request::AppendEntries(rpc) => {
                 // Before raft sees it: a receipt recorded late would start a new leader's wait
                 // late (safe); recorded after raft acknowledged, a grant could slip before it.
-                self.consensus.contact().heard_from_leader();
+                self.consensus
+                    .contact()
+                    .heard_from_leader(rpc.vote.leader_id.node_id);
                 let consensus = self.consensus.clone();
                 Box::pin(async move {
                     encode(&Response::AppendEntries(

@@ -13,7 +13,9 @@ use super::config::NodeConfig;
 use super::node::{Node, NodeInner};
 use super::tasks::{follow_consensus, sample_metrics, undrain_after_restart, UNDRAIN_MARKER};
 use crate::consensus::network::Network;
-use crate::consensus::{ClusterApp, ClusterState, Consensus, ConsensusConfig, NodeInfo, Raft};
+use crate::consensus::{
+    ClusterApp, ClusterState, Consensus, ConsensusConfig, NodeInfo, Raft, TypeConfig,
+};
 use crate::error::{ConfigError, NotReadyReason, StartError};
 use crate::lease::LeaseConfig;
 use crate::router::RouterParts;
@@ -22,7 +24,9 @@ use crate::service::NodeService;
 use crate::shard::ServeObserver;
 use crate::shard::{HandlerFactory, ShardHandler};
 use crate::shard_map::{allocate, Member, NodeId, ShardId};
-use crate::storage::{data_dir, Identity, LmdbStore, StoreOptions};
+use crate::storage::{
+    data_dir, DataDirLock, Identity, LmdbStore, LogStore, StateMachineStore, StoreOptions,
+};
 use crate::transport::{serve_with_faults, Secret, Transport, TransportConfig};
 
 /// Starts nodes: `Cluster::builder()`.
@@ -303,6 +307,8 @@ impl<H: ShardHandler> ClusterBuilder<H> {
         })
     }
 
+    /// Starts a clustered node, step by step: check the security mode, open the raft log, start
+    /// consensus, start the router, serve, bootstrap (first start only), start the node's tasks.
     async fn start_clustered(self, factory: HandlerFactory<H>) -> Result<Node<H>, StartError> {
         let config = self.config;
         let options = self.cluster;
@@ -310,106 +316,15 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             name: "listen",
             hint: "call .listen(addr) or use .standalone()",
         })?;
-        if options.tls.is_some() && (options.secret.is_some() || options.insecure) {
-            return Err(ConfigError::Invalid {
-                name: "tls",
-                reason: format!(
-                    "TLS cannot be combined with {}: certificates authenticate every connection; choose one mode",
-                    if options.insecure { "insecure mode" } else { "a cluster secret" }
-                ),
-            }
-            .into());
-        }
-        if options.secret.is_none() && options.tls.is_none() && !options.insecure {
-            return Err(ConfigError::Missing {
-                name: "secret",
-                hint: "set CLUSTERFUNK_SECRET or pass a secret file (or use TLS certificates); use insecure mode only for local experiments",
-            }
-            .into());
-        }
-        if options.secret.is_none() && options.tls.is_none() {
-            tracing::warn!(
-                %listen,
-                "INSECURE: this node runs without a cluster secret; anyone who reaches {listen} can join the cluster or send it messages"
-            );
-        }
-        let raft_config = config.consensus.raft_config(&config.cluster_name)?;
-        let advised = config.lease.renew_period + config.consensus.election_timeout_max * 2;
-        if config.lease.lease < advised {
-            tracing::warn!(
-                lease = ?config.lease.lease,
-                advised = ?advised,
-                "the lease is shorter than the renew period plus two election timeouts: a leader election may briefly pause healthy shards (requests wait, they do not fail)"
-            );
-        }
+        check_security_mode(&options, listen)?;
+        warn_if_lease_is_short(&config);
         if let Some(members) = &options.initial_members {
             check_initial_members(members, config.node_id, listen)?;
         }
-        let (log_store, state_machine, data_dir_lock) = if options.in_memory_for_tests {
-            let (log_store, state_machine) =
-                crate::storage::memory::in_memory_for_tests(ClusterApp);
-            (log_store, state_machine, None)
-        } else {
-            let dir = config.data_dir.clone().ok_or(ConfigError::Missing {
-                name: "data_dir",
-                hint: "call .data_dir(path): raft logs must be persistent",
-            })?;
-            let store_options = options.store.clone();
-            let identity = Identity {
-                cluster_name: config.cluster_name.clone(),
-                node_id: config.node_id,
-            };
-            // Opening maps the file and may create it: blocking work, off the async thread.
-            // The data dir is claimed first: a second process on it, or a data dir of another
-            // node or cluster, is refused before its log is read.
-            tokio::task::spawn_blocking(move || {
-                let lock = data_dir::lock(&dir)?;
-                data_dir::check_identity(&lock, &identity)?;
-                let store = LmdbStore::open(&dir, store_options)?;
-                let state_machine = store.state_machine(ClusterApp)?;
-                Ok::<_, StartError>((store.log_store(), state_machine, Some(lock)))
-            })
-            .await
-            .map_err(|e| StartError::Failed(format!("storage thread: {e}")))??
-        };
-        let applied = state_machine.subscribe();
-        let transport_config = TransportConfig {
-            cluster_name: config.cluster_name.clone(),
-            node_id: Some(config.node_id),
-            secret: options.secret.clone(),
-            tls: options.tls.clone(),
-            // A restarted peer must be reachable again quickly: leases and failover run on
-            // sub-second timers.
-            reconnect_backoff_max: Duration::from_millis(250),
-            connections_max: config.connections_max,
-            ..TransportConfig::default()
-        };
-        let transport = Transport::new(transport_config.clone())
-            .map_err(|e| StartError::Failed(e.to_string()))?;
-        let contact = Arc::new(crate::consensus::Contact::default());
-        let network = Network::with_contact(transport.clone(), contact.clone());
-        let forwarding =
-            Transport::with_faults(transport_config.clone(), transport.faults().clone())
-                .map_err(|e| StartError::Failed(e.to_string()))?;
-        let raft = Raft::new(
-            config.node_id,
-            raft_config,
-            network,
-            log_store,
-            state_machine,
-        )
-        .await
-        .map_err(|e| StartError::Failed(format!("raft: {e}")))?;
-        let consensus = Consensus::new(
-            config.node_id,
-            raft,
-            applied,
-            transport.clone(),
-            config.consensus.clone(),
-            config.lease.clone(),
-            config.shard_count,
-            contact,
-        );
+        let (log_store, state_machine, data_dir_lock) = open_raft_log(&config, &options).await?;
+        let transport_config = transport_config(&config, &options);
+        let consensus =
+            start_consensus(&config, &transport_config, log_store, state_machine).await?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|source| StartError::Listen {
@@ -420,25 +335,14 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             Some(_) => (Arbiter::current(), None),
             None => spawn_system(),
         };
-        let table = RoutingTable {
-            state: Arc::new(ClusterState::default()),
-            not_ready: Some(NotReadyReason::Starting),
-            leaderless_since: Some(Instant::now()),
-        };
-        let router = Router::new(RouterParts {
-            node_id: config.node_id,
-            shard_count: config.shard_count,
-            table,
+        let router = start_router(
+            &config,
+            &transport_config,
+            &consensus,
             arbiter,
             factory,
-            limits: config.router_limits(),
-            // Forwarded messages get connections of their own: a flood of them filling a
-            // connection's in-flight limit must not starve raft heartbeats and lease renewals
-            // (found by a test: the flooding node lost its lease and was marked down).
-            transport: Some(forwarding),
-            peers: Some(transport.clone()),
-            observer: self.observer,
-        });
+            self.observer,
+        )?;
         let service = Arc::new(NodeService {
             consensus: consensus.clone(),
             router: router.clone(),
@@ -457,35 +361,17 @@ impl<H: ShardHandler> ClusterBuilder<H> {
                 .await
                 .map_err(|e| StartError::Failed(e.to_string()))?;
         }
-        let (stopped, _) = tokio::sync::watch::channel(None);
-        tokio::spawn(follow_consensus(
-            Arc::downgrade(&router),
-            consensus.clone(),
-            stopped.clone(),
-        ));
-        tokio::spawn(crate::lease_task::keep_lease(
-            Arc::downgrade(&router),
-            consensus.clone(),
-        ));
-        tokio::spawn(crate::handoff::hand_off(
-            Arc::downgrade(&router),
-            consensus.clone(),
-            config.deactivate_timeout,
-            config.lease.lease * STUCK_MOVE_LEASES,
-        ));
-        if crate::metrics::enabled() {
-            tokio::spawn(sample_metrics(Arc::downgrade(&router), consensus.clone()));
-        }
         let undrain_marker = (!options.in_memory_for_tests)
             .then(|| config.data_dir.as_ref().map(|dir| dir.join(UNDRAIN_MARKER)))
             .flatten();
-        if let Some(marker) = undrain_marker.clone().filter(|m| m.exists()) {
-            tokio::spawn(undrain_after_restart(
-                Arc::downgrade(&router),
-                consensus.clone(),
-                marker,
-            ));
-        }
+        let (stopped, _) = tokio::sync::watch::channel(None);
+        start_node_tasks(
+            &config,
+            &router,
+            &consensus,
+            &stopped,
+            undrain_marker.as_ref(),
+        );
         tracing::info!(node_id = config.node_id, %listen, "node started");
         Ok(Node {
             inner: Arc::new(NodeInner {
@@ -498,6 +384,202 @@ impl<H: ShardHandler> ClusterBuilder<H> {
                 stopped,
             }),
         })
+    }
+}
+
+/// Refuses a security mode that is none or two at once, and warns loudly about insecure mode.
+fn check_security_mode(options: &ClusterOptions, listen: SocketAddr) -> Result<(), StartError> {
+    if options.tls.is_some() && (options.secret.is_some() || options.insecure) {
+        return Err(ConfigError::Invalid {
+            name: "tls",
+            reason: format!(
+                "TLS cannot be combined with {}: certificates authenticate every connection; choose one mode",
+                if options.insecure { "insecure mode" } else { "a cluster secret" }
+            ),
+        }
+        .into());
+    }
+    if options.secret.is_none() && options.tls.is_none() && !options.insecure {
+        return Err(ConfigError::Missing {
+            name: "secret",
+            hint: "set CLUSTERFUNK_SECRET or pass a secret file (or use TLS certificates); use insecure mode only for local experiments",
+        }
+        .into());
+    }
+    if options.secret.is_none() && options.tls.is_none() {
+        tracing::warn!(
+            %listen,
+            "INSECURE: this node runs without a cluster secret; anyone who reaches {listen} can join the cluster or send it messages"
+        );
+    }
+    Ok(())
+}
+
+/// Warns when the lease breaks DESIGN's relation (longer than the renew period plus two election
+/// timeouts): a leader election may then pause healthy shards.
+fn warn_if_lease_is_short(config: &NodeConfig) {
+    let advised = config.lease.renew_period + config.consensus.election_timeout_max * 2;
+    if config.lease.lease < advised {
+        tracing::warn!(
+            lease = ?config.lease.lease,
+            advised = ?advised,
+            "the lease is shorter than the renew period plus two election timeouts: a leader election may briefly pause healthy shards (requests wait, they do not fail)"
+        );
+    }
+}
+
+/// The raft log and state machine: in memory for tests, otherwise LMDB in the data dir, which is
+/// claimed (locked, identity checked) before its log is read.
+async fn open_raft_log(
+    config: &NodeConfig,
+    options: &ClusterOptions,
+) -> Result<
+    (
+        LogStore<TypeConfig>,
+        StateMachineStore<TypeConfig, ClusterApp>,
+        Option<DataDirLock>,
+    ),
+    StartError,
+> {
+    if options.in_memory_for_tests {
+        let (log_store, state_machine) = crate::storage::memory::in_memory_for_tests(ClusterApp);
+        return Ok((log_store, state_machine, None));
+    }
+    let dir = config.data_dir.clone().ok_or(ConfigError::Missing {
+        name: "data_dir",
+        hint: "call .data_dir(path): raft logs must be persistent",
+    })?;
+    let store_options = options.store.clone();
+    let identity = Identity {
+        cluster_name: config.cluster_name.clone(),
+        node_id: config.node_id,
+    };
+    // Opening maps the file and may create it: blocking work, off the async thread. A second
+    // process on the data dir, or a data dir of another node or cluster, is refused first.
+    tokio::task::spawn_blocking(move || {
+        let lock = data_dir::lock(&dir)?;
+        data_dir::check_identity(&lock, &identity)?;
+        let store = LmdbStore::open(&dir, store_options)?;
+        let state_machine = store.state_machine(ClusterApp)?;
+        Ok::<_, StartError>((store.log_store(), state_machine, Some(lock)))
+    })
+    .await
+    .map_err(|e| StartError::Failed(format!("storage thread: {e}")))?
+}
+
+/// The transport settings every connection of this node uses.
+fn transport_config(config: &NodeConfig, options: &ClusterOptions) -> TransportConfig {
+    TransportConfig {
+        cluster_name: config.cluster_name.clone(),
+        node_id: Some(config.node_id),
+        secret: options.secret.clone(),
+        tls: options.tls.clone(),
+        // A restarted peer must be reachable again quickly: leases and failover run on
+        // sub-second timers.
+        reconnect_backoff_max: Duration::from_millis(250),
+        connections_max: config.connections_max,
+        ..TransportConfig::default()
+    }
+}
+
+/// Starts raft on the opened log and wraps it in [`Consensus`].
+async fn start_consensus(
+    config: &NodeConfig,
+    transport_config: &TransportConfig,
+    log_store: LogStore<TypeConfig>,
+    state_machine: StateMachineStore<TypeConfig, ClusterApp>,
+) -> Result<Consensus, StartError> {
+    let raft_config = config.consensus.raft_config(&config.cluster_name)?;
+    let applied = state_machine.subscribe();
+    let transport =
+        Transport::new(transport_config.clone()).map_err(|e| StartError::Failed(e.to_string()))?;
+    let contact = Arc::new(crate::consensus::Contact::default());
+    let network = Network::with_contact(transport.clone(), contact.clone());
+    let raft = Raft::new(
+        config.node_id,
+        raft_config,
+        network,
+        log_store,
+        state_machine,
+    )
+    .await
+    .map_err(|e| StartError::Failed(format!("raft: {e}")))?;
+    Ok(Consensus::new(
+        config.node_id,
+        raft,
+        applied,
+        transport,
+        config.consensus.clone(),
+        config.lease.clone(),
+        config.shard_count,
+        contact,
+    ))
+}
+
+/// Starts the router of a clustered node: no table until consensus applies one.
+fn start_router<H: ShardHandler>(
+    config: &NodeConfig,
+    transport_config: &TransportConfig,
+    consensus: &Consensus,
+    arbiter: ArbiterHandle,
+    factory: HandlerFactory<H>,
+    observer: Option<Arc<dyn ServeObserver>>,
+) -> Result<Arc<Router<H>>, StartError> {
+    // Forwarded messages get connections of their own: a flood of them filling a connection's
+    // in-flight limit must not starve raft heartbeats and lease renewals (found by a test: the
+    // flooding node lost its lease and was marked down).
+    let forwarding = Transport::with_faults(
+        transport_config.clone(),
+        consensus.transport().faults().clone(),
+    )
+    .map_err(|e| StartError::Failed(e.to_string()))?;
+    let table = RoutingTable {
+        state: Arc::new(ClusterState::default()),
+        not_ready: Some(NotReadyReason::Starting),
+        leaderless_since: Some(Instant::now()),
+    };
+    Ok(Router::new(RouterParts {
+        node_id: config.node_id,
+        shard_count: config.shard_count,
+        table,
+        arbiter,
+        factory,
+        limits: config.router_limits(),
+        transport: Some(forwarding),
+        peers: Some(consensus.transport().clone()),
+        observer,
+    }))
+}
+
+/// The node's long-lived tasks, each owned by the node's task set (ended by its shutdown):
+/// following consensus, renewing the lease, handing shards off, sampling metrics (with an
+/// endpoint), and undraining after a graceful shutdown's restart (when its marker is there).
+fn start_node_tasks<H: ShardHandler>(
+    config: &NodeConfig,
+    router: &Arc<Router<H>>,
+    consensus: &Consensus,
+    stopped: &tokio::sync::watch::Sender<Option<String>>,
+    undrain_marker: Option<&PathBuf>,
+) {
+    let tasks = consensus.tasks();
+    let weak = || Arc::downgrade(router);
+    tasks.spawn(follow_consensus(weak(), consensus.clone(), stopped.clone()));
+    tasks.spawn(crate::lease_task::keep_lease(weak(), consensus.clone()));
+    tasks.spawn(crate::handoff::hand_off(
+        weak(),
+        consensus.clone(),
+        config.deactivate_timeout,
+        config.lease.lease * STUCK_MOVE_LEASES,
+    ));
+    if crate::metrics::enabled() {
+        tasks.spawn(sample_metrics(weak(), consensus.clone()));
+    }
+    if let Some(marker) = undrain_marker.filter(|m| m.exists()) {
+        tasks.spawn(undrain_after_restart(
+            weak(),
+            consensus.clone(),
+            marker.clone(),
+        ));
     }
 }
 

@@ -278,6 +278,10 @@ impl<H: ShardHandler> Node<H> {
     /// Stops taking messages, runs `on_deactivate` on every active shard and stops them. Sends
     /// after this fail with [`Error::ShuttingDown`].
     pub async fn shutdown(&self) {
+        // The node's tasks first (they use the router and raft), each awaited until it ended.
+        if let Some(consensus) = &self.inner.consensus {
+            consensus.tasks().shutdown().await;
+        }
         self.inner.router.shutdown().await;
         let server = self
             .inner
@@ -292,6 +296,8 @@ impl<H: ShardHandler> Node<H> {
             if let Err(e) = consensus.raft().shutdown().await {
                 tracing::warn!(error = %e, "raft did not shut down cleanly");
             }
+            // Raft sends nothing more: its connections' tasks end here.
+            consensus.transport().close_all();
         }
         // Raft has stopped writing: the data dir may be used by a new node from here.
         drop(

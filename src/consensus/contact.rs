@@ -29,11 +29,13 @@ use std::time::{Duration, Instant};
 pub struct Contact {
     /// When this process started: the receipt it reports before it heard from any leader.
     started: Instant,
-    /// The latest receipt of an append from a leader, or send of one as leader.
-    last: Mutex<Instant>,
+    /// The latest receipt of an append from a leader, or send of one as leader, and that
+    /// leader.
+    last: Mutex<(Instant, Option<NodeId>)>,
     /// Per term this node campaigned in: the latest receipt over itself and every voter that
-    /// granted its vote, on this node's clock.
-    elections: Mutex<BTreeMap<u64, Instant>>,
+    /// granted its vote, on this node's clock, and the leader this node last heard from before
+    /// it campaigned (the one a win replaces).
+    elections: Mutex<BTreeMap<u64, (Instant, Option<NodeId>)>>,
     /// When each peer last answered a vote or append request of this node: a live peer, which a
     /// new leader gives time to renew (not part of the rule's safety, only of availability).
     answers: Mutex<BTreeMap<NodeId, Instant>>,
@@ -53,32 +55,37 @@ impl Contact {
     fn started_at(started: Instant) -> Self {
         Contact {
             started,
-            last: Mutex::new(started),
+            last: Mutex::new((started, None)),
             elections: Mutex::new(BTreeMap::new()),
             answers: Mutex::new(BTreeMap::new()),
         }
     }
 
-    /// Records an append received from a leader (call before raft sees it) or sent as leader.
-    pub fn heard_from_leader(&self) {
+    /// Records an append received from `leader` (call before raft sees it), or sent as leader
+    /// (`leader` is this node).
+    pub fn heard_from_leader(&self, leader: NodeId) {
         let now = Instant::now();
         let mut last = lock(&self.last);
-        *last = (*last).max(now);
+        if now >= last.0 {
+            *last = (now, Some(leader));
+        }
     }
 
     /// The time since the last receipt (or since this process started), rounded down to whole
     /// microseconds: what a voter reports with a granted vote.
     pub fn since_last(&self) -> Duration {
-        let elapsed = lock(&self.last).elapsed();
+        let elapsed = lock(&self.last).0.elapsed();
         Duration::from_micros(elapsed.as_micros().try_into().unwrap_or(u64::MAX))
     }
 
     /// This node starts campaigning in `term`: its own receipt counts among the voters'.
     pub fn campaigning(&self, term: u64) {
-        let own = *lock(&self.last);
+        let (own, leader) = *lock(&self.last);
         let mut elections = lock(&self.elections);
-        let entry = elections.entry(term).or_insert(own);
-        *entry = (*entry).max(own);
+        let entry = elections.entry(term).or_insert((own, leader));
+        if own >= entry.0 {
+            *entry = (own, leader);
+        }
         // Older campaigns can no longer make this node leader.
         elections.retain(|t, _| *t + 8 > term);
     }
@@ -88,8 +95,8 @@ impl Contact {
     pub fn granted(&self, term: u64, arrived: Instant, elapsed: Duration) {
         let receipt = arrived.checked_sub(elapsed).unwrap_or(self.started);
         let mut elections = lock(&self.elections);
-        let entry = elections.entry(term).or_insert(receipt);
-        *entry = (*entry).max(receipt);
+        let entry = elections.entry(term).or_insert((receipt, None));
+        entry.0 = entry.0.max(receipt);
     }
 
     /// Peer `node` answered a vote or append request of this node just now.
@@ -106,7 +113,17 @@ impl Contact {
     /// `elected`, starts: the latest receipt over the voters that granted it, never later than
     /// `elected`; `elected` when there is no evidence (a single-node cluster).
     pub fn wait_from(&self, term: u64, elected: Instant) -> Instant {
-        wait_from(lock(&self.elections).get(&term).copied(), elected)
+        wait_from(lock(&self.elections).get(&term).map(|e| e.0), elected)
+    }
+
+    /// The leader this node last heard from before it campaigned in `term`: the one a win in
+    /// `term` replaces, whose silence the receipt rule may credit. `None` when it heard from no
+    /// leader (a fresh process), or heard last from itself.
+    pub fn previous_leader(&self, term: u64, me: NodeId) -> Option<NodeId> {
+        lock(&self.elections)
+            .get(&term)
+            .and_then(|e| e.1)
+            .filter(|leader| *leader != me)
     }
 }
 
@@ -147,8 +164,8 @@ mod tests {
     fn the_candidates_own_receipt_counts() {
         let contact = Contact::default();
         let now = Instant::now();
-        contact.heard_from_leader();
-        let own = *lock(&contact.last);
+        contact.heard_from_leader(9);
+        let own = lock(&contact.last).0;
         contact.campaigning(3);
         contact.granted(3, now, ms(500));
         assert_eq!(contact.wait_from(3, now + ms(5)), own.min(now + ms(5)));
@@ -179,9 +196,28 @@ mod tests {
     #[test]
     fn a_leader_counts_its_own_sends_as_receipts() {
         let contact = Contact::default();
-        let before = *lock(&contact.last);
+        let before = lock(&contact.last).0;
         std::thread::sleep(ms(1));
-        contact.heard_from_leader();
-        assert!(*lock(&contact.last) > before);
+        contact.heard_from_leader(9);
+        assert!(lock(&contact.last).0 > before);
+    }
+
+    #[test]
+    fn the_previous_leader_is_the_last_one_heard_from_before_campaigning_never_oneself() {
+        let contact = Contact::default();
+        contact.campaigning(2);
+        assert_eq!(contact.previous_leader(2, 1), None, "heard from no leader");
+        contact.heard_from_leader(3);
+        contact.heard_from_leader(4);
+        contact.campaigning(5);
+        assert_eq!(contact.previous_leader(5, 1), Some(4));
+        // Hearing from a leader after campaigning does not change whom a win replaces.
+        contact.heard_from_leader(6);
+        contact.granted(5, Instant::now(), Duration::ZERO);
+        assert_eq!(contact.previous_leader(5, 1), Some(4));
+        // A node that led last (its own sends) replaces nobody it could mark down early.
+        contact.heard_from_leader(1);
+        contact.campaigning(7);
+        assert_eq!(contact.previous_leader(7, 1), None);
     }
 }

@@ -34,6 +34,7 @@ use crate::error::ConfigError;
 use crate::lease::{Decision, LeaseConfig, LeaseGrant, LeaseGranter, LeaseRefusal, RenewLease};
 use crate::shard_map::NodeId;
 use crate::storage::{Applied, StateMachineApp};
+use crate::tasks::NodeTasks;
 use crate::transport::Transport;
 use crate::wire::Request;
 
@@ -168,6 +169,8 @@ pub struct Consensus {
     renewals: Arc<Renewals>,
     /// Leader contacts and the evidence of this node's elections (the receipt rule).
     contact: Arc<Contact>,
+    /// The node's long-lived tasks (these and the node's own), ended by the node's shutdown.
+    tasks: NodeTasks,
 }
 
 impl std::fmt::Debug for Consensus {
@@ -207,14 +210,20 @@ impl Consensus {
             granter: Arc::new(Mutex::new(None)),
             renewals: Arc::new(Renewals::default()),
             contact,
+            tasks: NodeTasks::default(),
         };
         consensus.actor.do_send(Attach(consensus.clone()));
-        tokio::spawn(write_shard_count_when_leading(
+        consensus.tasks.spawn(write_shard_count_when_leading(
             consensus.clone(),
             shard_count,
         ));
-        tokio::spawn(lead(consensus.clone()));
+        consensus.tasks.spawn(lead(consensus.clone()));
         consensus
+    }
+
+    /// The node's tasks: spawn long-lived work through them so shutdown ends it.
+    pub(crate) fn tasks(&self) -> &NodeTasks {
+        &self.tasks
     }
 
     /// This node's id.
@@ -318,7 +327,7 @@ impl Consensus {
             Decision::RefuseAndMarkUp => {
                 let consensus = self.clone();
                 let node = request.node;
-                tokio::spawn(async move {
+                self.tasks.spawn(async move {
                     if let Err(error) = consensus.raft.client_write(Command::MarkUp { node }).await
                     {
                         tracing::warn!(node, %error, "could not mark the node up");
@@ -352,7 +361,7 @@ impl Consensus {
         if !rounds.running {
             if let Some(first) = rounds.next.take() {
                 rounds.running = true;
-                tokio::spawn(run_rounds(self.clone(), first));
+                self.tasks.spawn(run_rounds(self.clone(), first));
             }
         }
         cohort
@@ -1100,13 +1109,16 @@ async fn lead(consensus: Consensus) {
                     tracing::info!(
                         term,
                         credited_ms = now.saturating_duration_since(since).as_millis() as u64,
-                        "leading: the markdown wait starts at the voters' last leader contact"
+                        previous_leader = ?consensus.contact.previous_leader(term, consensus.node_id),
+                        "leading: the previous leader's markdown wait starts at the voters' last leader contact"
                     );
+                    let previous = consensus.contact.previous_leader(term, consensus.node_id);
                     let mut fresh = LeaseGranter::with_evidence(
                         consensus.lease.clone(),
                         consensus.node_id,
                         now,
                         since,
+                        previous,
                         consensus.config.heartbeat_interval * 2,
                     );
                     fresh.on_applied(&state.state, now);
@@ -1134,8 +1146,9 @@ async fn lead(consensus: Consensus) {
             }
         };
         for node in due {
-            let consensus = consensus.clone();
-            tokio::spawn(async move {
+            let owner = consensus.clone();
+            consensus.tasks.spawn(async move {
+                let consensus = owner;
                 tracing::warn!(node, "node stopped renewing its lease; marking it down (its shards move, its membership stays)");
                 if let Err(error) = consensus
                     .raft

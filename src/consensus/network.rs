@@ -155,7 +155,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeInfo, RaftError<NodeId>>> {
         // Only a leader sends appends: a leader's own sends are receipts (a former leader's
         // voters must not report a time before its last grant's confirmation round).
-        self.contact.heard_from_leader();
+        self.contact.heard_from_leader(rpc.vote.leader_id.node_id);
         match self.call(Request::AppendEntries(rpc), &option).await {
             Ok(Response::AppendEntries(Ok(response))) => {
                 self.contact.answered(self.target);

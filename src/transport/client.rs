@@ -236,6 +236,15 @@ impl Transport {
         }
     }
 
+    /// Closes every connection (their tasks end at once) and forgets every peer: what a node
+    /// does last when it shuts down. A later request connects again.
+    pub fn close_all(&self) {
+        let peers = std::mem::take(&mut *lock(&self.inner.peers));
+        for connection in peers.into_values().filter_map(|peer| peer.connection) {
+            connection.close();
+        }
+    }
+
     /// The connection a request to `addr` goes out on, connecting if there is none; fails at
     /// once while the link is blocked ([`Faults::block`]).
     async fn open(&self, addr: SocketAddr) -> Result<Arc<Connection>, TransportError> {
