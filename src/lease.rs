@@ -284,6 +284,10 @@ pub struct LeaseGranter {
     silent_grace: Duration,
     /// When each member last answered this leader (from its network layer).
     answered: BTreeMap<NodeId, Instant>,
+    /// Whether this leader can confirm its leadership now: `Lost` after a confirmation round
+    /// failed (no quorum), `Regained(t)` once a round begun at `t` succeeded again. Members cannot
+    /// renew while it is lost, so none is blamed for that.
+    quorum: Quorum,
     last_grant: BTreeMap<NodeId, Instant>,
     markdown_proposed: BTreeSet<NodeId>,
     markup_proposed: BTreeSet<NodeId>,
@@ -291,6 +295,17 @@ pub struct LeaseGranter {
     known_down: BTreeSet<NodeId>,
     /// The members seen so far; a new one gets a full wait to take its first lease.
     known: BTreeSet<NodeId>,
+}
+
+/// Whether a leader could confirm its leadership lately (see [`LeaseGranter::round_failed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Quorum {
+    /// No confirmation round failed, or members had time to renew since one succeeded again.
+    Held,
+    /// The last confirmation round failed.
+    Lost,
+    /// A round begun at this time succeeded after a failure.
+    Regained(Instant),
 }
 
 impl LeaseGranter {
@@ -321,6 +336,7 @@ impl LeaseGranter {
             previous_leader,
             silent_grace,
             answered: BTreeMap::new(),
+            quorum: Quorum::Held,
             last_grant: BTreeMap::new(),
             markdown_proposed: BTreeSet::new(),
             markup_proposed: BTreeSet::new(),
@@ -380,12 +396,32 @@ impl LeaseGranter {
         }
     }
 
+    /// A confirmation round of this leader failed (no quorum answered in time): members could
+    /// not renew, so no member is marked down until rounds succeed again and members had
+    /// [`LeaseConfig::renew_grace`] to renew.
+    pub fn round_failed(&mut self) {
+        self.quorum = Quorum::Lost;
+    }
+
+    /// A confirmation round of this leader, begun at `started`, succeeded.
+    pub fn round_confirmed(&mut self, started: Instant) {
+        if self.quorum == Quorum::Lost {
+            self.quorum = Quorum::Regained(started);
+        }
+    }
+
     /// Members whose leases have certainly expired by `now`: mark them down. Each is returned
     /// once; the leader grants them nothing more until they are marked up.
     pub fn markdowns_due(&mut self, state: &ClusterState, now: Instant) -> Vec<NodeId> {
         let wait = self.config.markdown_wait();
         if now < self.leader_since + wait {
             return Vec::new();
+        }
+        match self.quorum {
+            Quorum::Held => {}
+            Quorum::Lost => return Vec::new(),
+            Quorum::Regained(at) if now < at + self.config.renew_grace() => return Vec::new(),
+            Quorum::Regained(_) => self.quorum = Quorum::Held,
         }
         let mut due = Vec::new();
         for (id, member) in &state.members {
@@ -652,6 +688,39 @@ mod tests {
             .markdowns_due(&state, elected + wait - ms(1))
             .is_empty());
         assert_eq!(unknown.markdowns_due(&state, elected + wait), vec![2, 3]);
+    }
+
+    #[test]
+    fn a_leader_without_a_quorum_marks_nobody_down_until_members_could_renew_again() {
+        // Regression (issue 15's attack review): with the old leader dead and two of five
+        // followers frozen, the new leader's rounds failed, the live followers could not renew,
+        // and it proposed marking all of them down (committed once the frozen ones resumed).
+        let state = state();
+        let config = LeaseConfig::default();
+        let wait = config.markdown_wait();
+        let grace = config.renew_grace();
+        let elected = Instant::now();
+        let mut granter =
+            LeaseGranter::with_evidence(config, 1, elected, elected, Some(3), ms(100));
+        granter.round_failed();
+        assert!(granter.markdowns_due(&state, elected + wait * 4).is_empty());
+        let regained = elected + wait * 4;
+        granter.round_confirmed(regained);
+        assert!(granter
+            .markdowns_due(&state, regained + grace - ms(1))
+            .is_empty());
+        // Node 2 renewed once rounds succeeded again; node 3 (dead) did not.
+        let request = RenewLease {
+            node: 2,
+            epoch: state.epoch,
+            incarnation: 1,
+            request_id: 1,
+        };
+        assert!(matches!(
+            granter.decide(&request, &state, regained + ms(10)),
+            Decision::Grant(_)
+        ));
+        assert_eq!(granter.markdowns_due(&state, regained + grace), vec![3]);
     }
 
     #[test]

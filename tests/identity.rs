@@ -10,10 +10,10 @@ mod common;
 
 use std::time::Duration;
 
-use clusterfunk::consensus::NodeInfo;
 use clusterfunk::prelude::{
     shard_handler, Deserialize, Key, Serialize, ShardContext, ShardMessage,
 };
+use clusterfunk::NodeInfo;
 use common::{id_list, Cluster};
 
 /// Bound on a command that is expected to fail: starting a node that must refuse, or an

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use clusterfunk::consensus::NodeInfo;
 use clusterfunk::prelude::*;
+use clusterfunk::NodeInfo;
 use clusterfunk::{Cluster, ConsensusConfig, LeaseConfig};
 
 /// Generous: the machine running the tests may be busy.

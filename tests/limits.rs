@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use clusterfunk::admin::{AdminRequest, AdminResponse};
 use clusterfunk::client::{Client, ClientError};
-use clusterfunk::consensus::NodeInfo;
 use clusterfunk::prelude::*;
 use clusterfunk::transport::{Secret, TransportConfig};
+use clusterfunk::NodeInfo;
 use serde_bytes::ByteBuf;
 
 /// Bound on waiting for the cluster to serve; far above what a passing test needs.

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use clusterfunk::admin::{AdminClient, AdminError, AdminRequest, AdminResponse};
 use clusterfunk::client::Client;
-use clusterfunk::consensus::NodeInfo;
 use clusterfunk::prelude::*;
 use clusterfunk::tls::certs::{self, NodeSpec};
 use clusterfunk::tls::TlsConfig;
 use clusterfunk::transport::{Secret, Transport, TransportConfig, TransportError};
 use clusterfunk::wire::{Request, Response};
+use clusterfunk::NodeInfo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 

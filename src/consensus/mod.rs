@@ -1235,6 +1235,7 @@ async fn run_rounds(consensus: Consensus, mut cohort: watch::Sender<Option<Round
     };
     loop {
         let round = renewals.rounds_started.fetch_add(1, Ordering::AcqRel) + 1;
+        let started = Instant::now();
         let outcome =
             match tokio::time::timeout(renew_period, consensus.raft.ensure_linearizable()).await {
                 Ok(Ok(_)) => Ok(()),
@@ -1252,6 +1253,14 @@ async fn run_rounds(consensus: Consensus, mut cohort: watch::Sender<Option<Round
             };
         if let Err(refusal) = &outcome {
             tracing::debug!(round, %refusal, "lease confirmation round failed");
+        }
+        // Members cannot renew while rounds fail: the granter blames none of them meanwhile.
+        if let Some((_, granter)) = lock(&consensus.granter).as_mut() {
+            match &outcome {
+                Ok(()) => granter.round_confirmed(started),
+                Err(LeaseRefusal::NotLeader { .. }) => {}
+                Err(_) => granter.round_failed(),
+            }
         }
         cohort.send_replace(Some(outcome));
         let mut rounds = lock(&renewals.rounds);

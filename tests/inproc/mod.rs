@@ -26,10 +26,10 @@ use std::time::{Duration, Instant};
 
 use actix_rt::{ArbiterHandle, System};
 use clusterfunk::admin::{AdminRequest, AdminResponse, StatusReport};
-use clusterfunk::consensus::NodeInfo;
 use clusterfunk::prelude::*;
 use clusterfunk::shard_map::{shard_for, Epoch};
 use clusterfunk::storage::StoreOptions;
+use clusterfunk::NodeInfo;
 use clusterfunk::{
     ConsensusConfig, LeaseConfig, NodeConfig, ServeEvent, ServeEventKind, ServeObserver, StartError,
 };
