@@ -283,6 +283,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max", type=int, default=2)
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--layers", action="store_true",
+                        help="also print the files by layer (0: uses no other file of the crate)")
     args = parser.parse_args()
     root = load((), os.path.join(SRC, "lib.rs"))
     modules = build(root)
@@ -331,6 +333,22 @@ def main():
                 for f in sorted(component):
                     inside = sorted(rel(t) for t in edges[f] if t in component)
                     print("     ", rel(f), "->", ", ".join(inside))
+    if args.layers:
+        component_of = {f: i for i, c in enumerate(components) for f in c}
+        layer = {}
+
+        def depth(i, seen=()):
+            if i in layer:
+                return layer[i]
+            targets = {component_of[t] for f in components[i] for t in edges[f]} - {i}
+            layer[i] = 1 + max((depth(t) for t in targets), default=-1)
+            return layer[i]
+
+        by_layer = {}
+        for i, component in enumerate(components):
+            by_layer.setdefault(depth(i), []).extend(rel(f) for f in component)
+        for level in sorted(by_layer):
+            print(f"  layer {level}: " + ", ".join(sorted(by_layer[level])))
     if len(largest) > args.max:
         print(f"module cycles: the largest cycle has {len(largest)} files, more than {args.max}: "
               "move the item that closes it (run with --verbose for the edges)", file=sys.stderr)
