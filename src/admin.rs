@@ -161,6 +161,32 @@ pub struct NodesReport {
     pub nodes: Vec<NodeReport>,
 }
 
+impl NodesReport {
+    /// The layout of these members, voters and learners by zone, for
+    /// [`Plan::of`](crate::plan::Plan::of).
+    pub fn layout(&self) -> Result<crate::plan::Layout, crate::plan::LayoutError> {
+        use crate::plan::{Layout, LayoutError, Role};
+        let members = self
+            .nodes
+            .iter()
+            .map(|node| {
+                let role = match node.role.as_str() {
+                    "voter" => Role::Voter,
+                    "learner" => Role::Learner,
+                    other => {
+                        return Err(LayoutError::UnknownRole {
+                            id: node.id,
+                            role: other.to_string(),
+                        })
+                    }
+                };
+                Ok((node.zone.as_deref(), role))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Layout::from_members(members)
+    }
+}
+
 /// One shard's owner in `shards`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardOwner {

@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 
+/// The largest snapshot a node accepts for one shard in a [`Handoff`] (receivers stage chunks in
+/// memory).
+pub(crate) const SNAPSHOT_BYTES_MAX: u64 = 1024 * 1024 * 1024;
+
 /// The largest value [`decode`] accepts: 64 MiB.
 pub const DECODE_LIMIT_BYTES: usize = 64 << 20;
 

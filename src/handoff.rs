@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 use crate::codec;
-use crate::codec::Handoff;
+use crate::codec::{Handoff, SNAPSHOT_BYTES_MAX};
 use crate::consensus::{Command, CommandResponse, Consensus};
 use crate::ledger::{MoveStep, Sent};
 use crate::router::Router;
@@ -31,8 +31,6 @@ const SHARDS_PER_BATCH: usize = 64;
 /// Snapshot bytes per handoff request: a quarter of the transport's default frame limit. A
 /// larger snapshot travels in chunks of this size.
 const BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
-/// The largest snapshot a node accepts for one shard (receivers stage chunks in memory).
-pub(crate) const SNAPSHOT_BYTES_MAX: u64 = 1024 * 1024 * 1024;
 /// Pause before retrying a failed handoff.
 const RETRY: Duration = Duration::from_millis(100);
 /// How long the new owner may take to accept one request of snapshots.

@@ -2,7 +2,7 @@
 //! the cluster survives, what is wrong with the layout, and the nearest layout that is better.
 //!
 //! Pure code: no I/O, no clocks. The `clusterfunk plan` command builds a [`Layout`] from
-//! `--zones a=2,b=2,c=1` or from a running cluster's `nodes` answer ([`Layout::from_nodes`]) and
+//! `--zones a=2,b=2,c=1` or from a running cluster's `nodes` answer ([`NodesReport::layout`](crate::admin::NodesReport::layout)) and
 //! prints [`Plan::of`] it; `add-node` and `remove-node` print the plan of the layout they leave.
 //! This module neither reads nor changes a cluster.
 //!
@@ -43,8 +43,6 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::Serialize;
-
-use crate::admin::NodesReport;
 
 /// The zone that nodes without a zone are counted in.
 pub const NO_ZONE: &str = "-";
@@ -245,28 +243,6 @@ impl Layout {
         }
         layout.validate()?;
         Ok(layout)
-    }
-
-    /// The layout of the members in a `nodes` answer, voters and learners by zone.
-    pub fn from_nodes(report: &NodesReport) -> Result<Layout, LayoutError> {
-        let members = report
-            .nodes
-            .iter()
-            .map(|node| {
-                let role = match node.role.as_str() {
-                    "voter" => Role::Voter,
-                    "learner" => Role::Learner,
-                    other => {
-                        return Err(LayoutError::UnknownRole {
-                            id: node.id,
-                            role: other.to_string(),
-                        })
-                    }
-                };
-                Ok((node.zone.as_deref(), role))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Layout::from_members(members)
     }
 
     /// This layout with learners added per zone, from a spec in the voters' syntax
@@ -1054,7 +1030,7 @@ fn step_on(name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admin::NodeReport;
+    use crate::admin::{NodeReport, NodesReport};
 
     fn layout(spec: &str) -> Layout {
         spec.parse()
@@ -1634,7 +1610,7 @@ mod tests {
                 node(5, None, "learner"),
             ],
         };
-        let layout = Layout::from_nodes(&report).expect("a layout");
+        let layout = report.layout().expect("a layout");
         assert_eq!(layout.to_string(), "a=1,b=1,c=1 (learners: -=1,a=1)");
         let plan = Plan::of(&layout);
         assert!(plan.survives);
@@ -1646,7 +1622,7 @@ mod tests {
         let mut odd = report.clone();
         odd.nodes[0].role = "witness".into();
         assert_eq!(
-            Layout::from_nodes(&odd),
+            odd.layout(),
             Err(LayoutError::UnknownRole {
                 id: 1,
                 role: "witness".into()
@@ -1656,10 +1632,7 @@ mod tests {
             leader: None,
             nodes: vec![node(4, Some("a"), "learner")],
         };
-        assert_eq!(
-            Layout::from_nodes(&learners_only),
-            Err(LayoutError::NoVoters)
-        );
+        assert_eq!(learners_only.layout(), Err(LayoutError::NoVoters));
     }
 
     #[test]

@@ -1060,10 +1060,10 @@ impl<H: ShardHandler> Router<H> {
         if shard >= self.shard_count {
             return Err(format!("shard {shard} is out of range"));
         }
-        if total > crate::handoff::SNAPSHOT_BYTES_MAX {
+        if total > codec::SNAPSHOT_BYTES_MAX {
             return Err(format!(
                 "shard {shard}'s snapshot of {total} bytes is above the {}-byte limit",
-                crate::handoff::SNAPSHOT_BYTES_MAX
+                codec::SNAPSHOT_BYTES_MAX
             ));
         }
         let mut staging = lock(&self.staging);

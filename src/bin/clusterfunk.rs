@@ -464,7 +464,9 @@ fn plan(
                     member.id
                 );
             }
-            Layout::from_nodes(&nodes).map_err(|e| format!("the cluster's members: {e}"))?
+            nodes
+                .layout()
+                .map_err(|e| format!("the cluster's members: {e}"))?
         }
         (None, None) => {
             return Err(ToolError::usage(
