@@ -216,9 +216,26 @@ pub enum StartError {
     /// The metrics endpoint could not start.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
-    /// Raft or the transport failed to start; the message says which.
-    #[error("start-up failed: {0}")]
-    Failed(String),
+    /// The transport (connections to peers, the server) could not start.
+    #[error("the transport could not start: {0}")]
+    Transport(#[from] crate::transport::TransportError),
+    /// Raft could not start on the opened log.
+    #[error("raft could not start: {source}; the log in the data dir may be damaged (see the guide's recovery chapter)")]
+    Raft {
+        /// openraft's error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The initial member list could not be written (bootstrap).
+    #[error(
+        "cannot bootstrap the cluster: {source}; check the initial member list and start again"
+    )]
+    Bootstrap {
+        /// Why.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The thread that opens the data dir ended without an answer.
+    #[error("the storage thread failed: {0}; start again, and report it if it repeats")]
+    StorageThread(#[from] tokio::task::JoinError),
 }
 
 /// Why the metrics endpoint could not start.

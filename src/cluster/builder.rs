@@ -352,14 +352,14 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             ),
         });
         let faults = Some(consensus.transport().faults().clone());
-        let server = serve_with_faults(listener, transport_config, service, faults)
-            .await
-            .map_err(|e| StartError::Failed(e.to_string()))?;
+        let server = serve_with_faults(listener, transport_config, service, faults).await?;
         if let Some(members) = options.initial_members {
             consensus
                 .bootstrap(members)
                 .await
-                .map_err(|e| StartError::Failed(e.to_string()))?;
+                .map_err(|e| StartError::Bootstrap {
+                    source: Box::new(e),
+                })?;
         }
         let undrain_marker = (!options.in_memory_for_tests)
             .then(|| config.data_dir.as_ref().map(|dir| dir.join(UNDRAIN_MARKER)))
@@ -463,8 +463,7 @@ async fn open_raft_log(
         let state_machine = store.state_machine(ClusterApp)?;
         Ok::<_, StartError>((store.log_store(), state_machine, Some(lock)))
     })
-    .await
-    .map_err(|e| StartError::Failed(format!("storage thread: {e}")))?
+    .await?
 }
 
 /// The transport settings every connection of this node uses.
@@ -491,8 +490,7 @@ async fn start_consensus(
 ) -> Result<Consensus, StartError> {
     let raft_config = config.consensus.raft_config(&config.cluster_name)?;
     let applied = state_machine.subscribe();
-    let transport =
-        Transport::new(transport_config.clone()).map_err(|e| StartError::Failed(e.to_string()))?;
+    let transport = Transport::new(transport_config.clone())?;
     let contact = Arc::new(crate::consensus::Contact::default());
     let network = Network::with_contact(transport.clone(), contact.clone());
     let raft = Raft::new(
@@ -503,7 +501,9 @@ async fn start_consensus(
         state_machine,
     )
     .await
-    .map_err(|e| StartError::Failed(format!("raft: {e}")))?;
+    .map_err(|e| StartError::Raft {
+        source: Box::new(e),
+    })?;
     Ok(Consensus::new(
         config.node_id,
         raft,
@@ -531,8 +531,7 @@ fn start_router<H: ShardHandler>(
     let forwarding = Transport::with_faults(
         transport_config.clone(),
         consensus.transport().faults().clone(),
-    )
-    .map_err(|e| StartError::Failed(e.to_string()))?;
+    )?;
     let table = RoutingTable {
         state: Arc::new(ClusterState::default()),
         not_ready: Some(NotReadyReason::Starting),
