@@ -705,7 +705,10 @@ fn classify(
             other => Attempt::Fail(other.into()),
         },
         Ok(_) => Attempt::Fail(
-            Error::Codec(format!("{target} answered with an unexpected message")).into(),
+            Error::Protocol {
+                detail: format!("{target} answered with an unexpected message"),
+            }
+            .into(),
         ),
         Err(error) => Attempt::Fail(error.into()),
     }

@@ -126,6 +126,21 @@ pub enum Error {
     /// compatible message types.
     #[error("codec: {0}; check that sender and receiver use the same message types")]
     Codec(String),
+    /// A peer answered outside the protocol (a reply of the wrong kind): a bug, or releases
+    /// that do not match. Run the same clusterfunk release on every node and client.
+    #[error(
+        "protocol violation: {detail}; run the same clusterfunk release on every node and client"
+    )]
+    Protocol {
+        /// What was wrong.
+        detail: String,
+    },
+    /// An invariant of this node broke (a bug in clusterfunk); the message was not delivered.
+    #[error("internal error: {detail}; this is a bug in clusterfunk: please report it with the node's log")]
+    Internal {
+        /// Which invariant.
+        detail: String,
+    },
     /// The message may or may not have taken effect, and nobody can tell any more: its shard's
     /// owner stopped answering (frozen, cut off, killed) and the shard moved to another node
     /// while the message was in flight, or an `async` handler finished after its node had

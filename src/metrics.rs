@@ -351,6 +351,8 @@ mod tests {
             Error::ShuttingDown,
             Error::OutcomeUnknown { shard: 1 },
             Error::Codec("x".into()),
+            Error::Protocol { detail: "x".into() },
+            Error::Internal { detail: "x".into() },
         ];
         let labels: Vec<_> = errors
             .iter()
@@ -367,6 +369,8 @@ mod tests {
                 "shard_failed",
                 "shutting_down",
                 "outcome_unknown",
+                "error",
+                "error",
                 "error"
             ]
         );

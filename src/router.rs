@@ -558,7 +558,9 @@ impl<H: ShardHandler> Router<H> {
                 Route::Fail(error) => return Err(error),
                 Route::Local => {
                     let Some(m) = msg.take() else {
-                        return Err(Error::Codec("message lost in routing".into()));
+                        return Err(Error::Internal {
+                            detail: "message lost in routing".into(),
+                        });
                     };
                     match self.deliver(shard, key.clone(), m).await {
                         Ok(reply) => return reply,
@@ -578,7 +580,9 @@ impl<H: ShardHandler> Router<H> {
                         });
                     }
                     let Some(m) = msg.as_ref() else {
-                        return Err(Error::Codec("message lost in routing".into()));
+                        return Err(Error::Internal {
+                            detail: "message lost in routing".into(),
+                        });
                     };
                     let payload = match &encoded {
                         Some(bytes) => bytes.clone(),
@@ -690,9 +694,11 @@ impl<H: ShardHandler> Router<H> {
             Ok(answer) => match codec::decode::<Response>(&answer) {
                 Ok(Response::Shard(Ok(reply))) => Forwarded::Reply(reply),
                 Ok(Response::Shard(Err(error))) => Forwarded::Failed(error),
-                Ok(_) => Forwarded::Failed(Error::Codec(
-                    "unexpected answer to a forwarded message".into(),
-                )),
+                Ok(_) => Forwarded::Failed(Error::Protocol {
+                    detail: format!(
+                        "node {owner} answered a forwarded message with another kind of response"
+                    ),
+                }),
                 Err(error) => Forwarded::Failed(error),
             },
             // Never sent: safe to try again once the shard has an owner we can reach.
@@ -830,7 +836,9 @@ impl<H: ShardHandler> Router<H> {
         H: Handles<M>,
     {
         let slot = self.slots.get(shard as usize).ok_or_else(|| {
-            Enqueue::Failed(Error::Codec(format!("shard {shard} is out of range")))
+            Enqueue::Failed(Error::Internal {
+                detail: format!("shard {shard} is out of range"),
+            })
         })?;
         let mut ledger = lock(slot);
         if let Place::Running { actor, handle } = ledger.place() {

@@ -208,7 +208,9 @@ impl ClusterHandle {
             reply
                 .downcast::<M::Reply>()
                 .map(|reply| *reply)
-                .map_err(|_| Error::Codec(format!("reply of `{}` has an unexpected type", M::TAG)))
+                .map_err(|_| Error::Internal {
+                    detail: format!("reply of `{}` has an unexpected type", M::TAG),
+                })
         }
     }
 }
