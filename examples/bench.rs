@@ -115,11 +115,11 @@ use clusterfunk::admin::{
 };
 use clusterfunk::client::Client;
 use clusterfunk::codec;
-use clusterfunk::consensus::NodeInfo;
 use clusterfunk::prelude::*;
 use clusterfunk::tls::certs::{self, NodeSpec};
 use clusterfunk::transport::{Transport, TransportConfig};
 use clusterfunk::wire::{Request, Response};
+use clusterfunk::NodeInfo;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};

@@ -25,9 +25,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use clusterfunk::admin::{resolve_credentials, Credentials};
 use clusterfunk::client::{Client, ClientError};
-use clusterfunk::consensus::NodeInfo;
 use clusterfunk::prelude::*;
 use clusterfunk::GracefulShutdown;
+use clusterfunk::NodeInfo;
 
 // The messages, shared with the tools that talk to kv nodes.
 #[path = "support/kv_api.rs"]
