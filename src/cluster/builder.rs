@@ -373,6 +373,27 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             .map_err(|e| StartError::Failed(format!("storage thread: {e}")))??
         };
         let applied = state_machine.subscribe();
+        // Shards are placed by the zone the membership records: a node that claims another
+        // zone is refused before it joins (the membership in the data dir first; for a new
+        // node, the initial members it bootstraps with). Later changes are checked while it
+        // runs (`follow_consensus`).
+        {
+            let current = applied.borrow();
+            match current.state.members.get(&config.node_id) {
+                Some(member) => config.check_zone(
+                    Some(member.zone.as_deref()),
+                    "the cluster's membership in the data dir",
+                )?,
+                None => config.check_zone(
+                    options
+                        .initial_members
+                        .as_ref()
+                        .and_then(|members| members.get(&config.node_id))
+                        .map(|member| member.zone.as_deref()),
+                    "the initial members",
+                )?,
+            }
+        }
         let transport_config = TransportConfig {
             cluster_name: config.cluster_name.clone(),
             node_id: Some(config.node_id),
@@ -462,6 +483,7 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             Arc::downgrade(&router),
             consensus.clone(),
             stopped.clone(),
+            config.clone(),
         ));
         tokio::spawn(crate::lease_task::keep_lease(
             Arc::downgrade(&router),
