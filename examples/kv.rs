@@ -430,3 +430,125 @@ async fn wait_for_signal() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("kv").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn client_commands_take_several_node_seeds_and_a_cluster_name() {
+        let cli = parse(&[
+            "get",
+            "--node",
+            "127.0.0.1:7101",
+            "--node",
+            "127.0.0.1:7102,127.0.0.1:7103",
+            "--cluster-name",
+            "prod",
+            "some-key",
+        ])
+        .expect("parses");
+        let Command::Get { seeds, key, auth } = cli.command else {
+            panic!("not get")
+        };
+        let ports: Vec<u16> = seeds.nodes.iter().map(SocketAddr::port).collect();
+        assert_eq!(ports, [7101, 7102, 7103]);
+        assert_eq!(key, "some-key");
+        assert_eq!(auth.cluster_name, "prod");
+        for command in ["put", "owner"] {
+            let mut args = vec![command, "--node", "127.0.0.1:1", "--node", "127.0.0.1:2"];
+            args.extend(["k", "v"].iter().take(if command == "put" { 2 } else { 1 }));
+            assert!(parse(&args).is_ok(), "{command}");
+        }
+    }
+
+    #[test]
+    fn missing_node_is_a_usage_error_exit_2() {
+        for args in [
+            &["get", "k"][..],
+            &["put", "k", "v"][..],
+            &["owner", "k"][..],
+        ] {
+            let refused = parse(args).err().expect("no --node");
+            assert_eq!(
+                (refused.kind(), refused.exit_code()),
+                (ErrorKind::MissingRequiredArgument, i32::from(EXIT_USAGE)),
+                "{args:?}"
+            );
+        }
+        let bad = parse(&["get", "--node", "nowhere", "k"]).err().expect("not IP:PORT");
+        assert_eq!(bad.exit_code(), i32::from(EXIT_USAGE));
+    }
+
+    #[test]
+    fn insecure_with_a_secret_is_a_usage_error_exit_2() {
+        for args in [
+            &["get", "--node", "127.0.0.1:1", "k"][..],
+            &["serve", "--id", "1", "--listen", "127.0.0.1:1", "--data-dir", "d"][..],
+        ] {
+            let mut args = args.to_vec();
+            args.extend(["--insecure", "--secret-file", "/nonexistent/secret"]);
+            let refused = run(parse(&args).expect("parses")).expect_err("contradictory");
+            assert_eq!(refused.code, EXIT_USAGE, "{args:?}: {}", refused.message);
+            assert!(
+                refused.message.contains("--insecure cannot be combined"),
+                "{}",
+                refused.message
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_init_list_is_a_usage_error_exit_2() {
+        let args = [
+            "serve",
+            "--id",
+            "1",
+            "--listen",
+            "127.0.0.1:1",
+            "--data-dir",
+            "d",
+            "--insecure",
+            "--init",
+            "1=127.0.0.1:1@",
+        ];
+        let refused = run(parse(&args).expect("parses")).expect_err("an empty zone");
+        assert_eq!(refused.code, EXIT_USAGE, "{}", refused.message);
+        assert!(refused.message.starts_with("--init: "), "{}", refused.message);
+    }
+
+    #[test]
+    fn version_prints_the_package_version() {
+        let shown = parse(&["--version"]).err().expect("clap prints the version");
+        assert_eq!(shown.kind(), ErrorKind::DisplayVersion);
+        assert!(
+            shown.to_string().contains(env!("CARGO_PKG_VERSION")),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn help_lists_every_exit_code() {
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("Exit codes:"), "{help}");
+        for code in [0, EXIT_FAILED, EXIT_USAGE, EXIT_ABSENT, EXIT_NOT_DRAINED] {
+            assert!(help.contains(&format!("\n  {code}  ")), "exit {code}:\n{help}");
+        }
+        // Distinct codes: a drain that did not finish is not bad usage (it used to be 2).
+        let mut codes = [EXIT_FAILED, EXIT_USAGE, EXIT_ABSENT, EXIT_NOT_DRAINED];
+        codes.sort_unstable();
+        codes.windows(2).for_each(|w| assert_ne!(w[0], w[1]));
+    }
+}
