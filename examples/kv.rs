@@ -181,7 +181,12 @@ enum Command {
 struct Seeds {
     /// A node of the cluster, IP:PORT; repeat it (or separate with commas) to give several:
     /// when one is unreachable the next is tried.
-    #[arg(long = "node", value_name = "IP:PORT", required = true, value_delimiter = ',')]
+    #[arg(
+        long = "node",
+        value_name = "IP:PORT",
+        required = true,
+        value_delimiter = ','
+    )]
     nodes: Vec<SocketAddr>,
 }
 
@@ -488,7 +493,9 @@ mod tests {
                 "{args:?}"
             );
         }
-        let bad = parse(&["get", "--node", "nowhere", "k"]).err().expect("not IP:PORT");
+        let bad = parse(&["get", "--node", "nowhere", "k"])
+            .err()
+            .expect("not IP:PORT");
         assert_eq!(bad.exit_code(), i32::from(EXIT_USAGE));
     }
 
@@ -496,7 +503,15 @@ mod tests {
     fn insecure_with_a_secret_is_a_usage_error_exit_2() {
         for args in [
             &["get", "--node", "127.0.0.1:1", "k"][..],
-            &["serve", "--id", "1", "--listen", "127.0.0.1:1", "--data-dir", "d"][..],
+            &[
+                "serve",
+                "--id",
+                "1",
+                "--listen",
+                "127.0.0.1:1",
+                "--data-dir",
+                "d",
+            ][..],
         ] {
             let mut args = args.to_vec();
             args.extend(["--insecure", "--secret-file", "/nonexistent/secret"]);
@@ -526,12 +541,18 @@ mod tests {
         ];
         let refused = run(parse(&args).expect("parses")).expect_err("an empty zone");
         assert_eq!(refused.code, EXIT_USAGE, "{}", refused.message);
-        assert!(refused.message.starts_with("--init: "), "{}", refused.message);
+        assert!(
+            refused.message.starts_with("--init: "),
+            "{}",
+            refused.message
+        );
     }
 
     #[test]
     fn version_prints_the_package_version() {
-        let shown = parse(&["--version"]).err().expect("clap prints the version");
+        let shown = parse(&["--version"])
+            .err()
+            .expect("clap prints the version");
         assert_eq!(shown.kind(), ErrorKind::DisplayVersion);
         assert!(
             shown.to_string().contains(env!("CARGO_PKG_VERSION")),
@@ -544,7 +565,10 @@ mod tests {
         let help = Cli::command().render_long_help().to_string();
         assert!(help.contains("Exit codes:"), "{help}");
         for code in [0, EXIT_FAILED, EXIT_USAGE, EXIT_ABSENT, EXIT_NOT_DRAINED] {
-            assert!(help.contains(&format!("\n  {code}  ")), "exit {code}:\n{help}");
+            assert!(
+                help.contains(&format!("\n  {code}  ")),
+                "exit {code}:\n{help}"
+            );
         }
         // Distinct codes: a drain that did not finish is not bad usage (it used to be 2).
         let mut codes = [EXIT_FAILED, EXIT_USAGE, EXIT_ABSENT, EXIT_NOT_DRAINED];

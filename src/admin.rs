@@ -541,7 +541,9 @@ mod tests {
         }
         let from_env = secret_choice(false, true, true).expect_err("contradictory");
         assert!(
-            from_env.to_string().contains(crate::transport::SECRET_ENV_VAR),
+            from_env
+                .to_string()
+                .contains(crate::transport::SECRET_ENV_VAR),
             "{from_env}"
         );
     }

@@ -127,7 +127,9 @@ fn insecure_with_the_secret_in_the_environment_is_a_usage_error_exit_2() {
         let stderr = String::from_utf8_lossy(&outcome.stderr);
         assert_eq!(outcome.status.code(), Some(2), "{command:?}: {stderr}");
         assert!(
-            stderr.contains("--insecure cannot be combined with a cluster secret (from CLUSTERFUNK_SECRET)"),
+            stderr.contains(
+                "--insecure cannot be combined with a cluster secret (from CLUSTERFUNK_SECRET)"
+            ),
             "{stderr}"
         );
     }
@@ -181,7 +183,9 @@ fn a_node_in_another_zone_than_the_membership_records_refuses_to_serve() {
     assert_eq!(refused.0, 1, "{}", refused.2);
     assert!(
         refused.2.contains("configured with zone `b`")
-            && refused.2.contains("the initial members records it in zone `a`"),
+            && refused
+                .2
+                .contains("the initial members records it in zone `a`"),
         "{}",
         refused.2
     );

@@ -1319,7 +1319,10 @@ mod tests {
         );
         // --node still wins over the environment (clap's rule), and parses as IP:PORT.
         let cli = parse(&["--node", "127.0.0.1:7101", "status"]).expect("parses");
-        assert_eq!(cli.node, Some("127.0.0.1:7101".parse().expect("an address")));
+        assert_eq!(
+            cli.node,
+            Some("127.0.0.1:7101".parse().expect("an address"))
+        );
     }
 
     #[test]
@@ -1356,7 +1359,9 @@ mod tests {
 
     #[test]
     fn version_prints_the_package_version() {
-        let shown = parse(&["--version"]).err().expect("clap prints the version");
+        let shown = parse(&["--version"])
+            .err()
+            .expect("clap prints the version");
         assert_eq!(shown.kind(), ErrorKind::DisplayVersion);
         assert_eq!(shown.exit_code(), 0);
         assert!(
@@ -1370,10 +1375,15 @@ mod tests {
         let help = Cli::command().render_long_help().to_string();
         assert!(help.contains("Exit codes:"), "{help}");
         for code in [0, EXIT_FAILED, EXIT_USAGE, EXIT_LAYOUT_AT_RISK] {
-            assert!(help.contains(&format!("\n  {code}  ")), "exit {code}:\n{help}");
+            assert!(
+                help.contains(&format!("\n  {code}  ")),
+                "exit {code}:\n{help}"
+            );
         }
         // Usage errors from clap itself exit 2, like ours.
-        let unknown = parse(&["status", "--no-such-option"]).err().expect("refused");
+        let unknown = parse(&["status", "--no-such-option"])
+            .err()
+            .expect("refused");
         assert_eq!(unknown.exit_code(), i32::from(EXIT_USAGE));
     }
 

@@ -45,7 +45,11 @@ pub(super) async fn follow_consensus<H: ShardHandler>(
             // `Node::shutdown` stopped raft: nothing to report.
             Err(openraft::error::Fatal::Stopped) => return,
             Err(fatal) => {
-                stop_for_good(&router, &stopped, raft_failed(&consensus, &fatal.to_string()));
+                stop_for_good(
+                    &router,
+                    &stopped,
+                    raft_failed(&consensus, &fatal.to_string()),
+                );
                 return;
             }
         }
@@ -124,7 +128,10 @@ async fn zone_mismatch<H: ShardHandler>(
     let Some(router) = weak.upgrade() else {
         return;
     };
-    let reason = format!("node {} stopped serving for good: {mismatch}", consensus.node_id());
+    let reason = format!(
+        "node {} stopped serving for good: {mismatch}",
+        consensus.node_id()
+    );
     stop_for_good(&router, stopped, reason);
     drop(router);
     if let Err(error) = consensus.raft().shutdown().await {
