@@ -172,7 +172,9 @@ impl<H> ClusterBuilder<H> {
         self
     }
 
-    /// This node's zone. Default: none.
+    /// This node's zone. Default: none. It must match the zone the cluster's membership records
+    /// for this node (see [`NodeConfig::zone`]): the node refuses to start, or stops serving
+    /// for good, when they differ.
     pub fn zone(mut self, zone: impl Into<String>) -> Self {
         self.config.zone = Some(zone.into());
         self
