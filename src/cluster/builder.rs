@@ -375,27 +375,11 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             .map_err(|e| StartError::Failed(format!("storage thread: {e}")))??
         };
         let applied = state_machine.subscribe();
-        // Shards are placed by the zone the membership records: a node that claims another
-        // zone is refused before it joins (the membership in the data dir first; for a new
-        // node, the initial members it bootstraps with). Later changes are checked while it
-        // runs (`follow_consensus`).
-        {
-            let current = applied.borrow();
-            match current.state.members.get(&config.node_id) {
-                Some(member) => config.check_zone(
-                    Some(member.zone.as_deref()),
-                    "the cluster's membership in the data dir",
-                )?,
-                None => config.check_zone(
-                    options
-                        .initial_members
-                        .as_ref()
-                        .and_then(|members| members.get(&config.node_id))
-                        .map(|member| member.zone.as_deref()),
-                    "the initial members",
-                )?,
-            }
-        }
+        check_zone_at_start(
+            &config,
+            &applied.borrow().state,
+            options.initial_members.as_ref(),
+        )?;
         let transport_config = TransportConfig {
             cluster_name: config.cluster_name.clone(),
             node_id: Some(config.node_id),
@@ -525,6 +509,29 @@ impl<H: ShardHandler> ClusterBuilder<H> {
     }
 }
 
+/// Shards are placed by the zone the membership records: a node that claims another zone is
+/// refused before it joins, against the membership applied in its data dir if that lists it,
+/// else against the initial members it bootstraps with. Later changes (and a log not yet
+/// replayed) are checked while it runs (`follow_consensus`).
+fn check_zone_at_start(
+    config: &NodeConfig,
+    applied: &ClusterState,
+    initial_members: Option<&BTreeMap<NodeId, NodeInfo>>,
+) -> Result<(), ConfigError> {
+    match applied.members.get(&config.node_id) {
+        Some(member) => config.check_zone(
+            Some(member.zone.as_deref()),
+            "the cluster's membership in the data dir",
+        ),
+        None => config.check_zone(
+            initial_members
+                .and_then(|members| members.get(&config.node_id))
+                .map(|member| member.zone.as_deref()),
+            "the initial members",
+        ),
+    }
+}
+
 /// The cluster state of a standalone node: one member owning every shard.
 fn standalone_state(node_id: NodeId, shard_count: u32) -> Result<ClusterState, ConfigError> {
     let map =
@@ -624,4 +631,71 @@ fn check_initial_members(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn in_zone(zone: &str) -> NodeConfig {
+        NodeConfig {
+            node_id: 1,
+            zone: Some(zone.to_string()),
+            ..NodeConfig::default()
+        }
+    }
+
+    #[test]
+    fn the_zone_is_checked_against_the_data_dir_before_the_initial_members() {
+        let initial: BTreeMap<NodeId, NodeInfo> =
+            NodeInfo::parse_members("1=127.0.0.1:7001@b").expect("a member list");
+        // A new node: its --init entry is the record.
+        let fresh = ClusterState::default();
+        assert_eq!(
+            check_zone_at_start(&in_zone("b"), &fresh, Some(&initial)),
+            Ok(())
+        );
+        let refused =
+            check_zone_at_start(&in_zone("c"), &fresh, Some(&initial)).expect_err("c is not b");
+        assert!(
+            matches!(
+                refused,
+                ConfigError::ZoneMismatch {
+                    record: "the initial members",
+                    ..
+                }
+            ),
+            "{refused}"
+        );
+        // A data dir that lists the node wins over --init, which it ignores.
+        let mut applied = ClusterState::default();
+        applied.members.insert(
+            1,
+            crate::consensus::MemberRecord {
+                addr: "127.0.0.1:7001".into(),
+                zone: Some("a".into()),
+                voter: true,
+                draining: false,
+                down: false,
+            },
+        );
+        assert_eq!(
+            check_zone_at_start(&in_zone("a"), &applied, Some(&initial)),
+            Ok(())
+        );
+        let refused = check_zone_at_start(&in_zone("b"), &applied, Some(&initial))
+            .expect_err("the data dir says a");
+        assert!(
+            matches!(
+                refused,
+                ConfigError::ZoneMismatch {
+                    record: "the cluster's membership in the data dir",
+                    ..
+                }
+            ),
+            "{refused}"
+        );
+        // Neither lists the node: nothing to compare.
+        assert_eq!(check_zone_at_start(&in_zone("z"), &fresh, None), Ok(()));
+    }
 }
