@@ -1027,7 +1027,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let credentials = resolve_credentials(args.tls_dir.as_deref(), None, args.insecure)?;
+    let credentials = resolve_credentials(args.tls_dir.as_deref(), None, args.insecure)
+        .map_err(|e| e.to_string())?;
     let initial = args
         .init
         .as_deref()

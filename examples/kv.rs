@@ -3,18 +3,25 @@
 //! ```text
 //! kv serve --id N --listen IP:PORT --data-dir DIR [--init ID=IP:PORT[@ZONE],...] [--zone Z] [--shards S]
 //!          [--metrics IP:PORT] [--timing default|fast] [--drain-timeout SECS]
-//! kv put   --node IP:PORT KEY VALUE
-//! kv get   --node IP:PORT KEY          # prints the value; exit 3 when the key is absent
-//! kv owner --node IP:PORT KEY          # one JSON line {"key":..,"shard":S,"node":N,"epoch":E}
+//! kv put   --node IP:PORT [--node IP:PORT ...] KEY VALUE
+//! kv get   --node IP:PORT [--node IP:PORT ...] KEY   # prints the value; exit 3 when absent
+//! kv owner --node IP:PORT [--node IP:PORT ...] KEY   # one JSON line {"key":..,"shard":S,"node":N,"epoch":E}
 //! ```
-//! The cluster secret comes from `CLUSTERFUNK_SECRET` or `--secret-file`; `--insecure` runs
-//! without one. The values live in memory: a shard's data moves with it on planned moves and is
-//! lost when its node crashes.
+//! `put`, `get` and `owner` take several `--node` seeds (repeated, or comma-separated): when
+//! one is unreachable the client asks the next. Every command takes `--cluster-name`. The
+//! cluster secret comes from `CLUSTERFUNK_SECRET` or `--secret-file`; `--insecure` runs without
+//! one and is refused together with a secret. The values live in memory: a shard's data moves
+//! with it on planned moves and is lost when its node crashes.
+//!
+//! Exit codes (also in `--help`): 0 success; 1 the command failed; 2 bad usage; 3 `get`: the key
+//! is absent; 4 `serve`: stopped without handing every shard over. A closed stdout ends the
+//! tool quietly with status 0.
 //!
 //! SIGTERM or Ctrl-C stops a node gracefully: it drains its shards to the other nodes (bounded by
-//! `--drain-timeout`, default 30 s), hands over leadership if it leads, and exits 0 (2 when the
+//! `--drain-timeout`, default 30 s), hands over leadership if it leads, and exits 0 (4 when the
 //! drain did not finish). Started again from the same data dir, it undrains itself once it has
-//! rejoined. `RUST_LOG` filters the log (default `info` with openraft's per-retry lines about unreachable peers off: `clusterfunk::QUIET_OPENRAFT_LOG`).
+//! rejoined. A node whose `--zone` differs from the zone the cluster's membership records for it
+//! refuses to start, or stops serving with that reason (exit 1). `RUST_LOG` filters the log (default `info` with openraft's per-retry lines about unreachable peers off: `clusterfunk::QUIET_OPENRAFT_LOG`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,7 +30,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use clusterfunk::admin::{resolve_credentials, Credentials};
+use clusterfunk::admin::{resolve_credentials, Credentials, CredentialsError};
 use clusterfunk::client::{Client, ClientError};
 use clusterfunk::prelude::*;
 use clusterfunk::GracefulShutdown;
@@ -86,10 +93,33 @@ impl Store {
     }
 }
 
+/// The command failed (an error, or the cluster refused it).
+const EXIT_FAILED: u8 = 1;
+/// Bad usage (clap exits with 2 too).
+const EXIT_USAGE: u8 = 2;
+/// `get`: the key is absent.
+const EXIT_ABSENT: u8 = 3;
+/// `serve`: the node stopped without handing every shard over (the drain did not finish).
+const EXIT_NOT_DRAINED: u8 = 4;
+
+/// The exit codes, as `--help` lists them (kept beside the constants above).
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  success (serve: stopped after handing every shard over)
+  1  the command failed: no node could be reached or it refused, or the node stopped serving
+     (a full disk, a zone that differs from the one the cluster records for it)
+  2  bad usage: an unknown, missing or invalid option (also --insecure together with a
+     cluster secret)
+  3  get: the key is absent
+  4  serve: stopped without handing every shard over (the drain did not finish in time)
+A closed stdout (`kv get ... | head -c1`) ends the tool quietly with status 0.";
+
 #[derive(Parser)]
 #[command(
     name = "kv",
-    about = "A sharded in-memory key-value service on clusterfunk"
+    version,
+    about = "A sharded in-memory key-value service on clusterfunk",
+    after_help = EXIT_CODES_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -121,8 +151,8 @@ enum Command {
     Serve(Serve),
     /// Store VALUE under KEY.
     Put {
-        #[arg(long)]
-        node: SocketAddr,
+        #[command(flatten)]
+        seeds: Seeds,
         key: String,
         value: String,
         #[command(flatten)]
@@ -130,20 +160,87 @@ enum Command {
     },
     /// Print KEY's value; exit 3 when absent.
     Get {
-        #[arg(long)]
-        node: SocketAddr,
+        #[command(flatten)]
+        seeds: Seeds,
         key: String,
         #[command(flatten)]
         auth: Auth,
     },
     /// Print which shard, node and epoch serve KEY, as one JSON line.
     Owner {
-        #[arg(long)]
-        node: SocketAddr,
+        #[command(flatten)]
+        seeds: Seeds,
         key: String,
         #[command(flatten)]
         auth: Auth,
     },
+}
+
+/// The nodes a client command starts from.
+#[derive(Args)]
+struct Seeds {
+    /// A node of the cluster, IP:PORT; repeat it (or separate with commas) to give several:
+    /// when one is unreachable the next is tried.
+    #[arg(
+        long = "node",
+        value_name = "IP:PORT",
+        required = true,
+        value_delimiter = ','
+    )]
+    nodes: Vec<SocketAddr>,
+}
+
+/// Why `kv` stops with a non-zero exit code.
+#[derive(Debug)]
+struct Failure {
+    message: String,
+    code: u8,
+}
+
+impl Failure {
+    fn usage(message: impl Into<String>) -> Failure {
+        Failure {
+            message: message.into(),
+            code: EXIT_USAGE,
+        }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Failure {
+        Failure {
+            message,
+            code: EXIT_FAILED,
+        }
+    }
+}
+
+impl From<CredentialsError> for Failure {
+    fn from(error: CredentialsError) -> Failure {
+        Failure {
+            code: if error.is_usage() {
+                EXIT_USAGE
+            } else {
+                EXIT_FAILED
+            },
+            message: error.to_string(),
+        }
+    }
+}
+
+/// Prints one line to stdout; a closed stdout (a reader that went away) ends the program
+/// quietly with status 0 instead of a panic, another write error with status 1.
+fn print_line(line: &str) -> ExitCode {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: cannot write to stdout: {error}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -155,41 +252,40 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Serve(settings) => serve(settings),
-        Command::Put {
-            node,
-            key,
-            value,
-            auth,
-        } => request(node, &auth, |c| async move {
-            c.send(key, Put { value }).await.map(|()| ExitCode::SUCCESS)
-        }),
-        Command::Get { node, key, auth } => request(node, &auth, |c| async move {
-            Ok(match c.send(key, Get).await? {
-                Some(value) => {
-                    println!("{value}");
-                    ExitCode::SUCCESS
-                }
-                None => ExitCode::from(3),
-            })
-        }),
-        Command::Owner { node, key, auth } => request(node, &auth, |c| async move {
-            let owner = c.send(key, WhoOwns).await?;
-            println!(
-                "{}",
-                serde_json::json!({"key": owner.key, "shard": owner.shard, "node": owner.node, "epoch": owner.epoch})
-            );
-            Ok(ExitCode::SUCCESS)
-        }),
-    };
-    result.unwrap_or_else(|message| {
+    run(cli).unwrap_or_else(|Failure { message, code }| {
         eprintln!("error: {message}");
-        ExitCode::from(1)
+        ExitCode::from(code)
     })
 }
 
-fn request<F, Fut>(node: SocketAddr, auth: &Auth, call: F) -> Result<ExitCode, String>
+fn run(cli: Cli) -> Result<ExitCode, Failure> {
+    match cli.command {
+        Command::Serve(settings) => serve(settings),
+        Command::Put {
+            seeds,
+            key,
+            value,
+            auth,
+        } => request(seeds, &auth, |c| async move {
+            c.send(key, Put { value }).await.map(|()| ExitCode::SUCCESS)
+        }),
+        Command::Get { seeds, key, auth } => request(seeds, &auth, |c| async move {
+            Ok(match c.send(key, Get).await? {
+                Some(value) => print_line(&value),
+                None => ExitCode::from(EXIT_ABSENT),
+            })
+        }),
+        Command::Owner { seeds, key, auth } => request(seeds, &auth, |c| async move {
+            let owner = c.send(key, WhoOwns).await?;
+            Ok(print_line(
+                &serde_json::json!({"key": owner.key, "shard": owner.shard, "node": owner.node, "epoch": owner.epoch})
+                    .to_string(),
+            ))
+        }),
+    }
+}
+
+fn request<F, Fut>(seeds: Seeds, auth: &Auth, call: F) -> Result<ExitCode, Failure>
 where
     F: FnOnce(Client) -> Fut,
     Fut: std::future::Future<Output = Result<ExitCode, ClientError>>,
@@ -202,17 +298,18 @@ where
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| e.to_string())?;
-    runtime.block_on(async {
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let result = runtime.block_on(async {
         let client = Client::with_credentials(
-            [node],
+            seeds.nodes,
             &credentials,
             &auth.cluster_name,
             Duration::from_secs(10),
         )
         .map_err(|e| e.to_string())?;
         call(client).await.map_err(|e| e.to_string())
-    })
+    });
+    Ok(result?)
 }
 
 /// The settings of `kv serve`.
@@ -231,7 +328,9 @@ struct Serve {
     /// data dir already holds a cluster.
     #[arg(long)]
     init: Option<String>,
-    /// This node's zone.
+    /// This node's zone (failure domain). It must match the zone the cluster's membership
+    /// records for this node (`--init ID=IP:PORT@ZONE` or `clusterfunk add-node --zone`): the
+    /// node refuses to start, or stops serving, when they differ.
     #[arg(long)]
     zone: Option<String>,
     /// Shard count of a new cluster.
@@ -257,8 +356,8 @@ struct Serve {
 }
 
 /// Runs a node until SIGTERM or Ctrl-C, then leaves gracefully: exit 0 when every shard was
-/// handed over, 2 when the drain did not finish in time.
-fn serve(settings: Serve) -> Result<ExitCode, String> {
+/// handed over, 4 when the drain did not finish in time.
+fn serve(settings: Serve) -> Result<ExitCode, Failure> {
     let credentials = resolve_credentials(
         settings.auth.tls_dir.as_deref(),
         settings.auth.secret_file.as_deref(),
@@ -268,8 +367,9 @@ fn serve(settings: Serve) -> Result<ExitCode, String> {
         .init
         .as_deref()
         .map(NodeInfo::parse_members)
-        .transpose()?;
-    actix::System::new().block_on(async move {
+        .transpose()
+        .map_err(|e| Failure::usage(format!("--init: {e}")))?;
+    let result = actix::System::new().block_on(async move {
         let mut builder = Cluster::builder()
             .node_id(settings.id)
             .listen(settings.listen)
@@ -314,10 +414,11 @@ fn serve(settings: Serve) -> Result<ExitCode, String> {
                 .await
             {
                 GracefulShutdown::Drained => ExitCode::SUCCESS,
-                _ => ExitCode::from(2),
+                _ => ExitCode::from(EXIT_NOT_DRAINED),
             },
         )
-    })
+    });
+    Ok(result?)
 }
 
 async fn wait_for_signal() {
@@ -332,5 +433,146 @@ async fn wait_for_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("kv").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn client_commands_take_several_node_seeds_and_a_cluster_name() {
+        let cli = parse(&[
+            "get",
+            "--node",
+            "127.0.0.1:7101",
+            "--node",
+            "127.0.0.1:7102,127.0.0.1:7103",
+            "--cluster-name",
+            "prod",
+            "some-key",
+        ])
+        .expect("parses");
+        let Command::Get { seeds, key, auth } = cli.command else {
+            panic!("not get")
+        };
+        let ports: Vec<u16> = seeds.nodes.iter().map(SocketAddr::port).collect();
+        assert_eq!(ports, [7101, 7102, 7103]);
+        assert_eq!(key, "some-key");
+        assert_eq!(auth.cluster_name, "prod");
+        for command in ["put", "owner"] {
+            let mut args = vec![command, "--node", "127.0.0.1:1", "--node", "127.0.0.1:2"];
+            args.extend(["k", "v"].iter().take(if command == "put" { 2 } else { 1 }));
+            assert!(parse(&args).is_ok(), "{command}");
+        }
+    }
+
+    #[test]
+    fn missing_node_is_a_usage_error_exit_2() {
+        for args in [
+            &["get", "k"][..],
+            &["put", "k", "v"][..],
+            &["owner", "k"][..],
+        ] {
+            let refused = parse(args).err().expect("no --node");
+            assert_eq!(
+                (refused.kind(), refused.exit_code()),
+                (ErrorKind::MissingRequiredArgument, i32::from(EXIT_USAGE)),
+                "{args:?}"
+            );
+        }
+        let bad = parse(&["get", "--node", "nowhere", "k"])
+            .err()
+            .expect("not IP:PORT");
+        assert_eq!(bad.exit_code(), i32::from(EXIT_USAGE));
+    }
+
+    #[test]
+    fn insecure_with_a_secret_is_a_usage_error_exit_2() {
+        for args in [
+            &["get", "--node", "127.0.0.1:1", "k"][..],
+            &[
+                "serve",
+                "--id",
+                "1",
+                "--listen",
+                "127.0.0.1:1",
+                "--data-dir",
+                "d",
+            ][..],
+        ] {
+            let mut args = args.to_vec();
+            args.extend(["--insecure", "--secret-file", "/nonexistent/secret"]);
+            let refused = run(parse(&args).expect("parses")).expect_err("contradictory");
+            assert_eq!(refused.code, EXIT_USAGE, "{args:?}: {}", refused.message);
+            assert!(
+                refused.message.contains("--insecure cannot be combined"),
+                "{}",
+                refused.message
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_init_list_is_a_usage_error_exit_2() {
+        let args = [
+            "serve",
+            "--id",
+            "1",
+            "--listen",
+            "127.0.0.1:1",
+            "--data-dir",
+            "d",
+            "--insecure",
+            "--init",
+            "1=127.0.0.1:1@",
+        ];
+        let refused = run(parse(&args).expect("parses")).expect_err("an empty zone");
+        assert_eq!(refused.code, EXIT_USAGE, "{}", refused.message);
+        assert!(
+            refused.message.starts_with("--init: "),
+            "{}",
+            refused.message
+        );
+    }
+
+    #[test]
+    fn version_prints_the_package_version() {
+        let shown = parse(&["--version"])
+            .err()
+            .expect("clap prints the version");
+        assert_eq!(shown.kind(), ErrorKind::DisplayVersion);
+        assert!(
+            shown.to_string().contains(env!("CARGO_PKG_VERSION")),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn help_lists_every_exit_code() {
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("Exit codes:"), "{help}");
+        for code in [0, EXIT_FAILED, EXIT_USAGE, EXIT_ABSENT, EXIT_NOT_DRAINED] {
+            assert!(
+                help.contains(&format!("\n  {code}  ")),
+                "exit {code}:\n{help}"
+            );
+        }
+        // Distinct codes: a drain that did not finish is not bad usage (it used to be 2).
+        let mut codes = [EXIT_FAILED, EXIT_USAGE, EXIT_ABSENT, EXIT_NOT_DRAINED];
+        codes.sort_unstable();
+        codes.windows(2).for_each(|w| assert_ne!(w[0], w[1]));
     }
 }

@@ -205,6 +205,19 @@ pub enum ConfigError {
         /// How to give it.
         hint: &'static str,
     },
+    /// The node's zone differs from the zone the cluster's membership records for it (the zone
+    /// the allocator places its shards by).
+    #[error("node {node} is configured with zone `{configured}` but {record} records it {}: start it with the recorded zone, or remove it (`clusterfunk remove-node --id {node}`) and add it again with `clusterfunk add-node --zone {configured}`", recorded.as_deref().map_or_else(|| "without a zone".to_string(), |zone| format!("in zone `{zone}`")))]
+    ZoneMismatch {
+        /// The node's id.
+        node: NodeId,
+        /// The zone the node was configured with.
+        configured: String,
+        /// The zone the membership records, if any.
+        recorded: Option<String>,
+        /// Which membership: the initial members, or the cluster's applied membership.
+        record: &'static str,
+    },
 }
 
 /// Why a node could not start.

@@ -1,8 +1,10 @@
 //! `clusterfunk`: the operator's command-line tool for a running cluster.
 //!
-//! Every command talks to one node (`--node IP:PORT`); writes are forwarded to the leader.
-//! `--json` prints one JSON object for scripts; otherwise an aligned table. Errors go to stderr
-//! as one line and the exit code is non-zero (1: the command failed, 2: bad usage).
+//! Every command talks to one node (`--node IP:PORT`, or the `CLUSTERFUNK_NODE` environment
+//! variable); writes are forwarded to the leader. `--json` prints one JSON object for scripts;
+//! otherwise an aligned table. Errors go to stderr as one line and the exit code is non-zero
+//! (1: the command failed, 2: bad usage, as `--help` lists). A closed stdout (`| head -1`)
+//! ends the tool quietly with status 0, as other Unix tools do.
 //!
 //! `plan` judges a layout of voters over zones (`--zones a=2,b=2,c=1`, or a running cluster's
 //! with `--from-cluster IP:PORT`): which single-node, single-zone and two-zone failures it
@@ -25,7 +27,8 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Parser, Subcommand};
 use clusterfunk::admin::{
-    resolve_credentials, AdminClient, AdminRequest, AdminResponse, ChangeReport, NodesReport,
+    resolve_credentials, AdminClient, AdminRequest, AdminResponse, ChangeReport, CredentialsError,
+    NodesReport,
 };
 use clusterfunk::plan::{Failure, Layout, Plan, Role};
 use clusterfunk::tls;
@@ -39,11 +42,72 @@ const EXIT_USAGE: u8 = 2;
 /// `plan`: the layout does not survive some single node or single zone failure.
 const EXIT_LAYOUT_AT_RISK: u8 = 3;
 
+/// The environment variable that names the node when `--node` is not given.
+const NODE_ENV_VAR: &str = "CLUSTERFUNK_NODE";
+
+/// The exit codes, as `--help` lists them (kept beside the constants above).
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  success (plan: the layout survives any single node and any single zone failure)
+  1  the command failed: the node refused it, could not be reached, or a file could not be read
+  2  bad usage: an unknown, missing or invalid option (also a missing --node, or --insecure
+     together with a cluster secret)
+  3  plan: the layout does not survive some single node or single zone failure
+A closed stdout (`clusterfunk ... | head -1`) ends the tool quietly with status 0.";
+
+/// Prints one line to stdout like `println!`, except that a closed stdout (`clusterfunk ... |
+/// head -1`) ends the tool quietly with status 0 instead of panicking, and another write error
+/// ends it with a message and status 1.
+macro_rules! out {
+    () => {
+        $crate::write_stdout(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::write_stdout(format_args!($($arg)*))
+    };
+}
+
+#[cfg(not(test))]
+fn write_stdout(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_fmt(line)
+        .and_then(|()| stdout.write_all(b"\n"))
+        .and_then(|()| stdout.flush());
+    if let Err(error) = written {
+        drop(stdout);
+        std::process::exit(i32::from(stdout_failed(&error)));
+    }
+}
+
+/// Unit tests print through the test harness, which captures `println!` (not `io::stdout()`).
+#[cfg(test)]
+fn write_stdout(line: std::fmt::Arguments<'_>) {
+    println!("{line}");
+}
+
+/// The exit status after stdout failed: 0 when the reader went away (a broken pipe), quietly;
+/// otherwise 1, with a message.
+fn stdout_failed(error: &std::io::Error) -> u8 {
+    if error.kind() == std::io::ErrorKind::BrokenPipe {
+        return 0;
+    }
+    eprintln!("error: cannot write to stdout: {error}");
+    EXIT_FAILED
+}
+
 #[derive(Parser)]
-#[command(name = "clusterfunk", version, about = "Operate a clusterfunk cluster")]
+#[command(
+    name = "clusterfunk",
+    version,
+    about = "Operate a clusterfunk cluster",
+    after_help = EXIT_CODES_HELP
+)]
 struct Cli {
-    /// A node of the cluster, IP:PORT.
-    #[arg(long, global = true)]
+    /// A node of the cluster, IP:PORT (required by status, nodes, shards, add-node,
+    /// remove-node, step-down, drain and undrain).
+    #[arg(long, global = true, env = NODE_ENV_VAR)]
     node: Option<SocketAddr>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
@@ -211,6 +275,19 @@ impl From<String> for ToolError {
     }
 }
 
+impl From<CredentialsError> for ToolError {
+    fn from(error: CredentialsError) -> ToolError {
+        ToolError {
+            code: if error.is_usage() {
+                EXIT_USAGE
+            } else {
+                EXIT_FAILED
+            },
+            message: error.to_string(),
+        }
+    }
+}
+
 impl From<&str> for ToolError {
     fn from(message: &str) -> ToolError {
         ToolError::from(message.to_string())
@@ -257,7 +334,7 @@ fn run(cli: Cli) -> Result<ExitCode, ToolError> {
     if let Command::NewSecret = &cli.command {
         let secret = clusterfunk::transport::Secret::generate_hex()
             .map_err(|e| format!("cannot make a secret: {e}"))?;
-        println!("{secret}");
+        out!("{secret}");
         return Ok(ExitCode::SUCCESS);
     }
     if let Command::Certs {
@@ -282,7 +359,11 @@ fn run(cli: Cli) -> Result<ExitCode, ToolError> {
     {
         return plan(&cli, zones.as_ref(), learners.as_deref(), *from_cluster);
     }
-    let node = cli.node.ok_or("--node IP:PORT is required")?;
+    let node = cli.node.ok_or_else(|| {
+        ToolError::usage(format!(
+            "--node IP:PORT is required: name a node of the cluster with --node or the {NODE_ENV_VAR} environment variable"
+        ))
+    })?;
     let credentials = resolve_credentials(
         cli.tls_dir.as_deref(),
         cli.secret_file.as_deref(),
@@ -409,7 +490,7 @@ fn write_certificates(
                 .map(|(path, _)| path.display().to_string())
                 .collect(),
         };
-        println!("{}", json(&report)?);
+        out!("{}", json(&report)?);
     } else {
         let width = written
             .iter()
@@ -417,7 +498,7 @@ fn write_certificates(
             .max()
             .unwrap_or(0);
         for (path, what) in &written {
-            println!("{:width$}  {what}", path.display().to_string());
+            out!("{:width$}  {what}", path.display().to_string());
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -476,7 +557,7 @@ fn plan(
     };
     let plan = Plan::of(&layout);
     if cli.json {
-        println!("{}", json(&plan)?);
+        out!("{}", json(&plan)?);
     } else {
         print_plan(&plan);
     }
@@ -576,7 +657,7 @@ fn tolerance(nodes: usize, zones: usize) -> String {
 
 /// Prints a plan as a table of scenarios, then the verdict, warnings and suggestion.
 fn print_plan(plan: &Plan) {
-    println!(
+    out!(
         "layout {}: {}, {}; a quorum takes {}",
         plan.layout,
         plural(plan.voters, "voter", "voters"),
@@ -597,12 +678,12 @@ fn print_plan(plan: &Plan) {
             })
             .collect(),
     );
-    println!(
+    out!(
         "tolerates: {}",
         tolerance(plan.node_failures_tolerated, plan.zone_failures_tolerated)
     );
     if plan.survives {
-        println!("verdict: survives any single node failure and any single zone failure");
+        out!("verdict: survives any single node failure and any single zone failure");
     } else {
         let lost: Vec<&str> = plan
             .scenarios
@@ -610,16 +691,16 @@ fn print_plan(plan: &Plan) {
             .filter(|s| s.failure != Failure::TwoZones && !s.shards_served)
             .map(|s| s.description.as_str())
             .collect();
-        println!(
+        out!(
             "verdict: AT RISK: losing any one of these leaves shards unserved: {}",
             lost.join(", ")
         );
     }
     for warning in &plan.warnings {
-        println!("warning: {}", warning.message);
+        out!("warning: {}", warning.message);
     }
     if let Some(suggestion) = &plan.suggestion {
-        println!(
+        out!(
             "suggestion: {} (tolerates {}):",
             suggestion.layout,
             tolerance(
@@ -628,7 +709,7 @@ fn print_plan(plan: &Plan) {
             )
         );
         for change in &suggestion.changes {
-            println!("  {change}");
+            out!("  {change}");
         }
     }
 }
@@ -646,7 +727,7 @@ fn print(response: &AdminResponse, plan: Option<&Plan>, json: bool) -> Result<()
     let to_json =
         |value: &dyn erased::Json| value.json().map_err(|e| format!("cannot print JSON: {e}"));
     match response {
-        AdminResponse::Status(status) if json => println!("{}", to_json(status)?),
+        AdminResponse::Status(status) if json => out!("{}", to_json(status)?),
         AdminResponse::Status(s) => {
             let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
             let rows = [
@@ -681,7 +762,7 @@ fn print(response: &AdminResponse, plan: Option<&Plan>, json: bool) -> Result<()
                     .collect(),
             );
         }
-        AdminResponse::Nodes(nodes) if json => println!("{}", to_json(nodes)?),
+        AdminResponse::Nodes(nodes) if json => out!("{}", to_json(nodes)?),
         AdminResponse::Nodes(nodes) => table(
             &["ID", "ADDR", "ZONE", "ROLE", "LEADER", "SHARDS", "STATE"],
             nodes
@@ -706,9 +787,9 @@ fn print(response: &AdminResponse, plan: Option<&Plan>, json: bool) -> Result<()
                 })
                 .collect(),
         ),
-        AdminResponse::Shards(shards) if json => println!("{}", to_json(shards)?),
+        AdminResponse::Shards(shards) if json => out!("{}", to_json(shards)?),
         AdminResponse::Shards(shards) => {
-            println!("epoch {}", shards.epoch);
+            out!("epoch {}", shards.epoch);
             table(
                 &["SHARD", "NODE"],
                 shards
@@ -724,12 +805,12 @@ fn print(response: &AdminResponse, plan: Option<&Plan>, json: bool) -> Result<()
             }
             if json {
                 match plan {
-                    Some(plan) => println!("{}", to_json(&ChangeWithPlan { change, plan })?),
-                    None => println!("{}", to_json(change)?),
+                    Some(plan) => out!("{}", to_json(&ChangeWithPlan { change, plan })?),
+                    None => out!("{}", to_json(change)?),
                 }
             } else {
-                println!("{}", change.message);
-                println!(
+                out!("{}", change.message);
+                out!(
                     "voters: {}; learners: {}; tolerates {} failure(s); leader: {}",
                     join(&change.voters),
                     join(&change.learners),
@@ -737,7 +818,7 @@ fn print(response: &AdminResponse, plan: Option<&Plan>, json: bool) -> Result<()
                     change.leader.map_or("-".to_string(), |l| l.to_string())
                 );
                 if let Some(plan) = plan {
-                    println!();
+                    out!();
                     print_plan(plan);
                 }
             }
@@ -771,7 +852,7 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
             .enumerate()
             .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
             .collect();
-        println!("{}", padded.join("  ").trim_end());
+        out!("{}", padded.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
     for row in rows {
@@ -839,15 +920,15 @@ mod recover {
             .map_err(|e| e.to_string())?;
         if args.json {
             let json = serde_json::to_string(&recovered).map_err(|e| e.to_string())?;
-            println!("{json}");
+            out!("{json}");
         } else {
-            println!(
+            out!(
                 "node {id} recovered: membership entry {} in term {} names voters {}",
                 recovered.index,
                 recovered.term,
                 listed.join(", ")
             );
-            println!(
+            out!(
                 "next: start the node from {} (without --init); once it serves, add fresh nodes with `clusterfunk add-node`",
                 args.data_dir.display()
             );
@@ -858,7 +939,7 @@ mod recover {
     fn show(state: &Inspection, json: bool) -> Result<(), String> {
         if json {
             let json = serde_json::to_string(state).map_err(|e| e.to_string())?;
-            println!("{json}");
+            out!("{json}");
             return Ok(());
         }
         let last = state.last_log.map_or("-".to_string(), |(term, index)| {
@@ -876,13 +957,13 @@ mod recover {
                 format!("{id}={info} ({role})")
             })
             .collect();
-        println!("  last log entry: {last}");
-        println!(
+        out!("  last log entry: {last}");
+        out!(
             "  committed: {}",
             state.committed.map_or("-".to_string(), |c| c.to_string())
         );
-        println!("  vote: term {}", state.vote_term);
-        println!("  membership: {}", members.join(", "));
+        out!("  vote: term {}", state.vote_term);
+        out!("  membership: {}", members.join(", "));
         Ok(())
     }
 }
@@ -1194,6 +1275,126 @@ mod tests {
         assert_eq!(identity.role, tls::Role::Node(3));
         assert_eq!(identity.cluster, "prod");
         assert_eq!(add("prod").expect_err("node 3 exists").0, EXIT_FAILED);
+    }
+
+    #[test]
+    fn missing_node_is_a_usage_error_exit_2() {
+        for command in [
+            "status",
+            "nodes",
+            "shards",
+            "step-down",
+            "drain --id 2",
+            "undrain --id 2",
+            "remove-node --id 2",
+            "add-node --id 4 --addr 127.0.0.1:7004",
+        ] {
+            let args: Vec<&str> = command.split(' ').collect();
+            let Ok(cli) = parse(&args) else {
+                panic!("{command} parses")
+            };
+            // Skipped when the test runs with the variable set: it would name the node.
+            if cli.node.is_some() {
+                return;
+            }
+            let refused = run(cli).expect_err("no node to talk to");
+            assert_eq!(refused.code, EXIT_USAGE, "{command}: {}", refused.message);
+            assert!(
+                refused.message.contains("--node IP:PORT is required")
+                    && refused.message.contains(NODE_ENV_VAR),
+                "{command}: {}",
+                refused.message
+            );
+        }
+    }
+
+    #[test]
+    fn the_node_may_come_from_clusterfunk_node() {
+        let command = Cli::command();
+        let node = command
+            .get_arguments()
+            .find(|arg| arg.get_id() == "node")
+            .expect("a --node option");
+        assert_eq!(
+            node.get_env().and_then(|env| env.to_str()),
+            Some("CLUSTERFUNK_NODE")
+        );
+        // --node still wins over the environment (clap's rule), and parses as IP:PORT.
+        let cli = parse(&["--node", "127.0.0.1:7101", "status"]).expect("parses");
+        assert_eq!(
+            cli.node,
+            Some("127.0.0.1:7101".parse().expect("an address"))
+        );
+    }
+
+    #[test]
+    fn insecure_with_a_secret_is_a_usage_error_exit_2() {
+        let cli = parse(&[
+            "--node",
+            "127.0.0.1:1",
+            "--insecure",
+            "--secret-file",
+            "/nonexistent/secret",
+            "status",
+        ])
+        .expect("parses");
+        let refused = run(cli).expect_err("contradictory credentials");
+        assert_eq!(refused.code, EXIT_USAGE, "{}", refused.message);
+        assert!(
+            refused
+                .message
+                .starts_with("--insecure cannot be combined with a cluster secret"),
+            "{}",
+            refused.message
+        );
+        // A secret file that cannot be read is a failure (1), not bad usage.
+        let cli = parse(&[
+            "--node",
+            "127.0.0.1:1",
+            "--secret-file",
+            "/nonexistent/secret",
+            "status",
+        ])
+        .expect("parses");
+        assert_eq!(run(cli).expect_err("no such file").code, EXIT_FAILED);
+    }
+
+    #[test]
+    fn version_prints_the_package_version() {
+        let shown = parse(&["--version"])
+            .err()
+            .expect("clap prints the version");
+        assert_eq!(shown.kind(), ErrorKind::DisplayVersion);
+        assert_eq!(shown.exit_code(), 0);
+        assert!(
+            shown.to_string().contains(env!("CARGO_PKG_VERSION")),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn help_lists_every_exit_code() {
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("Exit codes:"), "{help}");
+        for code in [0, EXIT_FAILED, EXIT_USAGE, EXIT_LAYOUT_AT_RISK] {
+            assert!(
+                help.contains(&format!("\n  {code}  ")),
+                "exit {code}:\n{help}"
+            );
+        }
+        // Usage errors from clap itself exit 2, like ours.
+        let unknown = parse(&["status", "--no-such-option"])
+            .err()
+            .expect("refused");
+        assert_eq!(unknown.exit_code(), i32::from(EXIT_USAGE));
+    }
+
+    #[test]
+    fn a_closed_stdout_ends_quietly_with_0_other_write_errors_with_1() {
+        let closed = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        assert_eq!(stdout_failed(&closed), 0);
+        let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+        assert_eq!(stdout_failed(&full), EXIT_FAILED);
     }
 
     #[test]

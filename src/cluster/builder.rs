@@ -176,7 +176,9 @@ impl<H> ClusterBuilder<H> {
         self
     }
 
-    /// This node's zone. Default: none.
+    /// This node's zone. Default: none. It must match the zone the cluster's membership records
+    /// for this node (see [`NodeConfig::zone`]): the node refuses to start, or stops serving
+    /// for good, when they differ.
     pub fn zone(mut self, zone: impl Into<String>) -> Self {
         self.config.zone = Some(zone.into());
         self
@@ -322,6 +324,11 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             check_initial_members(members, config.node_id, listen)?;
         }
         let (log_store, state_machine, data_dir_lock) = open_raft_log(&config, &options).await?;
+        check_zone_at_start(
+            &config,
+            &state_machine.subscribe().borrow().state,
+            options.initial_members.as_ref(),
+        )?;
         let transport_config = transport_config(&config, &options);
         let consensus =
             start_consensus(&config, &transport_config, log_store, state_machine).await?;
@@ -562,7 +569,12 @@ fn start_node_tasks<H: ShardHandler>(
 ) {
     let tasks = consensus.tasks();
     let weak = || Arc::downgrade(router);
-    tasks.spawn(follow_consensus(weak(), consensus.clone(), stopped.clone()));
+    tasks.spawn(follow_consensus(
+        weak(),
+        consensus.clone(),
+        stopped.clone(),
+        config.clone(),
+    ));
     tasks.spawn(crate::lease_task::keep_lease(weak(), consensus.clone()));
     tasks.spawn(crate::handoff::hand_off(
         weak(),
@@ -579,6 +591,29 @@ fn start_node_tasks<H: ShardHandler>(
             consensus.clone(),
             marker.clone(),
         ));
+    }
+}
+
+/// Shards are placed by the zone the membership records: a node that claims another zone is
+/// refused before it joins, against the membership applied in its data dir if that lists it,
+/// else against the initial members it bootstraps with. Later changes (and a log not yet
+/// replayed) are checked while it runs (`follow_consensus`).
+fn check_zone_at_start(
+    config: &NodeConfig,
+    applied: &ClusterState,
+    initial_members: Option<&BTreeMap<NodeId, NodeInfo>>,
+) -> Result<(), ConfigError> {
+    match applied.members.get(&config.node_id) {
+        Some(member) => config.check_zone(
+            Some(member.zone.as_deref()),
+            "the cluster's membership in the data dir",
+        ),
+        None => config.check_zone(
+            initial_members
+                .and_then(|members| members.get(&config.node_id))
+                .map(|member| member.zone.as_deref()),
+            "the initial members",
+        ),
     }
 }
 
@@ -681,4 +716,71 @@ fn check_initial_members(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn in_zone(zone: &str) -> NodeConfig {
+        NodeConfig {
+            node_id: 1,
+            zone: Some(zone.to_string()),
+            ..NodeConfig::default()
+        }
+    }
+
+    #[test]
+    fn the_zone_is_checked_against_the_data_dir_before_the_initial_members() {
+        let initial: BTreeMap<NodeId, NodeInfo> =
+            NodeInfo::parse_members("1=127.0.0.1:7001@b").expect("a member list");
+        // A new node: its --init entry is the record.
+        let fresh = ClusterState::default();
+        assert_eq!(
+            check_zone_at_start(&in_zone("b"), &fresh, Some(&initial)),
+            Ok(())
+        );
+        let refused =
+            check_zone_at_start(&in_zone("c"), &fresh, Some(&initial)).expect_err("c is not b");
+        assert!(
+            matches!(
+                refused,
+                ConfigError::ZoneMismatch {
+                    record: "the initial members",
+                    ..
+                }
+            ),
+            "{refused}"
+        );
+        // A data dir that lists the node wins over --init, which it ignores.
+        let mut applied = ClusterState::default();
+        applied.members.insert(
+            1,
+            crate::consensus::MemberRecord {
+                addr: "127.0.0.1:7001".into(),
+                zone: Some("a".into()),
+                voter: true,
+                draining: false,
+                down: false,
+            },
+        );
+        assert_eq!(
+            check_zone_at_start(&in_zone("a"), &applied, Some(&initial)),
+            Ok(())
+        );
+        let refused = check_zone_at_start(&in_zone("b"), &applied, Some(&initial))
+            .expect_err("the data dir says a");
+        assert!(
+            matches!(
+                refused,
+                ConfigError::ZoneMismatch {
+                    record: "the cluster's membership in the data dir",
+                    ..
+                }
+            ),
+            "{refused}"
+        );
+        // Neither lists the node: nothing to compare.
+        assert_eq!(check_zone_at_start(&in_zone("z"), &fresh, None), Ok(()));
+    }
 }

@@ -37,7 +37,11 @@ pub struct NodeConfig {
     /// The directory of the node's LMDB storage (cluster mode). Default: none (required unless
     /// standalone or in-memory for tests).
     pub data_dir: Option<PathBuf>,
-    /// The node's zone (failure domain), if any. Default: none.
+    /// The node's zone (failure domain), if any. Default: none. The shard allocator places
+    /// shards by the zone the cluster's membership records for each node (the initial members'
+    /// `ID=IP:PORT@ZONE`, or `add-node --zone`); a node given a zone here refuses to start, or
+    /// stops serving for good ([`Node::stopped`](crate::Node::stopped)), when the membership
+    /// records another zone for it, or none. Without a zone here, nothing is checked.
     pub zone: Option<String>,
     /// Raft timing and log settings.
     pub consensus: ConsensusConfig,
@@ -142,6 +146,27 @@ impl NodeConfig {
 }
 
 impl NodeConfig {
+    /// Refuses this node's zone when it differs from `recorded`, the zone that the membership
+    /// named by `record` holds for it (`None`: the membership does not list this node, so
+    /// there is nothing to compare). A node configured without a zone makes no claim.
+    pub(crate) fn check_zone(
+        &self,
+        recorded: Option<Option<&str>>,
+        record: &'static str,
+    ) -> Result<(), ConfigError> {
+        match (self.zone.as_deref(), recorded) {
+            (Some(configured), Some(recorded)) if recorded != Some(configured) => {
+                Err(ConfigError::ZoneMismatch {
+                    node: self.node_id,
+                    configured: configured.to_string(),
+                    recorded: recorded.map(str::to_string),
+                    record,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     pub(crate) fn router_limits(&self) -> RouterLimits {
         RouterLimits {
             mailbox_capacity: self.mailbox_capacity,
@@ -150,5 +175,53 @@ impl NodeConfig {
             unavailable_wait: self.unavailable_wait,
             waiting_max: self.waiting_max,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn zoned(zone: Option<&str>) -> NodeConfig {
+        NodeConfig {
+            node_id: 4,
+            zone: zone.map(str::to_string),
+            ..NodeConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_zone_that_differs_from_the_membership_is_refused_with_what_to_do() {
+        let refused = zoned(Some("b"))
+            .check_zone(Some(Some("a")), "the cluster's membership")
+            .expect_err("b is not a");
+        assert_eq!(
+            refused,
+            ConfigError::ZoneMismatch {
+                node: 4,
+                configured: "b".into(),
+                recorded: Some("a".into()),
+                record: "the cluster's membership",
+            }
+        );
+        let message = refused.to_string();
+        assert!(message.contains("zone `b`"), "{message}");
+        assert!(message.contains("in zone `a`"), "{message}");
+        assert!(message.contains("remove-node --id 4"), "{message}");
+        // A membership without a zone for the node differs from a configured zone too.
+        let unzoned = zoned(Some("b"))
+            .check_zone(Some(None), "the initial members")
+            .expect_err("none is not b");
+        assert!(unzoned.to_string().contains("without a zone"), "{unzoned}");
+    }
+
+    #[test]
+    fn a_matching_absent_or_unclaimed_zone_is_accepted() {
+        assert_eq!(zoned(Some("a")).check_zone(Some(Some("a")), "x"), Ok(()));
+        // Not in the membership (yet): nothing to compare.
+        assert_eq!(zoned(Some("a")).check_zone(None, "x"), Ok(()));
+        // No zone configured: the node makes no claim.
+        assert_eq!(zoned(None).check_zone(Some(Some("a")), "x"), Ok(()));
+        assert_eq!(zoned(None).check_zone(Some(None), "x"), Ok(()));
     }
 }

@@ -245,7 +245,8 @@ impl<H: ShardHandler> Node<H> {
     }
 
     /// Resolves when the node has stopped serving for good on its own, with the reason: its raft
-    /// log could not be written (a full disk, an I/O error). From then on it refuses every
+    /// log could not be written (a full disk, an I/O error), or the cluster's membership records
+    /// another zone for it than [`NodeConfig::zone`](crate::NodeConfig::zone). From then on it refuses every
     /// request ([`NotReadyReason::Stopped`](crate::NotReadyReason::Stopped)) and its shards fail over to the other nodes; exit
     /// (after [`shutdown`](Self::shutdown)) with the reason and restart the node once the disk
     /// is fixed. Never resolves on a healthy node or after an ordinary shutdown.

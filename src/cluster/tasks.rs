@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use super::config::NodeConfig;
 use crate::admin::AdminRequest;
 use crate::consensus::Consensus;
 use crate::error::NotReadyReason;
@@ -18,11 +19,14 @@ use metrics::Gauge;
 
 /// Installs every newly applied cluster state in the router, and tracks since when the node has
 /// known no leader (a node without a leader keeps serving while its lease lasts, rule 4; requests
-/// then fail fast instead of waiting once the outage is older than the wait bound).
+/// then fail fast instead of waiting once the outage is older than the wait bound). A node whose
+/// configured zone differs from the zone the membership records for it stops serving for good
+/// ([`zone_mismatch`]).
 pub(super) async fn follow_consensus<H: ShardHandler>(
     weak: Weak<Router<H>>,
     consensus: Consensus,
     stopped: tokio::sync::watch::Sender<Option<String>>,
+    config: NodeConfig,
 ) {
     let mut metrics = consensus.raft().metrics();
     let mut applied = consensus.subscribe();
@@ -41,7 +45,11 @@ pub(super) async fn follow_consensus<H: ShardHandler>(
             // `Node::shutdown` stopped raft: nothing to report.
             Err(openraft::error::Fatal::Stopped) => return,
             Err(fatal) => {
-                stop_for_good(&router, &consensus, &stopped, &fatal.to_string());
+                stop_for_good(
+                    &router,
+                    &stopped,
+                    raft_failed(&consensus, &fatal.to_string()),
+                );
                 return;
             }
         }
@@ -54,6 +62,16 @@ pub(super) async fn follow_consensus<H: ShardHandler>(
         let index = current.last_applied.as_ref().map(|l| l.index);
         if seen != Some((index, leaderless_since.is_some())) {
             seen = Some((index, leaderless_since.is_some()));
+            let recorded = current
+                .state
+                .members
+                .get(&config.node_id)
+                .map(|member| member.zone.as_deref());
+            if let Err(mismatch) = config.check_zone(recorded, "the cluster's membership") {
+                drop(router);
+                zone_mismatch(&weak, &consensus, &stopped, &mismatch).await;
+                return;
+            }
             let state = Arc::new(current.state.clone());
             let not_ready = match state.shard_count {
                 Some(cluster) if cluster != router.shard_count() => {
@@ -80,7 +98,7 @@ pub(super) async fn follow_consensus<H: ShardHandler>(
             changed = metrics.changed() => if changed.is_err() {
                 // The raft task ended without saying why (it panicked), unless it was stopped.
                 if let (Some(router), true) = (weak.upgrade(), metrics.borrow().running_state.is_ok()) {
-                    stop_for_good(&router, &consensus, &stopped, "the raft task ended unexpectedly");
+                    stop_for_good(&router, &stopped, raft_failed(&consensus, "the raft task ended unexpectedly"));
                 }
                 return;
             },
@@ -89,20 +107,47 @@ pub(super) async fn follow_consensus<H: ShardHandler>(
     }
 }
 
-/// Raft stopped on a fatal error (its log could not be written): this node serves nothing
-/// more. Its lease is revoked at once and every request is refused as
-/// [`NotReadyReason::Stopped`]; without renewals the leader marks it down and its shards fail
-/// over. [`Node::stopped`] resolves, so the program can exit.
-pub(super) fn stop_for_good<H: ShardHandler>(
-    router: &Router<H>,
-    consensus: &Consensus,
-    stopped: &tokio::sync::watch::Sender<Option<String>>,
-    cause: &str,
-) {
-    let reason = format!(
+/// Why a node whose raft stopped on a fatal error (its log could not be written) serves no more.
+fn raft_failed(consensus: &Consensus, cause: &str) -> String {
+    format!(
         "node {} stopped serving for good: raft failed ({cause}). A full disk or an I/O error on the data dir is the usual cause: fix it and restart the node; its shards fail over to the other nodes meanwhile",
         consensus.node_id()
+    )
+}
+
+/// The membership records another zone for this node than it was configured with: the
+/// allocator would place shards by a zone the node does not run in. The node stops serving
+/// for good (as [`stop_for_good`]) and stops its raft, so that its lease is no longer renewed
+/// and its shards fail over; [`Node::stopped`](super::Node::stopped) resolves with the reason.
+async fn zone_mismatch<H: ShardHandler>(
+    weak: &Weak<Router<H>>,
+    consensus: &Consensus,
+    stopped: &tokio::sync::watch::Sender<Option<String>>,
+    mismatch: &crate::error::ConfigError,
+) {
+    let Some(router) = weak.upgrade() else {
+        return;
+    };
+    let reason = format!(
+        "node {} stopped serving for good: {mismatch}",
+        consensus.node_id()
     );
+    stop_for_good(&router, stopped, reason);
+    drop(router);
+    if let Err(error) = consensus.raft().shutdown().await {
+        tracing::warn!(%error, "raft did not shut down cleanly after a zone mismatch");
+    }
+}
+
+/// This node serves nothing more, for `reason`: its lease is revoked at once and every
+/// request is refused as [`NotReadyReason::Stopped`]; without renewals the leader marks it
+/// down and its shards fail over. [`Node::stopped`](super::Node::stopped) resolves, so the
+/// program can exit.
+pub(super) fn stop_for_good<H: ShardHandler>(
+    router: &Router<H>,
+    stopped: &tokio::sync::watch::Sender<Option<String>>,
+    reason: String,
+) {
     tracing::error!("{reason}");
     router.stop_for_good();
     stopped.send_replace(Some(reason));
