@@ -902,27 +902,41 @@ fn allocate_ports(name: &str, count: usize) -> Vec<u16> {
     ports
 }
 
-/// The `kv` and `clusterfunk` binaries, checked once per process.
+/// The `kv` and `clusterfunk` binaries, checked once per process. `cargo test` builds the `kv`
+/// example as a test harness (its unit tests), not as the program these tests start, so the
+/// harness builds the program itself, with the cargo and profile that built this test (a no-op
+/// when it is up to date; cargo's own lock orders it with any other build).
 fn binaries() -> (PathBuf, PathBuf) {
     static BINARIES: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     BINARIES
         .get_or_init(|| {
             let clusterfunk = PathBuf::from(env!("CARGO_BIN_EXE_clusterfunk"));
-            let kv = clusterfunk
+            let profile_dir = clusterfunk
                 .parent()
-                .expect("the binary lives in a directory")
-                .join("examples")
-                .join("kv");
+                .expect("the binary lives in a directory");
+            let kv = profile_dir.join("examples").join("kv");
+            let mut build = Command::new(env!("CARGO"));
+            build
+                .args(["build", "--quiet", "--example", "kv", "--manifest-path"])
+                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"));
+            if profile_dir.file_name().is_some_and(|name| name == "release") {
+                build.arg("--release");
+            }
+            let status = build
+                .status()
+                .unwrap_or_else(|e| panic!("cannot run cargo to build the kv example: {e}"));
+            assert!(
+                status.success(),
+                "`cargo build --example kv` failed ({status}): fix the build, then run the tests again"
+            );
             assert!(
                 kv.is_file(),
-                "{} is missing: run `cargo build --examples` (`cargo test --test NAME` builds \
-                 the tests and binaries but not the examples)",
+                "{} is missing after `cargo build --example kv`",
                 kv.display()
             );
             if let Some(source) = stale_source(&kv) {
                 panic!(
-                    "{} is older than its source {}: run `cargo build --examples` \
-                     (`cargo test --test NAME` does not rebuild the examples)",
+                    "{} is older than its source {}: run `cargo build --examples`",
                     kv.display(),
                     source.display()
                 );
