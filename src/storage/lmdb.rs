@@ -1,16 +1,20 @@
-//! The LMDB environment and the storage thread that owns its write side.
+//! The LMDB environment and the storage actor that owns its write side.
 //!
 //! One [`Lmdb`] exists per data dir. It holds the heed environment, the three named databases,
-//! the sender half of the storage thread's job queue, and two small in-memory tables that let
+//! the sender half of the storage actor's job queue, and two small in-memory tables that let
 //! callers see writes that are queued but not yet committed (see [`Unflushed`] and
 //! [`CommittedSlot`]).
 //!
-//! # Why a dedicated thread, not `spawn_blocking`
+//! # Why an actor on a dedicated thread, not `spawn_blocking`
+//!
+//! The writer is the design card's storage actor ([`StorageActor`]): an actix actor alone on a
+//! thread named `clusterfunk-storage`, in an actix system of its own. Its mailbox is the job
+//! queue, read as a stream of ready chunks.
 //!
 //! - Raft requires writes to land in the order they were issued (an append must not overtake the
 //!   truncate before it). One thread draining one FIFO queue gives that order for free; separate
 //!   `spawn_blocking` calls would race for LMDB's write lock in any order.
-//! - The thread batches whatever jobs are queued into one write transaction, so writes that
+//! - The actor batches whatever jobs are queued into one write transaction, so writes that
 //!   queue up share one fsync (group commit). openraft 0.9 waits for each append's flush before
 //!   its next step, so today that mostly merges snapshot and vote writes with appends; a
 //!   pipelining openraft (0.10 calls `append` again before the previous flush) gains from it
@@ -39,6 +43,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
+use actix::{Actor, AsyncContext, Context, StreamHandler};
+use futures_util::StreamExt;
 use heed::byteorder::BigEndian;
 use heed::types::{Bytes, Str, U64};
 use heed::{Database, Env, EnvFlags, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
@@ -470,7 +476,7 @@ impl Writer {
         let (sender, receiver) = mpsc::channel(WRITE_QUEUE_JOBS_MAX);
         let thread = std::thread::Builder::new()
             .name(WRITER_THREAD_NAME.to_owned())
-            .spawn(move || run_writer(&env, dbs, &committed, receiver))
+            .spawn(move || run_storage_actor(env, dbs, committed, receiver))
             .map_err(|source| StorageError::SpawnThread {
                 source: Arc::new(source),
             })?;
@@ -500,47 +506,88 @@ impl Writer {
     }
 }
 
-/// The storage thread's loop: take every queued job (up to `BATCH_JOBS_MAX`), apply them in
-/// order in one write transaction, commit, then tell each job how it went.
-fn run_writer(
-    env: &Env<WithoutTls>,
+/// The storage actor: the one owner of LMDB's write side. It runs on a thread of its own, in an
+/// actix system of its own (so it works whatever runtime the store's users run on, and heed's
+/// write transaction, which is not `Send`, never leaves its thread). Its input is the job queue
+/// read as a stream of ready chunks: every job already queued (up to `BATCH_JOBS_MAX`) lands in
+/// one write transaction, in order — the group commit. When every store handle is gone the
+/// stream ends, the actor writes the newest committed log id if no batch carried it yet, stops,
+/// and its thread ends.
+struct StorageActor {
+    env: Env<WithoutTls>,
     dbs: Databases,
-    committed: &Mutex<CommittedSlot>,
-    mut receiver: mpsc::Receiver<WriteJob>,
-) {
-    // After one failed batch every later job fails too: raft forbids applying a later write when
-    // an earlier one is lost (it would leave a hole in the log or reorder vote and log).
-    let mut failure: Option<StorageError> = None;
-    let mut batch = Vec::with_capacity(BATCH_JOBS_MAX);
-    while let Some(job) = receiver.blocking_recv() {
-        batch.push(job);
-        while batch.len() < BATCH_JOBS_MAX {
-            match receiver.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+    committed: Arc<Mutex<CommittedSlot>>,
+    /// After one failed batch every later job fails too: raft forbids applying a later write
+    /// when an earlier one is lost (it would leave a hole in the log or reorder vote and log).
+    failure: Option<StorageError>,
+    /// Told when the actor stopped, so the thread's system can end.
+    stopped: Option<oneshot::Sender<()>>,
+}
+
+impl Actor for StorageActor {
+    type Context = Context<Self>;
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        if self.failure.is_none() && lock(&self.committed).unwritten().is_some() {
+            if let Err(error) = commit_batch(&self.env, self.dbs, &self.committed, &[]) {
+                tracing::warn!(%error, "could not save the committed log id at close; it is re-learned from the leader");
             }
         }
-        let result = match &failure {
+        tracing::debug!("storage actor stopping: all store handles dropped");
+        if let Some(stopped) = self.stopped.take() {
+            let _ = stopped.send(());
+        }
+    }
+}
+
+impl StreamHandler<Vec<WriteJob>> for StorageActor {
+    /// Applies one chunk of queued jobs in one transaction, commits, then tells each job how it
+    /// went.
+    fn handle(&mut self, batch: Vec<WriteJob>, _ctx: &mut Self::Context) {
+        let result = match &self.failure {
             Some(cause) => Err(StorageError::Stopped {
                 cause: Box::new(cause.clone()),
             }),
-            None => commit_batch(env, dbs, committed, &batch),
+            None => commit_batch(&self.env, self.dbs, &self.committed, &batch),
         };
-        if let (Err(error), None) = (&result, &failure) {
+        if let (Err(error), None) = (&result, &self.failure) {
             tracing::error!(%error, "storage write failed; refusing all further writes");
-            failure = Some(error.clone());
+            self.failure = Some(error.clone());
         }
-        for job in batch.drain(..) {
+        for job in batch {
             (job.done)(result.clone());
         }
     }
-    // All handles are gone: write the newest committed log id if no batch carried it yet.
-    if failure.is_none() && lock(committed).unwritten().is_some() {
-        if let Err(error) = commit_batch(env, dbs, committed, &[]) {
-            tracing::warn!(%error, "could not save the committed log id at close; it is re-learned from the leader");
-        }
-    }
-    tracing::debug!("storage thread stopping: all store handles dropped");
+}
+
+/// The storage thread: an actix system of its own that runs the [`StorageActor`] until the job
+/// queue closes.
+fn run_storage_actor(
+    env: Env<WithoutTls>,
+    dbs: Databases,
+    committed: Arc<Mutex<CommittedSlot>>,
+    receiver: mpsc::Receiver<WriteJob>,
+) {
+    let system = actix_rt::System::new();
+    system.block_on(async move {
+        let (stopped, done) = oneshot::channel();
+        let jobs = futures_util::stream::unfold(receiver, |mut receiver| async move {
+            receiver.recv().await.map(|job| (job, receiver))
+        })
+        .ready_chunks(BATCH_JOBS_MAX);
+        StorageActor::create(move |ctx| {
+            ctx.add_stream(jobs);
+            StorageActor {
+                env,
+                dbs,
+                committed,
+                failure: None,
+                stopped: Some(stopped),
+            }
+        });
+        // The actor stops once the queue closed and its last batch committed.
+        let _ = done.await;
+    });
 }
 
 fn commit_batch(
