@@ -52,16 +52,17 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
 }
 
 /// An opaque snapshot of a shard's state, handed from the old owner of a shard to the new one on
-/// a planned move (`on_deactivate` returns it, `on_restore` receives it).
+/// a planned move (`on_deactivate` returns it, `on_restore` receives it). Cloning it is cheap
+/// (the bytes are shared), so the handoff ledger can apply each event to a copy of its state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Handoff {
-    bytes: Vec<u8>,
+    bytes: bytes::Bytes,
 }
 
 impl Handoff {
     /// Encodes `state` with the crate's wire codec.
     pub fn encode<T: Serialize>(state: &T) -> Result<Self, Error> {
-        encode(state).map(|bytes| Handoff { bytes })
+        encode(state).map(Handoff::from_bytes)
     }
 
     /// Decodes the snapshot back into `T`; fails if it was encoded from another type.
@@ -71,7 +72,9 @@ impl Handoff {
 
     /// Wraps raw bytes (for handlers that bring their own format).
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
-        Handoff { bytes }
+        Handoff {
+            bytes: bytes.into(),
+        }
     }
 
     /// The raw bytes of the snapshot.

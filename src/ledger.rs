@@ -24,6 +24,8 @@
 //!
 //! It does not decide the map (consensus does), nor run handler code (shard actors do).
 
+use std::sync::{Mutex, PoisonError};
+
 use crate::codec::Handoff;
 use crate::shard_map::NodeId;
 
@@ -119,8 +121,9 @@ pub(crate) struct ShardView {
     pub(crate) epoch: u64,
 }
 
-/// One shard's place on this node, changed only by the events below.
-#[derive(Debug)]
+/// One shard's place on this node, changed only by the events below, each applied by value
+/// ([`apply`]).
+#[derive(Debug, Clone)]
 pub(crate) struct ShardLedger<A> {
     place: Place<A>,
 }
@@ -313,6 +316,31 @@ impl<A> ShardLedger<A> {
             }
         }
     }
+}
+
+/// Applies one event to `ledger` by value: the event runs on a copy, and the copy replaces the
+/// ledger only once the event completed. An event that panics midway (a bug) unwinds with the
+/// ledger as it was before the event, never half-changed: the shard's state is still where the
+/// ledger says. Copies are cheap: a place holds at most an actor handle and a snapshot, whose
+/// bytes are shared.
+pub(crate) fn apply<A: Clone, R>(
+    ledger: &mut ShardLedger<A>,
+    event: impl FnOnce(&mut ShardLedger<A>) -> R,
+) -> R {
+    let mut next = ledger.clone();
+    let outcome = event(&mut next);
+    *ledger = next;
+    outcome
+}
+
+/// [`apply`] to the ledger behind `slot`. The lock's poisoning is ignored: a panic while it was
+/// held left the ledger at its prior state.
+pub(crate) fn apply_locked<A: Clone, R>(
+    slot: &Mutex<ShardLedger<A>>,
+    event: impl FnOnce(&mut ShardLedger<A>) -> R,
+) -> R {
+    let mut ledger = slot.lock().unwrap_or_else(PoisonError::into_inner);
+    apply(&mut ledger, event)
 }
 
 #[cfg(test)]

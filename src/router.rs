@@ -28,7 +28,7 @@ use crate::codec;
 use crate::codec::Handoff;
 use crate::consensus::ClusterState;
 use crate::error::{Error, NotReadyReason};
-use crate::ledger::{Intake, MoveStep, Place, Sent, ShardLedger, ShardView};
+use crate::ledger::{self, Intake, MoveStep, Place, Sent, ShardLedger, ShardView};
 use crate::metrics::{RequestMetrics, RouteLabel};
 use crate::shard::{
     ClusterHandle, Deactivate, Deliver, Dispatch, HandlerFactory, Handles, Origin, RouteAny,
@@ -139,6 +139,16 @@ impl LeaseGate {
 pub(crate) struct ShardSlot<H: ShardHandler> {
     actor: Addr<ShardActor<H>>,
     queued: Arc<AtomicUsize>,
+}
+
+// By hand: a derive would ask `H: Clone`. Cloning a slot clones a handle, not the actor.
+impl<H: ShardHandler> Clone for ShardSlot<H> {
+    fn clone(&self) -> Self {
+        ShardSlot {
+            actor: self.actor.clone(),
+            queued: self.queued.clone(),
+        }
+    }
 }
 
 /// What to do with a message for a shard, now.
@@ -286,7 +296,7 @@ impl<H: ShardHandler> Router<H> {
                     .is_some_and(|p| p.from == self.node_id),
                 epoch: state.epoch,
             };
-            if let Some(stale) = lock(slot).reconcile(view) {
+            if let Some(stale) = ledger::apply_locked(slot, |l| l.reconcile(view)) {
                 tracing::info!(
                     shard,
                     ?owner,
@@ -849,23 +859,25 @@ impl<H: ShardHandler> Router<H> {
                     shard,
                     "a shard actor stopped without retiring; its state is lost"
                 );
-                ledger.actor_gone(actor);
+                ledger::apply(&mut ledger, |l| l.actor_gone(actor));
             }
         }
         if ledger.running().is_none() {
             let serves = self.serves_now(shard).is_some();
             let number = self.next_actor.fetch_add(1, Ordering::Relaxed);
             let mut started = None;
-            let intake = ledger.request(serves, number, || {
-                let (slot, start) = self.new_shard_actor(shard, number);
-                started = Some(start);
-                slot
+            let intake = ledger::apply(&mut ledger, |l| {
+                l.request(serves, number, || {
+                    let (slot, start) = self.new_shard_actor(shard, number);
+                    started = Some(start);
+                    slot
+                })
             });
             match intake {
                 Intake::Start { restore } => {
                     let start = started.expect("the ledger built the actor's handle to start it");
                     if !start(restore) {
-                        ledger.actor_gone(number);
+                        ledger::apply(&mut ledger, |l| l.actor_gone(number));
                         return Err(Enqueue::Failed(Error::ShuttingDown));
                     }
                 }
@@ -945,7 +957,7 @@ impl<H: ShardHandler> Router<H> {
         if !shown {
             return MoveStep::Wait;
         }
-        match lock(slot).begin_move(to, epoch) {
+        match ledger::apply_locked(slot, |l| l.begin_move(to, epoch)) {
             MoveStep::Retire(running) => {
                 // `do_send`: the retirement waits its turn behind the messages already queued,
                 // and its outcome reaches the ledger however long that takes.
@@ -1004,7 +1016,7 @@ impl<H: ShardHandler> Router<H> {
     pub(crate) fn retired(&self, shard: ShardId, actor: u64, snapshot: Option<Handoff>) {
         let epoch = self.table.load().state.epoch;
         if let Some(slot) = self.slots.get(shard as usize) {
-            if !lock(slot).retired(actor, snapshot, epoch) {
+            if !ledger::apply_locked(slot, |l| l.retired(actor, snapshot, epoch)) {
                 tracing::debug!(shard, actor, "a stale actor retired; its state is not kept");
             }
         }
@@ -1014,7 +1026,7 @@ impl<H: ShardHandler> Router<H> {
     /// The send of `shard`'s snapshot for the move of `epoch` to `to` ended with `outcome`.
     pub(crate) fn sent(&self, shard: ShardId, to: NodeId, epoch: u64, outcome: Sent) {
         if let Some(slot) = self.slots.get(shard as usize) {
-            lock(slot).sent(to, epoch, outcome);
+            ledger::apply_locked(slot, |l| l.sent(to, epoch, outcome));
         }
         // A cancelled move's requests wait for the state to come back.
         self.changes.send_modify(|v| *v += 1);
@@ -1038,7 +1050,7 @@ impl<H: ShardHandler> Router<H> {
             .get(shard as usize)
             .ok_or_else(|| format!("shard {shard} is out of range"))?;
         let mut ledger = lock(slot);
-        if !ledger.received(epoch, handoff) {
+        if !ledger::apply(&mut ledger, |l| l.received(epoch, handoff)) {
             if ledger.running().is_some() {
                 // An actor of an earlier activation still runs here (its stop was not installed
                 // yet): taking the shard now would keep that actor's stale state and drop this
@@ -1120,7 +1132,7 @@ impl<H: ShardHandler> Router<H> {
         let actors: Vec<_> = self
             .slots
             .iter()
-            .filter_map(|slot| lock(slot).shutdown())
+            .filter_map(|slot| ledger::apply_locked(slot, |l| l.shutdown()))
             .collect();
         let deactivations = actors.into_iter().map(|ShardSlot { actor, .. }| {
             let timeout = self.limits.deactivate_timeout;

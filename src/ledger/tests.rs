@@ -673,3 +673,44 @@ proptest! {
         world.settle();
     }
 }
+
+#[test]
+fn an_event_that_panics_midway_leaves_the_ledger_at_its_prior_state() {
+    let slot = Mutex::new(ShardLedger::<u32> {
+        place: Place::Parked {
+            snapshot: snap(42),
+            epoch: 3,
+        },
+    });
+    // The event takes the snapshot into a new actor, then fails (a bug) before it returns.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        apply_locked(&slot, |ledger| {
+            let intake = ledger.request(true, 7, || 1);
+            assert!(matches!(intake, Intake::Start { .. }));
+            panic!("a bug after the state moved");
+        })
+    }));
+    assert!(outcome.is_err(), "the event panicked");
+    // The snapshot is still parked: the half-applied event was thrown away with its copy.
+    let place = slot
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .place()
+        .clone();
+    assert!(
+        matches!(&place, Place::Parked { snapshot, epoch: 3 } if value_of(snapshot) == 42),
+        "{place:?}"
+    );
+    // And the ledger goes on: the next request starts the actor with the snapshot.
+    let intake = apply_locked(&slot, |ledger| ledger.request(true, 8, || 2));
+    assert!(
+        matches!(&intake, Intake::Start { restore } if value_of(restore) == 42),
+        "{intake:?}"
+    );
+    let running = slot
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .running()
+        .copied();
+    assert_eq!(running, Some(2));
+}
