@@ -1,7 +1,8 @@
-//! The node's handoff task (rule 5): hands this node's shards to their next owners on planned
-//! moves (join, drain, remove, undrain).
+//! Handoff rounds (rule 5): hand this node's shards to their next owners on planned moves (join,
+//! drain, remove, undrain). The router actor ([`crate::cluster`]'s `RouterActor`) runs one round
+//! at a time, after every applied state and again shortly after a round that must retry.
 //!
-//! It only drives the router's ledger ([`crate::ledger`]), which knows where each shard's state
+//! A round only drives the router's ledger ([`crate::ledger`]), which knows where each shard's state
 //! is: for each shard pending away from this node it asks the ledger for the next step (retire
 //! the running actor, or send the parked snapshot), waits (bounded) for retiring actors, sends
 //! the snapshots to the new owner — in batches, and a snapshot too large for one request in
@@ -12,7 +13,6 @@
 //! actor has not retired: a slow deactivation delays the move instead of emptying it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Weak;
 use std::time::{Duration, Instant};
 
 use tracing::Instrument;
@@ -32,7 +32,7 @@ const SHARDS_PER_BATCH: usize = 64;
 /// larger snapshot travels in chunks of this size.
 const BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Pause before retrying a failed handoff.
-const RETRY: Duration = Duration::from_millis(100);
+pub(crate) const RETRY: Duration = Duration::from_millis(100);
 /// How long the new owner may take to accept one request of snapshots.
 const HANDOFF_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -82,129 +82,128 @@ impl Transfer {
     }
 }
 
-/// Hands shards over until the router is gone. A move whose snapshots could not be delivered
-/// for `stuck_after` is reported to the leader as stuck ([`Command::MoveStuck`]), which
-/// cancels or re-targets it, instead of being retried forever.
-pub(crate) async fn hand_off<H: ShardHandler>(
-    router: Weak<Router<H>>,
-    consensus: Consensus,
+/// What handoff rounds remember from one round to the next: the errors already logged (so a
+/// stuck move says so once, not every retry) and since when each move (shard, target, epoch)
+/// has failed to deliver without a success. The router actor keeps it and lends it to each
+/// round by value.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct HandoffBook {
+    reported: HashSet<(ShardId, u64)>,
+    undelivered: HashMap<(ShardId, NodeId, u64), Instant>,
+}
+
+/// One handoff round: hands every shard that the applied state moves away from this node to its
+/// next owner, once. Returns whether some move must be tried again ([`RETRY`] later, or at the
+/// next applied state). A move whose snapshots could not be delivered for `stuck_after` is
+/// reported to the leader as stuck ([`Command::MoveStuck`]), which cancels or re-targets it,
+/// instead of being retried forever.
+pub(crate) async fn round<H: ShardHandler>(
+    router: &Router<H>,
+    consensus: &Consensus,
+    book: &mut HandoffBook,
     deactivate_timeout: Duration,
     stuck_after: Duration,
-) {
+) -> bool {
     let me = consensus.node_id();
-    let mut applied = consensus.subscribe();
-    // Errors already logged, so a stuck move says so once, not every retry.
-    let mut reported: HashSet<(ShardId, u64)> = HashSet::new();
-    // Since when each move (shard, target, epoch) has failed to deliver, without a success.
-    let mut undelivered: HashMap<(ShardId, NodeId, u64), Instant> = HashMap::new();
-    loop {
-        let current = applied.borrow_and_update().clone();
-        let state = &current.state;
-        let Some(router) = router.upgrade() else {
-            return;
-        };
-        reported.retain(|(shard, epoch)| {
-            state
-                .pending
-                .get(shard)
-                .is_some_and(|p| p.from == me && p.epoch == *epoch)
-        });
-        undelivered.retain(|(shard, to, epoch), _| {
-            state
-                .pending
-                .get(shard)
-                .is_some_and(|p| p.from == me && p.to == *to && p.epoch == *epoch)
-        });
-        report_stuck(&consensus, me, &mut undelivered, stuck_after).await;
-        let mut groups: BTreeMap<(NodeId, u64), Vec<ShardId>> = BTreeMap::new();
-        for (shard, pending) in state.moving_away(me) {
-            groups
-                .entry((pending.to, pending.epoch))
-                .or_default()
-                .push(shard);
-        }
-        let mut failed = false;
-        for ((to, epoch), shards) in groups {
-            for chunk in shards.chunks(SHARDS_PER_BATCH) {
-                let (ready, stuck, later) =
-                    take_snapshots(&router, chunk, to, epoch, deactivate_timeout).await;
-                failed |= later;
-                for error in stuck {
-                    failed = true;
-                    report(&mut reported, epoch, error);
-                }
-                let (transfers, refused) = transfers(ready);
-                for (shard, error) in refused {
-                    failed = true;
-                    report(&mut reported, epoch, error);
-                    router.sent(shard, to, epoch, Sent::Failed);
-                }
-                for transfer in transfers {
-                    let shards = transfer.shards();
-                    let span =
-                        tracing::info_span!("handoff", from = me, to, epoch, shards = shards.len());
-                    let outcome = async {
-                        if let Err(error) = send(&consensus, me, to, epoch, transfer).await {
-                            tracing::warn!(%error, "handoff failed; keeping the snapshots and retrying");
-                            let now = Instant::now();
-                            for shard in &shards {
-                                undelivered.entry((*shard, to, epoch)).or_insert(now);
-                            }
-                            return Err(());
-                        }
+    let current = consensus.applied();
+    let state = &current.state;
+    let HandoffBook {
+        reported,
+        undelivered,
+    } = book;
+    reported.retain(|(shard, epoch)| {
+        state
+            .pending
+            .get(shard)
+            .is_some_and(|p| p.from == me && p.epoch == *epoch)
+    });
+    undelivered.retain(|(shard, to, epoch), _| {
+        state
+            .pending
+            .get(shard)
+            .is_some_and(|p| p.from == me && p.to == *to && p.epoch == *epoch)
+    });
+    report_stuck(consensus, me, undelivered, stuck_after).await;
+    let mut groups: BTreeMap<(NodeId, u64), Vec<ShardId>> = BTreeMap::new();
+    for (shard, pending) in state.moving_away(me) {
+        groups
+            .entry((pending.to, pending.epoch))
+            .or_default()
+            .push(shard);
+    }
+    let mut failed = false;
+    for ((to, epoch), shards) in groups {
+        for chunk in shards.chunks(SHARDS_PER_BATCH) {
+            let (ready, stuck, later) =
+                take_snapshots(router, chunk, to, epoch, deactivate_timeout).await;
+            failed |= later;
+            for error in stuck {
+                failed = true;
+                report(reported, epoch, error);
+            }
+            let (transfers, refused) = transfers(ready);
+            for (shard, error) in refused {
+                failed = true;
+                report(reported, epoch, error);
+                router.sent(shard, to, epoch, Sent::Failed);
+            }
+            for transfer in transfers {
+                let shards = transfer.shards();
+                let span =
+                    tracing::info_span!("handoff", from = me, to, epoch, shards = shards.len());
+                let outcome = async {
+                    if let Err(error) = send(consensus, me, to, epoch, transfer).await {
+                        tracing::warn!(%error, "handoff failed; keeping the snapshots and retrying");
+                        let now = Instant::now();
                         for shard in &shards {
-                            undelivered.remove(&(*shard, to, epoch));
+                            undelivered.entry((*shard, to, epoch)).or_insert(now);
                         }
-                        let command = Command::Released {
-                            shards: shards.clone(),
-                            epoch,
-                            from: me,
-                        };
-                        match propose(&consensus, command, stuck_after).await {
-                            Ok(CommandResponse::Released { shards, .. }) => {
-                                tracing::info!(released = shards.len(), "shards released");
-                                crate::metrics::handoffs_completed("out", shards.len());
-                                Ok(shards)
-                            }
-                            Ok(_) => {
-                                tracing::info!("moves superseded before their release; retrying");
-                                Ok(Vec::new())
-                            }
-                            Err(error) => {
-                                // It may have committed: the applied map settles it (the
-                                // ledger drops the copy once it shows the shard released).
-                                tracing::warn!(%error, "release not committed; retrying");
-                                Err(())
-                            }
-                        }
+                        return Err(());
                     }
-                    .instrument(span)
-                    .await;
-                    let released = outcome.unwrap_or_else(|()| {
-                        failed = true;
-                        Vec::new()
-                    });
-                    for shard in shards {
-                        let result = if released.contains(&shard) {
-                            Sent::Released
-                        } else {
-                            Sent::Failed
-                        };
-                        router.sent(shard, to, epoch, result);
+                    for shard in &shards {
+                        undelivered.remove(&(*shard, to, epoch));
+                    }
+                    let command = Command::Released {
+                        shards: shards.clone(),
+                        epoch,
+                        from: me,
+                    };
+                    match propose(consensus, command, stuck_after).await {
+                        Ok(CommandResponse::Released { shards, .. }) => {
+                            tracing::info!(released = shards.len(), "shards released");
+                            crate::metrics::handoffs_completed("out", shards.len());
+                            Ok(shards)
+                        }
+                        Ok(_) => {
+                            tracing::info!("moves superseded before their release; retrying");
+                            Ok(Vec::new())
+                        }
+                        Err(error) => {
+                            // It may have committed: the applied map settles it (the
+                            // ledger drops the copy once it shows the shard released).
+                            tracing::warn!(%error, "release not committed; retrying");
+                            Err(())
+                        }
                     }
                 }
+                .instrument(span)
+                .await;
+                let released = outcome.unwrap_or_else(|()| {
+                    failed = true;
+                    Vec::new()
+                });
+                for shard in shards {
+                    let result = if released.contains(&shard) {
+                        Sent::Released
+                    } else {
+                        Sent::Failed
+                    };
+                    router.sent(shard, to, epoch, result);
+                }
             }
-        }
-        drop(router);
-        if failed {
-            tokio::select! {
-                changed = applied.changed() => if changed.is_err() { return },
-                _ = tokio::time::sleep(RETRY) => {}
-            }
-        } else if applied.changed().await.is_err() {
-            return;
         }
     }
+    failed
 }
 
 /// Reports the moves that could not be delivered for `stuck_after` to the leader, which cancels

@@ -9,10 +9,24 @@ use tokio_util::task::TaskTracker;
 
 /// A node's tasks: a cancellation token they all honour and a tracker that knows which still run.
 /// Cheap to clone; clones share the tasks.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(crate) struct NodeTasks {
     tracker: TaskTracker,
     cancel: CancellationToken,
+    /// The runtime the node was started on: tasks spawned from an actor (which runs on an actix
+    /// arbiter) still run there, beside the node's connections.
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+impl Default for NodeTasks {
+    /// A task set on the current tokio runtime (if any).
+    fn default() -> Self {
+        NodeTasks {
+            tracker: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
+        }
+    }
 }
 
 impl NodeTasks {
@@ -22,10 +36,22 @@ impl NodeTasks {
     where
         F: Future<Output = ()> + Send + 'static,
     {
+        drop(self.spawn_with_result(task));
+    }
+
+    /// Like [`spawn`](Self::spawn), on the node's runtime, and returns the task's handle: its
+    /// output, or `None` if the node shut down first.
+    pub(crate) fn spawn_with_result<F>(&self, task: F) -> tokio::task::JoinHandle<Option<F::Output>>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
         let cancel = self.cancel.clone();
-        self.tracker.spawn(async move {
-            cancel.run_until_cancelled(task).await;
-        });
+        let task = async move { cancel.run_until_cancelled(task).await };
+        match &self.runtime {
+            Some(runtime) => self.tracker.spawn_on(task, runtime),
+            None => self.tracker.spawn(task),
+        }
     }
 
     /// Cancels every task and waits until each has ended.

@@ -11,7 +11,8 @@ use actix_rt::{Arbiter, ArbiterHandle, System};
 
 use super::config::NodeConfig;
 use super::node::{Node, NodeInner};
-use super::tasks::{follow_consensus, sample_metrics, undrain_after_restart, UNDRAIN_MARKER};
+use super::router_actor::{RouterActor, RouterActorHandle, RouterActorParts};
+use super::tasks::{sample_metrics, UNDRAIN_MARKER};
 use crate::consensus::network::Network;
 use crate::consensus::{
     ClusterApp, ClusterState, Consensus, ConsensusConfig, NodeInfo, Raft, TypeConfig,
@@ -301,6 +302,7 @@ impl<H: ShardHandler> ClusterBuilder<H> {
                 router,
                 system,
                 consensus: None,
+                router_actor: Mutex::new(None),
                 server: Mutex::new(None),
                 undrain_marker: None,
                 data_dir_lock: Mutex::new(None),
@@ -346,7 +348,7 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             &config,
             &transport_config,
             &consensus,
-            arbiter,
+            arbiter.clone(),
             factory,
             self.observer,
         )?;
@@ -372,10 +374,11 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             .then(|| config.data_dir.as_ref().map(|dir| dir.join(UNDRAIN_MARKER)))
             .flatten();
         let (stopped, _) = tokio::sync::watch::channel(None);
-        start_node_tasks(
+        let router_actor = start_node_tasks(
             &config,
             &router,
             &consensus,
+            &arbiter,
             &stopped,
             undrain_marker.as_ref(),
         );
@@ -385,6 +388,7 @@ impl<H: ShardHandler> ClusterBuilder<H> {
                 router,
                 system,
                 consensus: Some(consensus),
+                router_actor: Mutex::new(Some(router_actor)),
                 server: Mutex::new(Some(server)),
                 undrain_marker,
                 data_dir_lock: Mutex::new(data_dir_lock),
@@ -557,41 +561,35 @@ fn start_router<H: ShardHandler>(
     }))
 }
 
-/// The node's long-lived tasks, each owned by the node's task set (ended by its shutdown):
-/// following consensus, renewing the lease, handing shards off, sampling metrics (with an
-/// endpoint), and undraining after a graceful shutdown's restart (when its marker is there).
+/// The node's parts that run on their own: the router actor (following consensus, handing
+/// shards off, undraining after a graceful shutdown's restart when its marker is there) on the
+/// node's arbiter, and the node's tasks (renewing the lease, sampling metrics with an endpoint),
+/// all ended by the node's shutdown.
 fn start_node_tasks<H: ShardHandler>(
     config: &NodeConfig,
     router: &Arc<Router<H>>,
     consensus: &Consensus,
+    arbiter: &ArbiterHandle,
     stopped: &tokio::sync::watch::Sender<Option<String>>,
     undrain_marker: Option<&PathBuf>,
-) {
+) -> RouterActorHandle<H> {
     let tasks = consensus.tasks();
     let weak = || Arc::downgrade(router);
-    tasks.spawn(follow_consensus(
-        weak(),
-        consensus.clone(),
-        stopped.clone(),
-        config.clone(),
-    ));
     tasks.spawn(crate::lease_task::keep_lease(weak(), consensus.clone()));
-    tasks.spawn(crate::handoff::hand_off(
-        weak(),
-        consensus.clone(),
-        config.deactivate_timeout,
-        config.lease.lease * STUCK_MOVE_LEASES,
-    ));
     if crate::metrics::enabled() {
         tasks.spawn(sample_metrics(weak(), consensus.clone()));
     }
-    if let Some(marker) = undrain_marker.filter(|m| m.exists()) {
-        tasks.spawn(undrain_after_restart(
-            weak(),
-            consensus.clone(),
-            marker.clone(),
-        ));
-    }
+    RouterActor::start(
+        arbiter,
+        RouterActorParts {
+            router: weak(),
+            consensus: consensus.clone(),
+            config: config.clone(),
+            stopped: stopped.clone(),
+            undrain_marker: undrain_marker.filter(|m| m.exists()).cloned(),
+            stuck_after: config.lease.lease * STUCK_MOVE_LEASES,
+        },
+    )
 }
 
 /// Shards are placed by the zone the membership records: a node that claims another zone is

@@ -7,6 +7,7 @@
 mod builder;
 mod config;
 mod node;
+mod router_actor;
 mod tasks;
 
 pub use builder::{Cluster, ClusterBuilder};

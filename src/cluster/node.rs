@@ -18,10 +18,15 @@ use crate::shard_map::{Epoch, Key, NodeId, ShardId};
 use crate::storage::DataDirLock;
 use crate::transport::ServerHandle;
 
+use super::router_actor::RouterActorHandle;
+
 pub(super) struct NodeInner<H: ShardHandler> {
     pub(super) router: Arc<Router<H>>,
     pub(super) system: Option<System>,
     pub(super) consensus: Option<Consensus>,
+    /// The router actor, owner of the node's rebalancing (clustered nodes only); taken by
+    /// `shutdown`.
+    pub(super) router_actor: Mutex<Option<RouterActorHandle<H>>>,
     pub(super) server: Mutex<Option<ServerHandle>>,
     /// The file that says "drained by a graceful shutdown: undrain on restart" (persistent
     /// nodes only).
@@ -279,7 +284,17 @@ impl<H: ShardHandler> Node<H> {
     /// Stops taking messages, runs `on_deactivate` on every active shard and stops them. Sends
     /// after this fail with [`Error::ShuttingDown`].
     pub async fn shutdown(&self) {
-        // The node's tasks first (they use the router and raft), each awaited until it ended.
+        // The router actor first, then the node's tasks (they use the router and raft), each
+        // awaited until it ended.
+        let router_actor = self
+            .inner
+            .router_actor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(router_actor) = router_actor {
+            router_actor.stop().await;
+        }
         if let Some(consensus) = &self.inner.consensus {
             consensus.tasks().shutdown().await;
         }

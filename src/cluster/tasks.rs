@@ -1,8 +1,8 @@
-//! The node's long-lived tasks: following consensus, undraining after a restart, sampling metrics.
+//! The steps the router actor takes (following consensus, undraining after a restart) and the
+//! node's metrics sampler task.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::config::NodeConfig;
 use crate::admin::AdminRequest;
@@ -17,94 +17,111 @@ use crate::router::{Router, RoutingTable};
 use crate::shard::ShardHandler;
 use metrics::Gauge;
 
-/// Installs every newly applied cluster state in the router, and tracks since when the node has
-/// known no leader (a node without a leader keeps serving while its lease lasts, rule 4; requests
-/// then fail fast instead of waiting once the outage is older than the wait bound). A node whose
-/// configured zone differs from the zone the membership records for it stops serving for good
-/// ([`zone_mismatch`]).
-pub(super) async fn follow_consensus<H: ShardHandler>(
-    weak: Weak<Router<H>>,
-    consensus: Consensus,
-    stopped: tokio::sync::watch::Sender<Option<String>>,
-    config: NodeConfig,
-) {
-    let mut metrics = consensus.raft().metrics();
-    let mut applied = consensus.subscribe();
-    let mut seen: Option<(Option<u64>, bool)> = None;
-    let mut leaderless_since = Some(Instant::now());
-    loop {
-        let Some(router) = weak.upgrade() else {
-            return;
-        };
+/// Follows consensus for the router actor: installs every newly applied cluster state in the
+/// router, and tracks since when the node has known no leader (a node without a leader keeps
+/// serving while its lease lasts, rule 4; requests then fail fast instead of waiting once the
+/// outage is older than the wait bound).
+#[derive(Debug)]
+pub(super) struct Follower {
+    /// The applied index and leaderlessness last installed.
+    seen: Option<(Option<u64>, bool)>,
+    leaderless_since: Option<Instant>,
+}
+
+/// What following consensus found.
+#[derive(Debug)]
+pub(super) enum Followed {
+    /// The router's table is current.
+    Current,
+    /// `Node::shutdown` stopped raft: nothing more to follow.
+    RaftStopped,
+    /// Raft stopped on a fatal error: the node must stop serving for good, for this reason.
+    RaftFailed(String),
+    /// The membership records another zone for this node than it was configured with.
+    ZoneMismatch(crate::error::ConfigError),
+}
+
+impl Follower {
+    /// A follower that has installed nothing yet and knows no leader.
+    pub(super) fn new() -> Self {
+        Follower {
+            seen: None,
+            leaderless_since: Some(Instant::now()),
+        }
+    }
+
+    /// Installs the table again at the next step even if nothing changed (after the router
+    /// actor restarted).
+    pub(super) fn forget(&mut self) {
+        self.seen = None;
+    }
+
+    /// One step: reads raft's metrics and the applied state, and installs a new routing table
+    /// when either changed what the router must know.
+    pub(super) fn step<H: ShardHandler>(
+        &mut self,
+        router: &Router<H>,
+        consensus: &Consensus,
+        config: &NodeConfig,
+    ) -> Followed {
         let (leader, running) = {
-            let current = metrics.borrow_and_update();
+            let metrics = consensus.raft().metrics();
+            let current = metrics.borrow();
             (current.current_leader, current.running_state.clone())
         };
         match running {
             Ok(()) => {}
-            // `Node::shutdown` stopped raft: nothing to report.
-            Err(openraft::error::Fatal::Stopped) => return,
-            Err(fatal) => {
-                stop_for_good(
-                    &router,
-                    &stopped,
-                    raft_failed(&consensus, &fatal.to_string()),
-                );
-                return;
-            }
+            Err(openraft::error::Fatal::Stopped) => return Followed::RaftStopped,
+            Err(fatal) => return Followed::RaftFailed(raft_failed(consensus, &fatal.to_string())),
         }
-        match (leader, leaderless_since) {
-            (Some(_), _) => leaderless_since = None,
-            (None, None) => leaderless_since = Some(Instant::now()),
+        match (leader, self.leaderless_since) {
+            (Some(_), _) => self.leaderless_since = None,
+            (None, None) => self.leaderless_since = Some(Instant::now()),
             (None, Some(_)) => {}
         }
-        let current = applied.borrow_and_update().clone();
+        let current = consensus.applied();
         let index = current.last_applied.as_ref().map(|l| l.index);
-        if seen != Some((index, leaderless_since.is_some())) {
-            seen = Some((index, leaderless_since.is_some()));
-            let recorded = current
-                .state
-                .members
-                .get(&config.node_id)
-                .map(|member| member.zone.as_deref());
-            if let Err(mismatch) = config.check_zone(recorded, "the cluster's membership") {
-                drop(router);
-                zone_mismatch(&weak, &consensus, &stopped, &mismatch).await;
-                return;
+        let leaderless = self.leaderless_since.is_some();
+        if self.seen == Some((index, leaderless)) {
+            return Followed::Current;
+        }
+        self.seen = Some((index, leaderless));
+        let recorded = current
+            .state
+            .members
+            .get(&config.node_id)
+            .map(|member| member.zone.as_deref());
+        if let Err(mismatch) = config.check_zone(recorded, "the cluster's membership") {
+            return Followed::ZoneMismatch(mismatch);
+        }
+        let state = Arc::new(current.state.clone());
+        let not_ready = match state.shard_count {
+            Some(cluster) if cluster != router.shard_count() => {
+                tracing::error!(
+                    node = router.node_id(),
+                    configured = router.shard_count(),
+                    cluster,
+                    "this node was started with {} shards but the cluster has {cluster}: it answers NotReady until restarted with {cluster}",
+                    router.shard_count()
+                );
+                Some(NotReadyReason::ShardCountMismatch)
             }
-            let state = Arc::new(current.state.clone());
-            let not_ready = match state.shard_count {
-                Some(cluster) if cluster != router.shard_count() => {
-                    tracing::error!(
-                        node = router.node_id(),
-                        configured = router.shard_count(),
-                        cluster,
-                        "this node was started with {} shards but the cluster has {cluster}: it answers NotReady until restarted with {cluster}",
-                        router.shard_count()
-                    );
-                    Some(NotReadyReason::ShardCountMismatch)
-                }
-                _ if state.map.is_none() => Some(NotReadyReason::NoMap),
-                _ => None,
-            };
-            router.set_table(RoutingTable {
-                state,
-                not_ready,
-                leaderless_since,
-            });
-        }
-        drop(router);
-        tokio::select! {
-            changed = metrics.changed() => if changed.is_err() {
-                // The raft task ended without saying why (it panicked), unless it was stopped.
-                if let (Some(router), true) = (weak.upgrade(), metrics.borrow().running_state.is_ok()) {
-                    stop_for_good(&router, &stopped, raft_failed(&consensus, "the raft task ended unexpectedly"));
-                }
-                return;
-            },
-            changed = applied.changed() => if changed.is_err() { return },
-        }
+            _ if state.map.is_none() => Some(NotReadyReason::NoMap),
+            _ => None,
+        };
+        router.set_table(RoutingTable {
+            state,
+            not_ready,
+            leaderless_since: self.leaderless_since,
+        });
+        Followed::Current
     }
+}
+
+/// The raft task ended without saying why (it panicked), unless it was stopped.
+pub(super) fn raft_task_ended(consensus: &Consensus) -> Option<String> {
+    let stopped = consensus.raft().metrics().borrow().running_state.is_err();
+    (!stopped).then(|| raft_failed(consensus, "the raft task ended unexpectedly"))
 }
 
 /// Why a node whose raft stopped on a fatal error (its log could not be written) serves no more.
@@ -119,24 +136,23 @@ fn raft_failed(consensus: &Consensus, cause: &str) -> String {
 /// allocator would place shards by a zone the node does not run in. The node stops serving
 /// for good (as [`stop_for_good`]) and stops its raft, so that its lease is no longer renewed
 /// and its shards fail over; [`Node::stopped`](super::Node::stopped) resolves with the reason.
-async fn zone_mismatch<H: ShardHandler>(
-    weak: &Weak<Router<H>>,
-    consensus: &Consensus,
-    stopped: &tokio::sync::watch::Sender<Option<String>>,
-    mismatch: &crate::error::ConfigError,
-) {
-    let Some(router) = weak.upgrade() else {
-        return;
-    };
-    let reason = format!(
-        "node {} stopped serving for good: {mismatch}",
-        consensus.node_id()
-    );
-    stop_for_good(&router, stopped, reason);
-    drop(router);
+pub(super) async fn zone_mismatch(consensus: Consensus, mismatch: crate::error::ConfigError) {
+    // The router already stopped serving (`stop_for_good`): only raft is left to stop.
+    tracing::debug!(%mismatch, "stopping raft after a zone mismatch");
     if let Err(error) = consensus.raft().shutdown().await {
         tracing::warn!(%error, "raft did not shut down cleanly after a zone mismatch");
     }
+}
+
+/// The reason a node with a zone mismatch gives for stopping.
+pub(super) fn zone_mismatch_reason(
+    consensus: &Consensus,
+    mismatch: &crate::error::ConfigError,
+) -> String {
+    format!(
+        "node {} stopped serving for good: {mismatch}",
+        consensus.node_id()
+    )
 }
 
 /// This node serves nothing more, for `reason`: its lease is revoked at once and every
@@ -156,63 +172,64 @@ pub(super) fn stop_for_good<H: ShardHandler>(
 /// The file in the data dir that marks a node drained by its own graceful shutdown.
 pub(super) const UNDRAIN_MARKER: &str = "drained-by-shutdown";
 
-/// Undrains a node that a graceful shutdown drained, once it has rejoined (it knows a leader and
-/// sees itself as a draining member), then removes the marker. An operator's undrain (or
-/// removal) meanwhile also ends it.
-pub(super) async fn undrain_after_restart<H: ShardHandler>(
-    router: Weak<Router<H>>,
-    consensus: Consensus,
-    marker: PathBuf,
-) {
+/// What the undrain after a graceful shutdown's restart does next.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum UndrainStep {
+    /// Not caught up yet (no lease or no leader): look again later.
+    Wait,
+    /// The node rejoined and is still draining: ask the leader to undrain it.
+    Undrain,
+    /// Undrained already (by an operator too), or no longer a member: remove the marker.
+    Done,
+}
+
+/// Where the undrain of a node that a graceful shutdown drained stands: it undrains once the
+/// node has rejoined (it holds a lease, which is granted only for the newest allocation, and
+/// knows a leader) and sees itself as a draining member.
+pub(super) fn undrain_step<H: ShardHandler>(
+    router: &Router<H>,
+    consensus: &Consensus,
+) -> UndrainStep {
     let me = consensus.node_id();
-    let mut applied = consensus.subscribe();
-    let mut metrics = consensus.raft().metrics();
-    loop {
-        let Some(leased) = router.upgrade().map(|r| r.lease_remaining().is_some()) else {
-            return;
-        };
-        // A lease is granted only for the newest allocation: with one the node has caught up.
-        let caught_up = leased && metrics.borrow_and_update().current_leader.is_some();
-        let draining = applied
-            .borrow_and_update()
-            .state
-            .members
-            .get(&me)
-            .map(|m| m.draining);
-        match (caught_up, draining) {
-            (true, Some(false)) | (true, None) => {
-                // Undrained already, or no longer a member: nothing left to do.
-                break;
-            }
-            (true, Some(true)) => {
-                match consensus
-                    .admin(AdminRequest::Undrain { id: me }, false)
-                    .await
-                {
-                    Ok(_) => {
-                        tracing::info!(
-                            node = me,
-                            "rejoined after a graceful shutdown; undrained, shards come back"
-                        );
-                        break;
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "cannot undrain yet; retrying");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        continue;
-                    }
-                }
-            }
-            (false, _) => {}
+    let caught_up = router.lease_remaining().is_some()
+        && consensus.raft().metrics().borrow().current_leader.is_some();
+    let draining = consensus
+        .applied()
+        .state
+        .members
+        .get(&me)
+        .map(|m| m.draining);
+    match (caught_up, draining) {
+        (false, _) => UndrainStep::Wait,
+        (true, Some(true)) => UndrainStep::Undrain,
+        (true, Some(false) | None) => UndrainStep::Done,
+    }
+}
+
+/// Asks the leader to undrain this node; returns whether it did.
+pub(super) async fn undrain(consensus: Consensus) -> bool {
+    let me = consensus.node_id();
+    match consensus
+        .admin(AdminRequest::Undrain { id: me }, false)
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(
+                node = me,
+                "rejoined after a graceful shutdown; undrained, shards come back"
+            );
+            true
         }
-        // Lease renewals are not announced on these channels: look again every so often.
-        tokio::select! {
-            changed = metrics.changed() => if changed.is_err() { return },
-            changed = applied.changed() => if changed.is_err() { return },
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        Err(error) => {
+            tracing::warn!(%error, "cannot undrain yet; retrying");
+            false
         }
     }
-    if let Err(error) = std::fs::remove_file(&marker) {
+}
+
+/// Removes the marker of a graceful shutdown's drain once the node undrained.
+pub(super) fn remove_undrain_marker(marker: &std::path::Path) {
+    if let Err(error) = std::fs::remove_file(marker) {
         tracing::warn!(%error, path = %marker.display(), "cannot remove the shutdown marker");
     }
 }
