@@ -7,7 +7,7 @@
 //! request arrives, the move begins, the actor retired, the snapshot was sent or not, the move
 //! was released, cancelled or re-targeted, a snapshot arrived, the node applied a new map —
 //! moves the place by one rule here, and says what the caller must do (start an actor with a
-//! restore, stop an actor, send a snapshot). The router and the handoff task only carry that
+//! restore, stop an actor, send a snapshot). The router and the router actor only carry that
 //! out; they keep no bookkeeping of their own (openraft's engine is the model: decisions
 //! without I/O, so every transition is unit-tested and random event sequences are
 //! property-tested below).
@@ -88,7 +88,7 @@ pub(crate) enum Intake {
     Elsewhere,
 }
 
-/// What the handoff task does next for a shard moving away.
+/// What a handoff round does next for a shard moving away.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum MoveStep<A> {
     /// Ask this actor to retire; its snapshot comes back through [`ShardLedger::retired`].

@@ -58,7 +58,7 @@
 //!   actor hosting one shard.
 //! - [`router`]: key → shard → local shard actor.
 //! - `ledger` (private): where each shard's state is during planned moves, as a pure state
-//!   machine the router and the handoff task drive.
+//!   machine the router and the router actor drive.
 //! - [`cluster`]: the builder, the [`Node`] handle and [`ClusterHandle`].
 //! - [`consensus`]: openraft replicating the cluster state; the consensus actor.
 //! - [`lease`]: the lease rules (who may serve, when a silent node's shards may move), pure.

@@ -267,7 +267,7 @@ impl<H: ShardHandler> Router<H> {
     }
 
     /// Installs a new routing table and stops the actors of shards this node no longer owns
-    /// (those moving away are the handoff task's).
+    /// (those moving away are the router actor's handoff rounds).
     pub(crate) fn set_table(&self, table: RoutingTable) {
         let state = table.state.clone();
         self.table.store(Arc::new(table));
@@ -940,7 +940,7 @@ impl<H: ShardHandler> Router<H> {
     /// One step of the planned move of `shard` to `to` (allocation `epoch`), for the handoff
     /// task: asks a running actor to retire (its snapshot comes back through
     /// [`retired`](Self::retired)), or hands out the snapshot to send.
-    /// Nothing happens until this router's own table shows the move: the handoff task follows
+    /// Nothing happens until this router's own table shows the move: the router actor's rounds follow
     /// the applied state directly, and a table that lags behind it would still let requests
     /// start the shard here after its state left.
     pub(crate) fn begin_move(&self, shard: ShardId, to: NodeId, epoch: u64) -> MoveStep<()> {

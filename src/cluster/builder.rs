@@ -595,7 +595,7 @@ fn start_node_tasks<H: ShardHandler>(
 /// Shards are placed by the zone the membership records: a node that claims another zone is
 /// refused before it joins, against the membership applied in its data dir if that lists it,
 /// else against the initial members it bootstraps with. Later changes (and a log not yet
-/// replayed) are checked while it runs (`follow_consensus`).
+/// replayed) are checked while it runs (the router actor).
 fn check_zone_at_start(
     config: &NodeConfig,
     applied: &ClusterState,
