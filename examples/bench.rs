@@ -1033,7 +1033,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         .init
         .as_deref()
         .map(NodeInfo::parse_members)
-        .transpose()?;
+        .transpose()
+        .map_err(|e| format!("--init: {e}"))?;
     actix::System::new().block_on(async move {
         let mut builder = Cluster::builder()
             .node_id(args.id)

@@ -59,9 +59,12 @@ pub enum ClientError {
     /// allow it; the reason names the certificate that would.
     #[error("{0}")]
     NotAuthorized(String),
-    /// The client was built without seeds or with a bad configuration.
+    /// The client was built without seeds or with a zero timeout; the message says which.
     #[error("invalid client configuration: {0}")]
     Invalid(String),
+    /// The client's transport settings are invalid (a limit out of range, for example).
+    #[error("invalid client configuration: {0}")]
+    InvalidTransport(#[source] TransportError),
 }
 
 impl ClientError {
@@ -239,7 +242,7 @@ impl Client {
                 "the timeout must be longer than zero".into(),
             ));
         }
-        let transport = Transport::new(config).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        let transport = Transport::new(config).map_err(ClientError::InvalidTransport)?;
         Ok(Client {
             shared: Arc::new(Shared {
                 transport,

@@ -282,12 +282,25 @@ pub enum MetricsError {
         /// The requested address.
         addr: std::net::SocketAddr,
     },
-    /// The exporter could not be built or bound.
-    #[error("cannot serve metrics on {addr}: {reason}; is the port free?")]
+    /// The exporter could not be built or bound, or its thread not started.
+    #[error("cannot serve metrics on {addr}: {source}; is the port free?")]
     Exporter {
         /// The requested address.
         addr: std::net::SocketAddr,
-        /// Why.
-        reason: String,
+        /// Why: the exporter's or the operating system's error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Another metrics recorder is installed in this process already (by the application or a
+    /// library), so the exporter's cannot be.
+    #[error("cannot serve metrics on {addr}: another metrics recorder is installed in this process already; install none yourself, or do not set a metrics address and export the `metrics` crate's values your own way")]
+    RecorderInstalled {
+        /// The requested address.
+        addr: std::net::SocketAddr,
+    },
+    /// The exporter's thread ended before it reported whether the exporter started.
+    #[error("cannot serve metrics on {addr}: the exporter's thread ended before the exporter started; start again, and report it if it repeats")]
+    ExporterThreadEnded {
+        /// The requested address.
+        addr: std::net::SocketAddr,
     },
 }

@@ -24,6 +24,7 @@ use crate::ledger::{MoveStep, Sent};
 use crate::router::Router;
 use crate::shard::ShardHandler;
 use crate::shard_map::{NodeId, ShardId};
+use crate::transport::TransportError;
 use crate::wire::{Request, Response};
 
 /// Shards per handoff request, so a drain's snapshots fit in frames.
@@ -58,13 +59,43 @@ pub(crate) enum HandoffError {
         limit: u64,
     },
     /// The new owner did not take the snapshots.
-    #[error("node {to} did not take the snapshots: {reason}")]
+    #[error("node {to} did not take the snapshots: {source}")]
     NotDelivered {
         /// The new owner.
         to: NodeId,
         /// Why.
+        source: DeliveryError,
+    },
+}
+
+/// Why snapshots did not reach their new owner (the cause of [`HandoffError::NotDelivered`]).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DeliveryError {
+    /// The membership holds no address for the new owner.
+    #[error("no address for node {to}")]
+    NoAddress {
+        /// The new owner.
+        to: NodeId,
+    },
+    /// The request could not be encoded.
+    #[error(transparent)]
+    Encode(crate::error::Error),
+    /// The request did not get an answer: the node is unreachable, the connection broke, or
+    /// the answer did not come within the handoff timeout.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The new owner answered that it did not keep the snapshots.
+    #[error("{reason}")]
+    Refused {
+        /// The new owner's reason, as it sent it.
         reason: String,
     },
+    /// The answer could not be decoded.
+    #[error("undecodable answer to a handoff: {0}")]
+    Undecodable(#[source] crate::error::Error),
+    /// The answer was of another kind than a handoff's.
+    #[error("unexpected answer to a handoff")]
+    Unexpected,
 }
 
 /// One request's worth of snapshots: several small ones, or one large one in chunks.
@@ -396,21 +427,25 @@ async fn send(
                 .collect()
         }
     };
-    let not_delivered = |reason: String| HandoffError::NotDelivered { to, reason };
+    let not_delivered = |source: DeliveryError| HandoffError::NotDelivered { to, source };
     let addr = consensus
         .member_addr(to)
-        .ok_or_else(|| not_delivered(format!("no address for node {to}")))?;
+        .ok_or_else(|| not_delivered(DeliveryError::NoAddress { to }))?;
     for request in requests {
-        let payload = codec::encode(&request).map_err(|e| not_delivered(e.to_string()))?;
+        let payload =
+            codec::encode(&request).map_err(|e| not_delivered(DeliveryError::Encode(e)))?;
         let answer = consensus
             .transport()
             .request_node(to, addr, payload, HANDOFF_TIMEOUT)
             .await
-            .map_err(|e| not_delivered(e.to_string()))?;
+            .map_err(|e| not_delivered(DeliveryError::Transport(e)))?;
         match codec::decode::<Response>(&answer) {
             Ok(Response::HandoffAccepted) => {}
-            Ok(Response::HandoffRefused { reason }) => return Err(not_delivered(reason)),
-            _ => return Err(not_delivered("unexpected answer to a handoff".into())),
+            Ok(Response::HandoffRefused { reason }) => {
+                return Err(not_delivered(DeliveryError::Refused { reason }))
+            }
+            Ok(_) => return Err(not_delivered(DeliveryError::Unexpected)),
+            Err(e) => return Err(not_delivered(DeliveryError::Undecodable(e))),
         }
     }
     Ok(())

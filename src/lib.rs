@@ -105,7 +105,7 @@ pub mod transport;
 pub mod wire;
 
 pub use cluster::{Cluster, ClusterBuilder, GracefulShutdown, Node, NodeConfig, NodeStatus};
-pub use consensus::{ConsensusConfig, NodeInfo};
+pub use consensus::{ConsensusConfig, MemberListError, NodeInfo};
 
 /// Log filter directives that turn off openraft's per-retry lines about an unreachable peer
 /// (a leader retries a dead member every 50 ms and openraft logs an error and warnings each

@@ -109,9 +109,11 @@ pub(crate) fn install(addr: SocketAddr) -> Result<(), MetricsError> {
 /// Starts the Prometheus exporter on a thread of its own and installs its recorder.
 #[cfg(feature = "prometheus")]
 fn serve(addr: SocketAddr) -> Result<(), MetricsError> {
-    let exporter_error = |reason: String| MetricsError::Exporter { addr, reason };
+    let exporter_error = move |source: Box<dyn std::error::Error + Send + Sync>| {
+        MetricsError::Exporter { addr, source }
+    };
     // The exporter binds and serves on a runtime of its own, on its own thread.
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), MetricsError>>();
     std::thread::Builder::new()
         .name("clusterfunk-metrics".into())
         .spawn(move || {
@@ -121,27 +123,26 @@ fn serve(addr: SocketAddr) -> Result<(), MetricsError> {
             {
                 Ok(runtime) => runtime,
                 Err(e) => {
-                    let _ = ready_tx.send(Err(e.to_string()));
+                    let _ = ready_tx.send(Err(exporter_error(Box::new(e))));
                     return;
                 }
             };
             let built = runtime.block_on(async {
                 PrometheusBuilder::new()
                     .with_http_listener(addr)
-                    .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), BUCKETS)
-                    .map_err(|e| e.to_string())?
+                    .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), BUCKETS)?
                     .build()
-                    .map_err(|e| e.to_string())
             });
             let (recorder, exporter) = match built {
                 Ok(parts) => parts,
-                Err(reason) => {
-                    let _ = ready_tx.send(Err(reason));
+                Err(e) => {
+                    let _ = ready_tx.send(Err(exporter_error(Box::new(e))));
                     return;
                 }
             };
-            if let Err(e) = metrics::set_global_recorder(recorder) {
-                let _ = ready_tx.send(Err(e.to_string()));
+            if metrics::set_global_recorder(recorder).is_err() {
+                // The error holds only the recorder that was not installed.
+                let _ = ready_tx.send(Err(MetricsError::RecorderInstalled { addr }));
                 return;
             }
             let _ = ready_tx.send(Ok(()));
@@ -149,11 +150,10 @@ fn serve(addr: SocketAddr) -> Result<(), MetricsError> {
                 tracing::error!(%addr, error = ?e, "metrics endpoint stopped");
             }
         })
-        .map_err(|e| exporter_error(e.to_string()))?;
+        .map_err(|e| exporter_error(Box::new(e)))?;
     ready_rx
         .recv()
-        .map_err(|_| exporter_error("the metrics thread ended".into()))?
-        .map_err(exporter_error)
+        .map_err(|_| MetricsError::ExporterThreadEnded { addr })?
 }
 
 #[cfg(feature = "prometheus")]

@@ -38,8 +38,15 @@ pub enum RecoverError {
     #[error("cannot read the data dir: {0}")]
     Storage(#[from] StorageError),
     /// openraft's storage interface failed.
-    #[error("cannot read the raft state: {0}")]
-    Raft(String),
+    #[error("cannot read or write the raft state: {0}")]
+    Raft(#[source] Box<openraft::StorageError<NodeId>>),
+    /// The thread that reads or writes the data dir failed (panicked).
+    #[error("the storage thread failed: {0}; run the command again, and report it if it repeats")]
+    StorageThread(#[source] tokio::task::JoinError),
+    /// The thread that writes the data dir stopped before it reported the write done; the
+    /// write may or may not have happened.
+    #[error("the storage thread stopped before the write; inspect the data dir (--inspect) and run the command again")]
+    StorageThreadStopped,
     /// The data dir holds no cluster.
     #[error("{dir} holds no raft log: is it the data dir of a node that was part of a cluster?")]
     Empty {
@@ -162,7 +169,7 @@ pub async fn force_new_cluster(
     // append were lost.
     log.save_vote(&Vote::new(term, me))
         .await
-        .map_err(|e| RecoverError::Raft(e.to_string()))?;
+        .map_err(|e| RecoverError::Raft(Box::new(e)))?;
     let (done, flushed) = tokio::sync::oneshot::channel();
     log.append_then([entry], move |result| {
         let _ = done.send(result);
@@ -170,7 +177,7 @@ pub async fn force_new_cluster(
     .await?;
     flushed
         .await
-        .map_err(|_| RecoverError::Raft("the storage thread stopped before the write".into()))??;
+        .map_err(|_| RecoverError::StorageThreadStopped)??;
     Ok(Recovered {
         before,
         term,
@@ -194,11 +201,11 @@ async fn open(dir: &Path) -> Result<(DataDirLock, LmdbStore), RecoverError> {
         Ok((lock, store))
     })
     .await
-    .map_err(|e| RecoverError::Raft(format!("the storage thread failed: {e}")))?
+    .map_err(RecoverError::StorageThread)?
 }
 
 async fn read(store: &LmdbStore, dir: &Path) -> Result<Inspection, RecoverError> {
-    let raft_error = |e: openraft::StorageError<NodeId>| RecoverError::Raft(e.to_string());
+    let raft_error = |e| RecoverError::Raft(Box::new(e));
     let mut log = store.log_store::<TypeConfig>();
     let vote = log.read_vote().await.map_err(raft_error)?;
     let committed = log.read_committed().await.map_err(raft_error)?;
@@ -238,7 +245,7 @@ async fn read(store: &LmdbStore, dir: &Path) -> Result<Inspection, RecoverError>
                     .map(|machine| machine.applied().membership.membership().clone())
             })
             .await
-            .map_err(|e| RecoverError::Raft(format!("the storage thread failed: {e}")))??
+            .map_err(RecoverError::StorageThread)??
         }
     };
     Ok(Inspection {

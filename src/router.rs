@@ -1041,24 +1041,24 @@ impl<H: ShardHandler> Router<H> {
         shard: ShardId,
         epoch: u64,
         handoff: Option<Handoff>,
-    ) -> Result<(), String> {
+    ) -> Result<(), HandoffRefused> {
         if self.stopping.load(Ordering::Acquire) {
-            return Err(format!("node {} is shutting down", self.node_id));
+            return Err(HandoffRefused::ShuttingDown { node: self.node_id });
         }
         let slot = self
             .slots
             .get(shard as usize)
-            .ok_or_else(|| format!("shard {shard} is out of range"))?;
+            .ok_or(HandoffRefused::ShardOutOfRange { shard })?;
         let mut ledger = lock(slot);
         if !ledger::apply(&mut ledger, |l| l.received(epoch, handoff)) {
             if ledger.running().is_some() {
                 // An actor of an earlier activation still runs here (its stop was not installed
                 // yet): taking the shard now would keep that actor's stale state and drop this
                 // snapshot. Refused, so the sender keeps it and tries again.
-                return Err(format!(
-                    "shard {shard} still runs an earlier activation on node {}; retry",
-                    self.node_id
-                ));
+                return Err(HandoffRefused::EarlierActivationRunning {
+                    shard,
+                    node: self.node_id,
+                });
             }
             tracing::debug!(shard, epoch, "a stale or duplicate snapshot was not kept");
         }
@@ -1076,15 +1076,16 @@ impl<H: ShardHandler> Router<H> {
         offset: u64,
         total: u64,
         bytes: Vec<u8>,
-    ) -> Result<(), String> {
+    ) -> Result<(), HandoffRefused> {
         if shard >= self.shard_count {
-            return Err(format!("shard {shard} is out of range"));
+            return Err(HandoffRefused::ShardOutOfRange { shard });
         }
         if total > codec::SNAPSHOT_BYTES_MAX {
-            return Err(format!(
-                "shard {shard}'s snapshot of {total} bytes is above the {}-byte limit",
-                codec::SNAPSHOT_BYTES_MAX
-            ));
+            return Err(HandoffRefused::TooLarge {
+                shard,
+                total,
+                limit: codec::SNAPSHOT_BYTES_MAX,
+            });
         }
         let mut staging = lock(&self.staging);
         if offset == 0 {
@@ -1099,9 +1100,7 @@ impl<H: ShardHandler> Router<H> {
             );
         }
         let Some(staged) = staging.get_mut(&shard) else {
-            return Err(format!(
-                "shard {shard}: a chunk at {offset} without its start"
-            ));
+            return Err(HandoffRefused::ChunkWithoutStart { shard, offset });
         };
         let expected = (
             staged.from,
@@ -1111,9 +1110,11 @@ impl<H: ShardHandler> Router<H> {
         );
         if expected != (from, epoch, total, offset) || offset + bytes.len() as u64 > total {
             staging.remove(&shard);
-            return Err(format!(
-                "shard {shard}: chunk out of order (at {offset} of {total}); start again"
-            ));
+            return Err(HandoffRefused::ChunkOutOfOrder {
+                shard,
+                offset,
+                total,
+            });
         }
         staged.bytes.extend_from_slice(&bytes);
         if staged.bytes.len() as u64 == total {
@@ -1399,6 +1400,61 @@ impl<H: ShardHandler> RouteAny for Router<H> {
     fn may_act_for(&self, shard: ShardId, actor: u64) -> bool {
         self.may_reply(shard, actor)
     }
+}
+
+/// Why a node did not keep a snapshot handed to it ([`Router::accept_handoff`],
+/// [`Router::accept_chunk`]). The sender keeps the snapshot and tries again; the refusal
+/// travels to it as the message of [`Response::HandoffRefused`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum HandoffRefused {
+    /// The receiving node is stopping: the sender must not release a shard to it.
+    #[error("node {node} is shutting down")]
+    ShuttingDown {
+        /// The receiving node.
+        node: NodeId,
+    },
+    /// The shard does not exist on the receiver (the two nodes disagree on the shard count).
+    #[error("shard {shard} is out of range")]
+    ShardOutOfRange {
+        /// The shard.
+        shard: ShardId,
+    },
+    /// An actor of an earlier activation of the shard still runs on the receiver.
+    #[error("shard {shard} still runs an earlier activation on node {node}; retry")]
+    EarlierActivationRunning {
+        /// The shard.
+        shard: ShardId,
+        /// The receiving node.
+        node: NodeId,
+    },
+    /// The snapshot is larger than a receiver stages.
+    #[error("shard {shard}'s snapshot of {total} bytes is above the {limit}-byte limit")]
+    TooLarge {
+        /// The shard.
+        shard: ShardId,
+        /// The snapshot's size, in bytes.
+        total: u64,
+        /// The largest snapshot accepted, in bytes.
+        limit: u64,
+    },
+    /// A later chunk of a snapshot arrived without its first one.
+    #[error("shard {shard}: a chunk at {offset} without its start")]
+    ChunkWithoutStart {
+        /// The shard.
+        shard: ShardId,
+        /// Where the chunk starts in the snapshot.
+        offset: u64,
+    },
+    /// A chunk did not continue the snapshot being staged; the staged part is dropped.
+    #[error("shard {shard}: chunk out of order (at {offset} of {total}); start again")]
+    ChunkOutOfOrder {
+        /// The shard.
+        shard: ShardId,
+        /// Where the chunk starts in the snapshot.
+        offset: u64,
+        /// The snapshot's size, in bytes.
+        total: u64,
+    },
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use crate::shard::ShardHandler;
 use crate::shard_map::{Key, NodeId};
 use crate::tls::Role;
 use crate::transport::log_limit::LogLimit;
-use crate::transport::{PeerInfo, Service};
+use crate::transport::{PeerInfo, Service, ServiceError};
 use crate::wire::{RemoteRaftError, Request, Response, RoutingInfo};
 
 /// Serves one node's requests.
@@ -66,21 +66,24 @@ impl<H: ShardHandler> Service for NodeService<H> {
         &self,
         peer: PeerInfo,
         payload: Vec<u8>,
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send>> {
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, ServiceError>> + Send>> {
         let request: Request = match codec::decode(&payload) {
             Ok(request) => request,
             Err(e) => {
                 self.warn_refused(&peer, &format_args!("undecodable request: {e}"));
-                return Box::pin(std::future::ready(Err(e.to_string())));
+                return Box::pin(std::future::ready(Err(ServiceError::Undecodable(
+                    Box::new(e),
+                ))));
             }
         };
         let members = match peer.role {
             Some(Role::Node(_)) => self.members(),
             _ => None,
         };
-        if let Err(reason) = authorize(peer.role, &request, members.as_ref()) {
-            self.warn_refused(&peer, &reason);
-            return Box::pin(std::future::ready(Err(reason)));
+        if let Err(refusal) = authorize(peer.role, &request, members.as_ref()) {
+            let error = refusal.into_service_error();
+            self.warn_refused(&peer, &error);
+            return Box::pin(std::future::ready(Err(error)));
         }
         // Each kind boxes only its own future (and clones only what it uses): a request for a
         // shard does not pay for the size of raft's futures.
@@ -202,7 +205,10 @@ impl<H: ShardHandler> Service for NodeService<H> {
                     .find_map(Result::err);
                 let response = match refused {
                     None => Response::HandoffAccepted,
-                    Some(reason) => Response::HandoffRefused { reason },
+                    // The wire carries the refusal's message: the sender only retries.
+                    Some(refusal) => Response::HandoffRefused {
+                        reason: refusal.to_string(),
+                    },
                 };
                 Box::pin(std::future::ready(encode(&response)))
             }
@@ -219,7 +225,9 @@ impl<H: ShardHandler> Service for NodeService<H> {
                     .accept_chunk(from, epoch, shard, offset, total, bytes)
                 {
                     Ok(()) => Response::HandoffAccepted,
-                    Err(reason) => Response::HandoffRefused { reason },
+                    Err(refusal) => Response::HandoffRefused {
+                        reason: refusal.to_string(),
+                    },
                 };
                 Box::pin(std::future::ready(encode(&response)))
             }
@@ -248,6 +256,51 @@ impl<H: ShardHandler> Service for NodeService<H> {
     }
 }
 
+/// Why a peer's certificate does not allow a request. It reaches the peer as
+/// [`ServiceError::NotAuthorized`], whose message starts with
+/// [`NOT_AUTHORIZED`](crate::tls::NOT_AUTHORIZED): that prefix is how admin tools and clients
+/// tell a refusal (fix the certificate) from a failure (retry).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum NotAuthorized {
+    /// The certificate's role never sends this kind of request.
+    #[error("{role} certificates may not send {what}; {advice}")]
+    Role {
+        /// The peer's role.
+        role: Role,
+        /// The kind of request, in words.
+        what: &'static str,
+        /// What to do instead.
+        advice: &'static str,
+    },
+    /// A node certificate of a node that is not (or no longer) a member.
+    #[error("node {id} is not a member of this cluster (a certificate issued for a node never added, or for one removed), so it may not send {what}; add it with `clusterfunk add-node` first")]
+    NotAMember {
+        /// The node the certificate names.
+        id: NodeId,
+        /// The kind of request, in words.
+        what: &'static str,
+    },
+    /// A node sent a request on behalf of another node.
+    #[error("node {id}'s certificate may not send {what} for node {other}; a node speaks only for itself")]
+    ForAnotherNode {
+        /// The node the certificate names.
+        id: NodeId,
+        /// The kind of request, in words.
+        what: &'static str,
+        /// The node the request speaks for.
+        other: NodeId,
+    },
+}
+
+impl NotAuthorized {
+    /// The error the transport sends back to the peer.
+    fn into_service_error(self) -> ServiceError {
+        ServiceError::NotAuthorized {
+            source: Box::new(self),
+        }
+    }
+}
+
 /// What a peer's certificate allows (TLS only; without TLS `role` is `None` and every peer
 /// that passed the handshake may do everything). Decided from the certificate, never from a
 /// request field: a client that marks an admin request as forwarded is still a client, and a
@@ -258,14 +311,10 @@ fn authorize(
     role: Option<Role>,
     request: &Request,
     members: Option<&BTreeSet<NodeId>>,
-) -> Result<(), String> {
+) -> Result<(), NotAuthorized> {
     let Some(role) = role else { return Ok(()) };
-    let refuse = |what: &str, advice: &str| {
-        Err(format!(
-            "{}: {role} certificates may not send {what}; {advice}",
-            crate::tls::NOT_AUTHORIZED
-        ))
-    };
+    let refuse =
+        |what: &'static str, advice: &'static str| Err(NotAuthorized::Role { role, what, advice });
     let nodes_only = "only nodes of the cluster send them";
     let what = match request {
         // What a client does: send to shards, read the map and status.
@@ -309,10 +358,7 @@ fn authorize(
         return refuse(what, nodes_only);
     };
     if members.is_some_and(|members| !members.contains(&id)) {
-        return Err(format!(
-            "{}: node {id} is not a member of this cluster (a certificate issued for a node never added, or for one removed), so it may not send {what}; add it with `clusterfunk add-node` first",
-            crate::tls::NOT_AUTHORIZED
-        ));
+        return Err(NotAuthorized::NotAMember { id, what });
     }
     let speaks_for = match request {
         Request::RenewLease(renew) => Some(renew.node),
@@ -323,21 +369,18 @@ fn authorize(
         _ => None,
     };
     match speaks_for {
-        Some(other) if other != id => Err(format!(
-            "{}: node {id}'s certificate may not send {what} for node {other}; a node speaks only for itself",
-            crate::tls::NOT_AUTHORIZED
-        )),
+        Some(other) if other != id => Err(NotAuthorized::ForAnotherNode { id, what, other }),
         _ => Ok(()),
     }
 }
 
-fn encode(response: &Response) -> Result<Vec<u8>, String> {
-    codec::encode(response).map_err(|e| e.to_string())
+fn encode(response: &Response) -> Result<Vec<u8>, ServiceError> {
+    codec::encode(response).map_err(|e| ServiceError::Encode(Box::new(e)))
 }
 
 /// Encodes a handler's answer; one too large for a frame becomes [`Error::TooLarge`], so the
 /// sender learns why (the transport would otherwise fail it with a bare string).
-fn encode_shard(result: Result<Vec<u8>, Error>, limit: usize) -> Result<Vec<u8>, String> {
+fn encode_shard(result: Result<Vec<u8>, Error>, limit: usize) -> Result<Vec<u8>, ServiceError> {
     let bytes = encode(&Response::Shard(result))?;
     if bytes.len() <= limit {
         return Ok(bytes);
@@ -431,8 +474,17 @@ mod authorization_tests {
         .is_ok());
         let refused =
             authorize(Some(Role::Client), &drain(), None).expect_err("a client may not drain");
-        assert!(refused.starts_with("not authorized"), "{refused}");
-        assert!(refused.contains("D/admin"), "{refused}");
+        assert!(
+            matches!(
+                refused,
+                NotAuthorized::Role {
+                    role: Role::Client,
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
+        assert!(refused.to_string().contains("D/admin"), "{refused}");
         // Marking the request as forwarded by a node does not make the client a node.
         for request in [
             admin(AdminRequest::Status, true),
@@ -471,12 +523,25 @@ mod authorization_tests {
         // where nobody serves them.
         for request in [renew(3), handoff(3)] {
             let refused = as_node(2, &request).expect_err("a node speaks only for itself");
-            assert!(refused.contains("for node 3"), "{refused}");
+            assert!(
+                matches!(
+                    refused,
+                    NotAuthorized::ForAnotherNode {
+                        id: 2,
+                        other: 3,
+                        ..
+                    }
+                ),
+                "{refused:?}"
+            );
         }
         // A node certificate of a node that is not (or no longer) a member has no node power.
         let refused = as_node(9, &admin(AdminRequest::Drain { id: 3 }, true))
             .expect_err("node 9 is not a member");
-        assert!(refused.contains("not a member"), "{refused}");
+        assert!(
+            matches!(refused, NotAuthorized::NotAMember { id: 9, .. }),
+            "{refused:?}"
+        );
         assert!(as_node(9, &renew(9)).is_err());
         // Its forwarded client messages are a client's.
         assert!(as_node(9, &forward).is_ok());
@@ -488,5 +553,60 @@ mod authorization_tests {
             None
         )
         .is_ok());
+    }
+
+    // Goal: a refusal reaches the peer as before the error became typed: one message that
+    // starts with NOT_AUTHORIZED (admin tools and clients decide on that prefix: fix the
+    // certificate, do not retry), while the server keeps the refusal as the error's source.
+    #[test]
+    fn a_refusal_reaches_the_peer_as_not_authorized_with_its_reason() {
+        let refused = authorize(
+            Some(Role::Client),
+            &admin(AdminRequest::Drain { id: 1 }, false),
+            None,
+        )
+        .expect_err("a client may not drain");
+        let error = refused.clone().into_service_error();
+        assert!(
+            matches!(error, ServiceError::NotAuthorized { .. }),
+            "{error:?}"
+        );
+        assert_eq!(
+            error.to_string(),
+            "not authorized: client certificates may not send operator commands; operator commands need the admin certificate (--tls-dir D/admin)"
+        );
+        let source = std::error::Error::source(&error).expect("the refusal is the source");
+        assert_eq!(
+            source.downcast_ref::<NotAuthorized>(),
+            Some(&refused),
+            "the typed refusal is kept"
+        );
+        let members: BTreeSet<NodeId> = [1, 2].into();
+        for refused in [
+            authorize(
+                Some(Role::Node(2)),
+                &Request::Handoff {
+                    from: 1,
+                    epoch: 1,
+                    shards: Vec::new(),
+                },
+                Some(&members),
+            ),
+            authorize(Some(Role::Node(9)), &Request::Routing, Some(&members)).and(authorize(
+                Some(Role::Node(9)),
+                &Request::Propose(Command::Released {
+                    from: 9,
+                    epoch: 1,
+                    shards: Vec::new(),
+                }),
+                Some(&members),
+            )),
+        ] {
+            let sent = refused
+                .expect_err("refused")
+                .into_service_error()
+                .to_string();
+            assert!(sent.starts_with(crate::tls::NOT_AUTHORIZED), "{sent}");
+        }
     }
 }

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clusterfunk::transport::{
-    serve, PeerInfo, Secret, SecretError, ServerHandle, Service, Transport, TransportConfig,
-    TransportError, OVERLOADED,
+    serve, PeerInfo, Secret, SecretError, ServerHandle, Service, ServiceError, Transport,
+    TransportConfig, TransportError, OVERLOADED,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -47,7 +47,7 @@ fn service(arrived: Option<mpsc::UnboundedSender<()>>) -> Arc<dyn Service> {
                     }
                     std::future::pending().await
                 }
-                b"fail" => Err("the handler failed on purpose".to_owned()),
+                b"fail" => Err(ServiceError::failed("the handler failed on purpose")),
                 b"whoami" => Ok(format!("{:?}", peer.node_id).into_bytes()),
                 _ => Ok([b"echo:".as_slice(), &payload].concat()),
             }
@@ -821,7 +821,7 @@ async fn a_relay_cannot_alter_or_replay_frames_after_the_handshake() {
         let (seen, mut seen_rx) = mpsc::unbounded_channel::<Vec<u8>>();
         let recording: Arc<dyn Service> = Arc::new(move |_peer: PeerInfo, payload: Vec<u8>| {
             let _ = seen.send(payload.clone());
-            async move { Ok::<_, String>([b"echo:".as_slice(), &payload].concat()) }
+            async move { Ok::<_, ServiceError>([b"echo:".as_slice(), &payload].concat()) }
         });
         let server = start_with(config(secret.clone()), recording).await;
         let through = relay(server.local_addr(), tamper, secret.is_some()).await;

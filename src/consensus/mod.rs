@@ -24,7 +24,9 @@ use openraft::{ChangeMembers, LogId, Membership, RaftMetrics, ServerState};
 use tokio::sync::watch;
 
 pub use contact::Contact;
-pub use state::{ClusterState, Command, CommandResponse, MemberRecord, NodeInfo, TypeConfig};
+pub use state::{
+    ClusterState, Command, CommandResponse, MemberListError, MemberRecord, NodeInfo, TypeConfig,
+};
 
 use crate::admin::{
     call_admin, failures_tolerated, layout_warnings, AdminError, AdminRequest, AdminResponse,

@@ -4,7 +4,7 @@
 //! It owns the mapping of transport failures onto openraft's error kinds (unreachable peers
 //! make openraft back off); it does not own connections (the transport does).
 
-use std::net::SocketAddr;
+use std::net::{AddrParseError, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,7 +52,10 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerClient {
             transport: self.transport.clone(),
             target,
-            addr: node.addr.parse().map_err(|_| node.addr.clone()),
+            addr: node
+                .addr
+                .parse()
+                .map_err(|source| (node.addr.clone(), source)),
             unreachable_warnings: LogLimit::new(UNREACHABLE_WARNING_WINDOW, 1),
             contact: self.contact.clone(),
         }
@@ -64,8 +67,9 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub struct PeerClient {
     transport: Transport,
     target: NodeId,
-    /// The peer's address, or the unparsable string the membership holds for it.
-    addr: Result<SocketAddr, String>,
+    /// The peer's address, or the unparsable string the membership holds for it and why it
+    /// does not parse.
+    addr: Result<SocketAddr, (String, AddrParseError)>,
     /// Bounds the warnings about a peer that does not answer: raft retries it every 50 ms.
     unreachable_warnings: LogLimit,
     /// Leader contacts and election evidence (the receipt rule).
@@ -80,26 +84,47 @@ const UNREACHABLE_WARNING_WINDOW: std::time::Duration = std::time::Duration::fro
 /// A failure before the peer's raft answered.
 #[derive(Debug, thiserror::Error)]
 enum CallError {
-    #[error("node {target} has an invalid address `{addr}` in the membership: remove it and add it again with IP:PORT")]
-    BadAddress { target: NodeId, addr: String },
+    #[error("node {target} has an invalid address `{addr}` in the membership ({source}): remove it and add it again with IP:PORT")]
+    BadAddress {
+        target: NodeId,
+        addr: String,
+        source: AddrParseError,
+    },
     #[error(transparent)]
     Transport(#[from] TransportError),
-    #[error("node answered with an undecodable or unexpected message: {0}")]
-    Protocol(String),
+    #[error("node answered with a message that broke the protocol: {0}")]
+    Protocol(#[source] ProtocolError),
+}
+
+/// How a raft RPC broke the protocol: a message that could not be encoded or decoded, or an
+/// answer of the wrong kind.
+#[derive(Debug, thiserror::Error)]
+enum ProtocolError {
+    #[error("the request cannot be encoded: {0}")]
+    Encode(#[source] crate::error::Error),
+    #[error("the answer cannot be decoded: {0}")]
+    Decode(#[source] crate::error::Error),
+    #[error("expected a {expected} response")]
+    Unexpected { expected: &'static str },
 }
 
 impl PeerClient {
     async fn call(&self, request: Request, option: &RPCOption) -> Result<Response, CallError> {
-        let addr = self.addr.clone().map_err(|addr| CallError::BadAddress {
-            target: self.target,
-            addr,
-        })?;
-        let payload = codec::encode(&request).map_err(|e| CallError::Protocol(e.to_string()))?;
+        let addr = self
+            .addr
+            .clone()
+            .map_err(|(addr, source)| CallError::BadAddress {
+                target: self.target,
+                addr,
+                source,
+            })?;
+        let payload =
+            codec::encode(&request).map_err(|e| CallError::Protocol(ProtocolError::Encode(e)))?;
         let answer = self
             .transport
             .request_node(self.target, addr, payload, option.hard_ttl())
             .await?;
-        codec::decode(&answer).map_err(|e| CallError::Protocol(e.to_string()))
+        codec::decode(&answer).map_err(|e| CallError::Protocol(ProtocolError::Decode(e)))
     }
 
     fn rpc_error<E: std::error::Error>(
@@ -131,9 +156,9 @@ impl PeerClient {
 
     fn unexpected<E: std::error::Error>(
         &self,
-        what: &str,
+        expected: &'static str,
     ) -> RPCError<NodeId, NodeInfo, RaftError<NodeId, E>> {
-        self.rpc_error(CallError::Protocol(format!("expected a {what} response")))
+        self.rpc_error(CallError::Protocol(ProtocolError::Unexpected { expected }))
     }
 }
 

@@ -90,47 +90,113 @@ pub fn same_addr(a: &str, b: &str) -> bool {
 impl NodeInfo {
     /// Parses a member list `ID=IP:PORT[@ZONE],...` (as `kv serve --init` and `clusterfunk
     /// recover --members` take it). Errors say which item is wrong.
-    pub fn parse_members(list: &str) -> Result<BTreeMap<NodeId, NodeInfo>, String> {
+    pub fn parse_members(list: &str) -> Result<BTreeMap<NodeId, NodeInfo>, MemberListError> {
         let mut members: BTreeMap<NodeId, NodeInfo> = BTreeMap::new();
         for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let (id, rest) = item
                 .split_once('=')
-                .ok_or(format!("`{item}`: expected ID=IP:PORT[@ZONE]"))?;
+                .ok_or_else(|| MemberListError::Malformed {
+                    item: item.to_owned(),
+                })?;
             let id: NodeId = id
                 .trim()
                 .parse()
-                .map_err(|_| format!("`{id}` is not a node id (a positive integer)"))?;
+                .map_err(|source| MemberListError::NotANodeId {
+                    id: id.to_owned(),
+                    source,
+                })?;
             let (addr, zone) = match rest.split_once('@') {
                 Some((addr, zone)) if !zone.trim().is_empty() => {
                     (addr, Some(zone.trim().to_string()))
                 }
-                Some(_) => return Err(format!("`{item}`: the zone after `@` is empty")),
+                Some(_) => {
+                    return Err(MemberListError::EmptyZone {
+                        item: item.to_owned(),
+                    })
+                }
                 None => (rest, None),
             };
-            let addr: SocketAddr = canonical_addr(
-                addr.trim()
-                    .parse()
-                    .map_err(|_| format!("`{addr}` is not IP:PORT"))?,
-            );
+            let addr: SocketAddr = canonical_addr(addr.trim().parse().map_err(|source| {
+                MemberListError::NotAnAddress {
+                    addr: addr.to_owned(),
+                    source,
+                }
+            })?);
             let info = NodeInfo {
                 addr: addr.to_string(),
                 zone,
             };
             if members.contains_key(&id) {
-                return Err(format!("node {id} is listed twice"));
+                return Err(MemberListError::ListedTwice { id });
             }
             if let Some((other, _)) = members.iter().find(|(_, m)| same_addr(&m.addr, &info.addr)) {
-                return Err(format!(
-                    "nodes {other} and {id} have the same address {addr}: every node needs its own address (one process must not count twice toward the quorum)"
-                ));
+                return Err(MemberListError::SharedAddress {
+                    first: *other,
+                    second: id,
+                    addr,
+                });
             }
             members.insert(id, info);
         }
         if members.is_empty() {
-            return Err("the list is empty: expected ID=IP:PORT[@ZONE],...".into());
+            return Err(MemberListError::Empty);
         }
         Ok(members)
     }
+}
+
+/// Why a member list `ID=IP:PORT[@ZONE],...` does not parse ([`NodeInfo::parse_members`]).
+/// Each message names the item that is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MemberListError {
+    /// An item is not of the form `ID=IP:PORT[@ZONE]`.
+    #[error("`{item}`: expected ID=IP:PORT[@ZONE]")]
+    Malformed {
+        /// The item as written.
+        item: String,
+    },
+    /// The part before `=` is not a node id.
+    #[error("`{id}` is not a node id (a positive integer)")]
+    NotANodeId {
+        /// The id as written.
+        id: String,
+        /// Why it does not parse.
+        source: std::num::ParseIntError,
+    },
+    /// An item ends in `@` with no zone after it.
+    #[error("`{item}`: the zone after `@` is empty; write ID=IP:PORT@ZONE, or leave out the `@`")]
+    EmptyZone {
+        /// The item as written.
+        item: String,
+    },
+    /// The address of an item is not `IP:PORT`.
+    #[error("`{addr}` is not IP:PORT")]
+    NotAnAddress {
+        /// The address as written.
+        addr: String,
+        /// Why it does not parse.
+        source: std::net::AddrParseError,
+    },
+    /// A node id appears in two items.
+    #[error("node {id} is listed twice")]
+    ListedTwice {
+        /// The node.
+        id: NodeId,
+    },
+    /// Two nodes have the same address.
+    #[error("nodes {first} and {second} have the same address {addr}: every node needs its own address (one process must not count twice toward the quorum)")]
+    SharedAddress {
+        /// The node listed first.
+        first: NodeId,
+        /// The node listed later.
+        second: NodeId,
+        /// The address both have.
+        addr: SocketAddr,
+    },
+    /// The list names no node.
+    #[error("the list is empty: expected ID=IP:PORT[@ZONE],...")]
+    Empty,
 }
 
 impl std::fmt::Display for NodeInfo {
@@ -908,16 +974,27 @@ mod tests {
         assert_eq!(members[&1].zone.as_deref(), Some("a"));
         assert_eq!(members[&2].addr, "127.0.0.2:7002");
         assert_eq!(members[&2].zone, None);
-        for bad in [
-            "",
-            "1",
-            "x=127.0.0.1:1",
-            "1=nowhere",
-            "1=127.0.0.1:1@",
-            "1=127.0.0.1:1,1=127.0.0.1:2",
-        ] {
-            assert!(NodeInfo::parse_members(bad).is_err(), "{bad:?} parsed");
-        }
+        assert_eq!(NodeInfo::parse_members(""), Err(MemberListError::Empty));
+        assert_eq!(
+            NodeInfo::parse_members("1"),
+            Err(MemberListError::Malformed { item: "1".into() })
+        );
+        assert!(matches!(
+            NodeInfo::parse_members("x=127.0.0.1:1"),
+            Err(MemberListError::NotANodeId { id, .. }) if id == "x"
+        ));
+        assert!(matches!(
+            NodeInfo::parse_members("1=nowhere"),
+            Err(MemberListError::NotAnAddress { addr, .. }) if addr == "nowhere"
+        ));
+        assert!(matches!(
+            NodeInfo::parse_members("1=127.0.0.1:1@"),
+            Err(MemberListError::EmptyZone { .. })
+        ));
+        assert_eq!(
+            NodeInfo::parse_members("1=127.0.0.1:1,1=127.0.0.1:2"),
+            Err(MemberListError::ListedTwice { id: 1 })
+        );
     }
 
     #[test]
@@ -925,7 +1002,20 @@ mod tests {
         let error = NodeInfo::parse_members("1=127.0.0.1:7001,2=127.0.0.1:7001")
             .expect_err("one process must not count twice");
         assert!(
-            error.contains("nodes 1 and 2 have the same address 127.0.0.1:7001"),
+            matches!(
+                error,
+                MemberListError::SharedAddress {
+                    first: 1,
+                    second: 2,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        assert!(
+            error
+                .to_string()
+                .contains("nodes 1 and 2 have the same address 127.0.0.1:7001"),
             "{error}"
         );
     }
@@ -934,7 +1024,10 @@ mod tests {
     fn one_address_spelled_as_ipv4_and_as_ipv6_is_one_address() {
         let error = NodeInfo::parse_members("1=127.0.0.1:7001,2=[::ffff:127.0.0.1]:7001")
             .expect_err("an IPv4-mapped IPv6 address is the IPv4 address");
-        assert!(error.contains("the same address"), "{error}");
+        assert!(
+            matches!(error, MemberListError::SharedAddress { .. }),
+            "{error:?}"
+        );
         let members = NodeInfo::parse_members("1=[::ffff:10.0.0.1]:7001").expect("parses");
         assert_eq!(members[&1].addr, "10.0.0.1:7001", "stored in one spelling");
         assert!(same_addr("[::ffff:127.0.0.1]:1", "127.0.0.1:1"));

@@ -17,7 +17,7 @@ use super::network::Network;
 use super::*;
 use crate::codec;
 use crate::storage::memory::in_memory_for_tests;
-use crate::transport::{serve, PeerInfo, ServerHandle, TransportConfig};
+use crate::transport::{serve, PeerInfo, ServerHandle, ServiceError, TransportConfig};
 use crate::wire::{Request, Response};
 
 /// The cluster name both sides use in the transport handshake.
@@ -52,7 +52,8 @@ async fn fake_follower(commits: Arc<AtomicBool>) -> ServerHandle {
     let service = move |_peer: PeerInfo, payload: Vec<u8>| {
         let commits = commits.clone();
         async move {
-            let request: Request = codec::decode(&payload).map_err(|e| e.to_string())?;
+            let request: Request =
+                codec::decode(&payload).map_err(|e| ServiceError::Undecodable(Box::new(e)))?;
             let response = match request {
                 Request::Vote(vote) => Response::Vote {
                     result: Ok(VoteResponse::new(vote.vote, None, true)),
@@ -63,10 +64,16 @@ async fn fake_follower(commits: Arc<AtomicBool>) -> ServerHandle {
                 {
                     Response::AppendEntries(Ok(AppendEntriesResponse::Success))
                 }
-                Request::AppendEntries(_) => return Err("the disk is stalled".to_string()),
-                other => return Err(format!("the fake follower does not answer {other:?}")),
+                Request::AppendEntries(_) => {
+                    return Err(ServiceError::failed("the disk is stalled"))
+                }
+                other => {
+                    return Err(ServiceError::failed(format!(
+                        "the fake follower does not answer {other:?}"
+                    )))
+                }
             };
-            codec::encode(&response).map_err(|e| e.to_string())
+            codec::encode(&response).map_err(|e| ServiceError::Encode(Box::new(e)))
         }
     };
     serve(listener, transport_config(2), Arc::new(service))

@@ -63,12 +63,12 @@ pub enum DataDirError {
         given: String,
     },
     /// The identity file exists but cannot be understood.
-    #[error("the identity file {path} is unreadable ({reason}); it is written once when a node first starts on its data dir. Restore it (it holds {{\"cluster_name\": ..., \"node_id\": ...}}) or start the node on an empty data dir")]
+    #[error("the identity file {path} is unreadable ({source}); it is written once when a node first starts on its data dir. Restore it (it holds {{\"cluster_name\": ..., \"node_id\": ...}}) or start the node on an empty data dir")]
     BadIdentity {
         /// The identity file.
         path: PathBuf,
         /// What was wrong.
-        reason: String,
+        source: serde_json::Error,
     },
     /// A file operation failed.
     #[error("cannot {action} {path}: {source}; check that the data dir exists, is writable by this user and its disk is not full")]
@@ -163,7 +163,7 @@ pub fn check_identity(lock: &DataDirLock, expected: &Identity) -> Result<(), Dat
             let stored: Identity =
                 serde_json::from_slice(&bytes).map_err(|e| DataDirError::BadIdentity {
                     path: path.clone(),
-                    reason: e.to_string(),
+                    source: e,
                 })?;
             if stored.node_id != expected.node_id {
                 return Err(DataDirError::OtherNode {
@@ -194,14 +194,9 @@ pub fn check_identity(lock: &DataDirLock, expected: &Identity) -> Result<(), Dat
 pub fn read_identity(dir: &Path) -> Result<Option<Identity>, DataDirError> {
     let path = dir.join(IDENTITY_FILE);
     match std::fs::read(&path) {
-        Ok(bytes) => {
-            serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| DataDirError::BadIdentity {
-                    path,
-                    reason: e.to_string(),
-                })
-        }
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| DataDirError::BadIdentity { path, source: e }),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(DataDirError::Io {
             action: "read",
@@ -218,7 +213,7 @@ fn write_identity(dir: &Path, identity: &Identity) -> Result<(), DataDirError> {
     let temporary = dir.join(format!("{IDENTITY_FILE}.tmp"));
     let json = serde_json::to_vec_pretty(identity).map_err(|e| DataDirError::BadIdentity {
         path: path.clone(),
-        reason: e.to_string(),
+        source: e,
     })?;
     let mut file = File::create(&temporary).map_err(io("create", &temporary))?;
     file.write_all(&json)

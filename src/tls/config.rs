@@ -13,37 +13,45 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
-use super::{CertIdentity, CA_FILE, CERT_FILE, KEY_FILE};
+use super::{CertIdentity, IdentityError, CA_FILE, CERT_FILE, KEY_FILE};
 
 /// Why a certificate directory cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TlsError {
     /// A file is missing or unreadable, or holds no PEM of the expected kind.
-    #[error("cannot read {what} from {path}: {reason}; make the directory with `clusterfunk certs --dir D --nodes ...` and pass D/node-ID (nodes), D/admin (clusterfunk) or D/client (applications)")]
+    #[error("cannot read {what} from {path}: {source}; make the directory with `clusterfunk certs --dir D --nodes ...` and pass D/node-ID (nodes), D/admin (clusterfunk) or D/client (applications)")]
     File {
         /// What the file should hold.
         what: &'static str,
         /// The file.
         path: PathBuf,
         /// What went wrong.
-        reason: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A certificate file holds no PEM certificate.
+    #[error("{path} holds no PEM certificate, but should hold {what}; make the directory with `clusterfunk certs --dir D --nodes ...` and pass D/node-ID (nodes), D/admin (clusterfunk) or D/client (applications)")]
+    NoCertificate {
+        /// What the file should hold.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
     },
     /// The holder's certificate carries no usable identity.
-    #[error("the certificate {path} cannot be used: {reason}")]
+    #[error("the certificate {path} cannot be used: {source}")]
     Identity {
         /// The certificate file.
         path: PathBuf,
         /// What is wrong with it.
-        reason: String,
+        source: IdentityError,
     },
     /// rustls refused the certificates or key.
-    #[error("the certificates in {dir} cannot be used for TLS: {reason}; check that cert.pem and key.pem belong together and ca.pem is the cluster CA")]
+    #[error("the certificates in {dir} cannot be used for TLS: {source}; check that cert.pem and key.pem belong together and ca.pem is the cluster CA")]
     Rustls {
         /// The directory (or the certificate's directory).
         dir: PathBuf,
         /// What rustls said.
-        reason: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -85,17 +93,17 @@ impl TlsConfig {
         let private_key = PrivateKeyDer::from_pem_file(key).map_err(|error| TlsError::File {
             what: "the private key",
             path: key.to_path_buf(),
-            reason: error.to_string(),
+            source: Box::new(error),
         })?;
         let identity =
-            CertIdentity::from_certificate(&chain[0]).map_err(|reason| TlsError::Identity {
+            CertIdentity::from_certificate(&chain[0]).map_err(|source| TlsError::Identity {
                 path: cert.to_path_buf(),
-                reason,
+                source,
             })?;
         let dir = cert.parent().unwrap_or(cert).to_path_buf();
         let rustls_error = |error: rustls::Error| TlsError::Rustls {
             dir: dir.clone(),
-            reason: error.to_string(),
+            source: Box::new(error),
         };
         let mut roots = RootCertStore::empty();
         for certificate in cas {
@@ -107,7 +115,7 @@ impl TlsConfig {
             .build()
             .map_err(|error| TlsError::Rustls {
                 dir: dir.clone(),
-                reason: error.to_string(),
+                source: Box::new(error),
             })?;
         let server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -146,17 +154,20 @@ fn read_certificates(
     what: &'static str,
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let file_error = |reason: String| TlsError::File {
+    let file_error = |error: rustls::pki_types::pem::Error| TlsError::File {
         what,
         path: path.to_path_buf(),
-        reason,
+        source: Box::new(error),
     };
     let certificates = CertificateDer::pem_file_iter(path)
-        .map_err(|error| file_error(error.to_string()))?
+        .map_err(file_error)?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|error| file_error(error.to_string()))?;
+        .map_err(file_error)?;
     if certificates.is_empty() {
-        return Err(file_error("the file holds no PEM certificate".to_owned()));
+        return Err(TlsError::NoCertificate {
+            what,
+            path: path.to_path_buf(),
+        });
     }
     Ok(certificates)
 }
@@ -172,9 +183,9 @@ pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// The identity in the certificate a peer presented in the TLS handshake.
 pub(crate) fn peer_identity(
     certificates: Option<&[CertificateDer<'static>]>,
-) -> Result<CertIdentity, String> {
+) -> Result<CertIdentity, IdentityError> {
     let leaf = certificates
         .and_then(|chain| chain.first())
-        .ok_or_else(|| "the peer presented no certificate".to_owned())?;
+        .ok_or(IdentityError::NoCertificate)?;
     CertIdentity::from_certificate(leaf)
 }

@@ -88,13 +88,13 @@ impl CertIdentity {
 
     /// Reads the identity out of a DER certificate: exactly one `clusterfunk://` URI among its
     /// subject alternative names.
-    pub fn from_certificate(der: &[u8]) -> Result<Self, String> {
+    pub fn from_certificate(der: &[u8]) -> Result<Self, IdentityError> {
         use x509_parser::extensions::GeneralName;
         let (_, certificate) = x509_parser::parse_x509_certificate(der)
-            .map_err(|error| format!("the certificate cannot be parsed: {error}"))?;
+            .map_err(|error| IdentityError::Unparsable(Box::new(error)))?;
         let names = certificate
             .subject_alternative_name()
-            .map_err(|error| format!("its subject alternative names cannot be parsed: {error}"))?;
+            .map_err(|error| IdentityError::AlternativeNames(Box::new(error)))?;
         let mut found = names
             .into_iter()
             .flat_map(|extension| extension.value.general_names.iter())
@@ -102,15 +102,41 @@ impl CertIdentity {
                 GeneralName::URI(uri) if uri.starts_with(SCHEME) => Some(*uri),
                 _ => None,
             });
-        let uri = found.next().ok_or_else(|| {
-            "it carries no clusterfunk:// identity (make certificates with `clusterfunk certs`)"
-                .to_owned()
-        })?;
+        let uri = found.next().ok_or(IdentityError::Missing)?;
         if found.next().is_some() {
-            return Err("it carries more than one clusterfunk:// identity".to_owned());
+            return Err(IdentityError::Several);
         }
-        Self::parse_uri(uri).ok_or_else(|| format!("its identity `{uri}` is not understood"))
+        Self::parse_uri(uri).ok_or_else(|| IdentityError::NotUnderstood {
+            uri: uri.to_owned(),
+        })
     }
+}
+
+/// Why a certificate carries no usable identity ([`CertIdentity::from_certificate`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    /// The peer presented no certificate at all.
+    #[error("the peer presented no certificate")]
+    NoCertificate,
+    /// The certificate is not valid DER X.509.
+    #[error("the certificate cannot be parsed: {0}")]
+    Unparsable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The subject alternative names extension is malformed.
+    #[error("its subject alternative names cannot be parsed: {0}")]
+    AlternativeNames(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// No subject alternative name is a `clusterfunk://` URI.
+    #[error("it carries no clusterfunk:// identity (make certificates with `clusterfunk certs`)")]
+    Missing,
+    /// More than one subject alternative name is a `clusterfunk://` URI.
+    #[error("it carries more than one clusterfunk:// identity; make certificates with `clusterfunk certs`")]
+    Several,
+    /// The `clusterfunk://` URI does not name a cluster and a role.
+    #[error("its identity `{uri}` is not understood; make certificates with `clusterfunk certs` of this release")]
+    NotUnderstood {
+        /// The URI as the certificate carries it.
+        uri: String,
+    },
 }
 
 impl fmt::Display for CertIdentity {
@@ -146,6 +172,20 @@ mod tests {
             };
             assert_eq!(CertIdentity::parse_uri(&identity.uri()), Some(identity));
         }
+    }
+
+    #[test]
+    fn bytes_that_are_no_certificate_keep_the_parser_error_as_source() {
+        let error = CertIdentity::from_certificate(b"not a certificate")
+            .expect_err("garbage is no certificate");
+        assert!(matches!(error, IdentityError::Unparsable(_)), "{error:?}");
+        assert!(std::error::Error::source(&error).is_some(), "{error:?}");
+        assert!(
+            error
+                .to_string()
+                .starts_with("the certificate cannot be parsed"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub mod identity;
 
 pub(crate) use config::peer_identity;
 pub use config::{TlsConfig, TlsError};
-pub use identity::{CertIdentity, Role};
+pub use identity::{CertIdentity, IdentityError, Role};
 
 /// How a node's refusal of a request its peer's certificate does not allow begins (the rest
 /// says what the role may not do and which certificate would).

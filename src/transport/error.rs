@@ -78,6 +78,40 @@ pub enum TransportError {
     Io(#[from] std::io::Error),
 }
 
+/// Why a [`Service`](super::Service) failed a request. The server sends the error's message
+/// (its `Display`) to the caller, which receives it as [`TransportError::Remote`]; the cause
+/// stays available here through [`std::error::Error::source`] for the server's own logs.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    /// The request's payload could not be decoded: the peer sent something this service does
+    /// not understand (another release, or not a request of this service at all).
+    #[error(transparent)]
+    Undecodable(Box<dyn std::error::Error + Send + Sync>),
+    /// The peer may not send this request. The message starts with
+    /// [`NOT_AUTHORIZED`](crate::tls::NOT_AUTHORIZED), which is how callers tell a refusal from
+    /// other failures; the source says which rule refused it and what to do.
+    #[error("{}: {source}", crate::tls::NOT_AUTHORIZED)]
+    NotAuthorized {
+        /// Which rule refused the request.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The service's answer could not be encoded.
+    #[error(transparent)]
+    Encode(Box<dyn std::error::Error + Send + Sync>),
+    /// Any other failure of the service.
+    #[error(transparent)]
+    Failed(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl ServiceError {
+    /// A [`ServiceError::Failed`] with `cause` (an error, or a message: `&str` and `String`
+    /// convert too).
+    pub fn failed(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Failed(cause.into())
+    }
+}
+
 /// Why a [`TransportConfig`](super::TransportConfig) is invalid.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

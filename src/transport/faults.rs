@@ -210,7 +210,7 @@ mod tests {
         let counter = handled.clone();
         let echo = move |_peer: PeerInfo, payload: Vec<u8>| {
             counter.fetch_add(1, Ordering::SeqCst);
-            async move { Ok::<_, String>(payload) }
+            async move { Ok::<_, crate::transport::ServiceError>(payload) }
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

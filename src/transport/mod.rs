@@ -18,7 +18,9 @@
 //! ```no_run
 //! use std::sync::Arc;
 //! use std::time::Duration;
-//! use clusterfunk::transport::{serve, PeerInfo, Secret, Service, Transport, TransportConfig};
+//! use clusterfunk::transport::{
+//!     serve, PeerInfo, Secret, Service, ServiceError, Transport, TransportConfig,
+//! };
 //!
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = TransportConfig {
@@ -26,7 +28,7 @@
 //!     secret: Secret::from_env()?, // CLUSTERFUNK_SECRET; `None` is insecure mode
 //!     ..Default::default()
 //! };
-//! let echo = |_peer: PeerInfo, payload: Vec<u8>| async move { Ok::<_, String>(payload) };
+//! let echo = |_peer: PeerInfo, payload: Vec<u8>| async move { Ok::<_, ServiceError>(payload) };
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! let server = serve(listener, config.clone(), Arc::new(echo)).await?;
 //!
@@ -78,7 +80,7 @@ pub use client::Transport;
 #[doc(hidden)]
 pub use codec::FramePipe;
 pub use config::TransportConfig;
-pub use error::{TransportConfigError, TransportError};
+pub use error::{ServiceError, TransportConfigError, TransportError};
 pub use faults::Faults;
 pub use secret::{Secret, SecretError, SECRET_DISTINCT_MIN, SECRET_ENV_VAR, SECRET_LENGTH_MIN};
 pub(crate) use server::serve_with_faults;

@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 use super::codec::{payload_fits, Frame, Header};
 use super::connection::{secure_frames, split, split_tls, write_loop, QUEUE_CAPACITY};
 use super::log_limit::LogLimit;
-use super::{handshake, Faults, TransportConfig, TransportError, PROTOCOL_VERSION};
+use super::{handshake, Faults, ServiceError, TransportConfig, TransportError, PROTOCOL_VERSION};
 use crate::tls::Role;
 
 /// The reason a request is failed with when its connection already has
@@ -40,25 +40,26 @@ const PEER_WARNING_WINDOW: Duration = Duration::from_secs(10);
 /// What handles requests on a server.
 pub trait Service: Send + Sync + 'static {
     /// Handle one request from an authenticated peer; the returned bytes are the response
-    /// payload. An `Err` reaches the caller as [`TransportError::Remote`].
+    /// payload. An `Err` reaches the caller as [`TransportError::Remote`], carrying the
+    /// error's message.
     fn call(
         &self,
         peer: PeerInfo,
         payload: Vec<u8>,
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send>>;
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, ServiceError>> + Send>>;
 }
 
-/// Any `Fn(PeerInfo, Vec<u8>) -> impl Future<Output = Result<Vec<u8>, String>>` is a service.
+/// Any `Fn(PeerInfo, Vec<u8>) -> impl Future<Output = Result<Vec<u8>, ServiceError>>` is a service.
 impl<F, Fut> Service for F
 where
     F: Fn(PeerInfo, Vec<u8>) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<Vec<u8>, String>> + Send + 'static,
+    Fut: Future<Output = Result<Vec<u8>, ServiceError>> + Send + 'static,
 {
     fn call(
         &self,
         peer: PeerInfo,
         payload: Vec<u8>,
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send>> {
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, ServiceError>> + Send>> {
         Box::pin(self(peer, payload))
     }
 }
@@ -460,7 +461,7 @@ async fn serve_connection(
                         payload.len()
                     ),
                 ),
-                Err(reason) => Frame::failed(id, reason),
+                Err(error) => Frame::failed(id, error.to_string()),
             };
             // The connection may be gone meanwhile; then nobody waits for the answer.
             let _ = queue.send(frame).await;
