@@ -65,7 +65,8 @@
 //! - [`storage`]: the raft log and snapshots on LMDB.
 //! - [`transport`]: authenticated, multiplexed TCP between nodes and clients.
 //! - [`wire`]: the node protocol carried by the transport.
-//! - [`admin`]: operator commands and their reports; the admin client.
+//! - [`admin`]: operator commands and their reports (pure data, which [`wire`] carries); the
+//!   admin client and the credentials, which sit above the transport and [`wire`].
 //! - [`plan`]: the topology planner: which failures a layout of voters over zones survives (pure).
 //! - [`client`]: sending to keys from outside the cluster.
 //! - [`codec`]: the one wire and disk format.
