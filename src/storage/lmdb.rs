@@ -53,7 +53,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::codec;
 use super::error::{StorageError, Table, Verb};
-use super::StoreOptions;
+use super::options::StoreOptions;
 
 /// Name of the storage thread, as shown by `top -H`, debuggers and panic messages.
 pub(crate) const WRITER_THREAD_NAME: &str = "clusterfunk-storage";
