@@ -12,9 +12,9 @@
 
 use std::hint::black_box;
 
-use clusterfunk::codec;
+use clusterfunk::internals as codec;
+use clusterfunk::internals::{Request, Response};
 use clusterfunk::transport::FramePipe;
-use clusterfunk::wire::{Request, Response};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use serde::{Deserialize, Serialize};
 

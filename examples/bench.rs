@@ -114,11 +114,11 @@ use clusterfunk::admin::{
     resolve_credentials, AdminClient, AdminRequest, AdminResponse, Credentials,
 };
 use clusterfunk::client::Client;
-use clusterfunk::codec;
+use clusterfunk::internals as codec;
+use clusterfunk::internals::{Request, Response};
 use clusterfunk::prelude::*;
 use clusterfunk::tls::certs::{self, NodeSpec};
 use clusterfunk::transport::{Transport, TransportConfig};
-use clusterfunk::wire::{Request, Response};
 use clusterfunk::NodeInfo;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};

@@ -42,8 +42,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use clusterfunk::admin::{AdminClient, AdminRequest, AdminResponse, NodeState, StatusReport};
-use clusterfunk::consensus::ConsensusConfig;
 use clusterfunk::transport::SECRET_ENV_VAR;
+use clusterfunk::ConsensusConfig;
 use clusterfunk::NodeId;
 use serde_json::{json, Value};
 use support::{

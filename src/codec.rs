@@ -43,7 +43,7 @@ impl bincode::enc::write::Writer for VecWriter {
 }
 
 /// Decodes a `T` from `bytes`, refusing anything that would need more than
-/// [`DECODE_LIMIT_BYTES`].
+/// `DECODE_LIMIT_BYTES`.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
     let config = bincode::config::standard().with_limit::<DECODE_LIMIT_BYTES>();
     bincode::serde::decode_from_slice(bytes, config)

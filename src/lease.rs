@@ -244,11 +244,13 @@ impl LeaseHolder {
     }
 
     /// Until when the node may serve, if it holds a lease.
+    #[cfg(test)]
     pub fn valid_until(&self) -> Option<Instant> {
         self.valid_until
     }
 
     /// Whether the lease is valid at `now`.
+    #[cfg(test)]
     pub fn is_valid(&self, now: Instant) -> bool {
         self.valid_until.is_some_and(|until| now < until)
     }
@@ -310,6 +312,7 @@ enum Quorum {
 
 impl LeaseGranter {
     /// A granter for leader `me`, elected at `leader_since` (its own clock).
+    #[cfg(test)]
     pub fn new(config: LeaseConfig, me: NodeId, leader_since: Instant) -> Self {
         Self::with_evidence(config, me, leader_since, leader_since, None, Duration::ZERO)
     }

@@ -53,26 +53,34 @@
 //! ```
 //!
 //! ## Layout
+//! Public modules (what applications use):
 //! - [`shard_map`]: keys, the key → shard hash, the shard map and its allocator (pure code).
 //! - [`shard`]: the handler API ([`ShardHandler`], [`ShardMessage`], [`ShardContext`]) and the
 //!   actor hosting one shard.
-//! - [`router`]: key → shard → local shard actor.
-//! - `ledger` (private): where each shard's state is during planned moves, as a pure state
-//!   machine the router and the router actor drive.
 //! - [`cluster`]: the builder, the [`Node`] handle and [`ClusterHandle`].
-//! - [`consensus`]: openraft replicating the cluster state; the consensus actor.
-//! - [`lease`]: the lease rules (who may serve, when a silent node's shards may move), pure.
-//! - [`storage`]: the raft log and snapshots on LMDB.
-//! - [`transport`]: authenticated, multiplexed TCP between nodes and clients.
-//! - [`wire`]: the node protocol carried by the transport.
-//! - [`admin`]: operator commands and their reports (pure data, which [`wire`] carries); the
-//!   admin client and the credentials, which sit above the transport and [`wire`].
-//! - [`plan`]: the topology planner: which failures a layout of voters over zones survives (pure).
 //! - [`client`]: sending to keys from outside the cluster.
-//! - [`codec`]: the one wire and disk format.
+//! - [`admin`]: operator commands and their reports (pure data), the admin client and the
+//!   credentials.
+//! - [`plan`]: the topology planner: which failures a layout of voters over zones survives (pure).
+//! - [`storage`]: the raft log and snapshots on LMDB.
+//! - [`transport`]: authenticated, multiplexed TCP between nodes and clients; [`tls`] its
+//!   certificates.
 //! - [`error`]: the errors of the public API.
 //! - [`metrics`]: the Prometheus endpoint and what it reports.
 //! - [`recover`]: forming a new cluster from a survivor after a quorum was lost for good.
+//!
+//! Private modules (the node's machinery; their types that users need are exported from the
+//! root: [`ConsensusConfig`], [`NodeInfo`], [`LeaseConfig`], [`Handoff`]):
+//! - `router`: key → shard → local shard actor, the lock-free routing table.
+//! - `ledger`: where each shard's state is during planned moves, as a pure state machine the
+//!   router and the router actor drive.
+//! - `consensus`: openraft replicating the cluster state; the consensus actor.
+//! - `lease`: the lease rules (who may serve, when a silent node's shards may move), pure.
+//! - `wire`: the node protocol carried by the transport; `codec`: the one wire and disk format.
+//! - `handoff`, `lease_task`, `service`, `tasks`: handoff rounds, lease renewal, the node's
+//!   request service, the node's task set.
+//!
+//! The design notes in the guide give the module map and which module may use which.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -82,20 +90,20 @@ extern crate self as clusterfunk;
 pub mod admin;
 pub mod client;
 pub mod cluster;
-pub mod codec;
-pub mod consensus;
+mod codec;
+mod consensus;
 pub mod error;
 // Not a public API: the decoders for the fuzz targets (tests/fuzz) and tests/decoders.rs.
 #[doc(hidden)]
 pub mod fuzzing;
 mod handoff;
-pub mod lease;
+mod lease;
 mod lease_task;
 mod ledger;
 pub mod metrics;
 pub mod plan;
 pub mod recover;
-pub mod router;
+mod router;
 mod service;
 pub mod shard;
 pub mod shard_map;
@@ -103,7 +111,7 @@ pub mod storage;
 mod tasks;
 pub mod tls;
 pub mod transport;
-pub mod wire;
+mod wire;
 
 pub use cluster::{Cluster, ClusterBuilder, GracefulShutdown, Node, NodeConfig, NodeStatus};
 pub use consensus::{ConsensusConfig, MemberListError, NodeInfo};
@@ -142,6 +150,17 @@ pub mod prelude {
         ShardHandler, ShardId, ShardMessage,
     };
     pub use serde::{Deserialize, Serialize};
+}
+
+/// The wire protocol and the replicated state's types, for this repository's own protocol tests,
+/// fuzz targets and benches (they speak the protocol byte by byte). Not public API: may change
+/// in any release; applications use [`Node`], [`client::Client`] and [`admin::AdminClient`].
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::codec::{decode, encode};
+    pub use crate::consensus::{ClusterState, TypeConfig};
+    pub use crate::lease::RenewLease;
+    pub use crate::wire::{Request, Response};
 }
 
 /// Items the macros expand to. Not public API: may change in any release.

@@ -96,7 +96,7 @@ pub enum Request {
         bytes: Vec<u8>,
     },
     /// The routing information, as soon as the node's map is newer than `epoch` (or after
-    /// [`WATCH_HOLD`] without a change): clients hold one open to learn map changes promptly,
+    /// `WATCH_HOLD` without a change): clients hold one open to learn map changes promptly,
     /// so requests to a shard whose owner failed follow the shard.
     WatchRouting {
         /// The map epoch the client already has.

@@ -54,8 +54,8 @@ fn seeds_are_real_messages_that_decode_without_panicking() {
 #[test]
 fn seeds_decode_as_the_messages_they_encode() {
     use clusterfunk::admin::{AdminError, AdminRequest, AdminResponse};
-    use clusterfunk::codec::decode;
-    use clusterfunk::wire::{Request, Response};
+    use clusterfunk::internals::decode;
+    use clusterfunk::internals::{Request, Response};
     for seed in Target::Wire.seeds() {
         assert!(
             decode::<Request>(&seed).is_ok() || decode::<Response>(&seed).is_ok(),
@@ -205,7 +205,7 @@ fn response_nesting_errors(levels: usize) -> Vec<u8> {
             source: StorageIOError::read(AnyError::error(String::from_utf8_lossy(MARKER))),
         },
     ))));
-    let bytes = clusterfunk::codec::encode(&response).expect("encodes");
+    let bytes = clusterfunk::internals::encode(&response).expect("encodes");
     // The AnyError as encoded: typ None, the message's length and bytes, source None,
     // context empty, backtrace None.
     let at = bytes
@@ -230,7 +230,7 @@ fn response_nesting_errors(levels: usize) -> Vec<u8> {
 #[test]
 fn a_response_nesting_a_few_errors_is_decoded_or_refused_without_panicking() {
     let bytes = response_nesting_errors(8);
-    let _ = clusterfunk::codec::decode::<clusterfunk::wire::Response>(&bytes);
+    let _ = clusterfunk::internals::decode::<clusterfunk::internals::Response>(&bytes);
     Target::Wire.run(&bytes);
 }
 

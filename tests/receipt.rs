@@ -17,8 +17,8 @@ mod inproc;
 use std::time::{Duration, Instant};
 
 use clusterfunk::admin::AdminRequest;
+use clusterfunk::internals::{Request, Response};
 use clusterfunk::transport::{Transport, TransportConfig};
-use clusterfunk::wire::{Request, Response};
 use clusterfunk::{NodeId, ShardId};
 use inproc::{Get, Put, TestCluster, DEADLINE, SHARD_COUNT};
 use openraft::raft::VoteRequest;
@@ -50,13 +50,13 @@ async fn ask_for_vote(cluster: &TestCluster, voter: NodeId, term: u64) -> Option
             u64::MAX / 2,
         )),
     });
-    let payload = clusterfunk::codec::encode(&request).expect("a vote request encodes");
+    let payload = clusterfunk::internals::encode(&request).expect("a vote request encodes");
     let bytes = transport
         .request_node(voter, cluster.addr(voter), payload, Duration::from_secs(5))
         .await
         .ok()?;
     let arrived = Instant::now();
-    match clusterfunk::codec::decode::<Response>(&bytes).ok()? {
+    match clusterfunk::internals::decode::<Response>(&bytes).ok()? {
         Response::Vote {
             result: Ok(response),
             since_contact,

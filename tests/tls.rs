@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use clusterfunk::admin::{AdminClient, AdminError, AdminRequest, AdminResponse};
 use clusterfunk::client::Client;
+use clusterfunk::internals::{Request, Response};
 use clusterfunk::prelude::*;
 use clusterfunk::tls::certs::{self, NodeSpec};
 use clusterfunk::tls::TlsConfig;
 use clusterfunk::transport::{Secret, Transport, TransportConfig, TransportError};
-use clusterfunk::wire::{Request, Response};
 use clusterfunk::NodeInfo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -245,14 +245,14 @@ fn a_tls_cluster_serves_clients_and_their_certificates_decide_what_they_may_do()
                 forwarded: true,
             },
         ] {
-            let payload = clusterfunk::codec::encode(&request).expect("encodes");
+            let payload = clusterfunk::internals::encode(&request).expect("encodes");
             match raw.request(addr(1), payload, DEADLINE).await {
                 Err(TransportError::Remote { reason }) => {
                     assert!(reason.contains("not authorized"), "{reason}")
                 }
                 Ok(answer) => panic!(
                     "a client certificate was served as a node: {:?}",
-                    clusterfunk::codec::decode::<Response>(&answer).map(|_| "a response")
+                    clusterfunk::internals::decode::<Response>(&answer).map(|_| "a response")
                 ),
                 Err(other) => panic!("expected a refusal, got {other}"),
             }
@@ -285,7 +285,7 @@ fn a_tls_cluster_serves_clients_and_their_certificates_decide_what_they_may_do()
                 "not a member",
             ),
             (
-                Request::RenewLease(clusterfunk::lease::RenewLease {
+                Request::RenewLease(clusterfunk::internals::RenewLease {
                     node: 3,
                     epoch: 1,
                     incarnation: 1,
@@ -294,7 +294,7 @@ fn a_tls_cluster_serves_clients_and_their_certificates_decide_what_they_may_do()
                 "not a member",
             ),
         ] {
-            let payload = clusterfunk::codec::encode(&request).expect("encodes");
+            let payload = clusterfunk::internals::encode(&request).expect("encodes");
             match rogue.request(addr(2), payload, DEADLINE).await {
                 Err(TransportError::Remote { reason }) => {
                     assert!(reason.contains(expected), "{reason}")

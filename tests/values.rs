@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use clusterfunk::consensus::{ClusterState, TypeConfig};
+use clusterfunk::internals::{ClusterState, TypeConfig};
 use clusterfunk::shard_map::{shard_for, Epoch};
 use clusterfunk::storage::{LmdbStore, StoreOptions};
 use clusterfunk::{Error, NodeId, ServeEvent, ServeEventKind, ShardId};

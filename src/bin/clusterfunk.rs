@@ -864,8 +864,8 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
 mod recover {
     use std::path::Path;
 
-    use clusterfunk::consensus::NodeInfo;
     use clusterfunk::recover::{force_new_cluster, inspect, Inspection};
+    use clusterfunk::NodeInfo;
 
     /// What the subcommand was given.
     pub struct Args<'a> {

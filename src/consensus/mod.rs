@@ -347,6 +347,7 @@ impl Consensus {
 
     /// Lease renewals this node is answering now (as leader). Each ends within the renew period,
     /// and at most [`RENEWALS_IN_FLIGHT_MAX`] are admitted at once.
+    #[cfg(test)]
     pub fn renewals_in_flight(&self) -> usize {
         self.renewals.in_flight.load(Ordering::Acquire)
     }

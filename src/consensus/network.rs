@@ -34,6 +34,7 @@ pub struct Network {
 
 impl Network {
     /// A network sending over `transport`, with evidence of its own.
+    #[cfg(test)]
     pub fn new(transport: Transport) -> Self {
         Self::with_contact(transport, Arc::default())
     }

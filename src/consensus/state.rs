@@ -294,7 +294,7 @@ pub enum CommandResponse {
 /// fencing token handlers see.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
-    /// The shard count, once the first leader wrote [`Command::Init`].
+    /// The shard count, once the first leader wrote `Command::Init`.
     pub shard_count: Option<u32>,
     /// Every member (voter or learner), by id.
     pub members: BTreeMap<NodeId, MemberRecord>,
