@@ -124,14 +124,17 @@ fn a_stopped_node_leaves_no_task_behind() {
         for node in &nodes {
             node.shutdown().await;
         }
-        drop(nodes);
+        // The node handles are still held: a task that ended only once a handle was dropped
+        // (a `Weak` failing to upgrade) would still count here.
         // Tasks a connection spawned end once its peer's end closed, which the shutdowns above
         // did; nothing announces it, so the count is read until it drops, within a bound.
         let deadline = Instant::now() + DEADLINE;
         while alive() > before && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        (before, alive())
+        let after = alive();
+        drop(nodes);
+        (before, after)
     });
     assert_eq!(
         after, before,

@@ -11,9 +11,10 @@
 //!
 //! It runs on the node's arbiter under actix's [`Supervisor`]: a handler that panics stops the
 //! actor, and the supervisor starts it again with the same value ([`Supervised::restarting`]),
-//! so what it remembers across rounds survives. A handoff round lends that memory
-//! ([`HandoffBook`]) by value and a round that panics hands back the copy taken before it; the
-//! ledger's own events apply by value too ([`crate::ledger::apply`]). The rounds' I/O runs as
+//! so what it remembers across rounds survives. A handoff round borrows that memory
+//! ([`HandoffBook`]) by value; a round that panics gives back the copy taken before it, and a
+//! restart does not abort a round in flight (its ledger steps finish; it reports to the restarted
+//! actor). The ledger's own events apply by value too ([`crate::ledger::apply`]). The rounds' I/O runs as
 //! tasks of the node ([`crate::tasks::NodeTasks`]) on the node's runtime, beside its
 //! connections; [`Node::shutdown`](super::Node::shutdown) stops the actor, then the tasks.
 
@@ -54,6 +55,12 @@ enum Change {
     RaftEnded,
 }
 
+/// A handoff round ended: its book and whether some move must be tried again, or `None` if it
+/// panicked.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct RoundEnded(Option<(HandoffBook, bool)>);
+
 /// Stops the router actor for good (the node shuts down).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
@@ -78,8 +85,13 @@ pub(super) struct RouterActor<H: ShardHandler> {
     stopped_following: bool,
     /// The handoff rounds' memory; `None` while a round has it.
     book: Option<HandoffBook>,
-    /// The round in flight: its task, and the memory as it was before the round.
-    round: Option<(tokio::task::AbortHandle, HandoffBook)>,
+    /// The memory as it was before the round in flight, for a round that panics.
+    book_before_round: Option<HandoffBook>,
+    /// The pending retry of a round that must try again, if armed.
+    retry_timer: Option<actix::SpawnHandle>,
+    /// The applied index the last round was started for: rounds start when the applied state
+    /// changed (or on retry), not on every tick of raft's metrics.
+    round_applied: Option<Option<u64>>,
     /// A change arrived while a round ran: run another one after it.
     round_again: bool,
     /// The node shuts down: the supervisor must not start the actor again.
@@ -91,6 +103,8 @@ pub(super) struct RouterActor<H: ShardHandler> {
     done: Option<oneshot::Sender<()>>,
     /// How often the supervisor restarted the actor after a panic.
     restarts: u64,
+    /// Handoff rounds started.
+    rounds: u64,
 }
 
 /// The node's handle on its router actor.
@@ -130,13 +144,16 @@ impl<H: ShardHandler> RouterActor<H> {
             follower: Follower::new(),
             stopped_following: false,
             book: Some(HandoffBook::default()),
-            round: None,
+            book_before_round: None,
+            retry_timer: None,
+            round_applied: None,
             round_again: false,
             stopping: false,
             undraining: false,
             undrain_not_before: None,
             done: Some(done_tx),
             restarts: 0,
+            rounds: 0,
         });
         RouterActorHandle { addr, done }
     }
@@ -163,7 +180,17 @@ impl<H: ShardHandler> RouterActor<H> {
     /// looks at the undrain.
     fn on_change(&mut self, ctx: &mut Context<Self>) {
         self.follow();
-        self.start_round(ctx);
+        let applied = self
+            .parts
+            .consensus
+            .applied()
+            .last_applied
+            .as_ref()
+            .map(|l| l.index);
+        if self.round_applied != Some(applied) {
+            self.round_applied = Some(applied);
+            self.start_round(ctx);
+        }
         self.look_at_undrain(ctx);
     }
 
@@ -194,17 +221,22 @@ impl<H: ShardHandler> RouterActor<H> {
         }
     }
 
-    /// Starts a handoff round unless one runs (then another follows it).
+    /// Starts a handoff round unless one runs (then another follows it). The round runs as a
+    /// node task and reports its end with [`RoundEnded`] through a weak address: a restart of
+    /// this actor neither aborts it (its shards' ledger steps finish) nor overlaps it with
+    /// another (the book is out until it ends).
     fn start_round(&mut self, ctx: &mut Context<Self>) {
         let Some(book) = self.book.take() else {
             self.round_again = true;
             return;
         };
         self.round_again = false;
-        let before = book.clone();
+        self.rounds += 1;
+        self.book_before_round = Some(book.clone());
         let (router, consensus) = (self.parts.router.clone(), self.parts.consensus.clone());
         let (deactivate_timeout, stuck_after) =
             (self.parts.config.deactivate_timeout, self.parts.stuck_after);
+        let actor = ctx.address().downgrade();
         let round = async move {
             let mut book = book;
             let Some(router) = router.upgrade() else {
@@ -220,41 +252,23 @@ impl<H: ShardHandler> RouterActor<H> {
             .await;
             (book, retry)
         };
-        let task = self
-            .parts
-            .consensus
-            .tasks()
-            .spawn_with_result(AssertUnwindSafe(round).catch_unwind());
-        self.round = Some((task.abort_handle(), before.clone()));
-        ctx.spawn(task.into_actor(self).map(move |ended, actor, ctx| {
-            actor.round = None;
-            match ended {
-                Ok(Some(Ok((book, retry)))) => {
-                    actor.book = Some(book);
-                    if retry {
-                        ctx.run_later(handoff::RETRY, |actor, ctx| {
-                            actor.guarded(ctx, "starting a handoff round", Self::start_round)
-                        });
-                    }
-                    if actor.round_again {
-                        actor.guarded(ctx, "starting a handoff round", Self::start_round);
-                    }
-                }
-                // The node shuts down: its tasks were cancelled.
-                Ok(None) => actor.book = Some(before),
-                Ok(Some(Err(_))) | Err(_) => {
-                    // The round panicked (or its task did): its memory goes back to where it was
-                    // before the round, and the next change starts another.
-                    tracing::error!(
-                        node = actor.parts.consensus.node_id(),
-                        "a handoff round panicked; its moves are retried"
-                    );
-                    actor.book = Some(before);
-                    ctx.run_later(handoff::RETRY, |actor, ctx| {
-                        actor.guarded(ctx, "starting a handoff round", Self::start_round)
-                    });
-                }
+        let ended = async move {
+            let outcome = AssertUnwindSafe(round).catch_unwind().await.ok();
+            if let Some(actor) = actor.upgrade() {
+                actor.do_send(RoundEnded(outcome));
             }
+        };
+        self.parts.consensus.tasks().spawn(ended);
+    }
+
+    /// Arms the retry timer unless it is armed already: one pending retry at most.
+    fn retry_later(&mut self, ctx: &mut Context<Self>) {
+        if self.retry_timer.is_some() {
+            return;
+        }
+        self.retry_timer = Some(ctx.run_later(handoff::RETRY, |actor, ctx| {
+            actor.retry_timer = None;
+            actor.guarded(ctx, "starting a handoff round", Self::start_round)
         }));
     }
 
@@ -323,9 +337,13 @@ impl<H: ShardHandler> Actor for RouterActor<H> {
 }
 
 impl<H: ShardHandler> Supervised for RouterActor<H> {
-    /// After a panic: the table is installed again from the applied state, and a round that was
-    /// in flight is over (its memory came back, or is taken from before it).
+    /// After a panic: the table is installed again from the applied state and a round starts
+    /// again (after the one in flight, if any, reported its end).
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        if self.stopping {
+            // `Stop` was handled before the node dropped its address: not a panic.
+            return;
+        }
         self.restarts += 1;
         tracing::warn!(
             node = self.parts.consensus.node_id(),
@@ -333,13 +351,9 @@ impl<H: ShardHandler> Supervised for RouterActor<H> {
             "router actor restarted after a panic"
         );
         self.follower.forget();
-        if let Some((task, before)) = self.round.take() {
-            task.abort();
-            self.book = Some(before);
-        }
-        if self.book.is_none() {
-            self.book = Some(HandoffBook::default());
-        }
+        // A round in flight goes on and reports its end to this same actor; timers are gone.
+        self.retry_timer = None;
+        self.round_applied = None;
         self.undraining = false;
     }
 }
@@ -364,6 +378,35 @@ impl<H: ShardHandler> StreamHandler<Change> for RouterActor<H> {
 
     /// Consensus is gone (the node shuts down): nothing more comes.
     fn finished(&mut self, _ctx: &mut Context<Self>) {}
+}
+
+impl<H: ShardHandler> Handler<RoundEnded> for RouterActor<H> {
+    type Result = ();
+
+    fn handle(&mut self, RoundEnded(outcome): RoundEnded, ctx: &mut Context<Self>) {
+        let before = self.book_before_round.take();
+        match outcome {
+            Some((book, retry)) => {
+                self.book = Some(book);
+                if retry {
+                    self.retry_later(ctx);
+                }
+            }
+            None => {
+                // The round panicked: its memory goes back to where it was before the round
+                // (the ledger's own events apply by value), and it is tried again.
+                tracing::error!(
+                    node = self.parts.consensus.node_id(),
+                    "a handoff round panicked; its moves are retried"
+                );
+                self.book = Some(before.unwrap_or_default());
+                self.retry_later(ctx);
+            }
+        }
+        if self.round_again {
+            self.guarded(ctx, "starting a handoff round", Self::start_round);
+        }
+    }
 }
 
 impl<H: ShardHandler> Handler<Stop> for RouterActor<H> {
@@ -423,9 +466,10 @@ mod tests {
     #[rtype(result = "()")]
     struct PanicInAStep;
 
-    /// What the actor holds: its restarts, and whether the handoff rounds' memory is home.
+    /// What the actor holds: its restarts, whether the handoff rounds' memory is home (or lent
+    /// to a round in flight), and the rounds it started.
     #[derive(Message)]
-    #[rtype(result = "(u64, bool)")]
+    #[rtype(result = "(u64, bool, u64)")]
     struct Inspect;
 
     impl<H: ShardHandler> Handler<PanicInAStep> for RouterActor<H> {
@@ -442,7 +486,8 @@ mod tests {
         type Result = actix::MessageResult<Inspect>;
 
         fn handle(&mut self, _: Inspect, _: &mut Context<Self>) -> Self::Result {
-            actix::MessageResult((self.restarts, self.book.is_some() || self.round.is_some()))
+            let book = self.book.is_some() || self.book_before_round.is_some();
+            actix::MessageResult((self.restarts, book, self.rounds))
         }
     }
 
@@ -512,15 +557,73 @@ mod tests {
             .as_ref()
             .map(|handle| handle.addr.clone())
             .expect("a clustered node has a router actor");
-        assert_eq!(actor.send(Inspect).await.expect("alive"), (0, true));
+        let (restarts, book, rounds) = actor.send(Inspect).await.expect("alive");
+        assert_eq!((restarts, book), (0, true));
+        assert!(rounds > 0, "the applied states started handoff rounds");
 
         actor.send(PanicInAStep).await.expect("the step ran");
         // The supervisor started the same actor value again: its count and its memory are there.
-        let (restarts, book) = actor.send(Inspect).await.expect("restarted, not gone");
+        let (restarts, book, _) = actor.send(Inspect).await.expect("restarted, not gone");
         assert_eq!(restarts, 1);
         assert!(book, "the handoff rounds' memory survived the restart");
         // It follows consensus again (its table was installed anew) and the shard kept its state.
         assert_eq!(incr_until_served(&node, "a").await, 2);
+        drop(actor);
+        node.shutdown().await;
+    }
+
+    #[actix_rt::test]
+    async fn an_idle_node_starts_no_handoff_rounds_on_raft_heartbeats() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a loopback port");
+        let members = BTreeMap::from([(
+            1,
+            NodeInfo {
+                addr: addr.to_string(),
+                zone: None,
+            },
+        )]);
+        let node = Cluster::builder()
+            .node_id(1)
+            .shards(8)
+            .listen(addr)
+            .cluster_name("router-actor-idle")
+            .handler::<Counters>()
+            .in_memory_for_tests()
+            .insecure()
+            .lease(LeaseConfig::fast())
+            .consensus(ConsensusConfig::fast())
+            .initial_members(members)
+            .start()
+            .await
+            .expect("node starts");
+        incr_until_served(&node, "a").await;
+        let actor = node
+            .inner
+            .router_actor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|handle| handle.addr.clone())
+            .expect("a clustered node has a router actor");
+        let consensus = node.inner.consensus.clone().expect("clustered");
+        let applied = || consensus.applied().last_applied.as_ref().map(|l| l.index);
+        // Raft's metrics change on every heartbeat (each 50 ms or so here); over 20 of them, an
+        // idle node with an unchanged applied state starts no round (each used to start one, and
+        // each round's retry timer could pile up).
+        let (index, (_, _, rounds)) = (applied(), actor.send(Inspect).await.expect("alive"));
+        let mut ticks = consensus.raft().metrics();
+        for _ in 0..20 {
+            let _ = tokio::time::timeout(Duration::from_secs(5), ticks.changed()).await;
+        }
+        let (_, _, rounds_after) = actor.send(Inspect).await.expect("alive");
+        if applied() == index {
+            assert_eq!(
+                rounds_after, rounds,
+                "rounds started without a new applied state"
+            );
+        }
         drop(actor);
         node.shutdown().await;
     }

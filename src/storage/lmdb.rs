@@ -548,7 +548,11 @@ impl StreamHandler<Vec<WriteJob>> for StorageActor {
             Some(cause) => Err(StorageError::Stopped {
                 cause: Box::new(cause.clone()),
             }),
-            None => commit_batch(&self.env, self.dbs, &self.committed, &batch),
+            None => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                commit_batch(&self.env, self.dbs, &self.committed, &batch)
+            }))
+            // A panic while committing (a bug) aborted the transaction: the writer cannot go on.
+            .unwrap_or(Err(StorageError::WriterGone)),
         };
         if let (Err(error), None) = (&result, &self.failure) {
             tracing::error!(%error, "storage write failed; refusing all further writes");
