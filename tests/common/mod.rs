@@ -26,6 +26,8 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::Value;
 use tempfile::TempDir;
 
+pub mod checks;
+
 /// Bound on any wait for the cluster to reach a state. Far above what a passing test needs
 /// (elections take well under a second here), because CI is a busy 2-core machine.
 pub const DEADLINE: Duration = Duration::from_secs(30);
