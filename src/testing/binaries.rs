@@ -112,6 +112,15 @@ pub fn build_kv_example(
         .args(["build", "--example", "kv", "--manifest-path"])
         .arg(manifest_dir.join("Cargo.toml"))
         .stdin(Stdio::null());
+    // Under `cargo test` or `cargo run` this program runs with the variables cargo sets for a
+    // crate (CARGO_MANIFEST_DIR, CARGO_PKG_NAME, OUT_DIR, …). Build scripts that watch them
+    // (ring's does, with `rerun-if-env-changed`) would see them set here and unset in the
+    // outer build, and every build would redo theirs and all that depends on it.
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(set_by_cargo_for_crates) {
+            build.env_remove(&name);
+        }
+    }
     if release {
         build.arg("--release");
     }
@@ -124,6 +133,25 @@ pub fn build_kv_example(
     } else {
         Err(TestingError::BuildFailed(status))
     }
+}
+
+/// Whether cargo sets the variable `name` for the crate it runs (see "Environment variables
+/// Cargo sets for crates" in the Cargo book), as opposed to configuring cargo itself.
+fn set_by_cargo_for_crates(name: &str) -> bool {
+    const SET_FOR_CRATES: &[&str] = &[
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_MANIFEST_LINKS",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+        "OUT_DIR",
+    ];
+    SET_FOR_CRATES.contains(&name)
+        || name.starts_with("CARGO_PKG_")
+        || name.starts_with("CARGO_BIN_EXE_")
 }
 
 /// A source of the binary `kv` (from cargo's dep-info file beside it) that changed after the
