@@ -117,6 +117,7 @@ use clusterfunk::client::Client;
 use clusterfunk::internals as codec;
 use clusterfunk::internals::{Request, Response};
 use clusterfunk::prelude::*;
+use clusterfunk::testing::{keys_per_shard, wait_for, wait_settled, Binaries, Settled};
 use clusterfunk::tls::certs::{self, NodeSpec};
 use clusterfunk::transport::{Transport, TransportConfig};
 use clusterfunk::NodeInfo;
@@ -124,10 +125,9 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use support::{
-    check_interrupt, exit_code, fmt_ms, free_ports, interrupted, key_per_shard, lib_status,
-    load_average, ms, probe_until_ok, round3, runtime, stopped_early, wait_for, wait_settled,
-    watch_interrupt, write_json, Binaries, Harness, Launch, NodeOptions, Series, Settled,
-    POLL_TIMEOUT,
+    check_interrupt, exit_code, fmt_ms, interrupted, lib_status, load_average, ms, probe_until_ok,
+    round3, runtime, stopped_early, watch_interrupt, write_json, Harness, Launch, NodeOptions,
+    Series, POLL_TIMEOUT,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
@@ -1194,7 +1194,7 @@ async fn in_node(
     keys: Vec<String>,
     options: &Options,
 ) -> Result<Summary, String> {
-    let path = harness.node(id).data_dir.join(CONTROL_PORT_FILE);
+    let path = harness.node(id).data_dir().join(CONTROL_PORT_FILE);
     let limit = Duration::from_secs(options.deadline_secs);
     let port: u16 = wait_for(
         &format!("node {id}'s control port"),
@@ -1206,7 +1206,8 @@ async fn in_node(
                 .and_then(|text| text.trim().parse().map_err(|_| format!("`{text}`")))
         },
     )
-    .await?;
+    .await
+    .map_err(|e| e.to_string())?;
     let load = InNodeLoad {
         scenario: scenario.name().to_owned(),
         concurrency: options.concurrency,
@@ -1356,12 +1357,12 @@ impl Bench<'_> {
     fn pids(&self) -> Vec<u32> {
         let nodes = self.harness.nodes.iter().chain(&self.harness.extra);
         std::iter::once(std::process::id())
-            .chain(nodes.filter_map(|n| n.child.as_ref().map(|c| c.id())))
+            .chain(nodes.filter_map(|n| n.pid()))
             .collect()
     }
 
     fn addrs(&self) -> Vec<SocketAddr> {
-        self.harness.nodes.iter().map(|n| n.addr).collect()
+        self.harness.nodes.iter().map(|n| n.addr()).collect()
     }
 
     fn client(&self, seeds: Vec<SocketAddr>) -> Result<Client, String> {
@@ -1377,8 +1378,11 @@ impl Bench<'_> {
     /// Admin clients for every running node, initial or added.
     fn admin_clients(&self) -> Result<BTreeMap<NodeId, AdminClient>, String> {
         let mut clients = self.harness.admin_clients(POLL_TIMEOUT)?;
-        for node in self.harness.extra.iter().filter(|n| n.child.is_some()) {
-            clients.insert(node.id, self.harness.launch.admin(node.addr, POLL_TIMEOUT)?);
+        for node in self.harness.extra.iter().filter(|n| n.pid().is_some()) {
+            clients.insert(
+                node.id(),
+                self.harness.launch.admin(node.addr(), POLL_TIMEOUT)?,
+            );
         }
         Ok(clients)
     }
@@ -1392,6 +1396,7 @@ impl Bench<'_> {
             self.limit(),
         )
         .await
+        .map_err(|e| e.to_string())
     }
 
     /// The `client` load's requesters, all sending `Echo`, or with `mixed` every other one
@@ -1463,8 +1468,12 @@ impl Bench<'_> {
 
     async fn forwarded(&self) -> Result<Outcome, String> {
         let settled = self.settled(None).await?;
-        let nodes: Vec<(NodeId, SocketAddr)> =
-            self.harness.nodes.iter().map(|n| (n.id, n.addr)).collect();
+        let nodes: Vec<(NodeId, SocketAddr)> = self
+            .harness
+            .nodes
+            .iter()
+            .map(|n| (n.id(), n.addr()))
+            .collect();
         // Each key enters at the node after its owner, in id order.
         let targets: Vec<(Vec<u8>, SocketAddr)> = self
             .keys
@@ -1633,7 +1642,7 @@ impl Bench<'_> {
         let probe = self.client(
             survivors
                 .iter()
-                .map(|&id| self.harness.node(id).addr)
+                .map(|&id| self.harness.node(id).addr())
                 .collect(),
         )?;
         self.warm_up(&probe, &settled, &survivors, false).await?;
@@ -1644,7 +1653,6 @@ impl Bench<'_> {
         let (unavailable, probe_errors, t_back) = self
             .probe_shards(&probe, &shards, false, t_kill, deadline)
             .await;
-        self.harness.reap(node);
         tokio::time::sleep(MEMBERSHIP_MARGIN).await;
         check_interrupt()?;
         self.harness.start(node, true)?;
@@ -1871,7 +1879,7 @@ impl Bench<'_> {
         if kind == FaultKind::Freeze {
             return Ok(sent);
         }
-        let path = self.harness.node(node).data_dir.join(ISOLATED_FILE);
+        let path = self.harness.node(node).data_dir().join(ISOLATED_FILE);
         let wanted = faulted.to_string();
         wait_for(
             &format!("node {node} to confirm SIG{signal}"),
@@ -1885,16 +1893,14 @@ impl Bench<'_> {
                 }
             },
         )
-        .await?;
+        .await
+        .map_err(|e| e.to_string())?;
         let confirmed = Instant::now();
-        self.harness.note(
-            node,
-            &format!(
-                "confirmed {} {:.1} ms after SIG{signal}",
-                if faulted { "isolated" } else { "healed" },
-                ms(confirmed - sent)
-            ),
-        );
+        self.harness.node(node).mark(&format!(
+            "confirmed {} {:.1} ms after SIG{signal}",
+            if faulted { "isolated" } else { "healed" },
+            ms(confirmed - sent)
+        ));
         Ok(confirmed)
     }
 
@@ -2113,12 +2119,9 @@ impl Bench<'_> {
 /// share; returns its id and when the cluster settled.
 async fn add_node(bench: &mut Bench<'_>) -> Result<(NodeId, Instant), String> {
     let id = (bench.harness.nodes.len() + bench.harness.extra.len() + 1) as NodeId;
-    let port = free_ports(1, &format!("{}-{id}", bench.harness.launch.secret))?[0];
-    let mut node = bench
-        .harness
-        .slot(id, SocketAddr::from(([127, 0, 0, 1], port)));
-    let started = bench.harness.launch.start(&mut node, None);
-    let addr = node.addr;
+    let addr = bench.harness.reserve_addrs(1)?[0];
+    let node = bench.harness.slot(id, addr);
+    let started = bench.harness.launch.start(&node, None);
     bench.harness.extra.push(node);
     started?;
     let fresh = bench.harness.launch.admin(addr, POLL_TIMEOUT)?;
@@ -2128,11 +2131,13 @@ async fn add_node(bench: &mut Bench<'_>) -> Result<(NodeId, Instant), String> {
         bench.limit(),
         || lib_status(&fresh),
     )
-    .await?;
+    .await
+    .map_err(|e| e.to_string())?;
     let leader = {
         let clients = bench.harness.admin_clients(POLL_TIMEOUT)?;
         wait_settled(&clients, SHARD_COUNT, None, false, bench.limit())
-            .await?
+            .await
+            .map_err(|e| e.to_string())?
             .leader
     };
     let admin = bench.harness.admin(leader, CHANGE_TIMEOUT)?;
@@ -2261,9 +2266,7 @@ impl FaultKind {
 async fn signal_node(harness: &Harness, id: NodeId, name: &str) -> Result<Instant, String> {
     let pid = harness
         .node(id)
-        .child
-        .as_ref()
-        .map(std::process::Child::id)
+        .pid()
         .ok_or(format!("node {id} is not running"))?;
     let mut kill = std::process::Command::new("kill")
         .arg(format!("-{name}"))
@@ -2280,7 +2283,7 @@ async fn signal_node(harness: &Harness, id: NodeId, name: &str) -> Result<Instan
     if !status.success() {
         return Err(format!("kill -{name} {pid} (node {id}) failed: {status}"));
     }
-    harness.note(id, &format!("sent SIG{name}"));
+    harness.node(id).mark(&format!("sent SIG{name}"));
     Ok(at)
 }
 
@@ -2487,7 +2490,7 @@ async fn measure(
     let mut bench = Bench {
         harness,
         options,
-        keys: Arc::new(key_per_shard(SHARD_COUNT)?),
+        keys: Arc::new(keys_per_shard("key", SHARD_COUNT).ok_or("no key found for some shard")?),
         payload: vec![7u8; options.payload_bytes],
     };
     if wanted.iter().any(|s| *s != Scenario::RawTcp) {
@@ -2502,6 +2505,7 @@ async fn measure(
             limit,
         )
         .await
+        .map_err(|e| e.to_string())
         .inspect_err(|_| bench.harness.print_log_tails(&[]))?;
         println!(
             "{} nodes up and settled in {:.0} ms",
@@ -2856,19 +2860,15 @@ fn run(options: Options) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
     let mut launch = Launch::new(PROGRAM, Binaries::node_program(exe), &options.node)?;
     launch.insecure = options.insecure;
-    let addrs: Vec<SocketAddr> = free_ports(options.nodes, &launch.secret)?
-        .into_iter()
-        .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
-        .collect();
-    let mut harness = Harness::new(launch, addrs.clone(), options.node.keep_dir)?;
+    let mut harness = Harness::new(launch, options.nodes, options.node.keep_dir)?;
     if options.tls {
         let dir = harness.path().join("certs");
         let nodes: Vec<NodeSpec> = harness
             .nodes
             .iter()
             .map(|node| NodeSpec {
-                id: node.id,
-                addr: node.addr,
+                id: node.id(),
+                addr: node.addr(),
             })
             .collect();
         certs::write_cluster(&dir, CLUSTER_NAME, &nodes).map_err(|e| e.to_string())?;

@@ -46,7 +46,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -57,12 +57,14 @@ use clusterfunk::admin::{
     StatusReport,
 };
 use clusterfunk::client::Client;
+use clusterfunk::testing::{
+    self, build_kv_example, keys_per_shard, shard_owners, wait_for, Binaries, Settled,
+};
 use clusterfunk::{NodeId, ShardId};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use support::{
-    check_interrupt, exit_code, fmt_ms, free_ports, interrupted, key_per_shard, lib_status,
-    lib_statuses, runtime, shard_owners, wait_for, watch_interrupt, Binaries, Harness, Launch,
-    NodeOptions, Series, Settled, POLL_TIMEOUT,
+    check_interrupt, exit_code, fmt_ms, interrupted, lib_status, runtime, watch_interrupt, Harness,
+    Launch, NodeOptions, Series, POLL_TIMEOUT,
 };
 
 use support::kv_api::{Get, Put, WhoOwns};
@@ -242,7 +244,7 @@ fn moves(before: &[NodeId], after: &[NodeId]) -> (usize, String) {
 fn build_kv(options: &Options) -> Result<Binaries, String> {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
     if options.no_build || !manifest.is_file() {
-        return Binaries::locate(false);
+        return Binaries::beside_current_exe(false).map_err(|e| e.to_string());
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let release = !cfg!(debug_assertions);
@@ -250,25 +252,14 @@ fn build_kv(options: &Options) -> Result<Binaries, String> {
         "demo: building the kv example the nodes run: cargo build{} --example kv (quick when it is up to date)",
         if release { " --release" } else { "" }
     );
-    let mut command = Command::new(&cargo);
-    command
-        .arg("build")
-        .arg("--manifest-path")
-        .arg(&manifest)
-        .args(["--example", "kv"]);
-    if release {
-        command.arg("--release");
-    }
-    let status = command
-        .stdin(Stdio::null())
-        .status()
-        .map_err(|e| format!("cannot run cargo ({}): {e}", cargo.to_string_lossy()))?;
-    if !status.success() {
-        return Err(format!(
-            "cargo build --example kv failed ({status}); see its output above"
-        ));
-    }
-    Binaries::locate(false)
+    build_kv_example(
+        Path::new(&cargo),
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+        release,
+        false,
+    )
+    .map_err(|e| format!("{e}; see cargo's output above"))?;
+    Binaries::beside_current_exe(false).map_err(|e| e.to_string())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -447,7 +438,7 @@ async fn show_status(live: Arc<Live>, out: Out) {
     let mut last_plain = Instant::now();
     while !live.stopped() {
         let admins = lock(&live.polled).clone();
-        let statuses = lib_statuses(&admins).await;
+        let statuses = testing::statuses(&admins).await;
         let line = status_line(&live, &statuses);
         if !out.plain() {
             out.bar.set_message(line);
@@ -460,7 +451,10 @@ async fn show_status(live: Arc<Live>, out: Out) {
 }
 
 /// `2,914 req/s  p50 0.9 ms  p99 3.1 ms  failed 0 │ leader 1  term 1  epoch 2 │ nodes 1:342 …`.
-fn status_line(live: &Live, statuses: &[(NodeId, Result<StatusReport, String>)]) -> String {
+fn status_line(
+    live: &Live,
+    statuses: &[(NodeId, Result<StatusReport, testing::TestingError>)],
+) -> String {
     let now = live.micros(Instant::now());
     let since = now.saturating_sub(LIVE_WINDOW.as_micros() as u32);
     let mut recent = Series::default();
@@ -532,7 +526,9 @@ async fn wait_settled(
     draining: Option<NodeId>,
     limit: Duration,
 ) -> Result<Settled, String> {
-    support::wait_settled(admins, SHARD_COUNT, draining, true, limit).await
+    testing::wait_settled(admins, SHARD_COUNT, draining, true, limit)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Waits `time`, giving up early on Ctrl-C.
@@ -762,16 +758,9 @@ impl Story<'_> {
     /// it, or it crashed): the story cannot go on without it.
     fn check_processes(&mut self) -> Result<(), String> {
         let mut exited = Vec::new();
-        for node in self
-            .harness
-            .nodes
-            .iter_mut()
-            .chain(self.harness.extra.iter_mut())
-        {
-            if let Some(child) = node.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    exited.push(format!("node {} exited unexpectedly ({status})", node.id));
-                }
+        for node in self.harness.nodes.iter().chain(self.harness.extra.iter()) {
+            if let Ok(Some(status)) = node.exit_status() {
+                exited.push(format!("node {} exited unexpectedly ({status})", node.id()));
             }
         }
         if exited.is_empty() {
@@ -918,7 +907,7 @@ impl Story<'_> {
             .refresh()
             .await
             .map_err(|e| format!("probe client: {e}"))?;
-        let keys = key_per_shard(SHARD_COUNT)?;
+        let keys = keys_per_shard("key", SHARD_COUNT).ok_or("no key found for some shard")?;
 
         // Survivors' statuses, polled until one names a new leader.
         let new_leader: Arc<Mutex<Option<(Instant, NodeId)>>> = Arc::new(Mutex::new(None));
@@ -944,12 +933,7 @@ impl Story<'_> {
             })
             .collect();
 
-        let pid = self
-            .harness
-            .node(victim)
-            .child
-            .as_ref()
-            .map_or(0, |c| c.id());
+        let pid = self.harness.node(victim).pid().unwrap_or(0);
         self.say(format!(
             "$ kill -9 {pid}        # node {victim}, the leader, owning {} shards",
             before.owners.iter().filter(|&&o| o == victim).count()
@@ -980,7 +964,6 @@ impl Story<'_> {
         for watcher in &watchers {
             watcher.abort();
         }
-        self.harness.reap(victim);
         check_interrupt()?;
         if !errors.is_empty() {
             self.harness.print_log_tails(&survivors);
@@ -1020,7 +1003,9 @@ impl Story<'_> {
             fmt_ms(moved_back.quantile(1.0)),
         ));
         // The map the probes were answered by, from a survivor.
-        let after = shard_owners(&admins[&survivors[0]], SHARD_COUNT).await?;
+        let after = shard_owners(&admins[&survivors[0]], SHARD_COUNT)
+            .await
+            .map_err(|e| e.to_string())?;
         let (moved, detail) = moves(&before.owners, &after);
         self.say(format!("{moved} shards moved: {detail}"));
         self.owners_before_restart = after;
@@ -1039,7 +1024,7 @@ impl Story<'_> {
         self.say(format!(
             "$ kv serve --id {node} --listen {} --data-dir {}        # no --init: its data dir holds the cluster",
             self.members[&node],
-            self.harness.node(node).data_dir.display()
+            self.harness.node(node).data_dir().display()
         ));
         let admins = self.admins(POLL_TIMEOUT)?;
         let settled = wait_settled(&admins, None, self.limit())
@@ -1067,8 +1052,8 @@ impl Story<'_> {
             .spare
             .get(&id)
             .ok_or(format!("no address for node {id}"))?;
-        let mut node = self.harness.slot(id, addr);
-        let started = self.harness.launch.start(&mut node, None);
+        let node = self.harness.slot(id, addr);
+        let started = self.harness.launch.start(&node, None);
         self.harness.extra.push(node);
         started?;
         self.say(format!(
@@ -1081,7 +1066,8 @@ impl Story<'_> {
             limit,
             || lib_status(&fresh),
         )
-        .await?;
+        .await
+        .map_err(|e| e.to_string())?;
         let admins = self.admins(POLL_TIMEOUT)?;
         let before = wait_settled(&admins, None, limit).await?;
 
@@ -1327,12 +1313,9 @@ fn run(options: Options) -> Result<(), String> {
     check_interrupt()?;
     let launch = Launch::new(PROGRAM, bins, &options.node)?;
     let count = INITIAL_NODES as usize + JOINING.len();
-    let addrs: Vec<SocketAddr> = free_ports(count, &launch.secret)?
-        .into_iter()
-        .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
-        .collect();
-    let (first, later) = addrs.split_at(INITIAL_NODES as usize);
-    let mut harness = Harness::new(launch, first.to_vec(), options.node.keep_dir)?;
+    let mut harness = Harness::new(launch, INITIAL_NODES as usize, options.node.keep_dir)?;
+    let first: Vec<SocketAddr> = harness.nodes.iter().map(|node| node.addr()).collect();
+    let later = harness.reserve_addrs(count - first.len())?;
     let out = Out::new(options.plain);
     out.line(format!(
         "clusterfunk demo: a kv cluster on this machine, data dirs and node logs in {}",

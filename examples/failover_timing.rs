@@ -52,12 +52,13 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use clusterfunk::admin::{AdminClient, AdminRequest, AdminResponse};
 use clusterfunk::client::Client;
+use clusterfunk::testing::{self, keys_per_shard, Binaries, Settled};
 use clusterfunk::{ConsensusConfig, LeaseConfig, NodeId};
 use serde_json::{json, Value};
 use support::{
-    check_interrupt, exit_code, fmt_ms, free_ports, key_per_shard, lib_status, load_average, ms,
-    probe_until_ok, round3, runtime, stopped_early, utc_now, watch_interrupt, write_json, Binaries,
-    Harness, Launch, NodeOptions, Series, Settled, SummaryTable, POLL_TIMEOUT,
+    check_interrupt, exit_code, fmt_ms, lib_status, load_average, ms, probe_until_ok, round3,
+    runtime, stopped_early, utc_now, watch_interrupt, write_json, Harness, Launch, NodeOptions,
+    Series, SummaryTable, POLL_TIMEOUT,
 };
 
 use support::kv_api::{Get, Put};
@@ -122,7 +123,7 @@ struct Options {
 
 /// A shard client seeded with nodes `ids`.
 fn shard_client(harness: &Harness, ids: &[NodeId]) -> Result<Client, String> {
-    let seeds: Vec<SocketAddr> = ids.iter().map(|&id| harness.node(id).addr).collect();
+    let seeds: Vec<SocketAddr> = ids.iter().map(|&id| harness.node(id).addr()).collect();
     let secret = harness.launch.secret()?;
     Client::with_config(seeds, secret, "clusterfunk", REQUEST_TIMEOUT).map_err(|e| e.to_string())
 }
@@ -130,14 +131,16 @@ fn shard_client(harness: &Harness, ids: &[NodeId]) -> Result<Client, String> {
 // ---------------------------------------------------------------------------------------------
 // Waiting for the cluster
 
-/// Waits until the cluster is at rest ([`support::wait_settled`] over every node).
+/// Waits until the cluster is at rest ([`testing::wait_settled`] over every node).
 async fn wait_settled(
     harness: &Harness,
     draining: Option<NodeId>,
     limit: Duration,
 ) -> Result<Settled, String> {
     let clients = harness.admin_clients(POLL_TIMEOUT)?;
-    support::wait_settled(&clients, SHARD_COUNT, draining, false, limit).await
+    testing::wait_settled(&clients, SHARD_COUNT, draining, false, limit)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -533,7 +536,6 @@ async fn time_kill(
         }
     }
     let (down_at, leader_at) = *lock(&marks);
-    harness.reap(node);
     check_interrupt()?;
 
     let t_restart = Instant::now();
@@ -645,7 +647,7 @@ async fn time_drain(
     tokio::time::sleep(DRAIN_MARGIN).await;
 
     let admin = harness.admin(settled.leader, DRAIN_TIMEOUT)?;
-    harness.note(node, "drain");
+    harness.node(node).mark("drain");
     let t_start = Instant::now();
     let drained = admin.request(AdminRequest::Drain { id: node }).await;
     let drain_ms = ms(t_start.elapsed());
@@ -689,7 +691,7 @@ async fn time_drain(
     }
     settle?;
 
-    harness.note(node, "undrain");
+    harness.node(node).mark("undrain");
     let t_undrain = Instant::now();
     drain.t_undrain = t_undrain;
     match admin.request(AdminRequest::Undrain { id: node }).await {
@@ -732,7 +734,7 @@ async fn measure(
         options.clients
     );
 
-    let keys = Arc::new(key_per_shard(SHARD_COUNT)?);
+    let keys = Arc::new(keys_per_shard("key", SHARD_COUNT).ok_or("no key found for some shard")?);
     let stop = Arc::new(AtomicBool::new(false));
     let mut load_tasks = Vec::new();
     for index in 0..options.clients {
@@ -1113,14 +1115,10 @@ fn write_csv(path: &Path, records: &[Record]) -> Result<(), String> {
 }
 
 fn run(options: Options) -> Result<(), String> {
-    let bins = Binaries::locate(false)?;
+    let bins = Binaries::beside_current_exe(false).map_err(|e| e.to_string())?;
     watch_interrupt(PROGRAM);
     let launch = Launch::new(PROGRAM, bins, &options.node)?;
-    let addrs = free_ports(NODES as usize, &launch.secret)?
-        .into_iter()
-        .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
-        .collect();
-    let mut harness = Harness::new(launch, addrs, options.node.keep_dir)?;
+    let mut harness = Harness::new(launch, NODES as usize, options.node.keep_dir)?;
     println!(
         "failover_timing: 3 nodes, {} follower kills and {} leader kills{}; nodes in {} (RUST_LOG={}); load average {}",
         options.kills,

@@ -33,7 +33,7 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,14 +42,15 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use clusterfunk::admin::{AdminClient, AdminRequest, AdminResponse, NodeState, StatusReport};
+use clusterfunk::testing::{self, wait_for, Binaries};
 use clusterfunk::transport::SECRET_ENV_VAR;
 use clusterfunk::ConsensusConfig;
 use clusterfunk::NodeId;
 use serde_json::{json, Value};
 use support::{
-    check_interrupt, exit_code, fmt_ms, lib_status, lib_statuses, load_average, ms, round3,
-    runtime, stopped_early, utc_now, wait_for, watch_interrupt, write_json, Binaries, Harness,
-    Launch, NodeOptions, Series, SummaryTable, POLL_TIMEOUT,
+    check_interrupt, exit_code, fmt_ms, lib_status, load_average, ms, round3, runtime,
+    stopped_early, utc_now, watch_interrupt, write_json, Harness, Launch, NodeOptions, Series,
+    SummaryTable, POLL_TIMEOUT,
 };
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -326,15 +327,6 @@ struct Results {
     error: Option<String>,
 }
 
-/// A port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> Result<SocketAddr, String> {
-    let listener =
-        TcpListener::bind("127.0.0.1:0").map_err(|e| format!("cannot find a free port: {e}"))?;
-    listener
-        .local_addr()
-        .map_err(|e| format!("cannot find a free port: {e}"))
-}
-
 /// One node's status through `clusterfunk --node ADDR --json status` (one process spawn).
 fn cli_status(cli: &Path, addr: SocketAddr, secret: &str) -> Result<StatusReport, String> {
     let output = Command::new(cli)
@@ -364,8 +356,8 @@ async fn find_leader_cli(harness: &Harness, limit: Duration) -> Result<(NodeId, 
                 .iter()
                 .filter_map(|&id| {
                     let status = cli_status(
-                        &harness.launch.bins.cli,
-                        harness.node(id).addr,
+                        &harness.launch.bins.clusterfunk,
+                        harness.node(id).addr(),
                         &harness.launch.secret,
                     );
                     status.ok().map(|s| (id, s))
@@ -382,6 +374,7 @@ async fn find_leader_cli(harness: &Harness, limit: Duration) -> Result<(NodeId, 
         },
     )
     .await
+    .map_err(|e| e.to_string())
 }
 
 /// Waits until the cluster is settled, as the library sees it: every voter serves and names one
@@ -404,7 +397,7 @@ async fn wait_settled(
         None => "every voter to follow one leader with its whole log applied".to_string(),
     };
     wait_for(&what, Duration::from_millis(10), limit, || async move {
-        let answers = lib_statuses(clients).await;
+        let answers = testing::statuses(clients).await;
         let mut statuses = BTreeMap::new();
         let mut problems = Vec::new();
         for (id, answer) in answers {
@@ -440,6 +433,7 @@ async fn wait_settled(
         }
     })
     .await
+    .map_err(|e| e.to_string())
 }
 
 /// Polls one survivor through the library every `every` until aborted.
@@ -527,14 +521,14 @@ impl Pollers {
             rx,
         };
         for &id in survivors {
-            let addr = harness.node(id).addr;
+            let addr = harness.node(id).addr();
             let client = harness.admin(id, POLL_TIMEOUT)?;
             pollers
                 .tasks
                 .push(tokio::spawn(poll_library(client, id, every, tx.clone())));
             if !cli_every.is_zero() {
                 let (cli, secret) = (
-                    harness.launch.bins.cli.clone(),
+                    harness.launch.bins.clusterfunk.clone(),
                     harness.launch.secret.clone(),
                 );
                 let (stop, tx) = (stop.clone(), tx.clone());
@@ -645,7 +639,6 @@ async fn time_failover(
         }
     }
     pollers.stop();
-    harness.reap(leader);
     if interrupted {
         return Err("interrupted".into());
     }
@@ -733,7 +726,8 @@ async fn time_failover(
             }
         },
     )
-    .await;
+    .await
+    .map_err(|e| e.to_string());
     let settled = match rejoin {
         Ok(()) => {
             failover.rejoin_ms = Some(ms(restarted.elapsed()));
@@ -764,9 +758,9 @@ async fn time_change(
     learner: bool,
 ) -> Result<(Result<f64, String>, Result<f64, String>), String> {
     let limit = Duration::from_secs(options.deadline_secs);
-    let mut node = harness.slot(id, free_port()?);
-    let started = harness.launch.start(&mut node, None);
-    let addr = node.addr;
+    let addr = harness.reserve_addrs(1)?[0];
+    let node = harness.slot(id, addr);
+    let started = harness.launch.start(&node, None);
     harness.extra.push(node);
     started?;
     let slot = harness.extra.len() - 1;
@@ -778,7 +772,8 @@ async fn time_change(
         limit,
         || lib_status(&fresh),
     )
-    .await?;
+    .await
+    .map_err(|e| e.to_string())?;
     let (leader, _) = wait_settled(&harness.admin_clients(POLL_TIMEOUT)?, None, limit).await?;
     let admin = harness.admin(leader, CHANGE_TIMEOUT)?;
     lib_status(&admin).await?; // opens the connection, so the timing below excludes it
@@ -830,7 +825,8 @@ async fn time_change(
     if add.is_err() || remove.is_err() {
         harness.print_log_tails(&[id, leader]);
     }
-    harness.extra[slot].stop();
+    // The node may have died on its own already; either way it is gone afterwards.
+    let _ = harness.extra[slot].kill();
     Ok((add, remove))
 }
 
@@ -1114,7 +1110,7 @@ fn to_json(
             "load_average_before": load[0],
             "load_average_after": load[1],
             "kv": bins.kv.display().to_string(),
-            "clusterfunk": bins.cli.display().to_string(),
+            "clusterfunk": bins.clusterfunk.display().to_string(),
         },
     })
 }
@@ -1124,13 +1120,10 @@ fn run(options: Options) -> Result<(), String> {
     if options.nodes < 3 {
         return Err("--nodes must be at least 3 (a leader kill needs a quorum left)".into());
     }
-    let bins = Binaries::locate(true)?;
+    let bins = Binaries::beside_current_exe(true).map_err(|e| e.to_string())?;
     watch_interrupt(PROGRAM);
     let launch = Launch::new(PROGRAM, bins.clone(), &options.node)?;
-    let addrs = (0..options.nodes)
-        .map(|_| free_port())
-        .collect::<Result<_, _>>()?;
-    let mut harness = Harness::new(launch, addrs, options.node.keep_dir)?;
+    let mut harness = Harness::new(launch, options.nodes, options.node.keep_dir)?;
     let load_before = load_average();
     println!(
         "raft_timing: {} voters, {} kills, {} membership changes; nodes in {} (RUST_LOG={}); load average {}",

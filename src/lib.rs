@@ -68,6 +68,8 @@
 //! - [`error`]: the errors of the public API.
 //! - [`metrics`]: the Prometheus endpoint and what it reports.
 //! - [`recover`]: forming a new cluster from a survivor after a quorum was lost for good.
+//! - `testing` (feature `testing`, not for production): the process harness that the
+//!   integration tests and the tools in `examples/` share.
 //!
 //! Private modules (the node's machinery; their types that users need are exported from the
 //! root: [`ConsensusConfig`], [`NodeInfo`], [`LeaseConfig`], [`Handoff`]):
@@ -109,6 +111,9 @@ pub mod shard;
 pub mod shard_map;
 pub mod storage;
 mod tasks;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
 pub mod tls;
 pub mod transport;
 mod wire;

@@ -263,3 +263,29 @@ fn a_node_added_in_another_zone_stops_with_a_clear_error() {
         "{stderr}"
     );
 }
+
+// Goal: talking to an address where no node listens fails at once with one clear line.
+// Method: allocate a port but start nothing; run `clusterfunk status` and `kv get` at it.
+#[test]
+fn status_against_a_closed_port_fails_cleanly() {
+    let cluster = Cluster::new("status_against_a_closed_port", 1);
+    let addr = cluster.addr(1);
+    let (code, stdout, stderr) = cluster.cf_at(1, &["status"]);
+    assert_ne!(code, 0, "status against a closed port succeeded: {stdout}");
+    assert!(stdout.is_empty(), "nothing on stdout: {stdout}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one error line: {stderr}");
+    assert!(
+        stderr.starts_with("error:") && stderr.contains("cannot reach") && stderr.contains(&addr),
+        "the error says what it could not reach: {stderr}"
+    );
+    assert!(cluster.status(1).is_none());
+    let (code, _, stderr) = cluster.kv(1, &["get", "key"]);
+    assert!(
+        code != 0 && code != 3,
+        "kv get against a closed port: {code}"
+    );
+    assert!(
+        stderr.contains(&addr),
+        "the error names the address: {stderr}"
+    );
+}

@@ -1,8 +1,7 @@
-//! What the measuring tools `raft_timing`, `failover_timing` and `bench` and the `demo` share:
-//! finding the binaries next to the running program, a cluster of `kv serve` processes (or of
-//! any program with the same `serve` command line) on 127.0.0.1 in a temporary directory (free
-//! ports, start, SIGKILL, restart, clean-up on drop), Ctrl-C and SIGTERM handling, polling with a
-//! deadline, waiting for the cluster to settle and probing a shard until it answers, series of
+//! What the measuring tools `raft_timing`, `failover_timing` and `bench` and the `demo` share
+//! on top of the library's process harness (`clusterfunk::testing`, which the integration tests
+//! use too): the node options and launch settings of the tools, a cluster of node processes in
+//! a temporary directory, the tools' string errors over the harness's typed ones, series of
 //! millisecond samples with their quantiles, summary table and JSON, and the plumbing of `main`
 //! (runtime, JSON file, exit code).
 //!
@@ -13,124 +12,28 @@
 #[allow(dead_code)]
 pub mod kv_api;
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
 use std::future::Future;
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use clusterfunk::admin::{
-    AdminClient, AdminRequest, AdminResponse, Credentials, NodeState, StatusReport,
-};
-use clusterfunk::shard_map::shard_for;
+use clusterfunk::admin::{AdminClient, Credentials, StatusReport};
+use clusterfunk::testing::{self, reserve_ports, Binaries, NodeProcess, PortReservation};
 use clusterfunk::tls::TlsConfig;
 use clusterfunk::transport::{Secret, SECRET_ENV_VAR};
 use clusterfunk::NodeId;
 use serde_json::{json, Value};
+
+pub use clusterfunk::testing::{interrupted, watch_interrupt};
 
 /// Lines of each node log printed when something times out or fails.
 const LOG_TAIL_LINES: usize = 25;
 /// How long one library status call may take before it counts as a failed poll.
 pub const POLL_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// Set by the Ctrl-C watcher; every wait loop checks it and unwinds, so the guard cleans up.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
 // ---------------------------------------------------------------------------------------------
 // Processes
-
-/// Nodes listen on ports from this range, below Linux's ephemeral range, so that no outgoing
-/// connection can take a killed node's port before it restarts.
-pub const PORT_RANGE: std::ops::Range<u16> = 20_000..32_000;
-
-/// `count` ports of [`PORT_RANGE`] that were free a moment ago, from a spot picked by `seed`.
-// `raft_timing` lets the kernel pick its ports.
-#[allow(dead_code)]
-pub fn free_ports(count: usize, seed: &str) -> Result<Vec<u16>, String> {
-    let span = PORT_RANGE.end - PORT_RANGE.start;
-    let mut offset = seed
-        .bytes()
-        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
-        % u32::from(span);
-    let mut ports = Vec::new();
-    for _ in 0..span {
-        let port = PORT_RANGE.start + offset as u16;
-        offset = (offset + 1) % u32::from(span);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            ports.push(port);
-            if ports.len() == count {
-                return Ok(ports);
-            }
-        }
-    }
-    Err(format!("no {count} free ports in {PORT_RANGE:?}"))
-}
-
-/// The programs the tools drive.
-#[derive(Debug, Clone)]
-pub struct Binaries {
-    /// The node program, run as `NODE serve --id N --listen ADDR --data-dir DIR [--init LIST]`:
-    /// `target/<profile>/examples/kv`, or the tool itself when it has such a `serve` mode.
-    pub kv: PathBuf,
-    /// `target/<profile>/clusterfunk` (present only when asked for).
-    // `failover_timing` drives `kv` alone and never reads this.
-    #[allow(dead_code)]
-    pub cli: PathBuf,
-}
-
-impl Binaries {
-    /// Runs `program` as the node program, without the command-line tool: for a tool that is
-    /// its own node program (`bench serve ...`).
-    // Only `bench` is its own node program.
-    #[allow(dead_code)]
-    pub fn node_program(program: PathBuf) -> Self {
-        Binaries {
-            kv: program,
-            cli: PathBuf::new(),
-        }
-    }
-
-    /// Finds `kv` next to this executable and, with `need_cli`, `clusterfunk` in the profile
-    /// directory above it, or says how to build what is missing.
-    // `bench` runs itself as the node program.
-    #[allow(dead_code)]
-    pub fn locate(need_cli: bool) -> Result<Self, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
-        let examples = exe.parent().ok_or("this program has no parent directory")?;
-        let profile = match examples.parent() {
-            Some(profile) => profile,
-            None if need_cli => {
-                return Err("this program is not inside target/<profile>/examples".into())
-            }
-            None => examples,
-        };
-        let bins = Binaries {
-            kv: examples.join("kv"),
-            cli: profile.join("clusterfunk"),
-        };
-        let wanted: &[&PathBuf] = if need_cli {
-            &[&bins.kv, &bins.cli]
-        } else {
-            &[&bins.kv]
-        };
-        let missing: Vec<String> = wanted
-            .iter()
-            .filter(|p| !p.is_file())
-            .map(|p| p.display().to_string())
-            .collect();
-        if missing.is_empty() {
-            Ok(bins)
-        } else {
-            Err(format!(
-                "missing {}: run `cargo build --release --examples --bins` first",
-                missing.join(" and ")
-            ))
-        }
-    }
-}
 
 /// The command-line options of the node processes, the same in every tool (flattened into its
 /// options, after the tool's own).
@@ -150,7 +53,7 @@ pub struct NodeOptions {
 
 /// What every node process shares: the binaries, the secret and the log level.
 pub struct Launch {
-    /// The measuring tool's name, for its messages and the markers in the node logs.
+    /// The measuring tool's name, for its messages and the node log directory.
     pub program: &'static str,
     /// The programs.
     pub bins: Binaries,
@@ -189,36 +92,13 @@ impl Launch {
 
     /// Starts `kv serve` for `node` (with `--init` when given), appending its output to the
     /// node's log file.
-    pub fn start(&self, node: &mut NodeProc, init: Option<&str>) -> Result<(), String> {
-        if node.child.is_some() {
-            return Err(format!("node {} is already running", node.id));
-        }
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log)
-            .map_err(|e| format!("cannot open {}: {e}", node.log.display()))?;
-        let _ = writeln!(
-            log,
-            "==== {} {}: starting node {} on {}{} ====",
-            self.program,
-            utc_now(),
-            node.id,
-            node.addr,
-            if init.is_some() { " with --init" } else { "" }
+    pub fn start(&self, node: &NodeProcess, init: Option<&str>) -> Result<(), String> {
+        let mut command: Command = testing::serve_command(
+            &self.bins.kv,
+            node.id(),
+            &node.addr().to_string(),
+            node.data_dir(),
         );
-        let stderr = log
-            .try_clone()
-            .map_err(|e| format!("cannot share {}: {e}", node.log.display()))?;
-        let mut command = Command::new(&self.bins.kv);
-        command
-            .arg("serve")
-            .arg("--id")
-            .arg(node.id.to_string())
-            .arg("--listen")
-            .arg(node.addr.to_string())
-            .arg("--data-dir")
-            .arg(&node.data_dir);
         if let Some(init) = init {
             command.arg("--init").arg(init);
         }
@@ -226,23 +106,24 @@ impl Launch {
         if let Some(dir) = &self.tls_dir {
             command
                 .arg("--tls-dir")
-                .arg(dir.join(format!("node-{}", node.id)))
+                .arg(dir.join(format!("node-{}", node.id())))
                 .env_remove(SECRET_ENV_VAR);
         } else if self.insecure {
             command.arg("--insecure").env_remove(SECRET_ENV_VAR);
         } else {
             command.env(SECRET_ENV_VAR, &self.secret);
         }
-        let child = command
-            .env("RUST_LOG", &self.rust_log)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(stderr)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", self.bins.kv.display()))?;
-        node.child = Some(child);
-        Ok(())
+        command.env("RUST_LOG", &self.rust_log).env("NO_COLOR", "1");
+        // A wall-clock marker, to line the tool's output up with the node's log.
+        node.mark(&format!(
+            "{} {}: starting node {} on {}{}",
+            self.program,
+            utc_now(),
+            node.id(),
+            node.addr(),
+            if init.is_some() { " with --init" } else { "" }
+        ));
+        node.start(command).map_err(|e| e.to_string())
     }
 
     /// What the library's clients (`holder` "client") and admin calls ("admin") authenticate
@@ -276,63 +157,53 @@ impl Launch {
     }
 }
 
-/// One `kv serve` slot: its identity, its files and, while it runs, its process.
-pub struct NodeProc {
-    /// The node id.
-    pub id: NodeId,
-    /// Where it listens.
-    pub addr: SocketAddr,
-    /// Its raft storage.
-    pub data_dir: PathBuf,
-    /// Its stdout and stderr, across restarts.
-    pub log: PathBuf,
-    /// The process, while running (or killed and not yet reaped).
-    pub child: Option<Child>,
-}
-
-impl NodeProc {
-    /// Kills the process, if any, and reaps it.
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// The cluster under test. Dropping it kills every child process and removes the directory.
+/// The cluster under test. Dropping it kills every node process (each [`NodeProcess`] does on
+/// drop) and removes the directory.
 pub struct Harness {
     /// How nodes are started.
     pub launch: Launch,
+    /// The initial members, node `i + 1` at index `i`.
+    pub nodes: Vec<NodeProcess>,
+    /// Nodes started later (for membership changes).
+    pub extra: Vec<NodeProcess>,
+    /// The ports of all nodes, held until the harness drops.
+    ports: Vec<PortReservation>,
     /// The temporary directory (data dirs and logs); `None` once handed over.
     dir: Option<tempfile::TempDir>,
     /// Keep the directory on drop.
     keep_dir: bool,
-    /// The initial members, node `i + 1` at index `i`.
-    pub nodes: Vec<NodeProc>,
-    /// Nodes started later (for membership changes).
-    pub extra: Vec<NodeProc>,
 }
 
 impl Harness {
-    /// Makes the directory and a slot for node `i + 1` on each of `addrs` (nothing starts).
-    pub fn new(launch: Launch, addrs: Vec<SocketAddr>, keep_dir: bool) -> Result<Self, String> {
+    /// Makes the directory and a slot for each of `nodes` initial members on free loopback
+    /// ports (nothing starts).
+    pub fn new(launch: Launch, nodes: usize, keep_dir: bool) -> Result<Self, String> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("{}.", launch.program))
             .tempdir()
             .map_err(|e| format!("cannot make a temporary directory: {e}"))?;
         let mut harness = Harness {
             launch,
-            dir: Some(dir),
-            keep_dir,
             nodes: Vec::new(),
             extra: Vec::new(),
+            ports: Vec::new(),
+            dir: Some(dir),
+            keep_dir,
         };
-        for (id, addr) in (1..).zip(addrs) {
+        for (id, addr) in (1..).zip(harness.reserve_addrs(nodes)?) {
             let node = harness.slot(id, addr);
             harness.nodes.push(node);
         }
         Ok(harness)
+    }
+
+    /// `count` more free loopback addresses, held until the harness drops.
+    pub fn reserve_addrs(&mut self, count: usize) -> Result<Vec<SocketAddr>, String> {
+        let seed = format!("{}-{}", self.launch.secret, self.ports.len());
+        let ports = reserve_ports(&seed, count).map_err(|e| e.to_string())?;
+        let addrs = ports.loopback_addrs();
+        self.ports.push(ports);
+        Ok(addrs)
     }
 
     /// The temporary directory.
@@ -341,95 +212,53 @@ impl Harness {
     }
 
     /// A new node slot listening on `addr`, with its data dir and log path.
-    pub fn slot(&self, id: NodeId, addr: SocketAddr) -> NodeProc {
-        NodeProc {
-            id,
-            addr,
-            data_dir: self.path().join(format!("node-{id}")),
-            log: self.path().join(format!("node-{id}.log")),
-            child: None,
-        }
+    pub fn slot(&self, id: NodeId, addr: SocketAddr) -> NodeProcess {
+        NodeProcess::new(id, addr, self.path())
     }
 
     /// The ids of the initial members.
     pub fn ids(&self) -> Vec<NodeId> {
-        self.nodes.iter().map(|n| n.id).collect()
+        self.nodes.iter().map(NodeProcess::id).collect()
     }
 
     /// The initial member with this id.
-    pub fn node(&self, id: NodeId) -> &NodeProc {
+    pub fn node(&self, id: NodeId) -> &NodeProcess {
         &self.nodes[(id - 1) as usize]
-    }
-
-    /// The initial member with this id, to change.
-    fn node_mut(&mut self, id: NodeId) -> &mut NodeProc {
-        &mut self.nodes[(id - 1) as usize]
     }
 
     /// `--init` for the initial members: `1=IP:PORT,2=IP:PORT,...`.
     fn init_list(&self) -> String {
         self.nodes
             .iter()
-            .map(|n| format!("{}={}", n.id, n.addr))
+            .map(|n| format!("{}={}", n.id(), n.addr()))
             .collect::<Vec<_>>()
             .join(",")
     }
 
     /// Starts (or restarts) initial member `id`, with `--init` when `init` is set (a node with
     /// a cluster on disk ignores it).
-    pub fn start(&mut self, id: NodeId, init: bool) -> Result<(), String> {
+    pub fn start(&self, id: NodeId, init: bool) -> Result<(), String> {
         let init = init.then(|| self.init_list());
-        let index = (id - 1) as usize;
-        self.launch.start(&mut self.nodes[index], init.as_deref())
+        self.launch.start(self.node(id), init.as_deref())
     }
 
     /// Starts every initial member with `--init`.
-    pub fn start_all(&mut self) -> Result<(), String> {
+    pub fn start_all(&self) -> Result<(), String> {
         for id in self.ids() {
             self.start(id, true)?;
         }
         Ok(())
     }
 
-    /// SIGKILLs initial member `id`, marks it in its log and returns the moment right after
-    /// the kill; the process is reaped by [`Self::reap`].
-    pub fn kill(&mut self, id: NodeId) -> Result<Instant, String> {
-        let child = self
-            .node_mut(id)
-            .child
-            .as_mut()
-            .ok_or(format!("node {id} is not running"))?;
-        child
-            .kill()
-            .map_err(|e| format!("cannot kill node {id}: {e}"))?;
-        let at = Instant::now();
-        self.note(id, "killed with SIGKILL");
-        Ok(at)
-    }
-
-    /// Waits for a killed member's process to exit and forgets it.
-    pub fn reap(&mut self, id: NodeId) {
-        if let Some(mut child) = self.node_mut(id).child.take() {
-            let _ = child.wait();
-        }
-    }
-
-    /// Appends a marker line about initial member `id` to its log.
-    pub fn note(&self, id: NodeId, text: &str) {
-        let node = self.node(id);
-        if let Ok(mut log) = OpenOptions::new().append(true).open(&node.log) {
-            let _ = writeln!(
-                log,
-                "==== {} {}: node {id} {text} ====",
-                self.launch.program,
-                utc_now()
-            );
-        }
+    /// SIGKILLs initial member `id`, reaps it, marks it in its log and returns the moment
+    /// right after the kill.
+    pub fn kill(&self, id: NodeId) -> Result<Instant, String> {
+        self.node(id).kill().map_err(|e| e.to_string())
     }
 
     /// A library admin client for initial member `id`, each call bounded by `timeout`.
     pub fn admin(&self, id: NodeId, timeout: Duration) -> Result<AdminClient, String> {
-        self.launch.admin(self.node(id).addr, timeout)
+        self.launch.admin(self.node(id).addr(), timeout)
     }
 
     /// Library admin clients for every initial member, each call bounded by `timeout`.
@@ -439,25 +268,22 @@ impl Harness {
     ) -> Result<BTreeMap<NodeId, AdminClient>, String> {
         self.nodes
             .iter()
-            .map(|n| Ok((n.id, self.launch.admin(n.addr, timeout)?)))
+            .map(|n| Ok((n.id(), self.launch.admin(n.addr(), timeout)?)))
             .collect()
     }
 
     /// Prints the last lines of the logs of these nodes (all when `ids` is empty).
     pub fn print_log_tails(&self, ids: &[NodeId]) {
         for node in self.nodes.iter().chain(&self.extra) {
-            if !ids.is_empty() && !ids.contains(&node.id) {
+            if !ids.is_empty() && !ids.contains(&node.id()) {
                 continue;
             }
-            let text = std::fs::read_to_string(&node.log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            let from = lines.len().saturating_sub(LOG_TAIL_LINES);
             eprintln!(
                 "---- node {} log ({}), last lines:",
-                node.id,
-                node.log.display()
+                node.id(),
+                node.log_path().display()
             );
-            for line in &lines[from..] {
+            for line in node.log_tail(LOG_TAIL_LINES) {
                 eprintln!("   {line}");
             }
         }
@@ -468,8 +294,10 @@ impl Harness {
 impl Drop for Harness {
     /// Kills and reaps every node, then removes the directory (unless `--keep-dir`).
     fn drop(&mut self) {
-        for node in self.nodes.iter_mut().chain(self.extra.iter_mut()) {
-            node.stop();
+        for node in self.nodes.iter().chain(&self.extra) {
+            if node.pid().is_some() {
+                let _ = node.kill();
+            }
         }
         if let Some(dir) = self.dir.take() {
             if self.keep_dir {
@@ -490,41 +318,9 @@ fn make_secret() -> Result<String, String> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Ctrl-C and waiting
+// Ctrl-C and waiting: the harness's waits with the tools' string errors
 
-/// Starts a thread that notes Ctrl-C or SIGTERM (see [`interrupted`]) and says so as `program`.
-/// Either would otherwise end the program at once, leaving its node processes running.
-pub fn watch_interrupt(program: &'static str) {
-    use tokio::signal::unix::{signal, SignalKind};
-    std::thread::spawn(move || {
-        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return;
-        };
-        runtime.block_on(async {
-            let signalled = match signal(SignalKind::terminate()) {
-                Ok(mut term) => tokio::select! {
-                    _ = term.recv() => true,
-                    answer = tokio::signal::ctrl_c() => answer.is_ok(),
-                },
-                Err(_) => tokio::signal::ctrl_c().await.is_ok(),
-            };
-            if signalled {
-                INTERRUPTED.store(true, Ordering::SeqCst);
-                eprintln!("{program}: interrupted; stopping the nodes");
-            }
-        });
-    });
-}
-
-/// Whether Ctrl-C was pressed.
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
-}
-
-/// Fails once Ctrl-C was pressed.
+/// Fails once Ctrl-C was pressed (see [`watch_interrupt`]).
 pub fn check_interrupt() -> Result<(), String> {
     if interrupted() {
         Err("interrupted".into())
@@ -533,196 +329,13 @@ pub fn check_interrupt() -> Result<(), String> {
     }
 }
 
-/// Calls `probe` every `every` until it succeeds, at most for `limit` (and as many attempts as
-/// fit); the error names `what` and the last reason.
-pub async fn wait_for<T, F, Fut>(
-    what: &str,
-    every: Duration,
-    limit: Duration,
-    mut probe: F,
-) -> Result<T, String>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + limit;
-    let attempts = limit.as_millis() / every.as_millis().max(1) + 1;
-    let mut last = "no attempt".to_string();
-    for _ in 0..attempts {
-        check_interrupt()?;
-        match probe().await {
-            Ok(value) => return Ok(value),
-            Err(e) => last = e,
-        }
-        if Instant::now() >= deadline {
-            break;
-        }
-        tokio::time::sleep(every).await;
-    }
-    Err(format!(
-        "timed out after {limit:?} waiting for {what}: {last}"
-    ))
-}
-
-/// One node's status through the library.
+/// One node's status through the library ([`testing::status`]), the error as text.
 pub async fn lib_status(client: &AdminClient) -> Result<StatusReport, String> {
-    match client.request(AdminRequest::Status).await {
-        Ok(AdminResponse::Status(status)) => Ok(status),
-        Ok(other) => Err(format!("unexpected answer: {other:?}")),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// Every client's node status, asked all at once, in the order of the node ids.
-pub async fn lib_statuses(
-    clients: &BTreeMap<NodeId, AdminClient>,
-) -> Vec<(NodeId, Result<StatusReport, String>)> {
-    futures_util::future::join_all(
-        clients
-            .iter()
-            .map(|(id, c)| async move { (*id, lib_status(c).await) }),
-    )
-    .await
+    testing::status(client).await.map_err(|e| e.to_string())
 }
 
 // ---------------------------------------------------------------------------------------------
-// Shards
-
-/// One key per shard: `keys[s]` (`key-<number>`) hashes to shard `s` of `shard_count`.
-// `raft_timing` sends no shard messages.
-#[allow(dead_code)]
-pub fn key_per_shard(shard_count: u32) -> Result<Vec<String>, String> {
-    let mut keys: Vec<Option<String>> = vec![None; shard_count as usize];
-    let mut missing = shard_count as usize;
-    // About shard_count · ln(shard_count) candidates fill every slot; 64 times the shard count
-    // bounds the search far above that.
-    for i in 0..u64::from(shard_count) * 64 {
-        if missing == 0 {
-            break;
-        }
-        let key = format!("key-{i}");
-        let slot = &mut keys[shard_for(key.as_bytes(), shard_count) as usize];
-        if slot.is_none() {
-            *slot = Some(key);
-            missing -= 1;
-        }
-    }
-    if missing > 0 {
-        return Err(format!(
-            "no key found for {missing} of {shard_count} shards"
-        ));
-    }
-    Ok(keys.into_iter().flatten().collect())
-}
-
-/// Every shard's owner, from one node's `Shards`.
-// `raft_timing` does not look at shards.
-#[allow(dead_code)]
-pub async fn shard_owners(client: &AdminClient, shard_count: u32) -> Result<Vec<NodeId>, String> {
-    match client.request(AdminRequest::Shards).await {
-        Ok(AdminResponse::Shards(report)) if report.shards.len() == shard_count as usize => {
-            Ok(report.shards.iter().map(|s| s.node).collect())
-        }
-        Ok(other) => Err(format!("unexpected answer to Shards: {other:?}")),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// The cluster at rest, as [`wait_settled`] found it.
-// `raft_timing` has its own notion of settled (logs applied) and does not read this.
-#[allow(dead_code)]
-pub struct Settled {
-    /// The leader every node names.
-    pub leader: NodeId,
-    /// The leader's term.
-    pub term: u64,
-    /// The map epoch every node holds.
-    pub epoch: u64,
-    /// Every shard's owner.
-    pub owners: Vec<NodeId>,
-}
-
-/// Waits until every node of `clients` serves, names one leader (which says it leads), holds
-/// one map epoch, marks nobody down, moves no shard, and `draining` (if any) is the only node
-/// drained and owns nothing while the others own balanced shares of `shard_count`. With
-/// `polled_are_voters`, also that the voters are exactly the polled nodes.
-// `raft_timing` has its own notion of settled.
-#[allow(dead_code)]
-pub async fn wait_settled(
-    clients: &BTreeMap<NodeId, AdminClient>,
-    shard_count: u32,
-    draining: Option<NodeId>,
-    polled_are_voters: bool,
-    limit: Duration,
-) -> Result<Settled, String> {
-    let what = match draining {
-        Some(id) => format!("the cluster to settle with node {id} drained"),
-        None => "the cluster to settle with balanced shares".to_string(),
-    };
-    let owners_of = |count: usize| {
-        let low = shard_count / count as u32;
-        low..=shard_count.div_ceil(count as u32)
-    };
-    let nodes = clients.len();
-    let (leader, term, epoch) = wait_for(&what, Duration::from_millis(10), limit, || async move {
-        let answers = lib_statuses(clients).await;
-        let mut statuses = BTreeMap::new();
-        for (id, answer) in answers {
-            let s = answer.map_err(|e| format!("node {id}: {e}"))?;
-            if s.state != NodeState::Serving {
-                return Err(format!("node {id}: {:?} {:?}", s.state, s.reason));
-            }
-            statuses.insert(id, s);
-        }
-        let first = statuses.values().next().ok_or("no nodes")?;
-        let leader = first.leader.ok_or("no leader")?;
-        let (term, epoch) = (first.term, first.epoch);
-        let active = if draining.is_some() { nodes - 1 } else { nodes };
-        for (id, s) in &statuses {
-            if s.leader != Some(leader) || s.term != term || s.epoch != epoch {
-                return Err(format!(
-                    "node {id} names leader {:?} in term {} at epoch {}, node {} names {leader} in {term} at {epoch}",
-                    s.leader, s.term, s.epoch, first.node_id
-                ));
-            }
-            if polled_are_voters && !s.voters.iter().eq(statuses.keys()) {
-                return Err(format!("node {id}: voters {:?}", s.voters));
-            }
-            if !s.down.is_empty() || s.shards_moving != 0 {
-                return Err(format!(
-                    "node {id}: down {:?}, {} shard(s) moving",
-                    s.down, s.shards_moving
-                ));
-            }
-            if s.draining != draining.into_iter().collect::<Vec<_>>() {
-                return Err(format!("node {id}: draining {:?}", s.draining));
-            }
-            let fair = if Some(*id) == draining {
-                s.shards_owned == 0
-            } else {
-                owners_of(active).contains(&s.shards_owned)
-            };
-            if !fair {
-                return Err(format!("node {id} owns {} shards", s.shards_owned));
-            }
-        }
-        match statuses.get(&leader) {
-            Some(s) if s.raft_state == "leader" => Ok((leader, term, epoch)),
-            _ => Err(format!("node {leader} does not say it leads")),
-        }
-    })
-    .await?;
-    let client = clients
-        .get(&leader)
-        .ok_or(format!("the leader {leader} is not among the polled nodes"))?;
-    let owners = shard_owners(client, shard_count).await?;
-    Ok(Settled {
-        leader,
-        term,
-        epoch,
-        owners,
-    })
-}
+// Probing
 
 /// Calls `probe` until it succeeds, every `every`, giving up at `deadline` (or on Ctrl-C);
 /// returns the milliseconds from `since` to the success (`None` if none), the failed attempts

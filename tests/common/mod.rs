@@ -8,23 +8,27 @@
 //! Every command the harness runs is bounded in time, and dropping the [`Cluster`] kills every
 //! node it started, so a failed test leaves no process behind.
 //!
-//! Environment: `CLUSTERFUNK_TEST_LOG` overrides the nodes' `RUST_LOG` (default `warn`).
-//! It does not own the assertions: those live in the test files.
+//! The process plumbing (ports, binaries, node processes, bounded runs, polling) comes from the
+//! library's process harness, `clusterfunk::testing`, which the tools in `examples/` use too;
+//! this module adds the operator's view (the `clusterfunk` and `kv` command lines) and the
+//! failure reports. Environment: `CLUSTERFUNK_TEST_LOG` overrides the nodes' `RUST_LOG`
+//! (default `warn`). It does not own the assertions: those live in [`checks`] and the test files.
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::BTreeSet;
-use std::fs::{self, File, OpenOptions};
-use std::hash::{Hash, Hasher};
-use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
+use clusterfunk::testing::{
+    reserve_ports, run_bounded, serve_command, wait_until, Binaries, NodeProcess, PortReservation,
+    Signal,
+};
 use serde_json::Value;
 use tempfile::TempDir;
+
+pub mod checks;
 
 /// Bound on any wait for the cluster to reach a state. Far above what a passing test needs
 /// (elections take well under a second here), because CI is a busy 2-core machine.
@@ -46,33 +50,7 @@ const PROBE_TIMEOUT_SECONDS: &str = "2";
 /// Lines of each node's log shown when a wait fails.
 const LOG_TAIL_LINES: usize = 25;
 
-/// Nodes listen on ports from this range: below Linux's ephemeral range (32768–60999), so the
-/// kernel never hands one of them to an outgoing connection. That matters because the nodes
-/// and tools open many outgoing connections, and a restarted node must get its old port back:
-/// with "bind port 0, then release" the port would be an ephemeral one, free for any connect()
-/// on the machine to take while its node is down. Within the range a cluster starts at a spot
-/// hashed from its name and the process id, so parallel tests and parallel test binaries start
-/// far apart; each candidate is then probed by binding it and skipped when taken, and a process
-/// never hands out one port twice (see [`PORTS_IN_USE`]).
-const PORT_RANGE: std::ops::Range<u16> = 20_000..32_000;
-
-/// Ports handed to live clusters of this process, released when a cluster drops.
-static PORTS_IN_USE: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
-
-/// What a command-line tool did: exit code (-1 when a signal ended it), stdout, stderr.
-pub type Outcome = (i32, String, String);
-
-/// One node of a [`Cluster`].
-struct Node {
-    /// Its node id.
-    id: u64,
-    /// Its port on 127.0.0.1.
-    port: u16,
-    /// Its process, while one is started and not yet reaped.
-    child: Mutex<Option<Child>>,
-    /// How often it was started, for the markers in its log.
-    starts: Mutex<u32>,
-}
+pub use clusterfunk::testing::Outcome;
 
 /// A cluster of `kv serve` processes on 127.0.0.1, in a temporary directory.
 pub struct Cluster {
@@ -87,13 +65,15 @@ pub struct Cluster {
     /// Nodes `1..=initial_members` bootstrap the cluster with `--init`; the others join later.
     initial_members: usize,
     /// The nodes, node id `i` at index `i - 1`.
-    nodes: Vec<Node>,
+    nodes: Vec<NodeProcess>,
+    /// The nodes' ports, held until the cluster drops.
+    _ports: PortReservation,
     /// The `kv` example binary.
     kv: PathBuf,
     /// The `clusterfunk` binary.
     clusterfunk: PathBuf,
     /// The metrics port of each node (`--metrics`), when enabled.
-    metrics_ports: Option<Vec<u16>>,
+    metrics_ports: Option<PortReservation>,
     /// With TLS: the directory `clusterfunk certs` wrote (nodes get `node-ID`, `clusterfunk`
     /// gets `admin`, `kv` clients get `client`), and no process gets the secret.
     tls_dir: Option<PathBuf>,
@@ -125,8 +105,6 @@ pub struct ShardMap {
 
 impl ShardMap {
     /// Whether exactly `owners` own shards, each ⌊count/owners⌋ or ⌈count/owners⌉.
-    // Not every test file that includes the harness uses it.
-    #[allow(dead_code)]
     pub fn is_balanced(&self, owners: &[u64]) -> bool {
         let low = SHARD_COUNT / owners.len();
         let high = SHARD_COUNT.div_ceil(owners.len());
@@ -185,20 +163,15 @@ impl Cluster {
     /// (`--init`); the others start empty and wait to be added with `add-node`.
     pub fn with_initial_members(name: &str, nodes: usize, initial_members: usize) -> Cluster {
         assert!(initial_members <= nodes, "more initial members than nodes");
-        let (kv, clusterfunk) = binaries();
+        let Binaries { kv, clusterfunk } = binaries();
         let dir = tempfile::Builder::new()
             .prefix(&format!("clusterfunk-{name}-"))
             .tempdir()
             .expect("create the cluster's temporary directory");
-        let nodes = allocate_ports(name, nodes)
-            .into_iter()
-            .zip(1..)
-            .map(|(port, id)| Node {
-                id,
-                port,
-                child: Mutex::new(None),
-                starts: Mutex::new(0),
-            })
+        let ports = reserve_ports(name, nodes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let nodes = (1..)
+            .zip(ports.loopback_addrs())
+            .map(|(id, addr)| NodeProcess::new(id, addr, dir.path()))
             .collect();
         Cluster {
             name: name.to_string(),
@@ -208,6 +181,7 @@ impl Cluster {
             log_filter: std::env::var("CLUSTERFUNK_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             initial_members,
             nodes,
+            _ports: ports,
             kv,
             clusterfunk,
             metrics_ports: None,
@@ -218,7 +192,6 @@ impl Cluster {
     /// Runs the cluster with TLS: `clusterfunk certs` writes certificates for the initial
     /// members into the cluster's directory (later nodes get theirs with
     /// [`Cluster::issue_certificate`]).
-    #[allow(dead_code)] // only the TLS tests use it
     pub fn with_tls(mut self) -> Cluster {
         let dir = self.dir().join("certs");
         let mut command = Command::new(&self.clusterfunk);
@@ -228,15 +201,15 @@ impl Cluster {
             .arg(&dir)
             .args(["--nodes", &self.init_list()])
             .env_remove("CLUSTERFUNK_SECRET");
-        let (code, _, stderr) =
-            run_bounded(command, COMMAND_DEADLINE).expect("clusterfunk certs finishes");
+        let (code, _, stderr) = run_bounded(command, COMMAND_DEADLINE)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .expect("clusterfunk certs finishes");
         assert_eq!(code, 0, "clusterfunk certs failed: {stderr}");
         self.tls_dir = Some(dir);
         self
     }
 
     /// With TLS: issues node `id`'s certificate (`clusterfunk certs --add-node`).
-    #[allow(dead_code)] // only the TLS tests use it
     pub fn issue_certificate(&self, id: u64) -> Outcome {
         let dir = self
             .tls_dir
@@ -254,7 +227,6 @@ impl Cluster {
 
     /// With TLS: runs `clusterfunk ARGS` with `holder`'s certificates (`admin`, `client`)
     /// instead of the admin ones.
-    #[allow(dead_code)] // only the TLS tests use it
     pub fn cf_as(&self, holder: &str, args: &[&str]) -> Outcome {
         let mut command = Command::new(&self.clusterfunk);
         command
@@ -276,7 +248,9 @@ impl Cluster {
     /// Gives every node a Prometheus endpoint (`kv serve --metrics`) on a port of its own; see
     /// [`Cluster::metrics_addr`].
     pub fn with_metrics(mut self) -> Cluster {
-        let ports = allocate_ports(&format!("{}-metrics", self.name), self.nodes.len());
+        let name = format!("{}-metrics", self.name);
+        let ports =
+            reserve_ports(&name, self.nodes.len()).unwrap_or_else(|e| panic!("{name}: {e}"));
         self.metrics_ports = Some(ports);
         self
     }
@@ -287,17 +261,17 @@ impl Cluster {
             .metrics_ports
             .as_ref()
             .expect("the cluster was built with_metrics");
-        format!("127.0.0.1:{}", ports[(id - 1) as usize])
+        format!("127.0.0.1:{}", ports.ports()[(id - 1) as usize])
     }
 
     /// The node ids, ascending.
     pub fn ids(&self) -> Vec<u64> {
-        self.nodes.iter().map(|node| node.id).collect()
+        self.nodes.iter().map(NodeProcess::id).collect()
     }
 
     /// Node `id`'s address, `127.0.0.1:PORT`.
     pub fn addr(&self, id: u64) -> String {
-        format!("127.0.0.1:{}", self.node(id).port)
+        self.node(id).addr().to_string()
     }
 
     /// The secret the cluster runs with.
@@ -321,7 +295,7 @@ impl Cluster {
     /// member gets `--init`; any other node starts empty, waiting to be added.
     pub fn start(&self, id: u64) {
         assert_eq!(
-            *lock(&self.node(id).starts),
+            self.node(id).starts(),
             0,
             "node {id} was started before: use restart"
         );
@@ -334,7 +308,7 @@ impl Cluster {
     /// `--init` again, which a node with a cluster on disk must ignore). Waits until it answers.
     pub fn restart(&self, id: u64) {
         assert!(
-            *lock(&self.node(id).starts) > 0,
+            self.node(id).starts() > 0,
             "node {id} was never started: use start"
         );
         self.spawn(id);
@@ -343,33 +317,27 @@ impl Cluster {
 
     /// Kills node `id` with SIGKILL and reaps it.
     pub fn kill9(&self, id: u64) {
-        let mut child = lock(&self.node(id).child)
-            .take()
-            .unwrap_or_else(|| panic!("kill9: node {id} is not running"));
-        child.kill().expect("SIGKILL a node");
-        child.wait().expect("reap a killed node");
+        if let Err(e) = self.node(id).kill() {
+            panic!("kill9: {e}");
+        }
     }
 
     /// Stops node `id` with SIGTERM and waits for it to exit; returns how it exited.
     pub fn stop(&self, id: u64) -> ExitStatus {
-        let pid = self.pid(id);
-        signal(pid, "-TERM");
+        self.signal(id, Signal::Term);
         self.wait_until(&format!("node {id} exits after SIGTERM"), DEADLINE, || {
-            let mut slot = lock(&self.node(id).child);
-            let status = slot.as_mut()?.try_wait().expect("poll a node process")?;
-            slot.take();
-            Some(status)
+            self.node(id).reap().unwrap_or_else(|e| panic!("{e}"))
         })
     }
 
     /// Freezes node `id` with SIGSTOP: it keeps its sockets but answers nothing.
     pub fn pause(&self, id: u64) {
-        signal(self.pid(id), "-STOP");
+        self.signal(id, Signal::Stop);
     }
 
     /// Thaws node `id` after [`Cluster::pause`] with SIGCONT.
     pub fn resume(&self, id: u64) {
-        signal(self.pid(id), "-CONT");
+        self.signal(id, Signal::Cont);
     }
 
     /// Node `id`'s `status --json`, or `None` when it does not answer.
@@ -437,12 +405,14 @@ impl Cluster {
     /// than [`COMMAND_DEADLINE`] (it is killed first).
     pub fn run(&self, command: Command) -> Outcome {
         let line = format!("{command:?}");
-        run_bounded(command, COMMAND_DEADLINE).unwrap_or_else(|| {
-            panic!(
-                "{line} did not finish within {COMMAND_DEADLINE:?}\n{}",
-                self.report()
-            )
-        })
+        run_bounded(command, COMMAND_DEADLINE)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{line} did not finish within {COMMAND_DEADLINE:?}\n{}",
+                    self.report()
+                )
+            })
     }
 
     /// Polls `probe` every ~20 ms until it returns `Some`, and returns that. When `timeout`
@@ -451,22 +421,15 @@ impl Cluster {
         &self,
         description: &str,
         timeout: Duration,
-        mut probe: impl FnMut() -> Option<T>,
+        probe: impl FnMut() -> Option<T>,
     ) -> T {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(value) = probe() {
-                return value;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "{}: timed out after {timeout:?} waiting until {description}\n{}",
-                    self.name,
-                    self.report()
-                );
-            }
-            thread::sleep(POLL_INTERVAL);
-        }
+        wait_until(timeout, POLL_INTERVAL, probe).unwrap_or_else(|| {
+            panic!(
+                "{}: timed out after {timeout:?} waiting until {description}\n{}",
+                self.name,
+                self.report()
+            )
+        })
     }
 
     /// One look at whether nodes `ids` agree: every one serving, naming the same leader (one
@@ -548,36 +511,26 @@ impl Cluster {
     pub fn report(&self) -> String {
         let mut report = String::new();
         for node in &self.nodes {
-            let process = match lock(&node.child).as_mut() {
-                None => "not running".to_string(),
-                Some(child) => match child.try_wait() {
-                    Ok(Some(status)) => format!("exited by itself ({status})"),
-                    Ok(None) => format!("running, pid {}", child.id()),
-                    Err(e) => format!("unknown ({e})"),
-                },
-            };
-            let status = match self.status(node.id) {
+            let process = node.describe_process();
+            let status = match self.status(node.id()) {
                 Some(status) => status.to_string(),
                 None => "no answer".into(),
             };
-            let log = self.log_path(node.id);
-            let text = fs::read_to_string(&log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n    ");
+            let tail = node.log_tail(LOG_TAIL_LINES).join("\n    ");
             report.push_str(&format!(
                 "--- node {} at {}: {process}\n  status: {status}\n  log {}:\n    {tail}\n",
-                node.id,
-                self.addr(node.id),
-                log.display()
+                node.id(),
+                node.addr(),
+                node.log_path().display()
             ));
         }
         report
     }
 
-    fn node(&self, id: u64) -> &Node {
+    fn node(&self, id: u64) -> &NodeProcess {
         self.nodes
             .iter()
-            .find(|node| node.id == id)
+            .find(|node| node.id() == id)
             .unwrap_or_else(|| panic!("no node {id} in this cluster"))
     }
 
@@ -588,15 +541,17 @@ impl Cluster {
             .path()
     }
 
-    fn log_path(&self, id: u64) -> PathBuf {
-        self.dir().join(format!("node-{id}.log"))
+    fn pid(&self, id: u64) -> u32 {
+        self.node(id)
+            .pid()
+            .unwrap_or_else(|| panic!("node {id} is not running"))
     }
 
-    fn pid(&self, id: u64) -> u32 {
-        lock(&self.node(id).child)
-            .as_ref()
-            .unwrap_or_else(|| panic!("node {id} is not running"))
-            .id()
+    /// Sends `signal` to node `id`, which must be running.
+    fn signal(&self, id: u64, signal: Signal) {
+        if let Err(e) = self.node(id).signal(signal) {
+            panic!("{e}");
+        }
     }
 
     /// The `--init` list of the initial members.
@@ -610,16 +565,7 @@ impl Cluster {
     /// Starts node `id`'s process, its output appended to its log file.
     fn spawn(&self, id: u64) {
         let node = self.node(id);
-        let mut slot = lock(&node.child);
-        assert!(slot.is_none(), "node {id} is already running");
-        let mut starts = lock(&node.starts);
-        *starts += 1;
-        let data_dir = self.dir().join(format!("node-{id}"));
-        let mut command = Command::new(&self.kv);
-        command
-            .args(["serve", "--id", &id.to_string(), "--listen", &self.addr(id)])
-            .arg("--data-dir")
-            .arg(&data_dir);
+        let mut command = serve_command(&self.kv, id, &self.addr(id), node.data_dir());
         if self.metrics_ports.is_some() {
             command.args(["--metrics", &self.metrics_addr(id)]);
         }
@@ -631,17 +577,6 @@ impl Cluster {
                 .arg("--tls-dir")
                 .arg(self.tls_dir(&format!("node-{id}")));
         }
-        let mut log: File = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path(id))
-            .expect("open the node's log");
-        writeln!(
-            log,
-            "=== harness: start #{} of node {id}: {command:?}",
-            *starts
-        )
-        .expect("write the node's log");
         if self.tls_dir.is_none() {
             command.env("CLUSTERFUNK_SECRET", &self.secret);
         } else {
@@ -650,20 +585,19 @@ impl Cluster {
         command
             .env("RUST_LOG", &self.log_filter)
             .env("RUST_BACKTRACE", "1")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("share the log file"))
-            .stderr(log);
-        *slot = Some(command.spawn().expect("spawn a kv node"));
+            .env("NO_COLOR", "1");
+        if let Err(e) = node.start(command) {
+            panic!("{}: {e}", self.name);
+        }
     }
 
     /// Waits until node `id` answers `status`; fails at once when its process exits.
     fn wait_until_answering(&self, id: u64) {
         self.wait_until(&format!("node {id} answers status"), DEADLINE, || {
-            let exited = match lock(&self.node(id).child).as_mut() {
-                Some(child) => child.try_wait().expect("poll a node process"),
-                None => None,
-            };
+            let exited = self
+                .node(id)
+                .exit_status()
+                .unwrap_or_else(|e| panic!("{e}"));
             if let Some(status) = exited {
                 panic!(
                     "node {id} exited ({status}) while starting\n{}",
@@ -685,7 +619,7 @@ impl Cluster {
             what,
             "--json",
         ]);
-        let (code, stdout, _) = run_bounded(command, COMMAND_DEADLINE)?;
+        let (code, stdout, _) = run_bounded(command, COMMAND_DEADLINE).ok()??;
         if code != 0 {
             return None;
         }
@@ -707,7 +641,6 @@ impl Cluster {
 }
 
 /// Helpers of the failover tests (`tests/failover.rs`); other test files need not use them.
-#[allow(dead_code)]
 impl Cluster {
     /// Node `id`'s shard map from `shards --json`, or `None` when it does not answer or holds
     /// no map yet.
@@ -721,28 +654,19 @@ impl Cluster {
 
     /// Node `id`'s data dir.
     pub fn data_dir(&self, id: u64) -> PathBuf {
-        self.node(id);
-        self.dir().join(format!("node-{id}"))
+        self.node(id).data_dir().to_path_buf()
     }
 
     /// Whether node `id`'s process runs (started, not killed, stopped or exited by itself).
     pub fn is_running(&self, id: u64) -> bool {
-        lock(&self.node(id).child)
-            .as_mut()
-            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+        self.node(id).is_running()
     }
 
     /// Appends `=== harness: TEXT` to every node's log, so the log tails of a failure show when
     /// the test did what.
     pub fn mark(&self, text: &str) {
         for node in &self.nodes {
-            if let Ok(mut log) = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.log_path(node.id))
-            {
-                let _ = writeln!(log, "=== harness: {text}");
-            }
+            node.mark(text);
         }
     }
 
@@ -750,12 +674,8 @@ impl Cluster {
     /// secret, outside the harness's bookkeeping: for tests of what a node refuses to start on
     /// (run it with [`Cluster::run_within`]); output is piped, not logged.
     pub fn serve_command(&self, id: u64, listen: &str, data_dir: &Path, extra: &[&str]) -> Command {
-        let mut command = Command::new(&self.kv);
-        command
-            .args(["serve", "--id", &id.to_string(), "--listen", listen])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(extra);
+        let mut command = serve_command(&self.kv, id, listen, data_dir);
+        command.args(extra);
         self.client_environment(&mut command);
         command
     }
@@ -773,26 +693,19 @@ impl Cluster {
     /// Runs `command` to its end like [`Cluster::run`], but bounded by `limit`: `None` when it
     /// ran longer (it is killed). For tests whose point is that a command does not hang.
     pub fn run_within(&self, command: Command, limit: Duration) -> Option<Outcome> {
-        run_bounded(command, limit)
+        run_bounded(command, limit).unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // Kill the nodes before their directory goes; the ports are released afterwards,
+        // when the reservations drop with the other fields.
         for node in &self.nodes {
-            if let Some(mut child) = lock(&node.child).take() {
-                let _ = child.kill();
-                let _ = child.wait();
+            if node.pid().is_some() {
+                let _ = node.kill();
             }
         }
-        let mut ports = lock(&PORTS_IN_USE);
-        for node in &self.nodes {
-            ports.remove(&node.port);
-        }
-        for port in self.metrics_ports.iter().flatten() {
-            ports.remove(port);
-        }
-        drop(ports);
         if thread::panicking() {
             if let Some(dir) = self.dir.take() {
                 eprintln!(
@@ -812,159 +725,18 @@ pub fn id_list(json: &Value) -> Vec<u64> {
         .unwrap_or_default()
 }
 
-/// Locks `mutex`, ignoring poisoning: a panicking test must still clean up in `Drop`.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Sends a signal (`-TERM`, `-STOP`, `-CONT`) with `kill(1)`. Only to children not yet reaped:
-/// until the harness waits for a child, its pid cannot be reused by another process.
-fn signal(pid: u32, which: &str) {
-    let status = Command::new("kill")
-        .args([which, &pid.to_string()])
-        .status()
-        .expect("run kill(1)");
-    assert!(status.success(), "kill {which} {pid} failed: {status}");
-}
-
-/// Runs `command` with piped output; `None` when it runs longer than `limit` (it is killed).
-fn run_bounded(mut command: Command, limit: Duration) -> Option<Outcome> {
-    command.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = command
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
-    // Drain both pipes on their own threads so a chatty command cannot block on a full pipe.
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        thread::spawn(move || {
-            let mut text = String::new();
-            if let Some(mut pipe) = pipe {
-                let _ = pipe.read_to_string(&mut text);
-            }
-            text
-        })
-    };
-    let stdout = drain(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let stderr = drain(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("poll a command") {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        thread::sleep(Duration::from_millis(2));
-    };
-    let stdout = stdout.join().expect("stdout reader");
-    let stderr = stderr.join().expect("stderr reader");
-    status.map(|status| (status.code().unwrap_or(-1), stdout, stderr))
-}
-
-/// Hands out `count` free ports for the cluster `name` (see [`PORT_RANGE`] for the scheme).
-fn allocate_ports(name: &str, count: usize) -> Vec<u16> {
-    let mut hasher = DefaultHasher::new();
-    (name, std::process::id()).hash(&mut hasher);
-    let span = PORT_RANGE.end - PORT_RANGE.start;
-    let mut offset = (hasher.finish() % u64::from(span)) as u16;
-    let mut in_use = lock(&PORTS_IN_USE);
-    let mut ports = Vec::with_capacity(count);
-    for _ in 0..span {
-        if ports.len() == count {
-            break;
-        }
-        let port = PORT_RANGE.start + offset;
-        offset = (offset + 1) % span;
-        // The probe listener closes at once; only this process's table keeps the port.
-        if !in_use.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            in_use.insert(port);
-            ports.push(port);
-        }
-    }
-    assert_eq!(
-        ports.len(),
-        count,
-        "no {count} free ports in {PORT_RANGE:?}"
-    );
-    ports
-}
-
-/// The `kv` and `clusterfunk` binaries, checked once per process. `cargo test` builds the `kv`
-/// example as a test harness (its unit tests), not as the program these tests start, so the
-/// harness builds the program itself, with the cargo and profile that built this test (a no-op
-/// when it is up to date; cargo's own lock orders it with any other build).
-fn binaries() -> (PathBuf, PathBuf) {
-    static BINARIES: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+/// The `kv` and `clusterfunk` binaries, checked once per process (see
+/// [`Binaries::build_for_tests`]: the harness builds the `kv` program itself).
+fn binaries() -> Binaries {
+    static BINARIES: OnceLock<Binaries> = OnceLock::new();
     BINARIES
         .get_or_init(|| {
-            let clusterfunk = PathBuf::from(env!("CARGO_BIN_EXE_clusterfunk"));
-            let profile_dir = clusterfunk
-                .parent()
-                .expect("the binary lives in a directory");
-            let kv = profile_dir.join("examples").join("kv");
-            let mut build = Command::new(env!("CARGO"));
-            build
-                .args(["build", "--quiet", "--example", "kv", "--manifest-path"])
-                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"));
-            if profile_dir.file_name().is_some_and(|name| name == "release") {
-                build.arg("--release");
-            }
-            let status = build
-                .status()
-                .unwrap_or_else(|e| panic!("cannot run cargo to build the kv example: {e}"));
-            assert!(
-                status.success(),
-                "`cargo build --example kv` failed ({status}): fix the build, then run the tests again"
-            );
-            assert!(
-                kv.is_file(),
-                "{} is missing after `cargo build --example kv`",
-                kv.display()
-            );
-            if let Some(source) = stale_source(&kv) {
-                panic!(
-                    "{} is older than its source {}: run `cargo build --examples`",
-                    kv.display(),
-                    source.display()
-                );
-            }
-            (kv, clusterfunk)
+            Binaries::build_for_tests(
+                Path::new(env!("CARGO")),
+                Path::new(env!("CARGO_MANIFEST_DIR")),
+                Path::new(env!("CARGO_BIN_EXE_clusterfunk")),
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
         })
         .clone()
-}
-
-/// A source of the `kv` binary (from cargo's dep-info file beside it) changed after the binary
-/// was built, so it would test old code. A change counts only if this test executable was built
-/// after it (a file saved while the tests run is not this build's business), except for
-/// `examples/kv.rs` itself, which the test executable does not depend on.
-fn stale_source(kv: &Path) -> Option<PathBuf> {
-    let modified = |path: &Path| -> Option<SystemTime> { fs::metadata(path).ok()?.modified().ok() };
-    let built = modified(kv)?;
-    let this_build = modified(&std::env::current_exe().ok()?)?;
-    let kv_source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/kv.rs");
-    let dep_info = fs::read_to_string(kv.with_extension("d")).ok()?;
-    let (_, sources) = dep_info.lines().next()?.split_once(": ")?;
-    // Dep-info separates paths with spaces and escapes spaces inside paths with a backslash.
-    let sources = sources.replace("\\ ", "\u{0}");
-    sources
-        .split_whitespace()
-        .map(|source| PathBuf::from(source.replace('\u{0}', " ")))
-        .find(|source| {
-            modified(source).is_some_and(|changed| {
-                changed > built && (changed <= this_build || *source == kv_source)
-            })
-        })
 }

@@ -12,12 +12,14 @@
 //! status when it runs out; nothing here asserts how long anything takes.
 //!
 //! Environment: `CLUSTERFUNK_TEST_LOG=<filter>` turns the nodes' tracing on (default: off).
-//! It does not own the fault schedules or the test assertions: those live in the test files.
+//! Ports, keys per shard and polling come from the library's process harness
+//! (`clusterfunk::testing`), which the process-level tests and the tools share. It does not own
+//! the fault schedules or the test assertions: those live in the test files.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
-use std::hash::{Hash, Hasher};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
+use std::hash::Hasher;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Once};
@@ -29,6 +31,7 @@ use clusterfunk::admin::{AdminRequest, AdminResponse, StatusReport};
 use clusterfunk::prelude::*;
 use clusterfunk::shard_map::{shard_for, Epoch};
 use clusterfunk::storage::StoreOptions;
+use clusterfunk::testing::{self, reserve_port_on_hosts, PortReservation};
 use clusterfunk::NodeInfo;
 use clusterfunk::{
     ConsensusConfig, LeaseConfig, NodeConfig, ServeEvent, ServeEventKind, ServeObserver, StartError,
@@ -60,19 +63,6 @@ const POLL_INTERVAL: Duration = Duration::from_millis(15);
 /// Bound on starting one node (including retries while the old incarnation releases its data
 /// dir and port).
 const START_BOUND: Duration = Duration::from_secs(20);
-
-/// Ports for test clusters. Every node of a cluster listens on the same port, each on its own
-/// address `127.0.0.<node id>`, so a cluster takes one port number. The range lies below Linux's
-/// ephemeral range (32768–60999), so the kernel never hands the port to an outgoing connection
-/// while a node is down between a kill and its restart, and below the range of the
-/// process-level harness in `tests/common` (20000–32000). A cluster starts looking at a spot
-/// hashed from its name and the process id, so parallel tests and parallel test binaries start
-/// far apart; a port is taken only if every node's address binds on it, and a process never
-/// hands out one port twice while a cluster holds it ([`PORTS_IN_USE`]).
-const PORT_RANGE: std::ops::Range<u16> = 10_000..20_000;
-
-/// Ports held by live clusters of this process.
-static PORTS_IN_USE: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
 
 /// Keys starting with this make the first `on_restore` of their shard's snapshot panic; the
 /// key's value is a token that [`restore_panicked`] reports on.
@@ -644,8 +634,9 @@ pub struct TestCluster {
     name: String,
     /// Holds the data dirs; kept on disk when the test fails.
     dir: Option<TempDir>,
-    /// The port every node listens on (each on its own address).
-    port: u16,
+    /// The port every node listens on (each on its own address `127.0.0.<id>`, see
+    /// [`reserve_port_on_hosts`]), held until the cluster drops.
+    _port: PortReservation,
     /// The nodes, node id `i` at index `i - 1`.
     slots: Vec<Slot>,
     /// Receives every node's serve events.
@@ -688,7 +679,10 @@ impl TestCluster {
             .prefix(&format!("clusterfunk-{name}-"))
             .tempdir()
             .expect("create the cluster's temporary directory");
-        let port = allocate_port(name, nodes);
+        let hosts: Vec<Ipv4Addr> = (1..=nodes as NodeId).map(node_ip).collect();
+        let reservation =
+            reserve_port_on_hosts(name, &hosts).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let port = reservation.ports()[0];
         let slots = (1..=nodes as NodeId)
             .map(|id| Slot {
                 id,
@@ -704,7 +698,7 @@ impl TestCluster {
         let cluster = Arc::new(TestCluster {
             name: name.to_string(),
             dir: Some(dir),
-            port,
+            _port: reservation,
             slots,
             recorder: Arc::new(Recorder::new()),
             blocked: Mutex::new(BTreeSet::new()),
@@ -1000,20 +994,18 @@ impl TestCluster {
         F: FnMut() -> Fut,
         Fut: Future<Output = Option<T>>,
     {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(value) = probe().await {
-                return value;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "{}: timed out after {timeout:?} waiting until {description}\n{}",
-                    self.name,
-                    self.report()
-                );
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
+        let polled = testing::wait_for(description, POLL_INTERVAL, timeout, || {
+            let answer = probe();
+            async move { answer.await.ok_or("not yet") }
+        })
+        .await;
+        polled.unwrap_or_else(|_| {
+            panic!(
+                "{}: timed out after {timeout:?} waiting until {description}\n{}",
+                self.name,
+                self.report()
+            )
+        })
     }
 
     /// Waits until the running nodes agree: each serves (holds a lease), names the same leader
@@ -1310,7 +1302,6 @@ impl Drop for TestCluster {
                 }
             }
         }
-        lock(&PORTS_IN_USE).remove(&self.port);
         if std::thread::panicking() {
             if let Some(dir) = self.dir.take() {
                 eprintln!(
@@ -1575,41 +1566,20 @@ pub fn shards_of(owners: &[NodeId], node: NodeId) -> Vec<ShardId> {
         .collect()
 }
 
-/// The first key `"{prefix}-{i}"` that hashes to `shard`.
+/// The first key `"{prefix}-{i}"` that hashes to `shard` ([`testing::key_of_shard`]).
 pub fn key_of_shard(prefix: &str, shard: ShardId) -> String {
-    (0..100_000)
-        .map(|i| format!("{prefix}-{i}"))
-        .find(|key| shard_for(key.as_bytes(), SHARD_COUNT) == shard)
-        .expect("some key hashes to every shard")
+    testing::key_of_shard(prefix, shard, SHARD_COUNT).expect("some key hashes to every shard")
 }
 
 /// Node `id`'s address: `127.0.0.<id>:<port>`.
 fn node_addr(id: NodeId, port: u16) -> SocketAddr {
-    let last = u8::try_from(id).expect("node ids of test clusters fit an address byte");
-    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, last), port))
+    SocketAddr::V4(SocketAddrV4::new(node_ip(id), port))
 }
 
-/// Hands out a port on which every node address of a cluster of `nodes` binds (see
-/// [`PORT_RANGE`] for the scheme).
-fn allocate_port(name: &str, nodes: usize) -> u16 {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    (name, std::process::id()).hash(&mut hasher);
-    let span = PORT_RANGE.end - PORT_RANGE.start;
-    let offset = (hasher.finish() % u64::from(span)) as u16;
-    let mut in_use = lock(&PORTS_IN_USE);
-    for step in 0..span {
-        let port = PORT_RANGE.start + (offset + step) % span;
-        if in_use.contains(&port) {
-            continue;
-        }
-        // The probe listeners close at once; only this process's table keeps the port.
-        let free = (1..=nodes as NodeId).all(|id| TcpListener::bind(node_addr(id, port)).is_ok());
-        if free {
-            in_use.insert(port);
-            return port;
-        }
-    }
-    panic!("no free port in {PORT_RANGE:?} for {name}");
+/// Node `id`'s loopback address, `127.0.0.<id>`.
+fn node_ip(id: NodeId) -> Ipv4Addr {
+    let last = u8::try_from(id).expect("node ids of test clusters fit an address byte");
+    Ipv4Addr::new(127, 0, 0, last)
 }
 
 /// Turns on the nodes' tracing when `CLUSTERFUNK_TEST_LOG` is set (once per process).
