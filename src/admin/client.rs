@@ -33,16 +33,11 @@ impl AdminClient {
         secret: Option<Secret>,
         timeout: Duration,
     ) -> Result<Self, AdminError> {
-        Self::with_transport_config(
-            node,
-            TransportConfig {
-                cluster_name: cluster_name.to_string(),
-                node_id: None,
-                secret,
-                ..TransportConfig::default()
-            },
-            timeout,
-        )
+        let credentials = match secret {
+            Some(secret) => Credentials::Secret(secret),
+            None => Credentials::Insecure,
+        };
+        Self::with_credentials(node, cluster_name, &credentials, timeout)
     }
 
     /// A client for the node at `node` over TLS with the certificate in `tls` (the `admin`

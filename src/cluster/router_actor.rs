@@ -522,8 +522,8 @@ mod tests {
         }
     }
 
-    #[actix_rt::test]
-    async fn a_panicking_router_actor_is_restarted_with_its_state_and_the_node_keeps_serving() {
+    /// A one-node cluster on loopback, serving, and its router actor's address.
+    async fn serving_node(name: &str) -> (Node<Counters>, Addr<RouterActor<Counters>>) {
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
             .expect("a loopback port");
@@ -538,7 +538,7 @@ mod tests {
             .node_id(1)
             .shards(8)
             .listen(addr)
-            .cluster_name("router-actor")
+            .cluster_name(name)
             .handler::<Counters>()
             .in_memory_for_tests()
             .insecure()
@@ -557,6 +557,12 @@ mod tests {
             .as_ref()
             .map(|handle| handle.addr.clone())
             .expect("a clustered node has a router actor");
+        (node, actor)
+    }
+
+    #[actix_rt::test]
+    async fn a_panicking_router_actor_is_restarted_with_its_state_and_the_node_keeps_serving() {
+        let (node, actor) = serving_node("router-actor").await;
         let (restarts, book, rounds) = actor.send(Inspect).await.expect("alive");
         assert_eq!((restarts, book), (0, true));
         assert!(rounds > 0, "the applied states started handoff rounds");
@@ -574,39 +580,7 @@ mod tests {
 
     #[actix_rt::test]
     async fn an_idle_node_starts_no_handoff_rounds_on_raft_heartbeats() {
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("a loopback port");
-        let members = BTreeMap::from([(
-            1,
-            NodeInfo {
-                addr: addr.to_string(),
-                zone: None,
-            },
-        )]);
-        let node = Cluster::builder()
-            .node_id(1)
-            .shards(8)
-            .listen(addr)
-            .cluster_name("router-actor-idle")
-            .handler::<Counters>()
-            .in_memory_for_tests()
-            .insecure()
-            .lease(LeaseConfig::fast())
-            .consensus(ConsensusConfig::fast())
-            .initial_members(members)
-            .start()
-            .await
-            .expect("node starts");
-        incr_until_served(&node, "a").await;
-        let actor = node
-            .inner
-            .router_actor
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|handle| handle.addr.clone())
-            .expect("a clustered node has a router actor");
+        let (node, actor) = serving_node("router-actor-idle").await;
         let consensus = node.inner.consensus.clone().expect("clustered");
         let applied = || consensus.applied().last_applied.as_ref().map(|l| l.index);
         // Raft's metrics change on every heartbeat (each 50 ms or so here); over 20 of them, an
