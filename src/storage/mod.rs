@@ -53,6 +53,7 @@
 pub(crate) mod codec;
 pub mod data_dir;
 mod error;
+pub(crate) mod group_commit;
 mod lmdb;
 mod log_store;
 pub mod memory;
