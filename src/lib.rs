@@ -192,6 +192,8 @@ pub mod guide {
     pub mod quick_start {}
     #[doc = include_str!("../guide/src/handlers.md")]
     pub mod handlers {}
+    #[doc = include_str!("../guide/src/persistence.md")]
+    pub mod persistence {}
     #[doc = include_str!("../guide/src/concepts.md")]
     pub mod concepts {}
     #[doc = include_str!("../guide/src/operating.md")]
