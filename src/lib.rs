@@ -63,6 +63,8 @@
 //!   credentials.
 //! - [`plan`]: the topology planner: which failures a layout of voters over zones survives (pure).
 //! - [`storage`]: the raft log and snapshots on LMDB.
+//! - [`persist`]: durable shard state: the [`ShardStore`](persist::ShardStore) trait with its
+//!   fencing rules, the in-memory store and the node-local LMDB store.
 //! - [`transport`]: authenticated, multiplexed TCP between nodes and clients; [`tls`] its
 //!   certificates.
 //! - [`error`]: the errors of the public API.
@@ -103,6 +105,7 @@ mod lease;
 mod lease_task;
 mod ledger;
 pub mod metrics;
+pub mod persist;
 pub mod plan;
 pub mod recover;
 mod router;
@@ -189,6 +192,8 @@ pub mod guide {
     pub mod quick_start {}
     #[doc = include_str!("../guide/src/handlers.md")]
     pub mod handlers {}
+    #[doc = include_str!("../guide/src/persistence.md")]
+    pub mod persistence {}
     #[doc = include_str!("../guide/src/concepts.md")]
     pub mod concepts {}
     #[doc = include_str!("../guide/src/operating.md")]

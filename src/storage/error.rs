@@ -233,7 +233,7 @@ impl StorageError {
 }
 
 /// Turns a heed error into advice for the operator.
-fn hint_for(error: &heed::Error) -> &'static str {
+pub(crate) fn hint_for(error: &heed::Error) -> &'static str {
     use heed::MdbError;
     match error {
         heed::Error::Mdb(MdbError::MapFull) => {

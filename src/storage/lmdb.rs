@@ -7,9 +7,10 @@
 //!
 //! # Why an actor on a dedicated thread, not `spawn_blocking`
 //!
-//! The writer is the design card's storage actor ([`StorageActor`]): an actix actor alone on a
-//! thread named `clusterfunk-storage`, in an actix system of its own. Its mailbox is the job
-//! queue, read as a stream of ready chunks.
+//! The writer is the design card's storage actor: an actix actor alone on a thread named
+//! `clusterfunk-storage`, in an actix system of its own (the `group_commit` module, shared with
+//! the node-local shard store). Its mailbox is the job queue, read as a stream of ready chunks;
+//! [`RaftCommitter`] commits each chunk.
 //!
 //! - Raft requires writes to land in the order they were issued (an append must not overtake the
 //!   truncate before it). One thread draining one FIFO queue gives that order for free; separate
@@ -41,18 +42,16 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::thread::JoinHandle;
 
-use actix::{Actor, AsyncContext, Context, StreamHandler};
-use futures_util::StreamExt;
 use heed::byteorder::BigEndian;
 use heed::types::{Bytes, Str, U64};
 use heed::{Database, Env, EnvFlags, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
 use serde::de::DeserializeOwned;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
 use super::codec;
 use super::error::{StorageError, Table, Verb};
+use super::group_commit::{GroupCommit, GroupWriter};
 use super::options::StoreOptions;
 
 /// Name of the storage thread, as shown by `top -H`, debuggers and panic messages.
@@ -274,7 +273,7 @@ pub(crate) struct Lmdb {
     pub(crate) unflushed: Arc<Mutex<Unflushed>>,
     /// The last value given to `save_committed`; `read_committed` answers from here.
     pub(crate) committed: Arc<Mutex<CommittedSlot>>,
-    writer: Writer,
+    writer: GroupWriter<WriteJob>,
     /// Dropped last (fields drop in declaration order, after `Drop::drop` joined the storage
     /// thread and `env` closed the environment): its receivers then learn that the data dir can
     /// be opened again. Must stay the last field.
@@ -290,7 +289,7 @@ impl Lmdb {
             dir: dir.to_path_buf(),
             source: Arc::new(source),
         })?;
-        let env = open_environment(dir, options).map_err(|source| match source {
+        let env = open_environment(dir, options, DATABASES_MAX).map_err(|source| match source {
             heed::Error::EnvAlreadyOpened => StorageError::AlreadyOpen {
                 dir: dir.to_path_buf(),
             },
@@ -305,7 +304,21 @@ impl Lmdb {
                 .map(<[u8]>::to_vec)
         };
         let committed = Arc::new(Mutex::new(CommittedSlot::loaded(lmdb_committed)));
-        let writer = Writer::spawn(env.clone(), dbs, Arc::clone(&committed))?;
+        let committer = RaftCommitter {
+            env: env.clone(),
+            dbs,
+            committed: Arc::clone(&committed),
+            failure: None,
+        };
+        let writer = GroupWriter::spawn(
+            WRITER_THREAD_NAME,
+            WRITE_QUEUE_JOBS_MAX,
+            BATCH_JOBS_MAX,
+            committer,
+        )
+        .map_err(|source| StorageError::SpawnThread {
+            source: Arc::new(source),
+        })?;
         tracing::info!(dir = %dir.display(), map_size_bytes = options.map_size_bytes, sync = options.sync, "opened LMDB storage");
         Ok(Lmdb {
             dir: dir.to_path_buf(),
@@ -388,7 +401,10 @@ impl Lmdb {
         ops: Vec<WriteOp>,
         done: Completion,
     ) -> Result<(), StorageError> {
-        self.writer.submit(WriteJob { ops, done }).await
+        self.writer
+            .submit(WriteJob { ops, done })
+            .await
+            .map_err(|_| StorageError::WriterGone)
     }
 
     /// Queues a job and waits until it is committed (and fsynced when `sync` is on).
@@ -411,21 +427,28 @@ impl Drop for Lmdb {
     }
 }
 
-/// Opens the LMDB environment: the one audited use of `unsafe` in this crate.
+/// Opens the LMDB environment in `dir` with room for `databases_max` named databases: the one
+/// audited use of `unsafe` in this crate, shared by the raft storage and the node-local shard
+/// store (`persist::lmdb`), each in a directory of its own.
 #[allow(unsafe_code)]
-fn open_environment(dir: &Path, options: &StoreOptions) -> heed::Result<Env<WithoutTls>> {
+pub(crate) fn open_environment(
+    dir: &Path,
+    options: &StoreOptions,
+    databases_max: u32,
+) -> heed::Result<Env<WithoutTls>> {
     let mut builder = EnvOpenOptions::new().read_txn_without_tls();
     builder
         .map_size(options.map_size_rounded_bytes())
-        .max_dbs(DATABASES_MAX);
+        .max_dbs(databases_max);
     // SAFETY: heed marks these calls unsafe because LMDB memory-maps the data file, and the map
     // becomes undefined behaviour if the file is changed other than through LMDB's own locking.
     // We uphold that: (1) heed refuses to open one path twice in a process
-    // (`EnvAlreadyOpened`), and `Lmdb` is the only opener in this crate; (2) nothing in this crate
+    // (`EnvAlreadyOpened`), and this function is the only opener in this crate (the raft storage
+    // and the shard store each open their own directory); (2) nothing in this crate
     // writes the data file except through LMDB transactions; (3) we never set `NO_LOCK`, so
     // another process opening the dir goes through LMDB's lock file; (4) `NO_SYNC` (the only flag
     // we may set) weakens durability after an OS crash, not memory safety; (5) the docs of
-    // `LmdbStore::open` require a local file system, as LMDB does.
+    // `LmdbStore::open` and `LmdbShardStore::open` require a local file system, as LMDB does.
     unsafe {
         if !options.sync {
             builder.flags(EnvFlags::NO_SYNC);
@@ -461,89 +484,23 @@ fn create_databases(env: &Env<WithoutTls>) -> Result<Databases, StorageError> {
     })
 }
 
-/// The sending side of the storage thread.
-struct Writer {
-    sender: Option<mpsc::Sender<WriteJob>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Writer {
-    fn spawn(
-        env: Env<WithoutTls>,
-        dbs: Databases,
-        committed: Arc<Mutex<CommittedSlot>>,
-    ) -> Result<Self, StorageError> {
-        let (sender, receiver) = mpsc::channel(WRITE_QUEUE_JOBS_MAX);
-        let thread = std::thread::Builder::new()
-            .name(WRITER_THREAD_NAME.to_owned())
-            .spawn(move || run_storage_actor(env, dbs, committed, receiver))
-            .map_err(|source| StorageError::SpawnThread {
-                source: Arc::new(source),
-            })?;
-        Ok(Writer {
-            sender: Some(sender),
-            thread: Some(thread),
-        })
-    }
-
-    async fn submit(&self, job: WriteJob) -> Result<(), StorageError> {
-        let sender = self.sender.as_ref().ok_or(StorageError::WriterGone)?;
-        sender.send(job).await.map_err(|_| StorageError::WriterGone)
-    }
-
-    fn shut_down(&mut self) {
-        drop(self.sender.take());
-        if let Some(thread) = self.thread.take() {
-            // A completion running on the storage thread may drop the last handle; joining
-            // ourselves would deadlock, and the thread ends on its own once the queue is closed.
-            if thread.thread().id() == std::thread::current().id() {
-                return;
-            }
-            if thread.join().is_err() {
-                tracing::error!("the storage thread panicked; see the panic message above");
-            }
-        }
-    }
-}
-
-/// The storage actor: the one owner of LMDB's write side. It runs on a thread of its own, in an
-/// actix system of its own (so it works whatever runtime the store's users run on, and heed's
-/// write transaction, which is not `Send`, never leaves its thread). Its input is the job queue
-/// read as a stream of ready chunks: every job already queued (up to `BATCH_JOBS_MAX`) lands in
-/// one write transaction, in order — the group commit. When every store handle is gone the
-/// stream ends, the actor writes the newest committed log id if no batch carried it yet, stops,
-/// and its thread ends.
-struct StorageActor {
+/// The raft storage's [`GroupCommit`]: commits each chunk of [`WriteJob`]s in one write
+/// transaction, then tells each job how it went. It runs on the `clusterfunk-storage` thread
+/// (the storage actor): see [`GroupWriter`]. When every store handle is gone it writes the newest
+/// committed log id if no batch carried it yet.
+struct RaftCommitter {
     env: Env<WithoutTls>,
     dbs: Databases,
     committed: Arc<Mutex<CommittedSlot>>,
     /// After one failed batch every later job fails too: raft forbids applying a later write
     /// when an earlier one is lost (it would leave a hole in the log or reorder vote and log).
     failure: Option<StorageError>,
-    /// Told when the actor stopped, so the thread's system can end.
-    stopped: Option<oneshot::Sender<()>>,
 }
 
-impl Actor for StorageActor {
-    type Context = Context<Self>;
+impl GroupCommit for RaftCommitter {
+    type Job = WriteJob;
 
-    fn stopped(&mut self, _ctx: &mut Self::Context) {
-        if self.failure.is_none() && lock(&self.committed).unwritten().is_some() {
-            if let Err(error) = commit_batch(&self.env, self.dbs, &self.committed, &[]) {
-                tracing::warn!(%error, "could not save the committed log id at close; it is re-learned from the leader");
-            }
-        }
-        tracing::debug!("storage actor stopping: all store handles dropped");
-        if let Some(stopped) = self.stopped.take() {
-            let _ = stopped.send(());
-        }
-    }
-}
-
-impl StreamHandler<Vec<WriteJob>> for StorageActor {
-    /// Applies one chunk of queued jobs in one transaction, commits, then tells each job how it
-    /// went.
-    fn handle(&mut self, batch: Vec<WriteJob>, _ctx: &mut Self::Context) {
+    fn commit(&mut self, batch: Vec<WriteJob>) {
         let result = match &self.failure {
             Some(cause) => Err(StorageError::Stopped {
                 cause: Box::new(cause.clone()),
@@ -562,36 +519,15 @@ impl StreamHandler<Vec<WriteJob>> for StorageActor {
             (job.done)(result.clone());
         }
     }
-}
 
-/// The storage thread: an actix system of its own that runs the [`StorageActor`] until the job
-/// queue closes.
-fn run_storage_actor(
-    env: Env<WithoutTls>,
-    dbs: Databases,
-    committed: Arc<Mutex<CommittedSlot>>,
-    receiver: mpsc::Receiver<WriteJob>,
-) {
-    let system = actix_rt::System::new();
-    system.block_on(async move {
-        let (stopped, done) = oneshot::channel();
-        let jobs = futures_util::stream::unfold(receiver, |mut receiver| async move {
-            receiver.recv().await.map(|job| (job, receiver))
-        })
-        .ready_chunks(BATCH_JOBS_MAX);
-        StorageActor::create(move |ctx| {
-            ctx.add_stream(jobs);
-            StorageActor {
-                env,
-                dbs,
-                committed,
-                failure: None,
-                stopped: Some(stopped),
+    fn close(&mut self) {
+        if self.failure.is_none() && lock(&self.committed).unwritten().is_some() {
+            if let Err(error) = commit_batch(&self.env, self.dbs, &self.committed, &[]) {
+                tracing::warn!(%error, "could not save the committed log id at close; it is re-learned from the leader");
             }
-        });
-        // The actor stops once the queue closed and its last batch committed.
-        let _ = done.await;
-    });
+        }
+        tracing::debug!("storage actor stopping: all store handles dropped");
+    }
 }
 
 fn commit_batch(

@@ -53,6 +53,7 @@
 pub(crate) mod codec;
 pub mod data_dir;
 mod error;
+pub(crate) mod group_commit;
 mod lmdb;
 mod log_store;
 pub mod memory;
@@ -73,6 +74,8 @@ pub use log_store::LogStore;
 pub use options::StoreOptions;
 pub use state_machine::{Applied, StateMachineApp, StateMachineStore};
 
+pub(crate) use error::hint_for;
+pub(crate) use lmdb::open_environment;
 use lmdb::Lmdb;
 
 /// One node's LMDB storage: opens the environment in the data dir and makes the log store and the

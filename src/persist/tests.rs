@@ -1,0 +1,787 @@
+//! The store contract, checked on both stores by one generic suite, then the LMDB store's own
+//! behaviour: restart in place, no stale local state, group commit.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+
+use futures_util::future::{join, join_all};
+use tokio::sync::oneshot;
+
+use super::lmdb::{Committer, Job};
+use super::*;
+use crate::storage::group_commit::GroupCommit;
+use crate::storage::StoreOptions;
+
+/// Node ids and epochs used below: node A activates first, node B later at a newer epoch.
+const NODE_A: NodeId = 1;
+const NODE_B: NodeId = 2;
+const EPOCH_A: Epoch = 5;
+const EPOCH_B: Epoch = 7;
+
+fn block_on<F: Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a current-thread runtime builds")
+        .block_on(future)
+}
+
+fn batch(puts: &[(&str, &str)]) -> Batch {
+    let mut batch = Batch::new();
+    for (key, value) in puts {
+        batch.put(*key, value.as_bytes().to_vec());
+    }
+    batch
+}
+
+/// The per-key records as text, for readable assertions.
+fn records(loaded: &Loaded) -> BTreeMap<String, String> {
+    loaded
+        .records
+        .iter()
+        .map(|(key, value)| {
+            (
+                String::from_utf8_lossy(key.as_bytes()).into_owned(),
+                String::from_utf8_lossy(value).into_owned(),
+            )
+        })
+        .collect()
+}
+
+fn expected(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(key, value)| (key.to_string(), value.to_string()))
+        .collect()
+}
+
+fn open_lmdb(dir: &Path) -> LmdbShardStore {
+    let options = StoreOptions {
+        map_size_bytes: 16 << 20,
+        // Durability across a crash of the machine is LMDB's fsync; the tests reopen within one
+        // process, where a committed transaction is visible without it.
+        sync: false,
+    };
+    LmdbShardStore::open(dir, options).expect("the shard store opens in a fresh temp dir")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The contract suite: every store must pass it. Each case uses a shard of its own.
+
+/// Runs every contract case against `store`.
+async fn store_contract_suite(store: &dyn ShardStore) {
+    a_write_below_the_fence_is_refused_and_changes_nothing(store, 1).await;
+    activation_raises_the_fence_and_loads_atomically(store, 2).await;
+    an_old_owner_paused_past_its_lease_is_refused_and_the_new_owners_value_stands(store, 3).await;
+    reactivation_at_an_equal_epoch_by_the_same_node_loads_again(store, 4).await;
+    commit_then_reload_returns_every_committed_value(store, 5).await;
+    a_release_ends_the_activation_and_hands_the_shard_over(store, 6).await;
+    activation_below_the_fence_or_at_another_nodes_epoch_is_refused(store, 7).await;
+    a_commit_without_its_activation_is_refused(store, 8).await;
+}
+
+#[test]
+fn memory_store_keeps_the_store_contract() {
+    block_on(store_contract_suite(&MemoryStore::new()));
+}
+
+#[test]
+fn lmdb_store_keeps_the_store_contract() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    block_on(store_contract_suite(&open_lmdb(dir.path())));
+}
+
+#[test]
+fn a_shared_arc_dyn_store_keeps_the_store_contract() {
+    let store: Arc<dyn ShardStore> = Arc::new(MemoryStore::new());
+    block_on(store_contract_suite(&store));
+}
+
+/// Goal: a commit with an epoch below the fence is refused with `Fenced` and none of its changes
+/// land. Method: B activates above A, writes; A's commit (puts and a whole-shard record) is
+/// refused; B's reload shows only B's write.
+async fn a_write_below_the_fence_is_refused_and_changes_nothing(
+    store: &dyn ShardStore,
+    shard: ShardId,
+) {
+    store
+        .activate(shard, NODE_A, EPOCH_A)
+        .await
+        .expect("A activates");
+    store
+        .activate(shard, NODE_B, EPOCH_B)
+        .await
+        .expect("B activates above A");
+    store
+        .commit(shard, EPOCH_B, batch(&[("x", "b")]))
+        .await
+        .expect("B commits");
+    let mut late = batch(&[("x", "a"), ("y", "a")]);
+    late.put_state(b"a-state".to_vec());
+    let refused = store.commit(shard, EPOCH_A, late).await;
+    assert!(
+        matches!(refused, Err(StoreError::Fenced { shard: s, epoch: EPOCH_A, fence: EPOCH_B }) if s == shard),
+        "{refused:?}"
+    );
+    assert!(refused.expect_err("refused").is_refusal());
+    let loaded = store
+        .activate(shard, NODE_B, EPOCH_B)
+        .await
+        .expect("B reloads");
+    assert_eq!(records(&loaded), expected(&[("x", "b")]));
+    assert_eq!(loaded.state, None);
+}
+
+/// Goal: activation raises the fence and loads in one step: a commit of the old activation that
+/// races with it either lands before it (and is in what it loaded, for a shared store) or is
+/// refused; it never lands after. Method: twenty races of A's commit against B's activation,
+/// each on a fresh epoch pair, in both orders of submission.
+async fn activation_raises_the_fence_and_loads_atomically(store: &dyn ShardStore, shard: ShardId) {
+    for round in 0..20_u64 {
+        let (old, new) = (100 + 2 * round, 101 + 2 * round);
+        store
+            .activate(shard, NODE_A, old)
+            .await
+            .expect("A activates");
+        let key = format!("round-{round}");
+        let commit = store.commit(shard, old, batch(&[(&key, "a")]));
+        let activate = store.activate(shard, NODE_B, new);
+        let (committed, loaded) = if round % 2 == 0 {
+            join(commit, activate).await
+        } else {
+            let (loaded, committed) = join(activate, commit).await;
+            (committed, loaded)
+        };
+        let loaded = loaded.expect("B activates");
+        let in_loaded = loaded.records.contains_key(&Key::from(key.as_str()));
+        match (&committed, store.locality()) {
+            (Ok(()), Locality::Shared) => assert!(
+                in_loaded,
+                "round {round}: an accepted commit is missing from the load"
+            ),
+            (Ok(()), _) => assert!(
+                !in_loaded,
+                "round {round}: a node-local store loaded another node's records"
+            ),
+            (Err(StoreError::Fenced { fence, .. }), _) => {
+                assert_eq!(*fence, new);
+                assert!(!in_loaded, "round {round}: a refused commit is in the load");
+            }
+            (Err(error), _) => panic!("round {round}: unexpected {error}"),
+        }
+        let reloaded = store.activate(shard, NODE_B, new).await.expect("B reloads");
+        assert_eq!(
+            records(&reloaded),
+            records(&loaded),
+            "round {round}: something landed after the activation"
+        );
+        // Hand the shard back to A for the next round (epochs keep rising).
+        store.release(shard, new).await.expect("B releases");
+    }
+}
+
+/// Goal: the fencing test: an old owner paused past its lease resumes and writes with its
+/// old activation's epoch, also after it learned of newer maps; it is refused, and the new
+/// owner's value stands. Method: A activates and writes; B takes over (no release: A is
+/// "paused"); B writes; A's late writes at its activation epoch are refused; B reads its value.
+async fn an_old_owner_paused_past_its_lease_is_refused_and_the_new_owners_value_stands(
+    store: &dyn ShardStore,
+    shard: ShardId,
+) {
+    store
+        .activate(shard, NODE_A, EPOCH_A)
+        .await
+        .expect("A activates");
+    store
+        .commit(shard, EPOCH_A, batch(&[("balance", "10")]))
+        .await
+        .expect("A commits before its pause");
+    let loaded = store
+        .activate(shard, NODE_B, EPOCH_B)
+        .await
+        .expect("B takes over");
+    if store.locality() == Locality::Shared {
+        assert_eq!(records(&loaded), expected(&[("balance", "10")]));
+        assert_eq!(
+            loaded.origin,
+            Origin::Stored {
+                last_owner: NODE_A,
+                last_epoch: EPOCH_A,
+                released: false
+            }
+        );
+    }
+    store
+        .commit(shard, EPOCH_B, batch(&[("balance", "20")]))
+        .await
+        .expect("B commits");
+    // A resumes: its activation's epoch is still EPOCH_A, even if it has since applied a map of
+    // epoch 9; every write carries the activation's epoch.
+    for _ in 0..2 {
+        let late = store
+            .commit(shard, EPOCH_A, batch(&[("balance", "11")]))
+            .await;
+        assert!(
+            matches!(late, Err(StoreError::Fenced { fence: EPOCH_B, .. })),
+            "{late:?}"
+        );
+    }
+    let late_release = store.release(shard, EPOCH_A).await;
+    assert!(
+        matches!(late_release, Err(StoreError::Fenced { .. })),
+        "{late_release:?}"
+    );
+    let loaded = store
+        .activate(shard, NODE_B, EPOCH_B)
+        .await
+        .expect("B reloads");
+    assert_eq!(records(&loaded), expected(&[("balance", "20")]));
+}
+
+/// Goal: an activation at the fence's epoch by the same node (restart, passivation) is allowed,
+/// loads what that activation committed, and commits go on. Method: activate, commit, activate
+/// again at the same epoch, commit again, reload.
+async fn reactivation_at_an_equal_epoch_by_the_same_node_loads_again(
+    store: &dyn ShardStore,
+    shard: ShardId,
+) {
+    let first = store
+        .activate(shard, NODE_A, EPOCH_A)
+        .await
+        .expect("activates");
+    assert_eq!(first.origin, Origin::New);
+    store
+        .commit(shard, EPOCH_A, batch(&[("k", "1")]))
+        .await
+        .expect("commits");
+    let again = store
+        .activate(shard, NODE_A, EPOCH_A)
+        .await
+        .expect("reactivates at the same epoch");
+    assert_eq!(
+        again.origin,
+        Origin::Stored {
+            last_owner: NODE_A,
+            last_epoch: EPOCH_A,
+            released: false
+        }
+    );
+    assert_eq!(records(&again), expected(&[("k", "1")]));
+    store
+        .commit(shard, EPOCH_A, batch(&[("k", "2")]))
+        .await
+        .expect("commits after the reactivation");
+    let last = store
+        .activate(shard, NODE_A, EPOCH_A)
+        .await
+        .expect("reloads");
+    assert_eq!(records(&last), expected(&[("k", "2")]));
+}
+
+/// Goal: a reload returns exactly what was committed: puts, overwrites, deletes and the
+/// whole-shard record, across several commits. Method: commit a sequence of batches (one of them
+/// merged from two), reload at the same activation, compare with a model.
+async fn commit_then_reload_returns_every_committed_value(store: &dyn ShardStore, shard: ShardId) {
+    store
+        .activate(shard, NODE_A, EPOCH_A)
+        .await
+        .expect("activates");
+    let mut first = batch(&[("a", "1"), ("b", "1"), ("c", "1")]);
+    first.put_state(b"state-1".to_vec());
+    store
+        .commit(shard, EPOCH_A, first)
+        .await
+        .expect("first commit");
+    let mut second = batch(&[("b", "2")]);
+    second.delete("c");
+    let mut third = batch(&[("d", "3"), ("c", "3")]);
+    third.delete("d");
+    // The merged batch: "c" is put again, "d" ends deleted.
+    second.merge(third);
+    assert_eq!(second.len(), 3);
+    store
+        .commit(shard, EPOCH_A, second)
+        .await
+        .expect("second commit");
+    let mut binary = Batch::new();
+    binary.put(vec![0_u8, 255, 1], vec![0_u8; 3]);
+    store
+        .commit(shard, EPOCH_A, binary)
+        .await
+        .expect("binary key commit");
+    store
+        .commit(shard, EPOCH_A, Batch::new())
+        .await
+        .expect("an empty commit checks the fence");
+
+    let loaded = store
+        .activate(shard, NODE_A, EPOCH_A)
+        .await
+        .expect("reloads");
+    assert_eq!(loaded.state.as_deref(), Some(&b"state-1"[..]));
+    assert_eq!(loaded.records.len(), 4);
+    assert_eq!(
+        loaded
+            .records
+            .get(&Key::from(vec![0_u8, 255, 1]))
+            .map(|v| v.to_vec()),
+        Some(vec![0_u8; 3])
+    );
+    let mut text = records(&loaded);
+    text.retain(|key, _| key.is_ascii());
+    assert_eq!(text, expected(&[("a", "1"), ("b", "2"), ("c", "3")]));
+
+    let mut clear = Batch::new();
+    clear.delete_state();
+    store
+        .commit(shard, EPOCH_A, clear)
+        .await
+        .expect("deletes the state");
+    let loaded = store
+        .activate(shard, NODE_A, EPOCH_A)
+        .await
+        .expect("reloads");
+    assert_eq!(loaded.state, None);
+}
+
+/// Goal: a planned move hands over through the store: after the release the old activation
+/// cannot commit, releasing again is harmless, and the next owner's activation says the shard
+/// was released (and, for a shared store, loads what was flushed). Method: commit, release,
+/// commit again (refused), activate on B.
+async fn a_release_ends_the_activation_and_hands_the_shard_over(
+    store: &dyn ShardStore,
+    shard: ShardId,
+) {
+    store
+        .activate(shard, NODE_A, EPOCH_A)
+        .await
+        .expect("A activates");
+    store
+        .commit(shard, EPOCH_A, batch(&[("flushed", "yes")]))
+        .await
+        .expect("A flushes");
+    store.release(shard, EPOCH_A).await.expect("A releases");
+    store
+        .release(shard, EPOCH_A)
+        .await
+        .expect("releasing twice is not an error");
+    let after = store
+        .commit(shard, EPOCH_A, batch(&[("late", "yes")]))
+        .await;
+    assert!(
+        matches!(after, Err(StoreError::Released { epoch: EPOCH_A, .. })),
+        "{after:?}"
+    );
+    let loaded = store
+        .activate(shard, NODE_B, EPOCH_B)
+        .await
+        .expect("B activates");
+    match store.locality() {
+        Locality::Shared => {
+            assert_eq!(
+                loaded.origin,
+                Origin::Stored {
+                    last_owner: NODE_A,
+                    last_epoch: EPOCH_A,
+                    released: true
+                }
+            );
+            assert_eq!(records(&loaded), expected(&[("flushed", "yes")]));
+        }
+        _ => {
+            assert_eq!(
+                loaded.origin,
+                Origin::Stale {
+                    last_owner: NODE_A,
+                    last_epoch: EPOCH_A
+                }
+            );
+            assert!(loaded.records.is_empty());
+        }
+    }
+}
+
+/// Goal: activation is refused below the fence (`Fenced`) and at the fence's epoch by another
+/// node (`EpochTaken`), and neither refusal moves the fence. Method: activate at 7, try 5 and
+/// (7, other node), then commit at 7.
+async fn activation_below_the_fence_or_at_another_nodes_epoch_is_refused(
+    store: &dyn ShardStore,
+    shard: ShardId,
+) {
+    store
+        .activate(shard, NODE_B, EPOCH_B)
+        .await
+        .expect("B activates");
+    let below = store.activate(shard, NODE_A, EPOCH_A).await;
+    assert!(
+        matches!(
+            below,
+            Err(StoreError::Fenced {
+                epoch: EPOCH_A,
+                fence: EPOCH_B,
+                ..
+            })
+        ),
+        "{below:?}"
+    );
+    let taken = store.activate(shard, NODE_A, EPOCH_B).await;
+    assert!(
+        matches!(
+            taken,
+            Err(StoreError::EpochTaken {
+                epoch: EPOCH_B,
+                owner: NODE_B,
+                ..
+            })
+        ),
+        "{taken:?}"
+    );
+    store
+        .commit(shard, EPOCH_B, batch(&[("still", "B")]))
+        .await
+        .expect("B's activation is still the current one");
+}
+
+/// Goal: a commit or release needs its activation: never activated, or above the fence, it is
+/// refused with `NotActivated`. Method: commit before any activation and above the fence.
+async fn a_commit_without_its_activation_is_refused(store: &dyn ShardStore, shard: ShardId) {
+    let never = store.commit(shard, EPOCH_A, batch(&[("k", "v")])).await;
+    assert!(
+        matches!(never, Err(StoreError::NotActivated { fence: None, .. })),
+        "{never:?}"
+    );
+    let release = store.release(shard, EPOCH_A).await;
+    assert!(
+        matches!(release, Err(StoreError::NotActivated { .. })),
+        "{release:?}"
+    );
+    store
+        .activate(shard, NODE_A, EPOCH_A)
+        .await
+        .expect("activates");
+    let above = store.commit(shard, EPOCH_B, batch(&[("k", "v")])).await;
+    assert!(
+        matches!(
+            above,
+            Err(StoreError::NotActivated {
+                fence: Some(EPOCH_A),
+                ..
+            })
+        ),
+        "{above:?}"
+    );
+    let loaded = store
+        .activate(shard, NODE_A, EPOCH_A)
+        .await
+        .expect("reloads");
+    assert!(loaded.records.is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The LMDB store's own behaviour.
+
+/// Goal: a restart in place keeps every committed value. Method: commit to several shards, drop
+/// the store (which closes the environment), reopen the dir, reactivate each shard with the same
+/// node and epoch.
+#[test]
+fn lmdb_restart_in_place_keeps_every_committed_value() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    block_on(async {
+        let store = open_lmdb(dir.path());
+        for shard in 0..8 {
+            store
+                .activate(shard, NODE_A, EPOCH_A)
+                .await
+                .expect("activates");
+            let mut batch = batch(&[("k", "v1"), ("gone", "x")]);
+            batch.put_state(format!("state-{shard}").into_bytes());
+            store.commit(shard, EPOCH_A, batch).await.expect("commits");
+            let mut second = self::batch(&[("k", "v2")]);
+            second.delete("gone");
+            store
+                .commit(shard, EPOCH_A, second)
+                .await
+                .expect("commits again");
+        }
+        drop(store);
+
+        let store = open_lmdb(dir.path());
+        for shard in 0..8 {
+            let loaded = store
+                .activate(shard, NODE_A, EPOCH_A)
+                .await
+                .expect("reactivates");
+            assert!(loaded.origin.is_loaded(), "{:?}", loaded.origin);
+            assert_eq!(records(&loaded), expected(&[("k", "v2")]));
+            assert_eq!(loaded.state, Some(Bytes::from(format!("state-{shard}"))));
+        }
+    });
+}
+
+/// Goal: node-local state is valid only for a restart in place: a shard activated by another
+/// node, or by this node at a newer epoch (it may have been owned elsewhere in between), starts
+/// empty and says why, and the stale records are gone for good (a later restart in place does
+/// not bring them back). Method: A writes; B activates on the same dir; B writes; restart; then
+/// A at a newer epoch.
+#[test]
+fn lmdb_a_different_node_activating_gets_no_stale_local_state() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    block_on(async {
+        let store = open_lmdb(dir.path());
+        store
+            .activate(0, NODE_A, EPOCH_A)
+            .await
+            .expect("A activates");
+        let mut from_a = batch(&[("a-key", "a")]);
+        from_a.put_state(b"a-state".to_vec());
+        store.commit(0, EPOCH_A, from_a).await.expect("A commits");
+
+        let loaded = store
+            .activate(0, NODE_B, EPOCH_B)
+            .await
+            .expect("B activates");
+        assert_eq!(
+            loaded.origin,
+            Origin::Stale {
+                last_owner: NODE_A,
+                last_epoch: EPOCH_A
+            }
+        );
+        assert!(loaded.records.is_empty() && loaded.state.is_none());
+        store
+            .commit(0, EPOCH_B, batch(&[("b-key", "b")]))
+            .await
+            .expect("B commits");
+        drop(store);
+
+        let store = open_lmdb(dir.path());
+        let loaded = store
+            .activate(0, NODE_B, EPOCH_B)
+            .await
+            .expect("B restarts in place");
+        assert_eq!(records(&loaded), expected(&[("b-key", "b")]));
+        assert_eq!(loaded.state, None);
+
+        // B again, but at a newer epoch: the shard may have been owned elsewhere in between.
+        let loaded = store
+            .activate(0, NODE_B, 9)
+            .await
+            .expect("B at a newer epoch");
+        assert_eq!(
+            loaded.origin,
+            Origin::Stale {
+                last_owner: NODE_B,
+                last_epoch: EPOCH_B
+            }
+        );
+        assert!(loaded.records.is_empty());
+    });
+}
+
+/// Goal: commits to many shards issued at once all land, each exactly as committed, and refused
+/// ones among them change nothing. Method: 64 shards, three rounds of concurrent commits (every
+/// eighth shard also gets a late commit at an old epoch), then a restart and a reload of each.
+#[test]
+fn lmdb_concurrent_commits_to_many_shards_all_land() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    block_on(async {
+        let store = open_lmdb(dir.path());
+        let shards: Vec<ShardId> = (0..64).collect();
+        let activations = join_all(
+            shards
+                .iter()
+                .map(|&shard| store.activate(shard, NODE_A, EPOCH_A)),
+        )
+        .await;
+        assert!(activations.iter().all(Result::is_ok));
+        for round in 0..3 {
+            let commits = shards.iter().map(|&shard| {
+                store.commit(
+                    shard,
+                    EPOCH_A,
+                    batch(&[(&format!("round-{round}"), &format!("{shard}"))]),
+                )
+            });
+            let late = shards
+                .iter()
+                .step_by(8)
+                .map(|&shard| store.commit(shard, EPOCH_A - 1, batch(&[("late", "x")])));
+            let (accepted, refused) = join(join_all(commits), join_all(late)).await;
+            assert!(accepted.iter().all(Result::is_ok), "{accepted:?}");
+            assert!(
+                refused
+                    .iter()
+                    .all(|r| matches!(r, Err(StoreError::Fenced { .. }))),
+                "{refused:?}"
+            );
+        }
+        drop(store);
+
+        let store = open_lmdb(dir.path());
+        for shard in shards {
+            let loaded = store
+                .activate(shard, NODE_A, EPOCH_A)
+                .await
+                .expect("reloads");
+            let value = shard.to_string();
+            assert_eq!(
+                records(&loaded),
+                expected(&[
+                    ("round-0", &value),
+                    ("round-1", &value),
+                    ("round-2", &value)
+                ])
+            );
+        }
+    });
+}
+
+/// Goal: in one grouped transaction, each job is decided against the fences as the jobs before
+/// it left them, a refused job writes nothing, and the accepted ones all commit. Method: hand
+/// the writer's committer one group of our making (so the grouping is certain, not a matter of
+/// timing) and check every answer, then reload in a second group.
+#[test]
+fn lmdb_a_group_commits_its_accepted_jobs_and_nothing_of_its_refused_ones() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut committer = Committer::open_for_tests(dir.path()).expect("opens");
+    let (activate_a, activated_a) = activate_job(10, NODE_A, EPOCH_A);
+    let (commit_a, committed_a) = commit_job(10, EPOCH_A, batch(&[("k", "a")]));
+    let (activate_b, activated_b) = activate_job(10, NODE_B, EPOCH_B);
+    let (late_a, refused_a) = commit_job(10, EPOCH_A, batch(&[("k", "late")]));
+    let (commit_b, committed_b) = commit_job(10, EPOCH_B, batch(&[("k", "b")]));
+    let (orphan, refused_orphan) = commit_job(11, EPOCH_A, batch(&[("k", "orphan")]));
+    let (activate_c, activated_c) = activate_job(12, NODE_A, EPOCH_A);
+    let (commit_c, committed_c) = commit_job(12, EPOCH_A, batch(&[("k", "c")]));
+    committer.commit(vec![
+        activate_a, commit_a, activate_b, late_a, commit_b, orphan, activate_c, commit_c,
+    ]);
+    let answer = |receiver: oneshot::Receiver<Result<(), StoreError>>| {
+        receiver.blocking_recv().expect("every job is answered")
+    };
+    assert_eq!(
+        activated_a
+            .blocking_recv()
+            .expect("answered")
+            .expect("A activates")
+            .origin,
+        Origin::New
+    );
+    answer(committed_a).expect("A's commit, before B's activation, is accepted");
+    let loaded_b = activated_b
+        .blocking_recv()
+        .expect("answered")
+        .expect("B activates");
+    // Node-local: A's records are stale for B and were dropped in the same transaction.
+    assert!(matches!(
+        loaded_b.origin,
+        Origin::Stale {
+            last_owner: NODE_A,
+            ..
+        }
+    ));
+    assert!(matches!(
+        answer(refused_a),
+        Err(StoreError::Fenced { fence: EPOCH_B, .. })
+    ));
+    answer(committed_b).expect("B's commit is accepted");
+    assert!(matches!(
+        answer(refused_orphan),
+        Err(StoreError::NotActivated { .. })
+    ));
+    activated_c
+        .blocking_recv()
+        .expect("answered")
+        .expect("C activates");
+    answer(committed_c).expect("another shard's commit in the group is accepted");
+
+    let (reload_b, reloaded_b) = activate_job(10, NODE_B, EPOCH_B);
+    let (reload_c, reloaded_c) = activate_job(12, NODE_A, EPOCH_A);
+    let (probe, probed) = activate_job(11, NODE_A, EPOCH_A);
+    committer.commit(vec![reload_b, reload_c, probe]);
+    let loaded = |receiver: oneshot::Receiver<Result<Loaded, StoreError>>| {
+        records(
+            &receiver
+                .blocking_recv()
+                .expect("answered")
+                .expect("reloads"),
+        )
+    };
+    assert_eq!(loaded(reloaded_b), expected(&[("k", "b")]));
+    assert_eq!(loaded(reloaded_c), expected(&[("k", "c")]));
+    assert_eq!(loaded(probed), expected(&[]));
+}
+
+fn activate_job(
+    shard: ShardId,
+    owner: NodeId,
+    epoch: Epoch,
+) -> (Job, oneshot::Receiver<Result<Loaded, StoreError>>) {
+    let (reply, answer) = oneshot::channel();
+    (
+        Job::Activate {
+            shard,
+            owner,
+            epoch,
+            reply,
+        },
+        answer,
+    )
+}
+
+fn commit_job(
+    shard: ShardId,
+    epoch: Epoch,
+    batch: Batch,
+) -> (Job, oneshot::Receiver<Result<(), StoreError>>) {
+    let (reply, answer) = oneshot::channel();
+    (
+        Job::Commit {
+            shard,
+            epoch,
+            batch,
+            reply,
+        },
+        answer,
+    )
+}
+
+/// Goal: a key LMDB cannot store is refused before it is queued, so it cannot fail the other
+/// commits of its group. Method: commit a key one byte over the limit, then one at the limit.
+#[test]
+fn lmdb_a_key_over_the_limit_is_refused_and_the_limit_itself_is_stored() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    block_on(async {
+        let store = open_lmdb(dir.path());
+        store.activate(0, NODE_A, EPOCH_A).await.expect("activates");
+        let mut long = Batch::new();
+        long.put(vec![7_u8; LmdbShardStore::KEY_BYTES_MAX + 1], b"v".to_vec());
+        let refused = store.commit(0, EPOCH_A, long).await;
+        assert!(
+            matches!(refused, Err(StoreError::KeyTooLong { .. })),
+            "{refused:?}"
+        );
+        let mut longest = Batch::new();
+        longest.put(vec![7_u8; LmdbShardStore::KEY_BYTES_MAX], b"v".to_vec());
+        store
+            .commit(0, EPOCH_A, longest)
+            .await
+            .expect("a key at the limit is stored");
+        let loaded = store.activate(0, NODE_A, EPOCH_A).await.expect("reloads");
+        assert_eq!(loaded.records.len(), 1);
+    });
+}
+
+/// Goal: opening a directory this process already has open is a typed error that says what to
+/// do, not a second environment over the same file. Method: open twice.
+#[test]
+fn lmdb_opening_an_open_dir_again_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let _store = open_lmdb(dir.path());
+    let again = LmdbShardStore::open(dir.path(), StoreOptions::default());
+    let error = again.expect_err("a second open is refused");
+    assert!(matches!(error, StoreError::AlreadyOpen { .. }), "{error}");
+    assert!(
+        error.to_string().contains("directory of its own"),
+        "{error}"
+    );
+}
