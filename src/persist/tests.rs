@@ -13,6 +13,36 @@ use super::*;
 use crate::storage::group_commit::GroupCommit;
 use crate::storage::StoreOptions;
 
+/// `store.activate(..)`, which must succeed (`what` names the step in the failure).
+async fn activate_ok(
+    store: &dyn ShardStore,
+    shard: ShardId,
+    owner: NodeId,
+    epoch: Epoch,
+    what: &str,
+) -> Loaded {
+    store
+        .activate(shard, owner, epoch)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+/// `store.commit(..)`, which must succeed.
+async fn commit_ok(store: &dyn ShardStore, shard: ShardId, epoch: Epoch, batch: Batch, what: &str) {
+    store
+        .commit(shard, epoch, batch)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+}
+
+/// `store.release(..)`, which must succeed.
+async fn release_ok(store: &dyn ShardStore, shard: ShardId, epoch: Epoch, what: &str) {
+    store
+        .release(shard, epoch)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+}
+
 /// Node ids and epochs used below: node A activates first, node B later at a newer epoch.
 const NODE_A: NodeId = 1;
 const NODE_B: NodeId = 2;
@@ -104,14 +134,8 @@ async fn a_write_below_the_fence_is_refused_and_changes_nothing(
     store: &dyn ShardStore,
     shard: ShardId,
 ) {
-    store
-        .activate(shard, NODE_A, EPOCH_A)
-        .await
-        .expect("A activates");
-    store
-        .activate(shard, NODE_B, EPOCH_B)
-        .await
-        .expect("B activates above A");
+    activate_ok(store, shard, NODE_A, EPOCH_A, "A activates").await;
+    activate_ok(store, shard, NODE_B, EPOCH_B, "B activates above A").await;
     store
         .commit(shard, EPOCH_B, batch(&[("x", "b")]))
         .await
@@ -124,10 +148,7 @@ async fn a_write_below_the_fence_is_refused_and_changes_nothing(
         "{refused:?}"
     );
     assert!(refused.expect_err("refused").is_refusal());
-    let loaded = store
-        .activate(shard, NODE_B, EPOCH_B)
-        .await
-        .expect("B reloads");
+    let loaded = activate_ok(store, shard, NODE_B, EPOCH_B, "B reloads").await;
     assert_eq!(records(&loaded), expected(&[("x", "b")]));
     assert_eq!(loaded.state, None);
 }
@@ -139,10 +160,7 @@ async fn a_write_below_the_fence_is_refused_and_changes_nothing(
 async fn activation_raises_the_fence_and_loads_atomically(store: &dyn ShardStore, shard: ShardId) {
     for round in 0..20_u64 {
         let (old, new) = (100 + 2 * round, 101 + 2 * round);
-        store
-            .activate(shard, NODE_A, old)
-            .await
-            .expect("A activates");
+        activate_ok(store, shard, NODE_A, old, "A activates").await;
         let key = format!("round-{round}");
         let commit = store.commit(shard, old, batch(&[(&key, "a")]));
         let activate = store.activate(shard, NODE_B, new);
@@ -188,18 +206,12 @@ async fn an_old_owner_paused_past_its_lease_is_refused_and_the_new_owners_value_
     store: &dyn ShardStore,
     shard: ShardId,
 ) {
-    store
-        .activate(shard, NODE_A, EPOCH_A)
-        .await
-        .expect("A activates");
+    activate_ok(store, shard, NODE_A, EPOCH_A, "A activates").await;
     store
         .commit(shard, EPOCH_A, batch(&[("balance", "10")]))
         .await
         .expect("A commits before its pause");
-    let loaded = store
-        .activate(shard, NODE_B, EPOCH_B)
-        .await
-        .expect("B takes over");
+    let loaded = activate_ok(store, shard, NODE_B, EPOCH_B, "B takes over").await;
     if store.locality() == Locality::Shared {
         assert_eq!(records(&loaded), expected(&[("balance", "10")]));
         assert_eq!(
@@ -231,10 +243,7 @@ async fn an_old_owner_paused_past_its_lease_is_refused_and_the_new_owners_value_
         matches!(late_release, Err(StoreError::Fenced { .. })),
         "{late_release:?}"
     );
-    let loaded = store
-        .activate(shard, NODE_B, EPOCH_B)
-        .await
-        .expect("B reloads");
+    let loaded = activate_ok(store, shard, NODE_B, EPOCH_B, "B reloads").await;
     assert_eq!(records(&loaded), expected(&[("balance", "20")]));
 }
 
@@ -245,19 +254,20 @@ async fn reactivation_at_an_equal_epoch_by_the_same_node_loads_again(
     store: &dyn ShardStore,
     shard: ShardId,
 ) {
-    let first = store
-        .activate(shard, NODE_A, EPOCH_A)
-        .await
-        .expect("activates");
+    let first = activate_ok(store, shard, NODE_A, EPOCH_A, "activates").await;
     assert_eq!(first.origin, Origin::New);
     store
         .commit(shard, EPOCH_A, batch(&[("k", "1")]))
         .await
         .expect("commits");
-    let again = store
-        .activate(shard, NODE_A, EPOCH_A)
-        .await
-        .expect("reactivates at the same epoch");
+    let again = activate_ok(
+        store,
+        shard,
+        NODE_A,
+        EPOCH_A,
+        "reactivates at the same epoch",
+    )
+    .await;
     assert_eq!(
         again.origin,
         Origin::Stored {
@@ -271,10 +281,7 @@ async fn reactivation_at_an_equal_epoch_by_the_same_node_loads_again(
         .commit(shard, EPOCH_A, batch(&[("k", "2")]))
         .await
         .expect("commits after the reactivation");
-    let last = store
-        .activate(shard, NODE_A, EPOCH_A)
-        .await
-        .expect("reloads");
+    let last = activate_ok(store, shard, NODE_A, EPOCH_A, "reloads").await;
     assert_eq!(records(&last), expected(&[("k", "2")]));
 }
 
@@ -282,16 +289,10 @@ async fn reactivation_at_an_equal_epoch_by_the_same_node_loads_again(
 /// whole-shard record, across several commits. Method: commit a sequence of batches (one of them
 /// merged from two), reload at the same activation, compare with a model.
 async fn commit_then_reload_returns_every_committed_value(store: &dyn ShardStore, shard: ShardId) {
-    store
-        .activate(shard, NODE_A, EPOCH_A)
-        .await
-        .expect("activates");
+    activate_ok(store, shard, NODE_A, EPOCH_A, "activates").await;
     let mut first = batch(&[("a", "1"), ("b", "1"), ("c", "1")]);
     first.put_state(b"state-1".to_vec());
-    store
-        .commit(shard, EPOCH_A, first)
-        .await
-        .expect("first commit");
+    commit_ok(store, shard, EPOCH_A, first, "first commit").await;
     let mut second = batch(&[("b", "2")]);
     second.delete("c");
     let mut third = batch(&[("d", "3"), ("c", "3")]);
@@ -299,25 +300,20 @@ async fn commit_then_reload_returns_every_committed_value(store: &dyn ShardStore
     // The merged batch: "c" is put again, "d" ends deleted.
     second.merge(third);
     assert_eq!(second.len(), 3);
-    store
-        .commit(shard, EPOCH_A, second)
-        .await
-        .expect("second commit");
+    commit_ok(store, shard, EPOCH_A, second, "second commit").await;
     let mut binary = Batch::new();
     binary.put(vec![0_u8, 255, 1], vec![0_u8; 3]);
-    store
-        .commit(shard, EPOCH_A, binary)
-        .await
-        .expect("binary key commit");
-    store
-        .commit(shard, EPOCH_A, Batch::new())
-        .await
-        .expect("an empty commit checks the fence");
+    commit_ok(store, shard, EPOCH_A, binary, "binary key commit").await;
+    commit_ok(
+        store,
+        shard,
+        EPOCH_A,
+        Batch::new(),
+        "an empty commit checks the fence",
+    )
+    .await;
 
-    let loaded = store
-        .activate(shard, NODE_A, EPOCH_A)
-        .await
-        .expect("reloads");
+    let loaded = activate_ok(store, shard, NODE_A, EPOCH_A, "reloads").await;
     assert_eq!(loaded.state.as_deref(), Some(&b"state-1"[..]));
     assert_eq!(loaded.records.len(), 4);
     assert_eq!(
@@ -333,14 +329,8 @@ async fn commit_then_reload_returns_every_committed_value(store: &dyn ShardStore
 
     let mut clear = Batch::new();
     clear.delete_state();
-    store
-        .commit(shard, EPOCH_A, clear)
-        .await
-        .expect("deletes the state");
-    let loaded = store
-        .activate(shard, NODE_A, EPOCH_A)
-        .await
-        .expect("reloads");
+    commit_ok(store, shard, EPOCH_A, clear, "deletes the state").await;
+    let loaded = activate_ok(store, shard, NODE_A, EPOCH_A, "reloads").await;
     assert_eq!(loaded.state, None);
 }
 
@@ -352,19 +342,13 @@ async fn a_release_ends_the_activation_and_hands_the_shard_over(
     store: &dyn ShardStore,
     shard: ShardId,
 ) {
-    store
-        .activate(shard, NODE_A, EPOCH_A)
-        .await
-        .expect("A activates");
+    activate_ok(store, shard, NODE_A, EPOCH_A, "A activates").await;
     store
         .commit(shard, EPOCH_A, batch(&[("flushed", "yes")]))
         .await
         .expect("A flushes");
     store.release(shard, EPOCH_A).await.expect("A releases");
-    store
-        .release(shard, EPOCH_A)
-        .await
-        .expect("releasing twice is not an error");
+    release_ok(store, shard, EPOCH_A, "releasing twice is not an error").await;
     let after = store
         .commit(shard, EPOCH_A, batch(&[("late", "yes")]))
         .await;
@@ -372,10 +356,7 @@ async fn a_release_ends_the_activation_and_hands_the_shard_over(
         matches!(after, Err(StoreError::Released { epoch: EPOCH_A, .. })),
         "{after:?}"
     );
-    let loaded = store
-        .activate(shard, NODE_B, EPOCH_B)
-        .await
-        .expect("B activates");
+    let loaded = activate_ok(store, shard, NODE_B, EPOCH_B, "B activates").await;
     match store.locality() {
         Locality::Shared => {
             assert_eq!(
@@ -408,10 +389,7 @@ async fn activation_below_the_fence_or_at_another_nodes_epoch_is_refused(
     store: &dyn ShardStore,
     shard: ShardId,
 ) {
-    store
-        .activate(shard, NODE_B, EPOCH_B)
-        .await
-        .expect("B activates");
+    activate_ok(store, shard, NODE_B, EPOCH_B, "B activates").await;
     let below = store.activate(shard, NODE_A, EPOCH_A).await;
     assert!(
         matches!(
@@ -455,10 +433,7 @@ async fn a_commit_without_its_activation_is_refused(store: &dyn ShardStore, shar
         matches!(release, Err(StoreError::NotActivated { .. })),
         "{release:?}"
     );
-    store
-        .activate(shard, NODE_A, EPOCH_A)
-        .await
-        .expect("activates");
+    activate_ok(store, shard, NODE_A, EPOCH_A, "activates").await;
     let above = store.commit(shard, EPOCH_B, batch(&[("k", "v")])).await;
     assert!(
         matches!(
@@ -470,10 +445,7 @@ async fn a_commit_without_its_activation_is_refused(store: &dyn ShardStore, shar
         ),
         "{above:?}"
     );
-    let loaded = store
-        .activate(shard, NODE_A, EPOCH_A)
-        .await
-        .expect("reloads");
+    let loaded = activate_ok(store, shard, NODE_A, EPOCH_A, "reloads").await;
     assert!(loaded.records.is_empty());
 }
 
@@ -489,28 +461,19 @@ fn lmdb_restart_in_place_keeps_every_committed_value() {
     block_on(async {
         let store = open_lmdb(dir.path());
         for shard in 0..8 {
-            store
-                .activate(shard, NODE_A, EPOCH_A)
-                .await
-                .expect("activates");
+            activate_ok(&store, shard, NODE_A, EPOCH_A, "activates").await;
             let mut batch = batch(&[("k", "v1"), ("gone", "x")]);
             batch.put_state(format!("state-{shard}").into_bytes());
             store.commit(shard, EPOCH_A, batch).await.expect("commits");
             let mut second = self::batch(&[("k", "v2")]);
             second.delete("gone");
-            store
-                .commit(shard, EPOCH_A, second)
-                .await
-                .expect("commits again");
+            commit_ok(&store, shard, EPOCH_A, second, "commits again").await;
         }
         drop(store);
 
         let store = open_lmdb(dir.path());
         for shard in 0..8 {
-            let loaded = store
-                .activate(shard, NODE_A, EPOCH_A)
-                .await
-                .expect("reactivates");
+            let loaded = activate_ok(&store, shard, NODE_A, EPOCH_A, "reactivates").await;
             assert!(loaded.origin.is_loaded(), "{:?}", loaded.origin);
             assert_eq!(records(&loaded), expected(&[("k", "v2")]));
             assert_eq!(loaded.state, Some(Bytes::from(format!("state-{shard}"))));
@@ -528,18 +491,12 @@ fn lmdb_a_different_node_activating_gets_no_stale_local_state() {
     let dir = tempfile::tempdir().expect("temp dir");
     block_on(async {
         let store = open_lmdb(dir.path());
-        store
-            .activate(0, NODE_A, EPOCH_A)
-            .await
-            .expect("A activates");
+        activate_ok(&store, 0, NODE_A, EPOCH_A, "A activates").await;
         let mut from_a = batch(&[("a-key", "a")]);
         from_a.put_state(b"a-state".to_vec());
         store.commit(0, EPOCH_A, from_a).await.expect("A commits");
 
-        let loaded = store
-            .activate(0, NODE_B, EPOCH_B)
-            .await
-            .expect("B activates");
+        let loaded = activate_ok(&store, 0, NODE_B, EPOCH_B, "B activates").await;
         assert_eq!(
             loaded.origin,
             Origin::Stale {
@@ -555,18 +512,12 @@ fn lmdb_a_different_node_activating_gets_no_stale_local_state() {
         drop(store);
 
         let store = open_lmdb(dir.path());
-        let loaded = store
-            .activate(0, NODE_B, EPOCH_B)
-            .await
-            .expect("B restarts in place");
+        let loaded = activate_ok(&store, 0, NODE_B, EPOCH_B, "B restarts in place").await;
         assert_eq!(records(&loaded), expected(&[("b-key", "b")]));
         assert_eq!(loaded.state, None);
 
         // B again, but at a newer epoch: the shard may have been owned elsewhere in between.
-        let loaded = store
-            .activate(0, NODE_B, 9)
-            .await
-            .expect("B at a newer epoch");
+        let loaded = activate_ok(&store, 0, NODE_B, 9, "B at a newer epoch").await;
         assert_eq!(
             loaded.origin,
             Origin::Stale {
@@ -619,10 +570,7 @@ fn lmdb_concurrent_commits_to_many_shards_all_land() {
 
         let store = open_lmdb(dir.path());
         for shard in shards {
-            let loaded = store
-                .activate(shard, NODE_A, EPOCH_A)
-                .await
-                .expect("reloads");
+            let loaded = activate_ok(&store, shard, NODE_A, EPOCH_A, "reloads").await;
             let value = shard.to_string();
             assert_eq!(
                 records(&loaded),
@@ -762,10 +710,7 @@ fn lmdb_a_key_over_the_limit_is_refused_and_the_limit_itself_is_stored() {
         );
         let mut longest = Batch::new();
         longest.put(vec![7_u8; LmdbShardStore::KEY_BYTES_MAX], b"v".to_vec());
-        store
-            .commit(0, EPOCH_A, longest)
-            .await
-            .expect("a key at the limit is stored");
+        commit_ok(&store, 0, EPOCH_A, longest, "a key at the limit is stored").await;
         let loaded = store.activate(0, NODE_A, EPOCH_A).await.expect("reloads");
         assert_eq!(loaded.records.len(), 1);
     });
