@@ -30,9 +30,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use clusterfunk::admin::{resolve_credentials, Credentials, CredentialsError};
+use clusterfunk::admin::{resolve_credentials, Credentials};
 use clusterfunk::client::{Client, ClientError};
 use clusterfunk::prelude::*;
+use clusterfunk::tool::{ToolError, EXIT_FAILED};
 use clusterfunk::GracefulShutdown;
 use clusterfunk::NodeInfo;
 
@@ -93,10 +94,6 @@ impl Store {
     }
 }
 
-/// The command failed (an error, or the cluster refused it).
-const EXIT_FAILED: u8 = 1;
-/// Bad usage (clap exits with 2 too).
-const EXIT_USAGE: u8 = 2;
 /// `get`: the key is absent.
 const EXIT_ABSENT: u8 = 3;
 /// `serve`: the node stopped without handing every shard over (the drain did not finish).
@@ -190,44 +187,6 @@ struct Seeds {
     nodes: Vec<SocketAddr>,
 }
 
-/// Why `kv` stops with a non-zero exit code.
-#[derive(Debug)]
-struct Failure {
-    message: String,
-    code: u8,
-}
-
-impl Failure {
-    fn usage(message: impl Into<String>) -> Failure {
-        Failure {
-            message: message.into(),
-            code: EXIT_USAGE,
-        }
-    }
-}
-
-impl From<String> for Failure {
-    fn from(message: String) -> Failure {
-        Failure {
-            message,
-            code: EXIT_FAILED,
-        }
-    }
-}
-
-impl From<CredentialsError> for Failure {
-    fn from(error: CredentialsError) -> Failure {
-        Failure {
-            code: if error.is_usage() {
-                EXIT_USAGE
-            } else {
-                EXIT_FAILED
-            },
-            message: error.to_string(),
-        }
-    }
-}
-
 /// Prints one line to stdout; a closed stdout (a reader that went away) ends the program
 /// quietly with status 0 instead of a panic, another write error with status 1.
 fn print_line(line: &str) -> ExitCode {
@@ -252,13 +211,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    run(cli).unwrap_or_else(|Failure { message, code }| {
-        eprintln!("error: {message}");
-        ExitCode::from(code)
-    })
+    run(cli).unwrap_or_else(ToolError::exit)
 }
 
-fn run(cli: Cli) -> Result<ExitCode, Failure> {
+fn run(cli: Cli) -> Result<ExitCode, ToolError> {
     match cli.command {
         Command::Serve(settings) => serve(settings),
         Command::Put {
@@ -285,7 +241,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
     }
 }
 
-fn request<F, Fut>(seeds: Seeds, auth: &Auth, call: F) -> Result<ExitCode, Failure>
+fn request<F, Fut>(seeds: Seeds, auth: &Auth, call: F) -> Result<ExitCode, ToolError>
 where
     F: FnOnce(Client) -> Fut,
     Fut: std::future::Future<Output = Result<ExitCode, ClientError>>,
@@ -357,7 +313,7 @@ struct Serve {
 
 /// Runs a node until SIGTERM or Ctrl-C, then leaves gracefully: exit 0 when every shard was
 /// handed over, 4 when the drain did not finish in time.
-fn serve(settings: Serve) -> Result<ExitCode, Failure> {
+fn serve(settings: Serve) -> Result<ExitCode, ToolError> {
     let credentials = resolve_credentials(
         settings.auth.tls_dir.as_deref(),
         settings.auth.secret_file.as_deref(),
@@ -368,7 +324,7 @@ fn serve(settings: Serve) -> Result<ExitCode, Failure> {
         .as_deref()
         .map(NodeInfo::parse_members)
         .transpose()
-        .map_err(|e| Failure::usage(format!("--init: {e}")))?;
+        .map_err(|e| ToolError::usage(format!("--init: {e}")))?;
     let result = actix::System::new().block_on(async move {
         let mut builder = Cluster::builder()
             .node_id(settings.id)
@@ -442,6 +398,7 @@ mod tests {
     use clap::CommandFactory;
 
     use super::*;
+    use clusterfunk::tool::EXIT_USAGE;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("kv").chain(args.iter().copied()))

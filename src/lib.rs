@@ -70,6 +70,7 @@
 //! - [`error`]: the errors of the public API.
 //! - [`metrics`]: the Prometheus endpoint and what it reports.
 //! - [`recover`]: forming a new cluster from a survivor after a quorum was lost for good.
+//! - [`tool`] (feature `cli`): the exit codes and error the command-line tools share.
 //! - `testing` (feature `testing`, not for production): the process harness that the
 //!   integration tests and the tools in `examples/` share.
 //!
@@ -118,6 +119,9 @@ mod tasks;
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 pub mod tls;
+#[cfg(feature = "cli")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
+pub mod tool;
 pub mod transport;
 mod wire;
 

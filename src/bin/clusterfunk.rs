@@ -27,18 +27,14 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Parser, Subcommand};
 use clusterfunk::admin::{
-    resolve_credentials, AdminClient, AdminRequest, AdminResponse, ChangeReport, CredentialsError,
-    NodesReport,
+    resolve_credentials, AdminClient, AdminRequest, AdminResponse, ChangeReport, NodesReport,
 };
 use clusterfunk::plan::{Failure, Layout, Plan, Role};
 use clusterfunk::tls;
 use clusterfunk::tls::certs::{self, CertsError, NodeSpec, CA_DIR};
+use clusterfunk::tool::{ToolError, EXIT_FAILED};
 use serde::Serialize;
 
-/// The command failed (an error, or the node refused it).
-const EXIT_FAILED: u8 = 1;
-/// Bad usage (clap exits with 2 too).
-const EXIT_USAGE: u8 = 2;
 /// `plan`: the layout does not survive some single node or single zone failure.
 const EXIT_LAYOUT_AT_RISK: u8 = 3;
 
@@ -252,48 +248,6 @@ impl FromStr for NodeList {
 }
 
 /// Why the tool stops with a non-zero exit code.
-struct ToolError {
-    message: String,
-    code: u8,
-}
-
-impl ToolError {
-    fn usage(message: impl Into<String>) -> ToolError {
-        ToolError {
-            message: message.into(),
-            code: EXIT_USAGE,
-        }
-    }
-}
-
-impl From<String> for ToolError {
-    fn from(message: String) -> ToolError {
-        ToolError {
-            message,
-            code: EXIT_FAILED,
-        }
-    }
-}
-
-impl From<CredentialsError> for ToolError {
-    fn from(error: CredentialsError) -> ToolError {
-        ToolError {
-            code: if error.is_usage() {
-                EXIT_USAGE
-            } else {
-                EXIT_FAILED
-            },
-            message: error.to_string(),
-        }
-    }
-}
-
-impl From<&str> for ToolError {
-    fn from(message: &str) -> ToolError {
-        ToolError::from(message.to_string())
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -303,13 +257,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match run(cli) {
-        Ok(code) => code,
-        Err(ToolError { message, code }) => {
-            eprintln!("error: {message}");
-            ExitCode::from(code)
-        }
-    }
+    run(cli).unwrap_or_else(ToolError::exit)
 }
 
 fn run(cli: Cli) -> Result<ExitCode, ToolError> {
@@ -989,6 +937,7 @@ mod tests {
     use rustls_pki_types::pem::PemObject;
 
     use super::*;
+    use clusterfunk::tool::EXIT_USAGE;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("clusterfunk").chain(args.iter().copied()))
