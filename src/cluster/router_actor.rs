@@ -363,14 +363,17 @@ impl<H: ShardHandler> StreamHandler<Change> for RouterActor<H> {
         match change {
             Change::Changed => self.guarded(ctx, "following consensus", Self::on_change),
             Change::RaftEnded => {
-                if let (Some(router), Some(reason)) = (
+                // Raft's last metrics say why it ended (a fatal error stops the node for good,
+                // `Node::shutdown` stops nothing more); if they say it still runs, its task ended
+                // without a word.
+                self.guarded(ctx, "following consensus", |actor, _| actor.follow());
+                if let (Some(router), Some(reason), false) = (
                     self.parts.router.upgrade(),
                     raft_task_ended(&self.parts.consensus),
+                    self.stopped_following,
                 ) {
-                    if !self.stopped_following {
-                        self.stopped_following = true;
-                        stop_for_good(&router, &self.parts.stopped, reason);
-                    }
+                    self.stopped_following = true;
+                    stop_for_good(&router, &self.parts.stopped, reason);
                 }
             }
         }
@@ -419,37 +422,29 @@ impl<H: ShardHandler> Handler<Stop> for RouterActor<H> {
 }
 
 /// Every change of consensus as a stream: one item at once (to catch up), then one for each
-/// change of the applied state or of raft's metrics; [`Change::RaftEnded`] once when raft's
-/// task ended, and the end of the stream when the applied state's sender is gone.
+/// change of the applied state or of raft's metrics, and [`Change::RaftEnded`] once either
+/// channel closed (raft's core or its state machine ended: both go when raft stops, in either
+/// order, so the end is reported whichever closes first), then the end of the stream.
 fn changes(consensus: &Consensus) -> impl futures_util::Stream<Item = Change> + 'static {
-    let metrics = Some(consensus.raft().metrics());
+    let metrics = consensus.raft().metrics();
     let applied = consensus.subscribe();
-    futures_util::stream::unfold(
-        (metrics, applied, true),
-        |(mut metrics, mut applied, first)| async move {
-            if first {
-                if let Some(metrics) = &mut metrics {
-                    metrics.borrow_and_update();
-                }
-                applied.borrow_and_update();
-                return Some((Change::Changed, (metrics, applied, false)));
-            }
-            let raft_ended = match &mut metrics {
-                Some(watching) => tokio::select! {
-                    changed = watching.changed() => changed.is_err(),
-                    changed = applied.changed() => { changed.ok()?; false }
-                },
-                None => {
-                    applied.changed().await.ok()?;
-                    false
-                }
-            };
-            if raft_ended {
-                return Some((Change::RaftEnded, (None, applied, false)));
-            }
-            Some((Change::Changed, (metrics, applied, false)))
-        },
-    )
+    futures_util::stream::unfold(Some((metrics, applied, true)), |state| async move {
+        let (mut metrics, mut applied, first) = state?;
+        if first {
+            metrics.borrow_and_update();
+            applied.borrow_and_update();
+            return Some((Change::Changed, Some((metrics, applied, false))));
+        }
+        let open = tokio::select! {
+            changed = metrics.changed() => changed.is_ok(),
+            changed = applied.changed() => changed.is_ok(),
+        };
+        if open {
+            Some((Change::Changed, Some((metrics, applied, false))))
+        } else {
+            Some((Change::RaftEnded, None))
+        }
+    })
 }
 
 #[cfg(test)]
