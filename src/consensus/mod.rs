@@ -77,6 +77,10 @@ impl StateMachineApp<TypeConfig> for ClusterApp {
             membership.voter_ids(),
         );
     }
+
+    fn decode_state(&self, bytes: &[u8]) -> Result<ClusterState, crate::storage::CodecError> {
+        state::decode_stored(bytes)
+    }
 }
 
 /// Raft timing and log settings. Durations are validated at start-up.

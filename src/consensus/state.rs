@@ -306,6 +306,11 @@ pub struct ClusterState {
     pub target: Option<ShardMap>,
     /// Planned moves waiting for the old owner's release, by shard.
     pub pending: BTreeMap<ShardId, PendingMove>,
+    /// The map epoch at which each shard's current owner became its owner, for the shards whose
+    /// owner changed since the first map (the others are owned since the first map, epoch 1).
+    /// A durable shard activates with this epoch as its fencing token, so a restart in place or
+    /// a reactivation after passivation uses the same token as before ([`Self::owned_since`]).
+    pub owned_since: BTreeMap<ShardId, u64>,
 }
 
 impl ClusterState {
@@ -361,13 +366,14 @@ impl ClusterState {
                     );
                 }
                 if let Some(map) = self.map.as_mut() {
+                    map.epoch += 1;
                     for (shard, to) in &released {
                         self.pending.remove(shard);
                         if let Some(owner) = map.shards.get_mut(*shard as usize) {
                             *owner = *to;
+                            self.owned_since.insert(*shard, map.epoch);
                         }
                     }
-                    map.epoch += 1;
                 }
                 CommandResponse::Released {
                     shards: released.into_iter().map(|(shard, _)| shard).collect(),
@@ -532,7 +538,9 @@ impl ClusterState {
             self.target = Some(target);
             return;
         };
-        let mut owners_changed = false;
+        // Every allocation bumps the map's version too: pending moves change what each node may
+        // serve, and handlers' fencing tokens must move with it.
+        map.epoch += 1;
         for (shard, (owner, wanted)) in map.shards.iter_mut().zip(&target.shards).enumerate() {
             let shard = shard as ShardId;
             let owner_alive = self.members.get(owner).is_some_and(|m| !m.down);
@@ -542,7 +550,7 @@ impl ClusterState {
                 // The old owner's lease is known to have expired (or it left): move now.
                 *owner = *wanted;
                 self.pending.remove(&shard);
-                owners_changed = true;
+                self.owned_since.insert(shard, map.epoch);
             } else if self.pending.get(&shard).is_none_or(|p| p.to != *wanted) {
                 self.pending.insert(
                     shard,
@@ -555,10 +563,6 @@ impl ClusterState {
             }
         }
         map.members = target.members.clone();
-        // Every allocation bumps the map's version too: pending moves change what each node may
-        // serve, and handlers' fencing tokens must move with it.
-        map.epoch += 1;
-        let _ = owners_changed;
         self.target = Some(target);
     }
 
@@ -617,6 +621,45 @@ impl ClusterState {
     pub fn map_epoch(&self) -> u64 {
         self.map.as_ref().map_or(0, |m| m.epoch)
     }
+
+    /// The map epoch at which `shard`'s current owner became its owner: the fencing token of a
+    /// durable shard's activation. It changes only when the shard changes owner, so the same
+    /// node activating the shard again (after a restart in place or passivation) presents the
+    /// same token, and a new owner always a greater one than every owner before it.
+    pub fn owned_since(&self, shard: ShardId) -> u64 {
+        self.owned_since.get(&shard).copied().unwrap_or(1)
+    }
+}
+
+/// The cluster state as format version 1 stored it (before `owned_since`).
+#[derive(Deserialize)]
+struct ClusterStateV1 {
+    shard_count: Option<u32>,
+    members: BTreeMap<NodeId, MemberRecord>,
+    epoch: u64,
+    map: Option<ShardMap>,
+    target: Option<ShardMap>,
+    pending: BTreeMap<ShardId, PendingMove>,
+}
+
+/// Decodes a cluster state stored in a snapshot, by any format version this build reads. A
+/// version-1 state had no `owned_since`: every shard counts as owned since the first map, which
+/// only durable shards read, and those did not exist before version 2.
+pub(crate) fn decode_stored(bytes: &[u8]) -> Result<ClusterState, crate::storage::CodecError> {
+    use crate::storage::codec;
+    if codec::version(bytes)? != 1 {
+        return codec::decode(bytes);
+    }
+    let old: ClusterStateV1 = codec::decode(bytes)?;
+    Ok(ClusterState {
+        shard_count: old.shard_count,
+        members: old.members,
+        epoch: old.epoch,
+        map: old.map,
+        target: old.target,
+        pending: old.pending,
+        owned_since: BTreeMap::new(),
+    })
 }
 
 fn ignored(reason: String) -> CommandResponse {
@@ -736,6 +779,66 @@ mod tests {
             assert!(state.serves(4, shard));
         }
         assert!(state.pending.values().all(|p| p.from != 1));
+    }
+
+    #[test]
+    fn a_shards_activation_epoch_changes_only_when_its_owner_changes() {
+        let mut state = ClusterState::default();
+        state.apply(&Command::Init { shard_count: 12 });
+        members(&mut state, &[1, 2, 3], &[1, 2, 3]);
+        let first = state.map.clone().unwrap();
+        assert!((0..12).all(|shard| state.owned_since(shard) == first.epoch));
+        // A node joins: pending moves bump the map epoch, but nobody changed owner yet.
+        members(&mut state, &[1, 2, 3, 4], &[1, 2, 3]);
+        assert!(state.map_epoch() > first.epoch);
+        assert!((0..12).all(|shard| state.owned_since(shard) == first.epoch));
+        let from_one: Vec<ShardId> = state.moving_away(1).map(|(s, _)| s).collect();
+        state.apply(&Command::Released {
+            shards: from_one.clone(),
+            epoch: state.epoch,
+            from: 1,
+        });
+        let released_at = state.map_epoch();
+        for shard in 0..12 {
+            let expected = match from_one.contains(&shard) {
+                true => released_at,
+                false => first.epoch,
+            };
+            assert_eq!(state.owned_since(shard), expected, "shard {shard}");
+        }
+        // Node 2 fails: its shards move at once, at the new map's epoch; the rest keep theirs.
+        let owned_by_2: Vec<ShardId> = state.map.as_ref().unwrap().shards_of(2).collect();
+        state.apply(&Command::MarkDown { node: 2 });
+        let failed_over_at = state.map_epoch();
+        for shard in 0..12 {
+            if owned_by_2.contains(&shard) {
+                assert_eq!(state.owned_since(shard), failed_over_at);
+            } else {
+                assert!(state.owned_since(shard) < failed_over_at);
+            }
+        }
+    }
+
+    #[test]
+    fn a_version_1_snapshot_state_decodes_with_every_shard_owned_since_the_first_map() {
+        let mut state = ClusterState::default();
+        state.apply(&Command::Init { shard_count: 6 });
+        members(&mut state, &[1, 2, 3], &[1, 2, 3]);
+        // Version 1 laid the state out as these six fields, in this order.
+        let v1 = (
+            state.shard_count,
+            state.members.clone(),
+            state.epoch,
+            state.map.clone(),
+            state.target.clone(),
+            state.pending.clone(),
+        );
+        let mut bytes = crate::storage::codec::encode(&v1).unwrap();
+        bytes[0] = 1;
+        let back = decode_stored(&bytes).unwrap();
+        assert_eq!(back, state);
+        let current = crate::storage::codec::encode(&state).unwrap();
+        assert_eq!(decode_stored(&current).unwrap(), state);
     }
 
     #[test]

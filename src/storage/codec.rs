@@ -16,7 +16,14 @@ use serde::Serialize;
 
 /// Version byte written in front of every record. Bump it (and keep a decoder for the old one)
 /// when the layout of any stored type changes.
-pub(crate) const FORMAT_VERSION: u8 = 1;
+///
+/// Version 2 added the cluster state's `owned_since` (the state inside snapshots); every other
+/// record is laid out as in version 1, so [`decode`] reads both, and the state machine decodes a
+/// version-1 state through its application's legacy decoder.
+pub(crate) const FORMAT_VERSION: u8 = 2;
+
+/// The oldest version [`decode`] reads.
+pub(crate) const FORMAT_VERSION_OLDEST: u8 = 1;
 
 /// Largest record, in bytes, that is written or read. Larger claims inside a record are treated as
 /// corruption. 256 MiB is far above any raft entry or shard-map snapshot this crate produces and
@@ -80,9 +87,19 @@ pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecE
 /// Decodes one storage record written by [`encode`]. Never panics on bad input.
 pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
-    if version != FORMAT_VERSION {
+    if !(FORMAT_VERSION_OLDEST..=FORMAT_VERSION).contains(&version) {
         return Err(CodecError::UnknownVersion { found: version });
     }
+    decode_body(body)
+}
+
+/// The version byte of a record written by [`encode`].
+pub(crate) fn version(bytes: &[u8]) -> Result<u8, CodecError> {
+    bytes.first().copied().ok_or(CodecError::Empty)
+}
+
+/// Decodes a record's body (after its version byte), whole.
+pub(crate) fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
     let (value, used) = bincode::serde::decode_from_slice(body, bincode_config())?;
     if used != body.len() {
         return Err(CodecError::TrailingBytes {

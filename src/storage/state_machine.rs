@@ -58,6 +58,13 @@ pub trait StateMachineApp<C: RaftTypeConfig>: Send + Sync + 'static {
     /// state machine's task: keep it short and non-blocking (e.g. send an event to the router).
     /// Default: does nothing.
     fn on_applied(&self, _state: &Self::State) {}
+
+    /// Decodes the state stored in a snapshot (a record written by the storage codec). Override
+    /// it to read states written by an older format version whose layout differed; the default
+    /// reads every version whose layout is the current one.
+    fn decode_state(&self, bytes: &[u8]) -> Result<Self::State, codec::CodecError> {
+        codec::decode(bytes)
+    }
 }
 
 /// The applied state as published to readers: the application state plus the raft bookkeeping
@@ -148,7 +155,8 @@ impl<C: RaftTypeConfig, A: StateMachineApp<C>> StateMachineStore<C, A> {
         let stored: Option<StoredSnapshot<C>> = lmdb.read_snapshot()?;
         let applied = match &stored {
             Some(stored) => {
-                let state = codec::decode(&stored.data)
+                let state = app
+                    .decode_state(&stored.data)
                     .map_err(|e| StorageError::corrupt(Table::Snapshot, SNAPSHOT_KEY, e))?;
                 tracing::info!(snapshot = %stored.meta, "restored the state machine from the stored snapshot");
                 Some(Applied {
@@ -354,7 +362,7 @@ where
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), openraft::StorageError<C::NodeId>> {
         let data = snapshot.into_inner();
-        let state: A::State = codec::decode(&data).map_err(|e| StorageError::BadSnapshot {
+        let state: A::State = self.inner.app.decode_state(&data).map_err(|e| StorageError::BadSnapshot {
             snapshot_id: meta.snapshot_id.clone(),
             source: Arc::new(e),
         })?;
