@@ -23,16 +23,18 @@
 //! rejoined. A node whose `--zone` differs from the zone the cluster's membership records for it
 //! refuses to start, or stops serving with that reason (exit 1). `RUST_LOG` filters the log (default `info` with openraft's per-retry lines about unreachable peers off: `clusterfunk::QUIET_OPENRAFT_LOG`).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use clusterfunk::admin::{resolve_credentials, Credentials};
 use clusterfunk::client::{Client, ClientError};
+use clusterfunk::persist::{DurableMap, DurableState, LmdbShardStore, MemoryStore, ShardStore};
 use clusterfunk::prelude::*;
+use clusterfunk::storage::StoreOptions;
 use clusterfunk::tool::{ToolError, EXIT_FAILED};
 use clusterfunk::GracefulShutdown;
 use clusterfunk::NodeInfo;
@@ -42,10 +44,12 @@ use clusterfunk::NodeInfo;
 mod kv_api;
 use kv_api::{Get, Incr, Owner, Put, WhoOwns};
 
-/// One shard's keys and values.
+/// One shard's keys and values: durable, per key. With `--store lmdb` each change is committed
+/// to the node's disk before its reply; with `--store memory` (the default) it lives in the
+/// node's memory. Either way a planned move hands the values to the next owner.
 #[derive(Default)]
 struct Store {
-    values: HashMap<Key, String>,
+    values: DurableMap<String>,
 }
 
 #[shard_handler]
@@ -77,20 +81,8 @@ impl Store {
         }
     }
 
-    fn on_deactivate(&mut self, _ctx: &mut ShardContext) -> Option<Handoff> {
-        let entries: Vec<(Vec<u8>, String)> = self
-            .values
-            .drain()
-            .map(|(k, v)| (k.into_bytes(), v))
-            .collect();
-        Handoff::encode(&entries).ok()
-    }
-
-    fn on_restore(&mut self, handoff: Handoff, _ctx: &mut ShardContext) {
-        if let Ok(entries) = handoff.decode::<Vec<(Vec<u8>, String)>>() {
-            self.values
-                .extend(entries.into_iter().map(|(k, v)| (Key::from(k), v)));
-        }
+    fn durable(&mut self) -> Option<&mut dyn DurableState> {
+        Some(&mut self.values)
     }
 }
 
@@ -307,6 +299,11 @@ struct Serve {
     /// others (and leadership, if it leads) before it stops anyway.
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,
+    /// Where shards keep their values: `memory` (this process's memory: a planned move hands
+    /// them over, a crash or restart loses them) or `lmdb` (this node's disk, in DATA_DIR/shards:
+    /// they also survive a restart of this node in place, but not its loss).
+    #[arg(long, default_value = "memory", value_parser = ["memory", "lmdb"])]
+    store: String,
     #[command(flatten)]
     auth: Auth,
 }
@@ -325,11 +322,19 @@ fn serve(settings: Serve) -> Result<ExitCode, ToolError> {
         .map(NodeInfo::parse_members)
         .transpose()
         .map_err(|e| ToolError::usage(format!("--init: {e}")))?;
+    let store: Arc<dyn ShardStore> = match settings.store.as_str() {
+        "lmdb" => Arc::new(
+            LmdbShardStore::open(&settings.data_dir.join("shards"), StoreOptions::default())
+                .map_err(|e| format!("cannot open the shard store: {e}"))?,
+        ),
+        _ => Arc::new(MemoryStore::node_local()),
+    };
     let result = actix::System::new().block_on(async move {
         let mut builder = Cluster::builder()
             .node_id(settings.id)
             .listen(settings.listen)
             .data_dir(settings.data_dir)
+            .store(store)
             .cluster_name(settings.auth.cluster_name.clone())
             .connections_max(settings.connections_max)
             .shards(settings.shards)

@@ -30,10 +30,11 @@ use crate::consensus::ClusterState;
 use crate::error::{Error, NotReadyReason};
 use crate::ledger::{self, Intake, MoveStep, Place, Sent, ShardLedger, ShardView};
 use crate::metrics::{RequestMetrics, RouteLabel};
+use crate::persist::ShardStore;
 use crate::shard::{
-    ClusterHandle, Deactivate, Deliver, Dispatch, HandlerFactory, Handles, Origin, RouteAny,
-    ServeEvent, ServeEventKind, ServeObserver, ShardActor, ShardHandler, ShardHost, ShardMessage,
-    Undelivered, WireMessage,
+    ActorParts, ClusterHandle, Deactivate, Deliver, Dispatch, HandlerFactory, Handles, Origin,
+    RouteAny, ServeEvent, ServeEventKind, ServeObserver, ShardActor, ShardHandler, ShardHost,
+    ShardMessage, Undelivered, WireMessage,
 };
 use crate::shard_map::{Epoch, Key, NodeId, ShardId};
 use crate::transport::{Transport, TransportError, OVERLOADED};
@@ -186,6 +187,8 @@ pub struct Router<H: ShardHandler> {
     /// from every member all the time, so they know a frozen owner before a forward would.
     peers: Option<Transport>,
     observer: Option<Arc<dyn ServeObserver>>,
+    /// Where shards keep the durable state their handlers declare, if anywhere.
+    store: Option<Arc<dyn ShardStore>>,
     /// Request counters and histograms; `None` without a metrics endpoint.
     metrics: Option<RequestMetrics>,
     self_ref: Weak<Router<H>>,
@@ -221,6 +224,8 @@ pub(crate) struct RouterParts<H: ShardHandler> {
     /// The node's raft and lease transport, consulted for peer health only.
     pub(crate) peers: Option<Transport>,
     pub(crate) observer: Option<Arc<dyn ServeObserver>>,
+    /// Where shards keep their declared durable state (`None`: in memory only).
+    pub(crate) store: Option<Arc<dyn ShardStore>>,
 }
 
 impl<H: ShardHandler> Router<H> {
@@ -246,6 +251,7 @@ impl<H: ShardHandler> Router<H> {
             transport: parts.transport,
             peers: parts.peers,
             observer: parts.observer,
+            store: parts.store,
             metrics: RequestMetrics::new(),
             self_ref: self_ref.clone(),
         })
@@ -920,15 +926,19 @@ impl<H: ShardHandler> Router<H> {
         let start = Box::new(move |restore: Option<Handoff>| {
             let router = self.self_ref.clone();
             let (factory, cluster) = (self.factory.clone(), self.handle(Some((shard, number))));
+            let store = self.store.clone();
             self.arbiter.spawn_fn(move || {
                 let context = Context::with_receiver(receiver);
                 let shard_actor = ShardActor::new(
-                    shard,
-                    number,
-                    router,
-                    cluster,
-                    factory,
-                    actor_queued,
+                    ActorParts {
+                        shard,
+                        number,
+                        router,
+                        cluster,
+                        factory,
+                        queued: actor_queued,
+                        store,
+                    },
                     restore,
                 );
                 actix_rt::spawn(context.into_future(shard_actor));
@@ -1351,6 +1361,11 @@ impl<H: ShardHandler> ShardHost<H> for Router<H> {
 
     fn serves_now(&self, shard: ShardId) -> Option<Epoch> {
         Router::serves_now(self, shard)
+    }
+
+    fn activation_epoch(&self, shard: ShardId) -> Option<Epoch> {
+        Router::serves_now(self, shard)?;
+        Some(self.table.load().state.owned_since(shard))
     }
 
     fn may_reply(&self, shard: ShardId, actor: u64) -> bool {

@@ -19,6 +19,7 @@ use crate::consensus::{
 };
 use crate::error::{ConfigError, NotReadyReason, StartError};
 use crate::lease::LeaseConfig;
+use crate::persist::{Locality, ShardStore};
 use crate::router::RouterParts;
 use crate::router::{Router, RoutingTable};
 use crate::service::NodeService;
@@ -43,6 +44,7 @@ impl Cluster {
             standalone: false,
             cluster: ClusterOptions::default(),
             observer: None,
+            store: None,
             marker: PhantomData,
         }
     }
@@ -56,6 +58,7 @@ pub struct ClusterBuilder<H> {
     standalone: bool,
     cluster: ClusterOptions,
     observer: Option<Arc<dyn ServeObserver>>,
+    store: Option<Arc<dyn ShardStore>>,
     marker: PhantomData<fn() -> H>,
 }
 
@@ -147,6 +150,7 @@ impl<H> ClusterBuilder<H> {
             standalone: self.standalone,
             cluster: self.cluster,
             observer: self.observer,
+            store: self.store,
             marker: PhantomData,
         }
     }
@@ -231,6 +235,16 @@ impl<H> ClusterBuilder<H> {
         self
     }
 
+    /// Keeps the durable state of handlers that declare one
+    /// ([`ShardHandler::durable`](crate::ShardHandler::durable)) in `store`: a shard loads it
+    /// when it activates, and a reply is sent only once the change it reports is committed
+    /// there. Without a store, declared durable state is kept in memory only, like the rest of
+    /// the handler. See the guide's persistence chapter for what each store survives.
+    pub fn store(mut self, store: Arc<dyn ShardStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
     /// Raft timing and log settings. Default: [`ConsensusConfig::default`].
     pub fn consensus(mut self, consensus: ConsensusConfig) -> Self {
         self.config.consensus = consensus;
@@ -291,6 +305,7 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             transport: None,
             peers: None,
             observer: self.observer,
+            store: self.store,
         });
         tracing::info!(
             node_id = config.node_id,
@@ -351,6 +366,7 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             arbiter.clone(),
             factory,
             self.observer,
+            self.store,
         )?;
         let service = Arc::new(NodeService {
             consensus: consensus.clone(),
@@ -535,7 +551,17 @@ fn start_router<H: ShardHandler>(
     arbiter: ArbiterHandle,
     factory: HandlerFactory<H>,
     observer: Option<Arc<dyn ServeObserver>>,
+    store: Option<Arc<dyn ShardStore>>,
 ) -> Result<Arc<Router<H>>, StartError> {
+    if store
+        .as_ref()
+        .is_some_and(|store| store.locality() == Locality::NodeLocal)
+    {
+        tracing::warn!(
+            node_id = config.node_id,
+            "the shard store is local to this node: durable state survives a restart of this node in place and planned moves, but a shard that fails over after a crash or a cut-off starts empty on its new owner; use a shared store (a database) for state that must survive the loss of a node"
+        );
+    }
     // Forwarded messages get connections of their own: a flood of them filling a connection's
     // in-flight limit must not starve raft heartbeats and lease renewals (found by a test: the
     // flooding node lost its lease and was marked down).
@@ -558,6 +584,7 @@ fn start_router<H: ShardHandler>(
         transport: Some(forwarding),
         peers: Some(consensus.transport().clone()),
         observer,
+        store,
     }))
 }
 

@@ -17,9 +17,19 @@ use crate::shard_map::{Epoch, Key, NodeId, ShardId};
 /// it to give every node of an in-process cluster the same store. Each call is one step under a
 /// lock, so it is atomic; "durable" here means until the last clone is dropped. **For tests and
 /// examples**: a real cluster needs a store that outlives its processes.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct MemoryStore {
     shards: Arc<Mutex<HashMap<ShardId, MemoryShard>>>,
+    locality: Locality,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore {
+            shards: Arc::default(),
+            locality: Locality::Shared,
+        }
+    }
 }
 
 /// One shard's fence and records.
@@ -38,9 +48,21 @@ impl std::fmt::Debug for MemoryStore {
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store, shared by every node that holds a clone of it.
     pub fn new() -> Self {
         MemoryStore::default()
+    }
+
+    /// An empty store for one node alone, which behaves like a node-local store on disk
+    /// ([`Locality::NodeLocal`]): a shard loads its records only when this node was its last
+    /// owner at the same activation epoch, and a planned move carries the shard's state to the
+    /// next owner in its handoff. What the `kv` example's `--store memory` uses, since its nodes
+    /// are separate processes.
+    pub fn node_local() -> Self {
+        MemoryStore {
+            shards: Arc::default(),
+            locality: Locality::NodeLocal,
+        }
     }
 
     /// The shard's fence, if it was ever activated: for tests that check what a store recorded.
@@ -63,13 +85,21 @@ impl MemoryStore {
         let mut shards = self.lock();
         let previous = shards.get(&shard).map(|entry| entry.fence);
         let fence = Fence::activate(previous, shard, owner, epoch)?;
-        let origin = Origin::shared(previous);
+        let origin = match self.locality {
+            Locality::NodeLocal => Origin::node_local(previous, owner, epoch),
+            _ => Origin::shared(previous),
+        };
         let entry = shards.entry(shard).or_insert_with(|| MemoryShard {
             fence,
             state: None,
             records: BTreeMap::new(),
         });
         entry.fence = fence;
+        if !origin.is_loaded() {
+            // Node-local records that may be older than the shard's state elsewhere go.
+            entry.state = None;
+            entry.records.clear();
+        }
         Ok(Loaded {
             origin,
             state: entry.state.clone(),
@@ -138,6 +168,6 @@ impl ShardStore for MemoryStore {
     }
 
     fn locality(&self) -> Locality {
-        Locality::Shared
+        self.locality
     }
 }

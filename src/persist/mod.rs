@@ -59,6 +59,7 @@ mod error;
 mod fence;
 mod lmdb;
 mod memory;
+mod state;
 #[cfg(test)]
 mod tests;
 
@@ -74,6 +75,7 @@ pub use error::{StoreError, Table};
 pub use fence::{Fence, Origin};
 pub use lmdb::LmdbShardStore;
 pub use memory::MemoryStore;
+pub use state::{Durable, DurableMap, DurableState, StateError};
 
 /// Where a store keeps its data, which decides what survives a node's crash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

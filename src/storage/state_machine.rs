@@ -362,10 +362,14 @@ where
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), openraft::StorageError<C::NodeId>> {
         let data = snapshot.into_inner();
-        let state: A::State = self.inner.app.decode_state(&data).map_err(|e| StorageError::BadSnapshot {
-            snapshot_id: meta.snapshot_id.clone(),
-            source: Arc::new(e),
-        })?;
+        let state: A::State =
+            self.inner
+                .app
+                .decode_state(&data)
+                .map_err(|e| StorageError::BadSnapshot {
+                    snapshot_id: meta.snapshot_id.clone(),
+                    source: Arc::new(e),
+                })?;
         self.store_snapshot(
             StoredSnapshot {
                 meta: meta.clone(),

@@ -9,7 +9,7 @@ use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::Type;
 
-use super::model::{Handler, MessageMethod};
+use super::model::{Handler, HookKind, MessageMethod};
 use crate::{respan, span_range};
 
 /// The expansion of a handler: the block as written (less the hooks), the `ShardHandler` impl
@@ -22,7 +22,25 @@ pub(crate) fn generate(handler: &Handler) -> TokenStream2 {
         messages: methods,
         hooks,
     } = handler;
-    let hooks = hooks.iter().map(|hook| &hook.method);
+    let hooks = hooks.iter().map(|hook| match hook.kind {
+        // The inherent `async fn on_activate` is called (inherent items win over the trait's
+        // default), and activation waits for its future.
+        HookKind::ActivateAsync => quote_spanned! {hook.method.sig.ident.span()=>
+            fn activate_hook(
+                slot: ::clusterfunk::__private::Slot<Self>,
+            ) -> ::clusterfunk::__private::Handled<Self, ()> {
+                ::clusterfunk::__private::Handled::Pending(::std::boxed::Box::pin(async move {
+                    let mut slot = slot;
+                    Self::on_activate(&mut slot.handler, &mut slot.context).await;
+                    (slot, ())
+                }))
+            }
+        },
+        _ => {
+            let method = &hook.method;
+            quote!(#method)
+        }
+    });
     let messages: Vec<&Type> = methods.iter().map(|m| &m.message).collect();
     let variants: Vec<&Ident> = methods.iter().map(|m| &m.variant).collect();
     let handles = methods.iter().map(|m| handles_impl(self_ty, m));

@@ -40,16 +40,10 @@ pub(crate) struct MessageMethod {
 /// One lifecycle hook: a method that overrides a `ShardHandler` default.
 pub(crate) struct Hook {
     /// Which hook it is.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "generation repeats the method as written, and the trait matches it by name"
-        )
-    )]
     pub(crate) kind: HookKind,
     /// The method, made private (it moves into the `ShardHandler` impl, where items cannot be
-    /// `pub`); its signature is left to the compiler to check against the trait.
+    /// `pub`); its signature is left to the compiler to check against the trait. An `async`
+    /// `on_activate` stays in the block as written instead, and the trait impl calls it.
     pub(crate) method: ImplItemFn,
 }
 
@@ -58,6 +52,10 @@ pub(crate) struct Hook {
 pub(crate) enum HookKind {
     /// `on_activate`: this node starts serving the shard.
     Activate,
+    /// `async fn on_activate`: the same, awaited before the shard takes messages.
+    ActivateAsync,
+    /// `durable`: the part of the handler's state kept in the node's shard store.
+    Durable,
     /// `on_deactivate`: this node stops serving the shard (and may hand off a snapshot).
     Deactivate,
     /// `on_restore`: the new owner receives the previous owner's snapshot.
@@ -72,6 +70,7 @@ impl HookKind {
             "on_activate" => Some(HookKind::Activate),
             "on_deactivate" => Some(HookKind::Deactivate),
             "on_restore" => Some(HookKind::Restore),
+            "durable" => Some(HookKind::Durable),
             _ => None,
         }
     }

@@ -72,6 +72,15 @@ pub(crate) fn parse_impl(mut item: ItemImpl) -> syn::Result<Handler> {
         match impl_item {
             ImplItem::Fn(mut method) => {
                 if let Some(kind) = HookKind::from_method_name(&method.sig.ident.to_string()) {
+                    if kind == HookKind::Activate && method.sig.asyncness.is_some() {
+                        // An `async` hook stays an inherent method; the trait impl awaits it.
+                        hooks.push(Hook {
+                            kind: HookKind::ActivateAsync,
+                            method: method.clone(),
+                        });
+                        kept.push(ImplItem::Fn(method));
+                        continue;
+                    }
                     // The hooks move into the `ShardHandler` impl, where they cannot be `pub`.
                     method.vis = Visibility::Inherited;
                     hooks.push(Hook { kind, method });

@@ -21,7 +21,12 @@ use tokio::sync::oneshot;
 
 use crate::codec::Handoff;
 use crate::error::Error;
+use crate::persist::{Batch, DurableState, Locality, Origin as PersistOrigin, ShardStore};
 use crate::shard_map::{Epoch, Key, NodeId, ShardId};
+
+mod durable;
+
+use durable::Commits;
 
 /// A message that can be sent to a key, with its reply type and a stable wire tag.
 ///
@@ -224,6 +229,9 @@ pub(crate) trait ShardHost<H: ShardHandler>: Send + Sync + 'static {
     fn map_epoch(&self) -> Epoch;
     /// Whether the node serves `shard` at this instant, and under which map epoch.
     fn serves_now(&self, shard: ShardId) -> Option<Epoch>;
+    /// The epoch a durable activation of `shard` fixes as its fencing token (the map epoch at
+    /// which this node became the shard's owner), or `None` when the node does not serve it.
+    fn activation_epoch(&self, shard: ShardId) -> Option<Epoch>;
     /// Whether actor `actor` of `shard` may still reply (see the router's `may_reply`).
     fn may_reply(&self, shard: ShardId, actor: u64) -> bool;
     /// Passes a serve event to the node's observer, if any.
@@ -260,6 +268,26 @@ pub trait ShardHandler: Sized + Send + Unpin + 'static {
     /// messages.
     fn on_restore(&mut self, handoff: Handoff, ctx: &mut ShardContext) {
         let _ = (handoff, ctx);
+    }
+
+    /// The part of this handler's state that is durable, if any: kept in the node's
+    /// [`ShardStore`] (set with [`ClusterBuilder::store`](crate::ClusterBuilder::store)),
+    /// loaded when the shard activates, and changed only through commits that the replies
+    /// wait for. Return a field of type [`Durable`](crate::persist::Durable) (the whole shard
+    /// state as one value) or [`DurableMap`](crate::persist::DurableMap) (one value per key).
+    /// Write it in the `#[shard_handler]` block like the other hooks. Default: `None`, the
+    /// handler's state lives in memory only.
+    fn durable(&mut self) -> Option<&mut dyn DurableState> {
+        None
+    }
+
+    /// Runs `on_activate`; `#[shard_handler]` overrides it when `on_activate` is an
+    /// `async fn`, so that activation waits for it.
+    #[doc(hidden)]
+    fn activate_hook(slot: Slot<Self>) -> Handled<Self, ()> {
+        let mut slot = slot;
+        slot.handler.on_activate(&mut slot.context);
+        Handled::Ready(slot, ())
     }
 }
 
@@ -371,14 +399,39 @@ impl<M: ShardMessage> Message for Deliver<M> {
     type Result = ();
 }
 
-/// Retires the shard: runs `on_deactivate` and hands the snapshot to the router's ledger
-/// (never to the sender, who may have stopped waiting). A retired actor hands every later
-/// message back to the router, and stops once the router dropped it.
+/// Retires the shard: runs `on_deactivate`, commits a durable shard's last changes and releases
+/// it in the store, and hands the snapshot to the router's ledger (never to the sender, who may
+/// have stopped waiting). A retired actor hands every later message back to the router, and
+/// stops once the router dropped it.
 pub(crate) struct Deactivate;
 
 impl Message for Deactivate {
     type Result = ();
 }
+
+/// What a shard actor is built from.
+pub(crate) struct ActorParts<H: ShardHandler> {
+    pub(crate) shard: ShardId,
+    /// The actor's number on its node, which the router's ledger matches its snapshot by.
+    pub(crate) number: u64,
+    pub(crate) router: Weak<dyn ShardHost<H>>,
+    pub(crate) cluster: ClusterHandle,
+    pub(crate) factory: HandlerFactory<H>,
+    /// Messages sent to this shard and not yet taken from the mailbox (shared with the router).
+    pub(crate) queued: Arc<AtomicUsize>,
+    /// Where the handler's declared durable state is kept, if anywhere.
+    pub(crate) store: Option<Arc<dyn ShardStore>>,
+}
+
+/// The durable side of a running activation: the epoch it fixed when it started (every write
+/// carries it) and its commit pipeline.
+struct DurableActivation {
+    epoch: Epoch,
+    commits: Commits,
+}
+
+/// What an activation built: the handler in its slot and, for a durable shard, its activation.
+type Activated<H> = (Slot<H>, Option<DurableActivation>);
 
 /// The actix actor hosting one shard's [`ShardHandler`].
 ///
@@ -386,82 +439,132 @@ impl Message for Deactivate {
 /// while its node serves the shard (checked for every message: a lapsed lease stops intake at
 /// once); a panic in a handler method answers that message with [`Error::ShardFailed`] and
 /// restarts the shard in place with a fresh handler from the factory (the supervisor role),
-/// keeping the mailbox and its queued messages.
+/// keeping the mailbox and its queued messages. A handler that declares durable state
+/// ([`ShardHandler::durable`]) is loaded from the node's store when it activates, and each reply
+/// waits for the commit holding the message's changes.
 pub struct ShardActor<H: ShardHandler> {
-    shard: ShardId,
-    /// This actor's number on its node, which the router's ledger matches its snapshot by.
-    number: u64,
-    router: Weak<dyn ShardHost<H>>,
-    cluster: ClusterHandle,
-    factory: HandlerFactory<H>,
+    parts: ActorParts<H>,
     slot: Option<Slot<H>>,
+    durable: Option<DurableActivation>,
     restore: Option<Handoff>,
     retired: bool,
     restarts: u64,
-    /// Messages sent to this shard and not yet taken from the mailbox (shared with the router).
-    queued: Arc<AtomicUsize>,
 }
 
 impl<H: ShardHandler> ShardActor<H> {
-    pub(crate) fn new(
-        shard: ShardId,
-        number: u64,
-        router: Weak<dyn ShardHost<H>>,
-        cluster: ClusterHandle,
-        factory: HandlerFactory<H>,
-        queued: Arc<AtomicUsize>,
-        restore: Option<Handoff>,
-    ) -> Self {
+    pub(crate) fn new(parts: ActorParts<H>, restore: Option<Handoff>) -> Self {
         ShardActor {
-            shard,
-            number,
-            router,
-            cluster,
-            factory,
+            parts,
             slot: None,
+            durable: None,
             restore,
             retired: false,
             restarts: 0,
-            queued,
         }
     }
 
-    /// The node id and map epoch of the router, or `None` when the node is gone.
-    fn node_and_epoch(&self) -> Option<(NodeId, Epoch)> {
-        self.router.upgrade().map(|r| (r.node_id(), r.map_epoch()))
+    fn shard(&self) -> ShardId {
+        self.parts.shard
     }
 
-    /// Builds a fresh handler, restores the previous owner's snapshot if one was handed over,
-    /// and runs `on_activate`; a panic leaves the shard without a handler and keeps the
-    /// snapshot, and the next message tries again.
-    fn activate(&mut self) {
-        let Some((node_id, epoch)) = self.node_and_epoch() else {
-            return;
-        };
-        let factory = self.factory.clone();
-        let shard = self.shard;
-        // A copy: if `on_restore` or `on_activate` panics, the snapshot stays for the next try
-        // (and for a move away) instead of the shard starting empty.
+    /// Builds a fresh handler, loads its durable state from the store (raising the shard's
+    /// fence to this activation's epoch), restores the previous owner's snapshot if one was
+    /// handed over, and runs `on_activate` (which may be `async`). A durable shard first waits
+    /// for its earlier commits, so a reload sees them. `None` when the node is gone.
+    fn activation(&mut self) -> Option<LocalBoxFuture<'static, Result<Activated<H>, String>>> {
+        let router = self.parts.router.upgrade()?;
+        let shard = self.shard();
+        let (node_id, epoch) = (router.node_id(), router.map_epoch());
+        let activation_epoch = router.activation_epoch(shard);
+        let factory = self.parts.factory.clone();
+        let store = self.parts.store.clone();
+        // A copy: if activation fails, the snapshot stays for the next try (and for a move
+        // away) instead of the shard starting empty.
         let restore = self.restore.clone();
-        let mut context = ShardContext::new(shard, node_id, epoch, self.cluster.clone());
-        let built = std::panic::catch_unwind(AssertUnwindSafe(move || {
+        let context = ShardContext::new(shard, node_id, epoch, self.parts.cluster.clone());
+        let previous = self.durable.take();
+        let build = async move {
+            if let Some(previous) = previous {
+                previous.commits.drain().await;
+            }
             let mut handler = factory(shard);
+            let mut context = context;
+            let mut restore = restore;
+            let mut durable = None;
+            if let Some(state) = handler.durable() {
+                let carried = match restore.take() {
+                    Some(handoff) => {
+                        let (user, carried) = durable::unwrap(handoff)
+                            .map_err(|e| format!("the handed-over snapshot is unreadable: {e}"))?;
+                        restore = user;
+                        carried
+                    }
+                    None => None,
+                };
+                match store {
+                    Some(store) => {
+                        let epoch = activation_epoch
+                            .ok_or_else(|| "the node stopped serving the shard".to_owned())?;
+                        let mut loaded = store
+                            .activate(shard, node_id, epoch)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        if let (false, Some(carried)) = (loaded.origin.is_loaded(), carried) {
+                            // A planned move from a node whose store this one cannot read: the
+                            // state it carried becomes this store's before the shard serves.
+                            loaded = durable::loaded_from(&carried, loaded.origin);
+                            store
+                                .commit(shard, epoch, carried)
+                                .await
+                                .map_err(|e| e.to_string())?;
+                        }
+                        state.load(&loaded).map_err(|e| e.to_string())?;
+                        durable = Some(DurableActivation {
+                            epoch,
+                            commits: Commits::start(shard, store),
+                        });
+                    }
+                    None => {
+                        if let Some(carried) = carried {
+                            let loaded = durable::loaded_from(&carried, PersistOrigin::New);
+                            state.load(&loaded).map_err(|e| e.to_string())?;
+                        }
+                    }
+                }
+            }
             if let Some(handoff) = restore {
                 handler.on_restore(handoff, &mut context);
             }
-            handler.on_activate(&mut context);
-            Slot { handler, context }
-        }));
-        match built {
-            Ok(slot) => {
+            let slot = match H::activate_hook(Slot { handler, context }) {
+                Handled::Ready(slot, ()) => slot,
+                Handled::Pending(future) => future.await.0,
+            };
+            Ok((slot, durable))
+        };
+        Some(Box::pin(async move {
+            match AssertUnwindSafe(build).catch_unwind().await {
+                Ok(built) => built,
+                Err(panic) => Err(panic_message(&*panic)),
+            }
+        }))
+    }
+
+    /// Installs what an activation built, or logs why it failed (the next message tries again).
+    fn activated(&mut self, outcome: Result<Activated<H>, String>) -> Result<(), String> {
+        match outcome {
+            Ok((slot, durable)) => {
+                let epoch = slot.context.epoch;
                 self.restore = None;
                 self.slot = Some(slot);
+                self.durable = durable;
                 self.observe(ServeEventKind::Activated, epoch);
+                Ok(())
             }
-            Err(panic) => {
-                tracing::error!(shard, reason = %panic_message(&*panic), "shard activation panicked");
+            Err(reason) => {
+                tracing::error!(shard = self.shard(), %reason, "shard activation failed");
                 crate::metrics::shard_failure();
                 self.slot = None;
+                Err(reason)
             }
         }
     }
@@ -471,27 +574,129 @@ impl<H: ShardHandler> ShardActor<H> {
     fn still_serves(&self) -> bool {
         !self.retired
             && self
+                .parts
                 .router
                 .upgrade()
-                .is_some_and(|router| router.may_reply(self.shard, self.number))
+                .is_some_and(|router| router.may_reply(self.shard(), self.parts.number))
     }
 
     fn observe(&self, kind: ServeEventKind, epoch: Epoch) {
-        if let Some(router) = self.router.upgrade() {
-            router.observe(self.shard, kind, epoch);
+        if let Some(router) = self.parts.router.upgrade() {
+            router.observe(self.shard(), kind, epoch);
         }
     }
 
-    /// Replaces the handler after a panic and returns the error for the failed message.
+    /// Drops the handler after a panic (the next message builds a fresh one from the factory,
+    /// and a durable one reloads from the store) and returns the error for the failed message.
     fn restart_after_panic(&mut self, panic: Box<dyn Any + Send>) -> Error {
         let reason = panic_message(&*panic);
         crate::metrics::shard_failure();
         self.restarts += 1;
-        tracing::error!(shard = self.shard, restarts = self.restarts, %reason, "shard handler panicked; restarting the shard");
-        self.activate();
+        tracing::error!(shard = self.shard(), restarts = self.restarts, %reason, "shard handler panicked; restarting the shard");
+        self.slot = None;
         Error::ShardFailed {
-            shard: self.shard,
+            shard: self.shard(),
             reason,
+        }
+    }
+
+    /// Sends a handled message's reply: for a durable shard, once the message's changes (and
+    /// every change before them) are committed.
+    fn finish<R: Send + 'static>(
+        &mut self,
+        mut slot: Slot<H>,
+        reply: oneshot::Sender<Result<R, Undelivered<impl Send + 'static>>>,
+        value: Result<R, Error>,
+    ) {
+        let Some(durable) = &self.durable else {
+            self.slot = Some(slot);
+            let _ = reply.send(value.map_err(Undelivered::Failed));
+            return;
+        };
+        let mut batch = Batch::new();
+        let collected = slot
+            .handler
+            .durable()
+            .map(|state| state.take_changes(&mut batch))
+            .unwrap_or(Ok(()));
+        let epoch = durable.epoch;
+        match collected {
+            Ok(()) => {
+                durable.commits.hold(
+                    epoch,
+                    batch,
+                    Box::new(move |committed: Result<(), Error>| {
+                        let outcome = committed.and(value).map_err(Undelivered::Failed);
+                        let _ = reply.send(outcome);
+                    }),
+                );
+                self.slot = Some(slot);
+            }
+            Err(error) => {
+                // The change cannot be written: the message's effect is dropped with the
+                // handler, which reloads from the store before the next message.
+                tracing::error!(shard = self.shard(), %error, "a shard's durable changes could not be collected; reloading it");
+                let _ = reply.send(Err(Undelivered::Failed(Error::ShardFailed {
+                    shard: self.shard(),
+                    reason: error.to_string(),
+                })));
+            }
+        }
+    }
+
+    /// Handles one message with the handler in place (activated, serving at `epoch`).
+    fn serve<M>(&mut self, deliver: Deliver<M>, epoch: Epoch, ctx: &mut Context<Self>)
+    where
+        H: Handles<M>,
+        M: ShardMessage,
+    {
+        let Deliver { key, msg, reply } = deliver;
+        let Some(mut slot) = self.slot.take() else {
+            let _ = reply.send(Err(Undelivered::Failed(Error::ShardFailed {
+                shard: self.shard(),
+                reason: "the shard's handler could not be activated".into(),
+            })));
+            return;
+        };
+        slot.context.epoch = epoch;
+        slot.context.key = key.clone();
+        self.observe(ServeEventKind::Delivered, epoch);
+        match std::panic::catch_unwind(AssertUnwindSafe(move || H::handle(slot, key, msg))) {
+            Ok(Handled::Ready(slot, value)) => {
+                self.observe(ServeEventKind::Completed, epoch);
+                self.finish(slot, reply, Ok(value));
+            }
+            Ok(Handled::Pending(future)) => {
+                // `wait` holds the mailbox until the future completes: one message at a time.
+                ctx.wait(
+                    AssertUnwindSafe(future)
+                        .catch_unwind()
+                        .into_actor(self)
+                        .map(move |outcome, actor, _ctx| match outcome {
+                            Ok((slot, value)) => {
+                                // The reply stands only if this activation still serves the
+                                // shard: another node may own it now.
+                                let value = if actor.still_serves() {
+                                    actor.observe(ServeEventKind::Completed, epoch);
+                                    Ok(value)
+                                } else {
+                                    Err(Error::OutcomeUnknown {
+                                        shard: actor.shard(),
+                                    })
+                                };
+                                actor.finish(slot, reply, value);
+                            }
+                            Err(panic) => {
+                                let _ = reply.send(Err(Undelivered::Failed(
+                                    actor.restart_after_panic(panic),
+                                )));
+                            }
+                        }),
+                );
+            }
+            Err(panic) => {
+                let _ = reply.send(Err(Undelivered::Failed(self.restart_after_panic(panic))));
+            }
         }
     }
 }
@@ -518,99 +723,104 @@ where
     type Result = ();
 
     fn handle(&mut self, deliver: Deliver<M>, ctx: &mut Self::Context) {
-        self.queued.fetch_sub(1, Ordering::AcqRel);
-        let Deliver { key, msg, reply } = deliver;
+        self.parts.queued.fetch_sub(1, Ordering::AcqRel);
         // A sender that gave up (timed out or dropped its future) gets nothing from us: skipping
         // its message keeps an overloaded shard from working for nobody.
-        if reply.is_closed() {
+        if deliver.reply.is_closed() {
             return;
         }
         // Serve only while the node serves the shard *now*: a lease may have lapsed, or the
         // shard started moving, since the router queued this message.
         let router = match self.retired {
             true => None,
-            false => self.router.upgrade(),
+            false => self.parts.router.upgrade(),
         };
-        let serving = router.as_ref().and_then(|r| r.serves_now(self.shard));
-        let Some(epoch) = serving else {
-            let _ = reply.send(Err(Undelivered::NotServing(msg)));
+        let Some(epoch) = router.as_ref().and_then(|r| r.serves_now(self.shard())) else {
+            let _ = deliver
+                .reply
+                .send(Err(Undelivered::NotServing(deliver.msg)));
             return;
         };
-        if self.slot.is_none() {
-            self.activate();
+        // A failed commit leaves the handler ahead of the store: reload before serving.
+        if self
+            .durable
+            .as_ref()
+            .is_some_and(|durable| durable.commits.has_failed())
+        {
+            self.slot = None;
         }
-        let Some(mut slot) = self.slot.take() else {
-            let _ = reply.send(Err(Undelivered::Failed(Error::ShardFailed {
-                shard: self.shard,
-                reason: "the shard's handler could not be activated (its constructor or on_activate panicked)".into(),
-            })));
+        if self.slot.is_some() {
+            return self.serve(deliver, epoch, ctx);
+        }
+        let Some(activation) = self.activation() else {
+            let _ = deliver
+                .reply
+                .send(Err(Undelivered::NotServing(deliver.msg)));
             return;
         };
-        slot.context.epoch = epoch;
-        slot.context.key = key.clone();
-        if let Some(router) = router {
-            router.observe(self.shard, ServeEventKind::Delivered, epoch);
-        }
-        match std::panic::catch_unwind(AssertUnwindSafe(move || H::handle(slot, key, msg))) {
-            Ok(Handled::Ready(slot, value)) => {
-                self.slot = Some(slot);
-                self.observe(ServeEventKind::Completed, epoch);
-                let _ = reply.send(Ok(value));
+        // The mailbox waits for the activation; the message is served right after it.
+        ctx.wait(activation.into_actor(self).map(move |outcome, actor, ctx| {
+            match actor.activated(outcome) {
+                Ok(()) => actor.serve(deliver, epoch, ctx),
+                Err(reason) => {
+                    let _ = deliver
+                        .reply
+                        .send(Err(Undelivered::Failed(Error::ShardFailed {
+                            shard: actor.shard(),
+                            reason: format!("the shard could not be activated: {reason}"),
+                        })));
+                }
             }
-            Ok(Handled::Pending(future)) => {
-                // `wait` holds the mailbox until the future completes: one message at a time.
-                ctx.wait(
-                    AssertUnwindSafe(future)
-                        .catch_unwind()
-                        .into_actor(self)
-                        .map(move |outcome, actor, _ctx| match outcome {
-                            Ok((slot, value)) => {
-                                actor.slot = Some(slot);
-                                // The reply stands only if this activation still serves the
-                                // shard: another node may own it now.
-                                let reply_value = if actor.still_serves() {
-                                    actor.observe(ServeEventKind::Completed, epoch);
-                                    Ok(value)
-                                } else {
-                                    Err(Undelivered::Failed(Error::OutcomeUnknown {
-                                        shard: actor.shard,
-                                    }))
-                                };
-                                let _ = reply.send(reply_value);
-                            }
-                            Err(panic) => {
-                                let _ = reply.send(Err(Undelivered::Failed(
-                                    actor.restart_after_panic(panic),
-                                )));
-                            }
-                        }),
-                );
-            }
-            Err(panic) => {
-                let _ = reply.send(Err(Undelivered::Failed(self.restart_after_panic(panic))));
-            }
-        }
+        }));
     }
 }
 
 impl<H: ShardHandler> Handler<Deactivate> for ShardActor<H> {
     type Result = ();
 
-    fn handle(&mut self, _: Deactivate, _ctx: &mut Self::Context) {
+    fn handle(&mut self, _: Deactivate, ctx: &mut Self::Context) {
         if self.retired {
             return;
         }
         self.retired = true;
         let handoff = self.deactivate();
-        if let Some(router) = self.router.upgrade() {
-            router.retired(self.shard, self.number, handoff);
-        }
+        let Some(durable) = self.durable.take() else {
+            return self.report_retired(handoff);
+        };
+        // A durable shard hands over through its store: its last changes commit, then its
+        // activation releases the shard (the next owner loads what it released).
+        let shard = self.shard();
+        let store = self.parts.store.clone();
+        let finish = async move {
+            if let Some(error) = durable.commits.drain().await {
+                tracing::warn!(shard, %error, "a durable shard's last commit failed before its handoff; its unacknowledged changes are not handed over");
+            }
+            if let Some(store) = store {
+                if let Err(error) = store.release(shard, durable.epoch).await {
+                    tracing::warn!(shard, %error, "releasing a durable shard failed; the next owner's activation fences this node anyway");
+                }
+            }
+        };
+        ctx.wait(
+            finish
+                .into_actor(self)
+                .map(move |(), actor, _ctx| actor.report_retired(handoff)),
+        );
     }
 }
 
 impl<H: ShardHandler> ShardActor<H> {
+    fn report_retired(&mut self, handoff: Option<Handoff>) {
+        if let Some(router) = self.parts.router.upgrade() {
+            router.retired(self.shard(), self.parts.number, handoff);
+        }
+    }
+
     /// Runs `on_deactivate` and returns the snapshot to hand over. A shard that was restored
-    /// but never activated (no message reached it) hands over the snapshot it was given.
+    /// but never activated (no message reached it) hands over the snapshot it was given. A
+    /// durable shard's last changes join its commit pipeline, and its snapshot becomes an
+    /// envelope that also carries its whole state when the next owner cannot read this node's
+    /// store.
     fn deactivate(&mut self) -> Option<Handoff> {
         let Some(mut slot) = self.slot.take() else {
             return self.restore.take();
@@ -621,12 +831,48 @@ impl<H: ShardHandler> ShardActor<H> {
         })) {
             Ok(handoff) => handoff,
             Err(panic) => {
-                tracing::error!(shard = self.shard, reason = %panic_message(&*panic), "on_deactivate panicked; no handoff");
+                tracing::error!(shard = self.shard(), reason = %panic_message(&*panic), "on_deactivate panicked; no handoff");
                 None
             }
         };
         self.observe(ServeEventKind::Deactivated, epoch);
-        handoff
+        let shared = self
+            .parts
+            .store
+            .as_ref()
+            .is_some_and(|store| store.locality() == Locality::Shared);
+        let Some(state) = slot.handler.durable() else {
+            return handoff;
+        };
+        if let Some(durable) = &self.durable {
+            let mut batch = Batch::new();
+            match state.take_changes(&mut batch) {
+                Ok(()) => durable.commits.hold(durable.epoch, batch, Box::new(|_| ())),
+                Err(error) => {
+                    tracing::error!(shard = self.shard(), %error, "on_deactivate's durable changes could not be collected; they are not handed over")
+                }
+            }
+        }
+        let carried = match shared {
+            true => None,
+            false => {
+                let mut batch = Batch::new();
+                match state.export(&mut batch) {
+                    Ok(()) => Some(batch),
+                    Err(error) => {
+                        tracing::error!(shard = self.shard(), %error, "a durable shard's state could not be exported for its handoff; the next owner starts from its own store");
+                        None
+                    }
+                }
+            }
+        };
+        match durable::wrap(handoff, carried) {
+            Ok(envelope) => Some(envelope),
+            Err(error) => {
+                tracing::error!(shard = self.shard(), %error, "a durable shard's handoff could not be encoded; no handoff");
+                None
+            }
+        }
     }
 }
 
