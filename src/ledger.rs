@@ -72,6 +72,18 @@ pub(crate) enum Place<A> {
         /// The copy kept here.
         snapshot: Option<Handoff>,
     },
+    /// The actor was asked to passivate (it was idle, or the least recently used beyond the
+    /// bound of active shards): it commits its last changes and drops its state, or declines
+    /// and keeps running. Requests wait meanwhile.
+    Passivating {
+        /// The passivating actor's number.
+        actor: u64,
+        /// Its handle, kept in case it declines.
+        handle: A,
+    },
+    /// Passivated: the shard's state is in the node's store only, and nothing of it in memory.
+    /// The next request starts an actor that loads it again.
+    Passivated,
 }
 
 /// What to do with a request for a shard that has no running actor here.
@@ -136,7 +148,7 @@ impl<A> Default for ShardLedger<A> {
     }
 }
 
-impl<A> ShardLedger<A> {
+impl<A: Clone> ShardLedger<A> {
     /// The place, for inspection.
     pub(crate) fn place(&self) -> &Place<A> {
         &self.place
@@ -159,12 +171,15 @@ impl<A> ShardLedger<A> {
         handle: impl FnOnce() -> A,
     ) -> Intake {
         match &mut self.place {
-            Place::Retiring { .. } | Place::Sending { .. } => Intake::Elsewhere,
+            Place::Retiring { .. } | Place::Sending { .. } | Place::Passivating { .. } => {
+                Intake::Elsewhere
+            }
             _ if !serves => Intake::NotServing,
             Place::Running { .. } => Intake::NotServing,
             // Served again here without a handoff (its next owner crashed and the shard came
-            // back straight): it starts empty, as after any crash.
-            Place::Absent | Place::Gone { .. } => {
+            // back straight): it starts empty, as after any crash. A passivated shard starts
+            // an actor that loads its state from the store.
+            Place::Absent | Place::Gone { .. } | Place::Passivated => {
                 self.place = Place::Running {
                     actor,
                     handle: handle(),
@@ -185,7 +200,9 @@ impl<A> ShardLedger<A> {
     /// The running actor is gone without retiring (its arbiter stopped): its state is lost.
     /// Returns whether it was the running one.
     pub(crate) fn actor_gone(&mut self, actor: u64) -> bool {
-        if matches!(self.place, Place::Running { actor: a, .. } if a == actor) {
+        if matches!(self.place,
+            Place::Running { actor: a, .. } | Place::Passivating { actor: a, .. } if a == actor)
+        {
             self.place = Place::Absent;
             return true;
         }
@@ -194,12 +211,27 @@ impl<A> ShardLedger<A> {
 
     /// The move of allocation `epoch` to `to` proceeds one step.
     pub(crate) fn begin_move(&mut self, to: NodeId, epoch: u64) -> MoveStep<A> {
+        self.begin_move_waking(to, epoch, None::<(u64, fn() -> A)>)
+    }
+
+    /// [`begin_move`](Self::begin_move), where a shard with no state in memory (never active
+    /// since the node started, or passivated) may still have state in the node's own store,
+    /// which the next owner cannot read: `wake` gives the number and the handle of a new actor,
+    /// which loads that state and retires with it (the caller starts it and asks it to retire,
+    /// as for [`MoveStep::Retire`]).
+    pub(crate) fn begin_move_waking(
+        &mut self,
+        to: NodeId,
+        epoch: u64,
+        wake: Option<(u64, impl FnOnce() -> A)>,
+    ) -> MoveStep<A> {
         match std::mem::take(&mut self.place) {
             Place::Running { actor, handle } => {
                 self.place = Place::Retiring { actor };
                 MoveStep::Retire(handle)
             }
-            place @ (Place::Retiring { .. } | Place::Sending { .. }) => {
+            place
+            @ (Place::Retiring { .. } | Place::Sending { .. } | Place::Passivating { .. }) => {
                 self.place = place;
                 MoveStep::Wait
             }
@@ -209,15 +241,22 @@ impl<A> ShardLedger<A> {
                 self.place = Place::Gone { epoch: gone };
                 MoveStep::Wait
             }
-            // A newer move away from this node, so the shard came back without a handoff.
-            Place::Absent | Place::Gone { .. } => {
-                self.place = Place::Sending {
-                    to,
-                    epoch,
-                    snapshot: None,
-                };
-                MoveStep::Send(None)
-            }
+            // Nothing in memory: the node's own store may still hold the shard's state (wake an
+            // actor to load and hand it over), or the shard came back without a handoff.
+            Place::Absent | Place::Gone { .. } | Place::Passivated => match wake {
+                Some((actor, handle)) => {
+                    self.place = Place::Retiring { actor };
+                    MoveStep::Retire(handle())
+                }
+                None => {
+                    self.place = Place::Sending {
+                        to,
+                        epoch,
+                        snapshot: None,
+                    };
+                    MoveStep::Send(None)
+                }
+            },
             Place::Parked { snapshot, .. } => {
                 self.place = Place::Sending {
                     to,
@@ -300,6 +339,41 @@ impl<A> ShardLedger<A> {
             }
             // Released (the next owner has it), lost, or stale: nothing to keep.
             _ => None,
+        }
+    }
+
+    /// The running actor `actor` was idle: passivate it. Returns its handle, to ask it to.
+    pub(crate) fn passivate(&mut self, actor: u64) -> Option<A> {
+        match std::mem::take(&mut self.place) {
+            Place::Running { actor: a, handle } if a == actor => {
+                self.place = Place::Passivating {
+                    actor,
+                    handle: handle.clone(),
+                };
+                Some(handle)
+            }
+            place => {
+                self.place = place;
+                None
+            }
+        }
+    }
+
+    /// Actor `actor` passivated (`done`: its state is in the store and it stopped) or declined
+    /// (it keeps running). Returns whether the ledger was waiting for it.
+    pub(crate) fn passivated(&mut self, actor: u64, done: bool) -> bool {
+        match std::mem::take(&mut self.place) {
+            Place::Passivating { actor: a, handle } if a == actor => {
+                self.place = match done {
+                    true => Place::Passivated,
+                    false => Place::Running { actor, handle },
+                };
+                true
+            }
+            place => {
+                self.place = place;
+                false
+            }
         }
     }
 

@@ -30,15 +30,19 @@ use crate::consensus::ClusterState;
 use crate::error::{Error, NotReadyReason};
 use crate::ledger::{self, Intake, MoveStep, Place, Sent, ShardLedger, ShardView};
 use crate::metrics::{RequestMetrics, RouteLabel};
-use crate::persist::ShardStore;
+use crate::persist::{Locality, ShardStore};
 use crate::shard::{
     ActorParts, ClusterHandle, Deactivate, Deliver, Dispatch, HandlerFactory, Handles, Origin,
-    RouteAny, ServeEvent, ServeEventKind, ServeObserver, ShardActor, ShardHandler, ShardHost,
-    ShardMessage, Undelivered, WireMessage,
+    Passivate, RouteAny, ServeEvent, ServeEventKind, ServeObserver, ShardActor, ShardHandler,
+    ShardHost, ShardMessage, Undelivered, WireMessage,
 };
 use crate::shard_map::{Epoch, Key, NodeId, ShardId};
 use crate::transport::{Transport, TransportError, OVERLOADED};
 use crate::wire::{Request, Response};
+
+/// The shortest and longest interval between passivation passes.
+const PASSIVATION_PASS_MIN: Duration = Duration::from_millis(50);
+const PASSIVATION_PASS_MAX: Duration = Duration::from_secs(5);
 
 /// What the router routes by.
 #[derive(Debug, Clone)]
@@ -61,6 +65,10 @@ pub(crate) struct RouterLimits {
     pub(crate) unavailable_wait: Duration,
     /// How many requests may wait at once.
     pub(crate) waiting_max: usize,
+    /// Passivate a shard idle this long (`None`: never for idleness).
+    pub(crate) passivate_after: Option<Duration>,
+    /// Passivate the least recently used shards beyond this many active ones (`None`: no bound).
+    pub(crate) active_shards_max: Option<usize>,
 }
 
 /// The node's lease, readable without a lock: the nanoseconds since `base` until which it is
@@ -140,6 +148,8 @@ impl LeaseGate {
 pub(crate) struct ShardSlot<H: ShardHandler> {
     actor: Addr<ShardActor<H>>,
     queued: Arc<AtomicUsize>,
+    /// The router's passivation clock when a message was last queued for the actor.
+    last_used: Arc<AtomicU64>,
 }
 
 // By hand: a derive would ask `H: Clone`. Cloning a slot clones a handle, not the actor.
@@ -148,6 +158,7 @@ impl<H: ShardHandler> Clone for ShardSlot<H> {
         ShardSlot {
             actor: self.actor.clone(),
             queued: self.queued.clone(),
+            last_used: self.last_used.clone(),
         }
     }
 }
@@ -189,6 +200,10 @@ pub struct Router<H: ShardHandler> {
     observer: Option<Arc<dyn ServeObserver>>,
     /// Where shards keep the durable state their handlers declare, if anywhere.
     store: Option<Arc<dyn ShardStore>>,
+    /// The passivation clock: milliseconds since `started`, advanced by each passivation pass
+    /// (coarse on purpose: the send path reads it with one relaxed load).
+    clock: AtomicU64,
+    started: Instant,
     /// Request counters and histograms; `None` without a metrics endpoint.
     metrics: Option<RequestMetrics>,
     self_ref: Weak<Router<H>>,
@@ -252,6 +267,8 @@ impl<H: ShardHandler> Router<H> {
             peers: parts.peers,
             observer: parts.observer,
             store: parts.store,
+            clock: AtomicU64::new(0),
+            started: Instant::now(),
             metrics: RequestMetrics::new(),
             self_ref: self_ref.clone(),
         })
@@ -899,7 +916,12 @@ impl<H: ShardHandler> Router<H> {
             return Err(Enqueue::Failed(Error::Overloaded { shard }));
         }
         match running.actor.try_send(deliver) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                running
+                    .last_used
+                    .store(self.clock.load(Ordering::Relaxed), Ordering::Relaxed);
+                Ok(())
+            }
             Err(SendError::Full(deliver) | SendError::Closed(deliver)) => {
                 // A full actix channel cannot happen below our own count; a closed one means the
                 // actor just stopped: route again.
@@ -944,7 +966,15 @@ impl<H: ShardHandler> Router<H> {
                 actix_rt::spawn(context.into_future(shard_actor));
             })
         });
-        (ShardSlot { actor, queued }, start)
+        let last_used = Arc::new(AtomicU64::new(self.clock.load(Ordering::Relaxed)));
+        (
+            ShardSlot {
+                actor,
+                queued,
+                last_used,
+            },
+            start,
+        )
     }
 
     /// One step of the planned move of `shard` to `to` (allocation `epoch`), for the handoff
@@ -967,8 +997,41 @@ impl<H: ShardHandler> Router<H> {
         if !shown {
             return MoveStep::Wait;
         }
-        match ledger::apply_locked(slot, |l| l.begin_move(to, epoch)) {
+        // A node-local store may hold state of a shard that has no actor here (not active since
+        // the node restarted, or passivated): an actor wakes to load it and hand it over.
+        let node_local = self
+            .store
+            .as_ref()
+            .is_some_and(|store| store.locality() != Locality::Shared);
+        let mut woken = None;
+        let step = match node_local {
+            true => {
+                let number = self.next_actor.fetch_add(1, Ordering::Relaxed);
+                let (handle, start) = self.new_shard_actor(shard, number);
+                let used = std::cell::Cell::new(false);
+                let step = ledger::apply_locked(slot, |l| {
+                    let wake = || {
+                        used.set(true);
+                        handle
+                    };
+                    l.begin_move_waking(to, epoch, Some((number, wake)))
+                });
+                if used.get() {
+                    woken = Some(start);
+                }
+                step
+            }
+            false => ledger::apply_locked(slot, |l| l.begin_move(to, epoch)),
+        };
+        match step {
             MoveStep::Retire(running) => {
+                if let Some(start) = woken {
+                    if !start(None) {
+                        // The arbiter is gone: the node is stopping, and the move waits until
+                        // it is re-targeted or cancelled.
+                        tracing::warn!(shard, "cannot start an actor to hand over the shard's stored state: the node is stopping");
+                    }
+                }
                 // `do_send`: the retirement waits its turn behind the messages already queued,
                 // and its outcome reaches the ledger however long that takes.
                 running.actor.do_send(Deactivate);
@@ -1018,7 +1081,9 @@ impl<H: ShardHandler> Router<H> {
         self.owns_under_lease(shard)
             && self.slots.get(shard as usize).is_some_and(|slot| {
                 matches!(lock(slot).place(),
-                    Place::Running { actor: a, .. } | Place::Retiring { actor: a } if *a == actor)
+                    Place::Running { actor: a, .. }
+                    | Place::Retiring { actor: a }
+                    | Place::Passivating { actor: a, .. } if *a == actor)
             })
     }
 
@@ -1177,6 +1242,81 @@ impl<H: ShardHandler> Router<H> {
     }
 
     /// The number of shard actors running on this node.
+    /// Starts the passivation pass on the node's arbiter, every `every`, if idle shards or a
+    /// bound of active shards are configured. It ends when the router stops.
+    pub(crate) fn start_passivation(self: &Arc<Self>) {
+        let every = match (self.limits.passivate_after, self.limits.active_shards_max) {
+            (None, None) => return,
+            (Some(idle), _) => (idle / 4).clamp(PASSIVATION_PASS_MIN, PASSIVATION_PASS_MAX),
+            (None, Some(_)) => PASSIVATION_PASS_MIN,
+        };
+        let router = self.self_ref.clone();
+        self.arbiter.spawn(async move {
+            let mut interval = tokio::time::interval(every);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                let Some(router) = router.upgrade() else {
+                    return;
+                };
+                if router.stopping.load(Ordering::Acquire) {
+                    return;
+                }
+                router.passivate_pass();
+            }
+        });
+    }
+
+    /// One passivation pass: asks the shards idle for `passivate_after`, and the least recently
+    /// used beyond `active_shards_max`, to passivate. Returns how many were asked.
+    pub(crate) fn passivate_pass(&self) -> usize {
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.clock.store(now, Ordering::Relaxed);
+        let mut running: Vec<(u64, ShardId, u64)> = Vec::new();
+        for (shard, slot) in self.slots.iter().enumerate() {
+            if let Place::Running { actor, handle } = lock(slot).place() {
+                running.push((
+                    handle.last_used.load(Ordering::Relaxed),
+                    shard as ShardId,
+                    *actor,
+                ));
+            }
+        }
+        running.sort_unstable();
+        let idle_before = self
+            .limits
+            .passivate_after
+            .map(|idle| now.saturating_sub(u64::try_from(idle.as_millis()).unwrap_or(u64::MAX)));
+        let over = self
+            .limits
+            .active_shards_max
+            .map_or(0, |max| running.len().saturating_sub(max));
+        let mut asked = 0;
+        for (index, (last_used, shard, actor)) in running.into_iter().enumerate() {
+            let idle = idle_before.is_some_and(|before| last_used <= before && last_used < now);
+            if !(idle || index < over) {
+                continue;
+            }
+            let Some(slot) = self.slots.get(shard as usize) else {
+                continue;
+            };
+            if let Some(handle) = ledger::apply_locked(slot, |l| l.passivate(actor)) {
+                handle.actor.do_send(Passivate);
+                asked += 1;
+            }
+        }
+        asked
+    }
+
+    /// Actor `actor` of `shard` passivated (`done`) or declined; requests that waited for it go
+    /// on.
+    pub(crate) fn passivated(&self, shard: ShardId, actor: u64, done: bool) {
+        if let Some(slot) = self.slots.get(shard as usize) {
+            ledger::apply_locked(slot, |l| l.passivated(actor, done));
+        }
+        self.changes.send_modify(|v| *v += 1);
+    }
+
     pub(crate) fn active_shards(&self) -> usize {
         self.slots
             .iter()
@@ -1364,8 +1504,10 @@ impl<H: ShardHandler> ShardHost<H> for Router<H> {
     }
 
     fn activation_epoch(&self, shard: ShardId) -> Option<Epoch> {
-        Router::serves_now(self, shard)?;
-        Some(self.table.load().state.owned_since(shard))
+        // Owned under a lease, also while the shard waits to move away: a retiring actor may
+        // have to load the shard's state to hand it over.
+        self.owns_under_lease(shard)
+            .then(|| self.table.load().state.owned_since(shard))
     }
 
     fn may_reply(&self, shard: ShardId, actor: u64) -> bool {
@@ -1378,6 +1520,10 @@ impl<H: ShardHandler> ShardHost<H> for Router<H> {
 
     fn retired(&self, shard: ShardId, actor: u64, snapshot: Option<Handoff>) {
         Router::retired(self, shard, actor, snapshot)
+    }
+
+    fn passivated(&self, shard: ShardId, actor: u64, done: bool) {
+        Router::passivated(self, shard, actor, done)
     }
 }
 
@@ -1483,6 +1629,8 @@ mod tests {
             deactivate_timeout: Duration::from_secs(1),
             unavailable_wait: Duration::from_millis(unavailable_wait_ms),
             waiting_max: 16,
+            passivate_after: None,
+            active_shards_max: None,
         }
     }
 

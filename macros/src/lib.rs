@@ -37,8 +37,10 @@ pub fn derive_shard_message(input: TokenStream) -> TokenStream {
 ///
 /// Every method takes `(&mut self, key: Key, msg: M, ctx: &mut ShardContext)` and returns
 /// `M`'s reply type, as a plain `fn` or an `async fn`; one method per message type. Methods named
-/// `on_activate`, `on_deactivate` and `on_restore` override the lifecycle hooks. Generates the
-/// wire enum `<Type>Message` with one variant per message and the dispatch.
+/// `on_activate` (which may be an `async fn`), `on_deactivate` and `on_restore` override the
+/// lifecycle hooks; `durable` declares the handler's durable state and `may_passivate` lets an
+/// idle shard without durable state drop its state. Generates the wire enum `<Type>Message`
+/// with one variant per message and the dispatch.
 #[proc_macro_attribute]
 pub fn shard_handler(args: TokenStream, input: TokenStream) -> TokenStream {
     let original = TokenStream2::from(input.clone());

@@ -235,6 +235,20 @@ impl<H> ClusterBuilder<H> {
         self
     }
 
+    /// Passivates a shard after `idle` without a message (see
+    /// [`NodeConfig::passivate_after`](crate::NodeConfig::passivate_after)).
+    pub fn passivate_after(mut self, idle: Duration) -> Self {
+        self.config.passivate_after = Some(idle);
+        self
+    }
+
+    /// Keeps at most `max` shards active on the node, passivating the least recently used
+    /// (see [`NodeConfig::active_shards_max`](crate::NodeConfig::active_shards_max)).
+    pub fn active_shards_max(mut self, max: usize) -> Self {
+        self.config.active_shards_max = Some(max);
+        self
+    }
+
     /// Keeps the durable state of handlers that declare one
     /// ([`ShardHandler::durable`](crate::ShardHandler::durable)) in `store`: a shard loads it
     /// when it activates, and a reply is sent only once the change it reports is committed
@@ -307,6 +321,7 @@ impl<H: ShardHandler> ClusterBuilder<H> {
             observer: self.observer,
             store: self.store,
         });
+        router.start_passivation();
         tracing::info!(
             node_id = config.node_id,
             shards = config.shard_count,
@@ -574,7 +589,7 @@ fn start_router<H: ShardHandler>(
         not_ready: Some(NotReadyReason::Starting),
         leaderless_since: Some(Instant::now()),
     };
-    Ok(Router::new(RouterParts {
+    let router = Router::new(RouterParts {
         node_id: config.node_id,
         shard_count: config.shard_count,
         table,
@@ -585,7 +600,9 @@ fn start_router<H: ShardHandler>(
         peers: Some(consensus.transport().clone()),
         observer,
         store,
-    }))
+    });
+    router.start_passivation();
+    Ok(router)
 }
 
 /// The node's parts that run on their own: the router actor (following consensus, handing

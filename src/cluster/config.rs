@@ -59,6 +59,14 @@ pub struct NodeConfig {
     /// Count two per other node plus your clients. Default: 1024
     /// ([`TransportConfig::connections_max`]).
     pub connections_max: usize,
+    /// Passivate a shard after this long without a message: it commits its durable state and
+    /// frees its memory, and the next message loads it again. Applies to shards whose handler
+    /// keeps durable state in a store, and to handlers that opt in
+    /// ([`ShardHandler::may_passivate`](crate::ShardHandler::may_passivate)). Default: never.
+    pub passivate_after: Option<Duration>,
+    /// Keep at most this many shards active on the node: beyond it, the least recently used
+    /// passivate (checked every 50 ms, so the count may exceed it briefly). Default: no bound.
+    pub active_shards_max: Option<usize>,
 }
 
 impl Default for NodeConfig {
@@ -79,6 +87,8 @@ impl Default for NodeConfig {
             waiting_max: 10_000,
             metrics: None,
             connections_max: TransportConfig::default().connections_max,
+            passivate_after: None,
+            active_shards_max: None,
         }
     }
 }
@@ -141,6 +151,20 @@ impl NodeConfig {
                 "more than zero",
             ));
         }
+        if self.passivate_after.is_some_and(|idle| idle.is_zero()) {
+            return Err(out_of_range(
+                "passivate_after",
+                self.passivate_after,
+                "more than zero",
+            ));
+        }
+        if self.active_shards_max == Some(0) {
+            return Err(out_of_range(
+                "active_shards_max",
+                self.active_shards_max,
+                "at least 1",
+            ));
+        }
         Ok(())
     }
 }
@@ -174,6 +198,8 @@ impl NodeConfig {
             deactivate_timeout: self.deactivate_timeout,
             unavailable_wait: self.unavailable_wait,
             waiting_max: self.waiting_max,
+            passivate_after: self.passivate_after,
+            active_shards_max: self.active_shards_max,
         }
     }
 }

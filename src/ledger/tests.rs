@@ -40,6 +40,82 @@ fn a_request_starts_an_actor_with_the_parked_snapshot() {
 }
 
 #[test]
+fn a_passivated_shard_starts_an_actor_that_reloads_on_the_next_request() {
+    let mut ledger = ShardLedger::<&str>::default();
+    ledger.request(true, 1, || "actor");
+    assert_eq!(
+        ledger.passivate(2),
+        None,
+        "only the running actor passivates"
+    );
+    assert_eq!(ledger.passivate(1), Some("actor"));
+    assert_eq!(
+        ledger.request(true, 2, || "next"),
+        Intake::Elsewhere,
+        "requests wait while the actor commits and stops"
+    );
+    assert!(
+        !ledger.passivated(2, true),
+        "another actor's report changes nothing"
+    );
+    assert!(ledger.passivated(1, true));
+    assert_eq!(ledger.place(), &Place::Passivated);
+    assert_eq!(
+        ledger.request(true, 2, || "next"),
+        Intake::Start { restore: None }
+    );
+    assert_eq!(ledger.running(), Some(&"next"));
+}
+
+#[test]
+fn an_actor_that_declines_to_passivate_keeps_running() {
+    let mut ledger = ShardLedger::<&str>::default();
+    ledger.request(true, 1, || "actor");
+    ledger.passivate(1);
+    assert!(ledger.passivated(1, false));
+    assert_eq!(ledger.running(), Some(&"actor"));
+}
+
+#[test]
+fn a_shard_with_nothing_in_memory_wakes_an_actor_to_hand_over_its_stored_state() {
+    // After a restart, or once passivated, a node-local store may hold the shard's state.
+    for mut ledger in [ShardLedger::<&str>::default(), {
+        let mut passivated = ShardLedger::<&str>::default();
+        passivated.request(true, 1, || "actor");
+        passivated.passivate(1);
+        passivated.passivated(1, true);
+        passivated
+    }] {
+        assert_eq!(
+            ledger.begin_move_waking(9, 4, Some((7, || "woken"))),
+            MoveStep::Retire("woken")
+        );
+        assert_eq!(ledger.begin_move(9, 4), MoveStep::Wait, "still retiring");
+        assert!(ledger.retired(7, snap(3), 4));
+        assert_eq!(ledger.begin_move(9, 4), MoveStep::Send(snap(3)));
+    }
+    // Without a store to read, nothing is woken: the shard goes on empty, as before.
+    let mut ledger = ShardLedger::<&str>::default();
+    assert_eq!(ledger.begin_move(9, 4), MoveStep::Send(None));
+}
+
+#[test]
+fn a_passivating_shard_moves_only_once_its_actor_stopped() {
+    let mut ledger = ShardLedger::<&str>::default();
+    ledger.request(true, 1, || "actor");
+    ledger.passivate(1);
+    assert_eq!(
+        ledger.begin_move_waking(9, 4, Some((2, || "woken"))),
+        MoveStep::Wait
+    );
+    ledger.passivated(1, true);
+    assert_eq!(
+        ledger.begin_move_waking(9, 4, Some((2, || "woken"))),
+        MoveStep::Retire("woken")
+    );
+}
+
+#[test]
 fn no_actor_starts_while_the_node_does_not_serve_the_shard() {
     let mut ledger = ShardLedger::<&str>::default();
     ledger.received(3, snap(7));

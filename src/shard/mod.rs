@@ -238,6 +238,9 @@ pub(crate) trait ShardHost<H: ShardHandler>: Send + Sync + 'static {
     fn observe(&self, shard: ShardId, kind: ServeEventKind, epoch: Epoch);
     /// Actor `actor` of `shard` retired and hands back its state.
     fn retired(&self, shard: ShardId, actor: u64, snapshot: Option<Handoff>);
+    /// Actor `actor` of `shard` passivated (`done`: its state is in the store and it stops) or
+    /// declined (it keeps running).
+    fn passivated(&self, shard: ShardId, actor: u64, done: bool);
 }
 
 /// The state of one shard: every key that hashes to the shard is handled by one value of this
@@ -279,6 +282,16 @@ pub trait ShardHandler: Sized + Send + Unpin + 'static {
     /// handler's state lives in memory only.
     fn durable(&mut self) -> Option<&mut dyn DurableState> {
         None
+    }
+
+    /// Whether this shard may passivate when it is idle (see
+    /// [`ClusterBuilder::passivate_after`](crate::ClusterBuilder::passivate_after)) although
+    /// its handler keeps no durable state in a store: its in-memory state is then dropped
+    /// (after `on_deactivate`, whose snapshot is dropped too) and the next message starts a
+    /// fresh handler. Durable shards with a store always may: they reload from it. Default:
+    /// `false`.
+    fn may_passivate(&self) -> bool {
+        false
     }
 
     /// Runs `on_activate`; `#[shard_handler]` overrides it when `on_activate` is an
@@ -406,6 +419,14 @@ impl<M: ShardMessage> Message for Deliver<M> {
 pub(crate) struct Deactivate;
 
 impl Message for Deactivate {
+    type Result = ();
+}
+
+/// Passivates the shard: it commits its durable state and stops, or declines (its handler
+/// keeps state only in memory and did not opt in). The outcome goes to the router.
+pub(crate) struct Passivate;
+
+impl Message for Passivate {
     type Result = ();
 }
 
@@ -783,12 +804,36 @@ impl<H: ShardHandler> Handler<Deactivate> for ShardActor<H> {
             return;
         }
         self.retired = true;
+        // An actor woken only to hand the shard over (nothing in memory, no snapshot handed
+        // to it) loads the shard's state from the node's store first.
+        let wake = self.slot.is_none() && self.restore.is_none() && self.parts.store.is_some();
+        let activation = match wake {
+            true => self.activation(),
+            false => None,
+        };
+        match activation {
+            Some(activation) => ctx.wait(activation.into_actor(self).map(
+                |outcome, actor, ctx| {
+                    if let Err(reason) = actor.activated(outcome) {
+                        tracing::warn!(shard = actor.shard(), %reason, "the shard's stored state could not be loaded for its handoff; the next owner starts from its own store");
+                    }
+                    actor.retire(ctx);
+                },
+            )),
+            None => self.retire(ctx),
+        }
+    }
+}
+
+impl<H: ShardHandler> ShardActor<H> {
+    /// Runs `on_deactivate`; a durable shard then commits its last changes and releases the
+    /// shard in its store (the next owner loads what it released); then the snapshot goes to
+    /// the router's ledger.
+    fn retire(&mut self, ctx: &mut Context<Self>) {
         let handoff = self.deactivate();
         let Some(durable) = self.durable.take() else {
             return self.report_retired(handoff);
         };
-        // A durable shard hands over through its store: its last changes commit, then its
-        // activation releases the shard (the next owner loads what it released).
         let shard = self.shard();
         let store = self.parts.store.clone();
         let finish = async move {
@@ -818,24 +863,12 @@ impl<H: ShardHandler> ShardActor<H> {
 
     /// Runs `on_deactivate` and returns the snapshot to hand over. A shard that was restored
     /// but never activated (no message reached it) hands over the snapshot it was given. A
-    /// durable shard's last changes join its commit pipeline, and its snapshot becomes an
-    /// envelope that also carries its whole state when the next owner cannot read this node's
-    /// store.
+    /// durable shard's snapshot becomes an envelope that also carries its whole state when the
+    /// next owner cannot read this node's store.
     fn deactivate(&mut self) -> Option<Handoff> {
-        let Some(mut slot) = self.slot.take() else {
+        let Some((mut slot, handoff)) = self.wind_down() else {
             return self.restore.take();
         };
-        let epoch = slot.context.epoch;
-        let handoff = match std::panic::catch_unwind(AssertUnwindSafe(|| {
-            slot.handler.on_deactivate(&mut slot.context)
-        })) {
-            Ok(handoff) => handoff,
-            Err(panic) => {
-                tracing::error!(shard = self.shard(), reason = %panic_message(&*panic), "on_deactivate panicked; no handoff");
-                None
-            }
-        };
-        self.observe(ServeEventKind::Deactivated, epoch);
         let shared = self
             .parts
             .store
@@ -844,15 +877,6 @@ impl<H: ShardHandler> ShardActor<H> {
         let Some(state) = slot.handler.durable() else {
             return handoff;
         };
-        if let Some(durable) = &self.durable {
-            let mut batch = Batch::new();
-            match state.take_changes(&mut batch) {
-                Ok(()) => durable.commits.hold(durable.epoch, batch, Box::new(|_| ())),
-                Err(error) => {
-                    tracing::error!(shard = self.shard(), %error, "on_deactivate's durable changes could not be collected; they are not handed over")
-                }
-            }
-        }
         let carried = match shared {
             true => None,
             false => {
@@ -873,6 +897,75 @@ impl<H: ShardHandler> ShardActor<H> {
                 None
             }
         }
+    }
+
+    /// Takes the handler out and runs `on_deactivate`; a durable shard's changes from it join
+    /// the commit pipeline. Returns the handler and its snapshot, or `None` without a handler.
+    fn wind_down(&mut self) -> Option<(Slot<H>, Option<Handoff>)> {
+        let mut slot = self.slot.take()?;
+        let epoch = slot.context.epoch;
+        let handoff = match std::panic::catch_unwind(AssertUnwindSafe(|| {
+            slot.handler.on_deactivate(&mut slot.context)
+        })) {
+            Ok(handoff) => handoff,
+            Err(panic) => {
+                tracing::error!(shard = self.shard(), reason = %panic_message(&*panic), "on_deactivate panicked; no handoff");
+                None
+            }
+        };
+        self.observe(ServeEventKind::Deactivated, epoch);
+        if let (Some(durable), Some(state)) = (&self.durable, slot.handler.durable()) {
+            let mut batch = Batch::new();
+            match state.take_changes(&mut batch) {
+                Ok(()) => durable.commits.hold(durable.epoch, batch, Box::new(|_| ())),
+                Err(error) => {
+                    tracing::error!(shard = self.shard(), %error, "on_deactivate's durable changes could not be collected; they are dropped")
+                }
+            }
+        }
+        Some((slot, handoff))
+    }
+}
+
+impl<H: ShardHandler> Handler<Passivate> for ShardActor<H> {
+    type Result = ();
+
+    fn handle(&mut self, _: Passivate, ctx: &mut Self::Context) {
+        let shard = self.shard();
+        let report = move |actor: &Self, done: bool| {
+            if let Some(router) = actor.parts.router.upgrade() {
+                router.passivated(shard, actor.parts.number, done);
+            }
+        };
+        // A snapshot handed to this actor and not yet restored exists only here; a handler
+        // without a store keeps its state only here, unless it opted in to lose it.
+        let may = !self.retired
+            && self.restore.is_none()
+            && (self.durable.is_some()
+                || self
+                    .slot
+                    .as_ref()
+                    .is_none_or(|slot| slot.handler.may_passivate()));
+        if !may {
+            return report(self, false);
+        }
+        self.retired = true;
+        drop(self.wind_down());
+        let drained = self.durable.take().map(|durable| durable.commits.drain());
+        ctx.wait(
+            async move {
+                if let Some(drained) = drained {
+                    if let Some(error) = drained.await {
+                        tracing::warn!(shard, %error, "a passivating shard's last commit failed; its unacknowledged changes are dropped");
+                    }
+                }
+            }
+            .into_actor(self)
+            .map(move |(), actor, ctx| {
+                report(actor, true);
+                ctx.stop();
+            }),
+        );
     }
 }
 

@@ -56,6 +56,8 @@ pub(crate) enum HookKind {
     ActivateAsync,
     /// `durable`: the part of the handler's state kept in the node's shard store.
     Durable,
+    /// `may_passivate`: whether an idle shard without durable state may drop its state.
+    MayPassivate,
     /// `on_deactivate`: this node stops serving the shard (and may hand off a snapshot).
     Deactivate,
     /// `on_restore`: the new owner receives the previous owner's snapshot.
@@ -71,6 +73,7 @@ impl HookKind {
             "on_deactivate" => Some(HookKind::Deactivate),
             "on_restore" => Some(HookKind::Restore),
             "durable" => Some(HookKind::Durable),
+            "may_passivate" => Some(HookKind::MayPassivate),
             _ => None,
         }
     }
