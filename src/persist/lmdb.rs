@@ -35,12 +35,12 @@ use bytes::Bytes;
 use futures_util::future::{self, BoxFuture, FutureExt};
 use heed::byteorder::BigEndian;
 use heed::types::{Bytes as RawBytes, U32};
-use heed::{Database, Env, RwTxn, WithoutTls};
+use heed::{Database, Env, RoTxn, RwTxn, WithoutTls};
 use tokio::sync::oneshot;
 
 use super::error::{StoreError, Table};
 use super::fence::{Fence, Origin};
-use super::{Batch, Change, Loaded, Locality, ShardStore};
+use super::{Batch, Change, Loaded, Locality, Scope, ShardStore};
 use crate::shard_map::{Epoch, Key, NodeId, ShardId};
 use crate::storage::codec;
 use crate::storage::group_commit::{GroupCommit, GroupWriter};
@@ -94,6 +94,9 @@ pub struct LmdbShardStore {
 struct Inner {
     dir: PathBuf,
     writer: GroupWriter<Job>,
+    /// For reads, which need no writer: a read transaction sees the last committed state.
+    env: Env<WithoutTls>,
+    dbs: Databases,
 }
 
 impl Drop for Inner {
@@ -145,7 +148,10 @@ impl LmdbShardStore {
             WRITER_THREAD_NAME,
             WRITE_QUEUE_JOBS_MAX,
             BATCH_JOBS_MAX,
-            Committer { env, dbs },
+            Committer {
+                env: env.clone(),
+                dbs,
+            },
         )
         .map_err(|source| StoreError::SpawnThread {
             source: Arc::new(source),
@@ -155,6 +161,8 @@ impl LmdbShardStore {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 writer,
+                env,
+                dbs,
             }),
         })
     }
@@ -191,6 +199,7 @@ impl ShardStore for LmdbShardStore {
         shard: ShardId,
         owner: NodeId,
         epoch: Epoch,
+        scope: Scope,
     ) -> BoxFuture<'static, Result<Loaded, StoreError>> {
         let (reply, answer) = oneshot::channel();
         self.run(
@@ -198,10 +207,28 @@ impl ShardStore for LmdbShardStore {
                 shard,
                 owner,
                 epoch,
+                scope,
                 reply,
             },
             answer,
         )
+    }
+
+    fn read(
+        &self,
+        shard: ShardId,
+        epoch: Epoch,
+        key: Key,
+    ) -> BoxFuture<'static, Result<Option<Bytes>, StoreError>> {
+        // A read transaction on the caller's thread: LMDB readers never wait for the writer.
+        future::ready(read_record(
+            &self.inner.env,
+            self.inner.dbs,
+            shard,
+            epoch,
+            &key,
+        ))
+        .boxed()
     }
 
     fn commit(
@@ -264,6 +291,8 @@ pub(super) enum Job {
         owner: NodeId,
         /// The activation's epoch.
         epoch: Epoch,
+        /// What to load.
+        scope: Scope,
         /// Where the loaded state goes.
         reply: Reply<Loaded>,
     },
@@ -397,11 +426,12 @@ impl Committer {
                     shard,
                     owner,
                     epoch,
+                    scope,
                     reply,
                 } => Answer::Loaded(
                     reply,
                     step(&mut failure, || {
-                        self.activate(&mut txn, shard, owner, epoch)
+                        self.activate(&mut txn, shard, owner, epoch, scope)
                     }),
                 ),
                 Job::Commit {
@@ -442,8 +472,9 @@ impl Committer {
         shard: ShardId,
         owner: NodeId,
         epoch: Epoch,
+        scope: Scope,
     ) -> Result<Result<Loaded, StoreError>, StoreError> {
-        let previous = match self.read_fence(txn, shard)? {
+        let previous = match read_fence(self.dbs, txn, shard)? {
             Ok(previous) => previous,
             Err(corrupt) => return Ok(Err(corrupt)),
         };
@@ -454,7 +485,7 @@ impl Committer {
         let origin = Origin::node_local(previous, owner, epoch);
         let loaded = if origin.is_loaded() {
             // Read before anything is written, so a damaged record refuses the activation whole.
-            match self.load(txn, shard, origin)? {
+            match self.load(txn, shard, origin, scope)? {
                 Ok(loaded) => loaded,
                 Err(corrupt) => return Ok(Err(corrupt)),
             }
@@ -474,7 +505,7 @@ impl Committer {
         epoch: Epoch,
         batch: Batch,
     ) -> Result<Result<(), StoreError>, StoreError> {
-        let previous = match self.read_fence(txn, shard)? {
+        let previous = match read_fence(self.dbs, txn, shard)? {
             Ok(previous) => previous,
             Err(corrupt) => return Ok(Err(corrupt)),
         };
@@ -492,7 +523,7 @@ impl Committer {
         shard: ShardId,
         epoch: Epoch,
     ) -> Result<Result<(), StoreError>, StoreError> {
-        let previous = match self.read_fence(txn, shard)? {
+        let previous = match read_fence(self.dbs, txn, shard)? {
             Ok(previous) => previous,
             Err(corrupt) => return Ok(Err(corrupt)),
         };
@@ -500,26 +531,6 @@ impl Committer {
             Ok(fence) => self.write_fence(txn, shard, fence).map(Ok),
             Err(refusal) => Ok(Err(refusal)),
         }
-    }
-
-    /// The shard's fence; the inner `Err` is a record that does not decode.
-    fn read_fence(
-        &self,
-        txn: &RwTxn<'_>,
-        shard: ShardId,
-    ) -> Result<Result<Option<Fence>, StoreError>, StoreError> {
-        let bytes = self
-            .dbs
-            .fences
-            .get(txn, &shard)
-            .map_err(|source| StoreError::lmdb(Table::Fences, Verb::Read, source))?;
-        Ok(bytes
-            .map(codec::decode::<Fence>)
-            .transpose()
-            .map_err(|source| StoreError::CorruptFence {
-                shard,
-                source: Arc::new(source),
-            }))
     }
 
     fn write_fence(
@@ -542,9 +553,19 @@ impl Committer {
         txn: &RwTxn<'_>,
         shard: ShardId,
         origin: Origin,
+        scope: Scope,
     ) -> Result<Result<Loaded, StoreError>, StoreError> {
         let read_error = |source| StoreError::lmdb(Table::Records, Verb::Read, source);
         let mut loaded = Loaded::empty(origin);
+        if scope == Scope::State {
+            loaded.state = self
+                .dbs
+                .records
+                .get(txn, &record_key(shard, STATE_TAG, &[]))
+                .map_err(read_error)?
+                .map(Bytes::copy_from_slice);
+            return Ok(Ok(loaded));
+        }
         let records = self
             .dbs
             .records
@@ -629,6 +650,45 @@ impl Committer {
         }
         Ok(())
     }
+}
+
+/// The shard's fence; the inner `Err` is a record that does not decode.
+fn read_fence(
+    dbs: Databases,
+    txn: &RoTxn<'_, WithoutTls>,
+    shard: ShardId,
+) -> Result<Result<Option<Fence>, StoreError>, StoreError> {
+    let bytes = dbs
+        .fences
+        .get(txn, &shard)
+        .map_err(|source| StoreError::lmdb(Table::Fences, Verb::Read, source))?;
+    Ok(bytes
+        .map(codec::decode::<Fence>)
+        .transpose()
+        .map_err(|source| StoreError::CorruptFence {
+            shard,
+            source: Arc::new(source),
+        }))
+}
+
+/// [`ShardStore::read`]: the fence check and the record, in one read transaction.
+fn read_record(
+    env: &Env<WithoutTls>,
+    dbs: Databases,
+    shard: ShardId,
+    epoch: Epoch,
+    key: &Key,
+) -> Result<Option<Bytes>, StoreError> {
+    let txn = env
+        .read_txn()
+        .map_err(|source| StoreError::lmdb(Table::Environment, Verb::Begin, source))?;
+    let fence = read_fence(dbs, &txn, shard)??;
+    Fence::check_commit(fence, shard, epoch)?;
+    let record = dbs
+        .records
+        .get(&txn, &record_key(shard, RECORD_TAG, key.as_bytes()))
+        .map_err(|source| StoreError::lmdb(Table::Records, Verb::Read, source))?;
+    Ok(record.map(Bytes::copy_from_slice))
 }
 
 /// The `records` key of a shard's record: shard id (big-endian), tag, key.

@@ -10,7 +10,7 @@ use futures_util::future::{self, BoxFuture, FutureExt};
 
 use super::error::StoreError;
 use super::fence::{Fence, Origin};
-use super::{Batch, Change, Loaded, Locality, ShardStore};
+use super::{Batch, Change, Loaded, Locality, Scope, ShardStore};
 use crate::shard_map::{Epoch, Key, NodeId, ShardId};
 
 /// A shared, in-memory [`ShardStore`] (its [`Locality`] is [`Shared`](Locality::Shared)): clone
@@ -81,6 +81,7 @@ impl MemoryStore {
         shard: ShardId,
         owner: NodeId,
         epoch: Epoch,
+        scope: Scope,
     ) -> Result<Loaded, StoreError> {
         let mut shards = self.lock();
         let previous = shards.get(&shard).map(|entry| entry.fence);
@@ -103,8 +104,23 @@ impl MemoryStore {
         Ok(Loaded {
             origin,
             state: entry.state.clone(),
-            records: entry.records.clone(),
+            records: match scope {
+                Scope::All => entry.records.clone(),
+                Scope::State => BTreeMap::new(),
+            },
         })
+    }
+
+    fn read_now(
+        &self,
+        shard: ShardId,
+        epoch: Epoch,
+        key: &Key,
+    ) -> Result<Option<Bytes>, StoreError> {
+        let shards = self.lock();
+        let entry = shards.get(&shard);
+        Fence::check_commit(entry.map(|entry| entry.fence), shard, epoch)?;
+        Ok(entry.and_then(|entry| entry.records.get(key).cloned()))
     }
 
     fn commit_now(&self, shard: ShardId, epoch: Epoch, batch: Batch) -> Result<(), StoreError> {
@@ -150,8 +166,18 @@ impl ShardStore for MemoryStore {
         shard: ShardId,
         owner: NodeId,
         epoch: Epoch,
+        scope: Scope,
     ) -> BoxFuture<'static, Result<Loaded, StoreError>> {
-        future::ready(self.activate_now(shard, owner, epoch)).boxed()
+        future::ready(self.activate_now(shard, owner, epoch, scope)).boxed()
+    }
+
+    fn read(
+        &self,
+        shard: ShardId,
+        epoch: Epoch,
+        key: Key,
+    ) -> BoxFuture<'static, Result<Option<Bytes>, StoreError>> {
+        future::ready(self.read_now(shard, epoch, &key)).boxed()
     }
 
     fn commit(

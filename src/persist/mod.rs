@@ -31,20 +31,20 @@
 //! # Example
 //!
 //! ```
-//! use clusterfunk::persist::{Batch, MemoryStore, Origin, ShardStore, StoreError};
+//! use clusterfunk::persist::{Batch, MemoryStore, Origin, Scope, ShardStore, StoreError};
 //!
 //! # fn main() -> Result<(), StoreError> {
 //! # actix::System::new().block_on(async {
 //! let store = MemoryStore::new();
 //! // Node 1 activates shard 7 at epoch 3: the fence rises to 3, nothing is stored yet.
-//! let loaded = store.activate(7, 1, 3).await?;
+//! let loaded = store.activate(7, 1, 3, Scope::All).await?;
 //! assert_eq!(loaded.origin, Origin::New);
 //! let mut batch = Batch::new();
 //! batch.put("user-42", b"1".to_vec());
 //! store.commit(7, 3, batch).await?;
 //!
 //! // Node 2 takes the shard over at epoch 5 and loads what node 1 committed.
-//! let loaded = store.activate(7, 2, 5).await?;
+//! let loaded = store.activate(7, 2, 5, Scope::All).await?;
 //! assert_eq!(loaded.records.get(&b"user-42"[..]).map(|v| &v[..]), Some(&b"1"[..]));
 //!
 //! // Node 1, deposed, writes late with its old epoch: the store refuses it.
@@ -176,6 +176,17 @@ impl Batch {
     }
 }
 
+/// What [`ShardStore::activate`] loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The whole-shard record and every per-key record.
+    All,
+    /// The whole-shard record only: per-key records are read as they are needed
+    /// ([`ShardStore::read`]), so a shard with many keys activates in constant time and holds
+    /// only the keys its messages touched.
+    State,
+}
+
 /// What [`ShardStore::activate`] found for the shard.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Loaded {
@@ -210,7 +221,9 @@ impl Loaded {
 /// that follow into the next [`Batch`] (pipelining without reordering).
 pub trait ShardStore: Send + Sync + 'static {
     /// Raises the shard's fence to `epoch` and loads its state, in one atomic step, recording
-    /// `owner` as the node that activated it.
+    /// `owner` as the node that activated it. `scope` says what to load: every record
+    /// ([`Scope::All`]) or only the whole-shard record ([`Scope::State`]; per-key records are
+    /// then [`read`](Self::read) one by one).
     ///
     /// Refused with [`StoreError::Fenced`] if the fence is already above `epoch`, and with
     /// [`StoreError::EpochTaken`] if another node already activated the shard at `epoch`. An
@@ -221,7 +234,19 @@ pub trait ShardStore: Send + Sync + 'static {
         shard: ShardId,
         owner: NodeId,
         epoch: Epoch,
+        scope: Scope,
     ) -> BoxFuture<'static, Result<Loaded, StoreError>>;
+
+    /// Reads the per-key record of `key` as last committed (`None`: there is none), for the
+    /// activation of `epoch`: how state declared per key is loaded key by key, as messages
+    /// need it, after an activation with [`Scope::State`]. Refused like a commit (fenced, not
+    /// activated, released), so a deposed activation cannot read what a newer one wrote.
+    fn read(
+        &self,
+        shard: ShardId,
+        epoch: Epoch,
+        key: Key,
+    ) -> BoxFuture<'static, Result<Option<Bytes>, StoreError>>;
 
     /// Applies `batch` to the shard atomically, if the activation of `epoch` is still the
     /// current one: refused with [`StoreError::Fenced`] if the fence is above `epoch`,
@@ -252,8 +277,18 @@ impl<S: ShardStore + ?Sized> ShardStore for Arc<S> {
         shard: ShardId,
         owner: NodeId,
         epoch: Epoch,
+        scope: Scope,
     ) -> BoxFuture<'static, Result<Loaded, StoreError>> {
-        (**self).activate(shard, owner, epoch)
+        (**self).activate(shard, owner, epoch, scope)
+    }
+
+    fn read(
+        &self,
+        shard: ShardId,
+        epoch: Epoch,
+        key: Key,
+    ) -> BoxFuture<'static, Result<Option<Bytes>, StoreError>> {
+        (**self).read(shard, epoch, key)
     }
 
     fn commit(

@@ -12,7 +12,7 @@ use std::ops::{Deref, DerefMut};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{Batch, Loaded};
+use super::{Batch, Loaded, Scope};
 use crate::shard_map::Key;
 
 /// Why durable state could not be loaded or its changes collected.
@@ -57,10 +57,31 @@ pub trait DurableState: Send {
     /// message the shard handled; the batch commits before the message's reply is sent.
     fn take_changes(&mut self, batch: &mut Batch) -> Result<(), StateError>;
 
-    /// Adds the whole state to `batch`, as puts. Called when a planned move hands the shard to
-    /// a node that cannot read this node's store (a node-local store, or none): the next owner
-    /// commits it to its own store before it serves.
+    /// Adds the whole state to `batch`, as puts. Called when a planned move hands a shard that
+    /// has no store to the next owner (with a node-local store, the framework exports what the
+    /// store holds instead).
     fn export(&self, batch: &mut Batch) -> Result<(), StateError>;
+
+    /// What an activation loads: every record ([`Scope::All`], the default), or only the
+    /// whole-shard record ([`Scope::State`]), per-key records then being read before the
+    /// messages of their keys (see [`needs`](Self::needs)).
+    fn scope(&self) -> Scope {
+        Scope::All
+    }
+
+    /// Whether the record of `key` must be read from the store before a message for `key` is
+    /// handled. Asked only of a state activated with [`Scope::State`]. Default: `false`.
+    fn needs(&self, key: &Key) -> bool {
+        let _ = key;
+        false
+    }
+
+    /// Takes in the record of `key` as read from the store (`None`: it has none). Default:
+    /// ignores it.
+    fn insert_read(&mut self, key: &Key, record: Option<&[u8]>) -> Result<(), StateError> {
+        let _ = (key, record);
+        Ok(())
+    }
 }
 
 fn encode<T: Serialize>(value: &T, record: impl FnOnce() -> String) -> Result<Vec<u8>, StateError> {
@@ -163,6 +184,14 @@ where
 /// [`insert`](Self::insert) and [`remove`](Self::remove) mark the key changed, and the next
 /// commit writes (or deletes) only the changed keys.
 ///
+/// With a store, values load key by key: an activation loads none, and before each message the
+/// framework reads the record of the message's key if this activation has not seen it yet. So a
+/// shard holds in memory only the keys its messages touched since it activated, whatever the
+/// number of keys in the store, and a message sees **its own key's** value. The value of another
+/// key is there only if a message for that key came first ([`get`](Self::get) returns `None`
+/// otherwise); keep state that several keys share in a [`Durable`] instead. [`len`](Self::len)
+/// and [`iter`](Self::iter) cover the loaded keys.
+///
 /// ```
 /// use clusterfunk::persist::DurableMap;
 ///
@@ -173,6 +202,8 @@ where
 #[derive(Debug)]
 pub struct DurableMap<V> {
     values: HashMap<Key, V>,
+    /// Keys read from the store without a record, or removed: known to have no value.
+    absent: HashSet<Key>,
     changed: HashSet<Key>,
 }
 
@@ -180,6 +211,7 @@ impl<V> Default for DurableMap<V> {
     fn default() -> Self {
         DurableMap {
             values: HashMap::new(),
+            absent: HashSet::new(),
             changed: HashSet::new(),
         }
     }
@@ -206,6 +238,7 @@ impl<V> DurableMap<V> {
         V: Default,
     {
         let key = key.into();
+        self.absent.remove(&key);
         self.changed.insert(key.clone());
         self.values.entry(key).or_default()
     }
@@ -213,6 +246,7 @@ impl<V> DurableMap<V> {
     /// Sets the value of `key`, returning the previous one.
     pub fn insert(&mut self, key: impl Into<Key>, value: V) -> Option<V> {
         let key = key.into();
+        self.absent.remove(&key);
         self.changed.insert(key.clone());
         self.values.insert(key, value)
     }
@@ -222,8 +256,9 @@ impl<V> DurableMap<V> {
         let key = key.into();
         let previous = self.values.remove(&key);
         if previous.is_some() {
-            self.changed.insert(key);
+            self.changed.insert(key.clone());
         }
+        self.absent.insert(key);
         previous
     }
 
@@ -264,6 +299,7 @@ where
             values.insert(key.clone(), value);
         }
         self.values = values;
+        self.absent.clear();
         self.changed.clear();
         Ok(())
     }

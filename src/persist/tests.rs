@@ -22,7 +22,7 @@ async fn activate_ok(
     what: &str,
 ) -> Loaded {
     store
-        .activate(shard, owner, epoch)
+        .activate(shard, owner, epoch, Scope::All)
         .await
         .unwrap_or_else(|e| panic!("{what}: {e}"))
 }
@@ -108,6 +108,37 @@ async fn store_contract_suite(store: &dyn ShardStore) {
     a_release_ends_the_activation_and_hands_the_shard_over(store, 6).await;
     activation_below_the_fence_or_at_another_nodes_epoch_is_refused(store, 7).await;
     a_commit_without_its_activation_is_refused(store, 8).await;
+    a_state_scope_activation_loads_the_whole_shard_record_and_keys_are_read_one_by_one(store, 9)
+        .await;
+}
+
+async fn a_state_scope_activation_loads_the_whole_shard_record_and_keys_are_read_one_by_one(
+    store: &dyn ShardStore,
+    shard: ShardId,
+) {
+    activate_ok(store, shard, NODE_A, EPOCH_A, "A activates").await;
+    let mut first = batch(&[("k1", "one"), ("k2", "two")]);
+    first.put_state(b"whole".to_vec());
+    commit_ok(store, shard, EPOCH_A, first, "A commits").await;
+    let loaded = store
+        .activate(shard, NODE_A, EPOCH_A, Scope::State)
+        .await
+        .expect("A reactivates with the state only");
+    assert_eq!(loaded.state.as_deref(), Some(&b"whole"[..]));
+    assert!(loaded.records.is_empty(), "per-key records are not loaded");
+    let read = |key: &str, epoch| store.read(shard, epoch, Key::from(key));
+    assert_eq!(
+        read("k2", EPOCH_A).await.unwrap().as_deref(),
+        Some(&b"two"[..])
+    );
+    assert_eq!(read("k3", EPOCH_A).await.unwrap(), None, "no record");
+    // B takes the shard over: A's activation can no longer read.
+    activate_ok(store, shard, NODE_B, EPOCH_B, "B activates").await;
+    let deposed = read("k1", EPOCH_A).await;
+    assert!(
+        matches!(deposed, Err(StoreError::Fenced { fence: EPOCH_B, .. })),
+        "a deposed activation reads: {deposed:?}"
+    );
 }
 
 #[test]
@@ -163,7 +194,7 @@ async fn activation_raises_the_fence_and_loads_atomically(store: &dyn ShardStore
         activate_ok(store, shard, NODE_A, old, "A activates").await;
         let key = format!("round-{round}");
         let commit = store.commit(shard, old, batch(&[(&key, "a")]));
-        let activate = store.activate(shard, NODE_B, new);
+        let activate = store.activate(shard, NODE_B, new, Scope::All);
         let (committed, loaded) = if round % 2 == 0 {
             join(commit, activate).await
         } else {
@@ -187,7 +218,10 @@ async fn activation_raises_the_fence_and_loads_atomically(store: &dyn ShardStore
             }
             (Err(error), _) => panic!("round {round}: unexpected {error}"),
         }
-        let reloaded = store.activate(shard, NODE_B, new).await.expect("B reloads");
+        let reloaded = store
+            .activate(shard, NODE_B, new, Scope::All)
+            .await
+            .expect("B reloads");
         assert_eq!(
             records(&reloaded),
             records(&loaded),
@@ -390,7 +424,7 @@ async fn activation_below_the_fence_or_at_another_nodes_epoch_is_refused(
     shard: ShardId,
 ) {
     activate_ok(store, shard, NODE_B, EPOCH_B, "B activates").await;
-    let below = store.activate(shard, NODE_A, EPOCH_A).await;
+    let below = store.activate(shard, NODE_A, EPOCH_A, Scope::All).await;
     assert!(
         matches!(
             below,
@@ -402,7 +436,7 @@ async fn activation_below_the_fence_or_at_another_nodes_epoch_is_refused(
         ),
         "{below:?}"
     );
-    let taken = store.activate(shard, NODE_A, EPOCH_B).await;
+    let taken = store.activate(shard, NODE_A, EPOCH_B, Scope::All).await;
     assert!(
         matches!(
             taken,
@@ -541,7 +575,7 @@ fn lmdb_concurrent_commits_to_many_shards_all_land() {
         let activations = join_all(
             shards
                 .iter()
-                .map(|&shard| store.activate(shard, NODE_A, EPOCH_A)),
+                .map(|&shard| store.activate(shard, NODE_A, EPOCH_A, Scope::All)),
         )
         .await;
         assert!(activations.iter().all(Result::is_ok));
@@ -670,6 +704,7 @@ fn activate_job(
             shard,
             owner,
             epoch,
+            scope: Scope::All,
             reply,
         },
         answer,
@@ -700,7 +735,10 @@ fn lmdb_a_key_over_the_limit_is_refused_and_the_limit_itself_is_stored() {
     let dir = tempfile::tempdir().expect("temp dir");
     block_on(async {
         let store = open_lmdb(dir.path());
-        store.activate(0, NODE_A, EPOCH_A).await.expect("activates");
+        store
+            .activate(0, NODE_A, EPOCH_A, Scope::All)
+            .await
+            .expect("activates");
         let mut long = Batch::new();
         long.put(vec![7_u8; LmdbShardStore::KEY_BYTES_MAX + 1], b"v".to_vec());
         let refused = store.commit(0, EPOCH_A, long).await;
@@ -711,7 +749,10 @@ fn lmdb_a_key_over_the_limit_is_refused_and_the_limit_itself_is_stored() {
         let mut longest = Batch::new();
         longest.put(vec![7_u8; LmdbShardStore::KEY_BYTES_MAX], b"v".to_vec());
         commit_ok(&store, 0, EPOCH_A, longest, "a key at the limit is stored").await;
-        let loaded = store.activate(0, NODE_A, EPOCH_A).await.expect("reloads");
+        let loaded = store
+            .activate(0, NODE_A, EPOCH_A, Scope::All)
+            .await
+            .expect("reloads");
         assert_eq!(loaded.records.len(), 1);
     });
 }

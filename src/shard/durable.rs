@@ -279,6 +279,18 @@ pub(crate) fn unwrap(handoff: Handoff) -> Result<(Option<Handoff>, Option<Batch>
     Ok((user, carried))
 }
 
+/// Everything a store loaded, as a batch of puts to carry in a handoff.
+pub(crate) fn batch_of(loaded: Loaded) -> Batch {
+    let mut batch = Batch::new();
+    if let Some(state) = loaded.state {
+        batch.put_state(state);
+    }
+    for (key, value) in loaded.records {
+        batch.put(key, value);
+    }
+    batch
+}
+
 /// The state a carried batch (all puts) stands for, as if loaded from a store.
 pub(crate) fn loaded_from(batch: &Batch, origin: Origin) -> Loaded {
     let mut loaded = Loaded::empty(origin);

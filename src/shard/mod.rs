@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 
 use crate::codec::Handoff;
 use crate::error::Error;
-use crate::persist::{Batch, DurableState, Locality, Origin as PersistOrigin, ShardStore};
+use crate::persist::{Batch, DurableState, Locality, Origin as PersistOrigin, Scope, ShardStore};
 use crate::shard_map::{Epoch, Key, NodeId, ShardId};
 
 mod durable;
@@ -526,14 +526,18 @@ impl<H: ShardHandler> ShardActor<H> {
                     Some(store) => {
                         let epoch = activation_epoch
                             .ok_or_else(|| "the node stopped serving the shard".to_owned())?;
+                        let scope = state.scope();
                         let mut loaded = store
-                            .activate(shard, node_id, epoch)
+                            .activate(shard, node_id, epoch, scope)
                             .await
                             .map_err(|e| e.to_string())?;
                         if let (false, Some(carried)) = (loaded.origin.is_loaded(), carried) {
                             // A planned move from a node whose store this one cannot read: the
                             // state it carried becomes this store's before the shard serves.
                             loaded = durable::loaded_from(&carried, loaded.origin);
+                            if scope == Scope::State {
+                                loaded.records.clear();
+                            }
                             store
                                 .commit(shard, epoch, carried)
                                 .await
@@ -665,6 +669,48 @@ impl<H: ShardHandler> ShardActor<H> {
         }
     }
 
+    /// Reads the record of the message's key first when the handler's durable state loads key
+    /// by key and has not seen it yet, then handles the message.
+    fn serve_read<M>(&mut self, deliver: Deliver<M>, epoch: Epoch, ctx: &mut Context<Self>)
+    where
+        H: Handles<M>,
+        M: ShardMessage,
+    {
+        let needs = match (&self.durable, &mut self.slot) {
+            (Some(durable), Some(slot)) => slot
+                .handler
+                .durable()
+                .is_some_and(|state| state.needs(&deliver.key))
+                .then_some(durable.epoch),
+            _ => None,
+        };
+        let (Some(activation_epoch), Some(store)) = (needs, self.parts.store.clone()) else {
+            return self.serve(deliver, epoch, ctx);
+        };
+        let read = store.read(self.shard(), activation_epoch, deliver.key.clone());
+        ctx.wait(read.into_actor(self).map(move |record, actor, ctx| {
+            let taken = record.map_err(|e| e.to_string()).and_then(|record| {
+                let Some(state) = actor.slot.as_mut().and_then(|slot| slot.handler.durable())
+                else {
+                    return Ok(());
+                };
+                state
+                    .insert_read(&deliver.key, record.as_deref())
+                    .map_err(|e| e.to_string())
+            });
+            match taken {
+                Ok(()) => actor.serve(deliver, epoch, ctx),
+                Err(reason) => {
+                    tracing::error!(shard = actor.shard(), %reason, "reading a key's durable state failed");
+                    let _ = deliver.reply.send(Err(Undelivered::Failed(Error::ShardFailed {
+                        shard: actor.shard(),
+                        reason: format!("the key's durable state could not be read: {reason}"),
+                    })));
+                }
+            }
+        }));
+    }
+
     /// Handles one message with the handler in place (activated, serving at `epoch`).
     fn serve<M>(&mut self, deliver: Deliver<M>, epoch: Epoch, ctx: &mut Context<Self>)
     where
@@ -771,7 +817,7 @@ where
             self.slot = None;
         }
         if self.slot.is_some() {
-            return self.serve(deliver, epoch, ctx);
+            return self.serve_read(deliver, epoch, ctx);
         }
         let Some(activation) = self.activation() else {
             let _ = deliver
@@ -830,28 +876,67 @@ impl<H: ShardHandler> ShardActor<H> {
     /// shard in its store (the next owner loads what it released); then the snapshot goes to
     /// the router's ledger.
     fn retire(&mut self, ctx: &mut Context<Self>) {
-        let handoff = self.deactivate();
-        let Some(durable) = self.durable.take() else {
+        let (handoff, carry) = self.deactivate();
+        let durable = self.durable.take();
+        if carry.is_none() && durable.is_none() {
             return self.report_retired(handoff);
-        };
+        }
         let shard = self.shard();
+        let node_id = self.parts.router.upgrade().map(|router| router.node_id());
         let store = self.parts.store.clone();
         let finish = async move {
-            if let Some(error) = durable.commits.drain().await {
-                tracing::warn!(shard, %error, "a durable shard's last commit failed before its handoff; its unacknowledged changes are not handed over");
+            let mut carried = None;
+            if let Some(durable) = &durable {
+                if let Some(error) = durable.commits.drain().await {
+                    tracing::warn!(shard, %error, "a durable shard's last commit failed before its handoff; its unacknowledged changes are not handed over");
+                }
             }
-            if let Some(store) = store {
+            match (carry, &durable, &store, node_id) {
+                (Some(Carry::Memory(batch)), _, _, _) => carried = Some(batch),
+                (Some(Carry::Store), Some(durable), Some(store), Some(node_id)) => {
+                    // The next owner cannot read this store: hand over everything it holds (an
+                    // activation at the same epoch by the same node loads it again).
+                    match store
+                        .activate(shard, node_id, durable.epoch, Scope::All)
+                        .await
+                    {
+                        Ok(loaded) => carried = Some(durable::batch_of(loaded)),
+                        Err(error) => {
+                            tracing::error!(shard, %error, "a durable shard's stored state could not be read for its handoff; the next owner starts without it")
+                        }
+                    }
+                }
+                _ => {}
+            }
+            if let (Some(durable), Some(store)) = (&durable, &store) {
                 if let Err(error) = store.release(shard, durable.epoch).await {
                     tracing::warn!(shard, %error, "releasing a durable shard failed; the next owner's activation fences this node anyway");
+                }
+            }
+            match durable::wrap(handoff, carried).map(Some) {
+                Ok(handoff) => handoff,
+                Err(error) => {
+                    tracing::error!(shard, %error, "a durable shard's handoff could not be encoded; no handoff");
+                    None
                 }
             }
         };
         ctx.wait(
             finish
                 .into_actor(self)
-                .map(move |(), actor, _ctx| actor.report_retired(handoff)),
+                .map(move |handoff, actor, _ctx| actor.report_retired(handoff)),
         );
     }
+}
+
+/// What a retiring durable shard hands over beside its handler's snapshot.
+enum Carry {
+    /// Only the snapshot: the next owner reads the shared store.
+    Nothing,
+    /// The state as exported from memory (a handler without a store).
+    Memory(Batch),
+    /// Everything this node's store holds for the shard (a node-local store).
+    Store,
 }
 
 impl<H: ShardHandler> ShardActor<H> {
@@ -861,42 +946,32 @@ impl<H: ShardHandler> ShardActor<H> {
         }
     }
 
-    /// Runs `on_deactivate` and returns the snapshot to hand over. A shard that was restored
-    /// but never activated (no message reached it) hands over the snapshot it was given. A
-    /// durable shard's snapshot becomes an envelope that also carries its whole state when the
-    /// next owner cannot read this node's store.
-    fn deactivate(&mut self) -> Option<Handoff> {
+    /// Runs `on_deactivate` and returns the snapshot to hand over, and for a durable shard what
+    /// to carry beside it. A shard that was restored but never activated (no message reached
+    /// it) hands over the snapshot it was given.
+    fn deactivate(&mut self) -> (Option<Handoff>, Option<Carry>) {
         let Some((mut slot, handoff)) = self.wind_down() else {
-            return self.restore.take();
+            return (self.restore.take(), None);
         };
-        let shared = self
-            .parts
-            .store
-            .as_ref()
-            .is_some_and(|store| store.locality() == Locality::Shared);
+        let locality = self.parts.store.as_ref().map(|store| store.locality());
         let Some(state) = slot.handler.durable() else {
-            return handoff;
+            return (handoff, None);
         };
-        let carried = match shared {
-            true => None,
-            false => {
+        let carry = match locality {
+            Some(Locality::Shared) => Carry::Nothing,
+            Some(_) if self.durable.is_some() => Carry::Store,
+            _ => {
                 let mut batch = Batch::new();
                 match state.export(&mut batch) {
-                    Ok(()) => Some(batch),
+                    Ok(()) => Carry::Memory(batch),
                     Err(error) => {
-                        tracing::error!(shard = self.shard(), %error, "a durable shard's state could not be exported for its handoff; the next owner starts from its own store");
-                        None
+                        tracing::error!(shard = self.shard(), %error, "a durable shard's state could not be exported for its handoff; the next owner starts without it");
+                        Carry::Nothing
                     }
                 }
             }
         };
-        match durable::wrap(handoff, carried) {
-            Ok(envelope) => Some(envelope),
-            Err(error) => {
-                tracing::error!(shard = self.shard(), %error, "a durable shard's handoff could not be encoded; no handoff");
-                None
-            }
-        }
+        (handoff, Some(carry))
     }
 
     /// Takes the handler out and runs `on_deactivate`; a durable shard's changes from it join
