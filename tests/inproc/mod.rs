@@ -5,6 +5,8 @@
 //! The harness can kill a node (stop its `System` without any graceful shutdown, as a crash
 //! would), restart it from its own disk, pause it (freeze its thread), and partition nodes or
 //! blackhole single directions of links with the transport's fault injector (`Node::faults`).
+//! The nodes run [`Registers`] by default; [`TestCluster::start_with_stores`] runs another
+//! handler and gives each node a shard store (for handlers with durable state).
 //! A shared [`Recorder`] receives every node's [`ServeEvent`]s, and the
 //! checks run at the end of each test: single owner ([`TestCluster::check_single_owner`]),
 //! liveness ([`TestCluster::check_liveness`]) and convergence
@@ -20,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::hash::Hasher;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
@@ -28,13 +30,15 @@ use std::time::{Duration, Instant};
 
 use actix_rt::{ArbiterHandle, System};
 use clusterfunk::admin::{AdminRequest, AdminResponse, StatusReport};
+use clusterfunk::persist::ShardStore;
 use clusterfunk::prelude::*;
+use clusterfunk::shard::Handles;
 use clusterfunk::shard_map::{shard_for, Epoch};
 use clusterfunk::storage::StoreOptions;
 use clusterfunk::testing::{self, reserve_port_on_hosts, PortReservation};
 use clusterfunk::NodeInfo;
 use clusterfunk::{
-    ConsensusConfig, LeaseConfig, NodeConfig, ServeEvent, ServeEventKind, ServeObserver, StartError,
+    ConsensusConfig, LeaseConfig, NodeConfig, ServeEvent, ServeEventKind, ServeObserver,
 };
 use serde_bytes::ByteBuf;
 use tempfile::TempDir;
@@ -63,6 +67,10 @@ const POLL_INTERVAL: Duration = Duration::from_millis(15);
 /// Bound on starting one node (including retries while the old incarnation releases its data
 /// dir and port).
 const START_BOUND: Duration = Duration::from_secs(20);
+
+/// Bound on a [`TestCluster::freeze`]: a frozen node thaws by itself after this, so a test that
+/// forgets to thaw it (or fails while it is frozen) still ends.
+const FREEZE_MAX: Duration = Duration::from_secs(120);
 
 /// Keys starting with this make the first `on_restore` of their shard's snapshot panic; the
 /// key's value is a token that [`restore_panicked`] reports on.
@@ -592,9 +600,9 @@ fn single_owner_violations(
 // ---------------------------------------------------------------------------------------------
 
 /// A running incarnation of a node.
-struct Running {
+struct Running<H: ShardHandler> {
     /// The node handle (cloned out of the node's thread).
-    node: Node<Registers>,
+    node: Node<H>,
     /// The node's actix `System`: stopping it kills the node.
     system: System,
     /// The node's arbiter: requests are spawned there, so they run on the node's own thread.
@@ -604,15 +612,18 @@ struct Running {
 }
 
 /// One node of a [`TestCluster`], running or not.
-struct Slot {
+struct Slot<H: ShardHandler> {
     /// Its node id.
     id: NodeId,
     /// Its address `127.0.0.<id>:<cluster port>`.
     addr: SocketAddr,
     /// Its LMDB data dir.
     data_dir: PathBuf,
+    /// The directory its shard store may keep its data in (see [`StoreFactory`]), beside the
+    /// data dir and never inside it.
+    store_dir: PathBuf,
     /// The running incarnation, if any.
-    running: Mutex<Option<Running>>,
+    running: Mutex<Option<Running<H>>>,
     /// How often it was started.
     starts: AtomicU32,
 }
@@ -628,8 +639,25 @@ pub enum SendError {
     Hung,
 }
 
-/// N real nodes in this process, their recorder, and the faults injected between them.
-pub struct TestCluster {
+/// A node frozen by [`TestCluster::freeze`]: it thaws when this is thawed or dropped (also when
+/// the test fails while it is frozen).
+// Only the durable-state tests use it.
+#[allow(dead_code)]
+pub struct Frozen {
+    /// Dropping it ends the node thread's blocking wait.
+    _thaw: std::sync::mpsc::Sender<()>,
+}
+
+impl Frozen {
+    /// Lets the node run again.
+    // Only the durable-state tests use it.
+    #[allow(dead_code)]
+    pub fn thaw(self) {}
+}
+
+/// N real nodes in this process running handler `H` ([`Registers`] unless the test chose
+/// another), their recorder, and the faults injected between them.
+pub struct TestCluster<H: ShardHandler = Registers> {
     /// The test's name, for messages.
     name: String,
     /// Holds the data dirs; kept on disk when the test fails.
@@ -638,7 +666,7 @@ pub struct TestCluster {
     /// [`reserve_port_on_hosts`]), held until the cluster drops.
     _port: PortReservation,
     /// The nodes, node id `i` at index `i - 1`.
-    slots: Vec<Slot>,
+    slots: Vec<Slot<H>>,
     /// Receives every node's serve events.
     recorder: Arc<Recorder>,
     /// The blocked directed links `(from, to)`: `from`'s requests to `to` fail. Re-applied to a
@@ -655,10 +683,19 @@ pub struct TestCluster {
     /// Adjusts every node's configuration after the harness set its own timings
     /// ([`TestCluster::start_with`]); applied at every start and restart.
     configure: Configure,
+    /// Makes each node's shard store at every start and restart; `None`: the nodes have none.
+    stores: Option<StoreFactory>,
 }
 
 /// A change to the harness's node configuration, e.g. a shorter `deactivate_timeout`.
 pub type Configure = Arc<dyn Fn(&mut NodeConfig) + Send + Sync>;
+
+/// Makes the shard store of node `id` for one incarnation of it, given a directory of the node's
+/// own that outlives its restarts (for a store on disk); called on the node's thread before the
+/// node starts. An `Err` fails that start attempt, which the harness retries (a killed
+/// incarnation may still hold the directory open for a moment).
+pub type StoreFactory =
+    Arc<dyn Fn(NodeId, &Path) -> Result<Arc<dyn ShardStore>, String> + Send + Sync>;
 
 impl TestCluster {
     /// Starts `nodes` nodes (ids `1..=nodes`) that bootstrap one cluster together, and waits
@@ -674,6 +711,35 @@ impl TestCluster {
         nodes: usize,
         configure: impl Fn(&mut NodeConfig) + Send + Sync + 'static,
     ) -> Arc<TestCluster> {
+        TestCluster::launch_all(name, nodes, Arc::new(configure), None).await
+    }
+}
+
+impl<H: ShardHandler + Default> TestCluster<H> {
+    /// Starts `nodes` nodes running handler `H`, like [`TestCluster::start_with`], where node
+    /// `id` keeps the durable state of its shards in the store `stores(id, dir)` returns (called
+    /// again at every restart; `dir` is the node's own and survives restarts). Give every node a
+    /// clone of one [`MemoryStore`](clusterfunk::persist::MemoryStore) for a store they share,
+    /// or open an [`LmdbShardStore`](clusterfunk::persist::LmdbShardStore) in `dir` for one
+    /// local to the node.
+    // Only the durable-state tests use it.
+    #[allow(dead_code)]
+    pub async fn start_with_stores(
+        name: &str,
+        nodes: usize,
+        configure: impl Fn(&mut NodeConfig) + Send + Sync + 'static,
+        stores: impl Fn(NodeId, &Path) -> Result<Arc<dyn ShardStore>, String> + Send + Sync + 'static,
+    ) -> Arc<TestCluster<H>> {
+        TestCluster::launch_all(name, nodes, Arc::new(configure), Some(Arc::new(stores))).await
+    }
+
+    /// Starts the nodes of a new cluster and waits until they serve under one map.
+    async fn launch_all(
+        name: &str,
+        nodes: usize,
+        configure: Configure,
+        stores: Option<StoreFactory>,
+    ) -> Arc<TestCluster<H>> {
         init_logging();
         let dir = tempfile::Builder::new()
             .prefix(&format!("clusterfunk-{name}-"))
@@ -688,6 +754,7 @@ impl TestCluster {
                 id,
                 addr: node_addr(id, port),
                 data_dir: dir.path().join(format!("node-{id}")),
+                store_dir: dir.path().join(format!("node-{id}-store")),
                 running: Mutex::new(None),
                 starts: AtomicU32::new(0),
             })
@@ -705,7 +772,8 @@ impl TestCluster {
             delayed: Mutex::new(BTreeMap::new()),
             blackholed: Mutex::new(BTreeSet::new()),
             keys,
-            configure: Arc::new(configure),
+            configure,
+            stores,
         });
         println!(
             "{name}: {nodes} nodes on 127.0.0.1..={nodes}:{port}, data in {}",
@@ -751,7 +819,7 @@ impl TestCluster {
     }
 
     /// The handle of node `id`, if it runs.
-    pub fn node(&self, id: NodeId) -> Option<Node<Registers>> {
+    pub fn node(&self, id: NodeId) -> Option<Node<H>> {
         lock(&self.slot(id).running)
             .as_ref()
             .map(|r| r.node.clone())
@@ -808,7 +876,24 @@ impl TestCluster {
     pub async fn send<M>(&self, id: NodeId, key: &str, msg: M) -> Result<M::Reply, SendError>
     where
         M: ShardMessage,
-        Registers: clusterfunk::shard::Handles<M>,
+        H: Handles<M>,
+    {
+        self.send_within(id, key, msg, SEND_BOUND).await
+    }
+
+    /// [`TestCluster::send`], waiting at most `bound` instead of [`SEND_BOUND`] before it calls
+    /// the request hung: for a request through a node the test froze, whose node-side timeout
+    /// cannot run until the node thaws.
+    pub async fn send_within<M>(
+        &self,
+        id: NodeId,
+        key: &str,
+        msg: M,
+        bound: Duration,
+    ) -> Result<M::Reply, SendError>
+    where
+        M: ShardMessage,
+        H: Handles<M>,
     {
         let (node, arbiter) = {
             let running = lock(&self.slot(id).running);
@@ -826,7 +911,7 @@ impl TestCluster {
         if !spawned {
             return Err(SendError::NotRunning);
         }
-        match tokio::time::timeout(SEND_BOUND, answer).await {
+        match tokio::time::timeout(bound, answer).await {
             Ok(Ok(Ok(reply))) => Ok(reply),
             Ok(Ok(Err(error))) => Err(SendError::Node(error)),
             // The node's runtime dropped the request: it was killed meanwhile.
@@ -948,6 +1033,33 @@ impl TestCluster {
         }
     }
 
+    /// Freezes node `id` until the returned [`Frozen`] is thawed or dropped (at most
+    /// [`FREEZE_MAX`]), as [`TestCluster::pause`] does for a fixed time: its thread blocks, so
+    /// its raft, lease, transport and shard tasks (and a durable shard's commits) all stand
+    /// still while its clock runs on. Returns once the freeze has begun; `None` when the node is
+    /// not running.
+    // Only the durable-state tests use it.
+    #[allow(dead_code)]
+    pub async fn freeze(&self, id: NodeId) -> Option<Frozen> {
+        let arbiter = lock(&self.slot(id).running)
+            .as_ref()
+            .map(|r| r.arbiter.clone())?;
+        let (thaw, thawed) = std::sync::mpsc::channel::<()>();
+        let (began, began_rx) = oneshot::channel::<()>();
+        let spawned = arbiter.spawn(async move {
+            let _ = began.send(());
+            // Deliberately blocking: this is the freeze. It ends when the sender is dropped.
+            let _ = thawed.recv_timeout(FREEZE_MAX);
+        });
+        if !spawned {
+            return None;
+        }
+        match tokio::time::timeout(DEADLINE, began_rx).await {
+            Ok(Ok(())) => Some(Frozen { _thaw: thaw }),
+            _ => None,
+        }
+    }
+
     /// Cuts every link between the sets `a` and `b`, both ways.
     pub fn partition(&self, a: &[NodeId], b: &[NodeId]) {
         for &x in a {
@@ -1050,52 +1162,6 @@ impl TestCluster {
         (ids.contains(&leader) && self.status(leader)?.raft_state == "leader").then_some(leader)
     }
 
-    /// Checks that every shard is served again: a `Get` for a key of every shard, through every
-    /// running node, must succeed within [`LIVENESS_BOUND`] (retrying on errors).
-    pub async fn check_liveness(&self) {
-        let started = Instant::now();
-        let deadline = started + LIVENESS_BOUND;
-        let probes = self.running_ids().into_iter().flat_map(|id| {
-            (0..SHARD_COUNT).map(move |shard| async move {
-                let key = self.key_of(shard);
-                let mut last = None;
-                let mut attempts = 0u32;
-                while Instant::now() < deadline && attempts < 10_000 {
-                    attempts += 1;
-                    match self.send(id, key, Get).await {
-                        Ok(served) => {
-                            assert_eq!(served.shard, shard, "key {key} served by the wrong shard");
-                            return Ok(());
-                        }
-                        Err(error) => last = Some(error),
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(format!(
-                    "shard {shard} (key {key}) through node {id}: {attempts} attempts, last error {last:?}"
-                ))
-            })
-        });
-        let failures: Vec<String> = futures_util::future::join_all(probes)
-            .await
-            .into_iter()
-            .filter_map(Result::err)
-            .collect();
-        assert!(
-            failures.is_empty(),
-            "{}: liveness: {} (node, shard) pairs were not served within {LIVENESS_BOUND:?} after the faults healed:\n  {}\n{}",
-            self.name,
-            failures.len(),
-            failures.iter().take(20).cloned().collect::<Vec<_>>().join("\n  "),
-            self.report()
-        );
-        println!(
-            "{}: liveness: every shard served through every node after {:?}",
-            self.name,
-            started.elapsed()
-        );
-    }
-
     /// Waits until every running node holds the same map (epoch and owners), they agree on the
     /// leader, and no member is down and no shard moving; returns the map.
     pub async fn wait_converged(&self) -> (Epoch, Vec<NodeId>) {
@@ -1144,23 +1210,6 @@ impl TestCluster {
         summary
     }
 
-    /// The end of every test: heals every link, restarts every killed node, then checks
-    /// liveness, convergence and the single-owner rule. Returns the converged map.
-    pub async fn heal_and_check(&self, context: &str) -> (Epoch, Vec<NodeId>) {
-        self.heal();
-        for id in self.ids() {
-            if lock(&self.slot(id).running).is_none() {
-                self.restart(id).await;
-            }
-        }
-        self.check_liveness().await;
-        let map = self.wait_converged().await;
-        // Once more under the final map, so the checker also sees every shard served there.
-        self.check_liveness().await;
-        self.check_single_owner(context);
-        map
-    }
-
     /// Every node's state and the blocked links, for failure messages.
     pub fn report(&self) -> String {
         let mut report = format!(
@@ -1195,7 +1244,7 @@ impl TestCluster {
         self.slot(id).data_dir.clone()
     }
 
-    fn slot(&self, id: NodeId) -> &Slot {
+    fn slot(&self, id: NodeId) -> &Slot<H> {
         self.slots
             .iter()
             .find(|slot| slot.id == id)
@@ -1231,14 +1280,16 @@ impl TestCluster {
         let mut refusals = Vec::new();
         let running = loop {
             attempt += 1;
-            match spawn_node(
+            match spawn_node::<H>(NodeSetup {
                 id,
-                slot.addr,
-                slot.data_dir.clone(),
-                members.clone(),
-                self.recorder.clone(),
-                self.configure.clone(),
-            )
+                addr: slot.addr,
+                data_dir: slot.data_dir.clone(),
+                store_dir: slot.store_dir.clone(),
+                members: members.clone(),
+                recorder: self.recorder.clone(),
+                configure: self.configure.clone(),
+                stores: self.stores.clone(),
+            })
             .await
             {
                 Ok(running) => break running,
@@ -1291,7 +1342,73 @@ impl TestCluster {
     }
 }
 
-impl Drop for TestCluster {
+/// The checks that probe every shard with [`Get`]: for handlers that answer it.
+impl<H: Handles<Get> + Default> TestCluster<H> {
+    /// Checks that every shard is served again: a `Get` for a key of every shard, through every
+    /// running node, must succeed within [`LIVENESS_BOUND`] (retrying on errors).
+    pub async fn check_liveness(&self) {
+        let started = Instant::now();
+        let deadline = started + LIVENESS_BOUND;
+        let probes = self.running_ids().into_iter().flat_map(|id| {
+            (0..SHARD_COUNT).map(move |shard| async move {
+                let key = self.key_of(shard);
+                let mut last = None;
+                let mut attempts = 0u32;
+                while Instant::now() < deadline && attempts < 10_000 {
+                    attempts += 1;
+                    match self.send(id, key, Get).await {
+                        Ok(served) => {
+                            assert_eq!(served.shard, shard, "key {key} served by the wrong shard");
+                            return Ok(());
+                        }
+                        Err(error) => last = Some(error),
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(format!(
+                    "shard {shard} (key {key}) through node {id}: {attempts} attempts, last error {last:?}"
+                ))
+            })
+        });
+        let failures: Vec<String> = futures_util::future::join_all(probes)
+            .await
+            .into_iter()
+            .filter_map(Result::err)
+            .collect();
+        assert!(
+            failures.is_empty(),
+            "{}: liveness: {} (node, shard) pairs were not served within {LIVENESS_BOUND:?} after the faults healed:\n  {}\n{}",
+            self.name,
+            failures.len(),
+            failures.iter().take(20).cloned().collect::<Vec<_>>().join("\n  "),
+            self.report()
+        );
+        println!(
+            "{}: liveness: every shard served through every node after {:?}",
+            self.name,
+            started.elapsed()
+        );
+    }
+
+    /// The end of every test: heals every link, restarts every killed node, then checks
+    /// liveness, convergence and the single-owner rule. Returns the converged map.
+    pub async fn heal_and_check(&self, context: &str) -> (Epoch, Vec<NodeId>) {
+        self.heal();
+        for id in self.ids() {
+            if lock(&self.slot(id).running).is_none() {
+                self.restart(id).await;
+            }
+        }
+        self.check_liveness().await;
+        let map = self.wait_converged().await;
+        // Once more under the final map, so the checker also sees every shard served there.
+        self.check_liveness().await;
+        self.check_single_owner(context);
+        map
+    }
+}
+
+impl<H: ShardHandler> Drop for TestCluster<H> {
     fn drop(&mut self) {
         for slot in &self.slots {
             if let Some(running) = lock(&slot.running).take() {
@@ -1314,22 +1431,52 @@ impl Drop for TestCluster {
     }
 }
 
-/// Starts one node on a new thread with its own `System` and returns its handles once started.
-async fn spawn_node(
+/// What one incarnation of a node is started from.
+struct NodeSetup {
+    /// Its node id.
     id: NodeId,
+    /// Its address.
     addr: SocketAddr,
+    /// Its LMDB data dir.
     data_dir: PathBuf,
+    /// The directory its shard store may use.
+    store_dir: PathBuf,
+    /// The cluster's initial members.
     members: Vec<(NodeId, NodeInfo)>,
+    /// Receives its serve events.
     recorder: Arc<Recorder>,
+    /// The test's change to its configuration.
     configure: Configure,
-) -> Result<Running, String> {
+    /// Makes its shard store, if it has one.
+    stores: Option<StoreFactory>,
+}
+
+/// Starts one node on a new thread with its own `System` and returns its handles once started.
+async fn spawn_node<H: ShardHandler + Default>(setup: NodeSetup) -> Result<Running<H>, String> {
+    let NodeSetup {
+        id,
+        addr,
+        data_dir,
+        store_dir,
+        members,
+        recorder,
+        configure,
+        stores,
+    } = setup;
     let (started, started_rx) =
-        oneshot::channel::<Result<(Node<Registers>, System, ArbiterHandle), StartError>>();
+        oneshot::channel::<Result<(Node<H>, System, ArbiterHandle), String>>();
     let thread = std::thread::Builder::new()
         .name(format!("node-{id}"))
         .spawn(move || {
             let runner = System::new();
             let node = runner.block_on(async move {
+                let store = match &stores {
+                    Some(stores) => Some(
+                        stores(id, &store_dir)
+                            .map_err(|e| format!("open node {id}'s shard store: {e}"))?,
+                    ),
+                    None => None,
+                };
                 let mut config = NodeConfig {
                     node_id: id,
                     shard_count: SHARD_COUNT,
@@ -1348,7 +1495,7 @@ async fn spawn_node(
                     ..NodeConfig::default()
                 };
                 configure(&mut config);
-                Cluster::builder()
+                let builder = Cluster::builder()
                     .config(config)
                     .listen(addr)
                     .data_dir(data_dir)
@@ -1361,9 +1508,12 @@ async fn spawn_node(
                     .insecure()
                     .initial_members(members)
                     .observer(recorder)
-                    .handler::<Registers>()
-                    .start()
-                    .await
+                    .handler::<H>();
+                let builder = match store {
+                    Some(store) => builder.store(store),
+                    None => builder,
+                };
+                builder.start().await.map_err(|e| e.to_string())
             });
             match node {
                 Ok(node) => {
@@ -1388,7 +1538,7 @@ async fn spawn_node(
         }),
         Ok(Ok(Err(error))) => {
             let _ = thread.join();
-            Err(error.to_string())
+            Err(error)
         }
         Ok(Err(_)) => Err("the node's thread ended without starting it".into()),
         Err(_) => Err(format!("the node did not start within {START_BOUND:?}")),
