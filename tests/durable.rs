@@ -23,8 +23,8 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use clusterfunk::persist::{
-    Batch, DurableMap, DurableState, LmdbShardStore, Loaded, Locality, MemoryStore, ShardStore,
-    StoreError,
+    Batch, DurableMap, DurableState, LmdbShardStore, Loaded, Locality, MemoryStore, Scope,
+    ShardStore, StoreError,
 };
 use clusterfunk::prelude::*;
 use clusterfunk::shard_map::Epoch;
@@ -284,9 +284,19 @@ impl ShardStore for FaultyStore {
         shard: ShardId,
         owner: NodeId,
         epoch: Epoch,
+        scope: Scope,
     ) -> BoxFuture<'static, Result<Loaded, StoreError>> {
         self.faults.lock().activations.push((owner, shard, epoch));
-        self.inner.activate(shard, owner, epoch)
+        self.inner.activate(shard, owner, epoch, scope)
+    }
+
+    fn read(
+        &self,
+        shard: ShardId,
+        epoch: Epoch,
+        key: Key,
+    ) -> BoxFuture<'static, Result<Option<bytes::Bytes>, StoreError>> {
+        self.inner.read(shard, epoch, key)
     }
 
     fn commit(
@@ -497,7 +507,7 @@ async fn wait_arrived<H: ShardHandler + Default>(
 async fn stored_values(store: &MemoryStore, shard: ShardId) -> DurableMap<u64> {
     let epoch = store.fence(shard).map_or(0, |fence| fence.epoch + 1);
     let loaded = store
-        .activate(shard, READER, epoch)
+        .activate(shard, READER, epoch, Scope::All)
         .await
         .expect("the reader's activation is above the fence");
     let mut values = DurableMap::default();
@@ -1182,7 +1192,7 @@ async fn an_async_on_activate_runs_before_the_first_message() {
     // A value committed by an earlier owner (at epoch 0, below any map's).
     let memory = MemoryStore::new();
     memory
-        .activate(WARM_UP_SHARD, READER, 0)
+        .activate(WARM_UP_SHARD, READER, 0, Scope::All)
         .await
         .expect("a new shard activates");
     let mut seed = DurableMap::<u64>::default();
