@@ -52,11 +52,12 @@
 //!   shard actor, the shard's commit task, the store's writer thread) does not involve raft, so
 //!   a standalone node measures all of it; and in this process the node and its floor share the
 //!   disk, the directory and the thread layout (requesters on one thread, the LMDB writer on
-//!   another). Every shard is activated (one read each, an LMDB write of its own) before the
-//!   warm-up. At the end every key is read back through the node, then again through a second
-//!   standalone node on the reopened store (a restart in place, which loads what was
-//!   committed), and each sum must equal the acknowledged increments, warm-up included (up to
-//!   the failed increments, whose outcome is unknown): the scenario fails otherwise.
+//!   another). Every shard is activated before the warm-up (a read each: an activation writes
+//!   the shard's fence, which the measurement should not include). At the end every key is
+//!   read back through the node, then again through a second standalone node on the reopened
+//!   store (a restart in place, which loads what was committed), and each sum must equal the
+//!   acknowledged increments, warm-up included (up to the failed increments, whose outcome is
+//!   unknown): the scenario fails otherwise.
 //! - `raw_lmdb`: the floor of `durable`, with no framework: the same requesters (on this
 //!   process's runtime) increment the same keys in an LMDB environment of their own, opened with
 //!   heed as the store opens its own (1 GiB map, fsync on), through one writer thread that takes
@@ -116,7 +117,10 @@
 //! `raw_actix`, this process (the echo server's thread included) for `raw_tcp`, this process
 //! (its node or its writer thread included) for `durable` and `raw_lmdb`. `durable` and
 //! `raw_lmdb` wait for fsyncs, so their throughput is the disk's as much as the code's: their
-//! ratio is what the framework keeps of what LMDB can do with that disk. The machine these numbers come from has 2
+//! ratio is what the framework keeps of what LMDB can do with that disk. On a shared virtual
+//! disk an fsync can take 0.2 ms one second and 4 ms the next, and the two scenarios run one
+//! after the other: take the median ratio of several runs. With the temporary directory on
+//! tmpfs (`TMPDIR=/dev/shm`) the fsyncs cost nothing and the ratio shows the CPU cost alone. The machine these numbers come from has 2
 //! cores shared by the load generator, the echo server and every node: compare scenarios within
 //! one run (the ratios), not absolute figures across runs; and whether the processes wake each
 //! other across the two cores or take turns on one changes the network ratios by up to 2 ×
