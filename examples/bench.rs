@@ -4,8 +4,10 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--nodes 3] [--concurrency 16] [--seconds 5]
-//!     [--scenarios local,raw_actix,forwarded,client,raw_tcp,failover,planned] [--json FILE]
+//!     [--scenarios local,raw_actix,forwarded,client,raw_tcp,durable,raw_lmdb,failover,planned]
+//!     [--json FILE]
 //! cargo run --release --example bench -- --scenarios freeze,partition [--freeze-seconds 4]
+//! cargo run --release --example bench -- --scenarios durable,raw_lmdb
 //! ```
 //!
 //! # How it runs
@@ -37,6 +39,31 @@
 //!   on a thread of this process with its own single-threaded runtime, with **one connection
 //!   per requester** (the `Client` instead multiplexes every requester over one connection per
 //!   node and batches writes; so the floor has the simpler, not the cheaper, connection scheme).
+//! - `durable`: durable increments. **The one scenario whose node is not one of the cluster's
+//!   processes**: a standalone node (`ClusterBuilder::standalone`: it owns every shard, no raft)
+//!   on a thread of this process, in an actix `System` of its own that also runs the requesters
+//!   (`node.send`, as in `local`), with an [`LmdbShardStore`] in the bench's temporary directory
+//!   (`StoreOptions::default()`: fsync on). Its handler, [`Counters`], keeps a
+//!   `DurableMap<u64>` counter per key; each requester sends `Increment` to the keys of the
+//!   key list (one per shard) in turn, so the increments in flight are on distinct keys spread
+//!   over the shards, and a reply comes only once the increment is committed to the store. Why
+//!   not a node of the cluster: the echo nodes keep nothing, and giving them a store would put a
+//!   durable handler under every other scenario; the request path of a durable shard (router,
+//!   shard actor, the shard's commit task, the store's writer thread) does not involve raft, so
+//!   a standalone node measures all of it; and in this process the node and its floor share the
+//!   disk, the directory and the thread layout (requesters on one thread, the LMDB writer on
+//!   another). Every shard is activated before the warm-up (a read each: an activation writes
+//!   the shard's fence, which the measurement should not include). At the end every key is
+//!   read back through the node, then again through a second standalone node on the reopened
+//!   store (a restart in place, which loads what was committed), and each sum must equal the
+//!   acknowledged increments, warm-up included (up to the failed increments, whose outcome is
+//!   unknown): the scenario fails otherwise.
+//! - `raw_lmdb`: the floor of `durable`, with no framework: the same requesters (on this
+//!   process's runtime) increment the same keys in an LMDB environment of their own, opened with
+//!   heed as the store opens its own (1 GiB map, fsync on), through one writer thread that takes
+//!   every queued increment (at most 512, the store's bound per transaction) into one write
+//!   transaction, commits it (fsync), then acknowledges each of them: committed before
+//!   acknowledged, at the same concurrency. The same read-back check follows.
 //! - `failover`: the `client` load runs while a follower, then the leader (`--kills` each), is
 //!   killed with SIGKILL. Every shard of the killed node is probed through a client seeded with
 //!   the survivors every `--probe-ms`; a shard's unavailability is the time from the kill to its
@@ -83,11 +110,17 @@
 //! wide, and the percentiles are nearest-rank over it (within 0.4 %; the maximum is exact).
 //! Throughput is successful requests over the time from the start until the last requester
 //! finished. A scenario's floor ratio is its throughput over its floor's (`local` → `raw_actix`;
-//! `forwarded` and `client` → `raw_tcp`) and its p50 over the floor's p50. The CPU per request
-//! is the user and system time (`/proc/PID/stat`, 10 ms resolution) that every process taking
-//! part used during the measurement, over the successful requests: this process and every node
-//! for `forwarded` and `client`, node 1 alone for `local` and `raw_actix`, this process (the
-//! echo server's thread included) for `raw_tcp`. The machine these numbers come from has 2
+//! `forwarded` and `client` → `raw_tcp`; `durable` → `raw_lmdb`) and its p50 over the floor's
+//! p50. The CPU per request is the user and system time (`/proc/PID/stat`, 10 ms resolution)
+//! that every process taking part used during the measurement, over the successful requests:
+//! this process and every node for `forwarded` and `client`, node 1 alone for `local` and
+//! `raw_actix`, this process (the echo server's thread included) for `raw_tcp`, this process
+//! (its node or its writer thread included) for `durable` and `raw_lmdb`. `durable` and
+//! `raw_lmdb` wait for fsyncs, so their throughput is the disk's as much as the code's: their
+//! ratio is what the framework keeps of what LMDB can do with that disk. On a shared virtual
+//! disk an fsync can take 0.2 ms one second and 4 ms the next, and the two scenarios run one
+//! after the other: take the median ratio of several runs. With the temporary directory on
+//! tmpfs (`TMPDIR=/dev/shm`) the fsyncs cost nothing and the ratio shows the CPU cost alone. The machine these numbers come from has 2
 //! cores shared by the load generator, the echo server and every node: compare scenarios within
 //! one run (the ratios), not absolute figures across runs; and whether the processes wake each
 //! other across the two cores or take turns on one changes the network ratios by up to 2 ×
@@ -103,7 +136,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -116,7 +149,9 @@ use clusterfunk::admin::{
 use clusterfunk::client::Client;
 use clusterfunk::internals as codec;
 use clusterfunk::internals::{Request, Response};
+use clusterfunk::persist::{DurableMap, DurableState, LmdbShardStore};
 use clusterfunk::prelude::*;
+use clusterfunk::storage::StoreOptions;
 use clusterfunk::testing::{keys_per_shard, wait_for, wait_settled, Binaries, Settled};
 use clusterfunk::tls::certs::{self, NodeSpec};
 use clusterfunk::transport::{Transport, TransportConfig};
@@ -241,7 +276,7 @@ struct Options {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "local,raw_actix,forwarded,client,raw_tcp,failover,planned"
+        default_value = "local,raw_actix,forwarded,client,raw_tcp,durable,raw_lmdb,failover,planned"
     )]
     scenarios: Vec<Scenario>,
     /// Write the results to this JSON file.
@@ -345,6 +380,12 @@ enum Scenario {
     /// Plain tokio TCP echo: the floor of `forwarded` and `client`.
     #[value(name = "raw_tcp")]
     RawTcp,
+    /// Durable increments on a standalone node with an LMDB shard store.
+    #[value(name = "durable")]
+    Durable,
+    /// Increments committed by hand with heed, one writer thread: the floor of `durable`.
+    #[value(name = "raw_lmdb")]
+    RawLmdb,
     /// SIGKILL a follower, then the leader, under load.
     #[value(name = "failover")]
     Failover,
@@ -360,12 +401,14 @@ enum Scenario {
 }
 
 impl Scenario {
-    const ALL: [Scenario; 9] = [
+    const ALL: [Scenario; 11] = [
         Scenario::Local,
         Scenario::RawActix,
         Scenario::Forwarded,
         Scenario::Client,
         Scenario::RawTcp,
+        Scenario::Durable,
+        Scenario::RawLmdb,
         Scenario::Failover,
         Scenario::Freeze,
         Scenario::Partition,
@@ -379,6 +422,8 @@ impl Scenario {
             Scenario::Forwarded => "forwarded",
             Scenario::Client => "client",
             Scenario::RawTcp => "raw_tcp",
+            Scenario::Durable => "durable",
+            Scenario::RawLmdb => "raw_lmdb",
             Scenario::Failover => "failover",
             Scenario::Freeze => "freeze",
             Scenario::Partition => "partition",
@@ -391,8 +436,18 @@ impl Scenario {
         match self {
             Scenario::Local => Some(Scenario::RawActix),
             Scenario::Forwarded | Scenario::Client => Some(Scenario::RawTcp),
+            Scenario::Durable => Some(Scenario::RawLmdb),
             _ => None,
         }
+    }
+
+    /// Whether the scenario runs on the cluster's node processes (the others run in this
+    /// process alone).
+    fn needs_cluster(self) -> bool {
+        !matches!(
+            self,
+            Scenario::RawTcp | Scenario::Durable | Scenario::RawLmdb
+        )
     }
 }
 
@@ -1319,6 +1374,358 @@ async fn echo_connection(stream: tokio::net::TcpStream) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The durable scenario and its LMDB floor
+
+/// `durable`'s message: adds `by` to its key's counter and answers the new count.
+#[derive(Serialize, Deserialize, ShardMessage)]
+#[reply(u64)]
+#[tag = "bench.increment"]
+struct Increment {
+    by: u64,
+}
+
+/// `durable`'s read-back: answers its key's count (0 when it has none).
+#[derive(Serialize, Deserialize, ShardMessage)]
+#[reply(u64)]
+#[tag = "bench.count"]
+struct Count;
+
+/// A shard of `durable`'s node: a durable counter per key, committed to the node's store
+/// before each `Increment` is answered.
+#[derive(Default)]
+struct Counters {
+    counts: DurableMap<u64>,
+}
+
+#[shard_handler]
+impl Counters {
+    fn increment(&mut self, key: Key, msg: Increment, _ctx: &mut ShardContext) -> u64 {
+        let count = self.counts.entry(key);
+        *count += msg.by;
+        *count
+    }
+
+    fn count(&mut self, key: Key, _msg: Count, _ctx: &mut ShardContext) -> u64 {
+        self.counts.get(&key).copied().unwrap_or(0)
+    }
+
+    fn durable(&mut self) -> Option<&mut dyn DurableState> {
+        Some(&mut self.counts)
+    }
+}
+
+/// Increments acknowledged and failed over a whole scenario, warm-up included: what a read-back
+/// must find.
+#[derive(Debug, Default)]
+struct Tally {
+    acknowledged: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Tally {
+    fn record(&self, acknowledged: bool) {
+        let counter = match acknowledged {
+            true => &self.acknowledged,
+            false => &self.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn acknowledged(&self) -> u64 {
+        self.acknowledged.load(Ordering::Relaxed)
+    }
+
+    fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Checks a read-back sum: it holds every acknowledged increment, and of the failed ones
+    /// (whose outcome is unknown) any number.
+    fn check(&self, what: &str, sum: u64) -> Result<(), String> {
+        let (acknowledged, failed) = (self.acknowledged(), self.failed());
+        if sum >= acknowledged && sum - acknowledged <= failed {
+            return Ok(());
+        }
+        Err(format!(
+            "{what}: the counts sum to {sum}, but {acknowledged} increments were acknowledged \
+             and {failed} failed"
+        ))
+    }
+}
+
+/// `durable`: `node.send(key, Increment)` inside the node's actix `System`.
+struct DurableRequester {
+    node: Node<Counters>,
+    keys: Arc<Vec<Key>>,
+    next: usize,
+    tally: Arc<Tally>,
+}
+
+impl Requester for DurableRequester {
+    async fn call(&mut self, _iteration: u64) -> Result<(), String> {
+        let key = &self.keys[self.next % self.keys.len()];
+        self.next = self.next.wrapping_add(1);
+        let result = self.node.send(key, Increment { by: 1 }).await;
+        self.tally.record(result.is_ok());
+        result.map(drop).map_err(|e| e.to_string())
+    }
+}
+
+/// What `durable` runs with, handed to its thread.
+struct DurableLoad {
+    /// The shard store's directory.
+    store_dir: PathBuf,
+    /// `keys[s]` hashes to shard `s`.
+    keys: Arc<Vec<String>>,
+    concurrency: usize,
+    duration: Duration,
+    warmup: Duration,
+    /// The node's log filter (`--rust-log`), for this thread.
+    rust_log: String,
+}
+
+/// Runs `durable` on the calling thread (see the module docs): a standalone node of
+/// [`Counters`] with an LMDB store, in an actix `System` of its own, under the load; every key
+/// read back; then a second node on the reopened store, and every key read back again.
+fn run_durable(load: DurableLoad) -> Result<Outcome, String> {
+    // The node's warnings (a failed commit, for one) go to stderr, as a node process's would.
+    let filter = tracing_subscriber::EnvFilter::try_new(&load.rust_log)
+        .map_err(|e| format!("--rust-log: {e}"))?;
+    let _log = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .finish(),
+    );
+    let tally = Arc::new(Tally::default());
+    let keys: Arc<Vec<Key>> = Arc::new(load.keys.iter().map(Key::from).collect());
+    let stride = (keys.len() / load.concurrency).max(1);
+    let (summary, in_memory) = actix::System::new().block_on(async {
+        let node = durable_node(&load.store_dir).await?;
+        // An activation writes to the store too (it raises the shard's fence): every shard
+        // activates here, before the load, so that the measurement holds increments alone.
+        let before = count_sum(&node, &keys).await?;
+        if before != 0 {
+            return Err(format!("the new store already holds {before} increments"));
+        }
+        let make = async || {
+            Ok((0..load.concurrency)
+                .map(|r| DurableRequester {
+                    node: node.clone(),
+                    keys: keys.clone(),
+                    next: r * stride,
+                    tally: tally.clone(),
+                })
+                .collect::<Vec<_>>())
+        };
+        let this_process = [std::process::id()];
+        let summary = warm_then_measure(make, load.duration, load.warmup, &this_process).await;
+        let in_memory = count_sum(&node, &keys).await;
+        node.shutdown().await;
+        Ok((summary?, in_memory?))
+    })?;
+    // That `System` is gone with everything on it, the store included (its last drop commits
+    // what is queued and closes the environment): the directory opens again as after a restart
+    // in place, which loads what was committed.
+    let stored = actix::System::new().block_on(async {
+        let node = durable_node(&load.store_dir).await?;
+        let stored = count_sum(&node, &keys).await;
+        node.shutdown().await;
+        stored
+    })?;
+    tally.check("durable: read back through the node", in_memory)?;
+    tally.check("durable: read back after reopening the store", stored)?;
+    let (acknowledged, failed) = (tally.acknowledged(), tally.failed());
+    let mut extra = serde_json::Map::new();
+    extra.insert(
+        "node".into(),
+        json!("standalone, in the bench process, with an LmdbShardStore (fsync on)"),
+    );
+    extra.insert("keys".into(), json!(keys.len()));
+    extra.insert("acknowledged_increments".into(), json!(acknowledged));
+    extra.insert("failed_increments".into(), json!(failed));
+    extra.insert("read_back_sum".into(), json!(in_memory));
+    extra.insert("read_back_sum_after_reopen".into(), json!(stored));
+    Ok(Outcome {
+        summary,
+        extra,
+        notes: vec![format!(
+            "durable: {acknowledged} increments acknowledged, {failed} failed (warm-up included); \
+             counts read back: {in_memory} through the node, {stored} from the reopened store"
+        )],
+    })
+}
+
+/// A standalone node of [`Counters`] keeping them in an [`LmdbShardStore`] in `dir`, opened with
+/// `StoreOptions::default()` (fsync on).
+async fn durable_node(dir: &Path) -> Result<Node<Counters>, String> {
+    // Blocking (it maps the file), on this scenario's own thread before anything else runs.
+    let store = LmdbShardStore::open(dir, StoreOptions::default())
+        .map_err(|e| format!("cannot open the shard store in {}: {e}", dir.display()))?;
+    Cluster::builder()
+        .node_id(1)
+        .shards(SHARD_COUNT)
+        .standalone()
+        .handler::<Counters>()
+        .store(Arc::new(store))
+        .start()
+        .await
+        .map_err(|e| format!("cannot start the durable node: {e}"))
+}
+
+/// The sum of every key's count, read through `node`, every key at once (a read activates its
+/// shard if it is not active yet).
+async fn count_sum(node: &Node<Counters>, keys: &[Key]) -> Result<u64, String> {
+    let mut reads: FuturesUnordered<_> = keys.iter().map(|key| node.send(key, Count)).collect();
+    let mut sum = 0u64;
+    while let Some(count) = reads.next().await {
+        sum += count.map_err(|e| format!("cannot read a count back: {e}"))?;
+    }
+    Ok(sum)
+}
+
+/// Most increments `raw_lmdb`'s writer takes into one transaction: the shard store's own bound
+/// (`BATCH_JOBS_MAX` in `src/persist/lmdb.rs`), so that the two group alike at any concurrency.
+const RAW_LMDB_GROUP_MAX: usize = 512;
+/// `raw_lmdb`'s map size: the shard store's default.
+const RAW_LMDB_MAP_BYTES: usize = 1 << 30;
+
+/// One increment queued for `raw_lmdb`'s writer thread.
+struct RawIncrement {
+    /// The index of its key in the key list.
+    key: usize,
+    /// Where the new count goes once the increment is committed.
+    acknowledge: tokio::sync::oneshot::Sender<Result<u64, String>>,
+}
+
+/// `raw_lmdb`: queues one increment for the writer thread and waits for its acknowledgement.
+struct RawLmdbRequester {
+    queue: tokio::sync::mpsc::Sender<RawIncrement>,
+    /// The length of the key list.
+    keys: usize,
+    next: usize,
+    tally: Arc<Tally>,
+}
+
+impl Requester for RawLmdbRequester {
+    async fn call(&mut self, _iteration: u64) -> Result<(), String> {
+        let key = self.next % self.keys;
+        self.next = self.next.wrapping_add(1);
+        let (acknowledge, acknowledged) = tokio::sync::oneshot::channel();
+        let result = async {
+            self.queue
+                .send(RawIncrement { key, acknowledge })
+                .await
+                .map_err(|_| "the raw_lmdb writer stopped".to_owned())?;
+            acknowledged
+                .await
+                .map_err(|_| "the raw_lmdb writer dropped an increment".to_owned())?
+        }
+        .await;
+        self.tally.record(result.is_ok());
+        result.map(drop)
+    }
+}
+
+/// `raw_lmdb`'s LMDB environment, opened with heed alone, and its one database: key → count.
+#[derive(Clone)]
+struct RawLmdb {
+    env: heed::Env<heed::WithoutTls>,
+    counts: heed::Database<heed::types::Bytes, heed::types::U64<heed::byteorder::BigEndian>>,
+}
+
+impl RawLmdb {
+    /// Opens (creating) the environment in `dir` as the shard store opens its own: the same
+    /// map size, read transactions without thread-local storage, and no `NO_SYNC`, so that
+    /// every commit is fsynced before it returns.
+    // The bench's one unsafe call: the floor opens LMDB itself, not through clusterfunk.
+    #[allow(unsafe_code)]
+    fn open(dir: &Path) -> Result<RawLmdb, String> {
+        let failed = |what: &str, e: heed::Error| format!("raw_lmdb: cannot {what}: {e}");
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("raw_lmdb: cannot create {}: {e}", dir.display()))?;
+        let mut options = heed::EnvOpenOptions::new().read_txn_without_tls();
+        options.map_size(RAW_LMDB_MAP_BYTES).max_dbs(1);
+        // SAFETY: heed marks opening unsafe because LMDB memory-maps the data file, which must
+        // change only through LMDB. This directory is new and this scenario's alone, opened
+        // once (heed refuses a second open of a path in one process), on the local disk, and
+        // written only through this environment's transactions; no flag weakens locking.
+        let env = unsafe { options.open(dir) }.map_err(|e| failed("open the environment", e))?;
+        let mut txn = env
+            .write_txn()
+            .map_err(|e| failed("begin a transaction", e))?;
+        let counts = env
+            .create_database(&mut txn, Some("counts"))
+            .map_err(|e| failed("create the database", e))?;
+        txn.commit().map_err(|e| failed("commit", e))?;
+        Ok(RawLmdb { env, counts })
+    }
+
+    /// Applies `group` in one write transaction and commits it (fsync); returns each
+    /// increment's new count.
+    fn commit(&self, keys: &[String], group: &[RawIncrement]) -> heed::Result<Vec<u64>> {
+        let mut txn = self.env.write_txn()?;
+        let mut counts = Vec::with_capacity(group.len());
+        for increment in group {
+            let key = keys[increment.key].as_bytes();
+            let count = self.counts.get(&txn, key)?.unwrap_or(0) + 1;
+            self.counts.put(&mut txn, key, &count)?;
+            counts.push(count);
+        }
+        txn.commit()?;
+        Ok(counts)
+    }
+
+    /// The sum of every count.
+    fn sum(&self) -> heed::Result<u64> {
+        let txn = self.env.read_txn()?;
+        let mut sum = 0;
+        for entry in self.counts.iter(&txn)? {
+            sum += entry?.1;
+        }
+        Ok(sum)
+    }
+}
+
+/// `raw_lmdb`'s writer thread: takes every queued increment (at most [`RAW_LMDB_GROUP_MAX`])
+/// into one transaction, commits it, then acknowledges each of them; ends once every requester
+/// is gone and the queue is empty. Returns the transactions it committed.
+fn raw_lmdb_writer(
+    lmdb: RawLmdb,
+    keys: Arc<Vec<String>>,
+    mut queue: tokio::sync::mpsc::Receiver<RawIncrement>,
+) -> u64 {
+    let mut group = Vec::with_capacity(RAW_LMDB_GROUP_MAX);
+    let mut transactions = 0;
+    while let Some(first) = queue.blocking_recv() {
+        group.push(first);
+        while group.len() < RAW_LMDB_GROUP_MAX {
+            match queue.try_recv() {
+                Ok(increment) => group.push(increment),
+                Err(_) => break,
+            }
+        }
+        transactions += 1;
+        match lmdb.commit(&keys, &group) {
+            Ok(counts) => {
+                for (increment, count) in group.drain(..).zip(counts) {
+                    // A requester that stopped waiting needs no answer.
+                    let _ = increment.acknowledge.send(Ok(count));
+                }
+            }
+            Err(error) => {
+                for increment in group.drain(..) {
+                    let _ = increment
+                        .acknowledge
+                        .send(Err(format!("raw_lmdb: the commit failed: {error}")));
+                }
+            }
+        }
+    }
+    transactions
+}
+
+// ---------------------------------------------------------------------------------------------
 // Scenarios
 
 /// What one scenario gave.
@@ -1567,6 +1974,90 @@ impl Bench<'_> {
             extra,
             notes: vec![format!(
                 "raw_tcp: {request}-byte frames both ways (the client's request frame; its answer frame is {response} bytes), one connection per requester"
+            )],
+        })
+    }
+
+    async fn durable(&self) -> Result<Outcome, String> {
+        let load = DurableLoad {
+            store_dir: self.harness.path().join("durable-store"),
+            keys: self.keys.clone(),
+            concurrency: self.options.concurrency,
+            duration: self.duration(),
+            warmup: self.warmup(),
+            rust_log: self.options.node.rust_log.clone(),
+        };
+        // An actix `System` cannot start inside this runtime: the node gets a thread of its
+        // own, whose outcome this runtime awaits.
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("bench-durable".into())
+            .spawn(move || {
+                let _ = done.send(run_durable(load));
+            })
+            .map_err(|e| format!("cannot start the durable node's thread: {e}"))?;
+        let outcome = outcome
+            .await
+            .map_err(|_| "the durable node's thread panicked".to_owned());
+        let _ = thread.join();
+        outcome?
+    }
+
+    async fn raw_lmdb(&self) -> Result<Outcome, String> {
+        let lmdb = RawLmdb::open(&self.harness.path().join("raw-lmdb"))?;
+        let (queue, queued) = tokio::sync::mpsc::channel(self.options.concurrency);
+        let writer = {
+            let (lmdb, keys) = (lmdb.clone(), self.keys.clone());
+            std::thread::Builder::new()
+                .name("bench-raw-lmdb".into())
+                .spawn(move || raw_lmdb_writer(lmdb, keys, queued))
+                .map_err(|e| format!("cannot start the raw_lmdb writer: {e}"))?
+        };
+        let tally = Arc::new(Tally::default());
+        let stride = (self.keys.len() / self.options.concurrency).max(1);
+        let make = async || {
+            Ok((0..self.options.concurrency)
+                .map(|r| RawLmdbRequester {
+                    queue: queue.clone(),
+                    keys: self.keys.len(),
+                    next: r * stride,
+                    tally: tally.clone(),
+                })
+                .collect::<Vec<_>>())
+        };
+        // The writer is a thread of this process: its CPU counts with the requesters'.
+        let this_process = [std::process::id()];
+        let summary = warm_then_measure(make, self.duration(), self.warmup(), &this_process).await;
+        // The requesters are gone; with the last sender the writer commits what is queued and
+        // ends (at once: nothing is in flight).
+        drop(queue);
+        let transactions = writer
+            .join()
+            .map_err(|_| "the raw_lmdb writer panicked".to_owned())?;
+        let summary = summary?;
+        let sum = lmdb
+            .sum()
+            .map_err(|e| format!("raw_lmdb: cannot read the counts back: {e}"))?;
+        tally.check("raw_lmdb: read back", sum)?;
+        let (acknowledged, failed) = (tally.acknowledged(), tally.failed());
+        let per_transaction = acknowledged as f64 / transactions.max(1) as f64;
+        let mut extra = serde_json::Map::new();
+        extra.insert("keys".into(), json!(self.keys.len()));
+        extra.insert("acknowledged_increments".into(), json!(acknowledged));
+        extra.insert("failed_increments".into(), json!(failed));
+        extra.insert("read_back_sum".into(), json!(sum));
+        extra.insert("transactions".into(), json!(transactions));
+        extra.insert(
+            "increments_per_transaction".into(),
+            json!(round3(per_transaction)),
+        );
+        Ok(Outcome {
+            summary,
+            extra,
+            notes: vec![format!(
+                "raw_lmdb: {acknowledged} increments acknowledged, {failed} failed, in \
+                 {transactions} fsynced transactions ({per_transaction:.1} per transaction; \
+                 warm-up included); counts read back: {sum}"
             )],
         })
     }
@@ -2493,7 +2984,7 @@ async fn measure(
         keys: Arc::new(keys_per_shard("key", SHARD_COUNT).ok_or("no key found for some shard")?),
         payload: vec![7u8; options.payload_bytes],
     };
-    if wanted.iter().any(|s| *s != Scenario::RawTcp) {
+    if wanted.iter().any(|s| s.needs_cluster()) {
         let started = Instant::now();
         bench.harness.start_all()?;
         let limit = bench.limit() * 2;
@@ -2521,6 +3012,8 @@ async fn measure(
             Scenario::Forwarded => bench.forwarded().await,
             Scenario::Client => bench.client_scenario().await,
             Scenario::RawTcp => bench.raw_tcp().await,
+            Scenario::Durable => bench.durable().await,
+            Scenario::RawLmdb => bench.raw_lmdb().await,
             Scenario::Failover => bench.failover().await,
             Scenario::Freeze => bench.faults(FaultKind::Freeze).await,
             Scenario::Partition => bench.faults(FaultKind::Partition).await,
@@ -2593,6 +3086,13 @@ fn targets(results: &Results) -> Vec<(String, Option<bool>, String)> {
             "local vs raw_actix (no target)".to_owned(),
             None,
             format!("{:.0} % throughput, {p50:.2} × p50", throughput * 100.0),
+        ));
+    }
+    if let Some((throughput, _)) = floor_ratios(results, Scenario::Durable) {
+        checks.push((
+            "durable increments/s ≥ 50 % of raw_lmdb".to_owned(),
+            Some(throughput >= 0.5),
+            format!("{:.0} %", throughput * 100.0),
         ));
     }
     if let Some(failover) = find(results, Scenario::Failover) {
@@ -2833,7 +3333,9 @@ fn to_json(results: &Results, options: &Options, load_before: Option<String>) ->
             entry.insert(key.clone(), value.clone());
         }
         let prefix = match scenario {
-            Scenario::Client | Scenario::Forwarded | Scenario::Local => scenario.name(),
+            Scenario::Client | Scenario::Forwarded | Scenario::Local | Scenario::Durable => {
+                scenario.name()
+            }
             Scenario::Failover => "failover",
             Scenario::Freeze => "freeze",
             Scenario::Partition => "partition",
@@ -2928,6 +3430,25 @@ mod tests {
             );
         }
         assert_eq!(histogram.quantile(1.0), 1_000_000.0);
+    }
+
+    #[test]
+    fn read_back_holds_every_acknowledged_increment_and_at_most_the_failed_ones() {
+        // Goal: a read-back passes with the acknowledged increments plus any number of the
+        // failed ones (their outcome is unknown), and fails with one increment lost or one too
+        // many. Method: a tally of 10 acknowledged and 2 failed, checked against sums around it.
+        let tally = Tally::default();
+        for _ in 0..10 {
+            tally.record(true);
+        }
+        tally.record(false);
+        tally.record(false);
+        for sum in [10, 11, 12] {
+            assert!(tally.check("test", sum).is_ok(), "{sum}");
+        }
+        for sum in [0, 9, 13] {
+            assert!(tally.check("test", sum).is_err(), "{sum}");
+        }
     }
 
     #[test]
