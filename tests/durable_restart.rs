@@ -1,7 +1,9 @@
 //! Durable shard values across crashes, with real `kv serve --store lmdb` processes on 127.0.0.1:
 //! a node killed with SIGKILL in the middle of a load and started again on its data dir keeps
 //! every value it acknowledged (issue 17), and a clustered node started with a node-local store
-//! says at start-up what that store cannot do.
+//! says at start-up what that store cannot do. A second test, ignored because it fails today,
+//! pins a loss: a whole cluster killed and restarted in place after a planned move loses the
+//! moved shards' values that no request had touched on their new owners.
 //!
 //! The load goes through an in-process client: writers send increments (`Incr`, not
 //! idempotent) to a few shared counters and puts (`Put`) of fresh keys, and record on the
@@ -24,8 +26,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clusterfunk::client::Client;
+use clusterfunk::shard_map::shard_for;
 use clusterfunk::transport::Secret;
-use common::{Cluster, Store, DEADLINE};
+use common::{Cluster, Store, DEADLINE, SHARD_COUNT};
 use futures_util::stream::{self, StreamExt};
 use kv_api::{Get, Incr, Put};
 use tokio::runtime::Runtime;
@@ -57,8 +60,11 @@ const CALL_DEADLINE: Duration = Duration::from_secs(30);
 /// Bound on the wait for a round's acknowledgements before the kill.
 const LOAD_DEADLINE: Duration = Duration::from_secs(120);
 
-/// Concurrent reads when the values are checked at the end.
+/// Concurrent requests when the values are written before a planned move or checked at the end.
 const READS_IN_FLIGHT: usize = 16;
+
+/// Keys written before the planned move of the whole-cluster test.
+const MOVED_KEYS: usize = 600;
 
 /// The start-up warning of a clustered node whose shard store is node-local.
 const NODE_LOCAL_WARNING: &str = "the shard store is local to this node";
@@ -91,7 +97,7 @@ fn killed_node_keeps_every_acknowledged_value_in_lmdb() {
     let mut log = Log::default();
     for round in 1..=ROUNDS {
         cluster.mark(&format!("round {round}: load"));
-        let client = client(&cluster);
+        let client = client(&cluster, &[1]);
         let load = Load::start(&runtime, &client, round);
         cluster.wait_until(
             &format!("round {round}: {ACKS_BEFORE_KILL} requests are acknowledged"),
@@ -110,7 +116,7 @@ fn killed_node_keeps_every_acknowledged_value_in_lmdb() {
         cluster.wait_for_one_map(&[1]);
     }
 
-    let client = client(&cluster);
+    let client = client(&cluster, &[1]);
     let problems = check(&runtime, &client, &log);
     eprintln!("after {ROUNDS} kills: {}", log.summary());
     assert!(
@@ -121,6 +127,91 @@ fn killed_node_keeps_every_acknowledged_value_in_lmdb() {
         problems
             .iter()
             .take(30)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n  "),
+        cluster.report()
+    );
+}
+
+// Goal: a planned move followed by a restart in place of the whole cluster loses no
+// acknowledged value (issue 17: planned moves lose nothing, and with the LMDB store a restart in
+// place keeps every acknowledged value). Method: three nodes with `--store lmdb`; put
+// MOVED_KEYS keys through a client of every node, all acknowledged (each shard commits them to
+// its owner's store); `drain --id 2` and wait until nodes 1 and 3 own every shard with nothing
+// moving, reading nothing (so the moved shards' state waits on the new owners as the snapshot
+// handed over); kill -9 all three nodes and restart them on their data dirs; wait until they
+// agree on the map they had before the kill (no failover happened: same epoch, same owners);
+// only then read every key back.
+//
+// Fails today: 197 of the 600 keys lost in each of 3 runs, all of them on shards node 2 owned
+// before the drain. A node-local store's state moves in the handoff, which the new owner keeps
+// only in memory until the shard's first request activates it there and commits the state to
+// its store, while the old owner has already released the shard. A kill in between loses that
+// state although the map never changes. (With a read of every key between the drain and the
+// kill, which activates the moved shards, nothing is lost.) Ignored until the handoff of a
+// durable shard is made durable on the new owner before the move completes.
+#[test]
+#[ignore = "bug: a durable shard's state handed over by a planned move lives only in the new \
+            owner's memory until the shard's first request there; a kill before it loses it"]
+fn whole_cluster_killed_after_a_drain_keeps_every_acknowledged_value_in_lmdb() {
+    let cluster = Cluster::new("durable_whole_after_drain", 3).with_store(Store::Lmdb);
+    cluster.start_all_with_init();
+    let ids = cluster.ids();
+    let (_, before_drain) = cluster.wait_for_one_map(&ids);
+    let runtime = runtime();
+    let keys: Vec<String> = (0..MOVED_KEYS).map(|i| format!("moved-{i}")).collect();
+    let written: Vec<(String, String)> = keys
+        .iter()
+        .map(|key| (key.clone(), format!("value-of-{key}")))
+        .collect();
+    put_all(&runtime, &client(&cluster, &ids), &written);
+
+    let (code, stdout, stderr) = cluster.cf_at(1, &["drain", "--id", "2"]);
+    assert_eq!(code, 0, "drain --id 2: {stdout}{stderr}");
+    cluster.wait_until("node 2 owns no shard and none is moving", DEADLINE, || {
+        let map = cluster.shard_map(1)?;
+        let moving = ids
+            .iter()
+            .any(|&id| cluster.status(id).is_none_or(|s| s["shards_moving"] != 0));
+        (map.count(2) == 0 && !moving).then_some(())
+    });
+    let (_, drained) = cluster.wait_for_one_map(&ids);
+    assert_eq!(drained.count(2), 0, "node 2 stays drained");
+
+    for &id in &ids {
+        cluster.kill9(id);
+    }
+    for &id in &ids {
+        cluster.restart(id);
+    }
+    let (_, restarted) = cluster.wait_for_one_map(&ids);
+    assert_eq!(
+        restarted, drained,
+        "the restart changed the map: not a restart in place"
+    );
+
+    let log = Log {
+        puts: written,
+        ..Log::default()
+    };
+    let problems = check(&runtime, &client(&cluster, &ids), &log);
+    let from_node_2 = problems
+        .iter()
+        .filter(|problem| {
+            keys.iter().any(|key| {
+                problem.contains(&format!("{key} ")) && before_drain.owners[shard_of(key)] == 2
+            })
+        })
+        .count();
+    assert!(
+        problems.is_empty(),
+        "{} of {MOVED_KEYS} acknowledged values did not survive the drain and the restart, \
+         {from_node_2} of them on shards node 2 owned before the drain:\n  {}\n{}",
+        problems.len(),
+        problems
+            .iter()
+            .take(20)
             .cloned()
             .collect::<Vec<_>>()
             .join("\n  "),
@@ -302,16 +393,51 @@ fn counter_key(counter: usize) -> String {
     format!("counter-{counter}")
 }
 
-/// A client of node 1 with the cluster's secret.
-fn client(cluster: &Cluster) -> Client {
-    let seed = cluster
-        .addr(1)
-        .parse()
-        .expect("the harness gives IP:PORT addresses");
+/// The shard of `key`.
+fn shard_of(key: &str) -> usize {
+    shard_for(key.as_bytes(), SHARD_COUNT as u32) as usize
+}
+
+/// Puts every `(key, value)` of `written` through `client`; each must be acknowledged.
+fn put_all(runtime: &Runtime, client: &Client, written: &[(String, String)]) {
+    let failed: Vec<String> = runtime.block_on(
+        stream::iter(written.iter().cloned())
+            .map(|(key, value)| {
+                let client = client.clone();
+                async move {
+                    let call = client.send(key.clone(), Put { value });
+                    match tokio::time::timeout(CALL_DEADLINE, call).await {
+                        Ok(Ok(())) => None,
+                        Ok(Err(error)) => Some(format!("{key}: {error}")),
+                        Err(_) => Some(format!("{key}: no answer within {CALL_DEADLINE:?}")),
+                    }
+                }
+            })
+            .buffer_unordered(READS_IN_FLIGHT)
+            .filter_map(|failure| async move { failure })
+            .collect(),
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {} puts to a quiet cluster failed, e.g. {:?}",
+        failed.len(),
+        written.len(),
+        &failed[..failed.len().min(5)]
+    );
+}
+
+/// A client of the cluster seeded with the addresses of `nodes`, with the cluster's secret.
+fn client(cluster: &Cluster, nodes: &[u64]) -> Client {
+    let seeds = nodes.iter().map(|&id| {
+        cluster
+            .addr(id)
+            .parse()
+            .expect("the harness gives IP:PORT addresses")
+    });
     let secret = Secret::new(cluster.secret().as_bytes().to_vec())
         .expect("the harness's secret is long enough");
-    Client::with_config([seed], Some(secret), "clusterfunk", REQUEST_TIMEOUT)
-        .expect("a client with a seed and a secret is valid")
+    Client::with_config(seeds, Some(secret), "clusterfunk", REQUEST_TIMEOUT)
+        .expect("a client with seeds and a secret is valid")
 }
 
 /// A runtime for the writers and readers, beside the test thread that drives the cluster.

@@ -263,7 +263,8 @@ fn rolling_restart_without_reads(store: Store) {
         &map,
         &written,
         &format!(
-            "rolling restart of nodes 1, 2, 3, {} store, values written before, read only at the end",
+            "rolling restart of nodes 1, 2, 3, {} store, values written before, read only at \
+             the end",
             store.flag()
         ),
     );
