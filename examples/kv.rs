@@ -1,8 +1,9 @@
-//! `kv`: a sharded in-memory key-value service, and the process-level test vehicle.
+//! `kv`: a sharded key-value service, and the process-level test vehicle.
 //!
 //! ```text
 //! kv serve --id N --listen IP:PORT --data-dir DIR [--init ID=IP:PORT[@ZONE],...] [--zone Z] [--shards S]
 //!          [--metrics IP:PORT] [--timing default|fast] [--drain-timeout SECS]
+//!          [--store memory|lmdb]
 //! kv put   --node IP:PORT [--node IP:PORT ...] KEY VALUE
 //! kv get   --node IP:PORT [--node IP:PORT ...] KEY   # prints the value; exit 3 when absent
 //! kv owner --node IP:PORT [--node IP:PORT ...] KEY   # one JSON line {"key":..,"shard":S,"node":N,"epoch":E}
@@ -10,8 +11,11 @@
 //! `put`, `get` and `owner` take several `--node` seeds (repeated, or comma-separated): when
 //! one is unreachable the client asks the next. Every command takes `--cluster-name`. The
 //! cluster secret comes from `CLUSTERFUNK_SECRET` or `--secret-file`; `--insecure` runs without
-//! one and is refused together with a secret. The values live in memory: a shard's data moves
-//! with it on planned moves and is lost when its node crashes.
+//! one and is refused together with a secret. `--store` decides where the values live: in the
+//! node's memory (`memory`, the default: a shard's values move with it on planned moves and are
+//! lost when its node crashes) or in an LMDB store in DATA_DIR/shards (`lmdb`: they also
+//! survive a restart of the node in place; a shard that fails over after a crash starts empty on
+//! its new owner).
 //!
 //! Exit codes (also in `--help`): 0 success; 1 the command failed; 2 bad usage; 3 `get`: the key
 //! is absent; 4 `serve`: stopped without handing every shard over. A closed stdout ends the
@@ -107,7 +111,7 @@ A closed stdout (`kv get ... | head -c1`) ends the tool quietly with status 0.";
 #[command(
     name = "kv",
     version,
-    about = "A sharded in-memory key-value service on clusterfunk",
+    about = "A sharded key-value service on clusterfunk",
     after_help = EXIT_CODES_HELP
 )]
 struct Cli {
@@ -536,5 +540,48 @@ mod tests {
         let mut codes = [EXIT_FAILED, EXIT_USAGE, EXIT_ABSENT, EXIT_NOT_DRAINED];
         codes.sort_unstable();
         codes.windows(2).for_each(|w| assert_ne!(w[0], w[1]));
+    }
+
+    #[test]
+    fn serve_help_offers_both_stores_with_memory_the_default() {
+        let mut cli = Cli::command();
+        let serve = cli
+            .find_subcommand_mut("serve")
+            .expect("kv has a serve command");
+        let help = serve.render_long_help().to_string();
+        assert!(help.contains("--store <STORE>"), "{help}");
+        assert!(help.contains("[default: memory]"), "{help}");
+        assert!(help.contains("[possible values: memory, lmdb]"), "{help}");
+        let Command::Serve(settings) = parse(&[
+            "serve",
+            "--id",
+            "1",
+            "--listen",
+            "127.0.0.1:1",
+            "--data-dir",
+            "d",
+            "--store",
+            "lmdb",
+        ])
+        .expect("parses")
+        .command
+        else {
+            panic!("not serve")
+        };
+        assert_eq!(settings.store, "lmdb");
+        let refused = parse(&[
+            "serve",
+            "--id",
+            "1",
+            "--listen",
+            "127.0.0.1:1",
+            "--data-dir",
+            "d",
+            "--store",
+            "disk",
+        ])
+        .err()
+        .expect("an unknown store");
+        assert_eq!(refused.exit_code(), i32::from(EXIT_USAGE));
     }
 }

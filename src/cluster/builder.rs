@@ -574,7 +574,7 @@ fn start_router<H: ShardHandler>(
     {
         tracing::warn!(
             node_id = config.node_id,
-            "the shard store is local to this node: durable state survives a restart of this node in place and planned moves, but a shard that fails over after a crash or a cut-off starts empty on its new owner; use a shared store (a database) for state that must survive the loss of a node"
+            "the shard store is local to this node: a planned move carries a shard's durable state to its next owner, but a shard that fails over after a crash or a cut-off starts empty on its new owner; use a shared store (a database) for state that must survive the loss of a node"
         );
     }
     // Forwarded messages get connections of their own: a flood of them filling a connection's

@@ -85,9 +85,11 @@ pub enum Locality {
     /// one process): a shard's state follows it to any new owner, after a planned move and after
     /// a crash failover alike.
     Shared,
-    /// Each node has its own data (an [`LmdbShardStore`] in the node's directory): state survives
-    /// a restart of the node in place, but a shard that moves to another node starts empty there,
-    /// and a crashed node's shards restart empty on their new owners.
+    /// Each node has its own data (an [`LmdbShardStore`] in the node's directory, or a
+    /// [`MemoryStore::node_local`]): a planned move carries a shard's state to its next owner in
+    /// the handoff, but a crashed node's shards restart empty on their new owners. Whether state
+    /// survives a restart of the node in place depends on the store: on disk it does, in the
+    /// process's memory it does not.
     NodeLocal,
 }
 

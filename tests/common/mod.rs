@@ -52,6 +52,25 @@ const LOG_TAIL_LINES: usize = 25;
 
 pub use clusterfunk::testing::Outcome;
 
+/// Where the `kv` nodes keep shard values: `kv serve --store memory|lmdb`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    /// In the node's memory: a planned move hands the values over, a restart loses them.
+    Memory,
+    /// In an LMDB store in the node's data dir: values also survive a restart in place.
+    Lmdb,
+}
+
+impl Store {
+    /// The value of `--store`.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Store::Memory => "memory",
+            Store::Lmdb => "lmdb",
+        }
+    }
+}
+
 /// A cluster of `kv serve` processes on 127.0.0.1, in a temporary directory.
 pub struct Cluster {
     /// The test's name, for ports, the secret and messages.
@@ -77,6 +96,8 @@ pub struct Cluster {
     /// With TLS: the directory `clusterfunk certs` wrote (nodes get `node-ID`, `clusterfunk`
     /// gets `admin`, `kv` clients get `client`), and no process gets the secret.
     tls_dir: Option<PathBuf>,
+    /// The `--store` every node gets; `None` leaves `kv serve`'s default.
+    store: Option<Store>,
 }
 
 /// What a set of nodes agrees on, from their `status --json`.
@@ -186,7 +207,21 @@ impl Cluster {
             clusterfunk,
             metrics_ports: None,
             tls_dir: None,
+            store: None,
         }
+    }
+
+    /// Starts every node with `kv serve --store STORE`.
+    pub fn with_store(mut self, store: Store) -> Cluster {
+        self.store = Some(store);
+        self
+    }
+
+    /// Adds `directive` (such as `clusterfunk::cluster=warn`) to the nodes' `RUST_LOG`, for a
+    /// test that reads a line of the log whatever `CLUSTERFUNK_TEST_LOG` says.
+    pub fn with_log_directive(mut self, directive: &str) -> Cluster {
+        self.log_filter = format!("{},{directive}", self.log_filter);
+        self
     }
 
     /// Runs the cluster with TLS: `clusterfunk certs` writes certificates for the initial
@@ -569,6 +604,9 @@ impl Cluster {
         if self.metrics_ports.is_some() {
             command.args(["--metrics", &self.metrics_addr(id)]);
         }
+        if let Some(store) = self.store {
+            command.args(["--store", store.flag()]);
+        }
         if id as usize <= self.initial_members {
             command.args(["--init", &self.init_list()]);
         }
@@ -655,6 +693,11 @@ impl Cluster {
     /// Node `id`'s data dir.
     pub fn data_dir(&self, id: u64) -> PathBuf {
         self.node(id).data_dir().to_path_buf()
+    }
+
+    /// Node `id`'s whole log, every start of it (empty when it has none yet).
+    pub fn log(&self, id: u64) -> String {
+        std::fs::read_to_string(self.node(id).log_path()).unwrap_or_default()
     }
 
     /// Whether node `id`'s process runs (started, not killed, stopped or exited by itself).
