@@ -32,9 +32,9 @@ use crate::ledger::{self, Intake, MoveStep, Place, Sent, ShardLedger, ShardView}
 use crate::metrics::{RequestMetrics, RouteLabel};
 use crate::persist::{Locality, ShardStore};
 use crate::shard::{
-    ActorParts, ClusterHandle, Deactivate, Deliver, Dispatch, HandlerFactory, Handles, Origin,
-    Passivate, RouteAny, ServeEvent, ServeEventKind, ServeObserver, ShardActor, ShardHandler,
-    ShardHost, ShardMessage, Undelivered, WireMessage,
+    Activate, ActorParts, ClusterHandle, Deactivate, Deliver, Dispatch, HandlerFactory, Handles,
+    Origin, Passivate, RouteAny, ServeEvent, ServeEventKind, ServeObserver, ShardActor,
+    ShardHandler, ShardHost, ShardMessage, Undelivered, WireMessage,
 };
 use crate::shard_map::{Epoch, Key, NodeId, ShardId};
 use crate::transport::{Transport, TransportError, OVERLOADED};
@@ -328,6 +328,7 @@ impl<H: ShardHandler> Router<H> {
                 stale.actor.do_send(Deactivate);
             }
         }
+        self.wake_parked();
     }
 
     /// Extends the node's lease to `until`, granted for allocation `epoch` (rule 4(b): the node
@@ -337,6 +338,44 @@ impl<H: ShardHandler> Router<H> {
         self.lease.set(until, epoch);
         if !was_valid {
             self.changes.send_modify(|v| *v += 1);
+        }
+        self.wake_parked();
+    }
+
+    /// With a node-local store, starts the shards whose state arrived in a handoff as soon as
+    /// the node serves them, without waiting for a request: the activation commits the carried
+    /// state to this node's store. Until then it exists only in this node's memory (and in the
+    /// previous owner's store, which this node cannot read), so a crash would lose it.
+    fn wake_parked(&self) {
+        let node_local = self
+            .store
+            .as_ref()
+            .is_some_and(|store| store.locality() != Locality::Shared);
+        if !node_local || self.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        for (shard, slot) in self.slots.iter().enumerate() {
+            let shard = shard as ShardId;
+            if !matches!(
+                lock(slot).place(),
+                Place::Parked {
+                    snapshot: Some(_),
+                    ..
+                }
+            ) || self.serves_now(shard).is_none()
+            {
+                continue;
+            }
+            let number = self.next_actor.fetch_add(1, Ordering::Relaxed);
+            let (handle, start) = self.new_shard_actor(shard, number);
+            let intake = ledger::apply_locked(slot, |l| l.request(true, number, || handle.clone()));
+            if let Intake::Start { restore } = intake {
+                if start(restore) {
+                    handle.actor.do_send(Activate);
+                } else {
+                    ledger::apply_locked(slot, |l| l.actor_gone(number));
+                }
+            }
         }
     }
 

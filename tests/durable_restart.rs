@@ -144,16 +144,12 @@ fn killed_node_keeps_every_acknowledged_value_in_lmdb() {
 // agree on the map they had before the kill (no failover happened: same epoch, same owners);
 // only then read every key back.
 //
-// Fails today: 197 of the 600 keys lost in each of 3 runs, all of them on shards node 2 owned
-// before the drain. A node-local store's state moves in the handoff, which the new owner keeps
-// only in memory until the shard's first request activates it there and commits the state to
-// its store, while the old owner has already released the shard. A kill in between loses that
-// state although the map never changes. (With a read of every key between the drain and the
-// kill, which activates the moved shards, nothing is lost.) Ignored until the handoff of a
-// durable shard is made durable on the new owner before the move completes.
+// Regression: 197 of the 600 keys were lost in each of 3 runs, all on shards node 2 owned
+// before the drain: a node-local store's state moves in the handoff, and the new owner kept it
+// only in memory until the shard's first request activated it there. Now the new owner
+// activates such a shard as soon as it serves it (Router::wake_parked), committing the carried
+// state to its own store; what remains is the moment between the release and that commit.
 #[test]
-#[ignore = "bug: a durable shard's state handed over by a planned move lives only in the new \
-            owner's memory until the shard's first request there; a kill before it loses it"]
 fn whole_cluster_killed_after_a_drain_keeps_every_acknowledged_value_in_lmdb() {
     let cluster = Cluster::new("durable_whole_after_drain", 3).with_store(Store::Lmdb);
     cluster.start_all_with_init();

@@ -422,6 +422,14 @@ impl Message for Deactivate {
     type Result = ();
 }
 
+/// Activates the shard without a message (its state arrived in a handoff and must reach the
+/// node's own store before anything else happens).
+pub(crate) struct Activate;
+
+impl Message for Activate {
+    type Result = ();
+}
+
 /// Passivates the shard: it commits its durable state and stops, or declines (its handler
 /// keeps state only in memory and did not opt in). The outcome goes to the router.
 pub(crate) struct Passivate;
@@ -999,6 +1007,27 @@ impl<H: ShardHandler> ShardActor<H> {
             }
         }
         Some((slot, handoff))
+    }
+}
+
+impl<H: ShardHandler> Handler<Activate> for ShardActor<H> {
+    type Result = ();
+
+    fn handle(&mut self, _: Activate, ctx: &mut Self::Context) {
+        let serving = self
+            .parts
+            .router
+            .upgrade()
+            .and_then(|router| router.serves_now(self.shard()));
+        if self.retired || self.slot.is_some() || serving.is_none() {
+            return;
+        }
+        if let Some(activation) = self.activation() {
+            ctx.wait(activation.into_actor(self).map(|outcome, actor, _ctx| {
+                // A failure is logged; the next message tries again.
+                let _ = actor.activated(outcome);
+            }));
+        }
     }
 }
 
