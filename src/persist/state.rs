@@ -331,4 +331,54 @@ where
         }
         Ok(())
     }
+    fn scope(&self) -> Scope {
+        Scope::State
+    }
+
+    fn needs(&self, key: &Key) -> bool {
+        !self.values.contains_key(key) && !self.absent.contains(key)
+    }
+
+    fn insert_read(&mut self, key: &Key, record: Option<&[u8]>) -> Result<(), StateError> {
+        match record {
+            Some(bytes) => {
+                let value = decode(bytes, || format!("record of key {key:?}"))?;
+                self.values.insert(key.clone(), value);
+            }
+            None => {
+                self.absent.insert(key.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::persist::Origin;
+
+    #[test]
+    fn a_durable_map_loads_key_by_key_and_remembers_keys_without_a_record() {
+        let mut map: DurableMap<u64> = DurableMap::default();
+        assert_eq!(map.scope(), Scope::State);
+        map.load(&Loaded::empty(Origin::New)).unwrap();
+        let (a, b) = (Key::from("a"), Key::from("b"));
+        assert!(map.needs(&a), "an unread key is read before its message");
+        map.insert_read(&a, Some(&crate::codec::encode(&7u64).unwrap()))
+            .unwrap();
+        map.insert_read(&b, None).unwrap();
+        assert!(!map.needs(&a) && !map.needs(&b), "read once per activation");
+        assert_eq!(map.get("a"), Some(&7));
+        assert_eq!(map.get("b"), None);
+        // A removal is remembered as absent, and committed as a delete.
+        assert_eq!(map.remove("a"), Some(7));
+        assert!(!map.needs(&a));
+        let mut batch = Batch::new();
+        map.take_changes(&mut batch).unwrap();
+        assert_eq!(batch.len(), 1);
+        // A reload forgets what was read.
+        map.load(&Loaded::empty(Origin::New)).unwrap();
+        assert!(map.needs(&a) && map.needs(&b));
+    }
 }
