@@ -23,7 +23,7 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use clusterfunk::persist::{
-    Batch, DurableMap, DurableState, LmdbShardStore, Loaded, Locality, MemoryStore, Scope,
+    Batch, Durable, DurableMap, DurableState, LmdbShardStore, Loaded, Locality, MemoryStore, Scope,
     ShardStore, StoreError,
 };
 use clusterfunk::prelude::*;
@@ -100,11 +100,12 @@ static WARM_UP: LazyLock<watch::Sender<Option<u64>>> = LazyLock::new(|| watch::c
 /// How many `on_activate` hooks of [`WARM_UP_SHARD`] began.
 static WARM_UPS_BEGUN: AtomicUsize = AtomicUsize::new(0);
 
-/// A durable handler whose `async on_activate` sums the loaded values and waits for a token.
+/// A durable handler whose `async on_activate` reads the loaded whole-shard state and waits for
+/// a token.
 #[derive(Default)]
 pub struct WarmedUp {
-    /// The durable values (loaded before `on_activate` runs).
-    values: DurableMap<u64>,
+    /// The durable total, the shard's whole-shard record (loaded before `on_activate` runs).
+    total: Durable<u64>,
     /// What `on_activate` found.
     warm: Warm,
 }
@@ -116,7 +117,7 @@ pub struct Warm {
     pub done: bool,
     /// The token it read at [`WARM_UP`] (`None` for shards that do not wait there).
     pub token: Option<u64>,
-    /// The sum of the shard's durable values it saw.
+    /// The shard's durable total it saw.
     pub loaded_sum: u64,
 }
 
@@ -128,7 +129,7 @@ pub struct ReadWarmUp;
 #[shard_handler]
 impl WarmedUp {
     async fn on_activate(&mut self, ctx: &mut ShardContext) {
-        let loaded_sum = self.values.iter().map(|(_, value)| *value).sum();
+        let loaded_sum = *self.total;
         let token = match ctx.shard() == WARM_UP_SHARD {
             true => {
                 WARM_UPS_BEGUN.fetch_add(1, Ordering::AcqRel);
@@ -153,7 +154,7 @@ impl WarmedUp {
     }
 
     fn durable(&mut self) -> Option<&mut dyn DurableState> {
-        Some(&mut self.values)
+        Some(&mut self.total)
     }
 }
 
@@ -1195,8 +1196,8 @@ async fn an_async_on_activate_runs_before_the_first_message() {
         .activate(WARM_UP_SHARD, READER, 0, Scope::All)
         .await
         .expect("a new shard activates");
-    let mut seed = DurableMap::<u64>::default();
-    seed.insert(key.as_str(), 41);
+    let mut seed = Durable::new(0u64);
+    *seed = 41;
     let mut batch = Batch::new();
     seed.take_changes(&mut batch).expect("a counter encodes");
     memory

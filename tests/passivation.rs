@@ -197,3 +197,36 @@ async fn a_handler_without_durable_state_keeps_its_shards_unless_it_opts_in() {
     kept.shutdown().await;
     dropped.shutdown().await;
 }
+
+/// Opens the store in `dir`, waiting while the previous node's shard actors still hold it.
+async fn reopen(dir: &tempfile::TempDir) -> Arc<dyn ShardStore> {
+    let started = Instant::now();
+    loop {
+        match LmdbShardStore::open(dir.path(), StoreOptions::default()) {
+            Ok(store) => return Arc::new(store),
+            Err(error) => assert!(started.elapsed() < DEADLINE, "reopen: {error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn the_first_message_after_an_activation_sees_its_keys_stored_value() {
+    // Regression: the message that activated a shard was handled before its key was read from
+    // the store, so a read saw nothing and an increment overwrote the stored count.
+    let dir = tempfile::tempdir().expect("temp dir");
+    for round in 1..=3u64 {
+        let node = Cluster::builder()
+            .shards(4)
+            .store(reopen(&dir).await)
+            .handler::<Durables>()
+            .standalone()
+            .start()
+            .await
+            .expect("start");
+        let stored = node.send("key", Get).await.expect("read");
+        assert_eq!(stored, round - 1, "the first message of round {round}");
+        assert_eq!(node.send("key", Incr).await.expect("increment"), round);
+        node.shutdown().await;
+    }
+}

@@ -836,7 +836,7 @@ where
         // The mailbox waits for the activation; the message is served right after it.
         ctx.wait(activation.into_actor(self).map(move |outcome, actor, ctx| {
             match actor.activated(outcome) {
-                Ok(()) => actor.serve(deliver, epoch, ctx),
+                Ok(()) => actor.serve_read(deliver, epoch, ctx),
                 Err(reason) => {
                     let _ = deliver
                         .reply
