@@ -552,36 +552,24 @@ mod tests {
         assert!(help.contains("--store <STORE>"), "{help}");
         assert!(help.contains("[default: memory]"), "{help}");
         assert!(help.contains("[possible values: memory, lmdb]"), "{help}");
-        let Command::Serve(settings) = parse(&[
-            "serve",
-            "--id",
-            "1",
-            "--listen",
-            "127.0.0.1:1",
-            "--data-dir",
-            "d",
-            "--store",
-            "lmdb",
-        ])
-        .expect("parses")
-        .command
-        else {
+        let serve_with = |store: &'static str| {
+            parse(&[
+                "serve",
+                "--id",
+                "1",
+                "--listen",
+                "127.0.0.1:1",
+                "--data-dir",
+                "d",
+                "--store",
+                store,
+            ])
+        };
+        let Command::Serve(settings) = serve_with("lmdb").expect("parses").command else {
             panic!("not serve")
         };
         assert_eq!(settings.store, "lmdb");
-        let refused = parse(&[
-            "serve",
-            "--id",
-            "1",
-            "--listen",
-            "127.0.0.1:1",
-            "--data-dir",
-            "d",
-            "--store",
-            "disk",
-        ])
-        .err()
-        .expect("an unknown store");
+        let refused = serve_with("disk").err().expect("an unknown store");
         assert_eq!(refused.exit_code(), i32::from(EXIT_USAGE));
     }
 }
