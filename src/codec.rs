@@ -45,7 +45,17 @@ impl bincode::enc::write::Writer for VecWriter {
 /// Decodes a `T` from `bytes`, refusing anything that would need more than
 /// `DECODE_LIMIT_BYTES`.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
-    let config = bincode::config::standard().with_limit::<DECODE_LIMIT_BYTES>();
+    decode_limited::<T, DECODE_LIMIT_BYTES>(bytes)
+}
+
+/// Decodes a handoff snapshot's own structure, which may be as large as a snapshot may be
+/// ([`SNAPSHOT_BYTES_MAX`]) rather than one message.
+pub(crate) fn decode_snapshot<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
+    decode_limited::<T, { SNAPSHOT_BYTES_MAX as usize }>(bytes)
+}
+
+fn decode_limited<T: DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Result<T, Error> {
+    let config = bincode::config::standard().with_limit::<LIMIT>();
     bincode::serde::decode_from_slice(bytes, config)
         .map(|(value, _)| value)
         .map_err(|e| Error::Codec(format!("decode: {e}")))

@@ -173,6 +173,17 @@ pub enum Error {
         /// The largest payload a frame carries, in bytes.
         limit: u64,
     },
+    /// A durable change's key is longer than the node's shard store can keep: the message was
+    /// not applied (its handler's in-memory change is dropped and the shard reloads).
+    #[error("shard {shard}: a key of {size} bytes is over the shard store's limit of {limit} bytes; the message was not applied: use shorter keys (hash long ones)")]
+    KeyTooLong {
+        /// The shard.
+        shard: ShardId,
+        /// The key's length in bytes.
+        size: u64,
+        /// The store's limit in bytes.
+        limit: u64,
+    },
 }
 
 /// A configuration value out of range, found before the node starts.

@@ -342,6 +342,17 @@ impl<A: Clone> ShardLedger<A> {
         }
     }
 
+    /// Actor `actor` could not load the state it was to hand over (its node's store failed, or
+    /// the node's lease lapsed): nothing is in memory, and the state stays in the node's store.
+    /// The move's next step wakes another actor to try again. Returns whether it was retiring.
+    pub(crate) fn retire_failed(&mut self, actor: u64) -> bool {
+        if matches!(self.place, Place::Retiring { actor: a } if a == actor) {
+            self.place = Place::Absent;
+            return true;
+        }
+        false
+    }
+
     /// The running actor `actor` was idle: passivate it. Returns its handle, to ask it to.
     pub(crate) fn passivate(&mut self, actor: u64) -> Option<A> {
         match std::mem::take(&mut self.place) {

@@ -1564,6 +1564,13 @@ impl<H: ShardHandler> ShardHost<H> for Router<H> {
     fn passivated(&self, shard: ShardId, actor: u64, done: bool) {
         Router::passivated(self, shard, actor, done)
     }
+
+    fn retire_failed(&self, shard: ShardId, actor: u64) {
+        if let Some(slot) = self.slots.get(shard as usize) {
+            ledger::apply_locked(slot, |l| l.retire_failed(actor));
+        }
+        self.retirements.notify_waiters();
+    }
 }
 
 impl<H: ShardHandler> RouteAny for Router<H> {

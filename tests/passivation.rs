@@ -1,5 +1,5 @@
-//! Passivation on a standalone node: idle durable shards commit, free their memory and load
-//! again on the next message; a bound on active shards passivates the least recently used; a
+//! Durable shards on a standalone node. Passivation: idle durable shards commit, free their
+//! memory and load again on the next message; a bound on active shards passivates the least recently used; a
 //! handler without durable state keeps its shards unless it opts in (and then loses its state,
 //! as it chose). Every value is read back at the end.
 
@@ -229,4 +229,56 @@ async fn the_first_message_after_an_activation_sees_its_keys_stored_value() {
         assert_eq!(node.send("key", Incr).await.expect("increment"), round);
         node.shutdown().await;
     }
+}
+
+#[actix_rt::test]
+async fn a_key_too_long_for_the_store_is_refused_alone_and_the_other_writes_commit() {
+    // Regression: a change with a key over LMDB's limit was merged into a commit with other
+    // messages' changes, the store refused the whole group, every reply in it became
+    // OutcomeUnknown, and the shard reloaded, over and over while one client retried.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let node = Cluster::builder()
+        .shards(1)
+        .store(reopen(&dir).await)
+        .handler::<Durables>()
+        .standalone()
+        .start()
+        .await
+        .expect("start");
+    let long = "x".repeat(LmdbShardStore::KEY_BYTES_MAX + 1);
+    let attacker = {
+        let node = node.clone();
+        async move {
+            for _ in 0..200 {
+                match node.send(long.as_str(), Incr).await {
+                    Err(Error::KeyTooLong { size, limit, .. }) => {
+                        assert_eq!(
+                            (size, limit),
+                            (long.len() as u64, LmdbShardStore::KEY_BYTES_MAX as u64)
+                        );
+                    }
+                    other => panic!("a key over the limit: {other:?}"),
+                }
+            }
+        }
+    };
+    let writers = (0..4u64).map(|writer| {
+        let node = node.clone();
+        async move {
+            for _ in 0..100 {
+                node.send(format!("writer-{writer}"), Incr)
+                    .await
+                    .expect("a normal key's increment commits");
+            }
+        }
+    });
+    futures_util::future::join(attacker, futures_util::future::join_all(writers)).await;
+    for writer in 0..4 {
+        let count = node
+            .send(format!("writer-{writer}"), Get)
+            .await
+            .expect("read");
+        assert_eq!(count, 100, "writer-{writer}");
+    }
+    node.shutdown().await;
 }

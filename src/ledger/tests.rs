@@ -100,6 +100,29 @@ fn a_shard_with_nothing_in_memory_wakes_an_actor_to_hand_over_its_stored_state()
 }
 
 #[test]
+fn a_woken_actor_that_cannot_load_the_stored_state_lets_the_move_try_again() {
+    let mut ledger = ShardLedger::<&str>::default();
+    assert_eq!(
+        ledger.begin_move_waking(9, 4, Some((7, || "woken"))),
+        MoveStep::Retire("woken")
+    );
+    assert!(
+        !ledger.retire_failed(8),
+        "another actor's failure changes nothing"
+    );
+    assert!(ledger.retire_failed(7));
+    assert_eq!(
+        ledger.place(),
+        &Place::Absent,
+        "nothing sent, nothing released"
+    );
+    assert_eq!(
+        ledger.begin_move_waking(9, 4, Some((8, || "again"))),
+        MoveStep::Retire("again")
+    );
+}
+
+#[test]
 fn a_passivating_shard_moves_only_once_its_actor_stopped() {
     let mut ledger = ShardLedger::<&str>::default();
     ledger.request(true, 1, || "actor");

@@ -276,6 +276,10 @@ impl ShardStore for LmdbShardStore {
     fn locality(&self) -> Locality {
         Locality::NodeLocal
     }
+
+    fn key_bytes_max(&self) -> Option<usize> {
+        Some(Self::KEY_BYTES_MAX)
+    }
 }
 
 /// The sender of a job's answer.

@@ -271,6 +271,13 @@ pub trait ShardStore: Send + Sync + 'static {
     /// Whether the data is shared by all nodes or local to this node. A node started with a
     /// node-local store says at start-up that crash failover cannot carry shard state.
     fn locality(&self) -> Locality;
+
+    /// The longest key this store keeps, if it has a limit: a shard refuses a message whose
+    /// change has a longer key before it reaches the store, so one bad key never fails the
+    /// commits of other messages grouped with it. Default: no limit.
+    fn key_bytes_max(&self) -> Option<usize> {
+        None
+    }
 }
 
 impl<S: ShardStore + ?Sized> ShardStore for Arc<S> {
@@ -308,5 +315,9 @@ impl<S: ShardStore + ?Sized> ShardStore for Arc<S> {
 
     fn locality(&self) -> Locality {
         (**self).locality()
+    }
+
+    fn key_bytes_max(&self) -> Option<usize> {
+        (**self).key_bytes_max()
     }
 }

@@ -74,7 +74,12 @@ impl Commits {
     /// queued before it are committed at `epoch`: at once when there is nothing to wait for.
     pub(crate) fn hold(&self, epoch: Epoch, batch: Batch, reply: HeldReply) {
         if batch.is_empty() && self.outstanding.load(Ordering::Acquire) == 0 {
-            reply(Ok(()));
+            // A commit failed while this message ran (an `async` handler): what it read may
+            // include changes the store does not hold.
+            match self.has_failed() {
+                true => reply(Err(Error::OutcomeUnknown { shard: self.shard })),
+                false => reply(Ok(())),
+            }
             return;
         }
         self.outstanding.fetch_add(1, Ordering::AcqRel);
@@ -262,7 +267,7 @@ pub(crate) fn unwrap(handoff: Handoff) -> Result<(Option<Handoff>, Option<Batch>
     let Some(body) = handoff.as_bytes().strip_prefix(ENVELOPE_MAGIC) else {
         return Ok((Some(handoff), None));
     };
-    let envelope: Envelope = crate::codec::decode(body)?;
+    let envelope: Envelope = crate::codec::decode_snapshot(body)?;
     let user = envelope
         .user
         .map(|bytes| Handoff::from_bytes(bytes.to_vec()));

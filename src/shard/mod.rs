@@ -241,6 +241,9 @@ pub(crate) trait ShardHost<H: ShardHandler>: Send + Sync + 'static {
     /// Actor `actor` of `shard` passivated (`done`: its state is in the store and it stops) or
     /// declined (it keeps running).
     fn passivated(&self, shard: ShardId, actor: u64, done: bool);
+    /// Actor `actor` of `shard`, retiring, could not load the state it was to hand over: it
+    /// stays in the node's store, and the move tries again.
+    fn retire_failed(&self, shard: ShardId, actor: u64);
 }
 
 /// The state of one shard: every key that hashes to the shard is handled by one value of this
@@ -653,6 +656,28 @@ impl<H: ShardHandler> ShardActor<H> {
             .map(|state| state.take_changes(&mut batch))
             .unwrap_or(Ok(()));
         let epoch = durable.epoch;
+        let limit = self
+            .parts
+            .store
+            .as_ref()
+            .and_then(|store| store.key_bytes_max());
+        let too_long = limit.and_then(|limit| {
+            batch
+                .records()
+                .map(|(key, _)| key.as_bytes().len())
+                .find(|size| *size > limit)
+                .map(|size| (size, limit))
+        });
+        if let Some((size, limit)) = too_long {
+            // Refused alone, before it joins a commit with other messages' changes; the handler
+            // changed its memory, so the shard reloads before its next message.
+            let _ = reply.send(Err(Undelivered::Failed(Error::KeyTooLong {
+                shard: self.shard(),
+                size: size as u64,
+                limit: limit as u64,
+            })));
+            return;
+        }
         match collected {
             Ok(()) => {
                 durable.commits.hold(
@@ -867,11 +892,12 @@ impl<H: ShardHandler> Handler<Deactivate> for ShardActor<H> {
         };
         match activation {
             Some(activation) => ctx.wait(activation.into_actor(self).map(
-                |outcome, actor, ctx| {
-                    if let Err(reason) = actor.activated(outcome) {
-                        tracing::warn!(shard = actor.shard(), %reason, "the shard's stored state could not be loaded for its handoff; the next owner starts from its own store");
+                |outcome, actor, ctx| match actor.activated(outcome) {
+                    Ok(()) => actor.retire(ctx),
+                    Err(reason) => {
+                        tracing::warn!(shard = actor.shard(), %reason, "the shard's stored state could not be loaded for its handoff; the move tries again");
+                        actor.give_up_retiring(ctx);
                     }
-                    actor.retire(ctx);
                 },
             )),
             None => self.retire(ctx),
@@ -894,6 +920,7 @@ impl<H: ShardHandler> ShardActor<H> {
         let store = self.parts.store.clone();
         let finish = async move {
             let mut carried = None;
+            let mut unreadable = false;
             if let Some(durable) = &durable {
                 if let Some(error) = durable.commits.drain().await {
                     tracing::warn!(shard, %error, "a durable shard's last commit failed before its handoff; its unacknowledged changes are not handed over");
@@ -910,29 +937,37 @@ impl<H: ShardHandler> ShardActor<H> {
                     {
                         Ok(loaded) => carried = Some(durable::batch_of(loaded)),
                         Err(error) => {
-                            tracing::error!(shard, %error, "a durable shard's stored state could not be read for its handoff; the next owner starts without it")
+                            tracing::error!(shard, %error, "a durable shard's stored state could not be read for its handoff; the move tries again");
+                            unreadable = true;
                         }
                     }
                 }
                 _ => {}
+            }
+            if unreadable {
+                // Neither released nor handed over: the state stays in this node's store.
+                return Err(());
             }
             if let (Some(durable), Some(store)) = (&durable, &store) {
                 if let Err(error) = store.release(shard, durable.epoch).await {
                     tracing::warn!(shard, %error, "releasing a durable shard failed; the next owner's activation fences this node anyway");
                 }
             }
-            match durable::wrap(handoff, carried).map(Some) {
-                Ok(handoff) => handoff,
+            match durable::wrap(handoff, carried) {
+                Ok(handoff) => Ok(Some(handoff)),
                 Err(error) => {
-                    tracing::error!(shard, %error, "a durable shard's handoff could not be encoded; no handoff");
-                    None
+                    tracing::error!(shard, %error, "a durable shard's handoff could not be encoded; the move tries again");
+                    Err(())
                 }
             }
         };
         ctx.wait(
             finish
                 .into_actor(self)
-                .map(move |handoff, actor, _ctx| actor.report_retired(handoff)),
+                .map(move |handoff, actor, ctx| match handoff {
+                    Ok(handoff) => actor.report_retired(handoff),
+                    Err(()) => actor.give_up_retiring(ctx),
+                }),
         );
     }
 }
@@ -948,6 +983,15 @@ enum Carry {
 }
 
 impl<H: ShardHandler> ShardActor<H> {
+    /// Tells the router this retiring actor could not load the state it was to hand over, and
+    /// stops: the state stays in the node's store and the move wakes another actor for it.
+    fn give_up_retiring(&mut self, ctx: &mut Context<Self>) {
+        if let Some(router) = self.parts.router.upgrade() {
+            router.retire_failed(self.shard(), self.parts.number);
+        }
+        ctx.stop();
+    }
+
     fn report_retired(&mut self, handoff: Option<Handoff>) {
         if let Some(router) = self.parts.router.upgrade() {
             router.retired(self.shard(), self.parts.number, handoff);
