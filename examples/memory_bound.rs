@@ -12,8 +12,11 @@
 //! at the end, once the bound holds again, as one JSON line: `rss_kib` (VmRSS), `anon_kib`
 //! (RssAnon: the heap, where shard state lives) and `file_kib` (RssFile: mapped files, here
 //! mostly the store's LMDB pages, which the kernel may evict and which grow with the data on
-//! disk, not with what the node holds in memory). Run each key count in its own process.
+//! disk, not with what the node holds in memory), `rss_peak_kib` (VmHWM, the highest VmRSS of
+//! the run) and `peak_active`, the most shards active at once during the load (sampled every
+//! millisecond). Run each key count in its own process.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -104,6 +107,18 @@ async fn run(options: Options) -> Result<(), String> {
         .start()
         .await
         .map_err(|e| e.to_string())?;
+    // The most shards active at once during the load, sampled every millisecond.
+    let peak = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (node, peak, done) = (node.clone(), peak.clone(), done.clone());
+        actix::spawn(async move {
+            while !done.load(Ordering::Relaxed) {
+                peak.fetch_max(node.status().shards_active, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
     let started = Instant::now();
     let keys = options.keys;
     for phase in ["write", "read"] {
@@ -129,6 +144,8 @@ async fn run(options: Options) -> Result<(), String> {
         }
     }
     let elapsed = started.elapsed();
+    done.store(true, Ordering::Relaxed);
+    sampler.await.map_err(|e| format!("sampler: {e}"))?;
     let settle = Instant::now();
     while node.status().shards_active > options.active {
         if settle.elapsed() > SETTLE {
@@ -143,8 +160,10 @@ async fn run(options: Options) -> Result<(), String> {
         "keys": keys,
         "active_max": options.active,
         "active": node.status().shards_active,
+        "peak_active": peak.load(Ordering::Relaxed),
         "seconds": elapsed.as_secs_f64(),
         "rss_kib": status_kib("VmRSS"),
+        "rss_peak_kib": status_kib("VmHWM"),
         "anon_kib": status_kib("RssAnon"),
         "file_kib": status_kib("RssFile"),
     });

@@ -204,6 +204,9 @@ pub struct Router<H: ShardHandler> {
     /// (coarse on purpose: the send path reads it with one relaxed load).
     clock: AtomicU64,
     started: Instant,
+    /// A passivation pass is queued on the arbiter because a shard actor started while a bound
+    /// on active shards is set (one queued pass at a time).
+    pass_queued: AtomicBool,
     /// Request counters and histograms; `None` without a metrics endpoint.
     metrics: Option<RequestMetrics>,
     self_ref: Weak<Router<H>>,
@@ -269,6 +272,7 @@ impl<H: ShardHandler> Router<H> {
             store: parts.store,
             clock: AtomicU64::new(0),
             started: Instant::now(),
+            pass_queued: AtomicBool::new(false),
             metrics: RequestMetrics::new(),
             self_ref: self_ref.clone(),
         })
@@ -942,6 +946,7 @@ impl<H: ShardHandler> Router<H> {
                         ledger::apply(&mut ledger, |l| l.actor_gone(number));
                         return Err(Enqueue::Failed(Error::ShuttingDown));
                     }
+                    self.queue_bound_pass();
                 }
                 Intake::NotServing => return Err(Enqueue::Retired(deliver.msg)),
                 Intake::Elsewhere => return Err(Enqueue::Elsewhere(deliver.msg)),
@@ -1301,6 +1306,27 @@ impl<H: ShardHandler> Router<H> {
                 if router.stopping.load(Ordering::Acquire) {
                     return;
                 }
+                router.passivate_pass();
+            }
+        });
+    }
+
+    /// Queues a passivation pass on the node's arbiter when a bound on active shards is set, so
+    /// the bound holds as shards start under load rather than only at the next periodic pass
+    /// (which lets every shard of the node start between two passes). One pass is queued at a
+    /// time: the starts that come while it waits share it.
+    fn queue_bound_pass(&self) {
+        if self.limits.active_shards_max.is_none() || self.pass_queued.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let router = self.self_ref.clone();
+        self.arbiter.spawn(async move {
+            let Some(router) = router.upgrade() else {
+                return;
+            };
+            router.pass_queued.store(false, Ordering::Release);
+            if !router.stopping.load(Ordering::Acquire) {
                 router.passivate_pass();
             }
         });
