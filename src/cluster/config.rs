@@ -65,7 +65,8 @@ pub struct NodeConfig {
     /// ([`ShardHandler::may_passivate`](crate::ShardHandler::may_passivate)). Default: never.
     pub passivate_after: Option<Duration>,
     /// Keep at most this many shards active on the node: beyond it, the least recently used
-    /// passivate (checked every 50 ms, so the count may exceed it briefly). Default: no bound.
+    /// passivate. Each shard start queues a check, so the count exceeds the bound at most by
+    /// the starts that race a check (about one per concurrent sender). Default: no bound.
     pub active_shards_max: Option<usize>,
 }
 
