@@ -59,6 +59,8 @@ mod error;
 mod fence;
 mod lmdb;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -75,6 +77,9 @@ pub use error::{StoreError, Table};
 pub use fence::{Fence, Origin};
 pub use lmdb::LmdbShardStore;
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use postgres::{PostgresOptions, PostgresShardStore};
 pub use state::{Durable, DurableMap, DurableState, StateError};
 
 /// Where a store keeps its data, which decides what survives a node's crash.
