@@ -164,10 +164,12 @@ pub enum StoreError {
     /// connection broke during the call (the server stopped, crashed or restarted, or the network
     /// failed). A commit that failed this way may or may not have landed.
     #[cfg(feature = "postgres")]
-    #[error("PostgreSQL at {server} is unreachable: {source}; check the store's URL and that the server runs and accepts connections from this host. Shards stop serving until it answers (each reloads from the store first, since a commit in flight may or may not have landed)")]
+    #[error("PostgreSQL at {server} is unreachable ({reason}); check the store's URL and that the server runs and accepts connections from this host. Shards stop serving until it answers (each reloads from the store first, since a commit in flight may or may not have landed)")]
     PostgresUnreachable {
         /// The server, as `USER@HOST:PORT/DATABASE` (never the password).
         server: String,
+        /// What failed, in words (the server's message and SQLSTATE, if it sent one).
+        reason: String,
         /// tokio-postgres's error.
         #[source]
         source: Arc<tokio_postgres::Error>,
@@ -190,7 +192,7 @@ pub enum StoreError {
     /// nothing, but the caller cannot tell that apart from a lost answer: treat a commit's
     /// outcome as unknown.
     #[cfg(feature = "postgres")]
-    #[error("PostgreSQL at {server} failed to {verb} {target}: {source}; {hint}")]
+    #[error("PostgreSQL at {server} failed to {verb} {target}: {reason}; {hint}")]
     Postgres {
         /// The server, as `USER@HOST:PORT/DATABASE`.
         server: String,
@@ -199,6 +201,8 @@ pub enum StoreError {
         target: String,
         /// What was being done.
         verb: Verb,
+        /// What failed, in words (the server's message and SQLSTATE).
+        reason: String,
         /// tokio-postgres's error.
         #[source]
         source: Arc<tokio_postgres::Error>,

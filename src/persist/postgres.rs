@@ -523,6 +523,7 @@ impl Shared {
         if unreachable {
             return StoreError::PostgresUnreachable {
                 server: self.server.clone(),
+                reason: reason(&source),
                 source: Arc::new(source),
             };
         }
@@ -530,6 +531,7 @@ impl Shared {
             server: self.server.clone(),
             target,
             verb,
+            reason: reason(&source),
             hint: hint_for(source.code()),
             source: Arc::new(source),
         }
@@ -567,6 +569,23 @@ fn is_connection_failure(code: &SqlState) -> bool {
         || *code == SqlState::CRASH_SHUTDOWN
         || *code == SqlState::CANNOT_CONNECT_NOW
         || *code == SqlState::TOO_MANY_CONNECTIONS
+}
+
+/// An error in words: tokio-postgres shows a server's error as `db error` alone, so its message
+/// and SQLSTATE are taken from the error the server sent.
+fn reason(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!(
+            "{} {}: {}{}",
+            db.severity(),
+            db.code().code(),
+            db.message(),
+            db.detail()
+                .map(|detail| format!(" ({detail})"))
+                .unwrap_or_default()
+        ),
+        None => error.to_string(),
+    }
 }
 
 /// What the operator should check, from the server's SQLSTATE.
