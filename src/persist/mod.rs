@@ -1,6 +1,7 @@
 //! Durable shard state: the [`ShardStore`] trait that a store implements, the fencing rules every
-//! store enforces ([`Fence`]), and two stores: [`MemoryStore`] (tests and examples, shared by the
-//! nodes of an in-process cluster) and [`LmdbShardStore`] (node-local, on disk).
+//! store enforces ([`Fence`]), and three stores: [`MemoryStore`] (tests and examples, shared by
+//! the nodes of an in-process cluster), [`LmdbShardStore`] (node-local, on disk) and, with the
+//! `postgres` feature, `PostgresShardStore` (shared by every node, in PostgreSQL).
 //!
 //! A shard's durable state is a set of per-key records plus, optionally, one whole-shard record
 //! (the handler's state as one value). Values are bytes: the handler API above this layer decides
