@@ -1,7 +1,7 @@
 //! The PostgreSQL shard store against a real server (issue 18): the store contract every store
 //! keeps ([`store_contract`]), then what is PostgreSQL's own: commits to many shards from two
 //! nodes at once, a refused or failed batch that changes nothing, the server stopped and
-//! started again under the store, the schema's set-up by nodes connecting at once, the key
+//! started again under the store, a call past its time limit, the schema's set-up by nodes connecting at once, the key
 //! limit, a corrupt row, and callers on runtimes that come and go.
 //!
 //! Each test starts a throwaway server of its own ([`PostgresServer`]: `initdb` and `pg_ctl` in
@@ -389,6 +389,78 @@ async fn an_unreachable_database_gives_the_typed_error_and_the_store_recovers() 
             .as_deref(),
         Some(&b"after"[..])
     );
+}
+
+/// Goal: a call that cannot finish within its time limit fails with the typed timeout (not a
+/// refusal), lands nothing, and leaves the store usable. Method: the test holds shard 10's row
+/// locked from a connection of its own, so a commit waits on the lock past its 1 s limit; after
+/// the timeout the test releases the lock; a reload shows the value from before, and the next
+/// commit lands.
+#[tokio::test]
+async fn a_call_past_its_time_limit_is_a_typed_timeout_and_lands_nothing() {
+    let server = server();
+    let store = PostgresShardStore::connect(
+        &server.url(),
+        PostgresOptions {
+            table_prefix: "slow_".to_owned(),
+            // The lock below holds the call for as long as the test wants: any limit runs out.
+            call_timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
+    )
+    .expect("connects");
+    store
+        .activate(10, NODE_A, EPOCH_A, Scope::All)
+        .await
+        .expect("activates");
+    store
+        .commit(10, EPOCH_A, batch(&[("k", "before")]))
+        .await
+        .expect("commits");
+
+    let (mut client, connection) = tokio_postgres::connect(&server.url(), tokio_postgres::NoTls)
+        .await
+        .expect("the test connects");
+    let connection = tokio::spawn(connection);
+    let holder = client.transaction().await.expect("begins");
+    holder
+        .execute("SELECT 1 FROM slow_shards WHERE shard = 10 FOR UPDATE", &[])
+        .await
+        .expect("the test locks the shard's row");
+    let error = store
+        .commit(10, EPOCH_A, batch(&[("k", "late")]))
+        .await
+        .expect_err("the commit waits on the lock past its limit");
+    assert!(
+        matches!(
+            error,
+            StoreError::PostgresTimeout {
+                waiting_for: "an answer",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(!error.is_refusal(), "{error}");
+    assert!(error.to_string().contains("call_timeout"), "{error}");
+    holder.rollback().await.expect("the test releases the lock");
+
+    let loaded = store
+        .activate(10, NODE_A, EPOCH_A, Scope::All)
+        .await
+        .expect("reloads");
+    assert_eq!(records(&loaded), expected(&[("k", "before")]));
+    store
+        .commit(10, EPOCH_A, batch(&[("k", "after")]))
+        .await
+        .expect("the next commit lands");
+    let read = store
+        .read(10, EPOCH_A, Key::from("k"))
+        .await
+        .expect("reads");
+    assert_eq!(read.as_deref(), Some(&b"after"[..]));
+    drop(client);
+    let _ = connection.await;
 }
 
 /// Goal: connecting to an address where no server runs fails with the typed error that names

@@ -174,17 +174,19 @@ pub enum StoreError {
         #[source]
         source: Arc<tokio_postgres::Error>,
     },
-    /// A call to PostgreSQL did not finish within
-    /// [`PostgresOptions::call_timeout`](super::PostgresOptions::call_timeout). A commit that
-    /// failed this way may or may not have landed.
+    /// A call to PostgreSQL did not finish within its time limit:
+    /// [`PostgresOptions::call_timeout`](super::PostgresOptions::call_timeout), or
+    /// [`connect_timeout`](super::PostgresOptions::connect_timeout) while opening a connection. A
+    /// commit that failed this way may or may not have landed.
     #[cfg(feature = "postgres")]
-    #[error("PostgreSQL at {server} did not answer within {timeout:?} while {waiting_for}; check that the server runs and is not overloaded (locks held by other clients, a full disk), or raise the store's call_timeout. The shard reloads from the store before it serves again")]
+    #[error("PostgreSQL at {server}: waited {timeout:?} for {waiting_for} in vain; check that the server runs and is not overloaded (locks held by other clients, a full disk), or raise the store's call_timeout (connect_timeout for a new connection). The shard reloads from the store before it serves again")]
     PostgresTimeout {
         /// The server, as `USER@HOST:PORT/DATABASE`.
         server: String,
-        /// What the call was waiting for (`a connection`, `an answer`).
+        /// What the call was waiting for (`a connection of the pool`, `a new connection`, `an
+        /// answer`).
         waiting_for: &'static str,
-        /// The call's time limit.
+        /// The time limit that ran out.
         timeout: std::time::Duration,
     },
     /// PostgreSQL answered a call with an error (a refused login, a missing database or table, a

@@ -173,7 +173,8 @@ impl PostgresOptions {
 /// A [`ShardStore`] in PostgreSQL, shared by every node that connects to the same database with
 /// the same table prefix (its [`Locality`] is [`Shared`](Locality::Shared)). See the module
 /// docs for its tables and transactions. Cheap to clone: clones share the pool and the runtime
-/// thread, which stop when the last clone is dropped.
+/// thread. Dropping the last clone waits for the calls in flight (each within
+/// [`PostgresOptions::call_timeout`]), then stops the thread and closes the connections.
 #[derive(Clone)]
 pub struct PostgresShardStore {
     inner: Arc<Inner>,
@@ -201,6 +202,8 @@ struct Shared {
     server: String,
     /// The time limit of one call.
     call_timeout: Duration,
+    /// The time limit of opening one connection.
+    connect_timeout: Duration,
     /// The tables' names.
     tables: Tables,
     /// The statements, with the tables' names filled in.
@@ -365,6 +368,7 @@ impl PostgresShardStore {
             pool,
             server,
             call_timeout: options.call_timeout,
+            connect_timeout: options.connect_timeout,
             sql: Statements::new(&tables),
             tables,
         });
@@ -478,7 +482,7 @@ impl Shared {
         let client = match tokio::time::timeout_at(deadline, self.pool.get()).await {
             Ok(Ok(client)) => client,
             Ok(Err(error)) => return Err(self.pool_error(error)),
-            Err(_) => return Err(timed_out("a connection")),
+            Err(_) => return Err(timed_out("a connection of the pool")),
         };
         tokio::time::timeout_at(deadline, work(client, self.clone()))
             .await
@@ -494,7 +498,7 @@ impl Shared {
             PoolError::Timeout(_) => StoreError::PostgresTimeout {
                 server: self.server.clone(),
                 waiting_for: "a new connection",
-                timeout: self.call_timeout,
+                timeout: self.connect_timeout,
             },
             // The pool is never closed while a call runs, and has a runtime and no hooks.
             PoolError::Closed | PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(_) => {
