@@ -8,6 +8,7 @@
 //! has every page written; only a crash of the machine would. It trusts every local login
 //! (`initdb --auth=trust`), as the superuser `postgres`.
 
+use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -76,12 +77,21 @@ impl PostgresServer {
             run_tool(chown, "chown")?;
         }
         let data = dir.path().join("data");
-        let mut initdb = command(&bin_dir, "initdb", as_os_user);
-        initdb
-            .arg("--pgdata")
-            .arg(&data)
-            .args(["--auth=trust", "--username", SUPERUSER])
-            .args(["--encoding=UTF8", "--locale=C", "--no-sync"]);
+        let initdb = command(
+            &bin_dir,
+            "initdb",
+            as_os_user,
+            &[
+                "--pgdata".into(),
+                data.clone().into(),
+                "--auth=trust".into(),
+                "--username".into(),
+                SUPERUSER.into(),
+                "--encoding=UTF8".into(),
+                "--locale=C".into(),
+                "--no-sync".into(),
+            ],
+        );
         run_tool(initdb, "initdb")?;
         let mut dir = Some(dir);
         let mut last_failure = None;
@@ -146,10 +156,7 @@ impl PostgresServer {
         if !*running {
             return Ok(());
         }
-        let mut stop = self.pg_ctl();
-        stop.args(["stop", "--mode=immediate", "--wait"])
-            .arg(format!("--timeout={START_WAIT_SECONDS}"));
-        run_tool(stop, "pg_ctl stop")?;
+        run_tool(self.pg_ctl_stop(), "pg_ctl stop")?;
         *running = false;
         Ok(())
     }
@@ -168,14 +175,15 @@ impl PostgresServer {
             self.port(),
             dir.display()
         );
-        let mut start = self.pg_ctl();
-        start
-            .args(["start", "--wait"])
-            .arg(format!("--timeout={START_WAIT_SECONDS}"))
-            .arg("--log")
-            .arg(dir.join("server.log"))
-            .arg("-o")
-            .arg(options);
+        let start = self.pg_ctl(&[
+            "start".into(),
+            "--wait".into(),
+            format!("--timeout={START_WAIT_SECONDS}").into(),
+            "--log".into(),
+            dir.join("server.log").into(),
+            "-o".into(),
+            options.into(),
+        ]);
         match run_tool(start, "pg_ctl start") {
             Ok(()) => {
                 *running = true;
@@ -198,10 +206,7 @@ impl PostgresServer {
 
     /// Stops a server whose start failed, ignoring errors (there may be nothing to stop).
     fn stop_unchecked(&self) {
-        let mut stop = self.pg_ctl();
-        stop.args(["stop", "--mode=immediate", "--wait"])
-            .arg(format!("--timeout={START_WAIT_SECONDS}"));
-        let _ = run_bounded(stop, TOOL_TIMEOUT);
+        let _ = run_bounded(self.pg_ctl_stop(), TOOL_TIMEOUT);
     }
 
     /// Takes the temporary directory out of a server that is not running, so that dropping
@@ -218,11 +223,21 @@ impl PostgresServer {
             .path()
     }
 
-    /// `pg_ctl --pgdata DIR/data`, as the server's OS user.
-    fn pg_ctl(&self) -> Command {
-        let mut pg_ctl = command(&self.bin_dir, "pg_ctl", self.as_os_user);
-        pg_ctl.arg("--pgdata").arg(self.dir().join("data"));
-        pg_ctl
+    /// `pg_ctl --pgdata DIR/data ARGS`, as the server's OS user.
+    fn pg_ctl(&self, args: &[OsString]) -> Command {
+        let mut all: Vec<OsString> = vec!["--pgdata".into(), self.dir().join("data").into()];
+        all.extend_from_slice(args);
+        command(&self.bin_dir, "pg_ctl", self.as_os_user, &all)
+    }
+
+    /// `pg_ctl stop` at once (`immediate`: as a crash would), waiting until the server exited.
+    fn pg_ctl_stop(&self) -> Command {
+        self.pg_ctl(&[
+            "stop".into(),
+            "--mode=immediate".into(),
+            "--wait".into(),
+            format!("--timeout={START_WAIT_SECONDS}").into(),
+        ])
     }
 }
 
@@ -255,29 +270,40 @@ fn run_tool(command: Command, name: &str) -> Result<(), TestingError> {
     }
 }
 
-/// `BIN_DIR/program`, run as [`OS_USER`] when `as_os_user` (with `runuser`, or `su` where
+/// `BIN_DIR/program ARGS`, run as [`OS_USER`] when `as_os_user` (with `runuser`, or `su` where
 /// there is no `runuser`).
-fn command(bin_dir: &Path, program: &str, as_os_user: bool) -> Command {
+fn command(bin_dir: &Path, program: &str, as_os_user: bool, args: &[OsString]) -> Command {
     let program = bin_dir.join(program);
     if !as_os_user {
-        return Command::new(program);
+        let mut command = Command::new(program);
+        command.args(args);
+        return command;
     }
     match find_in_path("runuser") {
         Some(runuser) => {
             let mut command = Command::new(runuser);
-            command.args(["-u", OS_USER, "--"]).arg(program);
+            command.args(["-u", OS_USER, "--"]).arg(program).args(args);
             command
         }
         None => {
-            // `su -c` takes one shell command: the program and, appended by the caller, its
-            // arguments go through a small wrapper that passes them on unchanged.
+            // `su -c` takes one shell command line: every word is quoted for the shell.
+            let line: Vec<String> = std::iter::once(program.into_os_string())
+                .chain(args.iter().cloned())
+                .map(|word| shell_quote(&word.to_string_lossy()))
+                .collect();
             let mut command = Command::new("su");
             command
-                .args([OS_USER, "-s", "/bin/sh", "-c", "exec \"$0\" \"$@\""])
-                .arg(program);
+                .args(["-s", "/bin/sh", "-c"])
+                .arg(format!("exec {}", line.join(" ")))
+                .arg(OS_USER);
             command
         }
     }
+}
+
+/// `word` in single quotes for `sh`, so that nothing in it is expanded.
+fn shell_quote(word: &str) -> String {
+    format!("'{}'", word.replace('\'', r"'\''"))
 }
 
 /// Where `initdb` and `pg_ctl` are: beside the `initdb` found in `PATH` (following a symbolic
@@ -336,4 +362,20 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quoting_keeps_every_word_as_it_is() {
+        assert_eq!(shell_quote("/tmp/a b"), "'/tmp/a b'");
+        let quoted = shell_quote("it's $HOME");
+        let echoed = Command::new("sh")
+            .args(["-c", &format!("printf %s {quoted}")])
+            .output()
+            .expect("sh runs");
+        assert_eq!(String::from_utf8_lossy(&echoed.stdout), "it's $HOME");
+    }
 }
