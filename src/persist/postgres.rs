@@ -429,7 +429,13 @@ impl PostgresShardStore {
             &store.inner.runtime,
         );
         receiver.recv().map_err(|_| StoreError::Closed)??;
-        tracing::info!(server = %store.inner.shared.server, tables = %format!("{}, {}", store.inner.shared.tables.shards, store.inner.shared.tables.records), "connected the PostgreSQL shard store");
+        let Tables { shards, records } = &store.inner.shared.tables;
+        tracing::info!(
+            server = %store.inner.shared.server,
+            %shards,
+            %records,
+            "connected the PostgreSQL shard store"
+        );
         Ok(store)
     }
 
@@ -521,8 +527,7 @@ impl Shared {
     fn error_on(&self, target: String, verb: Verb, source: tokio_postgres::Error) -> StoreError {
         let unreachable = match source.code() {
             Some(code) => is_connection_failure(code),
-            // No SQLSTATE: an I/O error, a closed connection, or a timeout while connecting.
-            None => true,
+            None => is_network_failure(&source),
         };
         if unreachable {
             return StoreError::PostgresUnreachable {
@@ -590,6 +595,19 @@ fn reason(error: &tokio_postgres::Error) -> String {
         ),
         None => error.to_string(),
     }
+}
+
+/// Whether an error without SQLSTATE is the network's: the connection closed, an I/O error
+/// (refused, reset, unreachable host), or tokio-postgres's own connect timeout. Other errors
+/// without SQLSTATE (a login the client cannot make, a value that does not convert) are not.
+fn is_network_failure(error: &tokio_postgres::Error) -> bool {
+    use std::error::Error as _;
+    error.is_closed()
+        || error
+            .source()
+            .is_some_and(|source| source.downcast_ref::<std::io::Error>().is_some())
+        // The connect timeout's kind is private; its message is the one public trace of it.
+        || error.to_string().starts_with("timeout waiting for server")
 }
 
 /// What the operator should check, from the server's SQLSTATE.
