@@ -64,7 +64,8 @@
 //! - [`plan`]: the topology planner: which failures a layout of voters over zones survives (pure).
 //! - [`storage`]: the raft log and snapshots on LMDB.
 //! - [`persist`]: durable shard state: the [`ShardStore`](persist::ShardStore) trait with its
-//!   fencing rules, the in-memory store and the node-local LMDB store.
+//!   fencing rules, the in-memory store, the node-local LMDB store and (feature `postgres`) the
+//!   shared PostgreSQL store.
 //! - [`transport`]: authenticated, multiplexed TCP between nodes and clients; [`tls`] its
 //!   certificates.
 //! - [`error`]: the errors of the public API.

@@ -1,12 +1,13 @@
-//! Durable handler state in real in-process clusters (issue 17): fencing of a deposed owner's
-//! late write across a freeze and a failover, restarts in place on a node-local LMDB store,
-//! replies held until their commit with the commits of one shard grouped, a failed commit that
-//! answers outcome-unknown and reloads the shard, and an `async on_activate` that runs before the
-//! first message.
+//! Durable handler state in real in-process clusters (issues 17 and 18): fencing of a deposed
+//! owner's late write across a freeze and a failover (on a shared memory store and on
+//! PostgreSQL), restarts in place on a node-local LMDB store, replies held until their commit
+//! with the commits of one shard grouped, a failed commit that answers outcome-unknown and
+//! reloads the shard, and an `async on_activate` that runs before the first message.
 //!
 //! The nodes (see `inproc`) run [`Counters`], a counter per key in a [`DurableMap`]. Their
-//! stores are real ones (one [`MemoryStore`] shared by the nodes, or an [`LmdbShardStore`] per
-//! node), each seen through a [`FaultyStore`]: fault injection that can hold one node's commits
+//! stores are real ones (one [`MemoryStore`] shared by the nodes, a PostgreSQL server of the
+//! test's own with a [`PostgresShardStore`] per node, or an [`LmdbShardStore`] per node), each
+//! seen through a [`FaultyStore`]: fault injection that can hold one node's commits
 //! of one shard at a gate until the test opens it, or fail the next one, and that records every
 //! call and its outcome. The tests wait for events (a commit arriving at the gate, a handler
 //! completing, a map applied), never for time; every value is read back at the end, and failed
@@ -23,12 +24,13 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use clusterfunk::persist::{
-    Batch, Durable, DurableMap, DurableState, LmdbShardStore, Loaded, Locality, MemoryStore, Scope,
-    ShardStore, StoreError,
+    Batch, Durable, DurableMap, DurableState, Fence, LmdbShardStore, Loaded, Locality, MemoryStore,
+    PostgresOptions, PostgresShardStore, Scope, ShardStore, StoreError,
 };
 use clusterfunk::prelude::*;
 use clusterfunk::shard_map::Epoch;
 use clusterfunk::storage::StoreOptions;
+use clusterfunk::testing::PostgresServer;
 use clusterfunk::{NodeConfig, ServeEventKind};
 use futures_util::future::{BoxFuture, FutureExt};
 use inproc::{key_of_shard, shards_of, Get, Incr, Put, SendError, Served, TestCluster, DEADLINE};
@@ -360,25 +362,96 @@ impl ShardStore for FaultyStore {
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
+/// The store the nodes of a test share: one [`MemoryStore`], or a PostgreSQL server of the
+/// test's own, to which each node connects with a [`PostgresShardStore`] of its own (its own
+/// pool and thread, as separate processes would).
+enum SharedStore {
+    /// One store in memory, shared by clones.
+    Memory(MemoryStore),
+    /// A throwaway server, and a store of the test's own to look at what the nodes stored.
+    Postgres {
+        /// The server, stopped when the test ends.
+        server: PostgresServer,
+        /// The test's own connection.
+        observer: PostgresShardStore,
+    },
+}
+
+impl SharedStore {
+    /// A new [`MemoryStore`].
+    fn memory() -> Arc<SharedStore> {
+        Arc::new(SharedStore::Memory(MemoryStore::new()))
+    }
+
+    /// A new PostgreSQL server, with the store's tables created by the test's connection.
+    fn postgres() -> Arc<SharedStore> {
+        let server = PostgresServer::start()
+            .unwrap_or_else(|e| panic!("start a test PostgreSQL server: {e}"));
+        let observer = PostgresShardStore::connect(&server.url(), PostgresOptions::default())
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", server.url()));
+        Arc::new(SharedStore::Postgres { server, observer })
+    }
+
+    /// A node's store: the shared [`MemoryStore`], or a new connection to the server.
+    fn for_node(&self) -> Result<Arc<dyn ShardStore>, String> {
+        match self {
+            SharedStore::Memory(memory) => Ok(Arc::new(memory.clone())),
+            SharedStore::Postgres { server, .. } => {
+                PostgresShardStore::connect(&server.url(), PostgresOptions::default())
+                    .map(|store| Arc::new(store) as Arc<dyn ShardStore>)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// The test's own view of the store.
+    fn observer(&self) -> &dyn ShardStore {
+        match self {
+            SharedStore::Memory(memory) => memory,
+            SharedStore::Postgres { observer, .. } => observer,
+        }
+    }
+
+    /// The shard's fence, as the store recorded it.
+    async fn fence(&self, shard: ShardId) -> Option<Fence> {
+        match self {
+            SharedStore::Memory(memory) => memory.fence(shard),
+            SharedStore::Postgres { observer, .. } => observer
+                .fence(shard)
+                .await
+                .unwrap_or_else(|e| panic!("read the fence of shard {shard}: {e}")),
+        }
+    }
+}
+
 /// Starts `nodes` nodes running `H` that share one [`MemoryStore`], each through its
 /// [`FaultyStore`]; `configure` adjusts their configuration.
 async fn start_shared<H: ShardHandler + Default>(
     name: &str,
     nodes: usize,
     configure: impl Fn(&mut NodeConfig) + Send + Sync + 'static,
-) -> (Arc<TestCluster<H>>, MemoryStore, Arc<StoreFaults>) {
-    let memory = MemoryStore::new();
+) -> (Arc<TestCluster<H>>, Arc<SharedStore>, Arc<StoreFaults>) {
+    start_on(name, nodes, configure, SharedStore::memory()).await
+}
+
+/// Starts `nodes` nodes running `H` that share `store`, each through its [`FaultyStore`].
+async fn start_on<H: ShardHandler + Default>(
+    name: &str,
+    nodes: usize,
+    configure: impl Fn(&mut NodeConfig) + Send + Sync + 'static,
+    store: Arc<SharedStore>,
+) -> (Arc<TestCluster<H>>, Arc<SharedStore>, Arc<StoreFaults>) {
     let faults = StoreFaults::new();
-    let (shared, injected) = (memory.clone(), faults.clone());
+    let (shared, injected) = (store.clone(), faults.clone());
     let cluster = TestCluster::<H>::start_with_stores(name, nodes, configure, move |node, _dir| {
         Ok(Arc::new(FaultyStore {
-            inner: Arc::new(shared.clone()),
+            inner: shared.for_node()?,
             node,
             faults: injected.clone(),
         }) as Arc<dyn ShardStore>)
     })
     .await;
-    (cluster, memory, faults)
+    (cluster, store, faults)
 }
 
 /// Holds requests for as long as their commits wait at a gate (see [`GATED_REQUEST_TIMEOUT`]).
@@ -505,9 +578,10 @@ async fn wait_arrived<H: ShardHandler + Default>(
 /// Reads `shard`'s records straight from the store, as a [`DurableMap`] of counters. Raises the
 /// shard's fence (it activates the shard as [`READER`]): only for the end of a test, once the
 /// cluster stopped.
-async fn stored_values(store: &MemoryStore, shard: ShardId) -> DurableMap<u64> {
-    let epoch = store.fence(shard).map_or(0, |fence| fence.epoch + 1);
+async fn stored_values(store: &SharedStore, shard: ShardId) -> DurableMap<u64> {
+    let epoch = store.fence(shard).await.map_or(0, |fence| fence.epoch + 1);
     let loaded = store
+        .observer()
         .activate(shard, READER, epoch, Scope::All)
         .await
         .expect("the reader's activation is above the fence");
@@ -540,7 +614,17 @@ enum LateCommit {
 /// must stand, in the cluster and in the store.
 #[tokio::test]
 async fn a_frozen_owners_late_commit_is_refused_after_its_shard_failed_over() {
-    late_commit_after_failover("durable-fenced-frozen", LateCommit::BeforeThaw).await;
+    let store = SharedStore::memory();
+    late_commit_after_failover("durable-fenced-frozen", LateCommit::BeforeThaw, store).await;
+}
+
+/// Goal: as [`a_frozen_owners_late_commit_is_refused_after_its_shard_failed_over`], with the
+/// nodes on PostgreSQL (a server of the test's own, a connection pool per node): the database
+/// refuses the deposed owner's late commit by the fence row it locks.
+#[tokio::test]
+async fn a_frozen_owners_late_commit_is_refused_after_its_shard_failed_over_on_postgres() {
+    let store = SharedStore::postgres();
+    late_commit_after_failover("durable-pg-fenced-frozen", LateCommit::BeforeThaw, store).await;
 }
 
 /// Goal: a deposed owner that already knows the newer map still writes with the epoch of its
@@ -549,11 +633,21 @@ async fn a_frozen_owners_late_commit_is_refused_after_its_shard_failed_over() {
 /// goes on only after the thawed old owner applied the map that gave its shard away.
 #[tokio::test]
 async fn an_old_owner_that_learned_the_new_map_still_commits_at_its_old_epoch_and_is_refused() {
-    late_commit_after_failover("durable-fenced-learned", LateCommit::AfterNewMap).await;
+    let store = SharedStore::memory();
+    late_commit_after_failover("durable-fenced-learned", LateCommit::AfterNewMap, store).await;
 }
 
-async fn late_commit_after_failover(name: &str, late_commit: LateCommit) {
-    let (cluster, memory, faults) = start_shared::<Counters>(name, 3, |_| {}).await;
+/// Goal: as [`an_old_owner_that_learned_the_new_map_still_commits_at_its_old_epoch_and_is_refused`],
+/// with the nodes on PostgreSQL.
+#[tokio::test]
+async fn an_old_owner_that_learned_the_new_map_still_commits_at_its_old_epoch_and_is_refused_on_postgres(
+) {
+    let store = SharedStore::postgres();
+    late_commit_after_failover("durable-pg-fenced-learned", LateCommit::AfterNewMap, store).await;
+}
+
+async fn late_commit_after_failover(name: &str, late_commit: LateCommit, store: Arc<SharedStore>) {
+    let (cluster, shared, faults) = start_on::<Counters>(name, 3, |_| {}, store).await;
     let leader = cluster.wait_ready().await;
     let (old, others) = cluster.follower_and_others(leader);
     let (_, owners) = cluster.shards(old).await.expect("the old owner has a map");
@@ -566,7 +660,10 @@ async fn late_commit_after_failover(name: &str, late_commit: LateCommit) {
     // The old owner activates the shard and commits a first value.
     let (first, _) = send_until_answered(&cluster, old, &key, || Put { value: 1 }).await;
     assert_eq!(first.node, old, "the owner served the first write");
-    let old_fence = memory.fence(shard).expect("the owner activated the shard");
+    let old_fence = shared
+        .fence(shard)
+        .await
+        .expect("the owner activated the shard");
     assert_eq!(old_fence.owner, old, "the store's fence names the owner");
     let old_epoch = old_fence.epoch;
 
@@ -605,7 +702,7 @@ async fn late_commit_after_failover(name: &str, late_commit: LateCommit) {
     );
     assert_eq!(written.node, new_owner, "the new owner served the write");
     assert_eq!(written.value, Some(3));
-    let new_fence = memory.fence(shard).expect("the shard is activated");
+    let new_fence = shared.fence(shard).await.expect("the shard is activated");
     assert_eq!(new_fence.owner, new_owner, "the new owner raised the fence");
     assert!(
         new_fence.epoch > old_epoch && !new_fence.released,
@@ -695,7 +792,7 @@ async fn late_commit_after_failover(name: &str, late_commit: LateCommit) {
         );
     }
     drop(cluster);
-    assert_eq!(stored_values(&memory, shard).await.get(&key), Some(&3));
+    assert_eq!(stored_values(&shared, shard).await.get(&key), Some(&3));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -993,7 +1090,7 @@ async fn a_restart_in_place_after_an_unrelated_map_change_keeps_every_acknowledg
 #[tokio::test]
 async fn replies_wait_for_their_commit_and_commits_are_grouped() {
     let name = "durable-grouped";
-    let (cluster, memory, faults) = start_shared::<Counters>(name, 1, patient).await;
+    let (cluster, shared, faults) = start_shared::<Counters>(name, 1, patient).await;
     let shard: ShardId = 7;
     let keys: Vec<String> = ["a", "b", "c", "d"]
         .iter()
@@ -1080,7 +1177,7 @@ async fn replies_wait_for_their_commit_and_commits_are_grouped() {
         assert_eq!(read.value, Some(value), "{key} through the node");
     }
     drop(cluster);
-    let stored = stored_values(&memory, shard).await;
+    let stored = stored_values(&shared, shard).await;
     for (key, value) in keys.iter().zip(expected) {
         assert_eq!(stored.get(key), Some(&value), "{key} in the store");
     }
@@ -1099,7 +1196,7 @@ async fn replies_wait_for_their_commit_and_commits_are_grouped() {
 #[tokio::test]
 async fn a_failed_commit_answers_outcome_unknown_and_the_shard_reloads() {
     let name = "durable-failed-commit";
-    let (cluster, memory, faults) = start_shared::<Counters>(name, 1, patient).await;
+    let (cluster, shared, faults) = start_shared::<Counters>(name, 1, patient).await;
     let shard: ShardId = 9;
     let key = cluster.key_of(shard).to_owned();
     let (written, _) = send_until_answered(&cluster, 1, &key, || Put { value: 5 }).await;
@@ -1173,7 +1270,7 @@ async fn a_failed_commit_answers_outcome_unknown_and_the_shard_reloads() {
     let read = cluster.send(1, &key, Get).await.expect("the node answers");
     assert_eq!(read.value, Some(9));
     drop(cluster);
-    assert_eq!(stored_values(&memory, shard).await.get(&key), Some(&9));
+    assert_eq!(stored_values(&shared, shard).await.get(&key), Some(&9));
 }
 
 // ---------------------------------------------------------------------------------------------

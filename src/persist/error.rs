@@ -83,7 +83,8 @@ pub enum StoreError {
         epoch: Epoch,
     },
     /// A key is too long for the store (LMDB limits a key to 511 bytes, of which the store uses
-    /// 5). The commit was refused and changed nothing.
+    /// 5; PostgreSQL's index entries limit the PostgreSQL store's keys). The commit was refused
+    /// and changed nothing.
     #[error("shard {shard}: a key of {key_bytes} bytes is over this store's limit of {key_bytes_max} bytes; use shorter keys (hash long ones)")]
     KeyTooLong {
         /// The shard.
@@ -146,17 +147,101 @@ pub enum StoreError {
         /// What is wrong with the key.
         reason: &'static str,
     },
-    /// The store's writer thread could not be started.
+    /// The store's writer thread (or, for the PostgreSQL store, its runtime thread) could not be
+    /// started.
     #[error("cannot start the shard store's writer thread: {source}; the process is out of threads or memory: check ulimit -u and free memory")]
     SpawnThread {
         /// The operating system's error.
         #[source]
         source: Arc<io::Error>,
     },
-    /// The store's writer thread is gone (it panicked, or the store is being dropped). A commit
-    /// that fails this way may or may not have landed.
+    /// The store's writer thread (or, for the PostgreSQL store, its runtime thread) is gone (it
+    /// panicked, or the store is being dropped). A commit that fails this way may or may not
+    /// have landed.
     #[error("the shard store's writer thread has exited; the outcome of the last commit is unknown: reopen the store and reload the shard, and see earlier log lines for why it stopped")]
     Closed,
+    /// The PostgreSQL server could not be reached: no connection could be opened, or the
+    /// connection broke during the call (the server stopped, crashed or restarted, or the network
+    /// failed). A commit that failed this way may or may not have landed.
+    #[cfg(feature = "postgres")]
+    #[error("PostgreSQL at {server} is unreachable ({reason}); check the store's URL and that the server runs and accepts connections from this host. Shards stop serving until it answers (each reloads from the store first, since a commit in flight may or may not have landed)")]
+    PostgresUnreachable {
+        /// The server, as `USER@HOST:PORT/DATABASE` (never the password).
+        server: String,
+        /// What failed, in words (the server's message and SQLSTATE, if it sent one).
+        reason: String,
+        /// tokio-postgres's error.
+        #[source]
+        source: Arc<tokio_postgres::Error>,
+    },
+    /// A call to PostgreSQL did not finish within its time limit:
+    /// [`PostgresOptions::call_timeout`](super::PostgresOptions::call_timeout), or
+    /// [`connect_timeout`](super::PostgresOptions::connect_timeout) while opening a connection. A
+    /// commit that failed this way may or may not have landed.
+    #[cfg(feature = "postgres")]
+    #[error("PostgreSQL at {server}: waited {timeout:?} for {waiting_for} in vain; check that the server runs and is not overloaded (locks held by other clients, a full disk), or raise the store's call_timeout (connect_timeout for a new connection). The shard reloads from the store before it serves again")]
+    PostgresTimeout {
+        /// The server, as `USER@HOST:PORT/DATABASE`.
+        server: String,
+        /// What the call was waiting for (`a connection of the pool`, `a new connection`, `an
+        /// answer`).
+        waiting_for: &'static str,
+        /// The time limit that ran out.
+        timeout: std::time::Duration,
+    },
+    /// PostgreSQL answered a call with an error (a refused login, a missing database or table, a
+    /// missing privilege, a full disk…). The transaction was rolled back, so the call changed
+    /// nothing, but the caller cannot tell that apart from a lost answer: treat a commit's
+    /// outcome as unknown.
+    #[cfg(feature = "postgres")]
+    #[error("PostgreSQL at {server} failed to {verb} {target}: {reason}; {hint}")]
+    Postgres {
+        /// The server, as `USER@HOST:PORT/DATABASE`.
+        server: String,
+        /// What was being accessed: `table NAME` (with the store's prefix), `the store's
+        /// tables` (their set-up) or `a connection` (a login).
+        target: String,
+        /// What was being done.
+        verb: Verb,
+        /// What failed, in words (the server's message and SQLSTATE).
+        reason: String,
+        /// tokio-postgres's error.
+        #[source]
+        source: Arc<tokio_postgres::Error>,
+        /// What the operator should check, derived from the error's SQLSTATE.
+        hint: &'static str,
+    },
+    /// The PostgreSQL store's URL does not parse.
+    #[cfg(feature = "postgres")]
+    #[error("the PostgreSQL URL does not parse: {source}; write it as postgres://USER[:PASSWORD]@HOST:PORT/DATABASE")]
+    PostgresUrl {
+        /// tokio-postgres's error.
+        #[source]
+        source: Arc<tokio_postgres::Error>,
+    },
+    /// A table of the store's name exists in the database but not with the columns this store
+    /// writes (another program's table, or one written by an incompatible version).
+    #[cfg(feature = "postgres")]
+    #[error("the PostgreSQL table {table} is not a shard store table of this version ({problem}); give the store a table_prefix of its own, or move the table aside")]
+    PostgresSchema {
+        /// The table (with the store's prefix).
+        table: String,
+        /// Which column is missing or of another type.
+        problem: String,
+    },
+    /// A row of the PostgreSQL store does not decode (a column of an unexpected type, or an
+    /// unexpected NULL). Only calls for that shard fail.
+    #[cfg(feature = "postgres")]
+    #[error("a row of shard {shard} in the PostgreSQL table {table} does not decode: {source}; the table was changed by another program or an incompatible version: repair or delete the shard's rows (the shard then starts empty)")]
+    PostgresCorruptRow {
+        /// The shard.
+        shard: ShardId,
+        /// The table (with the store's prefix).
+        table: String,
+        /// tokio-postgres's error.
+        #[source]
+        source: Arc<tokio_postgres::Error>,
+    },
     /// A store implemented outside this crate failed. Whether a commit landed is unknown unless
     /// the store says so.
     #[error(

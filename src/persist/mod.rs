@@ -1,6 +1,7 @@
 //! Durable shard state: the [`ShardStore`] trait that a store implements, the fencing rules every
-//! store enforces ([`Fence`]), and two stores: [`MemoryStore`] (tests and examples, shared by the
-//! nodes of an in-process cluster) and [`LmdbShardStore`] (node-local, on disk).
+//! store enforces ([`Fence`]), and three stores: [`MemoryStore`] (tests and examples, shared by
+//! the nodes of an in-process cluster), [`LmdbShardStore`] (node-local, on disk) and, with the
+//! `postgres` feature, `PostgresShardStore` (shared by every node, in PostgreSQL).
 //!
 //! A shard's durable state is a set of per-key records plus, optionally, one whole-shard record
 //! (the handler's state as one value). Values are bytes: the handler API above this layer decides
@@ -59,6 +60,8 @@ mod error;
 mod fence;
 mod lmdb;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -75,6 +78,9 @@ pub use error::{StoreError, Table};
 pub use fence::{Fence, Origin};
 pub use lmdb::LmdbShardStore;
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use postgres::{PostgresOptions, PostgresShardStore};
 pub use state::{Durable, DurableMap, DurableState, StateError};
 
 /// Where a store keeps its data, which decides what survives a node's crash.

@@ -94,6 +94,17 @@ pub enum TestingError {
         /// How `kill(1)` failed.
         detail: String,
     },
+    /// PostgreSQL's server programs are not installed.
+    #[error("PostgreSQL is not installed: initdb, pg_ctl and createdb were found neither in PATH nor in /usr/lib/postgresql/*/bin; install Debian's package: apt-get install postgresql")]
+    PostgresMissing,
+    /// A command-line tool the harness runs (`initdb`, `pg_ctl`, `createdb`, `chown`) failed.
+    #[error("`{command}` failed: {detail}")]
+    ToolFailed {
+        /// The command line.
+        command: String,
+        /// Its exit code and output (and, for a server that did not start, its log).
+        detail: String,
+    },
     /// An admin call to a node failed.
     #[error(transparent)]
     Admin(#[from] AdminError),

@@ -14,7 +14,11 @@
 //!   tool's clean-up still runs;
 //! - [`status`], [`statuses`] and [`shard_owners`]: a node's state through [`AdminClient`];
 //!   [`wait_settled`] waits until a cluster is at rest with balanced shares;
-//! - [`keys_per_shard`] and [`key_of_shard`]: keys that land on chosen shards.
+//! - [`keys_per_shard`] and [`key_of_shard`]: keys that land on chosen shards;
+//! - [`PostgresServer`]: a throwaway PostgreSQL server in a temporary directory, for the
+//!   PostgreSQL shard store's tests;
+//! - [`store_contract`]: the contract every [`ShardStore`](crate::persist::ShardStore) must keep,
+//!   as a suite of checks to run against a store of your own.
 //!
 //! It does not own test assertions (they live in `tests/common`) nor the tools' reporting
 //! (series, tables and JSON live in `examples/support`). It is not meant for production: it
@@ -26,8 +30,10 @@ mod binaries;
 mod error;
 mod keys;
 mod ports;
+mod postgres;
 mod process;
 mod status;
+mod store_contract;
 mod wait;
 
 pub use binaries::{build_kv_example, Binaries};
@@ -37,6 +43,8 @@ pub use ports::{
     reserve_port_on_hosts, reserve_ports, PortReservation, IN_PROCESS_PORT_RANGE,
     PROCESS_PORT_RANGE,
 };
+pub use postgres::PostgresServer;
 pub use process::{run_bounded, serve_command, NodeProcess, Outcome, Signal};
 pub use status::{shard_owners, status, statuses, wait_settled, Settled};
+pub use store_contract::store_contract;
 pub use wait::{interrupted, wait_for, wait_until, watch_interrupt};
