@@ -3,7 +3,7 @@
 //! ```text
 //! kv serve --id N --listen IP:PORT --data-dir DIR [--init ID=IP:PORT[@ZONE],...] [--zone Z] [--shards S]
 //!          [--metrics IP:PORT] [--timing default|fast] [--drain-timeout SECS]
-//!          [--store memory|lmdb]
+//!          [--store memory|lmdb|postgres://USER@HOST:PORT/DB]
 //! kv put   --node IP:PORT [--node IP:PORT ...] KEY VALUE
 //! kv get   --node IP:PORT [--node IP:PORT ...] KEY   # prints the value; exit 3 when absent
 //! kv owner --node IP:PORT [--node IP:PORT ...] KEY   # one JSON line {"key":..,"shard":S,"node":N,"epoch":E}
@@ -13,9 +13,11 @@
 //! cluster secret comes from `CLUSTERFUNK_SECRET` or `--secret-file`; `--insecure` runs without
 //! one and is refused together with a secret. `--store` decides where the values live: in the
 //! node's memory (`memory`, the default: a shard's values move with it on planned moves and are
-//! lost when its node crashes) or in an LMDB store in DATA_DIR/shards (`lmdb`: they also
+//! lost when its node crashes), in an LMDB store in DATA_DIR/shards (`lmdb`: they also
 //! survive a restart of the node in place; a shard that fails over after a crash starts empty on
-//! its new owner).
+//! its new owner) or in PostgreSQL (`postgres://…`: every node reaches the same tables, so a
+//! shard that fails over after a crash loads every acknowledged value on its new owner). The
+//! store can also come from `KV_STORE`, which keeps a database password out of the process list.
 //!
 //! Exit codes (also in `--help`): 0 success; 1 the command failed; 2 bad usage; 3 `get`: the key
 //! is absent; 4 `serve`: stopped without handing every shard over. A closed stdout ends the
@@ -36,7 +38,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use clusterfunk::admin::{resolve_credentials, Credentials};
 use clusterfunk::client::{Client, ClientError};
-use clusterfunk::persist::{DurableMap, DurableState, LmdbShardStore, MemoryStore, ShardStore};
+use clusterfunk::persist::{
+    DurableMap, DurableState, LmdbShardStore, MemoryStore, PostgresOptions, PostgresShardStore,
+    ShardStore,
+};
 use clusterfunk::prelude::*;
 use clusterfunk::storage::StoreOptions;
 use clusterfunk::tool::{ToolError, EXIT_FAILED};
@@ -304,12 +309,52 @@ struct Serve {
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,
     /// Where shards keep their values: `memory` (this process's memory: a planned move hands
-    /// them over, a crash or restart loses them) or `lmdb` (this node's disk, in DATA_DIR/shards:
-    /// they also survive a restart of this node in place, but not its loss).
-    #[arg(long, default_value = "memory", value_parser = ["memory", "lmdb"])]
-    store: String,
+    /// them over, a crash or restart loses them), `lmdb` (this node's disk, in DATA_DIR/shards:
+    /// they also survive a restart of this node in place, but not its loss) or a PostgreSQL URL
+    /// `postgres://USER[:PASSWORD]@HOST:PORT/DB` that every node of the cluster is given (a
+    /// crashed node's shards load every acknowledged value on their new owners; the tables are
+    /// created on first use). Put a URL with a password in `KV_STORE` rather than on the
+    /// command line.
+    #[arg(long, env = "KV_STORE", default_value = "memory", value_parser = parse_store, hide_env_values = true)]
+    store: StoreArg,
     #[command(flatten)]
     auth: Auth,
+}
+
+/// The value of `serve --store`.
+#[derive(Clone, PartialEq, Eq)]
+enum StoreArg {
+    /// `memory`: node-local, in this process.
+    Memory,
+    /// `lmdb`: node-local, in DATA_DIR/shards.
+    Lmdb,
+    /// A PostgreSQL URL, shared by the cluster.
+    Postgres(String),
+}
+
+impl std::fmt::Debug for StoreArg {
+    // A URL may hold a password: never print it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreArg::Memory => f.write_str("memory"),
+            StoreArg::Lmdb => f.write_str("lmdb"),
+            StoreArg::Postgres(_) => f.write_str("postgres"),
+        }
+    }
+}
+
+/// Parses `--store`: `memory`, `lmdb`, or a `postgres://` / `postgresql://` URL.
+fn parse_store(value: &str) -> Result<StoreArg, String> {
+    match value {
+        "memory" => Ok(StoreArg::Memory),
+        "lmdb" => Ok(StoreArg::Lmdb),
+        url if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(StoreArg::Postgres(url.to_owned()))
+        }
+        other => Err(format!(
+            "{other:?} is not a store: use memory, lmdb or postgres://USER@HOST:PORT/DB"
+        )),
+    }
 }
 
 /// Runs a node until SIGTERM or Ctrl-C, then leaves gracefully: exit 0 when every shard was
@@ -326,12 +371,16 @@ fn serve(settings: Serve) -> Result<ExitCode, ToolError> {
         .map(NodeInfo::parse_members)
         .transpose()
         .map_err(|e| ToolError::usage(format!("--init: {e}")))?;
-    let store: Arc<dyn ShardStore> = match settings.store.as_str() {
-        "lmdb" => Arc::new(
+    let store: Arc<dyn ShardStore> = match &settings.store {
+        StoreArg::Lmdb => Arc::new(
             LmdbShardStore::open(&settings.data_dir.join("shards"), StoreOptions::default())
                 .map_err(|e| format!("cannot open the shard store: {e}"))?,
         ),
-        _ => Arc::new(MemoryStore::node_local()),
+        StoreArg::Postgres(url) => Arc::new(
+            PostgresShardStore::connect(url, PostgresOptions::default())
+                .map_err(|e| format!("cannot open the PostgreSQL shard store: {e}"))?,
+        ),
+        StoreArg::Memory => Arc::new(MemoryStore::node_local()),
     };
     let result = actix::System::new().block_on(async move {
         let mut builder = Cluster::builder()
@@ -543,7 +592,7 @@ mod tests {
     }
 
     #[test]
-    fn serve_help_offers_both_stores_with_memory_the_default() {
+    fn serve_help_offers_every_store_with_memory_the_default() {
         let mut cli = Cli::command();
         let serve = cli
             .find_subcommand_mut("serve")
@@ -551,7 +600,10 @@ mod tests {
         let help = serve.render_long_help().to_string();
         assert!(help.contains("--store <STORE>"), "{help}");
         assert!(help.contains("[default: memory]"), "{help}");
-        assert!(help.contains("[possible values: memory, lmdb]"), "{help}");
+        assert!(
+            help.contains("postgres://USER[:PASSWORD]@HOST:PORT/DB"),
+            "{help}"
+        );
         let serve_with = |store: &'static str| {
             parse(&[
                 "serve",
@@ -568,8 +620,16 @@ mod tests {
         let Command::Serve(settings) = serve_with("lmdb").expect("parses").command else {
             panic!("not serve")
         };
-        assert_eq!(settings.store, "lmdb");
-        let refused = serve_with("disk").err().expect("an unknown store");
-        assert_eq!(refused.exit_code(), i32::from(EXIT_USAGE));
+        assert_eq!(settings.store, StoreArg::Lmdb);
+        let url = "postgres://kv:secret@127.0.0.1:5432/kv";
+        let Command::Serve(settings) = serve_with(url).expect("parses").command else {
+            panic!("not serve")
+        };
+        assert_eq!(settings.store, StoreArg::Postgres(url.to_owned()));
+        assert!(!format!("{:?}", settings.store).contains("secret"));
+        for wrong in ["disk", "mysql://kv@127.0.0.1/kv", ""] {
+            let refused = serve_with(wrong).err().expect("an unknown store");
+            assert_eq!(refused.exit_code(), i32::from(EXIT_USAGE), "{wrong:?}");
+        }
     }
 }

@@ -5,6 +5,9 @@
 //! pins a loss: a whole cluster killed and restarted in place after a planned move loses the
 //! moved shards' values that no request had touched on their new owners.
 //!
+//! A third test runs three `kv serve --store postgres://…` nodes on a throwaway PostgreSQL and
+//! kills a follower, then the leader, under load (issue 18).
+//!
 //! The load goes through an in-process client: writers send increments (`Incr`, not
 //! idempotent) to a few shared counters and puts (`Put`) of fresh keys, and record on the
 //! client's side what was acknowledged and what failed. Everything is read back only at the end,
@@ -27,6 +30,7 @@ use std::time::Duration;
 
 use clusterfunk::client::Client;
 use clusterfunk::shard_map::shard_for;
+use clusterfunk::testing::PostgresServer;
 use clusterfunk::transport::Secret;
 use common::{Cluster, Store, DEADLINE, SHARD_COUNT};
 use futures_util::stream::{self, StreamExt};
@@ -213,6 +217,99 @@ fn whole_cluster_killed_after_a_drain_keeps_every_acknowledged_value_in_lmdb() {
             .join("\n  "),
         cluster.report()
     );
+}
+
+// Goal (issue 18): a 3-node cluster whose shards keep their values in PostgreSQL loses no
+// acknowledged value through `kill -9` of a follower and, later, of the leader: each killed
+// node's shards fail over and their new owners load every acknowledged value from the database.
+// Method: a throwaway PostgreSQL (testing::PostgresServer) and three `kv serve --store
+// postgres://…` nodes. Two rounds, the first striking a follower, the second the leader of that
+// moment: WRITERS writers send increments of COUNTERS shared counters and puts of fresh keys
+// through a client of every node; once ACKS_BEFORE_KILL requests of the round are acknowledged
+// the victim gets SIGKILL while the writers go on; the test waits until the survivors' map
+// gives the victim no shard (the failover happened under load) and ACKS_BEFORE_KILL more
+// requests are acknowledged, stops the writers, restarts the victim on its data dir and waits
+// until the three agree again. Only then, read everything back through each node in turn
+// (every read is routed to the owner of the moment): the same rules as the LMDB test.
+#[test]
+fn cluster_on_postgres_keeps_every_acknowledged_value_through_kill9_of_a_follower_and_the_leader() {
+    let server = PostgresServer::start().unwrap_or_else(|e| panic!("start PostgreSQL: {e}"));
+    let cluster =
+        Cluster::new("durable_postgres_kill9", 3).with_store(Store::Postgres(server.url()));
+    cluster.start_all_with_init();
+    let ids = cluster.ids();
+    let runtime = runtime();
+    let mut log = Log::default();
+    for (round, role) in [(1, "follower"), (2, "leader")] {
+        let (agreement, _) = cluster.wait_for_one_map(&ids);
+        let victim = match role {
+            "leader" => agreement.leader,
+            _ => ids
+                .iter()
+                .copied()
+                .find(|&id| id != agreement.leader)
+                .expect("a 3-node cluster has followers"),
+        };
+        let survivors: Vec<u64> = ids.iter().copied().filter(|&id| id != victim).collect();
+        cluster.mark(&format!(
+            "round {round}: load, then kill -9 of the {role} {victim}"
+        ));
+        let client = client(&cluster, &ids);
+        let load = Load::start(&runtime, &client, round);
+        cluster.wait_until(
+            &format!("round {round}: {ACKS_BEFORE_KILL} requests are acknowledged"),
+            LOAD_DEADLINE,
+            || (load.acknowledged() >= ACKS_BEFORE_KILL).then_some(()),
+        );
+        cluster.kill9(victim);
+        cluster.wait_until(
+            &format!("round {round}: the survivors' map gives the killed {role} {victim} no shard"),
+            LOAD_DEADLINE,
+            || {
+                survivors
+                    .iter()
+                    .all(|&id| {
+                        cluster
+                            .shard_map(id)
+                            .is_some_and(|map| map.count(victim) == 0)
+                    })
+                    .then_some(())
+            },
+        );
+        let after_failover = load.acknowledged();
+        cluster.wait_until(
+            &format!("round {round}: {ACKS_BEFORE_KILL} more requests are acknowledged after the failover"),
+            LOAD_DEADLINE,
+            || (load.acknowledged() >= after_failover + ACKS_BEFORE_KILL).then_some(()),
+        );
+        let round_log = load.stop(&runtime);
+        eprintln!(
+            "round {round} ({role} {victim} killed): {}",
+            round_log.summary()
+        );
+        log.extend(round_log);
+        cluster.restart(victim);
+    }
+    cluster.wait_for_one_map(&ids);
+
+    eprintln!("after both kills: {}", log.summary());
+    for &id in &ids {
+        let problems = check(&runtime, &client(&cluster, &[id]), &log);
+        assert!(
+            problems.is_empty(),
+            "read through node {id}: {} acknowledged values did not survive the kills ({}):\n  {}\n{}\nPostgreSQL log:\n{}",
+            problems.len(),
+            log.summary(),
+            problems
+                .iter()
+                .take(30)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n  "),
+            cluster.report(),
+            server.log_tail()
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -124,7 +124,8 @@ fn drain_then_undrain_without_reads_keeps_every_value_in_lmdb() {
 }
 
 fn drain_then_undrain_without_reads(store: Store) {
-    let cluster = Cluster::new(&cluster_name("ops_drain_undrain", store), 3).with_store(store);
+    let cluster =
+        Cluster::new(&cluster_name("ops_drain_undrain", &store), 3).with_store(store.clone());
     cluster.start_all_with_init();
     let mut model = Model::initial();
     settle(&cluster, &model, None, "before the writes");
@@ -146,7 +147,7 @@ fn drain_then_undrain_without_reads(store: Store) {
         &written,
         &format!(
             "drain 2 then undrain 2, {} store, values written before, read only at the end",
-            store.flag()
+            store.label()
         ),
     );
 }
@@ -168,8 +169,8 @@ fn add_then_remove_node_without_reads_keeps_every_value_in_lmdb() {
 }
 
 fn add_then_remove_node_without_reads(store: Store) {
-    let cluster = Cluster::with_initial_members(&cluster_name("ops_add_remove", store), 4, 3)
-        .with_store(store);
+    let cluster = Cluster::with_initial_members(&cluster_name("ops_add_remove", &store), 4, 3)
+        .with_store(store.clone());
     cluster.start_all_with_init();
     let mut model = Model::initial();
     settle(&cluster, &model, None, "before the writes");
@@ -200,7 +201,7 @@ fn add_then_remove_node_without_reads(store: Store) {
         &written,
         &format!(
             "add node 4 then remove it, {} store, values written before, read only at the end",
-            store.flag()
+            store.label()
         ),
     );
 }
@@ -224,7 +225,8 @@ fn rolling_restart_without_reads_keeps_every_value_in_lmdb() {
 }
 
 fn rolling_restart_without_reads(store: Store) {
-    let cluster = Cluster::new(&cluster_name("ops_rolling_restart", store), 3).with_store(store);
+    let cluster =
+        Cluster::new(&cluster_name("ops_rolling_restart", &store), 3).with_store(store.clone());
     cluster.start_all_with_init();
     let model = Model::initial();
     settle(&cluster, &model, None, "before the writes");
@@ -265,7 +267,7 @@ fn rolling_restart_without_reads(store: Store) {
         &format!(
             "rolling restart of nodes 1, 2, 3, {} store, values written before, read only at \
              the end",
-            store.flag()
+            store.label()
         ),
     );
 }
@@ -299,18 +301,18 @@ fn random_operator_flows(store: Store) {
     let seeds = seeds();
     let keys = keys();
     for &seed in &seeds {
-        run_schedule(seed, keys, store);
+        run_schedule(seed, keys, store.clone());
     }
     eprintln!(
         "random operator flows, {} store: {} seed(s) passed with {keys} keys each",
-        store.flag(),
+        store.label(),
         seeds.len()
     );
 }
 
 /// The name of a test's cluster (its ports, secret and directory): `base`, with the store.
-fn cluster_name(base: &str, store: Store) -> String {
-    format!("{base}_{}", store.flag())
+fn cluster_name(base: &str, store: &Store) -> String {
+    format!("{base}_{}", store.label())
 }
 
 // Goal: the schedule generator keeps its promises, so a randomized run never fails for a
@@ -345,19 +347,20 @@ fn run_schedule(seed: u64, keys: usize, store: Store) {
     let test = match store {
         Store::Memory => "random_operator_flows_keep_every_acknowledged_value",
         Store::Lmdb => "random_operator_flows_keep_every_acknowledged_value_in_lmdb",
+        Store::Postgres(_) => "a schedule on PostgreSQL (no test runs one yet)",
     };
     let replay = format!(
         "seed {seed}, {} store (replay: OPS_SEEDS={seed} OPS_KEYS={keys} cargo test --test \
          operations {test} -- --exact --nocapture), schedule:\n{}",
-        store.flag(),
+        store.label(),
         describe(&steps)
     );
     eprintln!("{replay}");
     // Any failure, also inside the harness, ends with the seed and the schedule.
     let _note = ReplayNote(replay.clone());
     let cluster =
-        Cluster::with_initial_members(&cluster_name(&format!("ops_random_{seed}"), store), 4, 3)
-            .with_store(store);
+        Cluster::with_initial_members(&cluster_name(&format!("ops_random_{seed}"), &store), 4, 3)
+            .with_store(store.clone());
     cluster.start_all_with_init();
     let mut model = Model::initial();
     settle(&cluster, &model, None, "before the writes");
@@ -394,7 +397,7 @@ fn run_schedule(seed: u64, keys: usize, store: Store) {
     let log = writers.stop(&runtime);
     let map = settle(&cluster, &model, None, "after the schedule");
     let verdict = check_values(&runtime, &cluster, &model, &map, &log);
-    eprintln!("seed {seed}, {} store: {}", store.flag(), verdict.summary);
+    eprintln!("seed {seed}, {} store: {}", store.label(), verdict.summary);
     assert!(
         verdict.passed(),
         "operator flows lost acknowledged values: {}\n{replay}",

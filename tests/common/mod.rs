@@ -52,21 +52,33 @@ const LOG_TAIL_LINES: usize = 25;
 
 pub use clusterfunk::testing::Outcome;
 
-/// Where the `kv` nodes keep shard values: `kv serve --store memory|lmdb`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where the `kv` nodes keep shard values: `kv serve --store memory|lmdb|postgres://…`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Store {
     /// In the node's memory: a planned move hands the values over, a restart loses them.
     Memory,
     /// In an LMDB store in the node's data dir: values also survive a restart in place.
     Lmdb,
+    /// In PostgreSQL at this URL, shared by every node: values also survive a node's loss.
+    Postgres(String),
 }
 
 impl Store {
     /// The value of `--store`.
-    pub fn flag(self) -> &'static str {
+    pub fn flag(&self) -> &str {
         match self {
             Store::Memory => "memory",
             Store::Lmdb => "lmdb",
+            Store::Postgres(url) => url,
+        }
+    }
+
+    /// A short name of the kind of store, for names and messages (never the URL).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Store::Memory => "memory",
+            Store::Lmdb => "lmdb",
+            Store::Postgres(_) => "postgres",
         }
     }
 }
@@ -604,7 +616,7 @@ impl Cluster {
         if self.metrics_ports.is_some() {
             command.args(["--metrics", &self.metrics_addr(id)]);
         }
-        if let Some(store) = self.store {
+        if let Some(store) = &self.store {
             command.args(["--store", store.flag()]);
         }
         if id as usize <= self.initial_members {
