@@ -1,5 +1,7 @@
 //! `demo`: clusterfunk in one command. A three-node cluster of the `kv` example on this machine
-//! serves traffic while its leader is killed, restarts, grows to five nodes and drains one.
+//! serves traffic while its leader is killed, restarts, grows to five nodes and drains one; then
+//! a fresh cluster that keeps its values in PostgreSQL loses a node under traffic and none of
+//! the values it acknowledged.
 //!
 //! ```text
 //! cargo run --release --example demo [-- --clients 4 --keep-dir --plain --no-build]
@@ -21,22 +23,34 @@
 //! 5. **Grow**: node 4 joins (with the operator's warning about an even number of voters), then
 //!    node 5; each gets its share by handoff.
 //! 6. **Drain**: a node hands all its shards over, with the traffic on.
+//! 7. **Durable store**: a throwaway PostgreSQL starts in a temporary directory
+//!    ([`PostgresServer`]); the first cluster's traffic and nodes stop, and three fresh nodes
+//!    start with `kv serve --store postgres://…`, so that every shard keeps its values in the
+//!    database. The same traffic runs on them (on more keys, so that a value written before the
+//!    kill is not written again after it), a follower gets `kill -9`, every shard is probed
+//!    until it answers again, and once the traffic has stopped every key it wrote is read back:
+//!    each must hold the value of its last acknowledged put (or of a put that failed after it,
+//!    which may or may not have landed). Without PostgreSQL the chapter is skipped with one line
+//!    that says why and how to install it (`apt-get install postgresql`); the demo still passes.
 //!
 //! Then a summary table: requests sent and failed, p50/p99 latency, failover time, shards moved,
 //! per chapter and in total. A chapter fails when its step does not finish within
-//! `--deadline-secs`, when a request fails outside the leader kill (planned moves fail none),
-//! or when a read misses the value its client just wrote, outside the leader kill (`kv` keeps
-//! values in memory, so only a crash loses them). The story stops at the first failed chapter
-//! and the program exits with 1, naming it.
+//! `--deadline-secs`, when a request fails outside a kill (planned moves fail none), or when a
+//! read misses the value its client just wrote, outside the leader kill (the first cluster's
+//! `kv` keeps values in memory, so a crash loses those on the killed node). In the durable
+//! chapter requests may fail around the kill, but a value lost, in the traffic or in the
+//! read-back, fails it. The story stops at the first failed chapter and the program exits with
+//! 1, naming it.
 //!
 //! The demo drives the cluster through the library ([`Client`], [`AdminClient`]); the lines that
 //! start with `$` show the `clusterfunk` command an operator would type for the same request.
 //! Before it starts, it runs `cargo build --example kv` in the profile it was built with (a no-op
 //! when `kv` is up to date; `--no-build` skips it), since `cargo run --example demo` builds only
 //! the demo. The status line refreshes only when stdout is a terminal; otherwise (or with
-//! `--plain`) a plain status line is printed every few seconds. Every child process and the
-//! temporary directory are removed on every way out of the program: success, failure, panic,
-//! Ctrl-C, SIGTERM (a `kill -9` of the demo itself leaves its nodes running).
+//! `--plain`) a plain status line is printed every few seconds. Every child process, PostgreSQL
+//! and the temporary directories are removed on every way out of the program: success, failure,
+//! panic, Ctrl-C, SIGTERM (a `kill -9` of the demo itself leaves its nodes and PostgreSQL
+//! running).
 
 // The demo uses the cluster harness of the shared support, not its tables and JSON.
 #[allow(dead_code)]
@@ -57,10 +71,13 @@ use clusterfunk::admin::{
     StatusReport,
 };
 use clusterfunk::client::Client;
+use clusterfunk::shard_map::shard_for;
 use clusterfunk::testing::{
-    self, build_kv_example, keys_per_shard, shard_owners, wait_for, Binaries, Settled,
+    self, build_kv_example, keys_per_shard, shard_owners, wait_for, Binaries, PostgresServer,
+    Settled, TestingError,
 };
 use clusterfunk::{NodeId, ShardId};
+use futures_util::stream::{self, StreamExt};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use support::{
     check_interrupt, exit_code, fmt_ms, interrupted, lib_status, runtime, watch_interrupt, Harness,
@@ -79,6 +96,10 @@ const JOINING: [NodeId; 2] = [4, 5];
 const SHARD_COUNT: u32 = 1024;
 /// Keys each traffic task cycles through (its own, so its read-backs see its own writes).
 const KEYS_PER_CLIENT: usize = 2048;
+/// Keys each traffic task of the durable chapter cycles through: more than it writes in the
+/// chapter on a fast machine, so that the values acknowledged before the kill are not written
+/// again after it, and the read-back at the end finds them where the killed node left them.
+const DURABLE_KEYS_PER_CLIENT: usize = 32_768;
 /// How long one traffic or probe request may take (the `kv` tool's own timeout).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `add-node` and `drain` may take (the node's own bounds are below this).
@@ -95,12 +116,18 @@ const PLAIN_STATUS_EVERY: Duration = Duration::from_secs(4);
 const PROBE_EVERY: Duration = Duration::from_millis(10);
 /// The window of the live rate and latency figures.
 const LIVE_WINDOW: Duration = Duration::from_secs(1);
+/// How long the durable chapter's traffic runs before its kill, and after the failover.
+const DURABLE_LOAD: Duration = Duration::from_secs(2);
+/// Reads in flight when the durable chapter reads every key back.
+const READS_IN_FLIGHT: usize = 32;
+/// Attempts of one read-back before the key counts as unreadable.
+const READ_ATTEMPTS: usize = 3;
 
 /// Command-line options.
 #[derive(Parser, Debug)]
 #[command(
     name = PROGRAM,
-    about = "A local kv cluster under traffic: leader killed, restarted, two nodes added, one drained"
+    about = "A local kv cluster under traffic: leader killed, restarted, two nodes added, one drained; then a cluster on PostgreSQL loses a node and no value"
 )]
 struct Options {
     /// Traffic tasks, each with its own client.
@@ -342,17 +369,68 @@ impl Live {
     }
 }
 
-/// One traffic task: writes each of its keys and reads it back, round after round.
-async fn traffic(client: Client, index: usize, pause: Duration, live: Arc<Live>) {
-    let keys: Vec<String> = (0..KEYS_PER_CLIENT)
-        .map(|k| format!("client{index}-key{k}"))
-        .collect();
+/// What one key holds as far as the client that writes it knows: the value of its last
+/// acknowledged put, and the puts that failed since (each may or may not have landed). The
+/// durable chapter reads every key back against it.
+#[derive(Debug, Clone, Default)]
+struct Written {
+    /// The round of the last acknowledged put (its value), if any was.
+    acknowledged: Option<u64>,
+    /// When that put was acknowledged, in µs since [`Live::base`].
+    acknowledged_us: u32,
+    /// The rounds of the puts that failed after it.
+    unsure: Vec<u64>,
+}
+
+impl Written {
+    /// What the key may hold, for a message: `"4"`, or `"4" or a failed put's "5"`.
+    fn expected(&self) -> String {
+        let acknowledged = self
+            .acknowledged
+            .map_or("nothing".to_string(), |round| format!("\"{round}\""));
+        if self.unsure.is_empty() {
+            return acknowledged;
+        }
+        let unsure: Vec<String> = self.unsure.iter().map(|r| format!("\"{r}\"")).collect();
+        format!("{acknowledged} or a failed put's {}", unsure.join(", "))
+    }
+
+    /// Whether the key may hold `found`: the last acknowledged value or a later failed put's;
+    /// nothing only when no put was acknowledged.
+    fn admits(&self, found: Option<&str>) -> bool {
+        match found {
+            None => self.acknowledged.is_none(),
+            Some(text) => text.parse::<u64>().is_ok_and(|round| {
+                self.acknowledged == Some(round) || self.unsure.contains(&round)
+            }),
+        }
+    }
+}
+
+/// The name of key `k` of traffic task `index`.
+fn key_name(index: usize, k: usize) -> String {
+    format!("client{index}-key{k}")
+}
+
+/// One traffic task: writes each of its `keys` and reads it back, round after round, until the
+/// story ends or `stop` is set. Returns what each key it wrote holds as far as it knows.
+async fn traffic(
+    client: Client,
+    index: usize,
+    keys: usize,
+    pause: Duration,
+    live: Arc<Live>,
+    stop: Arc<AtomicBool>,
+) -> Vec<(String, Written)> {
+    let mut written = vec![Written::default(); keys];
+    let stopped = || live.stopped() || stop.load(Ordering::SeqCst);
     let mut round = 0u64;
-    while !live.stopped() {
-        for key in &keys {
-            if live.stopped() {
-                return;
+    'rounds: while !stopped() {
+        for (k, known) in written.iter_mut().enumerate() {
+            if stopped() {
+                break 'rounds;
             }
+            let key = key_name(index, k);
             let value = format!("{round}");
             let start = Instant::now();
             let put = client
@@ -363,15 +441,25 @@ async fn traffic(client: Client, index: usize, pause: Duration, live: Arc<Live>)
                     },
                 )
                 .await;
-            let written = put.is_ok();
+            let acknowledged = put.is_ok();
             match put {
-                Ok(()) => live.record(start, Outcome::Ok, None),
-                Err(e) => live.record(start, Outcome::Failed, Some(e.to_string())),
+                Ok(()) => {
+                    live.record(start, Outcome::Ok, None);
+                    *known = Written {
+                        acknowledged: Some(round),
+                        acknowledged_us: live.micros(Instant::now()),
+                        unsure: Vec::new(),
+                    };
+                }
+                Err(e) => {
+                    live.record(start, Outcome::Failed, Some(e.to_string()));
+                    known.unsure.push(round);
+                }
             }
             if !pause.is_zero() {
                 tokio::time::sleep(pause).await;
             }
-            if !written {
+            if !acknowledged {
                 continue;
             }
             let start = Instant::now();
@@ -386,6 +474,12 @@ async fn traffic(client: Client, index: usize, pause: Duration, live: Arc<Live>)
         }
         round += 1;
     }
+    written
+        .into_iter()
+        .enumerate()
+        .filter(|(_, w)| w.acknowledged.is_some() || !w.unsure.is_empty())
+        .map(|(k, w)| (key_name(index, k), w))
+        .collect()
 }
 
 /// The traffic's requests that ended in `[from, to)` (so that a chapter's figures, printed at
@@ -587,10 +681,13 @@ enum Step {
     Add(NodeId),
     /// A follower hands over all its shards.
     Drain,
+    /// A fresh cluster on PostgreSQL, `kill -9` of a node under load, every acknowledged value
+    /// read back.
+    Durable,
 }
 
 impl Step {
-    const ALL: [Step; 7] = [
+    const ALL: [Step; 8] = [
         Step::Start,
         Step::Traffic,
         Step::KillLeader,
@@ -598,6 +695,7 @@ impl Step {
         Step::Add(JOINING[0]),
         Step::Add(JOINING[1]),
         Step::Drain,
+        Step::Durable,
     ];
 
     fn title(self, options: &Options) -> String {
@@ -611,6 +709,9 @@ impl Step {
             Step::Restart => "Restart the killed node from its data dir".into(),
             Step::Add(id) => format!("Add node {id}"),
             Step::Drain => "Drain a node, with the traffic on".into(),
+            Step::Durable => format!(
+                "A durable store: {INITIAL_NODES} fresh nodes keep their values in PostgreSQL; kill -9 a node under load"
+            ),
         }
     }
 
@@ -623,6 +724,7 @@ impl Step {
             Step::Restart => "restart it".into(),
             Step::Add(id) => format!("add node {id}"),
             Step::Drain => "drain a node".into(),
+            Step::Durable => "postgres kill -9".into(),
         }
     }
 }
@@ -634,6 +736,35 @@ struct Done {
     shards_moved: usize,
     /// Kill → every shard served again (the leader kill only).
     failover: Option<Duration>,
+    /// Why the chapter did not run (the durable chapter without PostgreSQL).
+    skipped: Option<String>,
+    /// What the durable chapter found.
+    durable: Option<DurableReport>,
+}
+
+/// What the durable chapter found, for the summary.
+struct DurableReport {
+    /// The node killed.
+    killed: NodeId,
+    /// Kill → every shard served again.
+    failover: Duration,
+    /// Keys read back at the end (each with an acknowledged value or a failed put).
+    read_back: usize,
+    /// Those whose value was acknowledged before the kill on a shard of the killed node: their
+    /// values came back from PostgreSQL.
+    from_killed_node: usize,
+    /// Keys that did not hold their last acknowledged value.
+    lost: usize,
+}
+
+/// What a `kill -9` and the probes after it found.
+struct Failover {
+    /// The moment right after the kill.
+    t_kill: Instant,
+    /// Every shard's first answer after the kill, by shard: when, and from which node.
+    answers: Vec<(Instant, NodeId)>,
+    /// The members that were not killed.
+    survivors: Vec<NodeId>,
 }
 
 /// A chapter, once told.
@@ -654,8 +785,11 @@ struct Told {
 struct Story<'a> {
     /// The command line.
     options: &'a Options,
-    /// The node processes.
+    /// The node processes (the durable chapter puts its own cluster in place of the first).
     harness: &'a mut Harness,
+    /// The durable chapter's PostgreSQL, kept by the caller so that it stops after the nodes
+    /// that use it.
+    postgres: &'a mut Option<PostgresServer>,
     /// Where the story goes.
     out: Out,
     /// The traffic's log and the status line's nodes.
@@ -668,8 +802,10 @@ struct Story<'a> {
     killed: Option<NodeId>,
     /// The map before the leader kill's node was restarted.
     owners_before_restart: Vec<NodeId>,
-    /// The traffic tasks.
-    traffic: Vec<tokio::task::JoinHandle<()>>,
+    /// The traffic tasks, each returning what its keys hold.
+    traffic: Vec<tokio::task::JoinHandle<Vec<(String, Written)>>>,
+    /// Tells the traffic tasks of the current cluster to stop.
+    traffic_stop: Arc<AtomicBool>,
 }
 
 impl Story<'_> {
@@ -716,6 +852,7 @@ impl Story<'_> {
                 Step::Restart => self.restart().await,
                 Step::Add(id) => self.add(id).await,
                 Step::Drain => self.drain().await,
+                Step::Durable => self.durable().await,
             };
             let ended = Instant::now();
             let mut chapter = Told {
@@ -725,10 +862,14 @@ impl Story<'_> {
                 done: None,
                 error: None,
             };
+            let mut skipped = None;
             match result {
                 Ok(done) => {
+                    skipped = done.skipped.clone();
+                    if skipped.is_none() {
+                        chapter.error = self.check_traffic(step, started, ended);
+                    }
                     chapter.done = Some(done);
-                    chapter.error = self.check_traffic(step, started, ended);
                 }
                 Err(e) => chapter.error = Some(e),
             }
@@ -741,9 +882,10 @@ impl Story<'_> {
                     None => e,
                 });
             }
-            match &chapter.error {
-                None => self.say("✓ done"),
-                Some(e) => self.say(format!("✗ FAILED: {e}")),
+            match (&chapter.error, skipped) {
+                (None, None) => self.say("✓ done"),
+                (None, Some(why)) => self.say(format!("– skipped: {why}")),
+                (Some(e), _) => self.say(format!("✗ FAILED: {e}")),
             }
             let failed = chapter.error.is_some();
             told.push(chapter);
@@ -772,7 +914,7 @@ impl Story<'_> {
     }
 
     /// Reports the chapter's traffic; a request failed or a value lost outside the leader kill
-    /// fails the chapter.
+    /// fails the chapter (in the durable chapter, only a value lost does).
     fn check_traffic(&self, step: Step, from: Instant, to: Instant) -> Option<String> {
         if matches!(step, Step::Start) {
             return None;
@@ -809,7 +951,17 @@ impl Story<'_> {
             }
             return None;
         }
-        if w.failed > 0 || w.lost > 0 {
+        if step == Step::Durable {
+            if w.failed > 0 {
+                self.say("  (requests in flight on the killed node fail: they may or may not have been handled, and the read-back allows for both)");
+            }
+            if w.lost > 0 {
+                return Some(format!(
+                    "{} acknowledged value(s) were lost with the values in PostgreSQL",
+                    thousands(w.lost)
+                ));
+            }
+        } else if w.failed > 0 || w.lost > 0 {
             return Some(format!(
                 "{} request(s) failed and {} value(s) were lost with no node crashing",
                 w.failed, w.lost
@@ -823,6 +975,13 @@ impl Story<'_> {
 
     /// Chapter: three nodes bootstrap a cluster.
     async fn start(&mut self) -> Result<Done, String> {
+        self.start_cluster("").await?;
+        Ok(Done::default())
+    }
+
+    /// Starts the initial members with `--init` (`store` shows their `--store` option, if
+    /// any) and waits until they serve, with balanced shares.
+    async fn start_cluster(&mut self, store: &str) -> Result<(), String> {
         let started = Instant::now();
         self.harness.start_all()?;
         let addrs: Vec<String> = self
@@ -831,7 +990,7 @@ impl Story<'_> {
             .map(|(id, addr)| format!("{id}={addr}"))
             .collect();
         self.say(format!(
-            "$ kv serve --id N --listen IP:PORT --data-dir DIR --init {}",
+            "$ kv serve --id N --listen IP:PORT --data-dir DIR{store} --init {}",
             addrs.join(",")
         ));
         let admins = self.admins(POLL_TIMEOUT)?;
@@ -850,11 +1009,19 @@ impl Story<'_> {
             "{SHARD_COUNT} shards, per node {}",
             shares(&settled.owners)
         ));
-        Ok(Done::default())
+        Ok(())
     }
 
     /// Chapter: the traffic starts, and keeps going until the end.
     async fn run_traffic(&mut self) -> Result<Done, String> {
+        self.start_traffic(KEYS_PER_CLIENT)?;
+        watch(TRAFFIC_TIME).await?;
+        Ok(Done::default())
+    }
+
+    /// Starts `--clients` traffic tasks on the members, each cycling through `keys` keys,
+    /// which run until the story ends or [`Self::stop_traffic`].
+    fn start_traffic(&mut self, keys: usize) -> Result<(), String> {
         let secret = self.harness.launch.secret()?;
         let ids: Vec<NodeId> = self.members.keys().copied().collect();
         for index in 0..self.options.clients {
@@ -866,20 +1033,37 @@ impl Story<'_> {
             self.traffic.push(tokio::spawn(traffic(
                 client,
                 index,
+                keys,
                 Duration::from_millis(self.options.client_pause_ms),
                 self.live.clone(),
+                self.traffic_stop.clone(),
             )));
         }
         self.say(format!(
-            "{} clients, each with its own connection and {KEYS_PER_CLIENT} keys: put a value, get it back to check it, {}",
+            "{} clients, each with its own connection and {} keys: put a value, get it back to check it, {}",
             self.options.clients,
+            thousands(keys as u64),
             match self.options.client_pause_ms {
                 0 => "back to back".to_string(),
                 pause => format!("{pause} ms apart"),
             }
         ));
-        watch(TRAFFIC_TIME).await?;
-        Ok(Done::default())
+        Ok(())
+    }
+
+    /// Stops the traffic tasks once their request in flight returns; returns what every key
+    /// they wrote holds as far as they know.
+    async fn stop_traffic(&mut self) -> Result<Vec<(String, Written)>, String> {
+        self.traffic_stop.store(true, Ordering::SeqCst);
+        let mut written = Vec::new();
+        for task in self.traffic.drain(..) {
+            written.extend(
+                task.await
+                    .map_err(|e| format!("a traffic task failed: {e}"))?,
+            );
+        }
+        self.traffic_stop = Arc::new(AtomicBool::new(false));
+        Ok(written)
     }
 
     /// Chapter: SIGKILL of the leader; every shard probed until it answers again.
@@ -888,33 +1072,14 @@ impl Story<'_> {
         let admins = self.admins(POLL_TIMEOUT)?;
         let before = wait_settled(&admins, None, limit).await?;
         let victim = before.leader;
-        let survivors: Vec<NodeId> = self
-            .members
-            .keys()
-            .copied()
-            .filter(|&id| id != victim)
-            .collect();
-        // A probe client of the survivors, holding the map from before the kill.
-        let seeds: Vec<SocketAddr> = survivors.iter().map(|id| self.members[id]).collect();
-        let probe = Client::with_config(
-            seeds,
-            self.harness.launch.secret()?,
-            "clusterfunk",
-            REQUEST_TIMEOUT,
-        )
-        .map_err(|e| e.to_string())?;
-        probe
-            .refresh()
-            .await
-            .map_err(|e| format!("probe client: {e}"))?;
-        let keys = keys_per_shard("key", SHARD_COUNT).ok_or("no key found for some shard")?;
 
         // Survivors' statuses, polled until one names a new leader.
         let new_leader: Arc<Mutex<Option<(Instant, NodeId)>>> = Arc::new(Mutex::new(None));
-        let watchers: Vec<_> = survivors
+        let watchers: Vec<_> = admins
             .iter()
-            .map(|id| {
-                let admin = admins[id].clone();
+            .filter(|(&id, _)| id != victim)
+            .map(|(_, admin)| {
+                let admin = admin.clone();
                 let new_leader = new_leader.clone();
                 tokio::spawn(async move {
                     for _ in 0..10_000 {
@@ -932,10 +1097,54 @@ impl Story<'_> {
                 })
             })
             .collect();
+        let failover = self.kill_and_probe(victim, "the leader", &before).await;
+        for watcher in &watchers {
+            watcher.abort();
+        }
+        let failover = failover?;
+        if let Some((at, leader)) = *lock(&new_leader) {
+            self.say(format!(
+                "node {leader} named the new leader {} ms after the kill",
+                (at - failover.t_kill).as_millis()
+            ));
+        }
+        let (back, after) = self.report_failover(victim, &before, &failover).await?;
+        let (moved, _) = moves(&before.owners, &after);
+        self.owners_before_restart = after;
+        watch(AFTER_STEP).await?;
+        Ok(Done {
+            shards_moved: moved,
+            failover: Some(back),
+            ..Done::default()
+        })
+    }
+
+    /// SIGKILLs member `victim` (`role` says which node it is) of the cluster settled as
+    /// `before`, then probes one key of every shard through the survivors until each answers.
+    async fn kill_and_probe(
+        &mut self,
+        victim: NodeId,
+        role: &str,
+        before: &Settled,
+    ) -> Result<Failover, String> {
+        let limit = self.limit();
+        let survivors: Vec<NodeId> = self
+            .members
+            .keys()
+            .copied()
+            .filter(|&id| id != victim)
+            .collect();
+        // A probe client of the survivors, holding the map from before the kill.
+        let probe = self.client_of(&survivors)?;
+        probe
+            .refresh()
+            .await
+            .map_err(|e| format!("probe client: {e}"))?;
+        let keys = keys_per_shard("key", SHARD_COUNT).ok_or("no key found for some shard")?;
 
         let pid = self.harness.node(victim).pid().unwrap_or(0);
         self.say(format!(
-            "$ kill -9 {pid}        # node {victim}, the leader, owning {} shards",
+            "$ kill -9 {pid}        # node {victim}, {role}, owning {} shards",
             before.owners.iter().filter(|&&o| o == victim).count()
         ));
         let t_kill = self.harness.kill(victim)?;
@@ -961,9 +1170,6 @@ impl Story<'_> {
                 Err(e) => errors.push(e),
             }
         }
-        for watcher in &watchers {
-            watcher.abort();
-        }
         check_interrupt()?;
         if !errors.is_empty() {
             self.harness.print_log_tails(&survivors);
@@ -978,19 +1184,30 @@ impl Story<'_> {
                 "a shard answered from node {node}, which was killed"
             ));
         }
-        let back = answers
+        Ok(Failover {
+            t_kill,
+            answers,
+            survivors,
+        })
+    }
+
+    /// Says how long the failover after the kill of `victim` took and which shards moved;
+    /// returns the time until every shard answered again and the map after it.
+    async fn report_failover(
+        &self,
+        victim: NodeId,
+        before: &Settled,
+        failover: &Failover,
+    ) -> Result<(Duration, Vec<NodeId>), String> {
+        let t_kill = failover.t_kill;
+        let back = failover
+            .answers
             .iter()
             .map(|(at, _)| *at - t_kill)
             .max()
             .unwrap_or_default();
-        if let Some((at, leader)) = *lock(&new_leader) {
-            self.say(format!(
-                "node {leader} named the new leader {} ms after the kill",
-                (at - t_kill).as_millis()
-            ));
-        }
         let mut moved_back = Series::default();
-        for ((at, _), owner) in answers.iter().zip(&before.owners) {
+        for ((at, _), owner) in failover.answers.iter().zip(&before.owners) {
             if *owner == victim {
                 moved_back.values.push(support::ms(*at - t_kill));
             }
@@ -1003,17 +1220,26 @@ impl Story<'_> {
             fmt_ms(moved_back.quantile(1.0)),
         ));
         // The map the probes were answered by, from a survivor.
-        let after = shard_owners(&admins[&survivors[0]], SHARD_COUNT)
+        let survivor = self.members[&failover.survivors[0]];
+        let admin = self.harness.launch.admin(survivor, POLL_TIMEOUT)?;
+        let after = shard_owners(&admin, SHARD_COUNT)
             .await
             .map_err(|e| e.to_string())?;
         let (moved, detail) = moves(&before.owners, &after);
         self.say(format!("{moved} shards moved: {detail}"));
-        self.owners_before_restart = after;
-        watch(AFTER_STEP).await?;
-        Ok(Done {
-            shards_moved: moved,
-            failover: Some(back),
-        })
+        Ok((back, after))
+    }
+
+    /// A client of the cluster seeded with the addresses of `nodes`.
+    fn client_of(&self, nodes: &[NodeId]) -> Result<Client, String> {
+        let seeds: Vec<SocketAddr> = nodes.iter().map(|id| self.members[id]).collect();
+        Client::with_config(
+            seeds,
+            self.harness.launch.secret()?,
+            "clusterfunk",
+            REQUEST_TIMEOUT,
+        )
+        .map_err(|e| e.to_string())
     }
 
     /// Chapter: the killed node restarts from its data dir and gets its share back.
@@ -1041,7 +1267,7 @@ impl Story<'_> {
         watch(AFTER_STEP).await?;
         Ok(Done {
             shards_moved: moved,
-            failover: None,
+            ..Done::default()
         })
     }
 
@@ -1121,7 +1347,7 @@ impl Story<'_> {
         watch(AFTER_STEP).await?;
         Ok(Done {
             shards_moved: moved,
-            failover: None,
+            ..Done::default()
         })
     }
 
@@ -1191,9 +1417,223 @@ impl Story<'_> {
         watch(AFTER_STEP).await?;
         Ok(Done {
             shards_moved: moved,
-            failover: None,
+            ..Done::default()
         })
     }
+
+    /// Chapter: a fresh cluster keeps its values in PostgreSQL; `kill -9` of a follower under
+    /// load; every acknowledged value read back at the end. Skipped, with the reason, when no
+    /// PostgreSQL can be started.
+    async fn durable(&mut self) -> Result<Done, String> {
+        let limit = self.limit();
+        // PostgreSQL first: when it cannot start, the chapter is skipped and the first cluster
+        // is left as it is.
+        let t_postgres = Instant::now();
+        let server = match tokio::task::spawn_blocking(PostgresServer::start).await {
+            Ok(Ok(server)) => server,
+            Ok(Err(e)) => {
+                return Ok(Done {
+                    skipped: Some(no_postgres(&e)),
+                    ..Done::default()
+                })
+            }
+            Err(e) => return Err(format!("starting PostgreSQL failed: {e}")),
+        };
+        let url = server.url();
+        *self.postgres = Some(server);
+        self.say(format!(
+            "a throwaway PostgreSQL (initdb, pg_ctl start, createdb in a temporary directory) serves {url}, up {} after its start",
+            secs(t_postgres.elapsed())
+        ));
+        check_interrupt()?;
+
+        // The first cluster has told its story: its traffic and nodes stop, so that the durable
+        // cluster has the machine to itself.
+        self.stop_traffic().await?;
+        lock(&self.live.polled).clear();
+        let mut launch = Launch::new(
+            PROGRAM,
+            self.harness.launch.bins.clone(),
+            &self.options.node,
+        )?;
+        launch.store = Some(url.clone());
+        let fresh = Harness::new(launch, INITIAL_NODES as usize, self.options.node.keep_dir)?;
+        drop(std::mem::replace(&mut *self.harness, fresh));
+        self.members = self
+            .harness
+            .nodes
+            .iter()
+            .map(|node| (node.id(), node.addr()))
+            .collect();
+        self.spare.clear();
+        self.killed = None;
+        self.say(format!(
+            "the first cluster's traffic and nodes are stopped; the new cluster's data dirs and logs are in {}",
+            self.harness.path().display()
+        ));
+        self.start_cluster(&format!(" --store {url}")).await?;
+        self.start_traffic(DURABLE_KEYS_PER_CLIENT)?;
+        watch(DURABLE_LOAD).await?;
+
+        let admins = self.admins(POLL_TIMEOUT)?;
+        let before = wait_settled(&admins, None, limit).await?;
+        let victim = self
+            .members
+            .keys()
+            .copied()
+            .find(|&id| id != before.leader)
+            .ok_or("no follower to kill")?;
+        let failover = self.kill_and_probe(victim, "a follower", &before).await?;
+        let (back, after) = self.report_failover(victim, &before, &failover).await?;
+        let (moved, _) = moves(&before.owners, &after);
+        watch(DURABLE_LOAD).await?;
+
+        // Every key the traffic wrote, read back once the traffic has stopped.
+        let checked = self.stop_traffic().await?;
+        let t_kill_us = self.live.micros(failover.t_kill);
+        let from_killed_node = checked
+            .iter()
+            .filter(|(key, w)| {
+                w.acknowledged.is_some()
+                    && w.acknowledged_us < t_kill_us
+                    && before.owners[shard_for(key.as_bytes(), SHARD_COUNT) as usize] == victim
+            })
+            .count();
+        let reader = self.client_of(&failover.survivors)?;
+        let t_read = Instant::now();
+        let reads: Vec<(String, Written, Result<Option<String>, String>)> = stream::iter(checked)
+            .map(|(key, w)| {
+                let reader = reader.clone();
+                let live = self.live.clone();
+                async move {
+                    let start = Instant::now();
+                    let found = read_back(&reader, &key).await;
+                    match &found {
+                        Ok(value) if w.admits(value.as_deref()) => {
+                            live.record(start, Outcome::Ok, None)
+                        }
+                        Ok(_) => live.record(start, Outcome::Lost, None),
+                        Err(e) => live.record(start, Outcome::Failed, Some(e.clone())),
+                    }
+                    (key, w, found)
+                }
+            })
+            .buffer_unordered(READS_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut lost = Vec::new();
+        let mut unreadable = Vec::new();
+        for (key, w, found) in &reads {
+            match found {
+                Ok(value) if w.admits(value.as_deref()) => {}
+                Ok(value) => lost.push(format!("{key} holds {value:?}, expected {}", w.expected())),
+                Err(e) => unreadable.push(format!("{key}: {e}")),
+            }
+        }
+        self.say(format!(
+            "read back {} keys through nodes {} in {}; {} of them were last acknowledged before the kill on node {victim}'s shards, so their values had to come back from PostgreSQL",
+            thousands(reads.len() as u64),
+            failover
+                .survivors
+                .iter()
+                .map(NodeId::to_string)
+                .collect::<Vec<_>>()
+                .join(" and "),
+            secs(t_read.elapsed()),
+            thousands(from_killed_node as u64)
+        ));
+        if lost.is_empty() && unreadable.is_empty() {
+            self.say("every key holds its last acknowledged value (or the value of a put that failed after it): 0 lost");
+        }
+        if !lost.is_empty() {
+            self.say(format!(
+                "{} key(s) lost their acknowledged value:",
+                thousands(lost.len() as u64)
+            ));
+            for line in lost.iter().take(5) {
+                self.say(format!("  {line}"));
+            }
+        }
+        if from_killed_node == 0 {
+            return Err(format!(
+                "no value was acknowledged on node {victim}'s shards before the kill and left alone after it: the read-back proves nothing"
+            ));
+        }
+        if !unreadable.is_empty() {
+            self.harness.print_log_tails(&failover.survivors);
+            return Err(format!(
+                "{} of {} keys could not be read back (first: {})",
+                unreadable.len(),
+                reads.len(),
+                unreadable[0]
+            ));
+        }
+        Ok(Done {
+            shards_moved: moved,
+            durable: Some(DurableReport {
+                killed: victim,
+                failover: back,
+                read_back: reads.len(),
+                from_killed_node,
+                lost: lost.len(),
+            }),
+            ..Done::default()
+        })
+    }
+}
+
+/// The reason the durable chapter is skipped, in one line that says how to get PostgreSQL.
+fn no_postgres(error: &TestingError) -> String {
+    let why = match error {
+        TestingError::PostgresMissing => {
+            return "PostgreSQL is not installed (no initdb, pg_ctl and createdb in PATH or /usr/lib/postgresql/*/bin); `apt-get install postgresql` installs it".into();
+        }
+        // The command line is long and says little: the tool's exit and its first error line
+        // (or its last line) say why.
+        TestingError::ToolFailed { detail, .. } => {
+            let lines: Vec<&str> = detail
+                .lines()
+                .map(str::trim)
+                .filter(|line| !line.is_empty())
+                .collect();
+            let cause = lines
+                .iter()
+                .skip(1)
+                .find(|line| {
+                    let line = line.to_lowercase();
+                    line.contains("error") || line.contains("fatal")
+                })
+                .or(lines.last())
+                .copied()
+                .unwrap_or_default();
+            match lines.first() {
+                Some(&exit) if exit != cause => format!("{exit} {cause}"),
+                _ => cause.to_string(),
+            }
+        }
+        other => other.to_string(),
+    };
+    let why: String = why
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(240)
+        .collect();
+    format!("PostgreSQL did not start: {why} (`apt-get install postgresql` installs it)")
+}
+
+/// Reads `key` for the durable chapter's check, trying again after an error (every shard
+/// serves again, so none is expected).
+async fn read_back(client: &Client, key: &str) -> Result<Option<String>, String> {
+    let mut last = String::new();
+    for _ in 0..READ_ATTEMPTS {
+        match client.send(key, Get).await {
+            Ok(value) => return Ok(value),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1223,7 +1663,18 @@ fn summary(told: &[Told], live: &Live, log: &Log, total: Duration) -> Option<Str
     };
     let mut moved_total = 0;
     let mut failover = None;
+    let mut durable = None;
+    let mut skipped = Vec::new();
     for (number, chapter) in told.iter().enumerate() {
+        let name = format!("{} {}", number + 1, chapter.step.name());
+        if let Some(why) = chapter.done.as_ref().and_then(|d| d.skipped.as_ref()) {
+            println!(
+                "  {name:<20} {:>6} {:>9} {:>6} {:>4} {:>6} {:>6} {:>7} {:>6}  skipped",
+                "-", "-", "-", "-", "-", "-", "-", "-"
+            );
+            skipped.push((name, why.clone()));
+            continue;
+        }
         let w = window(
             log,
             live.micros(chapter.started),
@@ -1233,8 +1684,9 @@ fn summary(told: &[Told], live: &Live, log: &Log, total: Duration) -> Option<Str
         let moved = done.map_or(0, |d| d.shards_moved);
         moved_total += moved;
         failover = failover.or(done.and_then(|d| d.failover));
+        durable = durable.or(done.and_then(|d| d.durable.as_ref()));
         row(
-            &format!("{} {}", number + 1, chapter.step.name()),
+            &name,
             chapter.ended - chapter.started,
             &w,
             moved,
@@ -1280,6 +1732,19 @@ fn summary(told: &[Told], live: &Live, log: &Log, total: Duration) -> Option<Str
         ))
     );
     println!("  shards moved    {}", thousands(moved_total as u64));
+    if let Some(d) = durable {
+        println!(
+            "  durable store   {} keys read back after kill -9 of node {} under load, {} lost ({} of them acknowledged on its shards before the kill); every shard answered again {} after the kill",
+            thousands(d.read_back as u64),
+            d.killed,
+            thousands(d.lost as u64),
+            thousands(d.from_killed_node as u64),
+            secs(d.failover)
+        );
+    }
+    for (name, why) in &skipped {
+        println!("  skipped         {name}: {why}");
+    }
     let failed = told.iter().enumerate().find_map(|(number, chapter)| {
         chapter.error.as_ref().map(|e| {
             format!(
@@ -1290,9 +1755,15 @@ fn summary(told: &[Told], live: &Live, log: &Log, total: Duration) -> Option<Str
         })
     });
     match &failed {
-        None if told.len() == Step::ALL.len() => println!(
+        None if told.len() == Step::ALL.len() && skipped.is_empty() => println!(
             "  result          all {} chapters passed in {:.1} s",
             told.len(),
+            total.as_secs_f64()
+        ),
+        None if told.len() == Step::ALL.len() => println!(
+            "  result          {} chapters passed and {} skipped in {:.1} s",
+            told.len() - skipped.len(),
+            skipped.len(),
             total.as_secs_f64()
         ),
         None => println!("  result          stopped after {} chapter(s)", told.len()),
@@ -1313,6 +1784,9 @@ fn run(options: Options) -> Result<(), String> {
     check_interrupt()?;
     let launch = Launch::new(PROGRAM, bins, &options.node)?;
     let count = INITIAL_NODES as usize + JOINING.len();
+    // Declared before the harness, so that PostgreSQL stops after the nodes that use it on
+    // every way out.
+    let mut postgres: Option<PostgresServer> = None;
     let mut harness = Harness::new(launch, INITIAL_NODES as usize, options.node.keep_dir)?;
     let first: Vec<SocketAddr> = harness.nodes.iter().map(|node| node.addr()).collect();
     let later = harness.reserve_addrs(count - first.len())?;
@@ -1344,6 +1818,7 @@ fn run(options: Options) -> Result<(), String> {
         let mut story = Story {
             options: &options,
             harness: &mut harness,
+            postgres: &mut postgres,
             out: out.clone(),
             live: live.clone(),
             members,
@@ -1351,6 +1826,7 @@ fn run(options: Options) -> Result<(), String> {
             killed: None,
             owners_before_restart: Vec::new(),
             traffic: Vec::new(),
+            traffic_stop: Arc::new(AtomicBool::new(false)),
         };
         let told = story.tell().await;
         live.stop.store(true, Ordering::SeqCst);
@@ -1365,6 +1841,7 @@ fn run(options: Options) -> Result<(), String> {
     let log = std::mem::take(&mut *lock(&live.log));
     let failed = summary(&told, &live, &log, total);
     drop(harness);
+    drop(postgres);
     check_interrupt()?;
     match failed {
         Some(e) => Err(e),

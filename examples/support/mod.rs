@@ -70,6 +70,10 @@ pub struct Launch {
     /// directory (`node-ID` for nodes, `client` for the library's clients, `admin` for admin
     /// calls). Only the bench sets it, to measure what TLS costs.
     pub tls_dir: Option<PathBuf>,
+    /// Where the nodes keep shard values, passed as `--store` (`None`: `kv serve`'s default,
+    /// in memory). Only the demo's durable chapter sets it, to a throwaway PostgreSQL's URL,
+    /// which holds no password.
+    pub store: Option<String>,
 }
 
 impl Launch {
@@ -87,6 +91,7 @@ impl Launch {
             timing: options.timing.clone(),
             insecure: false,
             tls_dir: None,
+            store: None,
         })
     }
 
@@ -103,6 +108,9 @@ impl Launch {
             command.arg("--init").arg(init);
         }
         command.arg("--timing").arg(&self.timing);
+        if let Some(store) = &self.store {
+            command.arg("--store").arg(store);
+        }
         if let Some(dir) = &self.tls_dir {
             command
                 .arg("--tls-dir")
