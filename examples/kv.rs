@@ -315,8 +315,15 @@ struct Serve {
     /// crashed node's shards load every acknowledged value on their new owners; the tables are
     /// created on first use). Put a URL with a password in `KV_STORE` rather than on the
     /// command line.
-    #[arg(long, env = "KV_STORE", default_value = "memory", value_parser = parse_store, hide_env_values = true)]
-    store: StoreArg,
+    // Checked by `parse_store` in `serve`, not by clap, whose error would echo the value (and a
+    // password in it).
+    #[arg(
+        long,
+        env = "KV_STORE",
+        default_value = "memory",
+        hide_env_values = true
+    )]
+    store: String,
     #[command(flatten)]
     auth: Auth,
 }
@@ -351,9 +358,11 @@ fn parse_store(value: &str) -> Result<StoreArg, String> {
         url if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
             Ok(StoreArg::Postgres(url.to_owned()))
         }
-        other => Err(format!(
-            "{other:?} is not a store: use memory, lmdb or postgres://USER@HOST:PORT/DB"
-        )),
+        // The value is not shown: a mistyped URL may hold a password.
+        _ => Err(
+            "--store (or KV_STORE) is not a store: use memory, lmdb or postgres://USER@HOST:PORT/DB (the value is not shown: it may hold a password)"
+                .to_owned(),
+        ),
     }
 }
 
@@ -371,7 +380,8 @@ fn serve(settings: Serve) -> Result<ExitCode, ToolError> {
         .map(NodeInfo::parse_members)
         .transpose()
         .map_err(|e| ToolError::usage(format!("--init: {e}")))?;
-    let store: Arc<dyn ShardStore> = match &settings.store {
+    let store = parse_store(&settings.store).map_err(ToolError::usage)?;
+    let store: Arc<dyn ShardStore> = match &store {
         StoreArg::Lmdb => Arc::new(
             LmdbShardStore::open(&settings.data_dir.join("shards"), StoreOptions::default())
                 .map_err(|e| format!("cannot open the shard store: {e}"))?,
@@ -620,16 +630,23 @@ mod tests {
         let Command::Serve(settings) = serve_with("lmdb").expect("parses").command else {
             panic!("not serve")
         };
-        assert_eq!(settings.store, StoreArg::Lmdb);
+        assert_eq!(parse_store(&settings.store), Ok(StoreArg::Lmdb));
         let url = "postgres://kv:secret@127.0.0.1:5432/kv";
         let Command::Serve(settings) = serve_with(url).expect("parses").command else {
             panic!("not serve")
         };
-        assert_eq!(settings.store, StoreArg::Postgres(url.to_owned()));
-        assert!(!format!("{:?}", settings.store).contains("secret"));
-        for wrong in ["disk", "mysql://kv@127.0.0.1/kv", ""] {
-            let refused = serve_with(wrong).err().expect("an unknown store");
-            assert_eq!(refused.exit_code(), i32::from(EXIT_USAGE), "{wrong:?}");
+        let parsed = parse_store(&settings.store);
+        assert_eq!(parsed, Ok(StoreArg::Postgres(url.to_owned())));
+        assert!(!format!("{parsed:?}").contains("secret"));
+        // Regression (attack review of issue 18): a mistyped URL was echoed with its password.
+        for wrong in [
+            "disk",
+            "postgress://kv:secret@127.0.0.1/kv",
+            "host=h password=secret",
+            "",
+        ] {
+            let refused = parse_store(wrong).expect_err("an unknown store");
+            assert!(!refused.contains("secret"), "{refused}");
         }
     }
 }

@@ -11,6 +11,7 @@
 //! with a deadline; no test asserts how long anything takes.
 
 use std::collections::BTreeMap;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -460,6 +461,82 @@ async fn a_call_past_its_time_limit_is_a_typed_timeout_and_lands_nothing() {
         .expect("reads");
     assert_eq!(read.as_deref(), Some(&b"after"[..]));
     drop(client);
+    let _ = connection.await;
+}
+
+/// Goal (regression, attack review of issue 18): an owner frozen (SIGSTOP, a paused VM) in the
+/// middle of a commit holds its shard's row lock; the shard's new owner must still be able to
+/// activate it, and no connection of the new owner's pool may stay stuck behind the lock. Before,
+/// the lock stayed until TCP noticed (hours): every activation of the shard timed out after 30 s,
+/// each left a connection waiting on the lock, and after a few minutes the new owner's pool was
+/// used up and its healthy shards stopped answering too.
+/// Method: a connection opened with the store's own session settings
+/// (`PostgresOptions::session_settings`, what every connection of the store starts with) stands
+/// in for the frozen owner: it locks shard 12's row inside a transaction and then does nothing.
+/// Store B (the new owner, with a 1 s idle-in-transaction limit) activates shard 12 at a newer
+/// epoch: the server must end the idle session, and the activation must succeed and see the old
+/// owner's last committed value, not its uncommitted one; the frozen owner's transaction must
+/// have been rolled back (its connection is gone).
+#[tokio::test]
+async fn an_owner_frozen_inside_a_commit_releases_the_shard_for_its_new_owner() {
+    let server = server();
+    let options = PostgresOptions {
+        table_prefix: "frozen_".to_owned(),
+        idle_in_transaction_timeout: Duration::from_secs(1),
+        lock_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let old_owner = PostgresShardStore::connect(&server.url(), options.clone()).expect("connects");
+    old_owner
+        .activate(12, NODE_A, EPOCH_A, Scope::All)
+        .await
+        .expect("activates");
+    old_owner
+        .commit(12, EPOCH_A, batch(&[("k", "committed")]))
+        .await
+        .expect("commits");
+
+    let mut frozen = tokio_postgres::Config::from_str(&server.url()).expect("the URL parses");
+    frozen.options(options.session_settings());
+    let (mut client, connection) = frozen
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("the frozen owner connects");
+    let connection = tokio::spawn(connection);
+    let holder = client.transaction().await.expect("begins");
+    holder
+        .execute(
+            "SELECT 1 FROM frozen_shards WHERE shard = 12 FOR UPDATE",
+            &[],
+        )
+        .await
+        .expect("the frozen owner locks the shard's row");
+    holder
+        .execute(
+            "UPDATE frozen_records SET value = 'uncommitted' WHERE shard = 12",
+            &[],
+        )
+        .await
+        .expect("the frozen owner writes inside its transaction");
+
+    let new_owner = PostgresShardStore::connect(&server.url(), options).expect("connects");
+    let started = Instant::now();
+    let loaded = loop {
+        match new_owner.activate(12, NODE_B, EPOCH_B, Scope::All).await {
+            Ok(loaded) => break loaded,
+            Err(error) => {
+                assert!(
+                    started.elapsed() < DEADLINE,
+                    "the new owner still cannot activate the frozen owner's shard: {error}"
+                );
+            }
+        }
+    };
+    assert_eq!(records(&loaded), expected(&[("k", "committed")]));
+    assert!(
+        holder.commit().await.is_err(),
+        "the frozen owner's transaction outlived the idle-in-transaction limit"
+    );
     let _ = connection.await;
 }
 

@@ -115,6 +115,11 @@ pub struct PostgresOptions {
     /// stores (clusters, or tests) can share a database. Lower-case ASCII letters, digits and
     /// `_`, not starting with a digit, at most 56 bytes. Default: `clusterfunk_`.
     pub table_prefix: String,
+    /// The schema of the store's tables. Every statement names it, so the tables do not depend
+    /// on the connection's search path (a schema named after the role, created later by an
+    /// administrator, would otherwise hide the tables from nodes restarted after it). The same
+    /// rules as `table_prefix`, at most 63 bytes. Default: `public`.
+    pub schema: String,
     /// Connections the pool opens at most: how many calls (for different shards) run at once;
     /// further calls wait for a free connection. 1 to 1024. Default: 8.
     pub connections_max: usize,
@@ -125,20 +130,49 @@ pub struct PostgresOptions {
     /// outcome is then unknown. Also how long dropping the store waits for calls in flight.
     /// Default: 30 s.
     pub call_timeout: Duration,
+    /// How long a statement of this store waits for a row lock before it fails (PostgreSQL's
+    /// `lock_timeout` on the store's connections). A new owner activating a shard whose old
+    /// owner froze in a transaction waits at most this long per attempt, and its connection is
+    /// free again afterwards; keep it below `call_timeout`, or a call that times out leaves its
+    /// statement waiting on a connection that goes back to the pool. Default: 10 s.
+    pub lock_timeout: Duration,
+    /// How long the server lets a connection of this store sit idle inside an open transaction
+    /// before it ends the session and rolls the transaction back (PostgreSQL's
+    /// `idle_in_transaction_session_timeout`): a node frozen (SIGSTOP, a paused VM) or cut off in
+    /// the middle of a commit then releases its shard's row lock after this long instead of
+    /// holding it until TCP notices, so the shard's new owner can load it. A commit that sits
+    /// that long was never acknowledged. Default: 5 s.
+    pub idle_in_transaction_timeout: Duration,
 }
 
 impl Default for PostgresOptions {
     fn default() -> Self {
         PostgresOptions {
             table_prefix: "clusterfunk_".to_owned(),
+            schema: "public".to_owned(),
             connections_max: 8,
             connect_timeout: Duration::from_secs(5),
             call_timeout: Duration::from_secs(30),
+            lock_timeout: Duration::from_secs(10),
+            idle_in_transaction_timeout: Duration::from_secs(5),
         }
     }
 }
 
 impl PostgresOptions {
+    /// The server settings every connection of the store starts with (PostgreSQL's `options`
+    /// connection parameter, after any the URL gives): `lock_timeout`,
+    /// `idle_in_transaction_session_timeout` and `statement_timeout` (a second above the call
+    /// timeout: the call gives up first, and a statement it left behind ends soon after).
+    pub fn session_settings(&self) -> String {
+        format!(
+            "-c lock_timeout={} -c idle_in_transaction_session_timeout={} -c statement_timeout={}",
+            self.lock_timeout.as_millis(),
+            self.idle_in_transaction_timeout.as_millis(),
+            self.call_timeout.as_millis() + 1000,
+        )
+    }
+
     /// Checks the options; the error says which one is wrong and how to fix it.
     pub fn validate(&self) -> Result<(), StoreError> {
         let invalid = |reason: String| StoreError::InvalidOptions {
@@ -154,6 +188,19 @@ impl PostgresOptions {
                 "table_prefix {prefix:?} is not a plain SQL name: use lower-case ASCII letters, digits and `_`, not starting with a digit, at most {TABLE_PREFIX_BYTES_MAX} bytes (default clusterfunk_)"
             )));
         }
+        let schema = &self.schema;
+        let plain = |name: &str| {
+            !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                && !name.starts_with(|c: char| c.is_ascii_digit())
+        };
+        if !plain(schema) || schema.len() > 63 {
+            return Err(invalid(format!(
+                "schema {schema:?} is not a plain SQL name: use lower-case ASCII letters, digits and `_`, not starting with a digit, at most 63 bytes (default public)"
+            )));
+        }
         if !(1..=CONNECTIONS_MAX).contains(&self.connections_max) {
             return Err(invalid(format!(
                 "connections_max is {}: use 1 to {CONNECTIONS_MAX} (default 8)",
@@ -165,6 +212,12 @@ impl PostgresOptions {
                 "connect_timeout and call_timeout must be above zero (defaults 5 s and 30 s)"
                     .to_owned(),
             ));
+        }
+        if self.lock_timeout.as_millis() < 1 || self.idle_in_transaction_timeout.as_millis() < 1 {
+            return Err(invalid(format!(
+                "lock_timeout ({:?}) and idle_in_transaction_timeout ({:?}) must be at least 1 ms (defaults 10 s and 5 s)",
+                self.lock_timeout, self.idle_in_transaction_timeout
+            )));
         }
         Ok(())
     }
@@ -212,10 +265,25 @@ struct Shared {
 
 /// The store's table names, with its prefix.
 struct Tables {
+    /// The schema both tables live in.
+    schema: String,
     /// Each shard's fence and whole-shard record.
     shards: String,
     /// The per-key records.
     records: String,
+}
+
+impl Tables {
+    /// The two tables' names qualified with their schema, as the SQL uses them (never through
+    /// the search path, which a role's own schema would change under a running cluster).
+    fn qualified(&self) -> (String, String) {
+        let Tables {
+            schema,
+            shards,
+            records,
+        } = self;
+        (format!("{schema}.{shards}"), format!("{schema}.{records}"))
+    }
 }
 
 /// Which of the store's tables an error is about.
@@ -253,7 +321,7 @@ struct Statements {
 
 impl Statements {
     fn new(tables: &Tables) -> Self {
-        let Tables { shards, records } = tables;
+        let (shards, records) = tables.qualified();
         Statements {
             lock_with_state: format!(
                 "SELECT epoch, owner, released, state FROM {shards} WHERE shard = $1 FOR UPDATE"
@@ -335,9 +403,23 @@ impl PostgresShardStore {
             tokio_postgres::Config::from_str(url).map_err(|source| StoreError::PostgresUrl {
                 source: Arc::new(source),
             })?;
+        // Server-side limits, so that a frozen or cut-off node cannot hold a shard's row lock
+        // (or a connection of another node's pool) for longer than these: the server ends a
+        // session idle inside a transaction, and a statement waiting for a lock fails.
+        let limits = options.session_settings();
+        let server_options = match config.get_options() {
+            Some(given) if !given.trim().is_empty() => format!("{given} {limits}"),
+            _ => limits,
+        };
         config
             .connect_timeout(options.connect_timeout)
-            .application_name("clusterfunk");
+            .application_name("clusterfunk")
+            .options(server_options)
+            // A server that vanished without a reset (a partition) is noticed in seconds.
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(5))
+            .keepalives_interval(Duration::from_secs(2))
+            .keepalives_retries(3);
         if config.get_ssl_mode() == SslMode::Require {
             return Err(StoreError::InvalidOptions {
                 source: StorageError::InvalidOptions {
@@ -361,6 +443,7 @@ impl PostgresShardStore {
             .build()
             .expect("a pool with a runtime and no hooks builds");
         let tables = Tables {
+            schema: options.schema.clone(),
             shards: format!("{}shards", options.table_prefix),
             records: format!("{}records", options.table_prefix),
         };
@@ -429,7 +512,7 @@ impl PostgresShardStore {
             &store.inner.runtime,
         );
         receiver.recv().map_err(|_| StoreError::Closed)??;
-        let Tables { shards, records } = &store.inner.shared.tables;
+        let (shards, records) = store.inner.shared.tables.qualified();
         tracing::info!(
             server = %store.inner.shared.server,
             %shards,
@@ -704,7 +787,12 @@ async fn set_up(mut client: Object, shared: Arc<Shared>, prefix: String) -> Resu
         let shared = &shared;
         move |e| shared.error_on("the store's tables".to_owned(), verb, e)
     };
-    let Tables { shards, records } = &shared.tables;
+    let Tables {
+        schema,
+        shards: shards_name,
+        records: records_name,
+    } = &shared.tables;
+    let (shards, records) = shared.tables.qualified();
     let txn = client.transaction().await.map_err(failed(Verb::Begin))?;
     // One lock per prefix: stores of other prefixes set up independently.
     let lock = to_stored(xxhash_rust::xxh3::xxh3_64(
@@ -713,8 +801,23 @@ async fn set_up(mut client: Object, shared: Arc<Shared>, prefix: String) -> Resu
     txn.execute("SELECT pg_advisory_xact_lock($1)", &[&lock])
         .await
         .map_err(failed(Verb::Open))?;
-    txn.batch_execute(&format!(
-        "CREATE TABLE IF NOT EXISTS {shards} (
+    let columns = "SELECT table_name::text, column_name::text, data_type::text, \
+                   is_nullable::text = 'YES' FROM information_schema.columns \
+                   WHERE table_schema = $2 AND table_name::text = ANY($1)";
+    let names = vec![shards_name.as_str(), records_name.as_str()];
+    let mut rows = txn
+        .query(columns, &[&names, schema])
+        .await
+        .map_err(failed(Verb::Read))?;
+    let has = |rows: &[tokio_postgres::Row], table: &str| {
+        rows.iter()
+            .any(|row| row.try_get::<_, String>(0).is_ok_and(|name| name == table))
+    };
+    // Created only when missing, so that a role without CREATE on the schema can use tables
+    // that an administrator created beforehand (the guide gives the SQL).
+    if !(has(&rows, shards_name) && has(&rows, records_name)) {
+        txn.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {shards} (
              shard bigint PRIMARY KEY,
              epoch bigint NOT NULL,
              owner bigint NOT NULL,
@@ -727,18 +830,14 @@ async fn set_up(mut client: Object, shared: Arc<Shared>, prefix: String) -> Resu
              value bytea NOT NULL,
              PRIMARY KEY (shard, key)
          );"
-    ))
-    .await
-    .map_err(failed(Verb::Open))?;
-    let rows = txn
-        .query(
-            "SELECT table_name::text, column_name::text, data_type::text, is_nullable::text = 'YES' \
-             FROM information_schema.columns \
-             WHERE table_schema = current_schema() AND table_name::text = ANY($1)",
-            &[&vec![shards.as_str(), records.as_str()]],
-        )
+        ))
         .await
-        .map_err(failed(Verb::Read))?;
+        .map_err(failed(Verb::Open))?;
+        rows = txn
+            .query(columns, &[&names, schema])
+            .await
+            .map_err(failed(Verb::Read))?;
+    }
     txn.commit().await.map_err(failed(Verb::Commit))?;
     let mut found: BTreeMap<(String, String), (String, bool)> = BTreeMap::new();
     for row in rows {
@@ -752,8 +851,8 @@ async fn set_up(mut client: Object, shared: Arc<Shared>, prefix: String) -> Resu
         found.insert(column.0, column.1);
     }
     for (table, columns) in [
-        (shards, &SHARDS_COLUMNS[..]),
-        (records, &RECORDS_COLUMNS[..]),
+        (shards_name, &SHARDS_COLUMNS[..]),
+        (records_name, &RECORDS_COLUMNS[..]),
     ] {
         for &(name, kind, nullable) in columns {
             let problem = match found.get(&(table.clone(), name.to_owned())) {
@@ -1149,6 +1248,11 @@ mod tests {
             let error = options.validate().expect_err(prefix);
             assert!(error.to_string().contains("table_prefix"), "{error}");
         }
+        let no_wait = PostgresOptions {
+            idle_in_transaction_timeout: Duration::ZERO,
+            ..Default::default()
+        };
+        assert!(no_wait.validate().is_err());
         for (connections_max, call_timeout) in [(0, 1), (CONNECTIONS_MAX + 1, 1), (8, 0)] {
             let options = PostgresOptions {
                 connections_max,
