@@ -132,6 +132,11 @@
 #[path = "support/mod.rs"]
 mod support;
 
+// The PostgreSQL scenarios: `raw_postgres` and `durable_failover`, and what `durable_postgres`
+// adds to `durable`.
+#[path = "bench/postgres.rs"]
+mod postgres;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -149,7 +154,9 @@ use clusterfunk::admin::{
 use clusterfunk::client::Client;
 use clusterfunk::internals as codec;
 use clusterfunk::internals::{Request, Response};
-use clusterfunk::persist::{DurableMap, DurableState, LmdbShardStore};
+use clusterfunk::persist::{
+    DurableMap, DurableState, LmdbShardStore, PostgresOptions, PostgresShardStore, ShardStore,
+};
 use clusterfunk::prelude::*;
 use clusterfunk::storage::StoreOptions;
 use clusterfunk::testing::{keys_per_shard, wait_for, wait_settled, Binaries, Settled};
@@ -307,6 +314,17 @@ struct Options {
     /// Seconds a failover, a membership change or a wait for the cluster may take.
     #[arg(long, default_value_t = 30)]
     deadline_secs: u64,
+    /// The PostgreSQL database of `durable_postgres`, `raw_postgres` and `durable_failover`
+    /// (`postgres://USER[:PASSWORD]@127.0.0.1:PORT/DB`; or `BENCH_POSTGRES_URL`, which keeps a
+    /// password out of the process list). Without it the bench starts a throwaway server of
+    /// its own (`testing::PostgresServer`) in a temporary directory.
+    #[arg(long, env = "BENCH_POSTGRES_URL", hide_env_values = true)]
+    postgres_url: Option<String>,
+    /// Whether the throwaway PostgreSQL server flushes each commit to disk: `on` (as a
+    /// production server does, and as `durable`'s LMDB store does) or `off` (commits cost CPU
+    /// alone, as `durable` on tmpfs). Ignored with `--postgres-url`.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    postgres_fsync: String,
     /// The node processes.
     #[command(flatten)]
     node: NodeOptions,
@@ -330,10 +348,15 @@ impl Options {
             return Err("--payload-bytes must be at most 1 MiB".into());
         }
         let wants = |s: Scenario| self.scenarios.contains(&s);
-        let faulted = [Scenario::Failover, Scenario::Freeze, Scenario::Partition];
+        let faulted = [
+            Scenario::Failover,
+            Scenario::Freeze,
+            Scenario::Partition,
+            Scenario::DurableFailover,
+        ];
         if faulted.into_iter().any(wants) && self.nodes < 3 {
             return Err(
-                "failover, freeze and partition need --nodes 3 or more (a majority must survive)"
+                "failover, freeze, partition and durable_failover need --nodes 3 or more (a majority must survive)"
                     .into(),
             );
         }
@@ -386,6 +409,13 @@ enum Scenario {
     /// Increments committed by hand with heed, one writer thread: the floor of `durable`.
     #[value(name = "raw_lmdb")]
     RawLmdb,
+    /// Durable increments on a standalone node with a PostgreSQL shard store (opt-in).
+    #[value(name = "durable_postgres")]
+    DurablePostgres,
+    /// Increments committed by hand with tokio-postgres, one transaction each: the floor of
+    /// `durable_postgres` (opt-in).
+    #[value(name = "raw_postgres")]
+    RawPostgres,
     /// SIGKILL a follower, then the leader, under load.
     #[value(name = "failover")]
     Failover,
@@ -398,10 +428,14 @@ enum Scenario {
     /// Add a node and drain one under load.
     #[value(name = "planned")]
     Planned,
+    /// SIGKILL a follower, then the leader, of `kv serve --store postgres://…` nodes under
+    /// durable load; every acknowledged value read back (opt-in).
+    #[value(name = "durable_failover")]
+    DurableFailover,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 11] = [
+    const ALL: [Scenario; 14] = [
         Scenario::Local,
         Scenario::RawActix,
         Scenario::Forwarded,
@@ -409,10 +443,13 @@ impl Scenario {
         Scenario::RawTcp,
         Scenario::Durable,
         Scenario::RawLmdb,
+        Scenario::DurablePostgres,
+        Scenario::RawPostgres,
         Scenario::Failover,
         Scenario::Freeze,
         Scenario::Partition,
         Scenario::Planned,
+        Scenario::DurableFailover,
     ];
 
     fn name(self) -> &'static str {
@@ -424,10 +461,13 @@ impl Scenario {
             Scenario::RawTcp => "raw_tcp",
             Scenario::Durable => "durable",
             Scenario::RawLmdb => "raw_lmdb",
+            Scenario::DurablePostgres => "durable_postgres",
+            Scenario::RawPostgres => "raw_postgres",
             Scenario::Failover => "failover",
             Scenario::Freeze => "freeze",
             Scenario::Partition => "partition",
             Scenario::Planned => "planned",
+            Scenario::DurableFailover => "durable_failover",
         }
     }
 
@@ -437,16 +477,30 @@ impl Scenario {
             Scenario::Local => Some(Scenario::RawActix),
             Scenario::Forwarded | Scenario::Client => Some(Scenario::RawTcp),
             Scenario::Durable => Some(Scenario::RawLmdb),
+            Scenario::DurablePostgres => Some(Scenario::RawPostgres),
             _ => None,
         }
     }
 
     /// Whether the scenario runs on the cluster's node processes (the others run in this
-    /// process alone).
+    /// process alone, or on `kv` processes of their own).
     fn needs_cluster(self) -> bool {
         !matches!(
             self,
-            Scenario::RawTcp | Scenario::Durable | Scenario::RawLmdb
+            Scenario::RawTcp
+                | Scenario::Durable
+                | Scenario::RawLmdb
+                | Scenario::DurablePostgres
+                | Scenario::RawPostgres
+                | Scenario::DurableFailover
+        )
+    }
+
+    /// Whether the scenario needs a PostgreSQL server.
+    fn needs_postgres(self) -> bool {
+        matches!(
+            self,
+            Scenario::DurablePostgres | Scenario::RawPostgres | Scenario::DurableFailover
         )
     }
 }
@@ -753,11 +807,29 @@ async fn closed_loop<R: Requester>(
 /// Runs `make()`'s requesters for the warm-up (unrecorded), then again for the measurement;
 /// returns the measurement's summary with the CPU time that processes `pids` used meanwhile.
 async fn warm_then_measure<R, F>(
-    mut make: F,
+    make: F,
     duration: Duration,
     warmup: Duration,
     pids: &[u32],
 ) -> Result<Summary, String>
+where
+    R: Requester,
+    F: AsyncFnMut() -> Result<Vec<R>, String>,
+{
+    let groups = [pids.to_vec()];
+    Ok(warm_then_measure_split(make, duration, warmup, &groups)
+        .await?
+        .0)
+}
+
+/// [`warm_then_measure`] with the processes in groups: the summary's CPU time is every
+/// group's, and each group's is returned too (`None` where a process could not be read).
+async fn warm_then_measure_split<R, F>(
+    mut make: F,
+    duration: Duration,
+    warmup: Duration,
+    groups: &[Vec<u32>],
+) -> Result<(Summary, Vec<Option<f64>>), String>
 where
     R: Requester,
     F: AsyncFnMut() -> Result<Vec<R>, String>,
@@ -767,12 +839,15 @@ where
         closed_loop(make().await?, warmup, &stop, false).await;
     }
     let requesters = make().await?;
-    let before = cpu_ms(pids);
+    let before: Vec<Option<f64>> = groups.iter().map(|pids| cpu_ms(pids)).collect();
     let recorded = closed_loop(requesters, duration, &stop, false).await;
-    let used = cpu_ms(pids)
+    let used: Vec<Option<f64>> = groups
+        .iter()
         .zip(before)
-        .map(|(after, before)| after - before);
-    Ok(Summary::of(&recorded).with_cpu(used))
+        .map(|(pids, before)| cpu_ms(pids).zip(before).map(|(after, before)| after - before))
+        .collect();
+    let total = used.iter().try_fold(0.0, |sum, cpu| cpu.map(|cpu| sum + cpu));
+    Ok((Summary::of(&recorded).with_cpu(total), used))
 }
 
 /// Linux's `USER_HZ`: the unit of the CPU times in `/proc/PID/stat` (100 on every mainstream
@@ -1471,10 +1546,42 @@ impl Requester for DurableRequester {
     }
 }
 
-/// What `durable` runs with, handed to its thread.
+/// Where `durable`'s node keeps its counters.
+enum DurableStore {
+    /// An [`LmdbShardStore`] in this directory, opened with `StoreOptions::default()` (fsync
+    /// on): `durable`.
+    Lmdb(PathBuf),
+    /// A [`PostgresShardStore`] on this database with these options: `durable_postgres`.
+    Postgres {
+        url: String,
+        options: PostgresOptions,
+    },
+}
+
+impl DurableStore {
+    /// Opens the store (blocking: LMDB maps its file, PostgreSQL connects and checks the
+    /// tables), on the scenario's own thread before anything else runs.
+    fn open(&self) -> Result<Arc<dyn ShardStore>, String> {
+        Ok(match self {
+            DurableStore::Lmdb(dir) => Arc::new(
+                LmdbShardStore::open(dir, StoreOptions::default()).map_err(|e| {
+                    format!("cannot open the shard store in {}: {e}", dir.display())
+                })?,
+            ),
+            DurableStore::Postgres { url, options } => Arc::new(
+                PostgresShardStore::connect(url, options.clone())
+                    .map_err(|e| format!("cannot connect the PostgreSQL shard store: {e}"))?,
+            ),
+        })
+    }
+}
+
+/// What `durable` (or `durable_postgres`) runs with, handed to its thread.
 struct DurableLoad {
-    /// The shard store's directory.
-    store_dir: PathBuf,
+    /// The scenario's name, in its messages.
+    name: &'static str,
+    /// Where the node keeps its counters.
+    store: DurableStore,
     /// `keys[s]` hashes to shard `s`.
     keys: Arc<Vec<String>>,
     concurrency: usize,
@@ -1484,9 +1591,10 @@ struct DurableLoad {
     rust_log: String,
 }
 
-/// Runs `durable` on the calling thread (see the module docs): a standalone node of
-/// [`Counters`] with an LMDB store, in an actix `System` of its own, under the load; every key
-/// read back; then a second node on the reopened store, and every key read back again.
+/// Runs `durable` or `durable_postgres` on the calling thread (see the module docs): a
+/// standalone node of [`Counters`] with the load's store, in an actix `System` of its own,
+/// under the load; every key read back; then a second node on the reopened store, and every
+/// key read back again.
 fn run_durable(load: DurableLoad) -> Result<Outcome, String> {
     // The node's warnings (a failed commit, for one) go to stderr, as a node process's would.
     let filter = tracing_subscriber::EnvFilter::try_new(&load.rust_log)
@@ -1497,17 +1605,24 @@ fn run_durable(load: DurableLoad) -> Result<Outcome, String> {
             .with_writer(std::io::stderr)
             .finish(),
     );
+    let name = load.name;
     let tally = Arc::new(Tally::default());
     let keys: Arc<Vec<Key>> = Arc::new(load.keys.iter().map(Key::from).collect());
     let stride = (keys.len() / load.concurrency).max(1);
-    let (summary, in_memory) = actix::System::new().block_on(async {
-        let node = durable_node(&load.store_dir).await?;
+    let (summary, in_memory, server) = actix::System::new().block_on(async {
+        let node = durable_node(&load.store).await?;
         // An activation writes to the store too (it raises the shard's fence): every shard
         // activates here, before the load, so that the measurement holds increments alone.
         let before = count_sum(&node, &keys).await?;
         if before != 0 {
             return Err(format!("the new store already holds {before} increments"));
         }
+        // With PostgreSQL: its processes (the pool's connections are open now, after the
+        // activations) and its transaction counter, before the load.
+        let server = match &load.store {
+            DurableStore::Postgres { url, .. } => Some(postgres::Observer::start(url).await?),
+            DurableStore::Lmdb(_) => None,
+        };
         let make = async || {
             Ok((0..load.concurrency)
                 .map(|r| DurableRequester {
@@ -1518,29 +1633,62 @@ fn run_durable(load: DurableLoad) -> Result<Outcome, String> {
                 })
                 .collect::<Vec<_>>())
         };
-        let this_process = [std::process::id()];
-        let summary = warm_then_measure(make, load.duration, load.warmup, &this_process).await;
+        let this_process = vec![std::process::id()];
+        let groups = match &server {
+            Some(server) => vec![this_process, server.pids.clone()],
+            None => vec![this_process],
+        };
+        let measured =
+            warm_then_measure_split(make, load.duration, load.warmup, &groups).await;
+        let server = match server {
+            Some(server) => Some(server.finish(tally.acknowledged()).await?),
+            None => None,
+        };
         let in_memory = count_sum(&node, &keys).await;
         node.shutdown().await;
-        Ok((summary?, in_memory?))
+        let (summary, cpu) = measured?;
+        Ok((summary, in_memory?, server.map(|server| (server, cpu))))
     })?;
     // That `System` is gone with everything on it, the store included (its last drop commits
-    // what is queued and closes the environment): the directory opens again as after a restart
-    // in place, which loads what was committed.
+    // what is queued and closes the environment or the connections): the store opens again
+    // as after a restart in place, which loads what was committed.
     let stored = actix::System::new().block_on(async {
-        let node = durable_node(&load.store_dir).await?;
+        let node = durable_node(&load.store).await?;
         let stored = count_sum(&node, &keys).await;
         node.shutdown().await;
         stored
     })?;
-    tally.check("durable: read back through the node", in_memory)?;
-    tally.check("durable: read back after reopening the store", stored)?;
+    tally.check(&format!("{name}: read back through the node"), in_memory)?;
+    tally.check(
+        &format!("{name}: read back after reopening the store"),
+        stored,
+    )?;
     let (acknowledged, failed) = (tally.acknowledged(), tally.failed());
     let mut extra = serde_json::Map::new();
-    extra.insert(
-        "node".into(),
-        json!("standalone, in the bench process, with an LmdbShardStore (fsync on)"),
-    );
+    let mut notes = vec![format!(
+        "{name}: {acknowledged} increments acknowledged, {failed} failed (warm-up included); \
+         counts read back: {in_memory} through the node, {stored} from the reopened store"
+    )];
+    match &load.store {
+        DurableStore::Lmdb(_) => {
+            extra.insert(
+                "node".into(),
+                json!("standalone, in the bench process, with an LmdbShardStore (fsync on)"),
+            );
+        }
+        DurableStore::Postgres { options, .. } => {
+            extra.insert(
+                "node".into(),
+                json!(format!(
+                    "standalone, in the bench process, with a PostgresShardStore ({} connections)",
+                    options.connections_max
+                )),
+            );
+        }
+    }
+    if let Some((server, cpu)) = server {
+        server.report(name, &cpu, &mut extra, &mut notes);
+    }
     extra.insert("keys".into(), json!(keys.len()));
     extra.insert("acknowledged_increments".into(), json!(acknowledged));
     extra.insert("failed_increments".into(), json!(failed));
@@ -1549,25 +1697,19 @@ fn run_durable(load: DurableLoad) -> Result<Outcome, String> {
     Ok(Outcome {
         summary,
         extra,
-        notes: vec![format!(
-            "durable: {acknowledged} increments acknowledged, {failed} failed (warm-up included); \
-             counts read back: {in_memory} through the node, {stored} from the reopened store"
-        )],
+        notes,
     })
 }
 
-/// A standalone node of [`Counters`] keeping them in an [`LmdbShardStore`] in `dir`, opened with
-/// `StoreOptions::default()` (fsync on).
-async fn durable_node(dir: &Path) -> Result<Node<Counters>, String> {
-    // Blocking (it maps the file), on this scenario's own thread before anything else runs.
-    let store = LmdbShardStore::open(dir, StoreOptions::default())
-        .map_err(|e| format!("cannot open the shard store in {}: {e}", dir.display()))?;
+/// A standalone node of [`Counters`] keeping them in `store`.
+async fn durable_node(store: &DurableStore) -> Result<Node<Counters>, String> {
+    let store = store.open()?;
     Cluster::builder()
         .node_id(1)
         .shards(SHARD_COUNT)
         .standalone()
         .handler::<Counters>()
-        .store(Arc::new(store))
+        .store(store)
         .start()
         .await
         .map_err(|e| format!("cannot start the durable node: {e}"))
@@ -1745,6 +1887,8 @@ struct Bench<'a> {
     /// `keys[s]` hashes to shard `s`.
     keys: Arc<Vec<String>>,
     payload: Vec<u8>,
+    /// The PostgreSQL server of the scenarios that need one.
+    postgres: Option<postgres::Server>,
 }
 
 impl Bench<'_> {
@@ -1979,8 +2123,44 @@ impl Bench<'_> {
     }
 
     async fn durable(&self) -> Result<Outcome, String> {
+        self.durable_with(
+            "durable",
+            DurableStore::Lmdb(self.harness.path().join("durable-store")),
+        )
+        .await
+    }
+
+    /// `durable_postgres`: `durable` with a [`PostgresShardStore`] (default options, tables of
+    /// their own) on the bench's PostgreSQL, whose tables are dropped afterwards.
+    async fn durable_postgres(&self) -> Result<Outcome, String> {
+        let server = self.postgres()?;
+        let options = PostgresOptions {
+            table_prefix: postgres::DURABLE_TABLE_PREFIX.to_owned(),
+            ..PostgresOptions::default()
+        };
+        let outcome = self
+            .durable_with(
+                "durable_postgres",
+                DurableStore::Postgres {
+                    url: server.url(),
+                    options,
+                },
+            )
+            .await;
+        let dropped = postgres::drop_tables(&server.url(), postgres::DURABLE_TABLE_PREFIX).await;
+        let mut outcome = outcome?;
+        dropped?;
+        outcome
+            .extra
+            .insert("postgres".into(), json!(server.describe()));
+        Ok(outcome)
+    }
+
+    /// Runs `durable` or `durable_postgres` on a thread of its own.
+    async fn durable_with(&self, name: &'static str, store: DurableStore) -> Result<Outcome, String> {
         let load = DurableLoad {
-            store_dir: self.harness.path().join("durable-store"),
+            name,
+            store,
             keys: self.keys.clone(),
             concurrency: self.options.concurrency,
             duration: self.duration(),
@@ -2001,6 +2181,13 @@ impl Bench<'_> {
             .map_err(|_| "the durable node's thread panicked".to_owned());
         let _ = thread.join();
         outcome?
+    }
+
+    /// The bench's PostgreSQL (started before the first scenario that needs it).
+    fn postgres(&self) -> Result<&postgres::Server, String> {
+        self.postgres
+            .as_ref()
+            .ok_or_else(|| "no PostgreSQL server: this is a bug of the bench".to_owned())
     }
 
     async fn raw_lmdb(&self) -> Result<Outcome, String> {
@@ -2680,7 +2867,6 @@ struct Kill {
     t_settled: Instant,
 }
 
-/// The node to fault: the leader, or follower number `number` (in id order, round robin).
 /// Sends one probe to the shard of `key`: idempotent (re-sent by the client across a failover)
 /// or plain.
 async fn probe_send(
@@ -2697,6 +2883,7 @@ async fn probe_send(
     sent.map_err(|e| e.to_string())
 }
 
+/// The node to fault: the leader, or follower number `number` (in id order, round robin).
 fn pick_node(settled: &Settled, ids: &[NodeId], leader_role: bool, number: usize) -> NodeId {
     if leader_role {
         return settled.leader;
@@ -2983,7 +3170,13 @@ async fn measure(
         options,
         keys: Arc::new(keys_per_shard("key", SHARD_COUNT).ok_or("no key found for some shard")?),
         payload: vec![7u8; options.payload_bytes],
+        postgres: None,
     };
+    if wanted.iter().any(|s| s.needs_postgres()) {
+        let server = postgres::Server::start(options)?;
+        println!("PostgreSQL: {}", server.describe());
+        bench.postgres = Some(server);
+    }
     if wanted.iter().any(|s| s.needs_cluster()) {
         let started = Instant::now();
         bench.harness.start_all()?;
@@ -3014,10 +3207,13 @@ async fn measure(
             Scenario::RawTcp => bench.raw_tcp().await,
             Scenario::Durable => bench.durable().await,
             Scenario::RawLmdb => bench.raw_lmdb().await,
+            Scenario::DurablePostgres => bench.durable_postgres().await,
+            Scenario::RawPostgres => postgres::raw_postgres(&bench).await,
             Scenario::Failover => bench.failover().await,
             Scenario::Freeze => bench.faults(FaultKind::Freeze).await,
             Scenario::Partition => bench.faults(FaultKind::Partition).await,
             Scenario::Planned => bench.planned().await,
+            Scenario::DurableFailover => postgres::durable_failover(&bench).await,
         }
         .map_err(|e| format!("{}: {e}", scenario.name()))?;
         results.push((scenario, outcome));

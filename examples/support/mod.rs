@@ -70,6 +70,10 @@ pub struct Launch {
     /// directory (`node-ID` for nodes, `client` for the library's clients, `admin` for admin
     /// calls). Only the bench sets it, to measure what TLS costs.
     pub tls_dir: Option<PathBuf>,
+    /// The nodes' `kv serve --store`, passed as `KV_STORE` so that a database password stays
+    /// out of the process list; `None` leaves `kv serve`'s default (`memory`). Only the
+    /// bench's `durable_failover` sets it.
+    pub store: Option<String>,
 }
 
 impl Launch {
@@ -87,6 +91,7 @@ impl Launch {
             timing: options.timing.clone(),
             insecure: false,
             tls_dir: None,
+            store: None,
         })
     }
 
@@ -112,6 +117,9 @@ impl Launch {
             command.arg("--insecure").env_remove(SECRET_ENV_VAR);
         } else {
             command.env(SECRET_ENV_VAR, &self.secret);
+        }
+        if let Some(store) = &self.store {
+            command.env("KV_STORE", store);
         }
         command.env("RUST_LOG", &self.rust_log).env("NO_COLOR", "1");
         // A wall-clock marker, to line the tool's output up with the node's log.
