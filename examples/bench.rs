@@ -8,6 +8,9 @@
 //!     [--json FILE]
 //! cargo run --release --example bench -- --scenarios freeze,partition [--freeze-seconds 4]
 //! cargo run --release --example bench -- --scenarios durable,raw_lmdb
+//! cargo build --release --example bench --example kv
+//! target/release/examples/bench --scenarios durable_postgres,raw_postgres,durable_failover
+//!     [--postgres-fsync on|off] [--postgres-url postgres://USER@127.0.0.1:PORT/DB]
 //! ```
 //!
 //! # How it runs
@@ -64,6 +67,36 @@
 //!   every queued increment (at most 512, the store's bound per transaction) into one write
 //!   transaction, commits it (fsync), then acknowledges each of them: committed before
 //!   acknowledged, at the same concurrency. The same read-back check follows.
+//!
+//!   In these two scenarios and the two below, requester `r` of `C` increments the keys whose
+//!   index is `r` modulo `C`, in turn, so no two increments of one key (one shard) are ever in
+//!   flight together and no shard merges two increments into one commit.
+//! - `durable_postgres` (opt-in, as the two below): `durable` with a [`PostgresShardStore`]
+//!   instead: `PostgresOptions::default()` (a pool of 8 connections) with tables of its own
+//!   (`bench_durable_…`, dropped afterwards), on the bench's PostgreSQL. That is a throwaway
+//!   server the bench starts in a temporary directory (`testing::PostgresServer`, on 127.0.0.1),
+//!   which with `--postgres-fsync on` (the default) flushes each commit to disk as a production
+//!   server does and with `off` leaves commits their CPU cost alone; or the database of
+//!   `--postgres-url` (loopback only). The store commits a shard's batch in one transaction:
+//!   BEGIN; `SELECT … FOR UPDATE` of the shard's fence row; the fence checked in Rust
+//!   (`Fence::check_commit`); one `INSERT … ON CONFLICT DO UPDATE` of the records; COMMIT:
+//!   four round trips, on the store's own runtime thread. It groups nothing across shards, and
+//!   with the key slices above each commit holds one increment. Besides `durable`'s figures and
+//!   read-backs (the second through a node on a new store), the scenario reports the server's
+//!   side: its writing transactions during the load (`txid_current()` before and after: one
+//!   per increment), and the CPU time of its processes, which the CPU per request includes.
+//! - `raw_postgres`: the floor of `durable_postgres`, with no framework: the same requesters (on
+//!   this process's runtime, where the pool's connections live too) increment the same keys in
+//!   tables of their own (`bench_raw_…`, made with the store's DDL, dropped afterwards) through
+//!   a deadpool pool of tokio-postgres connections built as the store builds its own (8
+//!   connections, opened before the load), each increment in a transaction of its own: BEGIN;
+//!   `SELECT epoch, owner, released … FOR UPDATE` of the shard's fence row (written for every
+//!   shard before the load, as an activation does), decided with `Fence::check_commit`; `INSERT
+//!   … VALUES … ON CONFLICT DO UPDATE` of the key's record, holding the new count encoded as
+//!   `DurableMap<u64>` encodes it; COMMIT; then the acknowledgement. Statements are prepared
+//!   once per connection, as the store's are. No group commit, as in the store; with fsync on,
+//!   the server flushes the WAL of concurrent commits together for both. The same read-back
+//!   check follows.
 //! - `failover`: the `client` load runs while a follower, then the leader (`--kills` each), is
 //!   killed with SIGKILL. Every shard of the killed node is probed through a client seeded with
 //!   the survivors every `--probe-ms`; a shard's unavailability is the time from the kill to its
@@ -98,10 +131,29 @@
 //!   shard waits for the handoff. The load reaches each shard every 1024 / throughput seconds
 //!   (about 8 ms at 120 000 requests/s), so a pause can be underestimated by up to that much;
 //!   `failover_timing` probes every moving shard instead.
+//! - `durable_failover` (opt-in): a cluster of its own, of `--nodes` `kv serve --store
+//!   postgres://…` processes (the `kv` example, built beside the bench) on a database of their
+//!   own: `bench_failover` on the bench's server, or the database of `--postgres-url`, which
+//!   must not hold the kv tables yet and whose kv tables are dropped afterwards. Under a load of
+//!   `--concurrency` requesters through one `Client`, each alternately an `Incr` of a counter
+//!   (one per shard, walked as `client` walks its keys) and a `Put` of a fresh key, a follower
+//!   and then the leader are killed with SIGKILL; each is restarted once its shards are back,
+//!   and the cluster settles before the next kill. Every shard of the killed node is probed
+//!   every `--probe-ms` with an `Incr` of a probe counter of that shard, through a client seeded
+//!   with the survivors: a shard's unavailability is the time from the kill to its first
+//!   acknowledged probe, which its new owner answers once it loaded the shard from PostgreSQL.
+//!   The load stops once the cluster settled after the last restart; then every counter (probe
+//!   counters too) and every put is read back through a client of every node. A value is lost
+//!   when a counter holds less than its acknowledged increments (or than the highest count an
+//!   increment answered), or an acknowledged put's key does not hold its value; a counter may
+//!   exceed its acknowledged increments only by its failed ones (their outcome is unknown), and
+//!   a failed put's key holds nothing or its value. Per kill: the unavailability per shard
+//!   (median and max) and the failed load requests, as `failover` counts them.
 //!
 //! Scenarios run in the order above, whatever the order of `--scenarios`, so that the floors sit
-//! next to what they bound and the membership changes come last. `failover` gets the same
-//! per-kill split of its failures (its load is all non-idempotent `Echo`, as before).
+//! next to what they bound and the membership changes come last (`durable_postgres` and
+//! `raw_postgres` run after `raw_lmdb`, `freeze` and `partition` after `failover`). `failover` gets
+//! the same per-kill split of its failures (its load is all non-idempotent `Echo`, as before).
 //!
 //! # What the figures mean
 //!
@@ -110,21 +162,25 @@
 //! wide, and the percentiles are nearest-rank over it (within 0.4 %; the maximum is exact).
 //! Throughput is successful requests over the time from the start until the last requester
 //! finished. A scenario's floor ratio is its throughput over its floor's (`local` → `raw_actix`;
-//! `forwarded` and `client` → `raw_tcp`; `durable` → `raw_lmdb`) and its p50 over the floor's
-//! p50. The CPU per request is the user and system time (`/proc/PID/stat`, 10 ms resolution)
-//! that every process taking part used during the measurement, over the successful requests:
-//! this process and every node for `forwarded` and `client`, node 1 alone for `local` and
-//! `raw_actix`, this process (the echo server's thread included) for `raw_tcp`, this process
-//! (its node or its writer thread included) for `durable` and `raw_lmdb`. `durable` and
-//! `raw_lmdb` wait for fsyncs, so their throughput is the disk's as much as the code's: their
-//! ratio is what the framework keeps of what LMDB can do with that disk. On a shared virtual
-//! disk an fsync can take 0.2 ms one second and 4 ms the next, and the two scenarios run one
-//! after the other: take the median ratio of several runs. With the temporary directory on
-//! tmpfs (`TMPDIR=/dev/shm`) the fsyncs cost nothing and the ratio shows the CPU cost alone. The machine these numbers come from has 2
-//! cores shared by the load generator, the echo server and every node: compare scenarios within
-//! one run (the ratios), not absolute figures across runs; and whether the processes wake each
-//! other across the two cores or take turns on one changes the network ratios by up to 2 ×
-//! (`taskset -c 0` pins the whole run to one core).
+//! `forwarded` and `client` → `raw_tcp`; `durable` → `raw_lmdb`; `durable_postgres` →
+//! `raw_postgres`) and its p50 over the floor's p50. The CPU per request is the user and system
+//! time (`/proc/PID/stat`, 10 ms resolution) that every process taking part used during the
+//! measurement, over the successful requests: this process and every node for `forwarded` and
+//! `client`, node 1 alone for `local` and `raw_actix`, this process (the echo server's thread
+//! included) for `raw_tcp`, this process (its node or its writer thread included) for `durable` and
+//! `raw_lmdb`, this process and the PostgreSQL server's processes (its connections' backends and
+//! its background processes) for `durable_postgres` and `raw_postgres`. `durable` and `raw_lmdb`
+//! wait for fsyncs, so their throughput is the disk's as much as the code's: their ratio is what
+//! the framework keeps of what LMDB can do with that disk. On a shared virtual disk an fsync can
+//! take 0.2 ms one second and 4 ms the next, and the two scenarios run one after the other: take
+//! the median ratio of several runs. With the temporary directory on tmpfs (`TMPDIR=/dev/shm`) the
+//! fsyncs cost nothing and the ratio shows the CPU cost alone. The same holds for
+//! `durable_postgres` and `raw_postgres` with the server's WAL flushes, which `--postgres-fsync=off`
+//! turns off; either way the server's processes share the machine's cores with the bench. The
+//! machine these numbers come from has 2 cores shared by the load generator, the echo server and
+//! every node: compare scenarios within one run (the ratios), not absolute figures across runs; and
+//! whether the processes wake each other across the two cores or take turns on one changes the
+//! network ratios by up to 2 × (`taskset -c 0` pins the whole run to one core).
 //!
 //! Every loop is bounded by a count and a deadline; every child process and the temporary
 //! directory are removed on exit, on error and on Ctrl-C.
@@ -844,9 +900,15 @@ where
     let used: Vec<Option<f64>> = groups
         .iter()
         .zip(before)
-        .map(|(pids, before)| cpu_ms(pids).zip(before).map(|(after, before)| after - before))
+        .map(|(pids, before)| {
+            cpu_ms(pids)
+                .zip(before)
+                .map(|(after, before)| after - before)
+        })
         .collect();
-    let total = used.iter().try_fold(0.0, |sum, cpu| cpu.map(|cpu| sum + cpu));
+    let total = used
+        .iter()
+        .try_fold(0.0, |sum, cpu| cpu.map(|cpu| sum + cpu));
     Ok((Summary::of(&recorded).with_cpu(total), used))
 }
 
@@ -1528,18 +1590,49 @@ impl Tally {
     }
 }
 
+/// The keys one requester of `durable`, `raw_lmdb`, `durable_postgres` or `raw_postgres`
+/// increments, in turn: those whose index is its own modulo the concurrency, so that no two
+/// requesters ever increment one key (one shard) at once and no shard merges two increments
+/// into one commit (with more requesters than keys, the extra ones share a key).
+#[derive(Debug, Clone)]
+struct KeySlice {
+    /// Indexes into the key list.
+    keys: Vec<usize>,
+    next: usize,
+}
+
+impl KeySlice {
+    /// The slice of requester `requester` of `concurrency`, over `keys` keys.
+    fn of(requester: usize, concurrency: usize, keys: usize) -> KeySlice {
+        let own: Vec<usize> = (requester..keys).step_by(concurrency.max(1)).collect();
+        KeySlice {
+            keys: match own.is_empty() {
+                true => vec![requester % keys.max(1)],
+                false => own,
+            },
+            next: 0,
+        }
+    }
+
+    /// The index of the next key to increment.
+    fn next(&mut self) -> usize {
+        let key = self.keys[self.next % self.keys.len()];
+        self.next = self.next.wrapping_add(1);
+        key
+    }
+}
+
 /// `durable`: `node.send(key, Increment)` inside the node's actix `System`.
 struct DurableRequester {
     node: Node<Counters>,
     keys: Arc<Vec<Key>>,
-    next: usize,
+    slice: KeySlice,
     tally: Arc<Tally>,
 }
 
 impl Requester for DurableRequester {
     async fn call(&mut self, _iteration: u64) -> Result<(), String> {
-        let key = &self.keys[self.next % self.keys.len()];
-        self.next = self.next.wrapping_add(1);
+        let key = &self.keys[self.slice.next()];
         let result = self.node.send(key, Increment { by: 1 }).await;
         self.tally.record(result.is_ok());
         result.map(drop).map_err(|e| e.to_string())
@@ -1608,7 +1701,6 @@ fn run_durable(load: DurableLoad) -> Result<Outcome, String> {
     let name = load.name;
     let tally = Arc::new(Tally::default());
     let keys: Arc<Vec<Key>> = Arc::new(load.keys.iter().map(Key::from).collect());
-    let stride = (keys.len() / load.concurrency).max(1);
     let (summary, in_memory, server) = actix::System::new().block_on(async {
         let node = durable_node(&load.store).await?;
         // An activation writes to the store too (it raises the shard's fence): every shard
@@ -1628,7 +1720,7 @@ fn run_durable(load: DurableLoad) -> Result<Outcome, String> {
                 .map(|r| DurableRequester {
                     node: node.clone(),
                     keys: keys.clone(),
-                    next: r * stride,
+                    slice: KeySlice::of(r, load.concurrency, keys.len()),
                     tally: tally.clone(),
                 })
                 .collect::<Vec<_>>())
@@ -1638,8 +1730,7 @@ fn run_durable(load: DurableLoad) -> Result<Outcome, String> {
             Some(server) => vec![this_process, server.pids.clone()],
             None => vec![this_process],
         };
-        let measured =
-            warm_then_measure_split(make, load.duration, load.warmup, &groups).await;
+        let measured = warm_then_measure_split(make, load.duration, load.warmup, &groups).await;
         let server = match server {
             Some(server) => Some(server.finish(tally.acknowledged()).await?),
             None => None,
@@ -1743,16 +1834,13 @@ struct RawIncrement {
 /// `raw_lmdb`: queues one increment for the writer thread and waits for its acknowledgement.
 struct RawLmdbRequester {
     queue: tokio::sync::mpsc::Sender<RawIncrement>,
-    /// The length of the key list.
-    keys: usize,
-    next: usize,
+    slice: KeySlice,
     tally: Arc<Tally>,
 }
 
 impl Requester for RawLmdbRequester {
     async fn call(&mut self, _iteration: u64) -> Result<(), String> {
-        let key = self.next % self.keys;
-        self.next = self.next.wrapping_add(1);
+        let key = self.slice.next();
         let (acknowledge, acknowledged) = tokio::sync::oneshot::channel();
         let result = async {
             self.queue
@@ -2138,6 +2226,8 @@ impl Bench<'_> {
             table_prefix: postgres::DURABLE_TABLE_PREFIX.to_owned(),
             ..PostgresOptions::default()
         };
+        // Tables an interrupted run left behind would hold its counts and fences.
+        postgres::drop_tables(&server.url(), postgres::DURABLE_TABLE_PREFIX).await?;
         let outcome = self
             .durable_with(
                 "durable_postgres",
@@ -2157,7 +2247,11 @@ impl Bench<'_> {
     }
 
     /// Runs `durable` or `durable_postgres` on a thread of its own.
-    async fn durable_with(&self, name: &'static str, store: DurableStore) -> Result<Outcome, String> {
+    async fn durable_with(
+        &self,
+        name: &'static str,
+        store: DurableStore,
+    ) -> Result<Outcome, String> {
         let load = DurableLoad {
             name,
             store,
@@ -2201,13 +2295,11 @@ impl Bench<'_> {
                 .map_err(|e| format!("cannot start the raw_lmdb writer: {e}"))?
         };
         let tally = Arc::new(Tally::default());
-        let stride = (self.keys.len() / self.options.concurrency).max(1);
         let make = async || {
             Ok((0..self.options.concurrency)
                 .map(|r| RawLmdbRequester {
                     queue: queue.clone(),
-                    keys: self.keys.len(),
-                    next: r * stride,
+                    slice: KeySlice::of(r, self.options.concurrency, self.keys.len()),
                     tally: tally.clone(),
                 })
                 .collect::<Vec<_>>())
@@ -3291,6 +3383,46 @@ fn targets(results: &Results) -> Vec<(String, Option<bool>, String)> {
             format!("{:.0} %", throughput * 100.0),
         ));
     }
+    if let Some((throughput, _)) = floor_ratios(results, Scenario::DurablePostgres) {
+        checks.push((
+            "durable_postgres increments/s ≥ 50 % of raw_postgres".to_owned(),
+            Some(throughput >= 0.5),
+            format!("{:.0} %", throughput * 100.0),
+        ));
+    }
+    if let Some(failover) = find(results, Scenario::DurableFailover) {
+        let number = |field: &str| failover.extra.get(field).and_then(Value::as_u64);
+        let lost = number("values_lost");
+        checks.push((
+            "durable_failover: acknowledged values lost = 0".to_owned(),
+            lost.map(|l| l == 0),
+            lost.map_or("-".into(), |l| l.to_string()),
+        ));
+        let too_high = number("counters_too_high");
+        checks.push((
+            "durable_failover: counters ≤ acknowledged + failed".to_owned(),
+            too_high.map(|t| t == 0),
+            too_high.map_or("-".into(), |t| format!("{t} above")),
+        ));
+        for label in ["follower", "leader"] {
+            let figure = |field: &str| {
+                failover
+                    .extra
+                    .get(label)
+                    .and_then(|v| v.get(field))
+                    .and_then(Value::as_f64)
+            };
+            checks.push((
+                format!("durable_failover: {label}'s shards back (no target)"),
+                None,
+                format!(
+                    "{} / {} ms (median / max)",
+                    fmt_ms(figure("unavailable_ms_median")),
+                    fmt_ms(figure("unavailable_ms_max"))
+                ),
+            ));
+        }
+    }
     if let Some(failover) = find(results, Scenario::Failover) {
         for (label, bound) in [("follower", 350.0), ("leader", 500.0)] {
             let median = failover
@@ -3435,7 +3567,7 @@ fn print_table(results: &Results, options: &Options) {
         load_average().as_deref().unwrap_or("?")
     );
     println!(
-        "{:<10} {:>9} {:>10} {:>9} {:>9} {:>9} {:>7} {:>10} {:>10} {:>8} {:>7} {:>7}",
+        "{:<16} {:>9} {:>10} {:>9} {:>9} {:>9} {:>7} {:>10} {:>12} {:>8} {:>7} {:>7}",
         "scenario",
         "requests",
         "req/s",
@@ -3461,7 +3593,7 @@ fn print_table(results: &Results, options: &Options) {
         };
         let cpu = cpu_ratio(results, *scenario).map_or("-".into(), |r| format!("{r:.2}"));
         println!(
-            "{:<10} {:>9} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>7} {:>10} {:>10} {:>8} {:>7} {:>7}",
+            "{:<16} {:>9} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>7} {:>10} {:>12} {:>8} {:>7} {:>7}",
             scenario.name(),
             s.requests,
             s.throughput_rps,
@@ -3528,19 +3660,16 @@ fn to_json(results: &Results, options: &Options, load_before: Option<String>) ->
         for (key, value) in &outcome.extra {
             entry.insert(key.clone(), value.clone());
         }
-        let prefix = match scenario {
-            Scenario::Client | Scenario::Forwarded | Scenario::Local | Scenario::Durable => {
-                scenario.name()
-            }
-            Scenario::Failover => "failover",
-            Scenario::Freeze => "freeze",
-            Scenario::Partition => "partition",
-            Scenario::Planned => "planned",
-            _ => "",
-        };
+        // A target belongs to the scenario its first word names (`durable` is not
+        // `durable_postgres`).
         let mine: Vec<Value> = checks
             .iter()
-            .filter(|(what, _, _)| !prefix.is_empty() && what.starts_with(prefix))
+            .filter(|(what, _, _)| {
+                what.split_whitespace()
+                    .next()
+                    .map(|word| word.trim_end_matches(':'))
+                    == Some(scenario.name())
+            })
             .map(|(what, met, value)| json!({"target": what, "met": met, "measured": value}))
             .collect();
         if !mine.is_empty() {

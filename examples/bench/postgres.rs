@@ -103,13 +103,28 @@ impl Server {
                 if *fsync { "on" } else { "off" }
             ),
             Server::Given(url) => match tokio_postgres::Config::from_str(url) {
-                Ok(config) => format!(
-                    "{}@{:?}:{:?}/{} (--postgres-url)",
-                    config.get_user().unwrap_or("?"),
-                    config.get_hosts(),
-                    config.get_ports(),
-                    config.get_dbname().unwrap_or("?")
-                ),
+                Ok(config) => {
+                    let hosts: Vec<String> = config
+                        .get_hosts()
+                        .iter()
+                        .map(|host| match host {
+                            Host::Tcp(name) => name.clone(),
+                            Host::Unix(dir) => dir.display().to_string(),
+                        })
+                        .collect();
+                    let ports: Vec<String> =
+                        config.get_ports().iter().map(u16::to_string).collect();
+                    format!(
+                        "{}@{}:{}/{} (--postgres-url)",
+                        config.get_user().unwrap_or("?"),
+                        hosts.join(","),
+                        match ports.is_empty() {
+                            true => "5432".to_owned(),
+                            false => ports.join(","),
+                        },
+                        config.get_dbname().or(config.get_user()).unwrap_or("?")
+                    )
+                }
                 Err(_) => "--postgres-url".to_owned(),
             },
         }
@@ -152,7 +167,8 @@ async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
     let connected = tokio::time::timeout(CONNECT_TIMEOUT, tokio_postgres::connect(url, NoTls))
         .await
         .map_err(|_| format!("PostgreSQL did not answer within {CONNECT_TIMEOUT:?}"))?;
-    let (client, connection) = connected.map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
+    let (client, connection) =
+        connected.map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             eprintln!("bench: a PostgreSQL connection of the bench failed: {error}");
@@ -387,14 +403,13 @@ struct RawPostgresRequester {
     /// Each shard's committed count, locked while its increment commits: one commit per shard
     /// at a time, the state in memory, as a shard actor keeps them.
     counts: Arc<Vec<tokio::sync::Mutex<u64>>>,
-    next: usize,
+    slice: KeySlice,
     tally: Arc<Tally>,
 }
 
 impl Requester for RawPostgresRequester {
     async fn call(&mut self, _iteration: u64) -> Result<(), String> {
-        let shard = self.next % self.keys.len();
-        self.next = self.next.wrapping_add(1);
+        let shard = self.slice.next();
         let result = match tokio::time::timeout(REQUEST_TIMEOUT, self.increment(shard)).await {
             Ok(result) => result,
             Err(_) => Err(format!("no commit within {REQUEST_TIMEOUT:?}")),
@@ -464,10 +479,12 @@ async fn raw_postgres_on(bench: &Bench<'_>, url: &str) -> Result<Outcome, String
         .map_err(|e| format!("cannot open the raw_postgres connections: {e}"))?;
     drop(held);
     let sql = Arc::new(RawStatements::new(RAW_TABLE_PREFIX));
-    let counts: Arc<Vec<tokio::sync::Mutex<u64>>> =
-        Arc::new((0..keys.len()).map(|_| tokio::sync::Mutex::new(0)).collect());
+    let counts: Arc<Vec<tokio::sync::Mutex<u64>>> = Arc::new(
+        (0..keys.len())
+            .map(|_| tokio::sync::Mutex::new(0))
+            .collect(),
+    );
     let tally = Arc::new(Tally::default());
-    let stride = (keys.len() / bench.options.concurrency).max(1);
     let make = async || {
         Ok((0..bench.options.concurrency)
             .map(|r| RawPostgresRequester {
@@ -475,15 +492,14 @@ async fn raw_postgres_on(bench: &Bench<'_>, url: &str) -> Result<Outcome, String
                 sql: sql.clone(),
                 keys: keys.clone(),
                 counts: counts.clone(),
-                next: r * stride,
+                slice: KeySlice::of(r, bench.options.concurrency, keys.len()),
                 tally: tally.clone(),
             })
             .collect::<Vec<_>>())
     };
     let observer = Observer::start(url).await?;
     let groups = [vec![std::process::id()], observer.pids.clone()];
-    let measured =
-        warm_then_measure_split(make, bench.duration(), bench.warmup(), &groups).await;
+    let measured = warm_then_measure_split(make, bench.duration(), bench.warmup(), &groups).await;
     let figures = observer.finish(tally.acknowledged()).await?;
     let (summary, cpu) = measured?;
     let client = pool.get().await.map_err(|e| e.to_string())?;
@@ -626,7 +642,7 @@ struct KvRequester {
 
 impl Requester for KvRequester {
     async fn call(&mut self, iteration: u64) -> Result<(), String> {
-        let outcome = if iteration % 2 == 0 {
+        let outcome = if iteration.is_multiple_of(2) {
             let shard = self.next % self.counters.len();
             self.next = self.next.wrapping_add(1);
             let key = &self.counters[shard];
@@ -656,9 +672,7 @@ impl Requester for KvRequester {
                     },
                 )
                 .await;
-            lock(&self.ledger)
-                .puts
-                .push((key, value, result.is_ok()));
+            lock(&self.ledger).puts.push((key, value, result.is_ok()));
             result.map_err(|e| (e.to_string(), e.is_outcome_unknown()))
         };
         outcome.map_err(|(error, unknown)| {
@@ -674,7 +688,9 @@ impl Requester for KvRequester {
 
 /// Locks the ledger (one thread uses it; a panic elsewhere leaves it usable).
 fn lock(ledger: &Mutex<Ledger>) -> std::sync::MutexGuard<'_, Ledger> {
-    ledger.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    ledger
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl KvCluster<'_> {
@@ -927,7 +943,9 @@ async fn durable_failover_on(options: &Options, url: &str) -> Result<Outcome, St
         counters: Arc::new(
             keys_per_shard("counter", SHARD_COUNT).ok_or("no counter key for some shard")?,
         ),
-        probes: Arc::new(keys_per_shard("probe", SHARD_COUNT).ok_or("no probe key for some shard")?),
+        probes: Arc::new(
+            keys_per_shard("probe", SHARD_COUNT).ok_or("no probe key for some shard")?,
+        ),
         ledger: Arc::new(Mutex::new(Ledger::default())),
     };
     wait_settled(
