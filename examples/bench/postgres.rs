@@ -595,6 +595,8 @@ struct Losses {
     failed_puts_wrong: u64,
     /// Keys that could not be read.
     unreadable: u64,
+    /// Increments answered `None` (their counter held no number).
+    not_numbers: u64,
     /// Counters and puts checked.
     counters_checked: usize,
     puts_checked: usize,
@@ -608,7 +610,11 @@ impl Losses {
     }
 
     fn problems(&self) -> u64 {
-        self.lost() + self.counters_too_high + self.failed_puts_wrong + self.unreadable
+        self.lost()
+            + self.counters_too_high
+            + self.failed_puts_wrong
+            + self.unreadable
+            + self.not_numbers
     }
 
     fn note(&mut self, problem: String) {
@@ -827,76 +833,85 @@ impl KvCluster<'_> {
                 .buffer_unordered(READS_IN_FLIGHT)
                 .collect()
                 .await;
-        let ledger = lock(&self.ledger);
-        let mut losses = Losses {
-            counters_checked: ledger.counters.len(),
-            puts_checked: ledger.puts.len(),
-            ..Losses::default()
-        };
-        if ledger.not_numbers > 0 {
-            losses.note(format!(
-                "{} increments found no number in their counter",
-                ledger.not_numbers
-            ));
-        }
-        for (key, log) in &ledger.counters {
-            let value = match reads.get(key) {
-                Some(Ok(None)) => 0,
-                Some(Ok(Some(text))) => match text.parse::<u64>() {
-                    Ok(value) => value,
-                    Err(_) => {
-                        losses.unreadable += 1;
-                        losses.note(format!("{key} holds {text:?}, not a number"));
-                        continue;
-                    }
-                },
-                Some(Err(error)) => {
+        compare(&lock(&self.ledger), &reads)
+    }
+}
+
+/// What the read-back `reads` (key → value) says of the values the ledger recorded.
+fn compare(ledger: &Ledger, reads: &BTreeMap<String, Result<Option<String>, String>>) -> Losses {
+    let mut losses = Losses {
+        counters_checked: ledger.counters.len(),
+        puts_checked: ledger.puts.len(),
+        ..Losses::default()
+    };
+    losses.not_numbers = ledger.not_numbers;
+    if ledger.not_numbers > 0 {
+        losses.note(format!(
+            "{} increments found no number in their counter",
+            ledger.not_numbers
+        ));
+    }
+    for (key, log) in &ledger.counters {
+        let value = match reads.get(key) {
+            Some(Ok(None)) => 0,
+            Some(Ok(Some(text))) => match text.parse::<u64>() {
+                Ok(value) => value,
+                Err(_) => {
                     losses.unreadable += 1;
-                    losses.note(format!("{key} is unreadable: {error}"));
+                    losses.note(format!("{key} holds {text:?}, not a number"));
                     continue;
                 }
-                None => continue,
-            };
-            let floor = log.acknowledged.max(log.highest);
-            if value < floor {
-                losses.increments_lost += floor - value;
-                losses.note(format!(
-                    "{key} holds {value}, but {} increments were acknowledged (the highest \
-                     answered {})",
-                    log.acknowledged, log.highest
-                ));
-            } else if value > log.acknowledged + log.failed {
-                losses.counters_too_high += 1;
-                losses.note(format!(
-                    "{key} holds {value}, above its {} acknowledged and {} failed increments",
-                    log.acknowledged, log.failed
-                ));
+            },
+            Some(Err(error)) => {
+                losses.unreadable += 1;
+                losses.note(format!("{key} is unreadable: {error}"));
+                continue;
             }
-        }
-        for (key, value, acknowledged) in &ledger.puts {
-            match (reads.get(key), acknowledged) {
-                (Some(Ok(Some(found))), _) if found == value => {}
-                (Some(Ok(None)), false) => {}
-                (Some(Err(error)), _) => {
-                    losses.unreadable += 1;
-                    losses.note(format!("{key} is unreadable: {error}"));
-                }
-                (found, true) => {
-                    losses.puts_lost += 1;
-                    losses.note(format!(
-                        "acknowledged {key} holds {found:?}, expected {value:?}"
-                    ));
-                }
-                (found, false) => {
-                    losses.failed_puts_wrong += 1;
-                    losses.note(format!(
-                        "failed {key} holds {found:?}, expected nothing or {value:?}"
-                    ));
-                }
+            None => {
+                losses.unreadable += 1;
+                losses.note(format!("{key} was not read back"));
+                continue;
             }
+        };
+        let floor = log.acknowledged.max(log.highest);
+        if value < floor {
+            losses.increments_lost += floor - value;
+            losses.note(format!(
+                "{key} holds {value}, but {} increments were acknowledged (the highest \
+                 answered {})",
+                log.acknowledged, log.highest
+            ));
+        } else if value > log.acknowledged + log.failed {
+            losses.counters_too_high += 1;
+            losses.note(format!(
+                "{key} holds {value}, above its {} acknowledged and {} failed increments",
+                log.acknowledged, log.failed
+            ));
         }
-        losses
     }
+    for (key, value, acknowledged) in &ledger.puts {
+        match (reads.get(key), acknowledged) {
+            (Some(Ok(Some(found))), _) if found == value => {}
+            (Some(Ok(None)), false) => {}
+            (Some(Err(error)), _) => {
+                losses.unreadable += 1;
+                losses.note(format!("{key} is unreadable: {error}"));
+            }
+            (found, true) => {
+                losses.puts_lost += 1;
+                losses.note(format!(
+                    "acknowledged {key} holds {found:?}, expected {value:?}"
+                ));
+            }
+            (found, false) => {
+                losses.failed_puts_wrong += 1;
+                losses.note(format!(
+                    "failed {key} holds {found:?}, expected nothing or {value:?}"
+                ));
+            }
+        }
+    }
+    losses
 }
 
 /// Reads `key`, trying [`READ_ATTEMPTS`] times.
@@ -1098,4 +1113,84 @@ async fn durable_failover_on(options: &Options, url: &str) -> Result<Outcome, St
         extra,
         notes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_slices_are_disjoint_and_cover_every_key() {
+        // Goal: no two requesters of a durable scenario ever increment one key, and together
+        // they increment every key. Method: the slices of 16 and of 10 requesters over 1024
+        // keys (10 does not divide it), and of more requesters than keys.
+        for concurrency in [16, 10, 1] {
+            let mut seen = vec![0; 1024];
+            for r in 0..concurrency {
+                let mut slice = KeySlice::of(r, concurrency, 1024);
+                for _ in 0..slice.keys.len() {
+                    seen[slice.next()] += 1;
+                }
+            }
+            assert!(seen.iter().all(|&n| n == 1), "concurrency {concurrency}");
+        }
+        assert_eq!(
+            KeySlice::of(5, 8, 4).keys,
+            vec![1],
+            "the extra requesters share a key"
+        );
+    }
+
+    #[test]
+    fn the_read_back_counts_lost_values_and_allows_failed_increments() {
+        // Goal: a counter may hold its acknowledged increments plus any of its failed ones, no
+        // fewer and no more; an acknowledged put must hold its value, a failed one its value or
+        // nothing. Method: a ledger and read-backs around those bounds.
+        let mut ledger = Ledger::default();
+        let counter = |acknowledged, failed, highest| CounterLog {
+            acknowledged,
+            failed,
+            highest,
+        };
+        ledger.counters.insert("exact".into(), counter(3, 0, 3));
+        ledger
+            .counters
+            .insert("with-failed".into(), counter(3, 2, 3));
+        ledger.counters.insert("lost".into(), counter(3, 0, 3));
+        ledger.counters.insert("highest".into(), counter(2, 1, 3));
+        ledger.counters.insert("too-high".into(), counter(3, 1, 3));
+        ledger.puts.push(("put-ok".into(), "a".into(), true));
+        ledger.puts.push(("put-lost".into(), "b".into(), true));
+        ledger
+            .puts
+            .push(("failed-absent".into(), "c".into(), false));
+        ledger
+            .puts
+            .push(("failed-landed".into(), "d".into(), false));
+        ledger.puts.push(("failed-wrong".into(), "e".into(), false));
+        let value = |v: &str| Ok(Some(v.to_owned()));
+        let reads: BTreeMap<String, Result<Option<String>, String>> = [
+            ("exact", value("3")),
+            ("with-failed", value("5")),
+            ("lost", value("1")),
+            ("highest", value("2")),
+            ("too-high", value("5")),
+            ("put-ok", value("a")),
+            ("put-lost", Ok(None)),
+            ("failed-absent", Ok(None)),
+            ("failed-landed", value("d")),
+            ("failed-wrong", value("x")),
+        ]
+        .into_iter()
+        .map(|(key, read)| (key.to_owned(), read))
+        .collect();
+        let losses = compare(&ledger, &reads);
+        // `lost` misses 2 increments, `highest` 1 (an acknowledgement answered 3).
+        assert_eq!(losses.increments_lost, 3);
+        assert_eq!(losses.puts_lost, 1);
+        assert_eq!(losses.counters_too_high, 1);
+        assert_eq!(losses.failed_puts_wrong, 1);
+        assert_eq!(losses.unreadable, 0);
+        assert_eq!(losses.lost(), 4);
+    }
 }
