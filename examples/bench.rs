@@ -8,6 +8,9 @@
 //!     [--json FILE]
 //! cargo run --release --example bench -- --scenarios freeze,partition [--freeze-seconds 4]
 //! cargo run --release --example bench -- --scenarios durable,raw_lmdb
+//! cargo build --release --example bench --example kv
+//! target/release/examples/bench --scenarios durable_postgres,raw_postgres,durable_failover
+//!     [--postgres-fsync on|off] [--postgres-url postgres://USER@127.0.0.1:PORT/DB]
 //! ```
 //!
 //! # How it runs
@@ -64,6 +67,36 @@
 //!   every queued increment (at most 512, the store's bound per transaction) into one write
 //!   transaction, commits it (fsync), then acknowledges each of them: committed before
 //!   acknowledged, at the same concurrency. The same read-back check follows.
+//!
+//!   In these two scenarios and the two below, requester `r` of `C` increments the keys whose
+//!   index is `r` modulo `C`, in turn, so no two increments of one key (one shard) are ever in
+//!   flight together and no shard merges two increments into one commit.
+//! - `durable_postgres` (opt-in, as the two below): `durable` with a [`PostgresShardStore`]
+//!   instead: `PostgresOptions::default()` (a pool of 8 connections) with tables of its own
+//!   (`bench_durable_…`, dropped afterwards), on the bench's PostgreSQL. That is a throwaway
+//!   server the bench starts in a temporary directory (`testing::PostgresServer`, on 127.0.0.1),
+//!   which with `--postgres-fsync on` (the default) flushes each commit to disk as a production
+//!   server does and with `off` leaves commits their CPU cost alone; or the database of
+//!   `--postgres-url` (loopback only). The store commits a shard's batch in one transaction:
+//!   BEGIN; `SELECT … FOR UPDATE` of the shard's fence row; the fence checked in Rust
+//!   (`Fence::check_commit`); one `INSERT … ON CONFLICT DO UPDATE` of the records; COMMIT:
+//!   four round trips, on the store's own runtime thread. It groups nothing across shards, and
+//!   with the key slices above each commit holds one increment. Besides `durable`'s figures and
+//!   read-backs (the second through a node on a new store), the scenario reports the server's
+//!   side: its writing transactions during the load (`txid_current()` before and after: one
+//!   per increment), and the CPU time of its processes, which the CPU per request includes.
+//! - `raw_postgres`: the floor of `durable_postgres`, with no framework: the same requesters (on
+//!   this process's runtime, where the pool's connections live too) increment the same keys in
+//!   tables of their own (`bench_raw_…`, made with the store's DDL, dropped afterwards) through
+//!   a deadpool pool of tokio-postgres connections built as the store builds its own (8
+//!   connections, opened before the load), each increment in a transaction of its own: BEGIN;
+//!   `SELECT epoch, owner, released … FOR UPDATE` of the shard's fence row (written for every
+//!   shard before the load, as an activation does), decided with `Fence::check_commit`; `INSERT
+//!   … VALUES … ON CONFLICT DO UPDATE` of the key's record, holding the new count encoded as
+//!   `DurableMap<u64>` encodes it; COMMIT; then the acknowledgement. Statements are prepared
+//!   once per connection, as the store's are. No group commit, as in the store; with fsync on,
+//!   the server flushes the WAL of concurrent commits together for both. The same read-back
+//!   check follows.
 //! - `failover`: the `client` load runs while a follower, then the leader (`--kills` each), is
 //!   killed with SIGKILL. Every shard of the killed node is probed through a client seeded with
 //!   the survivors every `--probe-ms`; a shard's unavailability is the time from the kill to its
@@ -98,10 +131,29 @@
 //!   shard waits for the handoff. The load reaches each shard every 1024 / throughput seconds
 //!   (about 8 ms at 120 000 requests/s), so a pause can be underestimated by up to that much;
 //!   `failover_timing` probes every moving shard instead.
+//! - `durable_failover` (opt-in): a cluster of its own, of `--nodes` `kv serve --store
+//!   postgres://…` processes (the `kv` example, built beside the bench) on a database of their
+//!   own: `bench_failover` on the bench's server, or the database of `--postgres-url`, which
+//!   must not hold the kv tables yet and whose kv tables are dropped afterwards. Under a load of
+//!   `--concurrency` requesters through one `Client`, each alternately an `Incr` of a counter
+//!   (one per shard, walked as `client` walks its keys) and a `Put` of a fresh key, a follower
+//!   and then the leader are killed with SIGKILL; each is restarted once its shards are back,
+//!   and the cluster settles before the next kill. Every shard of the killed node is probed
+//!   every `--probe-ms` with an `Incr` of a probe counter of that shard, through a client seeded
+//!   with the survivors: a shard's unavailability is the time from the kill to its first
+//!   acknowledged probe, which its new owner answers once it loaded the shard from PostgreSQL.
+//!   The load stops once the cluster settled after the last restart; then every counter (probe
+//!   counters too) and every put is read back through a client of every node. A value is lost
+//!   when a counter holds less than its acknowledged increments (or than the highest count an
+//!   increment answered), or an acknowledged put's key does not hold its value; a counter may
+//!   exceed its acknowledged increments only by its failed ones (their outcome is unknown), and
+//!   a failed put's key holds nothing or its value. Per kill: the unavailability per shard
+//!   (median and max) and the failed load requests, as `failover` counts them.
 //!
 //! Scenarios run in the order above, whatever the order of `--scenarios`, so that the floors sit
-//! next to what they bound and the membership changes come last. `failover` gets the same
-//! per-kill split of its failures (its load is all non-idempotent `Echo`, as before).
+//! next to what they bound and the membership changes come last (`durable_postgres` and
+//! `raw_postgres` run after `raw_lmdb`, `freeze` and `partition` after `failover`). `failover` gets
+//! the same per-kill split of its failures (its load is all non-idempotent `Echo`, as before).
 //!
 //! # What the figures mean
 //!
@@ -110,27 +162,36 @@
 //! wide, and the percentiles are nearest-rank over it (within 0.4 %; the maximum is exact).
 //! Throughput is successful requests over the time from the start until the last requester
 //! finished. A scenario's floor ratio is its throughput over its floor's (`local` → `raw_actix`;
-//! `forwarded` and `client` → `raw_tcp`; `durable` → `raw_lmdb`) and its p50 over the floor's
-//! p50. The CPU per request is the user and system time (`/proc/PID/stat`, 10 ms resolution)
-//! that every process taking part used during the measurement, over the successful requests:
-//! this process and every node for `forwarded` and `client`, node 1 alone for `local` and
-//! `raw_actix`, this process (the echo server's thread included) for `raw_tcp`, this process
-//! (its node or its writer thread included) for `durable` and `raw_lmdb`. `durable` and
-//! `raw_lmdb` wait for fsyncs, so their throughput is the disk's as much as the code's: their
-//! ratio is what the framework keeps of what LMDB can do with that disk. On a shared virtual
-//! disk an fsync can take 0.2 ms one second and 4 ms the next, and the two scenarios run one
-//! after the other: take the median ratio of several runs. With the temporary directory on
-//! tmpfs (`TMPDIR=/dev/shm`) the fsyncs cost nothing and the ratio shows the CPU cost alone. The machine these numbers come from has 2
-//! cores shared by the load generator, the echo server and every node: compare scenarios within
-//! one run (the ratios), not absolute figures across runs; and whether the processes wake each
-//! other across the two cores or take turns on one changes the network ratios by up to 2 ×
-//! (`taskset -c 0` pins the whole run to one core).
+//! `forwarded` and `client` → `raw_tcp`; `durable` → `raw_lmdb`; `durable_postgres` →
+//! `raw_postgres`) and its p50 over the floor's p50. The CPU per request is the user and system
+//! time (`/proc/PID/stat`, 10 ms resolution) that every process taking part used during the
+//! measurement, over the successful requests: this process and every node for `forwarded` and
+//! `client`, node 1 alone for `local` and `raw_actix`, this process (the echo server's thread
+//! included) for `raw_tcp`, this process (its node or its writer thread included) for `durable` and
+//! `raw_lmdb`, this process and the PostgreSQL server's processes (its connections' backends and
+//! its background processes) for `durable_postgres` and `raw_postgres`. `durable` and `raw_lmdb`
+//! wait for fsyncs, so their throughput is the disk's as much as the code's: their ratio is what
+//! the framework keeps of what LMDB can do with that disk. On a shared virtual disk an fsync can
+//! take 0.2 ms one second and 4 ms the next, and the two scenarios run one after the other: take
+//! the median ratio of several runs. With the temporary directory on tmpfs (`TMPDIR=/dev/shm`) the
+//! fsyncs cost nothing and the ratio shows the CPU cost alone. The same holds for
+//! `durable_postgres` and `raw_postgres` with the server's WAL flushes, which `--postgres-fsync=off`
+//! turns off; either way the server's processes share the machine's cores with the bench. The
+//! machine these numbers come from has 2 cores shared by the load generator, the echo server and
+//! every node: compare scenarios within one run (the ratios), not absolute figures across runs; and
+//! whether the processes wake each other across the two cores or take turns on one changes the
+//! network ratios by up to 2 × (`taskset -c 0` pins the whole run to one core).
 //!
 //! Every loop is bounded by a count and a deadline; every child process and the temporary
 //! directory are removed on exit, on error and on Ctrl-C.
 
 #[path = "support/mod.rs"]
 mod support;
+
+// The PostgreSQL scenarios: `raw_postgres` and `durable_failover`, and what `durable_postgres`
+// adds to `durable`.
+#[path = "bench/postgres.rs"]
+mod postgres;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -149,7 +210,9 @@ use clusterfunk::admin::{
 use clusterfunk::client::Client;
 use clusterfunk::internals as codec;
 use clusterfunk::internals::{Request, Response};
-use clusterfunk::persist::{DurableMap, DurableState, LmdbShardStore};
+use clusterfunk::persist::{
+    DurableMap, DurableState, LmdbShardStore, PostgresOptions, PostgresShardStore, ShardStore,
+};
 use clusterfunk::prelude::*;
 use clusterfunk::storage::StoreOptions;
 use clusterfunk::testing::{keys_per_shard, wait_for, wait_settled, Binaries, Settled};
@@ -307,6 +370,17 @@ struct Options {
     /// Seconds a failover, a membership change or a wait for the cluster may take.
     #[arg(long, default_value_t = 30)]
     deadline_secs: u64,
+    /// The PostgreSQL database of `durable_postgres`, `raw_postgres` and `durable_failover`
+    /// (`postgres://USER[:PASSWORD]@127.0.0.1:PORT/DB`; or `BENCH_POSTGRES_URL`, which keeps a
+    /// password out of the process list). Without it the bench starts a throwaway server of
+    /// its own (`testing::PostgresServer`) in a temporary directory.
+    #[arg(long, env = "BENCH_POSTGRES_URL", hide_env_values = true)]
+    postgres_url: Option<String>,
+    /// Whether the throwaway PostgreSQL server flushes each commit to disk: `on` (as a
+    /// production server does, and as `durable`'s LMDB store does) or `off` (commits cost CPU
+    /// alone, as `durable` on tmpfs). Ignored with `--postgres-url`.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    postgres_fsync: String,
     /// The node processes.
     #[command(flatten)]
     node: NodeOptions,
@@ -330,10 +404,15 @@ impl Options {
             return Err("--payload-bytes must be at most 1 MiB".into());
         }
         let wants = |s: Scenario| self.scenarios.contains(&s);
-        let faulted = [Scenario::Failover, Scenario::Freeze, Scenario::Partition];
+        let faulted = [
+            Scenario::Failover,
+            Scenario::Freeze,
+            Scenario::Partition,
+            Scenario::DurableFailover,
+        ];
         if faulted.into_iter().any(wants) && self.nodes < 3 {
             return Err(
-                "failover, freeze and partition need --nodes 3 or more (a majority must survive)"
+                "failover, freeze, partition and durable_failover need --nodes 3 or more (a majority must survive)"
                     .into(),
             );
         }
@@ -386,6 +465,13 @@ enum Scenario {
     /// Increments committed by hand with heed, one writer thread: the floor of `durable`.
     #[value(name = "raw_lmdb")]
     RawLmdb,
+    /// Durable increments on a standalone node with a PostgreSQL shard store (opt-in).
+    #[value(name = "durable_postgres")]
+    DurablePostgres,
+    /// Increments committed by hand with tokio-postgres, one transaction each: the floor of
+    /// `durable_postgres` (opt-in).
+    #[value(name = "raw_postgres")]
+    RawPostgres,
     /// SIGKILL a follower, then the leader, under load.
     #[value(name = "failover")]
     Failover,
@@ -398,10 +484,14 @@ enum Scenario {
     /// Add a node and drain one under load.
     #[value(name = "planned")]
     Planned,
+    /// SIGKILL a follower, then the leader, of `kv serve --store postgres://…` nodes under
+    /// durable load; every acknowledged value read back (opt-in).
+    #[value(name = "durable_failover")]
+    DurableFailover,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 11] = [
+    const ALL: [Scenario; 14] = [
         Scenario::Local,
         Scenario::RawActix,
         Scenario::Forwarded,
@@ -409,10 +499,13 @@ impl Scenario {
         Scenario::RawTcp,
         Scenario::Durable,
         Scenario::RawLmdb,
+        Scenario::DurablePostgres,
+        Scenario::RawPostgres,
         Scenario::Failover,
         Scenario::Freeze,
         Scenario::Partition,
         Scenario::Planned,
+        Scenario::DurableFailover,
     ];
 
     fn name(self) -> &'static str {
@@ -424,10 +517,13 @@ impl Scenario {
             Scenario::RawTcp => "raw_tcp",
             Scenario::Durable => "durable",
             Scenario::RawLmdb => "raw_lmdb",
+            Scenario::DurablePostgres => "durable_postgres",
+            Scenario::RawPostgres => "raw_postgres",
             Scenario::Failover => "failover",
             Scenario::Freeze => "freeze",
             Scenario::Partition => "partition",
             Scenario::Planned => "planned",
+            Scenario::DurableFailover => "durable_failover",
         }
     }
 
@@ -437,16 +533,30 @@ impl Scenario {
             Scenario::Local => Some(Scenario::RawActix),
             Scenario::Forwarded | Scenario::Client => Some(Scenario::RawTcp),
             Scenario::Durable => Some(Scenario::RawLmdb),
+            Scenario::DurablePostgres => Some(Scenario::RawPostgres),
             _ => None,
         }
     }
 
     /// Whether the scenario runs on the cluster's node processes (the others run in this
-    /// process alone).
+    /// process alone, or on `kv` processes of their own).
     fn needs_cluster(self) -> bool {
         !matches!(
             self,
-            Scenario::RawTcp | Scenario::Durable | Scenario::RawLmdb
+            Scenario::RawTcp
+                | Scenario::Durable
+                | Scenario::RawLmdb
+                | Scenario::DurablePostgres
+                | Scenario::RawPostgres
+                | Scenario::DurableFailover
+        )
+    }
+
+    /// Whether the scenario needs a PostgreSQL server.
+    fn needs_postgres(self) -> bool {
+        matches!(
+            self,
+            Scenario::DurablePostgres | Scenario::RawPostgres | Scenario::DurableFailover
         )
     }
 }
@@ -753,11 +863,29 @@ async fn closed_loop<R: Requester>(
 /// Runs `make()`'s requesters for the warm-up (unrecorded), then again for the measurement;
 /// returns the measurement's summary with the CPU time that processes `pids` used meanwhile.
 async fn warm_then_measure<R, F>(
-    mut make: F,
+    make: F,
     duration: Duration,
     warmup: Duration,
     pids: &[u32],
 ) -> Result<Summary, String>
+where
+    R: Requester,
+    F: AsyncFnMut() -> Result<Vec<R>, String>,
+{
+    let groups = [pids.to_vec()];
+    Ok(warm_then_measure_split(make, duration, warmup, &groups)
+        .await?
+        .0)
+}
+
+/// [`warm_then_measure`] with the processes in groups: the summary's CPU time is every
+/// group's, and each group's is returned too (`None` where a process could not be read).
+async fn warm_then_measure_split<R, F>(
+    mut make: F,
+    duration: Duration,
+    warmup: Duration,
+    groups: &[Vec<u32>],
+) -> Result<(Summary, Vec<Option<f64>>), String>
 where
     R: Requester,
     F: AsyncFnMut() -> Result<Vec<R>, String>,
@@ -767,12 +895,21 @@ where
         closed_loop(make().await?, warmup, &stop, false).await;
     }
     let requesters = make().await?;
-    let before = cpu_ms(pids);
+    let before: Vec<Option<f64>> = groups.iter().map(|pids| cpu_ms(pids)).collect();
     let recorded = closed_loop(requesters, duration, &stop, false).await;
-    let used = cpu_ms(pids)
+    let used: Vec<Option<f64>> = groups
+        .iter()
         .zip(before)
-        .map(|(after, before)| after - before);
-    Ok(Summary::of(&recorded).with_cpu(used))
+        .map(|(pids, before)| {
+            cpu_ms(pids)
+                .zip(before)
+                .map(|(after, before)| after - before)
+        })
+        .collect();
+    let total = used
+        .iter()
+        .try_fold(0.0, |sum, cpu| cpu.map(|cpu| sum + cpu));
+    Ok((Summary::of(&recorded).with_cpu(total), used))
 }
 
 /// Linux's `USER_HZ`: the unit of the CPU times in `/proc/PID/stat` (100 on every mainstream
@@ -1453,28 +1590,91 @@ impl Tally {
     }
 }
 
+/// The keys one requester of `durable`, `raw_lmdb`, `durable_postgres` or `raw_postgres`
+/// increments, in turn: those whose index is its own modulo the concurrency, so that no two
+/// requesters ever increment one key (one shard) at once and no shard merges two increments
+/// into one commit (with more requesters than keys, the extra ones share a key).
+#[derive(Debug, Clone)]
+struct KeySlice {
+    /// Indexes into the key list.
+    keys: Vec<usize>,
+    next: usize,
+}
+
+impl KeySlice {
+    /// The slice of requester `requester` of `concurrency`, over `keys` keys.
+    fn of(requester: usize, concurrency: usize, keys: usize) -> KeySlice {
+        let own: Vec<usize> = (requester..keys).step_by(concurrency.max(1)).collect();
+        KeySlice {
+            keys: match own.is_empty() {
+                true => vec![requester % keys.max(1)],
+                false => own,
+            },
+            next: 0,
+        }
+    }
+
+    /// The index of the next key to increment.
+    fn next(&mut self) -> usize {
+        let key = self.keys[self.next % self.keys.len()];
+        self.next = self.next.wrapping_add(1);
+        key
+    }
+}
+
 /// `durable`: `node.send(key, Increment)` inside the node's actix `System`.
 struct DurableRequester {
     node: Node<Counters>,
     keys: Arc<Vec<Key>>,
-    next: usize,
+    slice: KeySlice,
     tally: Arc<Tally>,
 }
 
 impl Requester for DurableRequester {
     async fn call(&mut self, _iteration: u64) -> Result<(), String> {
-        let key = &self.keys[self.next % self.keys.len()];
-        self.next = self.next.wrapping_add(1);
+        let key = &self.keys[self.slice.next()];
         let result = self.node.send(key, Increment { by: 1 }).await;
         self.tally.record(result.is_ok());
         result.map(drop).map_err(|e| e.to_string())
     }
 }
 
-/// What `durable` runs with, handed to its thread.
+/// Where `durable`'s node keeps its counters.
+enum DurableStore {
+    /// An [`LmdbShardStore`] in this directory, opened with `StoreOptions::default()` (fsync
+    /// on): `durable`.
+    Lmdb(PathBuf),
+    /// A [`PostgresShardStore`] on this database with these options: `durable_postgres`.
+    Postgres {
+        url: String,
+        options: PostgresOptions,
+    },
+}
+
+impl DurableStore {
+    /// Opens the store (blocking: LMDB maps its file, PostgreSQL connects and checks the
+    /// tables), on the scenario's own thread before anything else runs.
+    fn open(&self) -> Result<Arc<dyn ShardStore>, String> {
+        Ok(match self {
+            DurableStore::Lmdb(dir) => Arc::new(
+                LmdbShardStore::open(dir, StoreOptions::default()).map_err(|e| {
+                    format!("cannot open the shard store in {}: {e}", dir.display())
+                })?,
+            ),
+            DurableStore::Postgres { url, options } => Arc::new(
+                PostgresShardStore::connect(url, options.clone())
+                    .map_err(|e| format!("cannot connect the PostgreSQL shard store: {e}"))?,
+            ),
+        })
+    }
+}
+
+/// What `durable` (or `durable_postgres`) runs with, handed to its thread.
 struct DurableLoad {
-    /// The shard store's directory.
-    store_dir: PathBuf,
+    /// The scenario's name, in its messages.
+    name: &'static str,
+    /// Where the node keeps its counters.
+    store: DurableStore,
     /// `keys[s]` hashes to shard `s`.
     keys: Arc<Vec<String>>,
     concurrency: usize,
@@ -1484,9 +1684,10 @@ struct DurableLoad {
     rust_log: String,
 }
 
-/// Runs `durable` on the calling thread (see the module docs): a standalone node of
-/// [`Counters`] with an LMDB store, in an actix `System` of its own, under the load; every key
-/// read back; then a second node on the reopened store, and every key read back again.
+/// Runs `durable` or `durable_postgres` on the calling thread (see the module docs): a
+/// standalone node of [`Counters`] with the load's store, in an actix `System` of its own,
+/// under the load; every key read back; then a second node on the reopened store, and every
+/// key read back again.
 fn run_durable(load: DurableLoad) -> Result<Outcome, String> {
     // The node's warnings (a failed commit, for one) go to stderr, as a node process's would.
     let filter = tracing_subscriber::EnvFilter::try_new(&load.rust_log)
@@ -1497,50 +1698,88 @@ fn run_durable(load: DurableLoad) -> Result<Outcome, String> {
             .with_writer(std::io::stderr)
             .finish(),
     );
+    let name = load.name;
     let tally = Arc::new(Tally::default());
     let keys: Arc<Vec<Key>> = Arc::new(load.keys.iter().map(Key::from).collect());
-    let stride = (keys.len() / load.concurrency).max(1);
-    let (summary, in_memory) = actix::System::new().block_on(async {
-        let node = durable_node(&load.store_dir).await?;
+    let (summary, in_memory, server) = actix::System::new().block_on(async {
+        let node = durable_node(&load.store).await?;
         // An activation writes to the store too (it raises the shard's fence): every shard
         // activates here, before the load, so that the measurement holds increments alone.
         let before = count_sum(&node, &keys).await?;
         if before != 0 {
             return Err(format!("the new store already holds {before} increments"));
         }
+        // With PostgreSQL: its processes (the pool's connections are open now, after the
+        // activations) and its transaction counter, before the load.
+        let server = match &load.store {
+            DurableStore::Postgres { url, .. } => Some(postgres::Observer::start(url).await?),
+            DurableStore::Lmdb(_) => None,
+        };
         let make = async || {
             Ok((0..load.concurrency)
                 .map(|r| DurableRequester {
                     node: node.clone(),
                     keys: keys.clone(),
-                    next: r * stride,
+                    slice: KeySlice::of(r, load.concurrency, keys.len()),
                     tally: tally.clone(),
                 })
                 .collect::<Vec<_>>())
         };
-        let this_process = [std::process::id()];
-        let summary = warm_then_measure(make, load.duration, load.warmup, &this_process).await;
+        let this_process = vec![std::process::id()];
+        let groups = match &server {
+            Some(server) => vec![this_process, server.pids.clone()],
+            None => vec![this_process],
+        };
+        let measured = warm_then_measure_split(make, load.duration, load.warmup, &groups).await;
+        let server = match server {
+            Some(server) => Some(server.finish(tally.acknowledged()).await?),
+            None => None,
+        };
         let in_memory = count_sum(&node, &keys).await;
         node.shutdown().await;
-        Ok((summary?, in_memory?))
+        let (summary, cpu) = measured?;
+        Ok((summary, in_memory?, server.map(|server| (server, cpu))))
     })?;
     // That `System` is gone with everything on it, the store included (its last drop commits
-    // what is queued and closes the environment): the directory opens again as after a restart
-    // in place, which loads what was committed.
+    // what is queued and closes the environment or the connections): the store opens again
+    // as after a restart in place, which loads what was committed.
     let stored = actix::System::new().block_on(async {
-        let node = durable_node(&load.store_dir).await?;
+        let node = durable_node(&load.store).await?;
         let stored = count_sum(&node, &keys).await;
         node.shutdown().await;
         stored
     })?;
-    tally.check("durable: read back through the node", in_memory)?;
-    tally.check("durable: read back after reopening the store", stored)?;
+    tally.check(&format!("{name}: read back through the node"), in_memory)?;
+    tally.check(
+        &format!("{name}: read back after reopening the store"),
+        stored,
+    )?;
     let (acknowledged, failed) = (tally.acknowledged(), tally.failed());
     let mut extra = serde_json::Map::new();
-    extra.insert(
-        "node".into(),
-        json!("standalone, in the bench process, with an LmdbShardStore (fsync on)"),
-    );
+    let mut notes = vec![format!(
+        "{name}: {acknowledged} increments acknowledged, {failed} failed (warm-up included); \
+         counts read back: {in_memory} through the node, {stored} from the reopened store"
+    )];
+    match &load.store {
+        DurableStore::Lmdb(_) => {
+            extra.insert(
+                "node".into(),
+                json!("standalone, in the bench process, with an LmdbShardStore (fsync on)"),
+            );
+        }
+        DurableStore::Postgres { options, .. } => {
+            extra.insert(
+                "node".into(),
+                json!(format!(
+                    "standalone, in the bench process, with a PostgresShardStore ({} connections)",
+                    options.connections_max
+                )),
+            );
+        }
+    }
+    if let Some((server, cpu)) = server {
+        server.report(name, &cpu, &mut extra, &mut notes);
+    }
     extra.insert("keys".into(), json!(keys.len()));
     extra.insert("acknowledged_increments".into(), json!(acknowledged));
     extra.insert("failed_increments".into(), json!(failed));
@@ -1549,25 +1788,19 @@ fn run_durable(load: DurableLoad) -> Result<Outcome, String> {
     Ok(Outcome {
         summary,
         extra,
-        notes: vec![format!(
-            "durable: {acknowledged} increments acknowledged, {failed} failed (warm-up included); \
-             counts read back: {in_memory} through the node, {stored} from the reopened store"
-        )],
+        notes,
     })
 }
 
-/// A standalone node of [`Counters`] keeping them in an [`LmdbShardStore`] in `dir`, opened with
-/// `StoreOptions::default()` (fsync on).
-async fn durable_node(dir: &Path) -> Result<Node<Counters>, String> {
-    // Blocking (it maps the file), on this scenario's own thread before anything else runs.
-    let store = LmdbShardStore::open(dir, StoreOptions::default())
-        .map_err(|e| format!("cannot open the shard store in {}: {e}", dir.display()))?;
+/// A standalone node of [`Counters`] keeping them in `store`.
+async fn durable_node(store: &DurableStore) -> Result<Node<Counters>, String> {
+    let store = store.open()?;
     Cluster::builder()
         .node_id(1)
         .shards(SHARD_COUNT)
         .standalone()
         .handler::<Counters>()
-        .store(Arc::new(store))
+        .store(store)
         .start()
         .await
         .map_err(|e| format!("cannot start the durable node: {e}"))
@@ -1601,16 +1834,13 @@ struct RawIncrement {
 /// `raw_lmdb`: queues one increment for the writer thread and waits for its acknowledgement.
 struct RawLmdbRequester {
     queue: tokio::sync::mpsc::Sender<RawIncrement>,
-    /// The length of the key list.
-    keys: usize,
-    next: usize,
+    slice: KeySlice,
     tally: Arc<Tally>,
 }
 
 impl Requester for RawLmdbRequester {
     async fn call(&mut self, _iteration: u64) -> Result<(), String> {
-        let key = self.next % self.keys;
-        self.next = self.next.wrapping_add(1);
+        let key = self.slice.next();
         let (acknowledge, acknowledged) = tokio::sync::oneshot::channel();
         let result = async {
             self.queue
@@ -1745,6 +1975,8 @@ struct Bench<'a> {
     /// `keys[s]` hashes to shard `s`.
     keys: Arc<Vec<String>>,
     payload: Vec<u8>,
+    /// The PostgreSQL server of the scenarios that need one.
+    postgres: Option<postgres::Server>,
 }
 
 impl Bench<'_> {
@@ -1979,8 +2211,50 @@ impl Bench<'_> {
     }
 
     async fn durable(&self) -> Result<Outcome, String> {
+        self.durable_with(
+            "durable",
+            DurableStore::Lmdb(self.harness.path().join("durable-store")),
+        )
+        .await
+    }
+
+    /// `durable_postgres`: `durable` with a [`PostgresShardStore`] (default options, tables of
+    /// their own) on the bench's PostgreSQL, whose tables are dropped afterwards.
+    async fn durable_postgres(&self) -> Result<Outcome, String> {
+        let server = self.postgres()?;
+        let options = PostgresOptions {
+            table_prefix: postgres::DURABLE_TABLE_PREFIX.to_owned(),
+            ..PostgresOptions::default()
+        };
+        // Tables an interrupted run left behind would hold its counts and fences.
+        postgres::drop_tables(&server.url(), postgres::DURABLE_TABLE_PREFIX).await?;
+        let outcome = self
+            .durable_with(
+                "durable_postgres",
+                DurableStore::Postgres {
+                    url: server.url(),
+                    options,
+                },
+            )
+            .await;
+        let dropped = postgres::drop_tables(&server.url(), postgres::DURABLE_TABLE_PREFIX).await;
+        let mut outcome = outcome?;
+        dropped?;
+        outcome
+            .extra
+            .insert("postgres".into(), json!(server.describe()));
+        Ok(outcome)
+    }
+
+    /// Runs `durable` or `durable_postgres` on a thread of its own.
+    async fn durable_with(
+        &self,
+        name: &'static str,
+        store: DurableStore,
+    ) -> Result<Outcome, String> {
         let load = DurableLoad {
-            store_dir: self.harness.path().join("durable-store"),
+            name,
+            store,
             keys: self.keys.clone(),
             concurrency: self.options.concurrency,
             duration: self.duration(),
@@ -2003,6 +2277,13 @@ impl Bench<'_> {
         outcome?
     }
 
+    /// The bench's PostgreSQL (started before the first scenario that needs it).
+    fn postgres(&self) -> Result<&postgres::Server, String> {
+        self.postgres
+            .as_ref()
+            .ok_or_else(|| "no PostgreSQL server: this is a bug of the bench".to_owned())
+    }
+
     async fn raw_lmdb(&self) -> Result<Outcome, String> {
         let lmdb = RawLmdb::open(&self.harness.path().join("raw-lmdb"))?;
         let (queue, queued) = tokio::sync::mpsc::channel(self.options.concurrency);
@@ -2014,13 +2295,11 @@ impl Bench<'_> {
                 .map_err(|e| format!("cannot start the raw_lmdb writer: {e}"))?
         };
         let tally = Arc::new(Tally::default());
-        let stride = (self.keys.len() / self.options.concurrency).max(1);
         let make = async || {
             Ok((0..self.options.concurrency)
                 .map(|r| RawLmdbRequester {
                     queue: queue.clone(),
-                    keys: self.keys.len(),
-                    next: r * stride,
+                    slice: KeySlice::of(r, self.options.concurrency, self.keys.len()),
                     tally: tally.clone(),
                 })
                 .collect::<Vec<_>>())
@@ -2680,7 +2959,6 @@ struct Kill {
     t_settled: Instant,
 }
 
-/// The node to fault: the leader, or follower number `number` (in id order, round robin).
 /// Sends one probe to the shard of `key`: idempotent (re-sent by the client across a failover)
 /// or plain.
 async fn probe_send(
@@ -2697,6 +2975,7 @@ async fn probe_send(
     sent.map_err(|e| e.to_string())
 }
 
+/// The node to fault: the leader, or follower number `number` (in id order, round robin).
 fn pick_node(settled: &Settled, ids: &[NodeId], leader_role: bool, number: usize) -> NodeId {
     if leader_role {
         return settled.leader;
@@ -2983,7 +3262,13 @@ async fn measure(
         options,
         keys: Arc::new(keys_per_shard("key", SHARD_COUNT).ok_or("no key found for some shard")?),
         payload: vec![7u8; options.payload_bytes],
+        postgres: None,
     };
+    if wanted.iter().any(|s| s.needs_postgres()) {
+        let server = postgres::Server::start(options)?;
+        println!("PostgreSQL: {}", server.describe());
+        bench.postgres = Some(server);
+    }
     if wanted.iter().any(|s| s.needs_cluster()) {
         let started = Instant::now();
         bench.harness.start_all()?;
@@ -3014,10 +3299,13 @@ async fn measure(
             Scenario::RawTcp => bench.raw_tcp().await,
             Scenario::Durable => bench.durable().await,
             Scenario::RawLmdb => bench.raw_lmdb().await,
+            Scenario::DurablePostgres => bench.durable_postgres().await,
+            Scenario::RawPostgres => postgres::raw_postgres(&bench).await,
             Scenario::Failover => bench.failover().await,
             Scenario::Freeze => bench.faults(FaultKind::Freeze).await,
             Scenario::Partition => bench.faults(FaultKind::Partition).await,
             Scenario::Planned => bench.planned().await,
+            Scenario::DurableFailover => postgres::durable_failover(&bench).await,
         }
         .map_err(|e| format!("{}: {e}", scenario.name()))?;
         results.push((scenario, outcome));
@@ -3094,6 +3382,46 @@ fn targets(results: &Results) -> Vec<(String, Option<bool>, String)> {
             Some(throughput >= 0.5),
             format!("{:.0} %", throughput * 100.0),
         ));
+    }
+    if let Some((throughput, _)) = floor_ratios(results, Scenario::DurablePostgres) {
+        checks.push((
+            "durable_postgres increments/s ≥ 50 % of raw_postgres".to_owned(),
+            Some(throughput >= 0.5),
+            format!("{:.0} %", throughput * 100.0),
+        ));
+    }
+    if let Some(failover) = find(results, Scenario::DurableFailover) {
+        let number = |field: &str| failover.extra.get(field).and_then(Value::as_u64);
+        let lost = number("values_lost");
+        checks.push((
+            "durable_failover: acknowledged values lost = 0".to_owned(),
+            lost.map(|l| l == 0),
+            lost.map_or("-".into(), |l| l.to_string()),
+        ));
+        let too_high = number("counters_too_high");
+        checks.push((
+            "durable_failover: counters ≤ acknowledged + failed".to_owned(),
+            too_high.map(|t| t == 0),
+            too_high.map_or("-".into(), |t| format!("{t} above")),
+        ));
+        for label in ["follower", "leader"] {
+            let figure = |field: &str| {
+                failover
+                    .extra
+                    .get(label)
+                    .and_then(|v| v.get(field))
+                    .and_then(Value::as_f64)
+            };
+            checks.push((
+                format!("durable_failover: {label}'s shards back (no target)"),
+                None,
+                format!(
+                    "{} / {} ms (median / max)",
+                    fmt_ms(figure("unavailable_ms_median")),
+                    fmt_ms(figure("unavailable_ms_max"))
+                ),
+            ));
+        }
     }
     if let Some(failover) = find(results, Scenario::Failover) {
         for (label, bound) in [("follower", 350.0), ("leader", 500.0)] {
@@ -3239,7 +3567,7 @@ fn print_table(results: &Results, options: &Options) {
         load_average().as_deref().unwrap_or("?")
     );
     println!(
-        "{:<10} {:>9} {:>10} {:>9} {:>9} {:>9} {:>7} {:>10} {:>10} {:>8} {:>7} {:>7}",
+        "{:<16} {:>9} {:>10} {:>9} {:>9} {:>9} {:>7} {:>10} {:>12} {:>8} {:>7} {:>7}",
         "scenario",
         "requests",
         "req/s",
@@ -3265,7 +3593,7 @@ fn print_table(results: &Results, options: &Options) {
         };
         let cpu = cpu_ratio(results, *scenario).map_or("-".into(), |r| format!("{r:.2}"));
         println!(
-            "{:<10} {:>9} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>7} {:>10} {:>10} {:>8} {:>7} {:>7}",
+            "{:<16} {:>9} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>7} {:>10} {:>12} {:>8} {:>7} {:>7}",
             scenario.name(),
             s.requests,
             s.throughput_rps,
@@ -3332,19 +3660,16 @@ fn to_json(results: &Results, options: &Options, load_before: Option<String>) ->
         for (key, value) in &outcome.extra {
             entry.insert(key.clone(), value.clone());
         }
-        let prefix = match scenario {
-            Scenario::Client | Scenario::Forwarded | Scenario::Local | Scenario::Durable => {
-                scenario.name()
-            }
-            Scenario::Failover => "failover",
-            Scenario::Freeze => "freeze",
-            Scenario::Partition => "partition",
-            Scenario::Planned => "planned",
-            _ => "",
-        };
+        // A target belongs to the scenario its first word names (`durable` is not
+        // `durable_postgres`).
         let mine: Vec<Value> = checks
             .iter()
-            .filter(|(what, _, _)| !prefix.is_empty() && what.starts_with(prefix))
+            .filter(|(what, _, _)| {
+                what.split_whitespace()
+                    .next()
+                    .map(|word| word.trim_end_matches(':'))
+                    == Some(scenario.name())
+            })
             .map(|(what, met, value)| json!({"target": what, "met": met, "measured": value}))
             .collect();
         if !mine.is_empty() {

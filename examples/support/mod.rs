@@ -70,9 +70,9 @@ pub struct Launch {
     /// directory (`node-ID` for nodes, `client` for the library's clients, `admin` for admin
     /// calls). Only the bench sets it, to measure what TLS costs.
     pub tls_dir: Option<PathBuf>,
-    /// Where the nodes keep shard values, passed as `--store` (`None`: `kv serve`'s default,
-    /// in memory). Only the demo's durable chapter sets it, to a throwaway PostgreSQL's URL,
-    /// which holds no password.
+    /// The nodes' `kv serve --store`, passed as `KV_STORE` so that a database password stays
+    /// out of the process list; `None` leaves `kv serve`'s default (`memory`). The demo's
+    /// durable chapter and the bench's `durable_failover` set it.
     pub store: Option<String>,
 }
 
@@ -108,9 +108,6 @@ impl Launch {
             command.arg("--init").arg(init);
         }
         command.arg("--timing").arg(&self.timing);
-        if let Some(store) = &self.store {
-            command.arg("--store").arg(store);
-        }
         if let Some(dir) = &self.tls_dir {
             command
                 .arg("--tls-dir")
@@ -120,6 +117,9 @@ impl Launch {
             command.arg("--insecure").env_remove(SECRET_ENV_VAR);
         } else {
             command.env(SECRET_ENV_VAR, &self.secret);
+        }
+        if let Some(store) = &self.store {
+            command.env("KV_STORE", store);
         }
         command.env("RUST_LOG", &self.rust_log).env("NO_COLOR", "1");
         // A wall-clock marker, to line the tool's output up with the node's log.

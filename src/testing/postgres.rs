@@ -5,8 +5,10 @@
 //!
 //! The server runs with `fsync=off`: a crash of the server process (`pg_ctl stop -m immediate`,
 //! which [`PostgresServer::stop`] uses) loses no committed transaction, since the kernel still
-//! has every page written; only a crash of the machine would. It trusts every local login
-//! (`initdb --auth=trust`), as the superuser `postgres`.
+//! has every page written; only a crash of the machine would. [`PostgresServer::start_fsynced`]
+//! starts one with `fsync=on` instead, for benchmarks that must pay what a production server
+//! pays per commit. It trusts every local login (`initdb --auth=trust`), as the superuser
+//! `postgres`.
 
 use std::ffi::OsString;
 use std::fs;
@@ -54,13 +56,27 @@ pub struct PostgresServer {
     as_os_user: bool,
     /// Whether the server is running (between a start and a stop).
     running: Mutex<bool>,
+    /// Whether the server flushes each commit to disk (`fsync=on`).
+    fsync: bool,
 }
 
 impl PostgresServer {
     /// Sets up a new server (`initdb`), starts it and waits until it accepts connections,
     /// then creates the database of [`url`](Self::url). Fails with
-    /// [`TestingError::PostgresMissing`] when PostgreSQL is not installed.
+    /// [`TestingError::PostgresMissing`] when PostgreSQL is not installed. The server runs
+    /// with `fsync=off` (see the module docs).
     pub fn start() -> Result<PostgresServer, TestingError> {
+        Self::start_with_fsync(false)
+    }
+
+    /// As [`start`](Self::start), with `fsync=on`: each commit is flushed to the disk of the
+    /// temporary directory before it returns, as on a production server. For benchmarks;
+    /// tests are faster with [`start`](Self::start) and lose nothing when the server crashes.
+    pub fn start_fsynced() -> Result<PostgresServer, TestingError> {
+        Self::start_with_fsync(true)
+    }
+
+    fn start_with_fsync(fsync: bool) -> Result<PostgresServer, TestingError> {
         let bin_dir = find_bin_dir()?;
         let as_os_user = is_root();
         let dir = tempfile::Builder::new()
@@ -103,6 +119,7 @@ impl PostgresServer {
                 reservation,
                 as_os_user,
                 running: Mutex::new(false),
+                fsync,
             };
             match server.start_again() {
                 Ok(()) => {
@@ -171,9 +188,10 @@ impl PostgresServer {
         let dir = self.dir();
         // pg_ctl hands `-o` to a shell: the socket directory is quoted.
         let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {} -k '{}' -c fsync=off -c shared_buffers=16MB -c max_connections=64",
+            "-c listen_addresses=127.0.0.1 -p {} -k '{}' -c fsync={} -c shared_buffers=16MB -c max_connections=64",
             self.port(),
-            dir.display()
+            dir.display(),
+            if self.fsync { "on" } else { "off" }
         );
         let start = self.pg_ctl(&[
             "start".into(),
