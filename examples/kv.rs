@@ -387,8 +387,15 @@ fn serve(settings: Serve) -> Result<ExitCode, ToolError> {
                 .map_err(|e| format!("cannot open the shard store: {e}"))?,
         ),
         StoreArg::Postgres(url) => Arc::new(
-            PostgresShardStore::connect(url, PostgresOptions::default())
-                .map_err(|e| format!("cannot open the PostgreSQL shard store: {e}"))?,
+            PostgresShardStore::connect(
+                url,
+                PostgresOptions {
+                    // Another cluster's nodes pointed at the same tables are refused.
+                    cluster: Some(settings.auth.cluster_name.clone()),
+                    ..PostgresOptions::default()
+                },
+            )
+            .map_err(|e| format!("cannot open the PostgreSQL shard store: {e}"))?,
         ),
         StoreArg::Memory => Arc::new(MemoryStore::node_local()),
     };

@@ -540,6 +540,113 @@ async fn an_owner_frozen_inside_a_commit_releases_the_shard_for_its_new_owner() 
     let _ = connection.await;
 }
 
+/// Goal (regression, attack review of issue 18): two clusters pointed at one database by
+/// mistake must not share the store's tables (their node ids and epochs collide, so the fence
+/// cannot tell them apart: one overwrote the other's values). Method: a store of cluster
+/// `alpha` connects and commits; a store of cluster `beta` with the same tables is refused at
+/// connect with the typed error naming both; another store of `alpha` connects and reads the
+/// value.
+#[tokio::test]
+async fn a_store_of_another_cluster_is_refused_at_connect() {
+    let server = server();
+    let of = |cluster: &str| PostgresOptions {
+        table_prefix: "shared_".to_owned(),
+        cluster: Some(cluster.to_owned()),
+        ..Default::default()
+    };
+    let alpha = PostgresShardStore::connect(&server.url(), of("alpha")).expect("alpha connects");
+    alpha
+        .activate(3, NODE_A, EPOCH_A, Scope::All)
+        .await
+        .expect("activates");
+    alpha
+        .commit(3, EPOCH_A, batch(&[("account-42", "alpha's")]))
+        .await
+        .expect("commits");
+    let error = PostgresShardStore::connect(&server.url(), of("beta"))
+        .expect_err("beta must not use alpha's tables");
+    assert!(
+        matches!(&error, StoreError::PostgresOtherCluster { found, expected, .. }
+            if found == "alpha" && expected == "beta"),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("table_prefix"), "{error}");
+    let again = PostgresShardStore::connect(&server.url(), of("alpha")).expect("alpha again");
+    let read = again
+        .read(3, EPOCH_A, Key::from("account-42"))
+        .await
+        .expect("reads");
+    assert_eq!(read.as_deref(), Some(&b"alpha's"[..]));
+}
+
+/// Goal (regression, attack review of issue 18): a least-privilege role (no CREATE on the
+/// schema, only SELECT/INSERT/UPDATE/DELETE on tables an administrator created) can run the
+/// store, and a schema named after that role (PostgreSQL's default search path puts it first)
+/// does not hide the tables. Before, connect always ran CREATE TABLE (refused without CREATE on
+/// the schema), and with a role's own schema a restarted node silently created new, empty
+/// tables there. Method: the superuser's store creates the tables and commits a value; a role
+/// `app` with its own schema and only DML grants connects, reads the value, commits another;
+/// no table was created in the role's schema, and the superuser's older activation is fenced.
+#[tokio::test]
+async fn a_role_without_create_and_with_its_own_schema_uses_the_existing_tables() {
+    let server = server();
+    let options = PostgresOptions {
+        table_prefix: "app_".to_owned(),
+        ..Default::default()
+    };
+    let admin = PostgresShardStore::connect(&server.url(), options.clone()).expect("connects");
+    admin
+        .activate(4, NODE_A, EPOCH_A, Scope::All)
+        .await
+        .expect("activates");
+    admin
+        .commit(4, EPOCH_A, batch(&[("k", "before")]))
+        .await
+        .expect("commits");
+    let (client, connection) = tokio_postgres::connect(&server.url(), tokio_postgres::NoTls)
+        .await
+        .expect("the test connects");
+    let connection = tokio::spawn(connection);
+    client
+        .batch_execute(
+            "CREATE ROLE app LOGIN;
+             REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+             GRANT USAGE ON SCHEMA public TO app;
+             GRANT SELECT, INSERT, UPDATE, DELETE ON public.app_shards, public.app_records TO app;
+             CREATE SCHEMA app AUTHORIZATION app;",
+        )
+        .await
+        .expect("the test sets up the role");
+    let app_url = format!("postgres://app@127.0.0.1:{}/clusterfunk", server.port());
+    let app = PostgresShardStore::connect(&app_url, options).expect("the role connects");
+    app.activate(4, NODE_B, EPOCH_B, Scope::All)
+        .await
+        .map(|loaded| assert_eq!(records(&loaded), expected(&[("k", "before")])))
+        .expect("the role activates on the existing tables");
+    app.commit(4, EPOCH_B, batch(&[("k", "after")]))
+        .await
+        .expect("the role commits");
+    let tables_in_app_schema: i64 = client
+        .query_one(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'app'",
+            &[],
+        )
+        .await
+        .and_then(|row| row.try_get(0))
+        .expect("the test counts tables");
+    assert_eq!(
+        tables_in_app_schema, 0,
+        "the role's store created tables of its own"
+    );
+    drop(client);
+    let _ = connection.await;
+    let error = admin
+        .read(4, EPOCH_A, Key::from("k"))
+        .await
+        .expect_err("the admin's activation was fenced by the role's");
+    assert!(error.is_refusal(), "{error}");
+}
+
 /// Goal: connecting to an address where no server runs fails with the typed error that names
 /// the server and what to check, and a URL with a password is accepted and never shown.
 /// Method: connect to a free loopback port nobody listens on.

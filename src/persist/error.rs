@@ -229,6 +229,18 @@ pub enum StoreError {
         /// Which column is missing or of another type.
         problem: String,
     },
+    /// The store's tables belong to another cluster: two clusters writing one set of tables
+    /// would share fences (node ids and epochs) and overwrite each other's values.
+    #[cfg(feature = "postgres")]
+    #[error("the PostgreSQL tables {table} belong to cluster {found:?}, not {expected:?}: give each cluster its own database or table_prefix (or, if this cluster was renamed, update the row of {table})")]
+    PostgresOtherCluster {
+        /// The table that records the owning cluster.
+        table: String,
+        /// The cluster recorded there.
+        found: String,
+        /// The cluster of this node.
+        expected: String,
+    },
     /// A row of the PostgreSQL store does not decode (a column of an unexpected type, or an
     /// unexpected NULL). Only calls for that shard fail.
     #[cfg(feature = "postgres")]

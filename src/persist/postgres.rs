@@ -120,6 +120,11 @@ pub struct PostgresOptions {
     /// administrator, would otherwise hide the tables from nodes restarted after it). The same
     /// rules as `table_prefix`, at most 63 bytes. Default: `public`.
     pub schema: String,
+    /// The cluster the tables belong to (a cluster's name). When set, the first store to
+    /// connect records it in the table `PREFIX` + `cluster`, and a store of another cluster is
+    /// refused at connect with [`StoreError::PostgresOtherCluster`], so two clusters pointed at
+    /// one database by mistake cannot overwrite each other's values. Default: not checked.
+    pub cluster: Option<String>,
     /// Connections the pool opens at most: how many calls (for different shards) run at once;
     /// further calls wait for a free connection. 1 to 1024. Default: 8.
     pub connections_max: usize,
@@ -150,6 +155,7 @@ impl Default for PostgresOptions {
         PostgresOptions {
             table_prefix: "clusterfunk_".to_owned(),
             schema: "public".to_owned(),
+            cluster: None,
             connections_max: 8,
             connect_timeout: Duration::from_secs(5),
             call_timeout: Duration::from_secs(30),
@@ -501,11 +507,13 @@ impl PostgresShardStore {
         // since this may be called from inside another runtime.
         let (sender, receiver) = std::sync::mpsc::sync_channel(1);
         let prefix = options.table_prefix.clone();
+        let cluster = options.cluster.clone();
         store.inner.calls.spawn_on(
             {
                 let shared = store.inner.shared.clone();
                 async move {
-                    let outcome = shared.call(|client, shared| set_up(client, shared, prefix));
+                    let outcome =
+                        shared.call(|client, shared| set_up(client, shared, prefix, cluster));
                     let _ = sender.send(outcome.await);
                 }
             },
@@ -779,10 +787,69 @@ const RECORDS_COLUMNS: [(&str, &str, bool); 3] = [
     ("value", "bytea", false),
 ];
 
+/// Records `cluster` as the owner of the store's tables in `PREFIX` + `cluster` (created when
+/// missing) or checks that it is the one recorded, inside the set-up's transaction.
+async fn claim(
+    txn: &tokio_postgres::Transaction<'_>,
+    shared: &Shared,
+    schema: &str,
+    prefix: &str,
+    cluster: &str,
+) -> Result<(), StoreError> {
+    let name = format!("{prefix}cluster");
+    let table = format!("{schema}.{name}");
+    let target = format!("table {table}");
+    let failed = |verb| {
+        let target = target.clone();
+        move |e| shared.error_on(target, verb, e)
+    };
+    let exists = txn
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await
+        .and_then(|row| row.try_get::<_, bool>(0))
+        .map_err(failed(Verb::Read))?;
+    if !exists {
+        txn.batch_execute(&format!("CREATE TABLE {table} (name text NOT NULL)"))
+            .await
+            .map_err(failed(Verb::Open))?;
+    }
+    let rows = txn
+        .query(&format!("SELECT name FROM {table}"), &[])
+        .await
+        .map_err(failed(Verb::Read))?;
+    match rows.first() {
+        None => {
+            txn.execute(
+                &format!("INSERT INTO {table} (name) VALUES ($1)"),
+                &[&cluster],
+            )
+            .await
+            .map_err(failed(Verb::Write))?;
+            Ok(())
+        }
+        Some(row) => {
+            let found: String = row.try_get(0).map_err(failed(Verb::Read))?;
+            match found == cluster {
+                true => Ok(()),
+                false => Err(StoreError::PostgresOtherCluster {
+                    table,
+                    found,
+                    expected: cluster.to_owned(),
+                }),
+            }
+        }
+    }
+}
+
 /// Creates the store's tables if they are missing, under an advisory lock held until the
 /// transaction ends (so nodes connecting at once do not race on the catalog), then checks their
 /// columns.
-async fn set_up(mut client: Object, shared: Arc<Shared>, prefix: String) -> Result<(), StoreError> {
+async fn set_up(
+    mut client: Object,
+    shared: Arc<Shared>,
+    prefix: String,
+    cluster: Option<String>,
+) -> Result<(), StoreError> {
     let failed = |verb| {
         let shared = &shared;
         move |e| shared.error_on("the store's tables".to_owned(), verb, e)
@@ -837,6 +904,9 @@ async fn set_up(mut client: Object, shared: Arc<Shared>, prefix: String) -> Resu
             .query(columns, &[&names, schema])
             .await
             .map_err(failed(Verb::Read))?;
+    }
+    if let Some(cluster) = &cluster {
+        claim(&txn, &shared, schema, &prefix, cluster).await?;
     }
     txn.commit().await.map_err(failed(Verb::Commit))?;
     let mut found: BTreeMap<(String, String), (String, bool)> = BTreeMap::new();
