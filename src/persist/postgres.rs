@@ -92,9 +92,34 @@ use crate::storage::{StorageError, Verb};
 /// Name of the store's runtime thread, as shown by `top -H`, debuggers and panic messages.
 const RUNTIME_THREAD_NAME: &str = "clusterfunk-postgres";
 
-/// Records written by one statement at most, so one message to the server stays bounded
-/// however large a batch is.
+/// Records written by one statement at most.
 const RECORDS_PER_STATEMENT_MAX: usize = 4096;
+
+/// Bytes of keys and values one statement carries at most (a single larger record goes alone),
+/// so that no message to the server nears PostgreSQL's limit of 1 GiB per message however large
+/// a batch is: a large group commit was refused by the server as an invalid message length.
+const BYTES_PER_STATEMENT_MAX: usize = 64 << 20;
+
+/// Splits `puts` into runs of at most [`RECORDS_PER_STATEMENT_MAX`] records and
+/// [`BYTES_PER_STATEMENT_MAX`] bytes (a record larger than that forms a run alone).
+fn statement_runs(puts: &[(Key, Bytes)]) -> Vec<&[(Key, Bytes)]> {
+    let mut runs = Vec::new();
+    let (mut start, mut bytes) = (0, 0usize);
+    for (index, (key, value)) in puts.iter().enumerate() {
+        let size = key.as_bytes().len() + value.len();
+        let full = index - start >= RECORDS_PER_STATEMENT_MAX
+            || (index > start && bytes + size > BYTES_PER_STATEMENT_MAX);
+        if full {
+            runs.push(&puts[start..index]);
+            (start, bytes) = (index, 0);
+        }
+        bytes += size;
+    }
+    if start < puts.len() {
+        runs.push(&puts[start..]);
+    }
+    runs
+}
 
 /// Times an activation looks for the shard's row: a second look is needed only when another
 /// activation inserted the row between this one's look and its insert.
@@ -1180,7 +1205,7 @@ impl Shared {
                 .map(drop)
                 .map_err(|e| self.error(Table::Shards, Verb::Write, e))
         };
-        let put_writes = puts.chunks(RECORDS_PER_STATEMENT_MAX).map(|chunk| {
+        let put_writes = statement_runs(&puts).into_iter().map(|chunk| {
             let keys: Vec<&[u8]> = chunk.iter().map(|(key, _)| key.as_bytes()).collect();
             let values: Vec<&[u8]> = chunk.iter().map(|(_, value)| &value[..]).collect();
             let txn = &txn;
@@ -1305,6 +1330,34 @@ mod tests {
             assert_eq!(from_stored(to_stored(value)), value);
         }
         assert_eq!(to_stored(42), 42, "small values read as themselves in SQL");
+    }
+
+    #[test]
+    fn puts_are_split_by_count_and_by_bytes() {
+        let record = |size: usize| (Key::from("k"), Bytes::from(vec![0u8; size]));
+        let lengths = |puts: &[(Key, Bytes)]| -> Vec<usize> {
+            statement_runs(puts).iter().map(|run| run.len()).collect()
+        };
+        assert!(statement_runs(&[]).is_empty());
+        let many: Vec<_> = (0..RECORDS_PER_STATEMENT_MAX + 1)
+            .map(|_| record(1))
+            .collect();
+        assert_eq!(lengths(&many), [RECORDS_PER_STATEMENT_MAX, 1]);
+        let half = BYTES_PER_STATEMENT_MAX / 2;
+        let large = vec![record(half), record(half), record(half)];
+        assert_eq!(
+            lengths(&large),
+            [1, 1, 1],
+            "two halves plus keys exceed the bound"
+        );
+        let huge = vec![record(1), record(BYTES_PER_STATEMENT_MAX * 2), record(1)];
+        assert_eq!(
+            lengths(&huge),
+            [1, 1, 1],
+            "a record above the bound goes alone"
+        );
+        let small = vec![record(10), record(10)];
+        assert_eq!(lengths(&small), [2]);
     }
 
     #[test]
