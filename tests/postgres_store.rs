@@ -10,17 +10,17 @@
 //! with a message that says how to install it: none is skipped. Every wait polls for an event
 //! with a deadline; no test asserts how long anything takes.
 
-use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clusterfunk::persist::{
-    Batch, Loaded, Locality, Origin, PostgresOptions, PostgresShardStore, Scope, ShardStore,
-    StoreError,
+    Batch, Locality, Origin, PostgresOptions, PostgresShardStore, Scope, ShardStore, StoreError,
 };
 use clusterfunk::shard_map::Epoch;
-use clusterfunk::testing::{reserve_ports, store_contract, PostgresServer};
+use clusterfunk::testing::{
+    puts_batch, records_text, reserve_ports, store_contract, text_map, PostgresServer,
+};
 use clusterfunk::{Key, NodeId, ShardId};
 use futures_util::future::join_all;
 
@@ -47,36 +47,6 @@ fn connect(server: &PostgresServer, prefix: &str) -> PostgresShardStore {
     };
     PostgresShardStore::connect(&server.url(), options)
         .unwrap_or_else(|e| panic!("connect to {}: {e}", server.url()))
-}
-
-/// A batch of puts.
-fn batch(puts: &[(&str, &str)]) -> Batch {
-    let mut batch = Batch::new();
-    for (key, value) in puts {
-        batch.put(*key, value.as_bytes().to_vec());
-    }
-    batch
-}
-
-/// The per-key records as text, for readable assertions.
-fn records(loaded: &Loaded) -> BTreeMap<String, String> {
-    loaded
-        .records
-        .iter()
-        .map(|(key, value)| {
-            (
-                String::from_utf8_lossy(key.as_bytes()).into_owned(),
-                String::from_utf8_lossy(value).into_owned(),
-            )
-        })
-        .collect()
-}
-
-fn expected(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(key, value)| (key.to_string(), value.to_string()))
-        .collect()
 }
 
 /// Goal: the PostgreSQL store keeps the contract every store keeps, and two table prefixes in
@@ -111,14 +81,14 @@ async fn concurrent_commits_to_many_shards_from_two_nodes_all_land() {
     assert!(activations.iter().all(Result::is_ok), "{activations:?}");
     for round in 0..3 {
         let commits = shards.iter().map(|&shard| {
-            let mut batch = batch(&[(&format!("round-{round}"), &shard.to_string())]);
+            let mut batch = puts_batch(&[(&format!("round-{round}"), &shard.to_string())]);
             batch.put_state(format!("state-{shard}-{round}").into_bytes());
             node_of(shard).commit(shard, EPOCH_A, batch)
         });
         let late = shards
             .iter()
             .step_by(8)
-            .map(|&shard| node_of(shard).commit(shard, EPOCH_A - 1, batch(&[("late", "x")])));
+            .map(|&shard| node_of(shard).commit(shard, EPOCH_A - 1, puts_batch(&[("late", "x")])));
         let (accepted, refused) =
             futures_util::future::join(join_all(commits), join_all(late)).await;
         assert!(accepted.iter().all(Result::is_ok), "{accepted:?}");
@@ -140,8 +110,8 @@ async fn concurrent_commits_to_many_shards_from_two_nodes_all_land() {
             .expect("reloads");
         let value = shard.to_string();
         assert_eq!(
-            records(&loaded),
-            expected(&[
+            records_text(&loaded),
+            text_map(&[
                 ("round-0", &value),
                 ("round-1", &value),
                 ("round-2", &value)
@@ -195,7 +165,7 @@ async fn a_refused_batch_in_a_commit_group_changes_nothing() {
     let outcomes = join_all([
         store.commit(1, EPOCH_A, late),
         store.commit(1, EPOCH_B, from_b),
-        store.commit(2, EPOCH_A, batch(&[("other", "a")])),
+        store.commit(2, EPOCH_A, puts_batch(&[("other", "a")])),
     ])
     .await;
     assert!(
@@ -225,7 +195,7 @@ async fn a_refused_batch_in_a_commit_group_changes_nothing() {
         .activate(2, NODE_A, EPOCH_A, Scope::All)
         .await
         .expect("reloads");
-    assert_eq!(records(&shard_2), expected(&[("other", "a")]));
+    assert_eq!(records_text(&shard_2), text_map(&[("other", "a")]));
 }
 
 /// Goal: a batch that the database fails part-way through lands nothing, not even the parts
@@ -241,7 +211,7 @@ async fn a_batch_that_fails_part_way_lands_nothing() {
         .activate(3, NODE_A, EPOCH_A, Scope::All)
         .await
         .expect("activates");
-    let mut before = batch(&[("kept", "1"), ("deleted-later", "1")]);
+    let mut before = puts_batch(&[("kept", "1"), ("deleted-later", "1")]);
     before.put_state(b"before".to_vec());
     store.commit(3, EPOCH_A, before).await.expect("commits");
 
@@ -280,11 +250,11 @@ async fn a_batch_that_fails_part_way_lands_nothing() {
         .await
         .expect("reloads");
     assert_eq!(
-        records(&loaded),
-        expected(&[("deleted-later", "1"), ("kept", "1")])
+        records_text(&loaded),
+        text_map(&[("deleted-later", "1"), ("kept", "1")])
     );
     assert_eq!(loaded.state.as_deref(), Some(&b"before"[..]));
-    let mut next = batch(&[("after", "1")]);
+    let mut next = puts_batch(&[("after", "1")]);
     next.delete("deleted-later");
     store
         .commit(3, EPOCH_A, next)
@@ -294,7 +264,10 @@ async fn a_batch_that_fails_part_way_lands_nothing() {
         .activate(3, NODE_A, EPOCH_A, Scope::All)
         .await
         .expect("reloads");
-    assert_eq!(records(&loaded), expected(&[("after", "1"), ("kept", "1")]));
+    assert_eq!(
+        records_text(&loaded),
+        text_map(&[("after", "1"), ("kept", "1")])
+    );
     drop(client);
     let _ = connection.await;
 }
@@ -323,7 +296,7 @@ async fn an_unreachable_database_gives_the_typed_error_and_the_store_recovers() 
         .await
         .expect("activates");
     store
-        .commit(4, EPOCH_A, batch(&[("k", "before")]))
+        .commit(4, EPOCH_A, puts_batch(&[("k", "before")]))
         .await
         .expect("commits");
 
@@ -347,7 +320,7 @@ async fn an_unreachable_database_gives_the_typed_error_and_the_store_recovers() 
     };
     unreachable(
         "a commit while the server is down",
-        store.commit(4, EPOCH_A, batch(&[("k", "lost")])).await,
+        store.commit(4, EPOCH_A, puts_batch(&[("k", "lost")])).await,
     );
     unreachable(
         "a read while the server is down",
@@ -377,9 +350,9 @@ async fn an_unreachable_database_gives_the_typed_error_and_the_store_recovers() 
             }
         }
     };
-    assert_eq!(records(&loaded), expected(&[("k", "before")]));
+    assert_eq!(records_text(&loaded), text_map(&[("k", "before")]));
     store
-        .commit(4, EPOCH_A, batch(&[("k", "after")]))
+        .commit(4, EPOCH_A, puts_batch(&[("k", "after")]))
         .await
         .expect("commits after the outage");
     assert_eq!(
@@ -415,7 +388,7 @@ async fn a_call_past_its_time_limit_is_a_typed_timeout_and_lands_nothing() {
         .await
         .expect("activates");
     store
-        .commit(10, EPOCH_A, batch(&[("k", "before")]))
+        .commit(10, EPOCH_A, puts_batch(&[("k", "before")]))
         .await
         .expect("commits");
 
@@ -429,7 +402,7 @@ async fn a_call_past_its_time_limit_is_a_typed_timeout_and_lands_nothing() {
         .await
         .expect("the test locks the shard's row");
     let error = store
-        .commit(10, EPOCH_A, batch(&[("k", "late")]))
+        .commit(10, EPOCH_A, puts_batch(&[("k", "late")]))
         .await
         .expect_err("the commit waits on the lock past its limit");
     assert!(
@@ -450,9 +423,9 @@ async fn a_call_past_its_time_limit_is_a_typed_timeout_and_lands_nothing() {
         .activate(10, NODE_A, EPOCH_A, Scope::All)
         .await
         .expect("reloads");
-    assert_eq!(records(&loaded), expected(&[("k", "before")]));
+    assert_eq!(records_text(&loaded), text_map(&[("k", "before")]));
     store
-        .commit(10, EPOCH_A, batch(&[("k", "after")]))
+        .commit(10, EPOCH_A, puts_batch(&[("k", "after")]))
         .await
         .expect("the next commit lands");
     let read = store
@@ -492,7 +465,7 @@ async fn an_owner_frozen_inside_a_commit_releases_the_shard_for_its_new_owner() 
         .await
         .expect("activates");
     old_owner
-        .commit(12, EPOCH_A, batch(&[("k", "committed")]))
+        .commit(12, EPOCH_A, puts_batch(&[("k", "committed")]))
         .await
         .expect("commits");
 
@@ -532,7 +505,7 @@ async fn an_owner_frozen_inside_a_commit_releases_the_shard_for_its_new_owner() 
             }
         }
     };
-    assert_eq!(records(&loaded), expected(&[("k", "committed")]));
+    assert_eq!(records_text(&loaded), text_map(&[("k", "committed")]));
     assert!(
         holder.commit().await.is_err(),
         "the frozen owner's transaction outlived the idle-in-transaction limit"
@@ -560,7 +533,7 @@ async fn a_store_of_another_cluster_is_refused_at_connect() {
         .await
         .expect("activates");
     alpha
-        .commit(3, EPOCH_A, batch(&[("account-42", "alpha's")]))
+        .commit(3, EPOCH_A, puts_batch(&[("account-42", "alpha's")]))
         .await
         .expect("commits");
     let error = PostgresShardStore::connect(&server.url(), of("beta"))
@@ -600,7 +573,7 @@ async fn a_role_without_create_and_with_its_own_schema_uses_the_existing_tables(
         .await
         .expect("activates");
     admin
-        .commit(4, EPOCH_A, batch(&[("k", "before")]))
+        .commit(4, EPOCH_A, puts_batch(&[("k", "before")]))
         .await
         .expect("commits");
     let (client, connection) = tokio_postgres::connect(&server.url(), tokio_postgres::NoTls)
@@ -621,9 +594,9 @@ async fn a_role_without_create_and_with_its_own_schema_uses_the_existing_tables(
     let app = PostgresShardStore::connect(&app_url, options).expect("the role connects");
     app.activate(4, NODE_B, EPOCH_B, Scope::All)
         .await
-        .map(|loaded| assert_eq!(records(&loaded), expected(&[("k", "before")])))
+        .map(|loaded| assert_eq!(records_text(&loaded), text_map(&[("k", "before")])))
         .expect("the role activates on the existing tables");
-    app.commit(4, EPOCH_B, batch(&[("k", "after")]))
+    app.commit(4, EPOCH_B, puts_batch(&[("k", "after")]))
         .await
         .expect("the role commits");
     let tables_in_app_schema: i64 = client
@@ -703,7 +676,7 @@ fn nodes_connecting_at_once_create_the_tables_once_and_a_foreign_table_is_refuse
             .await
             .expect("activates");
         stores[1]
-            .commit(5, EPOCH_A, batch(&[("k", "v")]))
+            .commit(5, EPOCH_A, puts_batch(&[("k", "v")]))
             .await
             .expect("another node's store commits");
         let read = stores[7].read(5, EPOCH_A, Key::from("k")).await;
@@ -840,7 +813,7 @@ fn the_store_serves_callers_on_any_runtime_and_outlives_them() {
                 .await
                 .expect("activates");
             first
-                .commit(9, EPOCH_A, batch(&[("from", "tokio")]))
+                .commit(9, EPOCH_A, puts_batch(&[("from", "tokio")]))
                 .await
                 .expect("commits");
         });
@@ -852,7 +825,7 @@ fn the_store_serves_callers_on_any_runtime_and_outlives_them() {
     std::thread::spawn(move || {
         actix::System::new().block_on(async {
             second
-                .commit(9, EPOCH_A, batch(&[("from", "actix")]))
+                .commit(9, EPOCH_A, puts_batch(&[("from", "actix")]))
                 .await
                 .expect("commits from an actix system");
         });

@@ -2,7 +2,6 @@
 //! `Arc<dyn ShardStore>`, then the LMDB store's own behaviour: restart in place, no stale local
 //! state, group commit.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::Path;
 
@@ -13,6 +12,7 @@ use super::lmdb::{Committer, Job};
 use super::*;
 use crate::storage::group_commit::GroupCommit;
 use crate::storage::StoreOptions;
+use crate::testing::{puts_batch, records_text, text_map};
 
 /// `store.activate(..)`, which must succeed (`what` names the step in the failure).
 async fn activate_ok(
@@ -47,35 +47,6 @@ fn block_on<F: Future>(future: F) -> F::Output {
         .build()
         .expect("a current-thread runtime builds")
         .block_on(future)
-}
-
-fn batch(puts: &[(&str, &str)]) -> Batch {
-    let mut batch = Batch::new();
-    for (key, value) in puts {
-        batch.put(*key, value.as_bytes().to_vec());
-    }
-    batch
-}
-
-/// The per-key records as text, for readable assertions.
-fn records(loaded: &Loaded) -> BTreeMap<String, String> {
-    loaded
-        .records
-        .iter()
-        .map(|(key, value)| {
-            (
-                String::from_utf8_lossy(key.as_bytes()).into_owned(),
-                String::from_utf8_lossy(value).into_owned(),
-            )
-        })
-        .collect()
-}
-
-fn expected(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(key, value)| (key.to_string(), value.to_string()))
-        .collect()
 }
 
 fn open_lmdb(dir: &Path) -> LmdbShardStore {
@@ -121,10 +92,10 @@ fn lmdb_restart_in_place_keeps_every_committed_value() {
         let store = open_lmdb(dir.path());
         for shard in 0..8 {
             activate_ok(&store, shard, NODE_A, EPOCH_A, "activates").await;
-            let mut batch = batch(&[("k", "v1"), ("gone", "x")]);
+            let mut batch = puts_batch(&[("k", "v1"), ("gone", "x")]);
             batch.put_state(format!("state-{shard}").into_bytes());
             store.commit(shard, EPOCH_A, batch).await.expect("commits");
-            let mut second = self::batch(&[("k", "v2")]);
+            let mut second = puts_batch(&[("k", "v2")]);
             second.delete("gone");
             commit_ok(&store, shard, EPOCH_A, second, "commits again").await;
         }
@@ -134,7 +105,7 @@ fn lmdb_restart_in_place_keeps_every_committed_value() {
         for shard in 0..8 {
             let loaded = activate_ok(&store, shard, NODE_A, EPOCH_A, "reactivates").await;
             assert!(loaded.origin.is_loaded(), "{:?}", loaded.origin);
-            assert_eq!(records(&loaded), expected(&[("k", "v2")]));
+            assert_eq!(records_text(&loaded), text_map(&[("k", "v2")]));
             assert_eq!(loaded.state, Some(Bytes::from(format!("state-{shard}"))));
         }
     });
@@ -151,7 +122,7 @@ fn lmdb_a_different_node_activating_gets_no_stale_local_state() {
     block_on(async {
         let store = open_lmdb(dir.path());
         activate_ok(&store, 0, NODE_A, EPOCH_A, "A activates").await;
-        let mut from_a = batch(&[("a-key", "a")]);
+        let mut from_a = puts_batch(&[("a-key", "a")]);
         from_a.put_state(b"a-state".to_vec());
         store.commit(0, EPOCH_A, from_a).await.expect("A commits");
 
@@ -165,14 +136,14 @@ fn lmdb_a_different_node_activating_gets_no_stale_local_state() {
         );
         assert!(loaded.records.is_empty() && loaded.state.is_none());
         store
-            .commit(0, EPOCH_B, batch(&[("b-key", "b")]))
+            .commit(0, EPOCH_B, puts_batch(&[("b-key", "b")]))
             .await
             .expect("B commits");
         drop(store);
 
         let store = open_lmdb(dir.path());
         let loaded = activate_ok(&store, 0, NODE_B, EPOCH_B, "B restarts in place").await;
-        assert_eq!(records(&loaded), expected(&[("b-key", "b")]));
+        assert_eq!(records_text(&loaded), text_map(&[("b-key", "b")]));
         assert_eq!(loaded.state, None);
 
         // B again, but at a newer epoch: the shard may have been owned elsewhere in between.
@@ -209,13 +180,13 @@ fn lmdb_concurrent_commits_to_many_shards_all_land() {
                 store.commit(
                     shard,
                     EPOCH_A,
-                    batch(&[(&format!("round-{round}"), &format!("{shard}"))]),
+                    puts_batch(&[(&format!("round-{round}"), &format!("{shard}"))]),
                 )
             });
             let late = shards
                 .iter()
                 .step_by(8)
-                .map(|&shard| store.commit(shard, EPOCH_A - 1, batch(&[("late", "x")])));
+                .map(|&shard| store.commit(shard, EPOCH_A - 1, puts_batch(&[("late", "x")])));
             let (accepted, refused) = join(join_all(commits), join_all(late)).await;
             assert!(accepted.iter().all(Result::is_ok), "{accepted:?}");
             assert!(
@@ -232,8 +203,8 @@ fn lmdb_concurrent_commits_to_many_shards_all_land() {
             let loaded = activate_ok(&store, shard, NODE_A, EPOCH_A, "reloads").await;
             let value = shard.to_string();
             assert_eq!(
-                records(&loaded),
-                expected(&[
+                records_text(&loaded),
+                text_map(&[
                     ("round-0", &value),
                     ("round-1", &value),
                     ("round-2", &value)
@@ -252,13 +223,13 @@ fn lmdb_a_group_commits_its_accepted_jobs_and_nothing_of_its_refused_ones() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut committer = Committer::open_for_tests(dir.path()).expect("opens");
     let (activate_a, activated_a) = activate_job(10, NODE_A, EPOCH_A);
-    let (commit_a, committed_a) = commit_job(10, EPOCH_A, batch(&[("k", "a")]));
+    let (commit_a, committed_a) = commit_job(10, EPOCH_A, puts_batch(&[("k", "a")]));
     let (activate_b, activated_b) = activate_job(10, NODE_B, EPOCH_B);
-    let (late_a, refused_a) = commit_job(10, EPOCH_A, batch(&[("k", "late")]));
-    let (commit_b, committed_b) = commit_job(10, EPOCH_B, batch(&[("k", "b")]));
-    let (orphan, refused_orphan) = commit_job(11, EPOCH_A, batch(&[("k", "orphan")]));
+    let (late_a, refused_a) = commit_job(10, EPOCH_A, puts_batch(&[("k", "late")]));
+    let (commit_b, committed_b) = commit_job(10, EPOCH_B, puts_batch(&[("k", "b")]));
+    let (orphan, refused_orphan) = commit_job(11, EPOCH_A, puts_batch(&[("k", "orphan")]));
     let (activate_c, activated_c) = activate_job(12, NODE_A, EPOCH_A);
-    let (commit_c, committed_c) = commit_job(12, EPOCH_A, batch(&[("k", "c")]));
+    let (commit_c, committed_c) = commit_job(12, EPOCH_A, puts_batch(&[("k", "c")]));
     committer.commit(vec![
         activate_a, commit_a, activate_b, late_a, commit_b, orphan, activate_c, commit_c,
     ]);
@@ -306,16 +277,16 @@ fn lmdb_a_group_commits_its_accepted_jobs_and_nothing_of_its_refused_ones() {
     let (probe, probed) = activate_job(11, NODE_A, EPOCH_A);
     committer.commit(vec![reload_b, reload_c, probe]);
     let loaded = |receiver: oneshot::Receiver<Result<Loaded, StoreError>>| {
-        records(
+        records_text(
             &receiver
                 .blocking_recv()
                 .expect("answered")
                 .expect("reloads"),
         )
     };
-    assert_eq!(loaded(reloaded_b), expected(&[("k", "b")]));
-    assert_eq!(loaded(reloaded_c), expected(&[("k", "c")]));
-    assert_eq!(loaded(probed), expected(&[]));
+    assert_eq!(loaded(reloaded_b), text_map(&[("k", "b")]));
+    assert_eq!(loaded(reloaded_c), text_map(&[("k", "c")]));
+    assert_eq!(loaded(probed), text_map(&[]));
 }
 
 fn activate_job(

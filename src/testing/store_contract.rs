@@ -46,7 +46,8 @@ const NODE_B: NodeId = 2;
 const EPOCH_A: Epoch = 5;
 const EPOCH_B: Epoch = 7;
 
-fn batch(puts: &[(&str, &str)]) -> Batch {
+/// A batch that puts each `(key, value)` of `puts` (as UTF-8 bytes).
+pub fn puts_batch(puts: &[(&str, &str)]) -> Batch {
     let mut batch = Batch::new();
     for (key, value) in puts {
         batch.put(*key, value.as_bytes().to_vec());
@@ -54,8 +55,8 @@ fn batch(puts: &[(&str, &str)]) -> Batch {
     batch
 }
 
-/// The per-key records as text, for readable assertions.
-fn records(loaded: &Loaded) -> BTreeMap<String, String> {
+/// The per-key records of `loaded` as text, for readable assertions.
+pub fn records_text(loaded: &Loaded) -> BTreeMap<String, String> {
     loaded
         .records
         .iter()
@@ -68,7 +69,8 @@ fn records(loaded: &Loaded) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn expected(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+/// `pairs` as a map of text, to compare with [`records_text`].
+pub fn text_map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
         .iter()
         .map(|(key, value)| (key.to_string(), value.to_string()))
@@ -107,7 +109,7 @@ async fn a_state_scope_activation_loads_the_whole_shard_record_and_keys_are_read
     shard: ShardId,
 ) {
     activate_ok(store, shard, NODE_A, EPOCH_A, "A activates").await;
-    let mut first = batch(&[("k1", "one"), ("k2", "two")]);
+    let mut first = puts_batch(&[("k1", "one"), ("k2", "two")]);
     first.put_state(b"whole".to_vec());
     commit_ok(store, shard, EPOCH_A, first, "A commits").await;
     let loaded = store
@@ -141,10 +143,10 @@ async fn a_write_below_the_fence_is_refused_and_changes_nothing(
     activate_ok(store, shard, NODE_A, EPOCH_A, "A activates").await;
     activate_ok(store, shard, NODE_B, EPOCH_B, "B activates above A").await;
     store
-        .commit(shard, EPOCH_B, batch(&[("x", "b")]))
+        .commit(shard, EPOCH_B, puts_batch(&[("x", "b")]))
         .await
         .expect("B commits");
-    let mut late = batch(&[("x", "a"), ("y", "a")]);
+    let mut late = puts_batch(&[("x", "a"), ("y", "a")]);
     late.put_state(b"a-state".to_vec());
     let refused = store.commit(shard, EPOCH_A, late).await;
     assert!(
@@ -153,7 +155,7 @@ async fn a_write_below_the_fence_is_refused_and_changes_nothing(
     );
     assert!(refused.expect_err("refused").is_refusal());
     let loaded = activate_ok(store, shard, NODE_B, EPOCH_B, "B reloads").await;
-    assert_eq!(records(&loaded), expected(&[("x", "b")]));
+    assert_eq!(records_text(&loaded), text_map(&[("x", "b")]));
     assert_eq!(loaded.state, None);
 }
 
@@ -166,7 +168,7 @@ async fn activation_raises_the_fence_and_loads_atomically(store: &dyn ShardStore
         let (old, new) = (100 + 2 * round, 101 + 2 * round);
         activate_ok(store, shard, NODE_A, old, "A activates").await;
         let key = format!("round-{round}");
-        let commit = store.commit(shard, old, batch(&[(&key, "a")]));
+        let commit = store.commit(shard, old, puts_batch(&[(&key, "a")]));
         let activate = store.activate(shard, NODE_B, new, Scope::All);
         let (committed, loaded) = if round % 2 == 0 {
             join(commit, activate).await
@@ -196,8 +198,8 @@ async fn activation_raises_the_fence_and_loads_atomically(store: &dyn ShardStore
             .await
             .expect("B reloads");
         assert_eq!(
-            records(&reloaded),
-            records(&loaded),
+            records_text(&reloaded),
+            records_text(&loaded),
             "round {round}: something landed after the activation"
         );
         // Hand the shard back to A for the next round (epochs keep rising).
@@ -215,12 +217,12 @@ async fn an_old_owner_paused_past_its_lease_is_refused_and_the_new_owners_value_
 ) {
     activate_ok(store, shard, NODE_A, EPOCH_A, "A activates").await;
     store
-        .commit(shard, EPOCH_A, batch(&[("balance", "10")]))
+        .commit(shard, EPOCH_A, puts_batch(&[("balance", "10")]))
         .await
         .expect("A commits before its pause");
     let loaded = activate_ok(store, shard, NODE_B, EPOCH_B, "B takes over").await;
     if store.locality() == Locality::Shared {
-        assert_eq!(records(&loaded), expected(&[("balance", "10")]));
+        assert_eq!(records_text(&loaded), text_map(&[("balance", "10")]));
         assert_eq!(
             loaded.origin,
             Origin::Stored {
@@ -231,14 +233,14 @@ async fn an_old_owner_paused_past_its_lease_is_refused_and_the_new_owners_value_
         );
     }
     store
-        .commit(shard, EPOCH_B, batch(&[("balance", "20")]))
+        .commit(shard, EPOCH_B, puts_batch(&[("balance", "20")]))
         .await
         .expect("B commits");
     // A resumes: its activation's epoch is still EPOCH_A, even if it has since applied a map of
     // epoch 9; every write carries the activation's epoch.
     for _ in 0..2 {
         let late = store
-            .commit(shard, EPOCH_A, batch(&[("balance", "11")]))
+            .commit(shard, EPOCH_A, puts_batch(&[("balance", "11")]))
             .await;
         assert!(
             matches!(late, Err(StoreError::Fenced { fence: EPOCH_B, .. })),
@@ -251,7 +253,7 @@ async fn an_old_owner_paused_past_its_lease_is_refused_and_the_new_owners_value_
         "{late_release:?}"
     );
     let loaded = activate_ok(store, shard, NODE_B, EPOCH_B, "B reloads").await;
-    assert_eq!(records(&loaded), expected(&[("balance", "20")]));
+    assert_eq!(records_text(&loaded), text_map(&[("balance", "20")]));
 }
 
 /// Goal: an activation at the fence's epoch by the same node (restart, passivation) is allowed,
@@ -264,7 +266,7 @@ async fn reactivation_at_an_equal_epoch_by_the_same_node_loads_again(
     let first = activate_ok(store, shard, NODE_A, EPOCH_A, "activates").await;
     assert_eq!(first.origin, Origin::New);
     store
-        .commit(shard, EPOCH_A, batch(&[("k", "1")]))
+        .commit(shard, EPOCH_A, puts_batch(&[("k", "1")]))
         .await
         .expect("commits");
     let again = activate_ok(
@@ -283,13 +285,13 @@ async fn reactivation_at_an_equal_epoch_by_the_same_node_loads_again(
             released: false
         }
     );
-    assert_eq!(records(&again), expected(&[("k", "1")]));
+    assert_eq!(records_text(&again), text_map(&[("k", "1")]));
     store
-        .commit(shard, EPOCH_A, batch(&[("k", "2")]))
+        .commit(shard, EPOCH_A, puts_batch(&[("k", "2")]))
         .await
         .expect("commits after the reactivation");
     let last = activate_ok(store, shard, NODE_A, EPOCH_A, "reloads").await;
-    assert_eq!(records(&last), expected(&[("k", "2")]));
+    assert_eq!(records_text(&last), text_map(&[("k", "2")]));
 }
 
 /// Goal: a reload returns exactly what was committed: puts, overwrites, deletes and the
@@ -297,12 +299,12 @@ async fn reactivation_at_an_equal_epoch_by_the_same_node_loads_again(
 /// merged from two), reload at the same activation, compare with a model.
 async fn commit_then_reload_returns_every_committed_value(store: &dyn ShardStore, shard: ShardId) {
     activate_ok(store, shard, NODE_A, EPOCH_A, "activates").await;
-    let mut first = batch(&[("a", "1"), ("b", "1"), ("c", "1")]);
+    let mut first = puts_batch(&[("a", "1"), ("b", "1"), ("c", "1")]);
     first.put_state(b"state-1".to_vec());
     commit_ok(store, shard, EPOCH_A, first, "first commit").await;
-    let mut second = batch(&[("b", "2")]);
+    let mut second = puts_batch(&[("b", "2")]);
     second.delete("c");
-    let mut third = batch(&[("d", "3"), ("c", "3")]);
+    let mut third = puts_batch(&[("d", "3"), ("c", "3")]);
     third.delete("d");
     // The merged batch: "c" is put again, "d" ends deleted.
     second.merge(third);
@@ -330,9 +332,9 @@ async fn commit_then_reload_returns_every_committed_value(store: &dyn ShardStore
             .map(|v| v.to_vec()),
         Some(vec![0_u8; 3])
     );
-    let mut text = records(&loaded);
+    let mut text = records_text(&loaded);
     text.retain(|key, _| key.is_ascii());
-    assert_eq!(text, expected(&[("a", "1"), ("b", "2"), ("c", "3")]));
+    assert_eq!(text, text_map(&[("a", "1"), ("b", "2"), ("c", "3")]));
 
     let mut clear = Batch::new();
     clear.delete_state();
@@ -351,13 +353,13 @@ async fn a_release_ends_the_activation_and_hands_the_shard_over(
 ) {
     activate_ok(store, shard, NODE_A, EPOCH_A, "A activates").await;
     store
-        .commit(shard, EPOCH_A, batch(&[("flushed", "yes")]))
+        .commit(shard, EPOCH_A, puts_batch(&[("flushed", "yes")]))
         .await
         .expect("A flushes");
     store.release(shard, EPOCH_A).await.expect("A releases");
     release_ok(store, shard, EPOCH_A, "releasing twice is not an error").await;
     let after = store
-        .commit(shard, EPOCH_A, batch(&[("late", "yes")]))
+        .commit(shard, EPOCH_A, puts_batch(&[("late", "yes")]))
         .await;
     assert!(
         matches!(after, Err(StoreError::Released { epoch: EPOCH_A, .. })),
@@ -374,7 +376,7 @@ async fn a_release_ends_the_activation_and_hands_the_shard_over(
                     released: true
                 }
             );
-            assert_eq!(records(&loaded), expected(&[("flushed", "yes")]));
+            assert_eq!(records_text(&loaded), text_map(&[("flushed", "yes")]));
         }
         _ => {
             assert_eq!(
@@ -422,7 +424,7 @@ async fn activation_below_the_fence_or_at_another_nodes_epoch_is_refused(
         "{taken:?}"
     );
     store
-        .commit(shard, EPOCH_B, batch(&[("still", "B")]))
+        .commit(shard, EPOCH_B, puts_batch(&[("still", "B")]))
         .await
         .expect("B's activation is still the current one");
 }
@@ -430,7 +432,9 @@ async fn activation_below_the_fence_or_at_another_nodes_epoch_is_refused(
 /// Goal: a commit or release needs its activation: never activated, or above the fence, it is
 /// refused with `NotActivated`. Method: commit before any activation and above the fence.
 async fn a_commit_without_its_activation_is_refused(store: &dyn ShardStore, shard: ShardId) {
-    let never = store.commit(shard, EPOCH_A, batch(&[("k", "v")])).await;
+    let never = store
+        .commit(shard, EPOCH_A, puts_batch(&[("k", "v")]))
+        .await;
     assert!(
         matches!(never, Err(StoreError::NotActivated { fence: None, .. })),
         "{never:?}"
@@ -441,7 +445,9 @@ async fn a_commit_without_its_activation_is_refused(store: &dyn ShardStore, shar
         "{release:?}"
     );
     activate_ok(store, shard, NODE_A, EPOCH_A, "activates").await;
-    let above = store.commit(shard, EPOCH_B, batch(&[("k", "v")])).await;
+    let above = store
+        .commit(shard, EPOCH_B, puts_batch(&[("k", "v")]))
+        .await;
     assert!(
         matches!(
             above,
