@@ -12,29 +12,7 @@ use super::lmdb::{Committer, Job};
 use super::*;
 use crate::storage::group_commit::GroupCommit;
 use crate::storage::StoreOptions;
-use crate::testing::{puts_batch, records_text, text_map};
-
-/// `store.activate(..)`, which must succeed (`what` names the step in the failure).
-async fn activate_ok(
-    store: &dyn ShardStore,
-    shard: ShardId,
-    owner: NodeId,
-    epoch: Epoch,
-    what: &str,
-) -> Loaded {
-    store
-        .activate(shard, owner, epoch, Scope::All)
-        .await
-        .unwrap_or_else(|e| panic!("{what}: {e}"))
-}
-
-/// `store.commit(..)`, which must succeed.
-async fn commit_ok(store: &dyn ShardStore, shard: ShardId, epoch: Epoch, batch: Batch, what: &str) {
-    store
-        .commit(shard, epoch, batch)
-        .await
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-}
+use crate::testing::{activate_ok, commit_ok, puts_batch, records_text, text_map};
 
 /// Node ids and epochs used below: node A activates first, node B later at a newer epoch.
 const NODE_A: NodeId = 1;

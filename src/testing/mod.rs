@@ -46,5 +46,7 @@ pub use ports::{
 pub use postgres::PostgresServer;
 pub use process::{run_bounded, serve_command, NodeProcess, Outcome, Signal};
 pub use status::{shard_owners, status, statuses, wait_settled, Settled};
+#[cfg(test)]
+pub(crate) use store_contract::{activate_ok, commit_ok};
 pub use store_contract::{puts_batch, records_text, store_contract, text_map};
 pub use wait::{interrupted, wait_for, wait_until, watch_interrupt};

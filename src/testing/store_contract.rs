@@ -11,7 +11,7 @@ use crate::persist::{Batch, Loaded, Locality, Origin, Scope, ShardStore, StoreEr
 use crate::shard_map::{Epoch, Key, NodeId, ShardId};
 
 /// `store.activate(..)`, which must succeed (`what` names the step in the failure).
-async fn activate_ok(
+pub(crate) async fn activate_ok(
     store: &dyn ShardStore,
     shard: ShardId,
     owner: NodeId,
@@ -25,7 +25,13 @@ async fn activate_ok(
 }
 
 /// `store.commit(..)`, which must succeed.
-async fn commit_ok(store: &dyn ShardStore, shard: ShardId, epoch: Epoch, batch: Batch, what: &str) {
+pub(crate) async fn commit_ok(
+    store: &dyn ShardStore,
+    shard: ShardId,
+    epoch: Epoch,
+    batch: Batch,
+    what: &str,
+) {
     store
         .commit(shard, epoch, batch)
         .await
