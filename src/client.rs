@@ -27,10 +27,24 @@
 //! - Every call is bounded by its deadline ([`CallOptions::deadline`], by default the client's
 //!   timeout): a request still outstanding then fails with [`Error::Timeout`], whose outcome is
 //!   unknown too.
+//!
+//! # Exactly once
+//!
+//! Each client has a session ([`SessionId`], 128 random bits) and numbers its requests
+//! ([`RequestId`]). When an attempt's outcome is unknown the client sends the request again
+//! under the same id, within the call's deadline: a shard whose handler keeps durable state in
+//! a store records the replies of the requests it applied, in the same commit as their
+//! changes, and answers such a retry from its record, so a message is applied at most once
+//! and acknowledged exactly once. A shard without a record refuses the retry of a message that
+//! is not idempotent, and the call fails with [`Error::OutcomeUnknown`] as before. A call that
+//! runs out of time can be sent again under its id with [`Client::request`] and
+//! [`ClientRequest::send`]. Every request also carries the lowest number the client still
+//! waits on, so shards drop the replies the client no longer needs.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::marker::PhantomData;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
@@ -39,6 +53,7 @@ use tokio::time::Instant;
 
 use crate::codec;
 use crate::error::{Error, NotReadyReason};
+use crate::session::{Once, RequestId, SessionId};
 use crate::shard::ShardMessage;
 use crate::shard_map::{shard_for, Key, NodeId, ShardId};
 use crate::transport::{Secret, Transport, TransportConfig, TransportError, OVERLOADED};
@@ -83,6 +98,7 @@ impl ClientError {
 pub struct CallOptions {
     idempotent: Option<bool>,
     deadline: Option<Duration>,
+    unnumbered: bool,
 }
 
 impl CallOptions {
@@ -102,6 +118,15 @@ impl CallOptions {
     /// The longest the call may take, retries and waits for a failover included.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = Some(deadline);
+        self
+    }
+
+    /// Sends the message without its request id (`false`; default `true`): the shard keeps no
+    /// record of it, and an attempt whose outcome is unknown is sent again only if the message
+    /// is idempotent, else the call fails with [`Error::OutcomeUnknown`]. Saves the record's
+    /// write where every message is idempotent anyway.
+    pub fn numbered(mut self, numbered: bool) -> Self {
+        self.unnumbered = !numbered;
         self
     }
 }
@@ -152,6 +177,23 @@ struct Shared {
     /// When the map was last installed, in milliseconds since `created`.
     installed_ms: AtomicU64,
     created: Instant,
+    /// This client's session.
+    session: SessionId,
+    /// The number of the next request.
+    next_seq: AtomicU64,
+    /// The numbers of the requests not yet answered or dropped.
+    outstanding: std::sync::Mutex<BTreeSet<u64>>,
+}
+
+impl Shared {
+    /// The lowest request number this client still waits on.
+    fn low(&self) -> u64 {
+        let outstanding = self.outstanding.lock().unwrap_or_else(|p| p.into_inner());
+        match outstanding.first() {
+            Some(seq) => *seq,
+            None => self.next_seq.load(Ordering::Acquire),
+        }
+    }
 }
 
 /// A client of a clusterfunk cluster. Cheap to clone; clones share the map and the
@@ -243,6 +285,7 @@ impl Client {
             ));
         }
         let transport = Transport::new(config).map_err(ClientError::InvalidTransport)?;
+        let session = SessionId::random()?;
         Ok(Client {
             shared: Arc::new(Shared {
                 transport,
@@ -253,7 +296,70 @@ impl Client {
                 watching: AtomicBool::new(false),
                 installed_ms: AtomicU64::new(0),
                 created: Instant::now(),
+                session,
+                next_seq: AtomicU64::new(1),
+                outstanding: std::sync::Mutex::new(BTreeSet::new()),
             }),
+        })
+    }
+
+    /// This client's session: the ids of its requests are numbers in it.
+    pub fn session(&self) -> SessionId {
+        self.shared.session
+    }
+
+    /// Numbers `msg` to `key` as the next request of this client's session, to be sent (and
+    /// sent again, under the same id, until it is answered) with [`ClientRequest::send`]. The
+    /// client counts it as waited on until it is answered or dropped.
+    pub fn request<M: ShardMessage>(
+        &self,
+        key: impl Into<Key>,
+        msg: M,
+    ) -> Result<ClientRequest<M>, ClientError> {
+        self.numbered(None, key.into(), msg)
+    }
+
+    /// [`request`](Self::request) with the number `seq` chosen by the caller instead of the
+    /// session's next one: for a program that sends again a request it numbered before and no
+    /// longer holds (holding the [`ClientRequest`] is simpler). The number must be one this
+    /// client's session gave out; reusing it for another message is refused by the shard
+    /// ([`Error::RequestIdReused`]).
+    pub fn request_numbered<M: ShardMessage>(
+        &self,
+        seq: u64,
+        key: impl Into<Key>,
+        msg: M,
+    ) -> Result<ClientRequest<M>, ClientError> {
+        self.numbered(Some(seq), key.into(), msg)
+    }
+
+    fn numbered<M: ShardMessage>(
+        &self,
+        seq: Option<u64>,
+        key: Key,
+        msg: M,
+    ) -> Result<ClientRequest<M>, ClientError> {
+        let payload = codec::encode(&msg)?;
+        let seq = {
+            // Taken under the lock, so the low watermark never passes a number being taken.
+            let mut outstanding = self
+                .shared
+                .outstanding
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let seq = seq.unwrap_or_else(|| self.shared.next_seq.fetch_add(1, Ordering::AcqRel));
+            outstanding.insert(seq);
+            seq
+        };
+        Ok(ClientRequest {
+            client: self.clone(),
+            key,
+            payload,
+            seq,
+            created: Instant::now(),
+            maybe_applied: AtomicU32::new(0),
+            answered: AtomicBool::new(false),
+            message: PhantomData,
         })
     }
 
@@ -292,15 +398,126 @@ impl Client {
         msg: M,
         options: CallOptions,
     ) -> Result<M::Reply, ClientError> {
-        let key = key.into();
-        let message = codec::encode(&msg)?;
+        self.request(key, msg)?.send_with(options).await
+    }
+}
+
+/// A numbered request of a [`Client`]'s session ([`Client::request`]): send it, and send it
+/// again after an error whose outcome is unknown, as often as needed; a shard with durable
+/// state applies it at most once and answers every attempt with the same reply. Dropping it
+/// (or an answer) tells the shards, with the client's next requests, that its reply is no
+/// longer needed.
+pub struct ClientRequest<M: ShardMessage> {
+    client: Client,
+    key: Key,
+    payload: Vec<u8>,
+    seq: u64,
+    created: Instant,
+    /// Attempts that may have been applied so far (answered, or their outcome unknown): a
+    /// later attempt is a retry.
+    maybe_applied: AtomicU32,
+    answered: AtomicBool,
+    message: PhantomData<fn() -> M>,
+}
+
+impl<M: ShardMessage> std::fmt::Debug for ClientRequest<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientRequest")
+            .field("id", &self.id())
+            .field("tag", &M::TAG)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: ShardMessage> ClientRequest<M> {
+    /// The request's id.
+    pub fn id(&self) -> RequestId {
+        RequestId {
+            session: self.client.shared.session,
+            seq: self.seq,
+        }
+    }
+
+    /// Sends the request (again) with the default [`CallOptions`].
+    pub async fn send(&self) -> Result<M::Reply, ClientError> {
+        self.send_with(CallOptions::new()).await
+    }
+
+    /// Sends the request (again), as [`Client::send_with`] describes, under its id. After an
+    /// error whose outcome is unknown ([`ClientError::is_outcome_unknown`]) it may be sent
+    /// again: a durable shard answers from its record if an earlier attempt was applied.
+    /// Other errors are final for this id: [`Error::RequestIdReused`],
+    /// [`Error::RequestTooOld`] and [`Error::SessionExpired`] say the shard cannot tell.
+    pub async fn send_with(&self, options: CallOptions) -> Result<M::Reply, ClientError> {
         let idempotent = options.idempotent.unwrap_or(M::IDEMPOTENT);
-        let budget = options.deadline.unwrap_or(self.shared.timeout);
+        let budget = options.deadline.unwrap_or(self.client.shared.timeout);
         let reply = self
+            .client
             .shared
-            .call_shard(key.as_bytes(), M::TAG, message, idempotent, budget)
-            .await?;
-        Ok(codec::decode(&reply)?)
+            .call_shard(
+                self.key.as_bytes(),
+                M::TAG,
+                &self.payload,
+                idempotent,
+                budget,
+                (!options.unnumbered).then_some(self as &dyn Numbered),
+            )
+            .await;
+        let reply = reply?;
+        self.maybe_applied.fetch_add(1, Ordering::AcqRel);
+        let reply = codec::decode(&reply)?;
+        self.answered.store(true, Ordering::Release);
+        self.release();
+        Ok(reply)
+    }
+
+    /// What the next attempt carries.
+    fn once(&self, idempotent: bool) -> Once {
+        Once {
+            session: self.client.shared.session,
+            seq: self.seq,
+            low: self.client.shared.low(),
+            age_ms: self.created.elapsed().as_millis() as u64,
+            attempt: self.maybe_applied.load(Ordering::Acquire),
+            idempotent,
+        }
+    }
+
+    /// No longer waited on.
+    fn release(&self) {
+        let mut outstanding = self
+            .client
+            .shared
+            .outstanding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        outstanding.remove(&self.seq);
+    }
+}
+
+impl<M: ShardMessage> Drop for ClientRequest<M> {
+    fn drop(&mut self) {
+        if !self.answered.load(Ordering::Acquire) {
+            self.release();
+        }
+    }
+}
+
+/// What [`Shared::call_shard`] needs of the request it sends.
+trait Numbered {
+    /// The id and low watermark for the next attempt.
+    fn once(&self, idempotent: bool) -> Once;
+    /// Counts an attempt whose outcome is unknown.
+    fn unknown(&self);
+}
+
+impl<M: ShardMessage> Numbered for ClientRequest<M> {
+    fn once(&self, idempotent: bool) -> Once {
+        ClientRequest::once(self, idempotent)
+    }
+
+    fn unknown(&self) {
+        self.maybe_applied.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -467,9 +684,10 @@ impl Shared {
         self: &Arc<Self>,
         key: &[u8],
         tag: &str,
-        message: Vec<u8>,
+        message: &[u8],
         idempotent: bool,
         budget: Duration,
+        request: Option<&dyn Numbered>,
     ) -> Result<Vec<u8>, ClientError> {
         let started = Instant::now();
         let deadline = started + budget;
@@ -529,11 +747,22 @@ impl Shared {
                 continue;
             };
             // The map epoch goes along: a node with an older map catches up before routing.
-            let payload = codec::encode(&Request::ShardAt {
-                key: key.to_vec(),
-                tag: tag.to_owned(),
-                payload: message.clone(),
-                epoch: routing.as_ref().map_or(0, |r| r.epoch),
+            let (key_bytes, tag_name) = (key.to_vec(), tag.to_owned());
+            let epoch = routing.as_ref().map_or(0, |r| r.epoch);
+            let payload = codec::encode(&match request {
+                Some(request) => Request::ShardOnce {
+                    key: key_bytes,
+                    tag: tag_name,
+                    payload: message.to_vec(),
+                    epoch,
+                    once: request.once(idempotent),
+                },
+                None => Request::ShardAt {
+                    key: key_bytes,
+                    tag: tag_name,
+                    payload: message.to_vec(),
+                    epoch,
+                },
             })?;
             let limit = self.transport.config().payload_max();
             if payload.len() > limit {
@@ -596,14 +825,28 @@ impl Shared {
                     last = Some(error.into());
                 }
                 Attempt::Unknown(error) => {
-                    if !idempotent {
-                        return Err(match error {
-                            ClientError::Cluster(Error::Timeout { .. }) => timed_out(shard),
-                            other => other,
-                        });
+                    // Sent again under the same id: a shard that records its requests answers
+                    // from the record if this attempt was applied; one that does not refuses
+                    // the retry of a message that is not idempotent (NotRecorded).
+                    match request {
+                        Some(request) => {
+                            tracing::debug!(%target, %error, "outcome unknown; sending the request again under its id");
+                            request.unknown();
+                        }
+                        None if idempotent => {
+                            tracing::debug!(%target, %error, "outcome unknown; re-sending an idempotent message");
+                        }
+                        None => {
+                            return Err(match error {
+                                ClientError::Cluster(Error::Timeout { .. }) => timed_out(shard),
+                                other => other,
+                            })
+                        }
                     }
-                    tracing::debug!(%target, %error, "outcome unknown; re-sending an idempotent message");
-                    last = Some(error);
+                    last = Some(match error {
+                        ClientError::Cluster(Error::Timeout { .. }) => timed_out(shard),
+                        other => other,
+                    });
                 }
             }
         }
@@ -704,6 +947,11 @@ fn classify(
             Error::NotReady { .. } => Attempt::NotReady(error),
             // A forwarding node lost the owner after sending: as unknown as our own loss.
             Error::OutcomeUnknown { .. } | Error::Unreachable { .. } => unknown(shard),
+            // A retry reached a shard that keeps no record: the first attempt's fate stays
+            // unknown, and so does the call's.
+            Error::NotRecorded { shard } => {
+                Attempt::Fail(ClientError::Cluster(Error::OutcomeUnknown { shard }))
+            }
             Error::Timeout { .. } => Attempt::Unknown(error.into()),
             other => Attempt::Fail(other.into()),
         },

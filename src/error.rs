@@ -184,6 +184,50 @@ pub enum Error {
         /// The store's limit in bytes.
         limit: u64,
     },
+    /// The message's key starts with the prefix reserved for the framework's own records
+    /// ([`session::RESERVED_PREFIX`](crate::session::RESERVED_PREFIX)): nothing was sent.
+    #[error("the key starts with the prefix reserved for clusterfunk's own records (0xff 0xff \"clusterfunk:\"); the message was not sent: use another key")]
+    ReservedKey,
+    /// A retry carried the id of an applied request with another message, key or payload: a
+    /// request id is bound to what it asks, so it was refused and nothing was applied.
+    #[error("shard {shard}: request {seq} of this session was applied with another message, key or payload; the retry was refused (a client must not reuse a request id)")]
+    RequestIdReused {
+        /// The shard.
+        shard: ShardId,
+        /// The request's number in its session.
+        seq: u64,
+    },
+    /// The request's number is below its session's low watermark: the client said it waits on
+    /// nothing below `low`, so the shard dropped those replies and cannot tell whether this
+    /// request was applied. It was not applied now.
+    #[error("shard {shard}: request {seq} is below its session's low watermark {low} (its client acknowledged it earlier); it was not applied again, and whether its first attempt was is not recorded any more")]
+    RequestTooOld {
+        /// The shard.
+        shard: ShardId,
+        /// The request's number in its session.
+        seq: u64,
+        /// The session's low watermark in the shard.
+        low: u64,
+    },
+    /// A retry older than the session idle time found no record of its session: the record
+    /// may have expired, so whether the first attempt was applied is unknown. It was not
+    /// applied now; read the state to find out, and raise `session_idle` if retries take
+    /// this long.
+    #[error("shard {shard}: this retry is older than the session idle time ({idle_ms} ms) and its session has no record here (it may have expired); it was not applied again: read the state to learn whether the first attempt was")]
+    SessionExpired {
+        /// The shard.
+        shard: ShardId,
+        /// The node's session idle time, in milliseconds.
+        idle_ms: u64,
+    },
+    /// A retry of a message that is not idempotent reached a shard that keeps no session record
+    /// (its handler declares no durable state, or the node has no store): the first attempt's
+    /// outcome cannot be known, so the retry was not applied.
+    #[error("shard {shard} keeps no record of its requests (its handler has no durable state in a store), so a retry of a message that is not idempotent was not applied; its outcome is unknown")]
+    NotRecorded {
+        /// The shard.
+        shard: ShardId,
+    },
 }
 
 /// A configuration value out of range, found before the node starts.

@@ -112,6 +112,7 @@ pub mod plan;
 pub mod recover;
 mod router;
 mod service;
+pub mod session;
 pub mod shard;
 pub mod shard_map;
 pub mod storage;

@@ -31,6 +31,7 @@ use crate::error::{Error, NotReadyReason};
 use crate::ledger::{self, Intake, MoveStep, Place, Sent, ShardLedger, ShardView};
 use crate::metrics::{RequestMetrics, RouteLabel};
 use crate::persist::{Locality, ShardStore};
+use crate::session::{self, Stamp};
 use crate::shard::{
     Activate, ActorParts, ClusterHandle, Deactivate, Deliver, Dispatch, HandlerFactory, Handles,
     Origin, Passivate, RouteAny, ServeEvent, ServeEventKind, ServeObserver, ShardActor,
@@ -69,6 +70,8 @@ pub(crate) struct RouterLimits {
     pub(crate) passivate_after: Option<Duration>,
     /// Passivate the least recently used shards beyond this many active ones (`None`: no bound).
     pub(crate) active_shards_max: Option<usize>,
+    /// How long a client session's record in a shard outlives its last request (halved).
+    pub(crate) session_idle: Duration,
 }
 
 /// The node's lease, readable without a lock: the nanoseconds since `base` until which it is
@@ -552,12 +555,17 @@ impl<H: ShardHandler> Router<H> {
         M: ShardMessage,
         H: Handles<M>,
     {
+        if session::is_reserved(key.as_bytes()) {
+            return Err(Error::ReservedKey);
+        }
         let shard = key.shard(self.shard_count);
         let arrival = self.map_epoch();
+        // Set by the node's service (or a handler's send) around a request with an id.
+        let stamp = session::current_stamp();
         // The fast path: this node owns the shard. The shard actor checks the lease and any
         // pending move itself (and hands the message back when it may not serve it now).
         let msg = if self.owns_now(shard) {
-            match self.deliver(shard, key.clone(), msg).await {
+            match self.deliver(shard, key.clone(), msg, stamp).await {
                 Ok(reply) => return reply,
                 Err((msg, _)) => msg,
             }
@@ -566,8 +574,11 @@ impl<H: ShardHandler> Router<H> {
         };
         // Only the slow path (forwarding, waiting) gets a span: the fast path stays lean.
         let span = tracing::debug_span!("route", shard, origin = ?origin);
-        tracing::Instrument::instrument(self.send_slow(shard, key, msg, origin, arrival), span)
-            .await
+        tracing::Instrument::instrument(
+            self.send_slow(shard, key, msg, origin, arrival, stamp),
+            span,
+        )
+        .await
     }
 
     /// [`send`](Self::send), counted in the request metrics under `route`.
@@ -612,6 +623,7 @@ impl<H: ShardHandler> Router<H> {
         msg: M,
         origin: Origin,
         arrival: Epoch,
+        mut stamp: Option<Stamp>,
     ) -> Result<M::Reply, Error>
     where
         M: ShardMessage,
@@ -638,7 +650,7 @@ impl<H: ShardHandler> Router<H> {
                             detail: "message lost in routing".into(),
                         });
                     };
-                    match self.deliver(shard, key.clone(), m).await {
+                    match self.deliver(shard, key.clone(), m, stamp).await {
                         Ok(reply) => return reply,
                         Err((m, reason)) => {
                             msg = Some(m);
@@ -669,7 +681,7 @@ impl<H: ShardHandler> Router<H> {
                         }
                     };
                     let forwarded = self
-                        .forward(owner, addr, &key, M::TAG, payload, epoch, deadline)
+                        .forward(owner, addr, &key, M::TAG, payload, epoch, deadline, stamp)
                         .await;
                     match &forwarded {
                         Forwarded::NotSent(reason) => {
@@ -682,6 +694,9 @@ impl<H: ShardHandler> Router<H> {
                                 owner,
                                 "outcome unknown; re-sending an idempotent message"
                             );
+                            if let Some(stamp) = &mut stamp {
+                                stamp.once.attempt = stamp.once.attempt.saturating_add(1);
+                            }
                         }
                         _ => {}
                     }
@@ -741,15 +756,26 @@ impl<H: ShardHandler> Router<H> {
         payload: Vec<u8>,
         epoch: Epoch,
         deadline: Instant,
+        stamp: Option<Stamp>,
     ) -> Forwarded {
         let Some(transport) = &self.transport else {
             return Forwarded::NotSent("standalone node".into());
         };
-        let request = Request::Forward {
-            key: key.as_bytes().to_vec(),
-            tag: tag.to_string(),
-            payload,
-            epoch,
+        let (key_bytes, tag) = (key.as_bytes().to_vec(), tag.to_string());
+        let request = match stamp {
+            Some(stamp) => Request::ForwardOnce {
+                key: key_bytes,
+                tag,
+                payload,
+                epoch,
+                once: stamp.once,
+            },
+            None => Request::Forward {
+                key: key_bytes,
+                tag,
+                payload,
+                epoch,
+            },
         };
         let bytes = match codec::encode(&request) {
             Ok(bytes) => bytes,
@@ -867,13 +893,22 @@ impl<H: ShardHandler> Router<H> {
         shard: ShardId,
         key: Key,
         msg: M,
+        once: Option<Stamp>,
     ) -> Result<Result<M::Reply, Error>, (M, NotReadyReason)>
     where
         M: ShardMessage,
         H: Handles<M>,
     {
         let (reply, reply_rx) = oneshot::channel();
-        match self.enqueue(shard, Deliver { key, msg, reply }) {
+        match self.enqueue(
+            shard,
+            Deliver {
+                key,
+                msg,
+                once,
+                reply,
+            },
+        ) {
             Ok(()) => {}
             Err(Enqueue::Failed(error)) => return Ok(Err(error)),
             Err(Enqueue::Retired(msg)) => return Err((msg, NotReadyReason::LeaseExpired)),
@@ -993,6 +1028,7 @@ impl<H: ShardHandler> Router<H> {
             let router = self.self_ref.clone();
             let (factory, cluster) = (self.factory.clone(), self.handle(Some((shard, number))));
             let store = self.store.clone();
+            let session_idle = self.limits.session_idle;
             self.arbiter.spawn_fn(move || {
                 let context = Context::with_receiver(receiver);
                 let shard_actor = ShardActor::new(
@@ -1004,6 +1040,7 @@ impl<H: ShardHandler> Router<H> {
                         factory,
                         queued: actor_queued,
                         store,
+                        session_idle,
                     },
                     restore,
                 );
@@ -1703,6 +1740,7 @@ mod tests {
             waiting_max: 16,
             passivate_after: None,
             active_shards_max: None,
+            session_idle: Duration::from_secs(900),
         }
     }
 

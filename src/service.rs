@@ -16,6 +16,7 @@ use crate::consensus::{ClusterState, Command, Consensus};
 use crate::error::Error;
 use crate::metrics::RouteLabel;
 use crate::router::Router;
+use crate::session::{Stamp, STAMP};
 use crate::shard::Origin;
 use crate::shard::ShardHandler;
 use crate::shard_map::{Key, NodeId};
@@ -122,6 +123,45 @@ impl<H: ShardHandler> Service for NodeService<H> {
                 Box::pin(async move {
                     let started = Instant::now();
                     let result = route_wire(&router, key, &tag, &payload, Origin::Forwarded).await;
+                    router.record(RouteLabel::Forwarded, result.as_ref().err(), started);
+                    encode_shard(result, limit)
+                })
+            }
+            Request::ShardOnce {
+                key,
+                tag,
+                payload,
+                epoch,
+                once,
+            } => {
+                let router = self.router.clone();
+                Box::pin(async move {
+                    let started = Instant::now();
+                    let stamp = Stamp::new(once, &tag, &key, &payload);
+                    let result = match router.catch_up(epoch, router.shard_of_bytes(&key)).await {
+                        Ok(()) => {
+                            let routed = route_wire(&router, key, &tag, &payload, Origin::Client);
+                            STAMP.scope(stamp, routed).await
+                        }
+                        Err(error) => Err(error),
+                    };
+                    router.record(RouteLabel::Client, result.as_ref().err(), started);
+                    encode_shard(result, limit)
+                })
+            }
+            Request::ForwardOnce {
+                key,
+                tag,
+                payload,
+                once,
+                ..
+            } => {
+                let router = self.router.clone();
+                Box::pin(async move {
+                    let started = Instant::now();
+                    let stamp = Stamp::new(once, &tag, &key, &payload);
+                    let routed = route_wire(&router, key, &tag, &payload, Origin::Forwarded);
+                    let result = STAMP.scope(stamp, routed).await;
                     router.record(RouteLabel::Forwarded, result.as_ref().err(), started);
                     encode_shard(result, limit)
                 })
@@ -320,6 +360,7 @@ fn authorize(
         // What a client does: send to shards, read the map and status.
         Request::Shard { .. }
         | Request::ShardAt { .. }
+        | Request::ShardOnce { .. }
         | Request::Routing
         | Request::WatchRouting { .. }
         | Request::Admin {
@@ -342,8 +383,10 @@ fn authorize(
             "operator commands"
         }
         // A forwarded client message is worth no more than the client's own.
-        Request::Forward { .. } if matches!(role, Role::Node(_)) => return Ok(()),
-        Request::Forward { .. } => "forwarded messages",
+        Request::Forward { .. } | Request::ForwardOnce { .. } if matches!(role, Role::Node(_)) => {
+            return Ok(())
+        }
+        Request::Forward { .. } | Request::ForwardOnce { .. } => "forwarded messages",
         Request::Admin {
             forwarded: true, ..
         } => "admin commands forwarded between nodes",

@@ -17,6 +17,7 @@ use crate::codec::Handoff;
 use crate::consensus::{Command, CommandResponse, TypeConfig};
 use crate::error::Error;
 use crate::lease::{LeaseGrant, LeaseRefusal, RenewLease};
+use crate::session::Once;
 use crate::shard_map::{NodeId, ShardId};
 
 /// A request to a node.
@@ -116,6 +117,38 @@ pub enum Request {
         payload: Vec<u8>,
         /// The client's map epoch (0 when it has none).
         epoch: u64,
+    },
+    /// [`Request::ShardAt`] with a request id: a durable shard applies it at most once and
+    /// answers its retries from its session record ([`crate::session`]).
+    ShardOnce {
+        /// The routing key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        /// The message's wire tag.
+        tag: String,
+        /// The encoded message.
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+        /// The client's map epoch (0 when it has none).
+        epoch: u64,
+        /// The request's id, the client's low watermark and the attempt.
+        once: Once,
+    },
+    /// [`Request::Forward`] of a request with an id ([`Request::ShardOnce`], or a handler's
+    /// send while it handled one).
+    ForwardOnce {
+        /// The routing key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        /// The message's wire tag.
+        tag: String,
+        /// The encoded message.
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+        /// The sender's map epoch.
+        epoch: u64,
+        /// The request's id, its client's low watermark and the attempt.
+        once: Once,
     },
 }
 

@@ -235,6 +235,13 @@ impl<H> ClusterBuilder<H> {
         self
     }
 
+    /// Keeps a client session answerable for `idle` after its last request (see
+    /// [`NodeConfig::session_idle`](crate::NodeConfig::session_idle)).
+    pub fn session_idle(mut self, idle: Duration) -> Self {
+        self.config.session_idle = idle;
+        self
+    }
+
     /// Passivates a shard after `idle` without a message (see
     /// [`NodeConfig::passivate_after`](crate::NodeConfig::passivate_after)).
     pub fn passivate_after(mut self, idle: Duration) -> Self {

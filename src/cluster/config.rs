@@ -68,6 +68,12 @@ pub struct NodeConfig {
     /// passivate. Each shard start queues a check, so the count exceeds the bound at most by
     /// the starts that race a check (about one per concurrent sender). Default: no bound.
     pub active_shards_max: Option<usize>,
+    /// How long a client session stays answerable without a request: a durable shard keeps the
+    /// session's record of replies (for retries) at least this long after its last request,
+    /// and deletes it after twice as long; a retry older than this that finds no record is
+    /// refused with [`Error::SessionExpired`](crate::Error::SessionExpired). The nodes' clocks
+    /// must agree to within three quarters of it. Default: 15 minutes.
+    pub session_idle: Duration,
 }
 
 impl Default for NodeConfig {
@@ -90,6 +96,7 @@ impl Default for NodeConfig {
             connections_max: TransportConfig::default().connections_max,
             passivate_after: None,
             active_shards_max: None,
+            session_idle: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -152,6 +159,13 @@ impl NodeConfig {
                 "more than zero",
             ));
         }
+        if self.session_idle.is_zero() {
+            return Err(out_of_range(
+                "session_idle",
+                self.session_idle,
+                "more than zero",
+            ));
+        }
         if self.passivate_after.is_some_and(|idle| idle.is_zero()) {
             return Err(out_of_range(
                 "passivate_after",
@@ -201,6 +215,7 @@ impl NodeConfig {
             waiting_max: self.waiting_max,
             passivate_after: self.passivate_after,
             active_shards_max: self.active_shards_max,
+            session_idle: self.session_idle,
         }
     }
 }

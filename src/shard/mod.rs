@@ -22,6 +22,7 @@ use tokio::sync::oneshot;
 use crate::codec::Handoff;
 use crate::error::Error;
 use crate::persist::{Batch, DurableState, Locality, Origin as PersistOrigin, Scope, ShardStore};
+use crate::session::{Once, Sessions, Stamp, Verdict, STAMP};
 use crate::shard_map::{Epoch, Key, NodeId, ShardId};
 
 mod durable;
@@ -171,6 +172,8 @@ pub struct ClusterHandle {
     /// The shard (and its activation, the shard actor's number) whose handler holds this
     /// handle; `None` outside handlers.
     origin: Option<(ShardId, u64)>,
+    /// The request with an id whose handler holds this handle, if any.
+    parent: Option<Parent>,
 }
 
 impl std::fmt::Debug for ClusterHandle {
@@ -183,7 +186,11 @@ impl std::fmt::Debug for ClusterHandle {
 
 impl ClusterHandle {
     pub(crate) fn new(router: Weak<dyn RouteAny>, origin: Option<(ShardId, u64)>) -> Self {
-        ClusterHandle { router, origin }
+        ClusterHandle {
+            router,
+            origin,
+            parent: None,
+        }
     }
 
     /// Sends `msg` to the shard owning `key` and returns the reply. The returned future owns
@@ -196,6 +203,22 @@ impl ClusterHandle {
         let key = key.into();
         let router = self.router.upgrade();
         let origin = self.origin;
+        // The id of this send, derived from the request being handled and the send's place
+        // among its sends.
+        let stamp = self.parent.as_ref().map(|parent| {
+            let parent_once = parent.stamp.once;
+            let index = parent.sent.fetch_add(1, Ordering::Relaxed);
+            let once = Once {
+                session: parent_once.session.child(parent_once.seq),
+                seq: index + 1,
+                low: 0,
+                age_ms: parent_once.age_ms,
+                attempt: parent_once.attempt,
+                idempotent: M::IDEMPOTENT,
+            };
+            let payload = crate::codec::encode(&msg).unwrap_or_default();
+            Stamp::new(once, M::TAG, key.as_bytes(), &payload)
+        });
         async move {
             let router = router.ok_or(Error::ShuttingDown)?;
             if let Some((origin, actor)) = origin {
@@ -207,9 +230,11 @@ impl ClusterHandle {
                     return Err(Error::OriginNotServed { shard: origin });
                 }
             }
-            let reply = router
-                .send_any(key, M::TAG, Box::new(msg) as Box<dyn Any + Send>)
-                .await?;
+            let sent = router.send_any(key, M::TAG, Box::new(msg) as Box<dyn Any + Send>);
+            let reply = match stamp {
+                Some(stamp) => STAMP.scope(stamp, sent).await?,
+                None => sent.await?,
+            };
             reply
                 .downcast::<M::Reply>()
                 .map(|reply| *reply)
@@ -316,6 +341,16 @@ pub struct ShardContext {
     epoch: Epoch,
     key: Key,
     cluster: ClusterHandle,
+    /// The request being handled, when it carries an id, and how many messages the handler
+    /// sent while handling it: the ids of those sends derive from both.
+    parent: Option<Parent>,
+}
+
+/// The request a handler is handling, for the ids of the messages it sends meanwhile.
+#[derive(Clone, Debug)]
+struct Parent {
+    stamp: Stamp,
+    sent: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ShardContext {
@@ -331,7 +366,16 @@ impl ShardContext {
             epoch,
             key: Key::from(Vec::new()),
             cluster,
+            parent: None,
         }
+    }
+
+    /// Starts (with the request's stamp) or ends (`None`) the handling of one message.
+    pub(crate) fn begin(&mut self, once: Option<Stamp>) {
+        self.parent = once.map(|stamp| Parent {
+            stamp,
+            sent: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        });
     }
 
     /// The shard this handler serves.
@@ -361,8 +405,16 @@ impl ShardContext {
     /// A handle to send further messages to keys. Sending to a key of this same shard and
     /// awaiting the reply would wait for itself: the handle refuses that with
     /// [`Error::Reentrant`].
+    ///
+    /// While the handler handles a request that carries an id (from a
+    /// [`Client`](crate::Client)), each message sent through the handle gets an id derived
+    /// from it and from the order of the sends: a retried request sends its messages under
+    /// the same ids, so a durable shard that received them the first time answers from its
+    /// record instead of applying them again. Send in the same order on every attempt.
     pub fn cluster(&self) -> ClusterHandle {
-        self.cluster.clone()
+        let mut handle = self.cluster.clone();
+        handle.parent = self.parent.clone();
+        handle
     }
 }
 
@@ -408,6 +460,8 @@ pub(crate) enum Undelivered<M> {
 pub(crate) struct Deliver<M: ShardMessage> {
     pub(crate) key: Key,
     pub(crate) msg: M,
+    /// The request's id, when it carries one (exactly-once handling).
+    pub(crate) once: Option<Stamp>,
     pub(crate) reply: oneshot::Sender<Result<M::Reply, Undelivered<M>>>,
 }
 
@@ -453,6 +507,8 @@ pub(crate) struct ActorParts<H: ShardHandler> {
     pub(crate) queued: Arc<AtomicUsize>,
     /// Where the handler's declared durable state is kept, if anywhere.
     pub(crate) store: Option<Arc<dyn ShardStore>>,
+    /// How long a client session's record outlives its last request (see [`Sessions`]).
+    pub(crate) session_idle: std::time::Duration,
 }
 
 /// The durable side of a running activation: the epoch it fixed when it started (every write
@@ -460,6 +516,8 @@ pub(crate) struct ActorParts<H: ShardHandler> {
 struct DurableActivation {
     epoch: Epoch,
     commits: Commits,
+    /// The client sessions' records read or written by this activation.
+    sessions: Sessions,
 }
 
 /// What an activation built: the handler in its slot and, for a durable shard, its activation.
@@ -510,6 +568,7 @@ impl<H: ShardHandler> ShardActor<H> {
         let activation_epoch = router.activation_epoch(shard);
         let factory = self.parts.factory.clone();
         let store = self.parts.store.clone();
+        let session_idle = self.parts.session_idle;
         // A copy: if activation fails, the snapshot stays for the next try (and for a move
         // away) instead of the shard starting empty.
         let restore = self.restore.clone();
@@ -554,10 +613,15 @@ impl<H: ShardHandler> ShardActor<H> {
                                 .await
                                 .map_err(|e| e.to_string())?;
                         }
+                        // Session records are the framework's, never the handler's.
+                        loaded
+                            .records
+                            .retain(|key, _| !crate::session::is_reserved(key.as_bytes()));
                         state.load(&loaded).map_err(|e| e.to_string())?;
                         durable = Some(DurableActivation {
                             epoch,
                             commits: Commits::start(shard, store),
+                            sessions: Sessions::new(session_idle),
                         });
                     }
                     None => {
@@ -638,13 +702,21 @@ impl<H: ShardHandler> ShardActor<H> {
 
     /// Sends a handled message's reply: for a durable shard, once the message's changes (and
     /// every change before them) are committed.
-    fn finish<R: Send + 'static>(
+    fn finish<R: Serialize + Send + 'static>(
         &mut self,
         mut slot: Slot<H>,
         reply: oneshot::Sender<Result<R, Undelivered<impl Send + 'static>>>,
         value: Result<R, Error>,
+        once: Option<Stamp>,
     ) {
-        let Some(durable) = &self.durable else {
+        slot.context.begin(None);
+        let shard = self.parts.shard;
+        let limit = self
+            .parts
+            .store
+            .as_ref()
+            .and_then(|store| store.key_bytes_max());
+        let Some(durable) = &mut self.durable else {
             self.slot = Some(slot);
             let _ = reply.send(value.map_err(Undelivered::Failed));
             return;
@@ -656,11 +728,6 @@ impl<H: ShardHandler> ShardActor<H> {
             .map(|state| state.take_changes(&mut batch))
             .unwrap_or(Ok(()));
         let epoch = durable.epoch;
-        let limit = self
-            .parts
-            .store
-            .as_ref()
-            .and_then(|store| store.key_bytes_max());
         let too_long = limit.and_then(|limit| {
             batch
                 .records()
@@ -668,11 +735,36 @@ impl<H: ShardHandler> ShardActor<H> {
                 .find(|size| *size > limit)
                 .map(|size| (size, limit))
         });
+        let reserved = batch
+            .records()
+            .any(|(key, _)| crate::session::is_reserved(key.as_bytes()));
+        if reserved {
+            // A handler wrote a record under the framework's prefix: refused alone, like a key
+            // too long, and the shard reloads before its next message.
+            let _ = reply.send(Err(Undelivered::Failed(Error::ReservedKey)));
+            return;
+        }
+        if let (Some(stamp), Ok(value), Ok(())) = (&once, &value, &collected) {
+            // The reply is recorded in the same commit as the change it reports.
+            let recorded = crate::codec::encode(value).and_then(|bytes| {
+                durable
+                    .sessions
+                    .record(stamp, bytes, crate::session::wall_ms(), &mut batch)
+            });
+            if let Err(error) = recorded {
+                tracing::error!(shard, %error, "a reply could not be recorded in its session; the message's change is dropped and the shard reloads");
+                let _ = reply.send(Err(Undelivered::Failed(Error::ShardFailed {
+                    shard,
+                    reason: format!("the reply could not be recorded: {error}"),
+                })));
+                return;
+            }
+        }
         if let Some((size, limit)) = too_long {
             // Refused alone, before it joins a commit with other messages' changes; the handler
             // changed its memory, so the shard reloads before its next message.
             let _ = reply.send(Err(Undelivered::Failed(Error::KeyTooLong {
-                shard: self.shard(),
+                shard,
                 size: size as u64,
                 limit: limit as u64,
             })));
@@ -693,11 +785,109 @@ impl<H: ShardHandler> ShardActor<H> {
             Err(error) => {
                 // The change cannot be written: the message's effect is dropped with the
                 // handler, which reloads from the store before the next message.
-                tracing::error!(shard = self.shard(), %error, "a shard's durable changes could not be collected; reloading it");
+                tracing::error!(shard, %error, "a shard's durable changes could not be collected; reloading it");
                 let _ = reply.send(Err(Undelivered::Failed(Error::ShardFailed {
-                    shard: self.shard(),
+                    shard,
                     reason: error.to_string(),
                 })));
+            }
+        }
+    }
+
+    /// Judges a request with an id by its session's record (read from the store first when
+    /// this activation has not seen it): handled, answered from the record, or refused (see
+    /// [`crate::session`]). A request without an id is handled.
+    fn serve_once<M>(&mut self, deliver: Deliver<M>, epoch: Epoch, ctx: &mut Context<Self>)
+    where
+        H: Handles<M>,
+        M: ShardMessage,
+    {
+        let Some(stamp) = deliver.once else {
+            return self.serve_read(deliver, epoch, ctx);
+        };
+        let shard = self.shard();
+        let (Some(durable), Some(store)) = (&self.durable, &self.parts.store) else {
+            // No record: a first attempt is handled; a retry only if handling twice is fine.
+            if stamp.once.attempt > 0 && !stamp.once.idempotent {
+                let _ = deliver
+                    .reply
+                    .send(Err(Undelivered::Failed(Error::NotRecorded { shard })));
+                return;
+            }
+            return self.serve_read(deliver, epoch, ctx);
+        };
+        let session = stamp.once.session;
+        let missing = durable.sessions.missing(&session);
+        if !missing.is_empty() {
+            let reads = missing
+                .into_iter()
+                .map(|key| {
+                    let read = store.read(shard, durable.epoch, key.clone());
+                    async move { (key, read.await) }
+                })
+                .collect::<Vec<_>>();
+            let read = futures_util::future::join_all(reads);
+            ctx.wait(read.into_actor(self).map(move |reads, actor, ctx| {
+                let mut failure = None;
+                if let Some(durable) = &mut actor.durable {
+                    for (key, read) in reads {
+                        let taken = read.map_err(|e| e.to_string()).and_then(|bytes| {
+                            durable
+                                .sessions
+                                .insert_read(&session, &key, bytes.as_deref())
+                                .map_err(|e| e.to_string())
+                        });
+                        if let Err(reason) = taken {
+                            failure = Some(reason);
+                        }
+                    }
+                }
+                match failure {
+                    None if actor.durable.is_some() => actor.serve_once(deliver, epoch, ctx),
+                    None => {
+                        let _ = deliver
+                            .reply
+                            .send(Err(Undelivered::NotServing(deliver.msg)));
+                    }
+                    Some(reason) => {
+                        tracing::error!(shard, %reason, "reading a client session's record failed");
+                        let _ = deliver
+                            .reply
+                            .send(Err(Undelivered::Failed(Error::ShardFailed {
+                                shard,
+                                reason: format!(
+                                    "the client session's record could not be read: {reason}"
+                                ),
+                            })));
+                    }
+                }
+            }));
+            return;
+        }
+        match durable.sessions.judge(shard, &stamp) {
+            Verdict::Apply => self.serve_read(deliver, epoch, ctx),
+            Verdict::Refuse(error) => {
+                let _ = deliver.reply.send(Err(Undelivered::Failed(error)));
+            }
+            Verdict::Answer(bytes) => {
+                let reply = deliver.reply;
+                match crate::codec::decode::<M::Reply>(&bytes) {
+                    // Sent once the commit that recorded it (maybe still in flight) returned.
+                    Ok(value) => durable.commits.hold(
+                        durable.epoch,
+                        Batch::new(),
+                        Box::new(move |committed: Result<(), Error>| {
+                            let _ =
+                                reply.send(committed.map(|()| value).map_err(Undelivered::Failed));
+                        }),
+                    ),
+                    Err(error) => {
+                        let _ = reply.send(Err(Undelivered::Failed(Error::ShardFailed {
+                            shard,
+                            reason: format!("a recorded reply could not be decoded: {error}"),
+                        })));
+                    }
+                }
             }
         }
     }
@@ -750,7 +940,12 @@ impl<H: ShardHandler> ShardActor<H> {
         H: Handles<M>,
         M: ShardMessage,
     {
-        let Deliver { key, msg, reply } = deliver;
+        let Deliver {
+            key,
+            msg,
+            once,
+            reply,
+        } = deliver;
         let Some(mut slot) = self.slot.take() else {
             let _ = reply.send(Err(Undelivered::Failed(Error::ShardFailed {
                 shard: self.shard(),
@@ -760,11 +955,12 @@ impl<H: ShardHandler> ShardActor<H> {
         };
         slot.context.epoch = epoch;
         slot.context.key = key.clone();
+        slot.context.begin(once);
         self.observe(ServeEventKind::Delivered, epoch);
         match std::panic::catch_unwind(AssertUnwindSafe(move || H::handle(slot, key, msg))) {
             Ok(Handled::Ready(slot, value)) => {
                 self.observe(ServeEventKind::Completed, epoch);
-                self.finish(slot, reply, Ok(value));
+                self.finish(slot, reply, Ok(value), once);
             }
             Ok(Handled::Pending(future)) => {
                 // `wait` holds the mailbox until the future completes: one message at a time.
@@ -784,7 +980,7 @@ impl<H: ShardHandler> ShardActor<H> {
                                         shard: actor.shard(),
                                     })
                                 };
-                                actor.finish(slot, reply, value);
+                                actor.finish(slot, reply, value, once);
                             }
                             Err(panic) => {
                                 let _ = reply.send(Err(Undelivered::Failed(
@@ -850,7 +1046,7 @@ where
             self.slot = None;
         }
         if self.slot.is_some() {
-            return self.serve_read(deliver, epoch, ctx);
+            return self.serve_once(deliver, epoch, ctx);
         }
         let Some(activation) = self.activation() else {
             let _ = deliver
@@ -861,7 +1057,7 @@ where
         // The mailbox waits for the activation; the message is served right after it.
         ctx.wait(activation.into_actor(self).map(move |outcome, actor, ctx| {
             match actor.activated(outcome) {
-                Ok(()) => actor.serve_read(deliver, epoch, ctx),
+                Ok(()) => actor.serve_once(deliver, epoch, ctx),
                 Err(reason) => {
                     let _ = deliver
                         .reply
