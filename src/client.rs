@@ -504,7 +504,7 @@ impl<M: ShardMessage> Drop for ClientRequest<M> {
 }
 
 /// What [`Shared::call_shard`] needs of the request it sends.
-trait Numbered {
+trait Numbered: Sync {
     /// The id and low watermark for the next attempt.
     fn once(&self, idempotent: bool) -> Once;
     /// Counts an attempt whose outcome is unknown.
