@@ -701,16 +701,22 @@ impl<H: ShardHandler> ShardActor<H> {
     }
 
     /// Sends a handled message's reply: for a durable shard, once the message's changes (and
-    /// every change before them) are committed.
+    /// every change before them) are committed. A `withhold`n reply (the activation no longer
+    /// serves the shard) is sent as [`Error::OutcomeUnknown`] instead.
     fn finish<R: Serialize + Send + 'static>(
         &mut self,
         mut slot: Slot<H>,
         reply: oneshot::Sender<Result<R, Undelivered<impl Send + 'static>>>,
         value: Result<R, Error>,
         once: Option<Stamp>,
+        withhold: bool,
     ) {
         slot.context.begin(None);
         let shard = self.parts.shard;
+        let outcome = move |value: Result<R, Error>| match withhold {
+            true => Err(Error::OutcomeUnknown { shard }),
+            false => value,
+        };
         let limit = self
             .parts
             .store
@@ -718,7 +724,7 @@ impl<H: ShardHandler> ShardActor<H> {
             .and_then(|store| store.key_bytes_max());
         let Some(durable) = &mut self.durable else {
             self.slot = Some(slot);
-            let _ = reply.send(value.map_err(Undelivered::Failed));
+            let _ = reply.send(outcome(value).map_err(Undelivered::Failed));
             return;
         };
         let mut batch = Batch::new();
@@ -744,6 +750,16 @@ impl<H: ShardHandler> ShardActor<H> {
             let _ = reply.send(Err(Undelivered::Failed(Error::ReservedKey)));
             return;
         }
+        if let Some((size, limit)) = too_long {
+            // Refused alone, before it joins a commit with other messages' changes; the handler
+            // changed its memory, so the shard reloads before its next message.
+            let _ = reply.send(Err(Undelivered::Failed(Error::KeyTooLong {
+                shard,
+                size: size as u64,
+                limit: limit as u64,
+            })));
+            return;
+        }
         if let (Some(stamp), Ok(value), Ok(())) = (&once, &value, &collected) {
             // The reply is recorded in the same commit as the change it reports.
             let recorded = crate::codec::encode(value).and_then(|bytes| {
@@ -760,24 +776,14 @@ impl<H: ShardHandler> ShardActor<H> {
                 return;
             }
         }
-        if let Some((size, limit)) = too_long {
-            // Refused alone, before it joins a commit with other messages' changes; the handler
-            // changed its memory, so the shard reloads before its next message.
-            let _ = reply.send(Err(Undelivered::Failed(Error::KeyTooLong {
-                shard,
-                size: size as u64,
-                limit: limit as u64,
-            })));
-            return;
-        }
         match collected {
             Ok(()) => {
                 durable.commits.hold(
                     epoch,
                     batch,
                     Box::new(move |committed: Result<(), Error>| {
-                        let outcome = committed.and(value).map_err(Undelivered::Failed);
-                        let _ = reply.send(outcome);
+                        let sent = outcome(committed.and(value)).map_err(Undelivered::Failed);
+                        let _ = reply.send(sent);
                     }),
                 );
                 self.slot = Some(slot);
@@ -960,7 +966,7 @@ impl<H: ShardHandler> ShardActor<H> {
         match std::panic::catch_unwind(AssertUnwindSafe(move || H::handle(slot, key, msg))) {
             Ok(Handled::Ready(slot, value)) => {
                 self.observe(ServeEventKind::Completed, epoch);
-                self.finish(slot, reply, Ok(value), once);
+                self.finish(slot, reply, Ok(value), once, false);
             }
             Ok(Handled::Pending(future)) => {
                 // `wait` holds the mailbox until the future completes: one message at a time.
@@ -972,15 +978,13 @@ impl<H: ShardHandler> ShardActor<H> {
                             Ok((slot, value)) => {
                                 // The reply stands only if this activation still serves the
                                 // shard: another node may own it now.
-                                let value = if actor.still_serves() {
+                                // (Its change is still committed, with its record: a retry of
+                                // it is then answered from the record.)
+                                let withhold = !actor.still_serves();
+                                if !withhold {
                                     actor.observe(ServeEventKind::Completed, epoch);
-                                    Ok(value)
-                                } else {
-                                    Err(Error::OutcomeUnknown {
-                                        shard: actor.shard(),
-                                    })
-                                };
-                                actor.finish(slot, reply, value, once);
+                                }
+                                actor.finish(slot, reply, Ok(value), once, withhold);
                             }
                             Err(panic) => {
                                 let _ = reply.send(Err(Undelivered::Failed(
