@@ -1,13 +1,13 @@
 //! Exactly-once effects: client sessions and the per-shard record of their replies.
 //!
-//! Every [`Client`](crate::Client) has a session ([`SessionId`], 128 random bits) and numbers
+//! Every [`Client`](crate::client::Client) has a session ([`SessionId`], 128 random bits) and numbers
 //! its requests; a request carries its id ([`Once`]) on the wire. A durable shard (its handler
 //! declares durable state and the node has a store) keeps, per session, the replies of the
 //! requests it applied that the client may still ask again for, and writes that record **in
 //! the same commit** as the state change: the record and the state cannot disagree. A retry
 //! of an applied request is answered from the record; it is never applied twice.
 //!
-//! The rules ([`judge`]):
+//! The rules:
 //!
 //! - **Answered from the record**: the request's reply is recorded and its digest (tag, key and
 //!   payload) matches.
@@ -75,6 +75,12 @@ impl SessionId {
             detail: format!("no random source for a session id: {e}"),
         })?;
         Ok(SessionId(bytes))
+    }
+
+    /// The session with these bytes (one a program kept from an earlier
+    /// [`Client::session`](crate::client::Client::session)).
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        SessionId(bytes)
     }
 
     /// The id's bytes.

@@ -173,7 +173,7 @@ pub struct ClusterHandle {
     /// handle; `None` outside handlers.
     origin: Option<(ShardId, u64)>,
     /// The request with an id whose handler holds this handle, if any.
-    parent: Option<Parent>,
+    parent: Option<Arc<Parent>>,
 }
 
 impl std::fmt::Debug for ClusterHandle {
@@ -343,14 +343,14 @@ pub struct ShardContext {
     cluster: ClusterHandle,
     /// The request being handled, when it carries an id, and how many messages the handler
     /// sent while handling it: the ids of those sends derive from both.
-    parent: Option<Parent>,
+    parent: Option<Arc<Parent>>,
 }
 
 /// The request a handler is handling, for the ids of the messages it sends meanwhile.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Parent {
     stamp: Stamp,
-    sent: Arc<std::sync::atomic::AtomicU64>,
+    sent: std::sync::atomic::AtomicU64,
 }
 
 impl ShardContext {
@@ -372,9 +372,11 @@ impl ShardContext {
 
     /// Starts (with the request's stamp) or ends (`None`) the handling of one message.
     pub(crate) fn begin(&mut self, once: Option<Stamp>) {
-        self.parent = once.map(|stamp| Parent {
-            stamp,
-            sent: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        self.parent = once.map(|stamp| {
+            Arc::new(Parent {
+                stamp,
+                sent: std::sync::atomic::AtomicU64::new(0),
+            })
         });
     }
 
@@ -407,7 +409,7 @@ impl ShardContext {
     /// [`Error::Reentrant`].
     ///
     /// While the handler handles a request that carries an id (from a
-    /// [`Client`](crate::Client)), each message sent through the handle gets an id derived
+    /// [`Client`](crate::client::Client)), each message sent through the handle gets an id derived
     /// from it and from the order of the sends: a retried request sends its messages under
     /// the same ids, so a durable shard that received them the first time answers from its
     /// record instead of applying them again. Send in the same order on every attempt.
