@@ -41,7 +41,7 @@
 //! [`ClientRequest::send`]. Every request also carries the lowest number the client still
 //! waits on, so shards drop the replies the client no longer needs.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -181,20 +181,55 @@ struct Shared {
     session: SessionId,
     /// The number of the next request.
     next_seq: AtomicU64,
-    /// The numbers of the requests not yet answered or dropped.
-    outstanding: std::sync::Mutex<BTreeSet<u64>>,
+    /// The numbers of the requests not yet answered or dropped, with the shard each was last
+    /// sent to (`None`: not sent yet).
+    outstanding: std::sync::Mutex<BTreeMap<u64, SentTo>>,
+}
+
+/// Where an outstanding request was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SentTo {
+    /// Nowhere yet.
+    Nowhere,
+    /// To this shard.
+    Shard(ShardId),
+    /// Somewhere, before the client knew the map: it counts for every shard.
+    Unknown,
 }
 
 impl Shared {
-    /// The lowest request number this client still waits on.
-    fn low(&self) -> u64 {
+    /// The lowest number of the requests this client sent to `shard` and still waits on
+    /// (`None`: to any shard): per shard, so that one request outstanding for long at one shard
+    /// does not keep every other shard's record of replies growing. Requests not sent yet do
+    /// not count: no shard can have applied them.
+    fn low(&self, shard: Option<ShardId>) -> u64 {
         let outstanding = self.outstanding.lock().unwrap_or_else(|p| p.into_inner());
-        match outstanding.first() {
-            Some(seq) => *seq,
-            None => self.next_seq.load(Ordering::Acquire),
+        outstanding
+            .iter()
+            .find(|(_, sent_to)| match (**sent_to, shard) {
+                (SentTo::Nowhere, _) => false,
+                (SentTo::Shard(to), Some(shard)) => to == shard,
+                _ => true,
+            })
+            .map_or_else(|| self.next_seq.load(Ordering::Acquire), |(seq, _)| *seq)
+    }
+
+    /// Records that request `seq` is sent to `shard`.
+    fn sending(&self, seq: u64, shard: Option<ShardId>) {
+        let mut outstanding = self.outstanding.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(sent_to) = outstanding.get_mut(&seq) {
+            *sent_to = match (*sent_to, shard) {
+                (_, Some(shard)) => SentTo::Shard(shard),
+                (SentTo::Shard(to), None) => SentTo::Shard(to),
+                (_, None) => SentTo::Unknown,
+            };
         }
     }
 }
+
+/// The highest number a caller may give [`Client::request_numbered`]: the ids of a handler's
+/// sends multiply it by [`CHILDREN_MAX`](crate::session::CHILDREN_MAX) + 1.
+pub const REQUEST_NUMBER_MAX: u64 = 1 << 52;
 
 /// A client of a clusterfunk cluster. Cheap to clone; clones share the map and the
 /// connections.
@@ -298,7 +333,7 @@ impl Client {
                 created: Instant::now(),
                 session,
                 next_seq: AtomicU64::new(1),
-                outstanding: std::sync::Mutex::new(BTreeSet::new()),
+                outstanding: std::sync::Mutex::new(BTreeMap::new()),
             }),
         })
     }
@@ -321,8 +356,10 @@ impl Client {
 
     /// [`request`](Self::request) with the number `seq` chosen by the caller instead of the
     /// session's next one: for a program that sends again a request it numbered before and no
-    /// longer holds (holding the [`ClientRequest`] is simpler). The session's later requests
-    /// are numbered above `seq`. Reusing a number for another message is refused by the shard
+    /// longer holds (holding the [`ClientRequest`] is simpler). Its first send counts as a
+    /// retry (an earlier request under this number may have been applied). The session's later
+    /// requests are numbered above `seq`, which must be at most [`REQUEST_NUMBER_MAX`].
+    /// Reusing a number for another message is refused by the shard
     /// ([`Error::RequestIdReused`]).
     pub fn request_numbered<M: ShardMessage>(
         &self,
@@ -339,6 +376,12 @@ impl Client {
         key: Key,
         msg: M,
     ) -> Result<ClientRequest<M>, ClientError> {
+        if seq.is_some_and(|seq| seq == 0 || seq > REQUEST_NUMBER_MAX) {
+            return Err(ClientError::Invalid(format!(
+                "a request number must be between 1 and {REQUEST_NUMBER_MAX}"
+            )));
+        }
+        let resent = seq.is_some();
         let payload = codec::encode(&msg)?;
         let seq = {
             // Taken under the lock, so the low watermark never passes a number being taken.
@@ -358,7 +401,7 @@ impl Client {
                 }
                 None => self.shared.next_seq.fetch_add(1, Ordering::AcqRel),
             };
-            outstanding.insert(seq);
+            outstanding.insert(seq, SentTo::Nowhere);
             seq
         };
         Ok(ClientRequest {
@@ -367,7 +410,7 @@ impl Client {
             payload,
             seq,
             created: Instant::now(),
-            maybe_applied: AtomicU32::new(0),
+            maybe_applied: AtomicU32::new(u32::from(resent)),
             answered: AtomicBool::new(false),
             message: PhantomData,
         })
@@ -474,19 +517,19 @@ impl<M: ShardMessage> ClientRequest<M> {
             )
             .await;
         let reply = reply?;
-        self.maybe_applied.fetch_add(1, Ordering::AcqRel);
         let reply = codec::decode(&reply)?;
         self.answered.store(true, Ordering::Release);
         self.release();
         Ok(reply)
     }
 
-    /// What the next attempt carries.
-    fn once(&self, idempotent: bool) -> Once {
+    /// What the next attempt, to `shard`, carries.
+    fn once(&self, idempotent: bool, shard: Option<ShardId>) -> Once {
+        self.client.shared.sending(self.seq, shard);
         Once {
             session: self.client.shared.session,
             seq: self.seq,
-            low: self.client.shared.low(),
+            low: self.client.shared.low(shard).min(self.seq),
             age_ms: self.created.elapsed().as_millis() as u64,
             attempt: self.maybe_applied.load(Ordering::Acquire),
             idempotent,
@@ -515,19 +558,26 @@ impl<M: ShardMessage> Drop for ClientRequest<M> {
 
 /// What [`Shared::call_shard`] needs of the request it sends.
 trait Numbered: Sync {
-    /// The id and low watermark for the next attempt.
-    fn once(&self, idempotent: bool) -> Once;
-    /// Counts an attempt whose outcome is unknown.
-    fn unknown(&self);
+    /// The id and low watermark for the next attempt, to `shard`.
+    fn once(&self, idempotent: bool, shard: Option<ShardId>) -> Once;
+    /// Counts an attempt as possibly applied, before it is sent: an attempt whose future is
+    /// dropped (a caller's own timeout) stays counted, so the next one is a retry.
+    fn sent(&self);
+    /// Takes back [`sent`](Self::sent) for an attempt that was refused before it started.
+    fn unsent(&self);
 }
 
 impl<M: ShardMessage> Numbered for ClientRequest<M> {
-    fn once(&self, idempotent: bool) -> Once {
-        ClientRequest::once(self, idempotent)
+    fn once(&self, idempotent: bool, shard: Option<ShardId>) -> Once {
+        ClientRequest::once(self, idempotent, shard)
     }
 
-    fn unknown(&self) {
+    fn sent(&self) {
         self.maybe_applied.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn unsent(&self) {
+        self.maybe_applied.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -699,6 +749,45 @@ impl Shared {
         budget: Duration,
         request: Option<&dyn Numbered>,
     ) -> Result<Vec<u8>, ClientError> {
+        let mut maybe_applied = false;
+        let result = self
+            .call_shard_attempts(
+                key,
+                tag,
+                message,
+                idempotent,
+                budget,
+                request,
+                &mut maybe_applied,
+            )
+            .await;
+        match result {
+            // A later attempt's refusal says nothing of an earlier attempt whose outcome was
+            // unknown: the call's outcome stays unknown.
+            Err(error) if maybe_applied && refused_unstarted(&error) => {
+                let shard = self
+                    .current()
+                    .and_then(|r| r.owner(key))
+                    .map_or(0, |(shard, _, _)| shard);
+                Err(ClientError::Cluster(Error::OutcomeUnknown { shard }))
+            }
+            other => other,
+        }
+    }
+
+    /// [`call_shard`](Self::call_shard)'s attempts; sets `maybe_applied` when an attempt's
+    /// outcome was unknown.
+    #[allow(clippy::too_many_arguments)]
+    async fn call_shard_attempts(
+        self: &Arc<Self>,
+        key: &[u8],
+        tag: &str,
+        message: &[u8],
+        idempotent: bool,
+        budget: Duration,
+        request: Option<&dyn Numbered>,
+        maybe_applied: &mut bool,
+    ) -> Result<Vec<u8>, ClientError> {
         let started = Instant::now();
         let deadline = started + budget;
         self.watch();
@@ -765,7 +854,7 @@ impl Shared {
                     tag: tag_name,
                     payload: message.to_vec(),
                     epoch,
-                    once: request.once(idempotent),
+                    once: request.once(idempotent, owner.map(|(shard, _, _)| shard)),
                 },
                 None => Request::ShardAt {
                     key: key_bytes,
@@ -784,6 +873,9 @@ impl Shared {
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             let sent_to_owner = owner.filter(|(_, _, addr)| *addr == Some(target));
+            if let Some(request) = request {
+                request.sent();
+            }
             let attempt = tokio::select! {
                 answer = self.transport.request_to(target, sent_to_owner.map(|(_, node, _)| node), payload, remaining) => {
                     classify(shard, target, answer)
@@ -792,6 +884,14 @@ impl Shared {
                     Attempt::Unknown(ClientError::Cluster(Error::OutcomeUnknown { shard }))
                 }
             };
+            let unstarted = match &attempt {
+                Attempt::Avoid(_) | Attempt::Retry(_) | Attempt::NotReady(_) => true,
+                Attempt::Fail(error) => refused_unstarted(error),
+                Attempt::Reply(_) | Attempt::Unknown(_) => false,
+            };
+            if let (Some(request), true) = (request, unstarted) {
+                request.unsent();
+            }
             match attempt {
                 Attempt::Reply(reply) => return Ok(reply),
                 Attempt::Fail(error) => return Err(error),
@@ -839,9 +939,9 @@ impl Shared {
                     // from the record if this attempt was applied; one that does not refuses
                     // the retry of a message that is not idempotent (NotRecorded).
                     match request {
-                        Some(request) => {
+                        Some(_) => {
                             tracing::debug!(%target, %error, "outcome unknown; sending the request again under its id");
-                            request.unknown();
+                            *maybe_applied = true;
                         }
                         None if idempotent => {
                             tracing::debug!(%target, %error, "outcome unknown; re-sending an idempotent message");
@@ -912,6 +1012,21 @@ impl Shared {
             }
         };
         let _ = tokio::time::timeout_at(until, wait).await;
+    }
+}
+
+/// Whether `error` refuses an attempt that never started (nothing was applied by it).
+fn refused_unstarted(error: &ClientError) -> bool {
+    match error {
+        ClientError::Unreachable(_) | ClientError::NotAuthorized(_) => true,
+        ClientError::Cluster(error) => matches!(
+            error,
+            Error::NotReady { .. }
+                | Error::Overloaded { .. }
+                | Error::ShuttingDown
+                | Error::WrongOwner { .. }
+        ),
+        _ => false,
     }
 }
 

@@ -920,6 +920,7 @@ fn wire_seeds() -> Vec<Vec<u8>> {
             payload: vec![1, 2],
             epoch: 5,
             once: sample_once(),
+            digest: [3; 16],
         },
     ];
     let responses = vec![

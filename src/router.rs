@@ -56,6 +56,10 @@ pub(crate) struct RoutingTable {
     pub(crate) leaderless_since: Option<Instant>,
 }
 
+/// How often a handler's send with an id whose outcome was unknown at a shard of this node is
+/// sent again there before its outcome is reported.
+const LOCAL_RESENDS_MAX: u32 = 3;
+
 /// Limits and timeouts of the router.
 #[derive(Debug, Clone)]
 pub(crate) struct RouterLimits {
@@ -564,7 +568,10 @@ impl<H: ShardHandler> Router<H> {
         let stamp = session::current_stamp();
         // The fast path: this node owns the shard. The shard actor checks the lease and any
         // pending move itself (and hands the message back when it may not serve it now).
-        let msg = if self.owns_now(shard) {
+        // (A handler's send with an id takes the slow path, which sends it again under its id
+        // when its outcome is unknown.)
+        let resends = stamp.is_some() && origin == Origin::Local;
+        let msg = if self.owns_now(shard) && !resends {
             match self.deliver(shard, key.clone(), msg, stamp).await {
                 Ok(reply) => return reply,
                 Err((msg, _)) => msg,
@@ -634,6 +641,11 @@ impl<H: ShardHandler> Router<H> {
         let mut msg = Some(msg);
         let mut encoded: Option<Vec<u8>> = None;
         let mut _waiting: Option<WaitPermit<'_>> = None;
+        // A message sent on this node whose outcome is unknown is sent again to the shard's
+        // next owner when handling it twice is harmless, or when it carries an id (a handler's
+        // send while it handles a request with one): the shard answers a retry from its record.
+        let resend_unknown = origin == Origin::Local && (M::IDEMPOTENT || stamp.is_some());
+        let mut local_resends = 0;
         loop {
             let mut changes = self.changes.subscribe();
             let route = self.route(shard);
@@ -650,7 +662,25 @@ impl<H: ShardHandler> Router<H> {
                             detail: "message lost in routing".into(),
                         });
                     };
+                    if resend_unknown && stamp.is_some() && encoded.is_none() {
+                        encoded = Some(codec::encode(&m)?);
+                    }
                     match self.deliver(shard, key.clone(), m, stamp).await {
+                        // Its commit failed or its activation lost the shard: sent again under
+                        // its id, the shard answers from its record if it was applied.
+                        Ok(Err(Error::OutcomeUnknown { .. }))
+                            if resend_unknown
+                                && local_resends < LOCAL_RESENDS_MAX
+                                && Instant::now() < deadline =>
+                        {
+                            let (Some(stamp), Some(bytes)) = (&mut stamp, &encoded) else {
+                                return Err(Error::OutcomeUnknown { shard });
+                            };
+                            local_resends += 1;
+                            stamp.once.attempt = stamp.once.attempt.saturating_add(1);
+                            msg = Some(codec::decode(bytes)?);
+                            continue;
+                        }
                         Ok(reply) => return reply,
                         Err((m, reason)) => {
                             msg = Some(m);
@@ -688,7 +718,7 @@ impl<H: ShardHandler> Router<H> {
                             tracing::debug!(owner, %reason, "owner unreachable; waiting for failover");
                         }
                         Forwarded::Unknown | Forwarded::Failed(Error::OutcomeUnknown { .. })
-                            if M::IDEMPOTENT && origin == Origin::Local =>
+                            if resend_unknown =>
                         {
                             tracing::debug!(
                                 owner,
@@ -700,7 +730,7 @@ impl<H: ShardHandler> Router<H> {
                         }
                         _ => {}
                     }
-                    match after_forward(forwarded, shard, epoch, M::IDEMPOTENT, origin) {
+                    match after_forward(forwarded, shard, epoch, resend_unknown, origin) {
                         AfterForward::Reply(bytes) => return codec::decode(&bytes),
                         AfterForward::Fail(error) => return Err(error),
                         AfterForward::CatchUp(theirs) => {
@@ -769,6 +799,7 @@ impl<H: ShardHandler> Router<H> {
                 payload,
                 epoch,
                 once: stamp.once,
+                digest: stamp.digest.to_le_bytes(),
             },
             None => Request::Forward {
                 key: key_bytes,

@@ -154,12 +154,14 @@ impl<H: ShardHandler> Service for NodeService<H> {
                 tag,
                 payload,
                 once,
+                digest,
                 ..
             } => {
                 let router = self.router.clone();
                 Box::pin(async move {
                     let started = Instant::now();
-                    let stamp = Stamp::new(once, &tag, &key, &payload);
+                    // Forwarded by a member node, which took it from the client's bytes.
+                    let stamp = Stamp::forwarded(once, digest);
                     let routed = route_wire(&router, key, &tag, &payload, Origin::Forwarded);
                     let result = STAMP.scope(stamp, routed).await;
                     router.record(RouteLabel::Forwarded, result.as_ref().err(), started);

@@ -14,8 +14,9 @@
 //! - **Id reused**: the reply is recorded under another digest: refused with
 //!   [`Error::RequestIdReused`].
 //! - **Below the low watermark**: every request carries the lowest sequence number its client
-//!   still waits on; the record drops the replies below it, so a request under it is refused
-//!   with [`Error::RequestTooOld`].
+//!   still waits on from the shard; the record drops the replies below it, so a retry under it
+//!   whose reply is gone is refused with [`Error::RequestTooOld`] (a first attempt under it
+//!   was never sent before, and is handled).
 //! - **Expired session**: a session's record is deleted once it has been idle for twice the
 //!   session idle time ([`NodeConfig::session_idle`](crate::NodeConfig::session_idle)); a
 //!   retry (not a first attempt) older than the idle time that finds no record is refused with
@@ -88,14 +89,14 @@ impl SessionId {
         &self.0
     }
 
-    /// The session of the messages a handler sends while it handles request `seq` of this
-    /// session: the same for every attempt of that request, so a retried parent sends its
-    /// children under the same ids.
-    pub(crate) fn child(&self, seq: u64) -> SessionId {
+    /// The session of the messages the handler of `shard` sends while it handles this
+    /// session's requests (one per session and shard, so a shard keeps one record for all of
+    /// them, whose replies are dropped as this session's low watermark for `shard` rises).
+    pub(crate) fn children(&self, shard: ShardId) -> SessionId {
         let mut input = Vec::with_capacity(32);
-        input.extend_from_slice(b"child\0");
+        input.extend_from_slice(b"children\0");
         input.extend_from_slice(&self.0);
-        input.extend_from_slice(&seq.to_le_bytes());
+        input.extend_from_slice(&shard.to_le_bytes());
         SessionId(xxhash_rust::xxh3::xxh3_128(&input).to_le_bytes())
     }
 }
@@ -113,6 +114,38 @@ impl std::fmt::Display for RequestId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.session, self.seq)
     }
+}
+
+/// The most messages a handler may send with derived ids while it handles one request; later
+/// sends of that run go out without an id (at least once).
+pub const CHILDREN_MAX: u64 = 1023;
+
+/// The id of the `index`th message (from 0) the handler of `shard` sends while it handles the
+/// request `parent`: in the parent session's [`children`](SessionId::children) session, numbered
+/// `parent.seq × (CHILDREN_MAX + 1) + index + 1`, with the parent's low watermark scaled the
+/// same way, its age and its attempt. The same for every attempt of the parent. `None` past
+/// [`CHILDREN_MAX`] sends or when the number would overflow.
+pub(crate) fn child_once(
+    parent: &Once,
+    shard: ShardId,
+    index: u64,
+    idempotent: bool,
+) -> Option<Once> {
+    if index >= CHILDREN_MAX {
+        return None;
+    }
+    let seq = parent
+        .seq
+        .checked_mul(CHILDREN_MAX + 1)?
+        .checked_add(index + 1)?;
+    Some(Once {
+        session: parent.session.children(shard),
+        seq,
+        low: parent.low.min(parent.seq).saturating_mul(CHILDREN_MAX + 1),
+        age_ms: parent.age_ms,
+        attempt: parent.attempt,
+        idempotent,
+    })
 }
 
 /// What a request carries for exactly-once handling (on the wire).
@@ -140,6 +173,14 @@ pub(crate) struct Stamp {
 }
 
 impl Stamp {
+    /// The stamp a node forwarded with the digest it computed.
+    pub(crate) fn forwarded(once: Once, digest: [u8; 16]) -> Self {
+        Stamp {
+            once,
+            digest: u128::from_le_bytes(digest),
+        }
+    }
+
     /// The stamp of `once` for the message of type `tag` with the encoded `payload` to `key`.
     pub(crate) fn new(once: Once, tag: &str, key: &[u8], payload: &[u8]) -> Self {
         Stamp {
@@ -215,23 +256,21 @@ pub(crate) fn judge(
     idle: Duration,
 ) -> Verdict {
     let once = &stamp.once;
-    let Some(record) = record else {
+    // A retry older than the idle time may have been applied under a record that expired
+    // since (and the session may have a new record by now): only its recorded reply answers it.
+    let expired = || {
         let old = u128::from(once.age_ms) >= idle.as_millis();
-        return match once.attempt > 0 && old {
+        match once.attempt > 0 && old {
             true => Verdict::Refuse(Error::SessionExpired {
                 shard,
                 idle_ms: idle.as_millis() as u64,
             }),
             false => Verdict::Apply,
-        };
+        }
     };
-    if once.seq < record.low {
-        return Verdict::Refuse(Error::RequestTooOld {
-            shard,
-            seq: once.seq,
-            low: record.low,
-        });
-    }
+    let Some(record) = record else {
+        return expired();
+    };
     match record.replies.get(&once.seq) {
         Some(recorded) if recorded.digest == stamp.digest => {
             Verdict::Answer(recorded.reply.clone())
@@ -240,7 +279,16 @@ pub(crate) fn judge(
             shard,
             seq: once.seq,
         }),
-        None => Verdict::Apply,
+        // A retry whose reply was dropped: whether it was applied is no longer known. (A
+        // first attempt below the watermark was never sent before: it is new.)
+        None if once.seq < record.low && once.attempt > 0 => {
+            Verdict::Refuse(Error::RequestTooOld {
+                shard,
+                seq: once.seq,
+                low: record.low,
+            })
+        }
+        None => expired(),
     }
 }
 
@@ -349,18 +397,19 @@ impl Sessions {
             .entry(once.session)
             .or_insert(None)
             .get_or_insert_with(SessionRecord::default);
-        record.low = record.low.max(once.low);
-        let low = record.low;
+        // A request is outstanding while it is sent: a low watermark above its own number is
+        // not its client's.
+        let low = once.low.min(once.seq);
+        record.low = record.low.max(low);
+        // The client waits on nothing of this shard below `low`.
         record.replies.retain(|seq, _| *seq >= low);
-        if once.seq >= low {
-            record.replies.insert(
-                once.seq,
-                Recorded {
-                    digest: stamp.digest,
-                    reply,
-                },
-            );
-        }
+        record.replies.insert(
+            once.seq,
+            Recorded {
+                digest: stamp.digest,
+                reply,
+            },
+        );
         while record.replies.len() > REPLIES_MAX {
             if let Some((dropped, _)) = record.replies.pop_first() {
                 record.low = record.low.max(dropped + 1);
@@ -564,11 +613,84 @@ mod tests {
     }
 
     #[test]
-    fn child_sessions_are_the_same_for_every_attempt_and_differ_by_parent() {
-        let parent = SessionId([1; 16]);
-        assert_eq!(parent.child(5), parent.child(5));
-        assert_ne!(parent.child(5), parent.child(6));
-        assert_ne!(parent.child(5), SessionId([2; 16]).child(5));
+    fn child_ids_are_the_same_for_every_attempt_and_distinct_between_parents() {
+        let parent = stamp(5, 3, b"p", 0, 0).once;
+        let retried = Once {
+            attempt: 2,
+            age_ms: 900,
+            ..parent
+        };
+        let first = child_once(&parent, 3, 0, false).expect("an id");
+        assert_eq!(
+            (first.session, first.seq),
+            child_once(&retried, 3, 0, false)
+                .map(|c| (c.session, c.seq))
+                .expect("an id")
+        );
+        assert_eq!(first.attempt, 0);
+        assert_eq!(
+            child_once(&retried, 3, 0, false).map(|c| c.attempt),
+            Some(2)
+        );
+        let next_parent = Once { seq: 6, ..parent };
+        let seqs: Vec<u64> = [
+            child_once(&parent, 3, 0, false),
+            child_once(&parent, 3, 1, false),
+            child_once(&parent, 3, CHILDREN_MAX - 1, false),
+            child_once(&next_parent, 3, 0, false),
+        ]
+        .iter()
+        .map(|c| c.expect("an id").seq)
+        .collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+        // Children of acknowledged parents (below the low watermark) are below the children's.
+        assert!(
+            first.low <= first.seq
+                && child_once(&Once { seq: 2, ..parent }, 3, 0, false)
+                    .expect("an id")
+                    .seq
+                    < first.low
+        );
+        assert_eq!(child_once(&parent, 3, CHILDREN_MAX, false), None);
+        assert_eq!(
+            child_once(
+                &Once {
+                    seq: u64::MAX,
+                    ..parent
+                },
+                3,
+                0,
+                false
+            ),
+            None
+        );
+        assert_ne!(parent.session.children(3), SessionId([2; 16]).children(3));
+        assert_ne!(parent.session.children(3), parent.session.children(4));
+    }
+
+    #[test]
+    fn an_old_retry_not_in_a_new_record_is_refused_as_an_expired_session() {
+        let mut sessions = fresh();
+        let idle_ms = IDLE.as_millis() as u64;
+        // The session's record was re-created by request 9 after an older one expired.
+        recorded(&mut sessions, &stamp(9, 5, b"b", 0, 0), b"r9", 1_000);
+        assert_eq!(
+            sessions.judge(3, &stamp(5, 5, b"a", 1, idle_ms)),
+            Verdict::Refuse(Error::SessionExpired { shard: 3, idle_ms })
+        );
+        // Young retries and old first attempts are judged as before.
+        assert_eq!(sessions.judge(3, &stamp(5, 5, b"a", 1, 10)), Verdict::Apply);
+        assert_eq!(
+            sessions.judge(3, &stamp(5, 5, b"a", 0, idle_ms)),
+            Verdict::Apply
+        );
+    }
+
+    #[test]
+    fn a_low_watermark_above_the_requests_own_number_is_not_taken() {
+        let mut sessions = fresh();
+        recorded(&mut sessions, &stamp(4, u64::MAX, b"a", 0, 0), b"r", 1_000);
+        assert_eq!(sessions.judge(3, &stamp(5, 5, b"b", 0, 0)), Verdict::Apply);
     }
 
     #[test]

@@ -149,6 +149,9 @@ pub enum Request {
         epoch: u64,
         /// The request's id, its client's low watermark and the attempt.
         once: Once,
+        /// The digest the first node computed from the client's own bytes (this payload was
+        /// encoded again, and a map's entries may come out in another order).
+        digest: [u8; 16],
     },
 }
 

@@ -21,8 +21,10 @@ use tokio::sync::oneshot;
 
 use crate::codec::Handoff;
 use crate::error::Error;
-use crate::persist::{Batch, DurableState, Locality, Origin as PersistOrigin, Scope, ShardStore};
-use crate::session::{Once, Sessions, Stamp, Verdict, STAMP};
+use crate::persist::{
+    Batch, Change, DurableState, Locality, Origin as PersistOrigin, Scope, ShardStore,
+};
+use crate::session::{Sessions, Stamp, Verdict, STAMP};
 use crate::shard_map::{Epoch, Key, NodeId, ShardId};
 
 mod durable;
@@ -205,19 +207,15 @@ impl ClusterHandle {
         let origin = self.origin;
         // The id of this send, derived from the request being handled and the send's place
         // among its sends.
-        let stamp = self.parent.as_ref().map(|parent| {
-            let parent_once = parent.stamp.once;
+        let stamp = self.parent.as_ref().and_then(|parent| {
             let index = parent.sent.fetch_add(1, Ordering::Relaxed);
-            let once = Once {
-                session: parent_once.session.child(parent_once.seq),
-                seq: index + 1,
-                low: 0,
-                age_ms: parent_once.age_ms,
-                attempt: parent_once.attempt,
-                idempotent: M::IDEMPOTENT,
-            };
-            let payload = crate::codec::encode(&msg).unwrap_or_default();
-            Stamp::new(once, M::TAG, key.as_bytes(), &payload)
+            let (shard, _) = self.origin?;
+            let once = crate::session::child_once(&parent.stamp.once, shard, index, M::IDEMPOTENT);
+            if once.is_none() {
+                tracing::warn!(shard, index, "a handler sent more messages while handling one request than get derived ids; this one goes out without an id (at least once)");
+            }
+            let payload = crate::codec::encode(&msg).ok()?;
+            Some(Stamp::new(once?, M::TAG, key.as_bytes(), &payload))
         });
         async move {
             let router = router.ok_or(Error::ShuttingDown)?;
@@ -762,8 +760,11 @@ impl<H: ShardHandler> ShardActor<H> {
             })));
             return;
         }
-        if let (Some(stamp), Ok(value), Ok(())) = (&once, &value, &collected) {
-            // The reply is recorded in the same commit as the change it reports.
+        // The reply of a request that changed the state is recorded in the same commit as the
+        // change; one that changed nothing (a read) is not: handling it again changes nothing
+        // either, and it costs no commit.
+        let changed = !batch.is_empty();
+        if let (Some(stamp), Ok(value), Ok(()), true) = (&once, &value, &collected, changed) {
             let recorded = crate::codec::encode(value).and_then(|bytes| {
                 durable
                     .sessions
@@ -1246,7 +1247,11 @@ impl<H: ShardHandler> ShardActor<H> {
         if let (Some(durable), Some(state)) = (&self.durable, slot.handler.durable()) {
             let mut batch = Batch::new();
             match state.take_changes(&mut batch) {
-                Ok(()) => durable.commits.hold(durable.epoch, batch, Box::new(|_| ())),
+                Ok(()) => durable.commits.hold(
+                    durable.epoch,
+                    without_reserved(self.parts.shard, batch),
+                    Box::new(|_| ()),
+                ),
                 Err(error) => {
                     tracing::error!(shard = self.shard(), %error, "on_deactivate's durable changes could not be collected; they are dropped")
                 }
@@ -1317,6 +1322,40 @@ impl<H: ShardHandler> Handler<Passivate> for ShardActor<H> {
             }),
         );
     }
+}
+
+/// `batch` without the changes under the framework's reserved prefix (a handler's lifecycle
+/// hook wrote them; they are dropped with an error in the log, since no caller waits to be
+/// refused).
+fn without_reserved(shard: ShardId, batch: Batch) -> Batch {
+    if !batch
+        .records()
+        .any(|(key, _)| crate::session::is_reserved(key.as_bytes()))
+    {
+        return batch;
+    }
+    tracing::error!(shard, "on_deactivate wrote under the key prefix reserved for clusterfunk's records; those changes are dropped");
+    let (state, records) = batch.into_parts();
+    let mut clean = Batch::new();
+    match state {
+        Some(Change::Put(value)) => {
+            clean.put_state(value);
+        }
+        Some(Change::Delete) => {
+            clean.delete_state();
+        }
+        None => {}
+    }
+    for (key, change) in records {
+        if crate::session::is_reserved(key.as_bytes()) {
+            continue;
+        }
+        match change {
+            Change::Put(value) => clean.put(key, value),
+            Change::Delete => clean.delete(key),
+        };
+    }
+    clean
 }
 
 /// What a shard actor did, for tests that check the single-owner rule.
