@@ -5,8 +5,10 @@
 //! and checks it against real in-process clusters (see `inproc`), whose nodes keep durable
 //! state in one shared [`MemoryStore`] seen through a [`Spy`]: a store wrapper that records
 //! what the framework writes under its reserved keys (session records and the session index)
-//! and can hold or fail a commit. A failing test is a finding; its message says what was
-//! observed. `CLUSTERFUNK_TEST_LOG=<filter>` turns the nodes' logs on.
+//! and can hold or fail a commit. They were written by an attack review as failing tests, one
+//! per finding; each now pins the fixed behaviour (or, where the guide now states a limit, that
+//! limit), and its message says what was observed when it fails.
+//! `CLUSTERFUNK_TEST_LOG=<filter>` turns the nodes' logs on.
 //!
 //! Run one with `cargo test --test attack_once <name> -- --nocapture`.
 
@@ -619,18 +621,33 @@ where
 // 1. The expiry rule: a retry older than the idle time on an expired session
 // ---------------------------------------------------------------------------------------------
 
-/// Guide: "a retry older than `session_idle` that finds no record is refused with
+/// Guide: "a retry older than `session_idle` whose reply is not in the record is refused with
 /// `SessionExpired`" and "None of the refusals applies the request". Method: one node, idle
 /// time 300 ms. Request n increments `k`; its commit is applied but held until its call's
 /// deadline passes, so the client sees an unknown outcome (attempt counted) and keeps the
 /// request to retry it. After 3x the idle time another client's request sweeps the expired
-/// session. Before retrying n, the client sends another request to the same shard (normal:
+/// session. Before retrying n, the client sends another increment to the same shard (normal:
 /// a client has other work): that creates a *new* record for the session. The retry of n,
-/// older than the idle time, then finds a record without n and is applied a second time.
+/// older than the idle time, finds a record without n: it must be refused, not applied again
+/// (it was, before the fix).
 #[tokio::test]
-async fn an_expired_retry_is_applied_again_once_the_session_has_a_new_record() {
+async fn an_expired_retry_is_refused_also_once_the_session_has_a_new_record() {
+    expired_retry("attack-expired-recreated", true).await;
+}
+
+/// Control for the test above: the same steps without the client's other request to the
+/// shard before its retry. The session then has no record and the retry is refused with
+/// `SessionExpired`.
+#[tokio::test]
+async fn control_an_expired_retry_without_a_new_record_is_refused() {
+    expired_retry("attack-expired-control", false).await;
+}
+
+/// The steps of the two tests above; `new_record`: the client increments another key of the
+/// shard before its retry.
+async fn expired_retry(name: &str, new_record: bool) {
     let idle = Duration::from_millis(300);
-    let (cluster, spy) = start::<Tally>("attack-expired-recreated", 1, move |config| {
+    let (cluster, spy) = start::<Tally>(name, 1, move |config| {
         config.session_idle = idle;
     })
     .await;
@@ -660,6 +677,7 @@ async fn an_expired_retry_is_applied_again_once_the_session_has_a_new_record() {
         .await;
     spy.let_return();
 
+    // Time passing is the subject of the rule.
     tokio::time::sleep(idle * 3).await;
     // Another session's request sweeps the expired session away (as in durable.rs).
     let sweeper = client_of(&cluster, Duration::from_secs(20));
@@ -667,15 +685,17 @@ async fn an_expired_retry_is_applied_again_once_the_session_has_a_new_record() {
         .send(other_key.as_str(), Incr)
         .await
         .expect("the sweeper's increment");
-    // The client's own next request to the same shard (it still waits on n: low = n).
-    client
-        .send(other_key.as_str(), Get)
-        .await
-        .expect("the client's next request");
+    if new_record {
+        // The client's own next change to the same shard records a new session record.
+        client
+            .send(other_key.as_str(), Incr)
+            .await
+            .expect("the client's next request");
+    }
     // The retry of n, older than the idle time.
     let retry = request.send().await;
     let count = value_of::<Tally>(&client, &key).await;
-    println!("retry of an expired request: {retry:?}; count of {key}: {count:?}");
+    println!("{name}: retry of an expired request: {retry:?}; count of {key}: {count:?}");
     assert!(
         matches!(
             retry,
@@ -685,51 +705,6 @@ async fn an_expired_retry_is_applied_again_once_the_session_has_a_new_record() {
          SessionExpired, got {retry:?} (count {count:?})"
     );
     assert_eq!(count, Some(1), "the increment was applied {count:?} times");
-}
-
-/// Control for the test above (passes): the same steps without the client's other request
-/// to the shard before its retry. The session then has no record and the retry is refused
-/// with `SessionExpired`, as the guide says: what breaks the rule above is the new record.
-#[tokio::test]
-async fn control_an_expired_retry_without_a_new_record_is_refused() {
-    let idle = Duration::from_millis(300);
-    let (cluster, spy) = start::<Tally>("attack-expired-control", 1, move |config| {
-        config.session_idle = idle;
-    })
-    .await;
-    cluster.wait_ready().await;
-    let shard = 7;
-    let key = key_of_shard("expiring", shard);
-    let other_key = key_of_shard("other", shard);
-    let client = client_of(&cluster, Duration::from_secs(20));
-    client.send(other_key.as_str(), Get).await.expect("warm up");
-    spy.hold_after(1, shard);
-    let request = client.request(key.as_str(), Incr).expect("a request");
-    let first = request
-        .send_with(CallOptions::new().deadline(Duration::from_millis(400)))
-        .await;
-    assert!(first.as_ref().is_err_and(ClientError::is_outcome_unknown));
-    cluster
-        .wait_until(
-            "the first attempt's commit is applied",
-            DEADLINE,
-            || async { (spy.applied_held() >= 1).then_some(()) },
-        )
-        .await;
-    spy.let_return();
-    tokio::time::sleep(idle * 3).await;
-    let sweeper = client_of(&cluster, Duration::from_secs(20));
-    sweeper.send(other_key.as_str(), Incr).await.expect("sweep");
-    let retry = request.send().await;
-    let count = value_of::<Tally>(&client, &key).await;
-    assert!(
-        matches!(
-            retry,
-            Err(ClientError::Cluster(Error::SessionExpired { .. }))
-        ),
-        "{retry:?}"
-    );
-    assert_eq!(count, Some(1));
 }
 
 // ---------------------------------------------------------------------------------------------
