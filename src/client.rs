@@ -321,8 +321,8 @@ impl Client {
 
     /// [`request`](Self::request) with the number `seq` chosen by the caller instead of the
     /// session's next one: for a program that sends again a request it numbered before and no
-    /// longer holds (holding the [`ClientRequest`] is simpler). The number must be one this
-    /// client's session gave out; reusing it for another message is refused by the shard
+    /// longer holds (holding the [`ClientRequest`] is simpler). The session's later requests
+    /// are numbered above `seq`. Reusing a number for another message is refused by the shard
     /// ([`Error::RequestIdReused`]).
     pub fn request_numbered<M: ShardMessage>(
         &self,
@@ -347,7 +347,17 @@ impl Client {
                 .outstanding
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            let seq = seq.unwrap_or_else(|| self.shared.next_seq.fetch_add(1, Ordering::AcqRel));
+            let seq = match seq {
+                // Later requests are numbered above it: a low watermark it lifted never
+                // passes them.
+                Some(seq) => {
+                    self.shared
+                        .next_seq
+                        .fetch_max(seq.saturating_add(1), Ordering::AcqRel);
+                    seq
+                }
+                None => self.shared.next_seq.fetch_add(1, Ordering::AcqRel),
+            };
             outstanding.insert(seq);
             seq
         };

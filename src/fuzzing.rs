@@ -907,6 +907,20 @@ fn wire_seeds() -> Vec<Vec<u8>> {
             payload: vec![1, 2],
             epoch: 5,
         },
+        Request::ShardOnce {
+            key: b"user-42".to_vec(),
+            tag: "kv.incr".to_owned(),
+            payload: vec![1, 2],
+            epoch: 5,
+            once: sample_once(),
+        },
+        Request::ForwardOnce {
+            key: b"user-42".to_vec(),
+            tag: "kv.incr".to_owned(),
+            payload: vec![1, 2],
+            epoch: 5,
+            once: sample_once(),
+        },
     ];
     let responses = vec![
         Response::AppendEntries(Ok(AppendEntriesResponse::Success)),
@@ -990,4 +1004,16 @@ fn storage_seeds() -> Vec<Vec<u8>> {
         .unwrap_or_default(),
     );
     seeds
+}
+
+/// A request id with a low watermark, as a client's retry carries it.
+fn sample_once() -> crate::session::Once {
+    crate::session::Once {
+        session: crate::session::SessionId::from_bytes([7; 16]),
+        seq: 12,
+        low: 9,
+        age_ms: 1_500,
+        attempt: 1,
+        idempotent: false,
+    }
 }

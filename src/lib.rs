@@ -200,6 +200,8 @@ pub mod guide {
     pub mod handlers {}
     #[doc = include_str!("../guide/src/persistence.md")]
     pub mod persistence {}
+    #[doc = include_str!("../guide/src/exactly-once.md")]
+    pub mod exactly_once {}
     #[doc = include_str!("../guide/src/concepts.md")]
     pub mod concepts {}
     #[doc = include_str!("../guide/src/operating.md")]

@@ -1,13 +1,13 @@
 //! Exactly-once effects: client sessions and the per-shard record of their replies.
 //!
-//! Every [`Client`](crate::Client) has a session ([`SessionId`], 128 random bits) and numbers
+//! Every [`Client`](crate::client::Client) has a session ([`SessionId`], 128 random bits) and numbers
 //! its requests; a request carries its id ([`Once`]) on the wire. A durable shard (its handler
 //! declares durable state and the node has a store) keeps, per session, the replies of the
 //! requests it applied that the client may still ask again for, and writes that record **in
 //! the same commit** as the state change: the record and the state cannot disagree. A retry
 //! of an applied request is answered from the record; it is never applied twice.
 //!
-//! The rules ([`judge`]):
+//! The rules:
 //!
 //! - **Answered from the record**: the request's reply is recorded and its digest (tag, key and
 //!   payload) matches.
@@ -75,6 +75,12 @@ impl SessionId {
             detail: format!("no random source for a session id: {e}"),
         })?;
         Ok(SessionId(bytes))
+    }
+
+    /// The session with these bytes (one a program kept from an earlier
+    /// [`Client::session`](crate::client::Client::session)).
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        SessionId(bytes)
     }
 
     /// The id's bytes.
@@ -164,6 +170,13 @@ tokio::task_local! {
 pub(crate) fn current_stamp() -> Option<Stamp> {
     STAMP.try_with(|stamp| *stamp).ok()
 }
+
+/// The most replies one session's record in one shard keeps. Beyond it the oldest are dropped
+/// and the session's low watermark rises past them (their retries are refused with
+/// [`Error::RequestTooOld`], never applied again): a client whose low watermark is stuck (one
+/// request outstanding for long, or a client that never raises it) cannot grow a record
+/// without bound.
+pub const REPLIES_MAX: usize = 1024;
 
 /// One recorded reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -348,6 +361,11 @@ impl Sessions {
                 },
             );
         }
+        while record.replies.len() > REPLIES_MAX {
+            if let Some((dropped, _)) = record.replies.pop_first() {
+                record.low = record.low.max(dropped + 1);
+            }
+        }
         batch.put(record_key(&once.session), crate::codec::encode(&*record)?);
         let idle_ms = self.idle.as_millis() as u64;
         let index = self.index.get_or_insert_with(BTreeMap::new);
@@ -516,6 +534,33 @@ mod tests {
             sessions.judge(3, &stamp(1, 1, b"a", 1, idle_ms)),
             Verdict::Refuse(Error::SessionExpired { .. })
         ));
+    }
+
+    #[test]
+    fn a_record_keeps_at_most_replies_max_replies_and_refuses_retries_of_the_dropped_ones() {
+        let mut sessions = fresh();
+        // The client never acknowledges anything: its low watermark stays at 1.
+        let count = REPLIES_MAX as u64 + 10;
+        for seq in 1..=count {
+            recorded(&mut sessions, &stamp(seq, 1, b"x", 0, 0), b"r", 1_000);
+        }
+        let record = sessions.records[&SessionId([7; 16])]
+            .clone()
+            .expect("a record");
+        assert_eq!(record.replies.len(), REPLIES_MAX);
+        assert_eq!(record.low, 11);
+        assert!(matches!(
+            sessions.judge(3, &stamp(10, 1, b"x", 1, 10)),
+            Verdict::Refuse(Error::RequestTooOld {
+                seq: 10,
+                low: 11,
+                ..
+            })
+        ));
+        assert_eq!(
+            sessions.judge(3, &stamp(11, 1, b"x", 1, 10)),
+            Verdict::Answer(b"r".to_vec())
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use clusterfunk::client::{Client, ClientError};
 use clusterfunk::persist::{
     Batch, Durable, DurableMap, DurableState, Fence, LmdbShardStore, Loaded, Locality, MemoryStore,
     PostgresOptions, PostgresShardStore, Scope, ShardStore, StoreError,
@@ -88,9 +89,26 @@ impl Counters {
         self.served(&key, ctx)
     }
 
+    async fn relay(&mut self, key: Key, msg: Relay, ctx: &mut ShardContext) -> Served {
+        if let Err(error) = ctx.cluster().send(msg.to.as_str(), Incr).await {
+            panic!("the relayed increment of {} failed: {error}", msg.to);
+        }
+        *self.values.entry(key.clone()) += 1;
+        self.served(&key, ctx)
+    }
+
     fn durable(&mut self) -> Option<&mut dyn DurableState> {
         Some(&mut self.values)
     }
+}
+
+/// Sends an `Incr` to `to` (a key of another shard) from the handler, then adds one to the
+/// key's own counter: a request whose handler sends a message of its own.
+#[derive(Debug, Serialize, Deserialize, ShardMessage)]
+#[reply(Served)]
+pub struct Relay {
+    /// The key the handler increments with a send of its own.
+    pub to: String,
 }
 
 /// The shard whose `on_activate` waits at [`WARM_UP`]; other shards' hooks do not wait.
@@ -182,6 +200,8 @@ struct StoreFaults {
     state: Mutex<FaultState>,
     /// How many gated commits may pass the gate (`usize::MAX`: every one).
     allowance: watch::Sender<usize>,
+    /// Whether commits held after the store applied them may return.
+    returned: watch::Sender<bool>,
 }
 
 /// See [`StoreFaults`].
@@ -193,6 +213,11 @@ struct FaultState {
     arrived: usize,
     /// The next commit of this node and shard fails without reaching the store.
     fail_next: Option<(NodeId, ShardId)>,
+    /// Commits of this node and shard are applied by the store and then held before they
+    /// return (the change is durable; the node does not know yet).
+    held_after: Option<(NodeId, ShardId)>,
+    /// Commits applied and held since `held_after` was set.
+    applied_held: usize,
     /// Every commit, in call order.
     commits: Vec<CommitRecord>,
     /// Every activation: the node, the shard and the epoch.
@@ -221,7 +246,27 @@ impl StoreFaults {
         Arc::new(StoreFaults {
             state: Mutex::new(FaultState::default()),
             allowance: watch::channel(usize::MAX).0,
+            returned: watch::channel(true).0,
         })
+    }
+
+    /// From now on, `node`'s commits of `shard` are applied and then held before they return,
+    /// until [`let_return`](Self::let_return).
+    fn hold_after(&self, node: NodeId, shard: ShardId) {
+        let mut state = self.lock();
+        state.held_after = Some((node, shard));
+        state.applied_held = 0;
+        self.returned.send_replace(false);
+    }
+
+    /// Lets every commit held after it was applied return.
+    fn let_return(&self) {
+        self.returned.send_replace(true);
+    }
+
+    /// How many commits were applied and held since [`hold_after`](Self::hold_after).
+    fn applied_held(&self) -> usize {
+        self.lock().applied_held
     }
 
     fn lock(&self) -> MutexGuard<'_, FaultState> {
@@ -309,8 +354,9 @@ impl ShardStore for FaultyStore {
         batch: Batch,
     ) -> BoxFuture<'static, Result<(), StoreError>> {
         let here = Some((self.node, shard));
-        let (index, ticket, fail) = {
+        let (index, ticket, fail, hold) = {
             let mut state = self.faults.lock();
+            let hold = state.held_after == here;
             let ticket = (state.gated == here).then(|| {
                 state.arrived += 1;
                 state.arrived - 1
@@ -327,9 +373,10 @@ impl ShardStore for FaultyStore {
                 gated: ticket.is_some(),
                 outcome: None,
             });
-            (state.commits.len() - 1, ticket, fail)
+            (state.commits.len() - 1, ticket, fail, hold)
         };
         let mut allowance = self.faults.allowance.subscribe();
+        let mut returned = self.faults.returned.subscribe();
         let inner = self.inner.clone();
         let faults = self.faults.clone();
         async move {
@@ -343,6 +390,11 @@ impl ShardStore for FaultyStore {
                 ))),
                 false => inner.commit(shard, epoch, batch).await,
             };
+            if hold {
+                faults.lock().applied_held += 1;
+                // The sender lives in `faults`, which this future holds: the wait cannot fail.
+                let _ = returned.wait_for(|returned| *returned).await;
+            }
             faults.lock().commits[index].outcome = Some(outcome.clone());
             outcome
         }
@@ -1372,4 +1424,242 @@ async fn an_async_on_activate_runs_before_the_first_message() {
         activated.len() == 1 && handled.len() == 2 && activated[0] <= handled[0],
         "activated at {activated:?}, delivered at {handled:?}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Exactly once (issue 19)
+// ---------------------------------------------------------------------------------------------
+
+/// The deadline of a client call in the exactly-once tests: it covers a failover.
+const CLIENT_DEADLINE: Duration = Duration::from_secs(40);
+
+/// A client of `cluster` seeded with every node.
+fn client_of<H: ShardHandler + Default>(cluster: &TestCluster<H>) -> Client {
+    let seeds: Vec<_> = cluster
+        .ids()
+        .into_iter()
+        .map(|id| cluster.addr(id))
+        .collect();
+    Client::with_config(seeds, None, "clusterfunk", CLIENT_DEADLINE).expect("a client")
+}
+
+/// The cluster error of a client call that failed, failing the test on any other outcome.
+fn refusal<T: std::fmt::Debug>(outcome: Result<T, ClientError>) -> Error {
+    match outcome {
+        Err(ClientError::Cluster(error)) => error,
+        other => panic!("expected a refusal from the cluster, got {other:?}"),
+    }
+}
+
+/// Goal: an increment that its owner applied, whose reply never reached the client, is not
+/// applied again when the client retries at the shard's next owner. Method: 3 nodes share a
+/// store; the owner's commit of the increment is applied by the store and then held before it
+/// returns, so the change (and its session record) is durable but no reply leaves; the owner
+/// freezes, the others fail the shard over, and the client, which sees the owner silent and
+/// the shard moved, sends the request again under its id. The new owner loads the record with
+/// the state and must answer with the old owner's reply; the count, read back at the end
+/// through every node and from the store, must be exactly 2 (one increment before, one now).
+#[tokio::test]
+async fn a_retry_after_failover_is_answered_from_the_record_the_old_owner_committed() {
+    let name = "once-failover";
+    let (cluster, shared, faults) = start_shared::<Counters>(name, 3, patient).await;
+    let leader = cluster.wait_ready().await;
+    let (old, others) = cluster.follower_and_others(leader);
+    let (_, owners) = cluster.shards(old).await.expect("the old owner has a map");
+    let shard = *shards_of(&owners, old)
+        .first()
+        .expect("every node of a 3-node cluster owns shards");
+    let key = cluster.key_of(shard).to_owned();
+    let client = client_of(&cluster);
+    let first = client
+        .send(key.as_str(), Incr)
+        .await
+        .expect("the first increment");
+    assert_eq!((first.node, first.value), (old, Some(1)));
+
+    faults.hold_after(old, shard);
+    let request = Arc::new(client.request(key.as_str(), Incr).expect("a request"));
+    let sent = {
+        let request = request.clone();
+        tokio::spawn(async move { request.send().await })
+    };
+    cluster
+        .wait_until(
+            "the owner's commit is applied and held",
+            DEADLINE,
+            || async { (faults.applied_held() >= 1).then_some(()) },
+        )
+        .await;
+    let frozen = cluster.freeze(old).await.expect("the old owner runs");
+    let reply = reply_of(sent)
+        .await
+        .expect("the retried increment is acknowledged");
+    println!("{name}: node {old} froze with its commit applied; the client got {reply:?}");
+    assert_eq!(
+        (reply.node, reply.value),
+        (old, Some(2)),
+        "the retry is answered with the reply the old owner recorded, not applied again"
+    );
+    let new_owner = cluster
+        .wait_until("another node owns the shard", DEADLINE, || async {
+            let (_, owners) = cluster.shards(others[0]).await?;
+            (owners[shard as usize] != old).then_some(owners[shard as usize])
+        })
+        .await;
+    faults.let_return();
+    frozen.thaw();
+    drop(request);
+
+    cluster.heal_and_check(name).await;
+    for id in cluster.ids() {
+        let (read, _) = send_until_answered(&cluster, id, &key, || Get).await;
+        assert_eq!(
+            read.value,
+            Some(2),
+            "{key} read through node {id}: {read:?}"
+        );
+    }
+    println!("{name}: shard {shard} moved from node {old} to node {new_owner}");
+    drop(cluster);
+    assert_eq!(stored_values(&shared, shard).await.get(&key), Some(&2));
+}
+
+/// Goal: a request id is bound to what it asks. Method: one node with a store; request 7 of a
+/// session sets a key to 1; the same number with another value is refused with
+/// `RequestIdReused`, and the key still holds 1 at the end.
+#[tokio::test]
+async fn the_same_request_id_with_another_payload_is_refused() {
+    let (cluster, _, _) = start_shared::<Counters>("once-reused", 1, |_| {}).await;
+    cluster.wait_ready().await;
+    let client = client_of(&cluster);
+    let first = client
+        .request_numbered(7, "reused", Put { value: 1 })
+        .expect("a request");
+    assert_eq!(first.send().await.expect("applied").value, Some(1));
+    let other = client
+        .request_numbered(7, "reused", Put { value: 2 })
+        .expect("a request");
+    let refused = refusal(other.send().await);
+    assert!(
+        matches!(refused, Error::RequestIdReused { seq: 7, .. }),
+        "got {refused:?}"
+    );
+    // The same payload under the same id is answered again, not applied again.
+    assert_eq!(first.send().await.expect("answered").value, Some(1));
+    let read = client.send("reused", Get).await.expect("read");
+    assert_eq!(read.value, Some(1));
+}
+
+/// Goal: a shard forgets the replies its client no longer waits on, and says so. Method: one
+/// node; request 1 increments a key and is answered (and dropped); request 2 tells the shard
+/// the client waits on nothing below 2, which drops reply 1; request 1 sent again is refused
+/// with `RequestTooOld`, and the count is 2 at the end.
+#[tokio::test]
+async fn a_retry_below_the_low_watermark_is_refused() {
+    let (cluster, _, _) = start_shared::<Counters>("once-watermark", 1, |_| {}).await;
+    cluster.wait_ready().await;
+    let client = client_of(&cluster);
+    let first = client.request("watermark", Incr).expect("a request");
+    let seq = first.id().seq;
+    assert_eq!(first.send().await.expect("applied").value, Some(1));
+    drop(first);
+    let second = client.send("watermark", Incr).await.expect("applied");
+    assert_eq!(second.value, Some(2));
+    let again = client
+        .request_numbered(seq, "watermark", Incr)
+        .expect("a request");
+    let refused = refusal(again.send().await);
+    assert!(
+        matches!(refused, Error::RequestTooOld { seq: s, low, .. } if s == seq && low > seq),
+        "got {refused:?}"
+    );
+    let read = client.send("watermark", Get).await.expect("read");
+    assert_eq!(read.value, Some(2));
+}
+
+/// Goal: a session's record expires, and a late retry is refused rather than applied again.
+/// Method: one node with a session idle time of 200 ms; a request increments a key; once
+/// more than twice that time has passed (the test waits for time itself, the subject of the
+/// rule), another session's request to the same shard sweeps the expired record away; the
+/// first request sent again must be refused with `SessionExpired`, and the count must be 2.
+#[tokio::test]
+async fn a_retry_on_an_expired_session_is_refused() {
+    let idle = Duration::from_millis(200);
+    let (cluster, _, _) = start_shared::<Counters>("once-expired", 1, move |config| {
+        config.session_idle = idle;
+    })
+    .await;
+    cluster.wait_ready().await;
+    let client = client_of(&cluster);
+    let request = client.request("expiring", Incr).expect("a request");
+    assert_eq!(request.send().await.expect("applied").value, Some(1));
+    tokio::time::sleep(idle * 3).await;
+    let other = client_of(&cluster);
+    let swept = other.send("expiring", Incr).await.expect("applied");
+    assert_eq!(swept.value, Some(2));
+    let refused = refusal(request.send().await);
+    assert!(
+        matches!(refused, Error::SessionExpired { idle_ms: 200, .. }),
+        "got {refused:?}"
+    );
+    let read = client.send("expiring", Get).await.expect("read");
+    assert_eq!(read.value, Some(2));
+}
+
+/// Goal: a handler's own sends are not applied twice when its request is retried. Method: one
+/// node; a `Relay` to a key of one shard sends an `Incr` to a key of another shard, then
+/// counts itself; the relay's own commit fails once (after its child was applied), so its
+/// client gets an unknown outcome and sends it again under its id; the handler runs again and
+/// sends its child under the same derived id, which the child's shard answers from its
+/// record. At the end each key must hold exactly 1.
+#[tokio::test]
+async fn a_retried_parent_sends_its_children_under_the_same_ids_so_they_apply_once() {
+    let (cluster, _, faults) = start_shared::<Counters>("once-nested", 1, |_| {}).await;
+    cluster.wait_ready().await;
+    let (parent, child) = (key_of_shard("parent", 3), key_of_shard("child", 5));
+    let client = client_of(&cluster);
+    faults.fail_next(1, 3);
+    let relayed = client
+        .send(parent.as_str(), Relay { to: child.clone() })
+        .await
+        .expect("the relay is acknowledged after its retry");
+    assert_eq!(relayed.value, Some(1));
+    let failed = faults
+        .commits_of(1, 3)
+        .iter()
+        .filter(|commit| matches!(commit.outcome, Some(Err(_))))
+        .count();
+    assert_eq!(
+        failed, 1,
+        "the relay's first commit failed, so it was retried"
+    );
+    for key in [&parent, &child] {
+        let read = client.send(key.as_str(), Get).await.expect("read");
+        assert_eq!(read.value, Some(1), "{key}: {read:?}");
+    }
+}
+
+/// Goal: without a record, a retry of a message that is not idempotent is refused rather
+/// than applied again, and keys reserved for the records cannot be sent to. Method: one node
+/// whose handler keeps no durable state; an increment is answered, then sent again under its
+/// id: the client reports an unknown outcome and the count stays 1; a message to a key with
+/// the reserved prefix is refused with `ReservedKey`.
+#[tokio::test]
+async fn a_retry_to_a_shard_without_a_record_is_refused_and_reserved_keys_are_too() {
+    let cluster = TestCluster::start("once-unrecorded", 1).await;
+    cluster.wait_ready().await;
+    let client = client_of(&cluster);
+    let request = client.request("plain", Incr).expect("a request");
+    assert_eq!(request.send().await.expect("applied").value, Some(1));
+    let again = request.send().await;
+    assert!(
+        again.as_ref().is_err_and(ClientError::is_outcome_unknown),
+        "got {again:?}"
+    );
+    let read = client.send("plain", Get).await.expect("read");
+    assert_eq!(read.value, Some(1));
+    let mut reserved = clusterfunk::session::RESERVED_PREFIX.to_vec();
+    reserved.extend_from_slice(b"x");
+    let refused = refusal(client.send(reserved, Incr).await);
+    assert_eq!(refused, Error::ReservedKey);
 }

@@ -31,8 +31,7 @@ use std::time::Duration;
 use clusterfunk::client::Client;
 use clusterfunk::shard_map::shard_for;
 use clusterfunk::testing::PostgresServer;
-use clusterfunk::transport::Secret;
-use common::{Cluster, Store, DEADLINE, SHARD_COUNT};
+use common::{runtime, Cluster, Store, DEADLINE, SHARD_COUNT};
 use futures_util::stream::{self, StreamExt};
 use kv_api::{Get, Incr, Put};
 use tokio::runtime::Runtime;
@@ -101,7 +100,7 @@ fn killed_node_keeps_every_acknowledged_value_in_lmdb() {
     let mut log = Log::default();
     for round in 1..=ROUNDS {
         cluster.mark(&format!("round {round}: load"));
-        let client = client(&cluster, &[1]);
+        let client = cluster.client(&[1], REQUEST_TIMEOUT);
         let load = Load::start(&runtime, &client, round);
         cluster.wait_until(
             &format!("round {round}: {ACKS_BEFORE_KILL} requests are acknowledged"),
@@ -120,7 +119,7 @@ fn killed_node_keeps_every_acknowledged_value_in_lmdb() {
         cluster.wait_for_one_map(&[1]);
     }
 
-    let client = client(&cluster, &[1]);
+    let client = cluster.client(&[1], REQUEST_TIMEOUT);
     let problems = check(&runtime, &client, &log);
     eprintln!("after {ROUNDS} kills: {}", log.summary());
     assert!(
@@ -165,7 +164,7 @@ fn whole_cluster_killed_after_a_drain_keeps_every_acknowledged_value_in_lmdb() {
         .iter()
         .map(|key| (key.clone(), format!("value-of-{key}")))
         .collect();
-    put_all(&runtime, &client(&cluster, &ids), &written);
+    put_all(&runtime, &cluster.client(&ids, REQUEST_TIMEOUT), &written);
 
     let (code, stdout, stderr) = cluster.cf_at(1, &["drain", "--id", "2"]);
     assert_eq!(code, 0, "drain --id 2: {stdout}{stderr}");
@@ -195,7 +194,7 @@ fn whole_cluster_killed_after_a_drain_keeps_every_acknowledged_value_in_lmdb() {
         puts: written,
         ..Log::default()
     };
-    let problems = check(&runtime, &client(&cluster, &ids), &log);
+    let problems = check(&runtime, &cluster.client(&ids, REQUEST_TIMEOUT), &log);
     let from_node_2 = problems
         .iter()
         .filter(|problem| {
@@ -254,7 +253,7 @@ fn cluster_on_postgres_keeps_every_acknowledged_value_through_kill9_of_a_followe
         cluster.mark(&format!(
             "round {round}: load, then kill -9 of the {role} {victim}"
         ));
-        let client = client(&cluster, &ids);
+        let client = cluster.client(&ids, REQUEST_TIMEOUT);
         let load = Load::start(&runtime, &client, round);
         cluster.wait_until(
             &format!("round {round}: {ACKS_BEFORE_KILL} requests are acknowledged"),
@@ -294,7 +293,7 @@ fn cluster_on_postgres_keeps_every_acknowledged_value_through_kill9_of_a_followe
 
     eprintln!("after both kills: {}", log.summary());
     for &id in &ids {
-        let problems = check(&runtime, &client(&cluster, &[id]), &log);
+        let problems = check(&runtime, &cluster.client(&[id], REQUEST_TIMEOUT), &log);
         assert!(
             problems.is_empty(),
             "read through node {id}: {} acknowledged values did not survive the kills ({}):\n  {}\n{}\nPostgreSQL log:\n{}",
@@ -517,29 +516,6 @@ fn put_all(runtime: &Runtime, client: &Client, written: &[(String, String)]) {
         written.len(),
         &failed[..failed.len().min(5)]
     );
-}
-
-/// A client of the cluster seeded with the addresses of `nodes`, with the cluster's secret.
-fn client(cluster: &Cluster, nodes: &[u64]) -> Client {
-    let seeds = nodes.iter().map(|&id| {
-        cluster
-            .addr(id)
-            .parse()
-            .expect("the harness gives IP:PORT addresses")
-    });
-    let secret = Secret::new(cluster.secret().as_bytes().to_vec())
-        .expect("the harness's secret is long enough");
-    Client::with_config(seeds, Some(secret), "clusterfunk", REQUEST_TIMEOUT)
-        .expect("a client with seeds and a secret is valid")
-}
-
-/// A runtime for the writers and readers, beside the test thread that drives the cluster.
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("start a tokio runtime")
 }
 
 // ---------------------------------------------------------------------------------------------

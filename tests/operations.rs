@@ -46,8 +46,7 @@ use std::time::Duration;
 
 use clusterfunk::client::Client;
 use clusterfunk::shard_map::shard_for;
-use clusterfunk::transport::Secret;
-use common::{id_list, Cluster, ShardMap, Store, DEADLINE, SHARD_COUNT};
+use common::{id_list, runtime, Cluster, ShardMap, Store, DEADLINE, SHARD_COUNT};
 use futures_util::stream::{self, StreamExt};
 use kv_api::{Get, Put};
 use serde_json::Value;
@@ -994,7 +993,7 @@ impl Writers {
     ) -> Writers {
         let clients = nodes
             .iter()
-            .map(|&id| (id, client(cluster, &[id])))
+            .map(|&id| (id, cluster.client(&[id], REQUEST_TIMEOUT)))
             .collect();
         let shared = Arc::new(Shared {
             clients: RwLock::new(clients),
@@ -1036,7 +1035,7 @@ impl Writers {
 
     /// Writes through node `id` too.
     fn add_node(&self, cluster: &Cluster, id: u64) {
-        let client = client(cluster, &[id]);
+        let client = cluster.client(&[id], REQUEST_TIMEOUT);
         write_lock(&self.shared.clients).insert(id, client);
     }
 
@@ -1165,29 +1164,6 @@ fn key(index: usize) -> String {
     format!("ops-{index}")
 }
 
-/// A client of the cluster seeded with the addresses of `nodes`.
-fn client(cluster: &Cluster, nodes: &[u64]) -> Client {
-    let seeds = nodes.iter().map(|&id| {
-        cluster
-            .addr(id)
-            .parse()
-            .expect("the harness gives IP:PORT addresses")
-    });
-    let secret = Secret::new(cluster.secret().as_bytes().to_vec())
-        .expect("the harness's secret is long enough");
-    Client::with_config(seeds, Some(secret), "clusterfunk", REQUEST_TIMEOUT)
-        .expect("a client with seeds and a secret is valid")
-}
-
-/// A runtime for the writers and readers, beside the test thread that drives the cluster.
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("start a tokio runtime")
-}
-
 fn read_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -1231,7 +1207,7 @@ fn check_values(
     map: &ShardMap,
     log: &WriteLog,
 ) -> Verdict {
-    let client = client(cluster, &model.members());
+    let client = cluster.client(&model.members(), REQUEST_TIMEOUT);
     let indexes: Vec<usize> = log
         .acked
         .iter()

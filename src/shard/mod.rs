@@ -173,7 +173,7 @@ pub struct ClusterHandle {
     /// handle; `None` outside handlers.
     origin: Option<(ShardId, u64)>,
     /// The request with an id whose handler holds this handle, if any.
-    parent: Option<Parent>,
+    parent: Option<Arc<Parent>>,
 }
 
 impl std::fmt::Debug for ClusterHandle {
@@ -343,14 +343,14 @@ pub struct ShardContext {
     cluster: ClusterHandle,
     /// The request being handled, when it carries an id, and how many messages the handler
     /// sent while handling it: the ids of those sends derive from both.
-    parent: Option<Parent>,
+    parent: Option<Arc<Parent>>,
 }
 
 /// The request a handler is handling, for the ids of the messages it sends meanwhile.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Parent {
     stamp: Stamp,
-    sent: Arc<std::sync::atomic::AtomicU64>,
+    sent: std::sync::atomic::AtomicU64,
 }
 
 impl ShardContext {
@@ -372,9 +372,11 @@ impl ShardContext {
 
     /// Starts (with the request's stamp) or ends (`None`) the handling of one message.
     pub(crate) fn begin(&mut self, once: Option<Stamp>) {
-        self.parent = once.map(|stamp| Parent {
-            stamp,
-            sent: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        self.parent = once.map(|stamp| {
+            Arc::new(Parent {
+                stamp,
+                sent: std::sync::atomic::AtomicU64::new(0),
+            })
         });
     }
 
@@ -407,7 +409,7 @@ impl ShardContext {
     /// [`Error::Reentrant`].
     ///
     /// While the handler handles a request that carries an id (from a
-    /// [`Client`](crate::Client)), each message sent through the handle gets an id derived
+    /// [`Client`](crate::client::Client)), each message sent through the handle gets an id derived
     /// from it and from the order of the sends: a retried request sends its messages under
     /// the same ids, so a durable shard that received them the first time answers from its
     /// record instead of applying them again. Send in the same order on every attempt.
@@ -701,16 +703,22 @@ impl<H: ShardHandler> ShardActor<H> {
     }
 
     /// Sends a handled message's reply: for a durable shard, once the message's changes (and
-    /// every change before them) are committed.
+    /// every change before them) are committed. A `withhold`n reply (the activation no longer
+    /// serves the shard) is sent as [`Error::OutcomeUnknown`] instead.
     fn finish<R: Serialize + Send + 'static>(
         &mut self,
         mut slot: Slot<H>,
         reply: oneshot::Sender<Result<R, Undelivered<impl Send + 'static>>>,
         value: Result<R, Error>,
         once: Option<Stamp>,
+        withhold: bool,
     ) {
         slot.context.begin(None);
         let shard = self.parts.shard;
+        let outcome = move |value: Result<R, Error>| match withhold {
+            true => Err(Error::OutcomeUnknown { shard }),
+            false => value,
+        };
         let limit = self
             .parts
             .store
@@ -718,7 +726,7 @@ impl<H: ShardHandler> ShardActor<H> {
             .and_then(|store| store.key_bytes_max());
         let Some(durable) = &mut self.durable else {
             self.slot = Some(slot);
-            let _ = reply.send(value.map_err(Undelivered::Failed));
+            let _ = reply.send(outcome(value).map_err(Undelivered::Failed));
             return;
         };
         let mut batch = Batch::new();
@@ -744,6 +752,16 @@ impl<H: ShardHandler> ShardActor<H> {
             let _ = reply.send(Err(Undelivered::Failed(Error::ReservedKey)));
             return;
         }
+        if let Some((size, limit)) = too_long {
+            // Refused alone, before it joins a commit with other messages' changes; the handler
+            // changed its memory, so the shard reloads before its next message.
+            let _ = reply.send(Err(Undelivered::Failed(Error::KeyTooLong {
+                shard,
+                size: size as u64,
+                limit: limit as u64,
+            })));
+            return;
+        }
         if let (Some(stamp), Ok(value), Ok(())) = (&once, &value, &collected) {
             // The reply is recorded in the same commit as the change it reports.
             let recorded = crate::codec::encode(value).and_then(|bytes| {
@@ -760,24 +778,14 @@ impl<H: ShardHandler> ShardActor<H> {
                 return;
             }
         }
-        if let Some((size, limit)) = too_long {
-            // Refused alone, before it joins a commit with other messages' changes; the handler
-            // changed its memory, so the shard reloads before its next message.
-            let _ = reply.send(Err(Undelivered::Failed(Error::KeyTooLong {
-                shard,
-                size: size as u64,
-                limit: limit as u64,
-            })));
-            return;
-        }
         match collected {
             Ok(()) => {
                 durable.commits.hold(
                     epoch,
                     batch,
                     Box::new(move |committed: Result<(), Error>| {
-                        let outcome = committed.and(value).map_err(Undelivered::Failed);
-                        let _ = reply.send(outcome);
+                        let sent = outcome(committed.and(value)).map_err(Undelivered::Failed);
+                        let _ = reply.send(sent);
                     }),
                 );
                 self.slot = Some(slot);
@@ -960,7 +968,7 @@ impl<H: ShardHandler> ShardActor<H> {
         match std::panic::catch_unwind(AssertUnwindSafe(move || H::handle(slot, key, msg))) {
             Ok(Handled::Ready(slot, value)) => {
                 self.observe(ServeEventKind::Completed, epoch);
-                self.finish(slot, reply, Ok(value), once);
+                self.finish(slot, reply, Ok(value), once, false);
             }
             Ok(Handled::Pending(future)) => {
                 // `wait` holds the mailbox until the future completes: one message at a time.
@@ -972,15 +980,13 @@ impl<H: ShardHandler> ShardActor<H> {
                             Ok((slot, value)) => {
                                 // The reply stands only if this activation still serves the
                                 // shard: another node may own it now.
-                                let value = if actor.still_serves() {
+                                // (Its change is still committed, with its record: a retry of
+                                // it is then answered from the record.)
+                                let withhold = !actor.still_serves();
+                                if !withhold {
                                     actor.observe(ServeEventKind::Completed, epoch);
-                                    Ok(value)
-                                } else {
-                                    Err(Error::OutcomeUnknown {
-                                        shard: actor.shard(),
-                                    })
-                                };
-                                actor.finish(slot, reply, value, once);
+                                }
+                                actor.finish(slot, reply, Ok(value), once, withhold);
                             }
                             Err(panic) => {
                                 let _ = reply.send(Err(Undelivered::Failed(

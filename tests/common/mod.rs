@@ -21,12 +21,15 @@ use std::sync::OnceLock;
 use std::thread;
 use std::time::Duration;
 
+use clusterfunk::client::Client;
 use clusterfunk::testing::{
     reserve_ports, run_bounded, serve_command, wait_until, Binaries, NodeProcess, PortReservation,
     Signal,
 };
+use clusterfunk::transport::Secret;
 use serde_json::Value;
 use tempfile::TempDir;
+use tokio::runtime::Runtime;
 
 pub mod checks;
 
@@ -750,6 +753,38 @@ impl Cluster {
     pub fn run_within(&self, command: Command, limit: Duration) -> Option<Outcome> {
         run_bounded(command, limit).unwrap_or_else(|e| panic!("{e}"))
     }
+}
+
+/// Helpers of the tests that load the cluster through an in-process [`Client`]
+/// (`tests/durable_restart.rs`, `tests/operations.rs`, `tests/exactly_once_faults.rs`).
+impl Cluster {
+    /// A client of the cluster (without TLS) seeded with the addresses of `nodes`, with the
+    /// cluster's secret; `timeout` is the default deadline of a call.
+    pub fn client(&self, nodes: &[u64], timeout: Duration) -> Client {
+        assert!(
+            self.tls_dir.is_none(),
+            "Cluster::client authenticates with the secret: not for a cluster with TLS"
+        );
+        let seeds = nodes.iter().map(|&id| {
+            self.addr(id)
+                .parse()
+                .expect("the harness gives IP:PORT addresses")
+        });
+        let secret = Secret::new(self.secret.as_bytes().to_vec())
+            .expect("the harness's secret is long enough");
+        Client::with_config(seeds, Some(secret), "clusterfunk", timeout)
+            .expect("a client with seeds and a secret is valid")
+    }
+}
+
+/// A runtime for a test's writers and readers (two workers), beside the test thread that drives
+/// the cluster.
+pub fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("start a tokio runtime")
 }
 
 impl Drop for Cluster {
