@@ -156,18 +156,21 @@
 //!   requesters sharing one `Client` (one session), each incrementing its slice of 1024
 //!   counters (one key per shard, so that every node owns a share of them whatever the map;
 //!   disjoint slices as in `durable`) in turn. Each increment is one request
-//!   (`Client::request`) sent with `ClientRequest::send_with` until it is acknowledged: after
-//!   an error whose outcome is unknown (`OutcomeUnknown`, `Timeout`) sent again at once under
-//!   the same id; after a refusal or an unreachable cluster (`NotReady`, `Overloaded`,
-//!   `ShuttingDown`, no node reachable: the request may have reached a node in an earlier
-//!   attempt) again after 50 ms; for at most 60 s and 2000 sends. An increment not
-//!   acknowledged by then, or one that meets an error final for its id (`RequestIdReused`,
-//!   `RequestTooOld`, `SessionExpired`, a handler's error), is given up, which fails the run.
-//!   `ClientRequest::send` itself already sends the request again under its id within its
-//!   deadline (the bench's 10 s) when an attempt's outcome is unknown (the owner died or froze,
-//!   the shard moved); those retries never reach the requesters, so the bench counts them from
-//!   the client's debug event (`outcome unknown; sending the request again under its id`, in a
-//!   span of the load's, so that the probes' are not counted). The requesters record, per
+//!   (`Client::request`) sent with `ClientRequest::send_with`, each send bounded by a deadline
+//!   of 250 ms (`CallOptions::deadline`), until it is acknowledged: after an error whose outcome
+//!   is unknown (`OutcomeUnknown`, `Timeout`) sent again at once under the same id; after a
+//!   refusal or an unreachable cluster (`NotReady`, `Overloaded`, `ShuttingDown`, no node
+//!   reachable: the request may have reached a node in an earlier attempt) again after 50 ms;
+//!   for at most 60 s and 2000 sends. An increment not acknowledged by then, or one that meets
+//!   an error final for its id (`RequestIdReused`, `RequestTooOld`, `SessionExpired`, a
+//!   handler's error), is given up, which fails the run. Within one send the client itself
+//!   already sends the request again under its id when an attempt's outcome is unknown (the
+//!   owner died or froze, the shard moved); those retries never reach the requesters, so the
+//!   bench counts them from the client's debug event (`outcome unknown; sending the request
+//!   again under its id`, in a span of the load's, so that the probes' are not counted). The
+//!   short deadline, shorter than a failover, is what makes the requesters send again too (with
+//!   the client's 10 s every fault ends inside one send), and with it an earlier attempt of the
+//!   id may still be queued at a node when the next arrives. The requesters record, per
 //!   counter, the count each acknowledged increment answered.
 //!   1. PostgreSQL: the nodes on a database of their own (`bench_exactly_once` on the bench's
 //!      server, or `--postgres-url` as `durable_failover` takes it). Under the load, each once
@@ -175,7 +178,11 @@
 //!      back; the leader the same; then the second follower frozen with SIGSTOP for
 //!      `--freeze-seconds`, longer until its shards all answered elsewhere, then thawed with
 //!      SIGCONT. Each fault is probed as `durable_failover` probes a kill (the freeze through a
-//!      client seeded with every node, the frozen one too).
+//!      client seeded with every node, the frozen one too). A node frozen in the middle of a
+//!      commit holds its shard's row lock in PostgreSQL until the server ends its idle
+//!      transaction (`PostgresOptions::idle_in_transaction_timeout`, 5 s): that shard's new
+//!      owner cannot load it before, so a freeze's maximum unavailability is often about 5 s
+//!      while its median is a failover's.
 //!   2. LMDB, restarted in place: the nodes with `--store lmdb` (node-local: a shard that fails
 //!      over starts empty, so no single node is faulted). After 2 s of load every node is
 //!      killed with SIGKILL, all are started again on their data dirs 500 ms later, and the
@@ -191,7 +198,10 @@
 //!   increments (checked as `durable_failover` checks its counters). Reported per phase:
 //!   acknowledged increments, lost and duplicated ones (each must be 0), given-up ones (must
 //!   be 0), the requests sent again after an unknown outcome (by the client within a send, and
-//!   by the requesters) and after a refusal, the increments that needed more than one send;
+//!   by the requesters) and after a refusal, the increments that needed more than one send,
+//!   the sends that failed with an error not flagged outcome-unknown (`is_outcome_unknown()`
+//!   false) although the client had sent the request again within that send after an unknown
+//!   outcome (the request may have been applied: only a retry under its id tells);
 //!   per fault, from the fault until the cluster settled, the client's retries, the
 //!   requesters' failed sends (outcome unknown, refused, final) and how many counters the node
 //!   owned, with the unavailability of its shards and `durable_failover`'s per-fault figures

@@ -21,6 +21,10 @@ use super::postgres::{
 use super::support::kv_api::Incr;
 use super::*;
 
+/// The deadline of one send of the fault load: shorter than a failover, so that a send
+/// outstanding across a fault runs out and the requester sends the request again itself (with
+/// the client's default of 10 s, the client's own retries within the send absorb every fault).
+const SEND_DEADLINE: Duration = Duration::from_millis(250);
 /// Longest one increment is sent again before it is given up (which fails the run).
 const RETRY_FOR: Duration = Duration::from_secs(60);
 /// Most attempts of one increment.
@@ -40,8 +44,8 @@ const DATABASE: &str = "bench_exactly_once";
 const LOAD_BEFORE_KILL: Duration = Duration::from_secs(2);
 /// How long the whole LMDB cluster stays down.
 const DOWN_FOR: Duration = Duration::from_millis(500);
-/// The span each increment of the fault load runs in, so that the client's own retries of the
-/// load's requests are told from the probes'.
+/// The span each send of the loads runs in, so that the client's own retries of the load's
+/// requests are told from the probes', and each send learns whether it had any.
 const LOAD_SPAN: &str = "exactly_once_increment";
 /// The `Client`'s debug event (target `clusterfunk::client`) when it sends a numbered request
 /// again under its id, inside one `send`, after an attempt whose outcome is unknown.
@@ -98,6 +102,11 @@ struct OnceLedger {
     retries_refused: u64,
     /// Increments acknowledged after more than one attempt.
     retried_increments: u64,
+    /// Sends that failed with an error whose outcome is not flagged unknown
+    /// (`is_outcome_unknown()` false: no node reachable, not ready, ...) although the client
+    /// had sent the request again within the send after an attempt whose outcome was unknown:
+    /// the request may have been applied, which the error does not say.
+    unknown_not_said: u64,
     /// Each failed attempt: when it ended and how it failed (at most [`FAILED_ATTEMPTS_MAX`]).
     failed_attempts: Vec<(Instant, Failure)>,
     failed_attempts_truncated: bool,
@@ -152,13 +161,22 @@ impl OnceLedger {
 
 /// Counts the `Client`'s own retries of the fault load's requests ([`CLIENT_RETRY_EVENT`] in a
 /// [`LOAD_SPAN`]), which happen inside one `send` and never reach the requesters; keeps when
-/// each happened (at most [`FAILED_ATTEMPTS_MAX`]).
+/// each happened (at most [`FAILED_ATTEMPTS_MAX`]) and in which send's span.
 #[derive(Clone, Default)]
 struct ClientRetries {
     at: Arc<Mutex<Vec<Instant>>>,
+    /// The spans (ids) of the sends in which the client sent the request again.
+    sends: Arc<Mutex<std::collections::HashSet<u64>>>,
 }
 
 impl ClientRetries {
+    /// Whether the client sent the request again within the send of `span` (asked once, before
+    /// the span closes and its id may be reused).
+    fn took_place_in(&self, span: &tracing::Span) -> bool {
+        span.id()
+            .is_some_and(|id| lock(&self.sends).remove(&id.into_u64()))
+    }
+
     fn count(&self) -> usize {
         lock(&self.at).len()
     }
@@ -190,10 +208,14 @@ where
         }
         let mut retry = IsRetry(false);
         event.record(&mut retry);
-        let in_load = ctx
+        if !retry.0 {
+            return;
+        }
+        let send = ctx
             .event_scope(event)
-            .is_some_and(|mut scope| scope.any(|span| span.name() == LOAD_SPAN));
-        if retry.0 && in_load {
+            .and_then(|mut scope| scope.find(|span| span.name() == LOAD_SPAN));
+        if let Some(send) = send {
+            lock(&self.sends).insert(send.id().into_u64());
             let mut at = lock(&self.at);
             if at.len() < FAILED_ATTEMPTS_MAX {
                 at.push(Instant::now());
@@ -218,10 +240,10 @@ struct OnceRequester {
     client: Client,
     keys: Arc<Vec<String>>,
     slice: KeySlice,
-    /// Whether the requests carry their id (else `numbered(false)`: no record, no retry).
-    numbered: bool,
+    sending: Sending,
     index: u16,
     ledger: Arc<Mutex<OnceLedger>>,
+    retries: ClientRetries,
     last: CallFacts,
 }
 
@@ -235,9 +257,7 @@ impl Requester for OnceRequester {
             outcome_unknown: false,
             requester: self.index,
         };
-        let result = increment(&self.client, key, self.numbered, &self.ledger)
-            .instrument(tracing::info_span!(LOAD_SPAN))
-            .await;
+        let result = increment(&self.client, key, self.sending, &self.ledger, &self.retries).await;
         let mut ledger = lock(&self.ledger);
         match result {
             Ok(count) => {
@@ -260,6 +280,25 @@ impl Requester for OnceRequester {
     }
 }
 
+/// How a load sends its increments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Sending {
+    /// Whether the requests carry their id (else `numbered(false)`: no record, no re-send).
+    numbered: bool,
+    /// The deadline of one send (`None`: the client's, [`REQUEST_TIMEOUT`]).
+    deadline: Option<Duration>,
+}
+
+impl Sending {
+    fn options(self) -> CallOptions {
+        let options = CallOptions::new().numbered(self.numbered);
+        match self.deadline {
+            Some(deadline) => options.deadline(deadline),
+            None => options,
+        }
+    }
+}
+
 /// Increments `key` by one as one request ([`Client::request`]), sent (numbered) again under
 /// its id after an attempt whose outcome is unknown or that was refused, until it is
 /// acknowledged, for at most [`RETRY_FOR`] and [`ATTEMPTS_MAX`] attempts; an unnumbered one is
@@ -268,18 +307,22 @@ impl Requester for OnceRequester {
 async fn increment(
     client: &Client,
     key: &str,
-    numbered: bool,
+    sending: Sending,
     ledger: &Mutex<OnceLedger>,
+    retries: &ClientRetries,
 ) -> Result<u64, (String, bool)> {
     let request = client
         .request(key, Incr { by: 1 })
         .map_err(|e| (e.to_string(), false))?;
-    let options = CallOptions::new().numbered(numbered);
+    let options = sending.options();
     let started = Instant::now();
     let mut attempts: u32 = 0;
     loop {
         attempts += 1;
-        let error = match request.send_with(options).await {
+        let span = tracing::info_span!(LOAD_SPAN);
+        let sent = request.send_with(options).instrument(span.clone()).await;
+        let retried_within = retries.took_place_in(&span);
+        let error = match sent {
             Ok(Some(count)) => {
                 if attempts > 1 {
                     lock(ledger).retried_increments += 1;
@@ -290,26 +333,32 @@ async fn increment(
             Err(error) => error,
         };
         let failure = Failure::of(&error);
-        let mut seen = lock(ledger);
-        seen.failed_attempt(failure, &error);
         let unknown = failure != Failure::Final || attempts > 1;
-        if failure == Failure::Final || !numbered {
-            return Err((format!("attempt {attempts}: {error}"), unknown));
+        let give_up = if failure == Failure::Final || !sending.numbered {
+            Some(format!("attempt {attempts}: {error}"))
+        } else if started.elapsed() >= RETRY_FOR || attempts >= ATTEMPTS_MAX || interrupted() {
+            Some(format!(
+                "not acknowledged after {attempts} attempts in {:.1} s: {error}",
+                started.elapsed().as_secs_f64()
+            ))
+        } else {
+            None
+        };
+        {
+            let mut seen = lock(ledger);
+            seen.failed_attempt(failure, &error);
+            if retried_within && failure != Failure::Unknown {
+                seen.unknown_not_said += 1;
+            }
+            match (&give_up, failure) {
+                (Some(_), _) => {}
+                (None, Failure::Unknown) => seen.retries_unknown += 1,
+                (None, _) => seen.retries_refused += 1,
+            }
         }
-        if started.elapsed() >= RETRY_FOR || attempts >= ATTEMPTS_MAX || interrupted() {
-            return Err((
-                format!(
-                    "not acknowledged after {attempts} attempts in {:.1} s: {error}",
-                    started.elapsed().as_secs_f64()
-                ),
-                true,
-            ));
+        if let Some(reason) = give_up {
+            return Err((reason, unknown));
         }
-        match failure {
-            Failure::Unknown => seen.retries_unknown += 1,
-            _ => seen.retries_refused += 1,
-        }
-        drop(seen);
         if failure == Failure::Refused {
             tokio::time::sleep(REFUSED_PAUSE).await;
         }
@@ -320,8 +369,9 @@ async fn increment(
 fn requesters(
     client: &Client,
     keys: &Arc<Vec<String>>,
-    numbered: bool,
+    sending: Sending,
     ledger: &Arc<Mutex<OnceLedger>>,
+    retries: &ClientRetries,
     concurrency: usize,
 ) -> Vec<OnceRequester> {
     (0..concurrency)
@@ -329,9 +379,10 @@ fn requesters(
             client: client.clone(),
             keys: keys.clone(),
             slice: KeySlice::of(r, concurrency, keys.len()),
-            numbered,
+            sending,
             index: r as u16,
             ledger: ledger.clone(),
+            retries: retries.clone(),
             last: CallFacts::default(),
         })
         .collect()
@@ -608,11 +659,17 @@ async fn record_cost(
         for numbered in [first, !first] {
             check_interrupt()?;
             let make = async || {
+                let sending = Sending {
+                    numbered,
+                    deadline: None,
+                };
+                // No subscriber counts the client's retries here: none are expected.
                 Ok(requesters(
                     client,
                     keys,
-                    numbered,
+                    sending,
                     ledger,
+                    &ClientRetries::default(),
                     options.concurrency,
                 ))
             };
@@ -695,7 +752,17 @@ async fn phase(options: &Options, store: Store, spec: &str) -> Result<Phase, Str
     let counting = count_client_retries(&client_retries);
     let stop = AtomicBool::new(false);
     let load = closed_loop(
-        requesters(&load_client, &keys, true, &ledger, options.concurrency),
+        requesters(
+            &load_client,
+            &keys,
+            Sending {
+                numbered: true,
+                deadline: Some(SEND_DEADLINE),
+            },
+            &ledger,
+            &client_retries,
+            options.concurrency,
+        ),
         MEMBERSHIP_LOAD_MAX,
         &stop,
         true,
@@ -737,11 +804,11 @@ async fn phase(options: &Options, store: Store, spec: &str) -> Result<Phase, Str
         let reader = cluster.client(vec![node.addr()])?;
         reads.push((node.id(), read_all(&reader, every_key.clone()).await));
     }
+    let probes = cluster.check(&cluster.client_of_all()?).await;
     let ledger = lock(&ledger);
     let cost_ledger = lock(&cost_ledger);
     let verdict = judge(&keys, &ledger, &reads);
     let cost_verdict = judge(&cost_keys, &cost_ledger, &reads);
-    let probes = cluster.check(&cluster.client_of_all()?).await;
 
     let seen = Seen {
         label: store.name(),
@@ -988,6 +1055,7 @@ impl Seen<'_> {
             "retries_after_unknown": ledger.retries_unknown,
             "retries_after_refusal": ledger.retries_refused,
             "increments_retried": ledger.retried_increments,
+            "sends_failed_definite_after_unknown": ledger.unknown_not_said,
             "failed_sends": ledger.failed_attempts.len(),
             "failed_sends_truncated": ledger.failed_attempts_truncated,
             "send_errors": ledger.attempt_errors,
@@ -998,8 +1066,10 @@ impl Seen<'_> {
             "exactly_once ({}): {} increments acknowledged on {counters} counters, {} given up; \
              requests sent again after an unknown outcome: {} by the client within a send, {} \
              by the requesters, and {} after a refusal ({} increments needed more than one \
-             send); read back through each of {nodes_read} nodes: {} lost, {} duplicated, {} \
-             disagreeing, {} unreadable, {} repeated replies",
+             send; {} sends failed with an error not flagged outcome-unknown after the client had \
+             sent the request again within the send after an unknown outcome); read back through \
+             each of {nodes_read} nodes: {} lost, {} duplicated, {} disagreeing, {} unreadable, \
+             {} repeated replies",
             self.label,
             ledger.acknowledged(),
             ledger.given_up(),
@@ -1007,6 +1077,7 @@ impl Seen<'_> {
             ledger.retries_unknown,
             ledger.retries_refused,
             ledger.retried_increments,
+            ledger.unknown_not_said,
             verdict.lost,
             verdict.duplicated,
             verdict.disagreeing,
