@@ -11,6 +11,7 @@
 //! cargo build --release --example bench --example kv
 //! target/release/examples/bench --scenarios durable_postgres,raw_postgres,durable_failover
 //!     [--postgres-fsync on|off] [--postgres-url postgres://USER@127.0.0.1:PORT/DB]
+//! target/release/examples/bench --scenarios exactly_once [--postgres-url ...]
 //! ```
 //!
 //! # How it runs
@@ -149,6 +150,75 @@
 //!   exceed its acknowledged increments only by its failed ones (their outcome is unknown), and
 //!   a failed put's key holds nothing or its value. Per kill: the unavailability per shard
 //!   (median and max) and the failed load requests, as `failover` counts them.
+//! - `exactly_once` (opt-in): exactly-once effects (issue 19) under faults, in two phases on
+//!   `kv serve` clusters of their own (`--nodes` each, started as `durable_failover` starts
+//!   its), each after a measurement of the session record's cost. The load: `--concurrency`
+//!   requesters sharing one `Client` (one session), each incrementing its slice of 1024
+//!   counters (one key per shard, so that every node owns a share of them whatever the map;
+//!   disjoint slices as in `durable`) in turn. Each increment is one request
+//!   (`Client::request`) sent with `ClientRequest::send_with`, each send bounded by a deadline
+//!   of 250 ms (`CallOptions::deadline`), until it is acknowledged: after an error whose outcome
+//!   is unknown (`OutcomeUnknown`, `Timeout`) sent again at once under the same id; after a
+//!   refusal or an unreachable cluster (`NotReady`, `Overloaded`, `ShuttingDown`, no node
+//!   reachable: the request may have reached a node in an earlier attempt) again after 50 ms;
+//!   for at most 60 s and 2000 sends. An increment not acknowledged by then, or one that meets
+//!   an error final for its id (`RequestIdReused`, `RequestTooOld`, `SessionExpired`, a
+//!   handler's error), is given up, which fails the run. Within one send the client itself
+//!   already sends the request again under its id when an attempt's outcome is unknown (the
+//!   owner died or froze, the shard moved); those retries never reach the requesters, so the
+//!   bench counts them from the client's debug event (`outcome unknown; sending the request
+//!   again under its id`, in a span of the load's, so that the probes' are not counted). The
+//!   short deadline, shorter than a failover, is what makes the requesters send again too (with
+//!   the client's 10 s every fault ends inside one send), and with it an earlier attempt of the
+//!   id may still be queued at a node when the next arrives. The requesters record, per
+//!   counter, the count each acknowledged increment answered.
+//!   1. PostgreSQL: the nodes on a database of their own (`bench_exactly_once` on the bench's
+//!      server, or `--postgres-url` as `durable_failover` takes it). Under the load, each once
+//!      the cluster settled: a follower killed with SIGKILL and restarted once its shards are
+//!      back; the leader the same; then the second follower frozen with SIGSTOP for
+//!      `--freeze-seconds`, longer until its shards all answered elsewhere, then thawed with
+//!      SIGCONT. Each fault is probed as `durable_failover` probes a kill (the freeze through a
+//!      client seeded with every node, the frozen one too). A node frozen in the middle of a
+//!      commit holds its shard's row lock in PostgreSQL until the server ends its idle
+//!      transaction (`PostgresOptions::idle_in_transaction_timeout`, 5 s): that shard's new
+//!      owner cannot load it before, so a freeze's maximum unavailability is often about 5 s
+//!      while its median is a failover's.
+//!   2. LMDB, restarted in place: the nodes with `--store lmdb` (node-local: a shard that fails
+//!      over starts empty, so no single node is faulted). After 2 s of load every node is
+//!      killed with SIGKILL, all are started again on their data dirs 500 ms later, and the
+//!      load goes on until the cluster settled (it must come back with the map it had: a
+//!      restart in place).
+//!
+//!   After the load stops (once the cluster settled after the last fault), every counter is
+//!   read back through a client seeded with each node in turn. A counter must hold exactly its
+//!   acknowledged increments: fewer is a loss (also below the highest count an increment
+//!   answered), more a duplicate (beyond its given-up increments, which may have landed); two
+//!   acknowledged increments of one counter that answered the same count, reads that differ
+//!   between nodes, and unreadable counters are problems too, as are lost or phantom probe
+//!   increments (checked as `durable_failover` checks its counters). Reported per phase:
+//!   acknowledged increments, lost and duplicated ones (each must be 0), given-up ones (must
+//!   be 0), the requests sent again after an unknown outcome (by the client within a send, and
+//!   by the requesters) and after a refusal, the increments that needed more than one send,
+//!   the sends that failed with an error not flagged outcome-unknown (`is_outcome_unknown()`
+//!   false) although the client had sent the request again within that send after an unknown
+//!   outcome (the request may have been applied: only a retry under its id tells);
+//!   per fault, from the fault until the cluster settled, the client's retries, the
+//!   requesters' failed sends (outcome unknown, refused, final) and how many counters the node
+//!   owned, with the unavailability of its shards and `durable_failover`'s per-fault figures
+//!   (`failed_requests` there are given-up increments; `outstanding_at_fault`, increments in
+//!   flight on the node's shards at the fault).
+//!
+//!   The record's cost, measured in each phase before its faults on counters of its own (one
+//!   per shard): the same load without faults in 3 pairs of slices of `--seconds` (each after
+//!   `--warmup-seconds`), one with numbered requests and one with
+//!   `CallOptions::numbered(false)` (no request id: the shard keeps no record, nothing is sent
+//!   again), alternating which goes first; reported: each slice's increments/s and CPU per
+//!   increment (this process, the nodes, and the PostgreSQL server's processes), the medians,
+//!   and numbered over unnumbered (below 1: what the record costs). The slices run one after
+//!   the other on a shared machine whose fsyncs vary: take the median of several runs. The
+//!   table's row is the PostgreSQL phase's load (its errors are given-up increments). A failed
+//!   check does not stop the bench: the figures are printed and written, then the run exits
+//!   non-zero naming what failed (the JSON's `failed`).
 //!
 //! Scenarios run in the order above, whatever the order of `--scenarios`, so that the floors sit
 //! next to what they bound and the membership changes come last (`durable_postgres` and
@@ -192,6 +262,10 @@ mod support;
 // adds to `durable`.
 #[path = "bench/postgres.rs"]
 mod postgres;
+
+// `exactly_once`: retrying clients through faults on `kv` nodes with a durable store.
+#[path = "bench/exactly_once.rs"]
+mod exactly_once;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -409,10 +483,11 @@ impl Options {
             Scenario::Freeze,
             Scenario::Partition,
             Scenario::DurableFailover,
+            Scenario::ExactlyOnce,
         ];
         if faulted.into_iter().any(wants) && self.nodes < 3 {
             return Err(
-                "failover, freeze, partition and durable_failover need --nodes 3 or more (a majority must survive)"
+                "failover, freeze, partition, durable_failover and exactly_once need --nodes 3 or more (a majority must survive)"
                     .into(),
             );
         }
@@ -488,10 +563,15 @@ enum Scenario {
     /// durable load; every acknowledged value read back (opt-in).
     #[value(name = "durable_failover")]
     DurableFailover,
+    /// Increments from clients that retry each request under its id until acknowledged,
+    /// through kills and a freeze on PostgreSQL and a whole-cluster kill on LMDB; the final
+    /// counts must equal the acknowledged increments; and the session record's cost (opt-in).
+    #[value(name = "exactly_once")]
+    ExactlyOnce,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 14] = [
+    const ALL: [Scenario; 15] = [
         Scenario::Local,
         Scenario::RawActix,
         Scenario::Forwarded,
@@ -506,6 +586,7 @@ impl Scenario {
         Scenario::Partition,
         Scenario::Planned,
         Scenario::DurableFailover,
+        Scenario::ExactlyOnce,
     ];
 
     fn name(self) -> &'static str {
@@ -524,6 +605,7 @@ impl Scenario {
             Scenario::Partition => "partition",
             Scenario::Planned => "planned",
             Scenario::DurableFailover => "durable_failover",
+            Scenario::ExactlyOnce => "exactly_once",
         }
     }
 
@@ -549,6 +631,7 @@ impl Scenario {
                 | Scenario::DurablePostgres
                 | Scenario::RawPostgres
                 | Scenario::DurableFailover
+                | Scenario::ExactlyOnce
         )
     }
 
@@ -556,7 +639,10 @@ impl Scenario {
     fn needs_postgres(self) -> bool {
         matches!(
             self,
-            Scenario::DurablePostgres | Scenario::RawPostgres | Scenario::DurableFailover
+            Scenario::DurablePostgres
+                | Scenario::RawPostgres
+                | Scenario::DurableFailover
+                | Scenario::ExactlyOnce
         )
     }
 }
@@ -3270,24 +3356,8 @@ async fn measure(
         bench.postgres = Some(server);
     }
     if wanted.iter().any(|s| s.needs_cluster()) {
-        let started = Instant::now();
-        bench.harness.start_all()?;
-        let limit = bench.limit() * 2;
-        wait_settled(
-            &bench.harness.admin_clients(POLL_TIMEOUT)?,
-            SHARD_COUNT,
-            None,
-            false,
-            limit,
-        )
-        .await
-        .map_err(|e| e.to_string())
-        .inspect_err(|_| bench.harness.print_log_tails(&[]))?;
-        println!(
-            "{} nodes up and settled in {:.0} ms",
-            options.nodes,
-            ms(started.elapsed())
-        );
+        let what = format!("{} nodes", options.nodes);
+        start_settled(bench.harness, bench.limit() * 2, &what).await?;
     }
     for scenario in wanted {
         check_interrupt()?;
@@ -3306,10 +3376,31 @@ async fn measure(
             Scenario::Partition => bench.faults(FaultKind::Partition).await,
             Scenario::Planned => bench.planned().await,
             Scenario::DurableFailover => postgres::durable_failover(&bench).await,
+            Scenario::ExactlyOnce => exactly_once::exactly_once(&bench).await,
         }
         .map_err(|e| format!("{}: {e}", scenario.name()))?;
         results.push((scenario, outcome));
     }
+    Ok(())
+}
+
+/// Starts every initial member of `harness` and waits (up to `limit`) until the cluster
+/// settled, printing the nodes' log tails if it does not; says how long it took, `what`
+/// naming the nodes.
+async fn start_settled(harness: &Harness, limit: Duration, what: &str) -> Result<(), String> {
+    let started = Instant::now();
+    harness.start_all()?;
+    wait_settled(
+        &harness.admin_clients(POLL_TIMEOUT)?,
+        SHARD_COUNT,
+        None,
+        false,
+        limit,
+    )
+    .await
+    .map_err(|e| e.to_string())
+    .inspect_err(|_| harness.print_log_tails(&[]))?;
+    println!("{what} up and settled in {:.0} ms", ms(started.elapsed()));
     Ok(())
 }
 
@@ -3423,6 +3514,41 @@ fn targets(results: &Results) -> Vec<(String, Option<bool>, String)> {
             ));
         }
     }
+    if let Some(once) = find(results, Scenario::ExactlyOnce) {
+        let number = |field: &str| once.extra.get(field).and_then(Value::as_u64);
+        let equal = once
+            .extra
+            .get("final_counts_equal_acknowledged")
+            .and_then(Value::as_bool);
+        checks.push((
+            "exactly_once: final counts = acknowledged increments".to_owned(),
+            equal,
+            match (number("lost_increments"), number("duplicated_increments")) {
+                (Some(lost), Some(duplicated)) => format!("{lost} lost, {duplicated} duplicated"),
+                _ => "-".into(),
+            },
+        ));
+        checks.push(must_be_zero(
+            "exactly_once: increments given up = 0",
+            number("increments_given_up"),
+        ));
+        checks.push((
+            "exactly_once: retries after an unknown outcome (no target)".to_owned(),
+            None,
+            number("retries_after_unknown").map_or("-".into(), |r| r.to_string()),
+        ));
+        let ratio = |store: &str| {
+            once.extra
+                .get(&format!("record_cost_ratio_{store}"))
+                .and_then(Value::as_f64)
+                .map_or("-".into(), |r| format!("{r:.2}"))
+        };
+        checks.push((
+            "exactly_once: numbered / unnumbered increments/s (no target)".to_owned(),
+            None,
+            format!("pg {} ×, lmdb {} ×", ratio("postgres"), ratio("lmdb")),
+        ));
+    }
     if let Some(failover) = find(results, Scenario::Failover) {
         for (label, bound) in [("follower", 350.0), ("leader", 500.0)] {
             let median = failover
@@ -3502,11 +3628,7 @@ fn targets(results: &Results) -> Vec<(String, Option<bool>, String)> {
     if let Some(planned) = find(results, Scenario::Planned) {
         let failed = planned.extra.get("failed_requests").and_then(Value::as_u64);
         let pause = planned.extra.get("worst_pause_ms").and_then(Value::as_f64);
-        checks.push((
-            "planned: zero failed requests".to_owned(),
-            failed.map(|f| f == 0),
-            failed.map_or("-".into(), |f| f.to_string()),
-        ));
+        checks.push(must_be_zero("planned: zero failed requests", failed));
         checks.push((
             "planned: worst pause < 50 ms".to_owned(),
             pause.map(|p| p < 50.0),
@@ -3514,6 +3636,15 @@ fn targets(results: &Results) -> Vec<(String, Option<bool>, String)> {
         ));
     }
     checks
+}
+
+/// A target that a count (`None`: not measured) be zero.
+fn must_be_zero(what: &str, count: Option<u64>) -> (String, Option<bool>, String) {
+    (
+        what.to_owned(),
+        count.map(|c| c == 0),
+        count.map_or("-".into(), |c| c.to_string()),
+    )
 }
 
 /// The issue's bound on failed requests per fault: at most those outstanding to the faulted
@@ -3725,7 +3856,19 @@ fn run(options: Options) -> Result<(), String> {
         write_json(path, &to_json(&results, &options, load_before))?;
     }
     drop(harness);
-    outcome
+    outcome?;
+    // A scenario whose checks failed said why in its figures, which are printed by now.
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|(scenario, outcome)| {
+            let reason = outcome.extra.get(exactly_once::FAILED_FIELD)?.as_str()?;
+            Some(format!("{}: {reason}", scenario.name()))
+        })
+        .collect();
+    match failed.is_empty() {
+        true => Ok(()),
+        false => Err(failed.join("; ")),
+    }
 }
 
 fn main() -> ExitCode {

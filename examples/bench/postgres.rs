@@ -1,8 +1,10 @@
 //! The bench's PostgreSQL scenarios: the server they share ([`Server`]), what `durable_postgres`
 //! adds to `durable` ([`Observer`]: the server's processes and transactions), its floor
-//! `raw_postgres`, and `durable_failover` on `kv serve --store postgres://…` processes. See the
-//! module docs of `bench.rs` for what each measures. Does not own the closed loop, the figures
-//! or the table (the parent module does).
+//! `raw_postgres`, and `durable_failover` on `kv serve --store postgres://…` processes, with the
+//! `kv` cluster machinery `exactly_once` shares ([`start_kv`], [`KvCluster`]: clients, settle
+//! waits, a timed fault with probes, the read-back). See the module docs of `bench.rs` for what
+//! each measures. Does not own the closed loop, the figures or the table (the parent module
+//! does).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -33,8 +35,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// The epoch (and owner) `raw_postgres` activates every shard at.
 const RAW_EPOCH: u64 = 1;
-/// Reads in flight when `durable_failover` reads every value back.
-const READS_IN_FLIGHT: usize = 16;
+/// Reads in flight when `durable_failover` or `exactly_once` reads every value back.
+pub(super) const READS_IN_FLIGHT: usize = 16;
 /// Attempts of one read-back (the cluster serves again by then, so none should fail).
 const READ_ATTEMPTS: usize = 3;
 
@@ -130,15 +132,15 @@ impl Server {
         }
     }
 
-    /// A database for `durable_failover`'s nodes, whose store tables (`clusterfunk_…`) do not
-    /// exist yet: a new database on the bench's own server; the database of `--postgres-url`
-    /// only if it has no such tables (a cluster's fences there would refuse the new cluster's
-    /// activations, and its rows are not the bench's to drop).
-    async fn failover_database(&self) -> Result<String, String> {
+    /// A database for the `kv` nodes of `scenario`, whose store tables (`clusterfunk_…`) do
+    /// not exist yet: a new database `name` on the bench's own server; the database of
+    /// `--postgres-url` only if it has no such tables (a cluster's fences there would refuse the
+    /// new cluster's activations, and its rows are not the bench's to drop).
+    pub(super) async fn kv_database(&self, name: &str, scenario: &str) -> Result<String, String> {
         match self {
             Server::Own { server, .. } => server
-                .create_database(FAILOVER_DATABASE)
-                .map_err(|e| format!("cannot create the database {FAILOVER_DATABASE}: {e}")),
+                .create_database(name)
+                .map_err(|e| format!("cannot create the database {name}: {e}")),
             Server::Given(url) => {
                 let client = connect(url).await?;
                 let row = bounded(client.query_one(
@@ -152,7 +154,7 @@ impl Server {
                 let exists: bool = row.try_get(0).map_err(|e| e.to_string())?;
                 if exists {
                     return Err(format!(
-                        "the database of --postgres-url already has tables {KV_TABLE_PREFIX}shards or {KV_TABLE_PREFIX}records: give durable_failover a database without them"
+                        "the database of --postgres-url already has tables {KV_TABLE_PREFIX}shards or {KV_TABLE_PREFIX}records: give {scenario} a database without them"
                     ));
                 }
                 Ok(url.clone())
@@ -537,7 +539,7 @@ async fn raw_postgres_on(bench: &Bench<'_>, url: &str) -> Result<Outcome, String
 
 /// What the clients of `durable_failover` saw, to check the read-back against.
 #[derive(Debug, Default)]
-struct Ledger {
+pub(super) struct Ledger {
     /// Per counter key: its increments.
     counters: BTreeMap<String, CounterLog>,
     /// Every put: key, value, and whether it was acknowledged.
@@ -584,24 +586,24 @@ impl Ledger {
 
 /// What the read-back found against the ledger.
 #[derive(Debug, Default)]
-struct Losses {
+pub(super) struct Losses {
     /// Acknowledged increments missing from their counters.
-    increments_lost: u64,
+    pub(super) increments_lost: u64,
     /// Acknowledged puts whose key does not hold their value.
     puts_lost: u64,
     /// Counters above their acknowledged plus failed increments (a phantom increment).
-    counters_too_high: u64,
+    pub(super) counters_too_high: u64,
     /// Failed puts whose key holds something else than nothing or their value.
     failed_puts_wrong: u64,
     /// Keys that could not be read.
-    unreadable: u64,
+    pub(super) unreadable: u64,
     /// Increments answered `None` (their counter held no number).
     not_numbers: u64,
     /// Counters and puts checked.
-    counters_checked: usize,
+    pub(super) counters_checked: usize,
     puts_checked: usize,
     /// The first problems, in words.
-    examples: Vec<String>,
+    pub(super) examples: Vec<String>,
 }
 
 impl Losses {
@@ -609,7 +611,7 @@ impl Losses {
         self.increments_lost + self.puts_lost
     }
 
-    fn problems(&self) -> u64 {
+    pub(super) fn problems(&self) -> u64 {
         self.lost()
             + self.counters_too_high
             + self.failed_puts_wrong
@@ -624,15 +626,24 @@ impl Losses {
     }
 }
 
-/// The `kv` cluster of `durable_failover` and what its scenario shares.
-struct KvCluster<'a> {
-    harness: &'a Harness,
-    options: &'a Options,
-    /// `counters[s]` hashes to shard `s`: the load's counters.
-    counters: Arc<Vec<String>>,
+/// A `kv` cluster of `durable_failover` or `exactly_once`, with the probes of its faults.
+pub(super) struct KvCluster<'a> {
+    pub(super) harness: &'a Harness,
+    pub(super) options: &'a Options,
     /// `probes[s]` hashes to shard `s`: the counters the probes increment.
-    probes: Arc<Vec<String>>,
-    ledger: Arc<Mutex<Ledger>>,
+    pub(super) probes: Arc<Vec<String>>,
+    /// The probes' increments (and `durable_failover`'s load).
+    pub(super) ledger: Arc<Mutex<Ledger>>,
+}
+
+/// A fault [`KvCluster::fault_once`] strikes a node with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum KvFault {
+    /// SIGKILL the leader (`true`) or the first follower; restart it once its shards are back.
+    Kill { leader: bool },
+    /// SIGSTOP the second follower (the first when there is one); SIGCONT it after
+    /// `--freeze-seconds`, or later once its shards are all back.
+    Freeze,
 }
 
 /// `durable_failover`'s load: alternately an increment of a counter (walking the counters, one
@@ -692,19 +703,34 @@ impl Requester for KvRequester {
     }
 }
 
-/// Locks the ledger (one thread uses it; a panic elsewhere leaves it usable).
-fn lock(ledger: &Mutex<Ledger>) -> std::sync::MutexGuard<'_, Ledger> {
+/// Locks a ledger (one thread uses it; a panic elsewhere leaves it usable).
+pub(super) fn lock<T>(ledger: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     ledger
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl KvCluster<'_> {
-    fn limit(&self) -> Duration {
+    /// A cluster of `harness`'s nodes with a fresh probe ledger.
+    pub(super) fn new<'a>(
+        harness: &'a Harness,
+        options: &'a Options,
+    ) -> Result<KvCluster<'a>, String> {
+        Ok(KvCluster {
+            harness,
+            options,
+            probes: Arc::new(
+                keys_per_shard("probe", SHARD_COUNT).ok_or("no probe key for some shard")?,
+            ),
+            ledger: Arc::new(Mutex::new(Ledger::default())),
+        })
+    }
+
+    pub(super) fn limit(&self) -> Duration {
         Duration::from_secs(self.options.deadline_secs)
     }
 
-    fn client(&self, seeds: Vec<SocketAddr>) -> Result<Client, String> {
+    pub(super) fn client(&self, seeds: Vec<SocketAddr>) -> Result<Client, String> {
         Client::with_credentials(
             seeds,
             &self.harness.launch.credentials("client")?,
@@ -714,7 +740,12 @@ impl KvCluster<'_> {
         .map_err(|e| e.to_string())
     }
 
-    async fn settled(&self) -> Result<Settled, String> {
+    /// A client seeded with every node.
+    pub(super) fn client_of_all(&self) -> Result<Client, String> {
+        self.client(self.harness.nodes.iter().map(|n| n.addr()).collect())
+    }
+
+    pub(super) async fn settled(&self) -> Result<Settled, String> {
         wait_settled(
             &self.harness.admin_clients(POLL_TIMEOUT)?,
             SHARD_COUNT,
@@ -735,24 +766,34 @@ impl KvCluster<'_> {
             .map_err(|(error, _)| error)
     }
 
-    /// Kills one node (the leader or a follower) under the load and times its shards' return
-    /// with probes; restarts it and waits for the cluster to settle.
-    async fn kill_once(&self, leader_role: bool) -> Result<Kill, String> {
+    /// Strikes one node with `fault` under the load and times its shards' return with probes
+    /// (an increment of a probe counter of each shard every `--probe-ms`, through a client
+    /// seeded with the survivors for a kill, with every node for a freeze, as a client that
+    /// knows the frozen node); then restarts or thaws it and waits for the cluster to settle.
+    pub(super) async fn fault_once(&self, fault: KvFault) -> Result<Kill, String> {
         let settled = self.settled().await?;
         let ids = self.harness.ids();
-        let node = pick_node(&settled, &ids, leader_role, 0);
+        let (leader_role, number) = match fault {
+            KvFault::Kill { leader } => (leader, 0),
+            KvFault::Freeze => (false, 1),
+        };
+        let node = pick_node(&settled, &ids, leader_role, number);
         let survivors: Vec<NodeId> = ids.iter().copied().filter(|&id| id != node).collect();
         let shards: Vec<usize> = (0..SHARD_COUNT as usize)
             .filter(|&s| settled.owners[s] == node)
             .collect();
-        // A probe client in steady state: connected to the survivors, holding the map.
+        let seeds = match fault {
+            KvFault::Kill { .. } => &survivors,
+            KvFault::Freeze => &ids,
+        };
+        // A probe client in steady state: connected to its seeds, holding the map.
         let probe = self.client(
-            survivors
+            seeds
                 .iter()
                 .map(|&id| self.harness.node(id).addr())
                 .collect(),
         )?;
-        for &id in &survivors {
+        for &id in seeds {
             let shard = settled
                 .owners
                 .iter()
@@ -763,8 +804,13 @@ impl KvCluster<'_> {
                 .map_err(|e| format!("warming up the probe client: {e}"))?;
         }
         tokio::time::sleep(MEMBERSHIP_MARGIN).await;
+        check_interrupt()?;
 
-        let t_kill = self.harness.kill(node)?;
+        let t_kill = match fault {
+            KvFault::Kill { .. } => self.harness.kill(node)?,
+            KvFault::Freeze => signal_node(self.harness, node, "STOP").await?,
+        };
+        // From here on a frozen node is thawed before any error returns.
         let deadline = t_kill + self.limit();
         let every = Duration::from_millis(self.options.probe_ms.max(1));
         let probes: FuturesUnordered<_> = shards
@@ -782,10 +828,19 @@ impl KvCluster<'_> {
             probe_errors += errors;
             unavailable.push(back.ok_or(last.unwrap_or_else(|| "no answer".into())));
         }
-        tokio::time::sleep(MEMBERSHIP_MARGIN).await;
-        check_interrupt()?;
-        self.harness.start(node, true)?;
-        let t_restart = Instant::now();
+        let t_heal = match fault {
+            KvFault::Kill { .. } => {
+                tokio::time::sleep(MEMBERSHIP_MARGIN).await;
+                check_interrupt()?;
+                self.harness.start(node, true)?;
+                Instant::now()
+            }
+            KvFault::Freeze => {
+                // Frozen for the whole freeze time, so that the cluster moves on without it.
+                tokio::time::sleep_until((t_kill + self.options.freeze()).into()).await;
+                signal_node(self.harness, node, "CONT").await?
+            }
+        };
         let rejoined = self.settled().await;
         let t_settled = Instant::now();
         if rejoined.is_err() || !unavailable.failures.is_empty() {
@@ -794,9 +849,10 @@ impl KvCluster<'_> {
         rejoined?;
         if !unavailable.failures.is_empty() {
             return Err(format!(
-                "{} of node {node}'s shards not back within {:?}",
+                "{} of node {node}'s shards not back within {:?}: {}",
                 unavailable.failures.len(),
-                self.limit()
+                self.limit(),
+                unavailable.failures[0]
             ));
         }
         Ok(Kill {
@@ -807,14 +863,14 @@ impl KvCluster<'_> {
             probe_errors,
             t_kill,
             t_back,
-            t_heal: t_restart,
+            t_heal,
             t_settled,
         })
     }
 
-    /// Reads every counter and every put back through `client` and compares them with the
-    /// ledger.
-    async fn check(&self, client: &Client) -> Losses {
+    /// Reads every counter and every put of the ledger back through `client` and compares
+    /// them with the ledger.
+    pub(super) async fn check(&self, client: &Client) -> Losses {
         let keys: Vec<String> = {
             let ledger = lock(&self.ledger);
             ledger
@@ -824,21 +880,40 @@ impl KvCluster<'_> {
                 .chain(ledger.puts.iter().map(|(key, _, _)| key.clone()))
                 .collect()
         };
-        let reads: BTreeMap<String, Result<Option<String>, String>> =
-            futures_util::stream::iter(keys)
-                .map(|key| async move {
-                    let value = read(client, &key).await;
-                    (key, value)
-                })
-                .buffer_unordered(READS_IN_FLIGHT)
-                .collect()
-                .await;
+        let reads = read_all(client, keys).await;
         compare(&lock(&self.ledger), &reads)
     }
 }
 
+/// Every value read back: key → value (`None`: absent), or why it could not be read.
+pub(super) type Reads = BTreeMap<String, Result<Option<String>, String>>;
+
+/// Reads `keys` through `client`, [`READS_IN_FLIGHT`] at a time.
+pub(super) async fn read_all(client: &Client, keys: Vec<String>) -> Reads {
+    futures_util::stream::iter(keys)
+        .map(|key| async move {
+            let value = read(client, &key).await;
+            (key, value)
+        })
+        .buffer_unordered(READS_IN_FLIGHT)
+        .collect()
+        .await
+}
+
+/// The number counter `key` holds by the read-back (absent: 0), or what is wrong with it.
+pub(super) fn counter_value(reads: &Reads, key: &str) -> Result<u64, String> {
+    match reads.get(key) {
+        Some(Ok(None)) => Ok(0),
+        Some(Ok(Some(text))) => text
+            .parse::<u64>()
+            .map_err(|_| format!("{key} holds {text:?}, not a number")),
+        Some(Err(error)) => Err(format!("{key} is unreadable: {error}")),
+        None => Err(format!("{key} was not read back")),
+    }
+}
+
 /// What the read-back `reads` (key → value) says of the values the ledger recorded.
-fn compare(ledger: &Ledger, reads: &BTreeMap<String, Result<Option<String>, String>>) -> Losses {
+fn compare(ledger: &Ledger, reads: &Reads) -> Losses {
     let mut losses = Losses {
         counters_checked: ledger.counters.len(),
         puts_checked: ledger.puts.len(),
@@ -852,24 +927,11 @@ fn compare(ledger: &Ledger, reads: &BTreeMap<String, Result<Option<String>, Stri
         ));
     }
     for (key, log) in &ledger.counters {
-        let value = match reads.get(key) {
-            Some(Ok(None)) => 0,
-            Some(Ok(Some(text))) => match text.parse::<u64>() {
-                Ok(value) => value,
-                Err(_) => {
-                    losses.unreadable += 1;
-                    losses.note(format!("{key} holds {text:?}, not a number"));
-                    continue;
-                }
-            },
-            Some(Err(error)) => {
+        let value = match counter_value(reads, key) {
+            Ok(value) => value,
+            Err(problem) => {
                 losses.unreadable += 1;
-                losses.note(format!("{key} is unreadable: {error}"));
-                continue;
-            }
-            None => {
-                losses.unreadable += 1;
-                losses.note(format!("{key} was not read back"));
+                losses.note(problem);
                 continue;
             }
         };
@@ -926,65 +988,119 @@ async fn read(client: &Client, key: &str) -> Result<Option<String>, String> {
     Err(last)
 }
 
+impl Server {
+    /// Runs `run` on a database for the `kv` nodes of `scenario` ([`kv_database`](Self::kv_database)
+    /// `name`), and drops their tables afterwards on the database of `--postgres-url` (the
+    /// bench's own server goes as a whole).
+    pub(super) async fn with_kv_database<T>(
+        &self,
+        name: &str,
+        scenario: &str,
+        run: impl AsyncFnOnce(&str) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let url = self.kv_database(name, scenario).await?;
+        let outcome = run(&url).await;
+        // The nodes are gone: their tables can go too.
+        let dropped = match self {
+            Server::Given(_) => drop_tables(&url, KV_TABLE_PREFIX).await,
+            Server::Own { .. } => Ok(()),
+        };
+        let outcome = outcome?;
+        dropped?;
+        Ok(outcome)
+    }
+}
+
 /// `durable_failover` (see the module docs of `bench.rs`).
 pub(super) async fn durable_failover(bench: &Bench<'_>) -> Result<Outcome, String> {
     let server = bench.postgres()?;
-    let url = server.failover_database().await?;
-    let outcome = durable_failover_on(bench.options, &url).await;
-    // The nodes are gone: their tables can go too (the bench's own server goes as a whole).
-    let dropped = match server {
-        Server::Given(_) => drop_tables(&url, KV_TABLE_PREFIX).await,
-        Server::Own { .. } => Ok(()),
-    };
-    let mut outcome = outcome?;
-    dropped?;
+    let mut outcome = server
+        .with_kv_database(FAILOVER_DATABASE, "durable_failover", async |url| {
+            durable_failover_on(bench.options, url).await
+        })
+        .await?;
     outcome
         .extra
         .insert("postgres".into(), json!(server.describe()));
     Ok(outcome)
 }
 
-async fn durable_failover_on(options: &Options, url: &str) -> Result<Outcome, String> {
+/// One fault of a `kv` scenario for the JSON and the notes (`what` starts the note): its
+/// shards' unavailability (the fault → the first acknowledged probe on the new owner) and what
+/// the load (in `timeline`) saw from the fault until the cluster settled after it.
+pub(super) fn fault_report(
+    kill: &Kill,
+    timeline: &[Sample],
+    fault: KvFault,
+    what: &str,
+) -> (serde_json::Map<String, Value>, String) {
+    let (noun, participle, heal) = match fault {
+        KvFault::Kill { .. } => ("kill", "killed", "restart"),
+        KvFault::Freeze => ("freeze", "frozen", "thaw"),
+    };
+    let load = FaultLoad::of(timeline, kill);
+    let median = kill.unavailable.quantile(0.5).map(round3);
+    let max = kill.unavailable.quantile(1.0).map(round3);
+    let served = ms(kill.t_back - kill.t_kill);
+    let mut entry = serde_json::Map::new();
+    entry.insert(format!("node_{participle}"), json!(kill.node));
+    entry.insert("shards".into(), json!(kill.unavailable.values.len()));
+    entry.insert("unavailable_ms".into(), kill.unavailable.to_json(false));
+    entry.insert("unavailable_ms_median".into(), json!(median));
+    entry.insert("unavailable_ms_max".into(), json!(max));
+    entry.insert("all_served_ms".into(), json!(round3(served)));
+    entry.insert("probe_errors".into(), json!(kill.probe_errors));
+    entry.insert(
+        format!("{heal}_to_settled_ms"),
+        json!(round3(ms(kill.t_settled - kill.t_heal))),
+    );
+    entry.extend(load.to_json(true));
+    let note = format!(
+        "{what} (node {}) {participle}: its {} shards unavailable median {} ms, max {} ms ({noun} → first acknowledged increment on the new owner); {noun} to settled: {}",
+        kill.node,
+        kill.unavailable.values.len(),
+        fmt_ms(median),
+        fmt_ms(max),
+        load.describe(true)
+    );
+    (entry, note)
+}
+
+/// Starts `--nodes` `kv serve` processes (the `kv` example beside this program) with the
+/// store `store` (passed as `KV_STORE`: `lmdb` or a `postgres://` URL) and waits until they
+/// settle; `what` names them in the message.
+pub(super) async fn start_kv(
+    options: &Options,
+    store: &str,
+    what: &str,
+) -> Result<Harness, String> {
     let bins = Binaries::beside_current_exe(false)
         .map_err(|e| format!("{e} (build it with `cargo build --release --example kv`)"))?;
     let mut launch = Launch::new(PROGRAM, bins, &options.node)?;
-    launch.store = Some(url.to_owned());
+    launch.store = Some(store.to_owned());
     let harness = Harness::new(launch, options.nodes, options.node.keep_dir)?;
-    let started = Instant::now();
-    harness.start_all()?;
-    let cluster = KvCluster {
-        harness: &harness,
-        options,
-        counters: Arc::new(
-            keys_per_shard("counter", SHARD_COUNT).ok_or("no counter key for some shard")?,
-        ),
-        probes: Arc::new(
-            keys_per_shard("probe", SHARD_COUNT).ok_or("no probe key for some shard")?,
-        ),
-        ledger: Arc::new(Mutex::new(Ledger::default())),
-    };
-    wait_settled(
-        &harness.admin_clients(POLL_TIMEOUT)?,
-        SHARD_COUNT,
-        None,
-        false,
-        cluster.limit() * 2,
+    let limit = Duration::from_secs(options.deadline_secs) * 2;
+    start_settled(
+        &harness,
+        limit,
+        &format!("{what}: {} kv nodes", options.nodes),
     )
-    .await
-    .map_err(|e| e.to_string())
-    .inspect_err(|_| harness.print_log_tails(&[]))?;
-    println!(
-        "durable_failover: {} kv nodes on PostgreSQL up and settled in {:.0} ms",
-        options.nodes,
-        ms(started.elapsed())
-    );
+    .await?;
+    Ok(harness)
+}
 
-    let client = cluster.client(harness.nodes.iter().map(|n| n.addr()).collect())?;
+async fn durable_failover_on(options: &Options, url: &str) -> Result<Outcome, String> {
+    let harness = start_kv(options, url, "durable_failover (PostgreSQL)").await?;
+    let cluster = KvCluster::new(&harness, options)?;
+    let counters =
+        Arc::new(keys_per_shard("counter", SHARD_COUNT).ok_or("no counter key for some shard")?);
+
+    let client = cluster.client_of_all()?;
     let stride = (SHARD_COUNT as usize / options.concurrency).max(1);
     let requesters: Vec<KvRequester> = (0..options.concurrency)
         .map(|r| KvRequester {
             client: client.clone(),
-            counters: cluster.counters.clone(),
+            counters: counters.clone(),
             next: r * stride,
             index: r as u16,
             ledger: cluster.ledger.clone(),
@@ -997,7 +1113,7 @@ async fn durable_failover_on(options: &Options, url: &str) -> Result<Outcome, St
         let result = async {
             let mut done = Vec::new();
             for leader in [false, true] {
-                done.push(cluster.kill_once(leader).await?);
+                done.push(cluster.fault_once(KvFault::Kill { leader }).await?);
             }
             // Load on the settled cluster after the last restart too.
             tokio::time::sleep(MEMBERSHIP_MARGIN).await;
@@ -1012,7 +1128,7 @@ async fn durable_failover_on(options: &Options, url: &str) -> Result<Outcome, St
 
     // Every acknowledged value, read back through a client of every node.
     cluster.settled().await?;
-    let reader = cluster.client(harness.nodes.iter().map(|n| n.addr()).collect())?;
+    let reader = cluster.client_of_all()?;
     let losses = cluster.check(&reader).await;
 
     let mut summary = Summary::of(&recorded);
@@ -1023,32 +1139,14 @@ async fn durable_failover_on(options: &Options, url: &str) -> Result<Outcome, St
         let Some(kill) = done.iter().find(|k| k.leader == leader) else {
             continue;
         };
-        let load = FaultLoad::of(&recorded.timeline, kill);
-        let median = kill.unavailable.quantile(0.5).map(round3);
-        let max = kill.unavailable.quantile(1.0).map(round3);
-        let served = ms(kill.t_back - kill.t_kill);
-        let mut entry = json!({
-            "node_killed": kill.node,
-            "shards": kill.unavailable.values.len(),
-            "unavailable_ms": kill.unavailable.to_json(false),
-            "unavailable_ms_median": median,
-            "unavailable_ms_max": max,
-            "all_served_ms": round3(served),
-            "probe_errors": kill.probe_errors,
-            "restart_to_settled_ms": round3(ms(kill.t_settled - kill.t_heal)),
-        });
-        if let Value::Object(fields) = &mut entry {
-            fields.extend(load.to_json(true));
-        }
-        extra.insert(label.into(), entry);
-        notes.push(format!(
-            "durable_failover, {label} (node {}) killed: its {} shards unavailable median {} ms, max {} ms (kill → first acknowledged increment on the new owner); kill to settled: {}",
-            kill.node,
-            kill.unavailable.values.len(),
-            fmt_ms(median),
-            fmt_ms(max),
-            load.describe(true)
-        ));
+        let (entry, note) = fault_report(
+            kill,
+            &recorded.timeline,
+            KvFault::Kill { leader },
+            &format!("durable_failover, {label}"),
+        );
+        extra.insert(label.into(), Value::Object(entry));
+        notes.push(note);
     }
     let (increments, failed_increments, probes) = {
         let ledger = lock(&cluster.ledger);
@@ -1169,7 +1267,7 @@ mod tests {
             .push(("failed-landed".into(), "d".into(), false));
         ledger.puts.push(("failed-wrong".into(), "e".into(), false));
         let value = |v: &str| Ok(Some(v.to_owned()));
-        let reads: BTreeMap<String, Result<Option<String>, String>> = [
+        let reads: Reads = [
             ("exact", value("3")),
             ("with-failed", value("5")),
             ("lost", value("1")),
