@@ -1380,16 +1380,7 @@ async fn held_up_retries_during_a_commit_after_a_lost_commit_answer_and_after_pa
     )
     .await
     .expect("applied");
-    cluster
-        .wait_until("shard 7 passivates", DEADLINE, || async {
-            cluster
-                .recorder()
-                .events()
-                .iter()
-                .any(|e| e.shard == 7 && e.kind == clusterfunk::ServeEventKind::Deactivated)
-                .then_some(())
-        })
-        .await;
+    wait_deactivated(&cluster, 7).await;
     let retry = send_once::<Incr>(&transport, addr, &key, payload, incr_once(session, 1, 1)).await;
     assert_eq!(retry, Ok(first));
     assert_eq!(value_of::<Tally>(&client, &key).await, Some(1));
@@ -1432,16 +1423,7 @@ async fn held_up_whole_shard_state_on_lmdb_answers_retries_after_passivation_and
     )
     .await
     .expect("applied");
-    cluster
-        .wait_until("shard 9 passivates", DEADLINE, || async {
-            cluster
-                .recorder()
-                .events()
-                .iter()
-                .any(|e| e.shard == 9 && e.kind == clusterfunk::ServeEventKind::Deactivated)
-                .then_some(())
-        })
-        .await;
+    wait_deactivated(&cluster, 9).await;
     let after_passivation = send_once::<Incr>(
         &transport,
         addr,
@@ -1857,4 +1839,18 @@ fn the_exactly_once_bench_scenario_exists() {
          partition, durable_postgres, raw_postgres, durable_failover, ...); the guide's \
          \"What it costs\" section points at it"
     );
+}
+
+/// Waits until shard `shard` deactivated on some node (it passivated).
+async fn wait_deactivated<H: ShardHandler + Default>(cluster: &TestCluster<H>, shard: ShardId) {
+    cluster
+        .wait_until(&format!("shard {shard} passivates"), DEADLINE, || async {
+            cluster
+                .recorder()
+                .events()
+                .iter()
+                .any(|e| e.shard == shard && e.kind == clusterfunk::ServeEventKind::Deactivated)
+                .then_some(())
+        })
+        .await;
 }
