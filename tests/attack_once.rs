@@ -1448,12 +1448,12 @@ async fn held_up_whole_shard_state_on_lmdb_answers_retries_after_passivation_and
 // 7. Process level: `kv serve` nodes, clients that retry until acknowledged
 // ---------------------------------------------------------------------------------------------
 //
-// The issue's own acceptance run (the bench's `exactly_once` scenario does not exist, see
-// `the_exactly_once_bench_scenario_exists`): counter increments from clients that retry each
-// request under its id until it is acknowledged, through kill -9 of a follower and of the
-// leader and a SIGSTOP of an owner (PostgreSQL), and through kill -9 and a restart in place of a
-// one-node cluster on LMDB. A client that gives up (a final refusal, or no answer within
-// `GIVE_UP`) fails the run; at the end every counter must equal its acknowledged increments.
+// The issue's acceptance run, written independently of tests/exactly_once_faults.rs (which also
+// covers the restart in place on LMDB): counter increments from clients that retry each request
+// under its id until it is acknowledged, through kill -9 of a follower and of the leader and a
+// SIGSTOP of an owner (PostgreSQL), and through planned moves between node-local LMDB stores. A
+// client that gives up (a final refusal, or no answer within `GIVE_UP`) fails the run; at the
+// end every counter must equal its acknowledged increments.
 
 #[allow(dead_code)]
 mod common;
@@ -1792,29 +1792,6 @@ mod process {
             }
         }
         wait_acks(&cluster, &load, "after the last move", ACKS);
-        let tally = load.stop(&runtime);
-        check(&cluster, &runtime, &tally, name);
-    }
-
-    /// Issue: "... and with the lmdb store on restart in place". Method: one `kv serve` node
-    /// with `--store lmdb`; 8 writers as above; kill -9 twice, each time restarted on its data
-    /// dir, the writers retrying through the downtime; then every counter is read back.
-    #[test]
-    fn kv_on_lmdb_counts_equal_acknowledged_increments_through_kill9_and_restart_in_place() {
-        let name = "attack_once_lmdb";
-        let cluster = Cluster::new(name, 1).with_store(Store::Lmdb);
-        cluster.start_all_with_init();
-        let ids = cluster.ids();
-        let runtime = runtime();
-        let load = Load::start(&runtime, &client(&cluster));
-        for round in 1..=2 {
-            cluster.wait_for_one_map(&ids);
-            wait_acks(&cluster, &load, &format!("before kill {round}"), ACKS);
-            cluster.mark(&format!("kill -9 {round}"));
-            cluster.kill9(1);
-            cluster.restart(1);
-            wait_acks(&cluster, &load, &format!("after restart {round}"), ACKS);
-        }
         let tally = load.stop(&runtime);
         check(&cluster, &runtime, &tally, name);
     }
